@@ -1,0 +1,787 @@
+//! Configuration: `gateway.yaml` plus `rules.d/*.yaml` in one directory.
+//!
+//! Loading is parse-then-validate. Each file is parsed into a position-keeping YAML tree
+//! ([`yaml::Node`]); each section and each list element is deserialized on its own into
+//! the raw types of [`raw`], so one mistake does not hide the next; then `validate`
+//! checks values (URLs, limits, references between sections) and builds [`Config`].
+//! Every problem found on the way is collected and reported together, each as
+//! `file:line:column: field.path: message`.
+//!
+//! Secrets are read here (from a file or an environment variable) into [`Secret`], whose
+//! `Debug` never shows the value. Error messages name the file or variable, never the value.
+
+pub mod raw;
+pub mod yaml;
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+
+pub use raw::{AmbiguousPolicy, Edge, TokenApi};
+use raw::{RawD365, RawDispatcher, RawRule, RawSimulator, RawStorage};
+use yaml::{Mark, Node, NodeKind};
+
+use crate::message::{FieldNames, KNOWN_TYPES};
+
+/// The main file inside the configuration directory.
+pub const MAIN_FILE: &str = "gateway.yaml";
+/// The folder of rule files inside the configuration directory.
+pub const RULES_DIR: &str = "rules.d";
+/// D365's per-user concurrency limit: more requests in flight than this get 429s.
+pub const D365_CONCURRENCY_LIMIT: u32 = 52;
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub dir: PathBuf,
+    /// `None`: no D365 connection configured; only `run --dry-run` can run.
+    pub d365: Option<D365Config>,
+    pub dispatcher: DispatcherConfig,
+    pub storage: StorageConfig,
+    pub sources: Vec<SourceConfig>,
+    pub rules: Vec<RuleConfig>,
+    /// How long shutdown may take before in-flight work is abandoned.
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct D365Config {
+    pub base_url: reqwest::Url,
+    pub company: String,
+    pub message_queue: String,
+    pub client_id: String,
+    pub client_secret: Secret,
+    /// Where the secret came from, for log lines (`file /run/…` or `env VAR`).
+    pub secret_origin: String,
+    pub token_url: reqwest::Url,
+    pub token_api: TokenApi,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    pub field_names: FieldNames,
+}
+
+impl D365Config {
+    /// The SendMessage endpoint.
+    pub fn send_message_url(&self) -> reqwest::Url {
+        let mut url = self.base_url.clone();
+        url.set_path("/api/services/SysMessageServices/SysMessageService/SendMessage");
+        url
+    }
+
+    /// The D365 resource identifier: the base URL without a trailing slash.
+    pub fn resource(&self) -> String {
+        self.base_url.as_str().trim_end_matches('/').to_string()
+    }
+}
+
+/// A secret value. `Debug` and `Display` print a placeholder, so it cannot leak through
+/// a log line or an error chain by accident.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DispatcherConfig {
+    /// Requests in flight across all orders (one per order at most).
+    pub max_in_flight: usize,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    /// HTTP 500 answers a message may get before it is `failed`.
+    pub max_attempts: u32,
+    /// Pause after a 429 without a usable `Retry-After`.
+    pub throttle_fallback: Duration,
+    /// Pause after a second 401 in a row (credentials or app registration wrong).
+    pub auth_pause: Duration,
+    pub ambiguous_default: AmbiguousPolicy,
+    pub ambiguous_per_type: BTreeMap<String, AmbiguousPolicy>,
+}
+
+impl DispatcherConfig {
+    pub fn ambiguous_policy(&self, message_type: &str) -> AmbiguousPolicy {
+        self.ambiguous_per_type
+            .get(message_type)
+            .copied()
+            .unwrap_or(self.ambiguous_default)
+    }
+}
+
+impl Default for DispatcherConfig {
+    fn default() -> Self {
+        DispatcherConfig {
+            max_in_flight: 4,
+            backoff_initial: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(300),
+            max_attempts: 3,
+            throttle_fallback: Duration::from_secs(30),
+            auth_pause: Duration::from_secs(300),
+            ambiguous_default: AmbiguousPolicy::Hold,
+            ambiguous_per_type: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct StorageConfig {
+    pub data_dir: PathBuf,
+    /// How long delivered and cancelled messages are kept before pruning.
+    pub retention: Duration,
+    pub prune_interval: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub enum SourceConfig {
+    Simulator(SimulatorConfig),
+}
+
+impl SourceConfig {
+    pub fn id(&self) -> &str {
+        match self {
+            SourceConfig::Simulator(s) => &s.id,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SimulatorConfig {
+    pub id: String,
+    pub interval: Duration,
+    pub point: String,
+    pub limit: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RuleConfig {
+    pub name: String,
+    /// `file:line` of the rule, for log lines.
+    pub origin: String,
+    pub source: String,
+    pub point: String,
+    pub edge: Edge,
+    pub message_type: String,
+    pub production_order: String,
+    pub item_number: Option<String>,
+    pub operation_number: Option<i64>,
+    pub quantity_per_event: f64,
+    pub every: u32,
+}
+
+/// One configuration problem, with where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub mark: Option<Mark>,
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(mark) = self.mark {
+            write!(f, ":{mark}")?;
+        }
+        if !self.path.is_empty() {
+            write!(f, ": {}", self.path)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// All problems found in a configuration directory.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0.len();
+        writeln!(f, "{n} configuration error{}:", if n == 1 { "" } else { "s" })?;
+        for (i, e) in self.0.iter().enumerate() {
+            if i + 1 < n {
+                writeln!(f, "  {e}")?;
+            } else {
+                write!(f, "  {e}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A parsed file and the errors found in it so far.
+struct Doc {
+    file: PathBuf,
+    node: Node,
+}
+
+#[derive(Default)]
+struct Errors(Vec<ConfigError>);
+
+impl Errors {
+    fn at(&mut self, doc: &Doc, path: &str, message: impl Into<String>) {
+        self.0.push(ConfigError {
+            file: doc.file.clone(),
+            mark: Some(doc.node.locate(path)),
+            path: path.to_string(),
+            message: message.into(),
+        });
+    }
+
+    fn file(&mut self, file: &Path, message: impl Into<String>) {
+        self.0.push(ConfigError {
+            file: file.to_path_buf(),
+            mark: None,
+            path: String::new(),
+            message: message.into(),
+        });
+    }
+
+    /// Deserializes `node` (found at `path` in `doc`) into `T`, recording any error.
+    fn parse<T: DeserializeOwned>(&mut self, doc: &Doc, node: &Node, path: &str) -> Option<T> {
+        match yaml::from_node::<T>(node) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                let full = join_path(path, &e.path);
+                self.0.push(ConfigError {
+                    file: doc.file.clone(),
+                    mark: Some(e.mark),
+                    path: full,
+                    message: e.message,
+                });
+                None
+            }
+        }
+    }
+}
+
+fn join_path(prefix: &str, rest: &str) -> String {
+    match (prefix.is_empty(), rest.is_empty()) {
+        (_, true) => prefix.to_string(),
+        (true, false) => rest.to_string(),
+        (false, false) if rest.starts_with('[') => format!("{prefix}{rest}"),
+        (false, false) => format!("{prefix}.{rest}"),
+    }
+}
+
+fn read_doc(file: &Path, errors: &mut Errors) -> Option<Doc> {
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) => {
+            errors.file(file, format!("cannot read: {e}"));
+            return None;
+        }
+    };
+    match Node::parse(&text) {
+        Ok(node) => Some(Doc {
+            file: file.to_path_buf(),
+            node,
+        }),
+        Err(e) => {
+            errors.0.push(ConfigError {
+                file: file.to_path_buf(),
+                mark: Some(e.mark),
+                path: String::new(),
+                message: format!("YAML syntax error: {}", e.message),
+            });
+            None
+        }
+    }
+}
+
+/// Parses a duration such as `500ms`, `30s`, `5m`, `2h`, `7d` or `1h30m`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let bad = || format!("invalid duration {text:?}: expected a number with a unit, e.g. 500ms, 30s, 5m, 2h, 7d");
+    let s = text.trim();
+    if s.is_empty() {
+        return Err(bad());
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        if digits == 0 {
+            return Err(bad());
+        }
+        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit = rest[..unit_len].trim();
+        rest = &rest[unit_len..];
+        let part = match unit {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" | "min" => Duration::from_secs(n.saturating_mul(60)),
+            "h" => Duration::from_secs(n.saturating_mul(3600)),
+            "d" => Duration::from_secs(n.saturating_mul(86_400)),
+            _ => return Err(bad()),
+        };
+        total = total.saturating_add(part);
+    }
+    Ok(total)
+}
+
+/// Loads and validates the configuration in `dir`; reports every problem found.
+pub fn load(dir: &Path) -> Result<Config, ConfigErrors> {
+    let mut errors = Errors::default();
+    let main_file = dir.join(MAIN_FILE);
+    let main = if main_file.is_file() {
+        read_doc(&main_file, &mut errors)
+    } else {
+        errors.file(
+            &main_file,
+            format!("not found: the configuration directory must contain {MAIN_FILE}"),
+        );
+        None
+    };
+
+    let mut rule_docs = Vec::new();
+    let rules_dir = dir.join(RULES_DIR);
+    if rules_dir.is_dir() {
+        match std::fs::read_dir(&rules_dir) {
+            Ok(entries) => {
+                let mut files: Vec<PathBuf> = entries
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+                    .collect();
+                // Sorted so rules apply in a defined order: file name, then position.
+                files.sort();
+                for file in files {
+                    if let Some(doc) = read_doc(&file, &mut errors) {
+                        rule_docs.push(doc);
+                    }
+                }
+            }
+            Err(e) => errors.file(&rules_dir, format!("cannot list: {e}")),
+        }
+    }
+
+    let config = validate(dir, main.as_ref(), &rule_docs, &mut errors);
+    match config {
+        Some(config) if errors.0.is_empty() => Ok(config),
+        _ => Err(ConfigErrors(errors.0)),
+    }
+}
+
+/// Reads only the `storage` section: enough for the outbox commands, which must work
+/// even where the D365 secret is readable by the service alone.
+pub fn load_storage(dir: &Path) -> Result<StorageConfig, ConfigErrors> {
+    let mut errors = Errors::default();
+    let file = dir.join(MAIN_FILE);
+    let storage = read_doc(&file, &mut errors).map(|doc| {
+        let raw = match doc.node.get("storage") {
+            Some(node) => errors.parse::<RawStorage>(&doc, node, "storage").unwrap_or_default(),
+            None => RawStorage::default(),
+        };
+        validate_storage(dir, &doc, raw, &mut errors)
+    });
+    match storage {
+        Some(s) if errors.0.is_empty() => Ok(s),
+        _ => Err(ConfigErrors(errors.0)),
+    }
+}
+
+const MAIN_SECTIONS: [&str; 5] = ["d365", "dispatcher", "storage", "sources", "shutdown_grace"];
+
+fn validate(dir: &Path, main: Option<&Doc>, rule_docs: &[Doc], errors: &mut Errors) -> Option<Config> {
+    let main = main?;
+    let Some(entries) = main.node.entries() else {
+        errors.at(main, "", "the top level must be a mapping of sections");
+        return None;
+    };
+    let mut d365 = None;
+    let mut dispatcher = DispatcherConfig::default();
+    let mut storage = None;
+    let mut sources = Vec::new();
+    let mut shutdown_grace = Duration::from_secs(10);
+    let mut seen = HashSet::new();
+    for (key, value) in entries {
+        let name = key.as_str().unwrap_or_default();
+        if !seen.insert(name.to_string()) {
+            errors.at(main, name, format!("duplicate section `{name}`"));
+            continue;
+        }
+        match name {
+            "d365" => d365 = errors.parse::<RawD365>(main, value, "d365").and_then(|raw| validate_d365(main, raw, errors)),
+            "dispatcher" => {
+                if let Some(raw) = errors.parse::<RawDispatcher>(main, value, "dispatcher") {
+                    dispatcher = validate_dispatcher(main, raw, errors);
+                }
+            }
+            "storage" => storage = errors.parse::<RawStorage>(main, value, "storage").map(|raw| validate_storage(dir, main, raw, errors)),
+            "sources" => sources = validate_sources(main, value, errors),
+            "shutdown_grace" => {
+                if let Some(raw) = errors.parse::<String>(main, value, "shutdown_grace") {
+                    shutdown_grace = duration_field(main, errors, "shutdown_grace", Some(raw), shutdown_grace);
+                }
+            }
+            other => errors.at(
+                main,
+                other,
+                format!("unknown section `{other}`, expected one of {}", MAIN_SECTIONS.join(", ")),
+            ),
+        }
+    }
+    let storage = storage.unwrap_or_else(|| validate_storage(dir, main, RawStorage::default(), errors));
+
+    let source_ids: Vec<&str> = sources.iter().map(SourceConfig::id).collect();
+    let mut rules = Vec::new();
+    for doc in rule_docs {
+        rules.extend(validate_rules(doc, &source_ids, errors));
+    }
+
+    Some(Config {
+        dir: dir.to_path_buf(),
+        d365,
+        dispatcher,
+        storage,
+        sources,
+        rules,
+        shutdown_grace,
+    })
+}
+
+fn duration_field(doc: &Doc, errors: &mut Errors, path: &str, raw: Option<String>, default: Duration) -> Duration {
+    match raw {
+        None => default,
+        Some(text) => match parse_duration(&text) {
+            Ok(d) => d,
+            Err(e) => {
+                errors.at(doc, path, e);
+                default
+            }
+        },
+    }
+}
+
+fn non_empty(doc: &Doc, errors: &mut Errors, path: &str, value: &str) {
+    if value.trim().is_empty() {
+        errors.at(doc, path, "must not be empty");
+    }
+}
+
+fn parse_url(doc: &Doc, errors: &mut Errors, path: &str, text: &str) -> Option<reqwest::Url> {
+    match reqwest::Url::parse(text) {
+        Ok(url) => {
+            let loopback = matches!(url.host_str(), Some("localhost" | "127.0.0.1" | "[::1]"));
+            match url.scheme() {
+                "https" => Some(url),
+                "http" if loopback => Some(url),
+                "http" => {
+                    errors.at(doc, path, format!("{text:?} uses http: only https is allowed (http only for localhost fakes)"));
+                    None
+                }
+                other => {
+                    errors.at(doc, path, format!("{text:?}: unsupported scheme `{other}`, expected https"));
+                    None
+                }
+            }
+        }
+        Err(e) => {
+            errors.at(doc, path, format!("invalid URL {text:?}: {e}"));
+            None
+        }
+    }
+}
+
+fn validate_d365(doc: &Doc, raw: RawD365, errors: &mut Errors) -> Option<D365Config> {
+    let before = errors.0.len();
+    let base_url = parse_url(doc, errors, "d365.base_url", &raw.base_url);
+    non_empty(doc, errors, "d365.company", &raw.company);
+    non_empty(doc, errors, "d365.client_id", &raw.client_id);
+    let message_queue = raw.message_queue.unwrap_or_else(|| crate::message::DEFAULT_QUEUE.to_string());
+    non_empty(doc, errors, "d365.message_queue", &message_queue);
+    let token_api = raw.token_api.unwrap_or(TokenApi::V2);
+    let token_url = match (&raw.token_url, &raw.tenant_id) {
+        (Some(url), _) => parse_url(doc, errors, "d365.token_url", url),
+        (None, Some(tenant)) if !tenant.trim().is_empty() => {
+            let path = match token_api {
+                TokenApi::V2 => "oauth2/v2.0/token",
+                TokenApi::V1 => "oauth2/token",
+            };
+            parse_url(doc, errors, "d365.tenant_id", &format!("https://login.microsoftonline.com/{}/{path}", tenant.trim()))
+        }
+        _ => {
+            errors.at(doc, "d365", "set tenant_id (or token_url to override the token endpoint)");
+            None
+        }
+    };
+    let (secret, secret_origin) = match (&raw.client_secret_file, &raw.client_secret_env) {
+        (Some(_), Some(_)) => {
+            errors.at(doc, "d365.client_secret_env", "set client_secret_file or client_secret_env, not both");
+            (None, String::new())
+        }
+        (None, None) => {
+            errors.at(doc, "d365", "set client_secret_file (e.g. a systemd credential) or client_secret_env");
+            (None, String::new())
+        }
+        (Some(file), None) => {
+            let path = resolve(doc.file.parent().unwrap_or(Path::new(".")), file);
+            // The file's content is never put into an error message.
+            match std::fs::read_to_string(&path) {
+                Ok(s) if s.trim().is_empty() => {
+                    errors.at(doc, "d365.client_secret_file", format!("{} is empty", path.display()));
+                    (None, String::new())
+                }
+                Ok(s) => (Some(Secret(s.trim().to_string())), format!("file {}", path.display())),
+                Err(e) => {
+                    errors.at(doc, "d365.client_secret_file", format!("cannot read {}: {}", path.display(), e.kind()));
+                    (None, String::new())
+                }
+            }
+        }
+        (None, Some(var)) => match std::env::var(var) {
+            Ok(s) if !s.trim().is_empty() => (Some(Secret(s.trim().to_string())), format!("environment variable {var}")),
+            _ => {
+                errors.at(doc, "d365.client_secret_env", format!("environment variable {var} is not set or empty"));
+                (None, String::new())
+            }
+        },
+    };
+    let connect_timeout = duration_field(doc, errors, "d365.connect_timeout", raw.connect_timeout, Duration::from_secs(10));
+    let request_timeout = duration_field(doc, errors, "d365.request_timeout", raw.request_timeout, Duration::from_secs(60));
+    if errors.0.len() > before {
+        return None;
+    }
+    Some(D365Config {
+        base_url: base_url?,
+        company: raw.company.trim().to_string(),
+        message_queue,
+        client_id: raw.client_id.trim().to_string(),
+        client_secret: secret?,
+        secret_origin,
+        token_url: token_url?,
+        token_api,
+        connect_timeout,
+        request_timeout,
+        field_names: raw.field_names.unwrap_or_default(),
+    })
+}
+
+fn validate_dispatcher(doc: &Doc, raw: RawDispatcher, errors: &mut Errors) -> DispatcherConfig {
+    let d = DispatcherConfig::default();
+    let max_in_flight = raw.max_in_flight.unwrap_or(d.max_in_flight as u32);
+    if !(1..=D365_CONCURRENCY_LIMIT).contains(&max_in_flight) {
+        errors.at(
+            doc,
+            "dispatcher.max_in_flight",
+            format!("{max_in_flight} is out of range: 1 to {D365_CONCURRENCY_LIMIT} (D365 answers 429 above {D365_CONCURRENCY_LIMIT} concurrent requests per user)"),
+        );
+    }
+    let backoff_initial = duration_field(doc, errors, "dispatcher.backoff_initial", raw.backoff_initial, d.backoff_initial);
+    let backoff_max = duration_field(doc, errors, "dispatcher.backoff_max", raw.backoff_max, d.backoff_max);
+    if let Err(e) = crate::d365::retry::Backoff::try_new(backoff_initial, backoff_max) {
+        errors.at(doc, "dispatcher.backoff_max", e.to_string());
+    }
+    let max_attempts = raw.max_attempts.unwrap_or(d.max_attempts);
+    if max_attempts == 0 {
+        errors.at(doc, "dispatcher.max_attempts", "must be at least 1");
+    }
+    let ambiguous = raw.on_ambiguous.unwrap_or_default();
+    DispatcherConfig {
+        max_in_flight: max_in_flight as usize,
+        backoff_initial,
+        backoff_max,
+        max_attempts,
+        throttle_fallback: duration_field(doc, errors, "dispatcher.throttle_fallback", raw.throttle_fallback, d.throttle_fallback),
+        auth_pause: duration_field(doc, errors, "dispatcher.auth_pause", raw.auth_pause, d.auth_pause),
+        ambiguous_default: ambiguous.default.unwrap_or(d.ambiguous_default),
+        ambiguous_per_type: ambiguous.per_type,
+    }
+}
+
+fn resolve(base: &Path, path: &str) -> PathBuf {
+    let p = Path::new(path);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+fn validate_storage(dir: &Path, doc: &Doc, raw: RawStorage, errors: &mut Errors) -> StorageConfig {
+    let data_dir = match raw.data_dir {
+        Some(d) if d.trim().is_empty() => {
+            errors.at(doc, "storage.data_dir", "must not be empty");
+            PathBuf::new()
+        }
+        // Relative paths are relative to the configuration directory, not to the
+        // working directory, so `run -c DIR` behaves the same from anywhere.
+        Some(d) => resolve(dir, &d),
+        None => PathBuf::from("/var/lib/mes-gateway"),
+    };
+    StorageConfig {
+        data_dir,
+        retention: duration_field(doc, errors, "storage.retention", raw.retention, Duration::from_secs(7 * 86_400)),
+        prune_interval: duration_field(doc, errors, "storage.prune_interval", raw.prune_interval, Duration::from_secs(3600)),
+    }
+}
+
+const SOURCE_TYPES: [&str; 1] = ["simulator"];
+
+fn validate_sources(doc: &Doc, node: &Node, errors: &mut Errors) -> Vec<SourceConfig> {
+    let NodeKind::Seq(items) = &node.kind else {
+        if !node.is_null() {
+            errors.at(doc, "sources", "must be a list of sources");
+        }
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let mut ids = HashSet::new();
+    for (i, item) in items.iter().enumerate() {
+        let path = format!("sources[{i}]");
+        let Some(entries) = item.entries() else {
+            errors.at(doc, &path, "each source must be a mapping with a `type`");
+            continue;
+        };
+        let Some(kind) = item.get("type").and_then(Node::as_str) else {
+            errors.at(doc, &path, format!("missing `type`, expected one of {}", SOURCE_TYPES.join(", ")));
+            continue;
+        };
+        // The variant struct sees the mapping without its tag, so unknown-field checks
+        // and positions work as for any other struct.
+        let body = Node {
+            kind: NodeKind::Map(entries.iter().filter(|(k, _)| k.as_str() != Some("type")).cloned().collect()),
+            mark: item.mark,
+        };
+        let source = match kind {
+            "simulator" => errors.parse::<RawSimulator>(doc, &body, &path).and_then(|raw| {
+                let interval = duration_field(doc, errors, &format!("{path}.interval"), Some(raw.interval), Duration::ZERO);
+                if interval.is_zero() {
+                    errors.at(doc, &format!("{path}.interval"), "must be greater than zero");
+                    return None;
+                }
+                Some(SourceConfig::Simulator(SimulatorConfig {
+                    id: raw.id,
+                    interval,
+                    point: raw.point.unwrap_or_else(|| "impulse".into()),
+                    limit: raw.limit,
+                }))
+            }),
+            other => {
+                errors.at(doc, &format!("{path}.type"), format!("unknown source type `{other}`, expected one of {}", SOURCE_TYPES.join(", ")));
+                None
+            }
+        };
+        if let Some(source) = source {
+            if source.id().trim().is_empty() {
+                errors.at(doc, &format!("{path}.id"), "must not be empty");
+            } else if !ids.insert(source.id().to_string()) {
+                errors.at(doc, &format!("{path}.id"), format!("duplicate source id `{}`", source.id()));
+            }
+            out.push(source);
+        }
+    }
+    out
+}
+
+fn validate_rules(doc: &Doc, source_ids: &[&str], errors: &mut Errors) -> Vec<RuleConfig> {
+    let Some(entries) = doc.node.entries() else {
+        errors.at(doc, "", "a rule file must be a mapping with a `rules` list");
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (key, value) in entries {
+        match key.as_str() {
+            Some("rules") => {}
+            other => {
+                errors.at(doc, other.unwrap_or_default(), format!("unknown field `{}`, expected `rules`", other.unwrap_or_default()));
+                continue;
+            }
+        }
+        let items: &[Node] = match &value.kind {
+            NodeKind::Seq(items) => items,
+            _ if value.is_null() => &[],
+            _ => {
+                errors.at(doc, "rules", "must be a list of rules");
+                continue;
+            }
+        };
+        for (i, item) in items.iter().enumerate() {
+            let path = format!("rules[{i}]");
+            let Some(raw) = errors.parse::<RawRule>(doc, item, &path) else {
+                continue;
+            };
+            let before = errors.0.len();
+            if !source_ids.contains(&raw.when.source.as_str()) {
+                errors.at(
+                    doc,
+                    &format!("{path}.when.source"),
+                    format!("unknown source `{}`; configured sources: {}", raw.when.source, if source_ids.is_empty() { "none".to_string() } else { source_ids.join(", ") }),
+                );
+            }
+            let emit = &raw.emit;
+            if !KNOWN_TYPES.contains(&emit.message_type.as_str()) {
+                errors.at(doc, &format!("{path}.emit.type"), format!("unknown message type `{}`, expected one of {}", emit.message_type, KNOWN_TYPES.join(", ")));
+            }
+            non_empty(doc, errors, &format!("{path}.emit.production_order"), &emit.production_order);
+            if emit.message_type == crate::message::TYPE_PICKING_LIST && emit.item_number.is_none() {
+                errors.at(doc, &format!("{path}.emit"), "item_number is mandatory for ProdProductionOrderPickingList");
+            }
+            if emit.message_type == crate::message::TYPE_ROUTE_CARD && emit.operation_number.is_none() {
+                errors.at(doc, &format!("{path}.emit"), "operation_number is mandatory for ProdProductionOrderRouteCard");
+            }
+            let every = emit.every.unwrap_or(1);
+            if every == 0 {
+                errors.at(doc, &format!("{path}.emit.every"), "must be at least 1");
+            }
+            let quantity_per_event = emit.quantity_per_event.unwrap_or(1.0);
+            if !quantity_per_event.is_finite() || quantity_per_event <= 0.0 {
+                errors.at(doc, &format!("{path}.emit.quantity_per_event"), format!("{quantity_per_event} must be a positive number"));
+            }
+            if errors.0.len() > before {
+                continue;
+            }
+            out.push(RuleConfig {
+                origin: format!("{}:{}", doc.file.display(), item.mark.line),
+                name: raw.name,
+                source: raw.when.source,
+                point: raw.when.point.unwrap_or_else(|| "impulse".into()),
+                edge: raw.when.edge.unwrap_or(Edge::Rising),
+                message_type: raw.emit.message_type,
+                production_order: raw.emit.production_order,
+                item_number: raw.emit.item_number,
+                operation_number: raw.emit.operation_number,
+                quantity_per_event,
+                every,
+            });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("7d").unwrap(), Duration::from_secs(604_800));
+        for bad in ["", "5", "5x", "s", "1.5s", "-1s"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn secret_debug_hides_the_value() {
+        let s = Secret::new("hunter2");
+        assert_eq!(format!("{s:?}"), "Secret(***)");
+    }
+}

@@ -1,0 +1,95 @@
+//! One `SendMessage` POST: building the envelope, attaching the token, and turning what
+//! happened into an [`Outcome`] that keeps "D365 said no" apart from "we could not talk
+//! to D365" and from "we do not know whether D365 got it".
+
+use std::sync::Arc;
+
+use crate::config::D365Config;
+use crate::d365::retry::{self, Outcome};
+use crate::d365::token::{error_chain, excerpt, Token, TokenSource};
+use crate::message::Envelope;
+use crate::outbox::Record;
+
+/// Sent with every POST so proxies, API gateways and test fakes can correlate a request
+/// with the outbox message. D365 ignores unknown headers.
+pub const MESSAGE_ID_HEADER: &str = "x-mes-gateway-message-id";
+
+#[derive(Debug)]
+pub struct D365Client {
+    http: reqwest::Client,
+    config: Arc<D365Config>,
+    url: reqwest::Url,
+    pub tokens: TokenSource,
+}
+
+impl D365Client {
+    pub fn new(config: Arc<D365Config>) -> Result<D365Client, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout)
+            .timeout(config.request_timeout)
+            .user_agent(concat!("mes-gateway/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(D365Client {
+            tokens: TokenSource::new(http.clone(), &config),
+            url: config.send_message_url(),
+            http,
+            config,
+        })
+    }
+
+    pub fn envelope(&self, record: &Record) -> Envelope {
+        Envelope {
+            company_id: self.config.company.clone(),
+            message_queue: self.config.message_queue.clone(),
+            message_type: record.message_type.clone(),
+            message_content: record.content.clone(),
+        }
+    }
+
+    /// Gets a token and posts the message once.
+    pub async fn send(&self, record: &Record) -> (Outcome, Option<Token>) {
+        let token = match self.tokens.get().await {
+            Ok(t) => t,
+            Err(e) => {
+                return (
+                    Outcome::Token {
+                        rejected: e.is_rejection(),
+                        detail: e.to_string(),
+                    },
+                    None,
+                )
+            }
+        };
+        let result = self
+            .http
+            .post(self.url.clone())
+            .header(reqwest::header::AUTHORIZATION, token.bearer())
+            .header(MESSAGE_ID_HEADER, record.id.to_string())
+            .json(&self.envelope(record))
+            .send()
+            .await;
+        let outcome = match result {
+            Ok(response) => {
+                let status = response.status().as_u16();
+                let retry_after = response
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(retry::parse_retry_after);
+                // The status decides; a body that fails to arrive does not change it.
+                let body = response.text().await.unwrap_or_default();
+                Outcome::Http {
+                    status,
+                    retry_after,
+                    body: excerpt(&body),
+                }
+            }
+            // A connect error (refused, DNS, TLS handshake, connect timeout) means no byte
+            // of the request reached D365.
+            Err(e) if e.is_connect() => Outcome::NotSent { detail: error_chain(&e) },
+            // Anything else happened after the request may have been written.
+            Err(e) => Outcome::Ambiguous { detail: error_chain(&e) },
+        };
+        (outcome, Some(token))
+    }
+}

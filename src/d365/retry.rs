@@ -1,0 +1,279 @@
+//! What to do after one POST: the outcome table of DESIGN.md as data plus one pure
+//! function, and the backoff between attempts.
+//!
+//! | outcome                                         | decision                               |
+//! |-------------------------------------------------|----------------------------------------|
+//! | 2xx                                             | delivered                              |
+//! | nothing sent (connect, DNS, TLS error)          | retry with backoff, forever            |
+//! | 429                                             | pause all lanes for Retry-After (or fallback) |
+//! | 408, 502, 503, 504                              | retry with backoff, forever            |
+//! | 401, first time                                 | new token, retry at once               |
+//! | 401 again                                       | pause all lanes, alert (credentials)   |
+//! | 500                                             | retry up to `max_attempts`, then failed |
+//! | other 4xx (and other statuses)                  | failed at once                          |
+//! | timeout / reset after the request was written   | per type: uncertain (hold) or resend   |
+//! | token endpoint unreachable                      | retry with backoff (nothing sent)      |
+//! | token endpoint refuses the credentials          | pause all lanes, alert                 |
+
+use std::time::Duration;
+
+use crate::config::AmbiguousPolicy;
+
+/// What happened to one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// D365 answered.
+    Http {
+        status: u16,
+        retry_after: Option<Duration>,
+        /// A printable excerpt of the body, for the message's history.
+        body: String,
+    },
+    /// Nothing reached D365: connection refused, DNS or TLS handshake failure.
+    NotSent { detail: String },
+    /// The request was written but no complete answer came back: D365 may have queued it.
+    Ambiguous { detail: String },
+    /// No access token could be had, so nothing was sent.
+    Token { rejected: bool, detail: String },
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Outcome::Http { status, body, .. } if body.is_empty() => write!(f, "HTTP {status}"),
+            Outcome::Http { status, body, .. } => write!(f, "HTTP {status}: {body}"),
+            Outcome::NotSent { detail } => write!(f, "not sent: {detail}"),
+            Outcome::Ambiguous { detail } => write!(f, "no answer after the request was written: {detail}"),
+            Outcome::Token { detail, .. } => write!(f, "no access token: {detail}"),
+        }
+    }
+}
+
+/// The facts about a message that the decision depends on.
+#[derive(Debug, Clone, Copy)]
+pub struct Context {
+    /// HTTP 500 answers this message got before this one.
+    pub server_errors_before: u32,
+    /// This attempt already used a freshly fetched token after a 401.
+    pub token_refreshed: bool,
+    pub ambiguous: AmbiguousPolicy,
+    pub max_attempts: u32,
+    pub throttle_fallback: Duration,
+    pub auth_pause: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Delivered,
+    /// Keep the message queued and try it again after a backoff delay.
+    Retry { reason: String },
+    /// Keep the message queued; no request on any lane for `pause` (D365 limits are per user).
+    Throttle { pause: Duration },
+    /// Drop the cached token, fetch a new one and send again at once.
+    RefreshToken,
+    /// Credentials or app registration are wrong: keep the message, pause every lane, alert.
+    AuthPause { pause: Duration, reason: String },
+    /// D365 refused the message: hold its order until an operator acts.
+    Failed { reason: String },
+    /// D365 may or may not have it: hold its order until an operator decides.
+    Uncertain { reason: String },
+}
+
+/// Decides what follows an outcome. Pure: table-tested below.
+pub fn decide(outcome: &Outcome, ctx: &Context) -> Decision {
+    match outcome {
+        Outcome::Http { status, .. } if (200..300).contains(status) => Decision::Delivered,
+        Outcome::Http { status: 429, retry_after, .. } => Decision::Throttle {
+            pause: retry_after.unwrap_or(ctx.throttle_fallback),
+        },
+        Outcome::Http { status: 408 | 502 | 503 | 504, .. } | Outcome::NotSent { .. } => Decision::Retry {
+            reason: outcome.to_string(),
+        },
+        Outcome::Token { rejected: false, .. } => Decision::Retry {
+            reason: outcome.to_string(),
+        },
+        Outcome::Token { rejected: true, .. } => Decision::AuthPause {
+            pause: ctx.auth_pause,
+            reason: outcome.to_string(),
+        },
+        Outcome::Http { status: 401, .. } if !ctx.token_refreshed => Decision::RefreshToken,
+        Outcome::Http { status: 401, .. } => Decision::AuthPause {
+            pause: ctx.auth_pause,
+            reason: "D365 answered 401 with a freshly fetched token: check the app registration in \
+                     D365 (System administration > Setup > Microsoft Entra ID applications) and the \
+                     client id and secret"
+                .into(),
+        },
+        Outcome::Http { status: 500, .. } if ctx.server_errors_before + 1 < ctx.max_attempts => Decision::Retry {
+            reason: outcome.to_string(),
+        },
+        Outcome::Http { status: 500, .. } => Decision::Failed {
+            reason: format!("{outcome} (attempt {} of {})", ctx.server_errors_before + 1, ctx.max_attempts),
+        },
+        Outcome::Http { .. } => Decision::Failed {
+            reason: outcome.to_string(),
+        },
+        Outcome::Ambiguous { .. } => match ctx.ambiguous {
+            AmbiguousPolicy::Hold => Decision::Uncertain {
+                reason: outcome.to_string(),
+            },
+            AmbiguousPolicy::Resend => Decision::Retry {
+                reason: outcome.to_string(),
+            },
+        },
+    }
+}
+
+/// Parses `Retry-After` as D365 sends it: a number of seconds. An HTTP-date or garbage
+/// gives `None`, and the caller uses its fallback.
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    value.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
+
+/// Capped exponential backoff with full jitter: attempt `n` waits a uniformly random time
+/// in `[0, min(max, initial * 2^n)]`. Full jitter spreads retries of many lanes after a
+/// shared outage instead of having them hammer D365 in step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidBackoff {
+    #[error("the initial backoff must be greater than zero")]
+    ZeroInitial,
+    #[error("the maximum backoff ({max:?}) must not be less than the initial backoff ({initial:?})")]
+    MaxBelowInitial { initial: Duration, max: Duration },
+}
+
+impl Backoff {
+    pub fn try_new(initial: Duration, max: Duration) -> Result<Backoff, InvalidBackoff> {
+        if initial.is_zero() {
+            return Err(InvalidBackoff::ZeroInitial);
+        }
+        if max < initial {
+            return Err(InvalidBackoff::MaxBelowInitial { initial, max });
+        }
+        Ok(Backoff { initial, max })
+    }
+
+    /// The upper bound of the wait before retry number `attempt` (0-based).
+    pub fn ceiling(&self, attempt: u32) -> Duration {
+        let factor = 2u32.saturating_pow(attempt.min(31));
+        self.initial.saturating_mul(factor).min(self.max)
+    }
+
+    /// The wait for `attempt`, with `unit` a random number in `[0, 1)`.
+    pub fn delay_with(&self, attempt: u32, unit: f64) -> Duration {
+        self.ceiling(attempt).mul_f64(unit.clamp(0.0, 1.0))
+    }
+
+    pub fn delay(&self, attempt: u32) -> Duration {
+        self.delay_with(attempt, fastrand::f64())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx() -> Context {
+        Context {
+            server_errors_before: 0,
+            token_refreshed: false,
+            ambiguous: AmbiguousPolicy::Hold,
+            max_attempts: 3,
+            throttle_fallback: Duration::from_secs(30),
+            auth_pause: Duration::from_secs(300),
+        }
+    }
+
+    fn http(status: u16) -> Outcome {
+        Outcome::Http {
+            status,
+            retry_after: None,
+            body: String::new(),
+        }
+    }
+
+    fn kind(d: &Decision) -> &'static str {
+        match d {
+            Decision::Delivered => "delivered",
+            Decision::Retry { .. } => "retry",
+            Decision::Throttle { .. } => "throttle",
+            Decision::RefreshToken => "refresh",
+            Decision::AuthPause { .. } => "auth-pause",
+            Decision::Failed { .. } => "failed",
+            Decision::Uncertain { .. } => "uncertain",
+        }
+    }
+
+    #[test]
+    fn outcome_table() {
+        let table: &[(Outcome, Context, &str)] = &[
+            (http(200), ctx(), "delivered"),
+            (http(204), ctx(), "delivered"),
+            (Outcome::NotSent { detail: "refused".into() }, ctx(), "retry"),
+            (http(429), ctx(), "throttle"),
+            (http(408), ctx(), "retry"),
+            (http(502), ctx(), "retry"),
+            (http(503), ctx(), "retry"),
+            (http(504), ctx(), "retry"),
+            (http(401), ctx(), "refresh"),
+            (http(401), Context { token_refreshed: true, ..ctx() }, "auth-pause"),
+            (http(500), ctx(), "retry"),
+            (http(500), Context { server_errors_before: 1, ..ctx() }, "retry"),
+            (http(500), Context { server_errors_before: 2, ..ctx() }, "failed"),
+            (http(500), Context { max_attempts: 1, ..ctx() }, "failed"),
+            (http(400), ctx(), "failed"),
+            (http(404), ctx(), "failed"),
+            (http(403), ctx(), "failed"),
+            (http(301), ctx(), "failed"),
+            (Outcome::Ambiguous { detail: "timeout".into() }, ctx(), "uncertain"),
+            (Outcome::Ambiguous { detail: "reset".into() }, Context { ambiguous: AmbiguousPolicy::Resend, ..ctx() }, "retry"),
+            (Outcome::Token { rejected: false, detail: "refused".into() }, ctx(), "retry"),
+            (Outcome::Token { rejected: true, detail: "AADSTS7000215".into() }, ctx(), "auth-pause"),
+        ];
+        for (outcome, c, expected) in table {
+            assert_eq!(kind(&decide(outcome, c)), *expected, "{outcome} with {c:?}");
+        }
+    }
+
+    #[test]
+    fn throttle_uses_retry_after_then_the_fallback() {
+        let with = Outcome::Http { status: 429, retry_after: Some(Duration::from_secs(2)), body: String::new() };
+        assert_eq!(decide(&with, &ctx()), Decision::Throttle { pause: Duration::from_secs(2) });
+        assert_eq!(decide(&http(429), &ctx()), Decision::Throttle { pause: Duration::from_secs(30) });
+    }
+
+    #[test]
+    fn retry_after_is_seconds() {
+        assert_eq!(parse_retry_after(" 2 "), Some(Duration::from_secs(2)));
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+        assert_eq!(parse_retry_after("-1"), None);
+    }
+
+    #[test]
+    fn backoff_is_capped_exponential_with_full_jitter() {
+        let b = Backoff::try_new(Duration::from_secs(1), Duration::from_secs(60)).unwrap();
+        assert_eq!(b.ceiling(0), Duration::from_secs(1));
+        assert_eq!(b.ceiling(3), Duration::from_secs(8));
+        assert_eq!(b.ceiling(6), Duration::from_secs(60));
+        assert_eq!(b.ceiling(u32::MAX), Duration::from_secs(60));
+        assert_eq!(b.delay_with(3, 0.0), Duration::ZERO);
+        assert_eq!(b.delay_with(3, 0.5), Duration::from_secs(4));
+        for attempt in 0..40 {
+            assert!(b.delay(attempt) <= b.ceiling(attempt));
+        }
+    }
+
+    #[test]
+    fn invalid_backoffs_are_refused() {
+        assert_eq!(Backoff::try_new(Duration::ZERO, Duration::from_secs(1)), Err(InvalidBackoff::ZeroInitial));
+        assert!(matches!(
+            Backoff::try_new(Duration::from_secs(2), Duration::from_secs(1)),
+            Err(InvalidBackoff::MaxBelowInitial { .. })
+        ));
+    }
+}

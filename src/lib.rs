@@ -1,0 +1,38 @@
+//! mes-gateway turns shop-floor signals into the production-order messages that
+//! Dynamics 365 Finance & Operations accepts on its MES integration API (queue
+//! `JmgMES3P`), keeps every message in a durable outbox, and delivers it with retries,
+//! per production order in strict order.
+//!
+//! # Layout
+//!
+//! ```text
+//!  source::* ──Event──▶ pipeline (rules::Engine) ──append+flush──▶ outbox ◀──lanes── d365::Dispatcher ──HTTPS──▶ D365
+//!  (one task each,      bounded channel                            (sled)             (token, retry decisions)
+//!   bounded channel)                                                  ▲
+//!                                                                     └── cli: outbox list/show/retry/cancel/resolve
+//! ```
+//!
+//! - [`config`]: `gateway.yaml` + `rules.d/*.yaml`, parsed then validated; all errors at
+//!   once with file:line:column.
+//! - [`message`]: the five `JmgMES3P` message types, their envelope and mandatory-field checks.
+//! - [`source`]: shop-floor inputs (`simulator` for now), one task each.
+//! - [`rules`]: turns events into messages.
+//! - [`pipeline`]: events → rules → outbox, group commit.
+//! - [`outbox`]: the durable per-order FIFO store; the only hand-off that survives a restart.
+//! - [`d365`]: the dispatcher, the HTTP client, the token cache and the retry decisions.
+//! - [`app`]: wiring and ordered shutdown; [`cli`]: the commands; [`signal`]: SIGTERM/SIGINT.
+
+#![forbid(unsafe_code)]
+#![warn(rust_2018_idioms, missing_debug_implementations)]
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod d365;
+pub mod event;
+pub mod message;
+pub mod outbox;
+pub mod pipeline;
+pub mod rules;
+pub mod signal;
+pub mod source;
