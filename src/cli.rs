@@ -12,7 +12,11 @@ use crate::message::Message;
 use crate::outbox::{MessageId, NewMessage, Outbox, OutboxError, Record, State};
 
 #[derive(Debug, Parser)]
-#[command(name = "mes-gateway", version, about = "Shop-floor signals to Dynamics 365 MES integration messages, with a durable outbox")]
+#[command(
+    name = "mes-gateway",
+    version,
+    about = "Shop-floor signals to Dynamics 365 MES integration messages, with a durable outbox"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -21,7 +25,12 @@ pub struct Cli {
 #[derive(Debug, Args)]
 pub struct ConfigDir {
     /// Configuration directory holding gateway.yaml and rules.d/.
-    #[arg(short = 'c', long = "config", env = "MES_GATEWAY_CONFIG", default_value = "/etc/mes-gateway")]
+    #[arg(
+        short = 'c',
+        long = "config",
+        env = "MES_GATEWAY_CONFIG",
+        default_value = "/etc/mes-gateway"
+    )]
     pub dir: PathBuf,
 }
 
@@ -133,7 +142,9 @@ pub enum CliError {
 impl From<OutboxError> for CliError {
     fn from(e: OutboxError) -> Self {
         match e {
-            OutboxError::NotFound(_) | OutboxError::WrongState { .. } => CliError::Usage(e.to_string()),
+            OutboxError::NotFound(_) | OutboxError::WrongState { .. } => {
+                CliError::Usage(e.to_string())
+            }
             other => CliError::Other(other.into()),
         }
     }
@@ -155,15 +166,30 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
         Command::Check { config } => check(&config.dir),
         Command::Run { config, dry_run } => {
             let config = config::load(&config.dir)?;
-            runtime()?.block_on(crate::app::run(config, crate::app::RunOptions { dry_run }, crate::signal::shutdown()))?;
+            runtime()?.block_on(crate::app::run(
+                config,
+                crate::app::RunOptions { dry_run },
+                crate::signal::shutdown(),
+            ))?;
             Ok(())
         }
-        Command::Send { config, message_type, file, by } => {
+        Command::Send {
+            config,
+            message_type,
+            file,
+            by,
+        } => {
             let config = config::load(&config.dir)?;
             let input = read_input(file.as_deref())?;
             let message = parse_send_input(&input, message_type.as_deref())?;
-            let names = config.d365.as_ref().map(|d| d.field_names.clone()).unwrap_or_default();
-            let content = message.to_content(&names).map_err(|e| CliError::Usage(e.to_string()))?;
+            let names = config
+                .d365
+                .as_ref()
+                .map(|d| d.field_names.clone())
+                .unwrap_or_default();
+            let content = message
+                .to_content(&names)
+                .map_err(|e| CliError::Usage(e.to_string()))?;
             let new = NewMessage {
                 production_order: message.production_order().to_string(),
                 message_type: message.message_type().to_string(),
@@ -175,7 +201,10 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
                 outbox.append(vec![new]).await
             })?;
             for r in record {
-                println!("queued message {} ({}, order {})", r.id, r.message_type, r.production_order);
+                println!(
+                    "queued message {} ({}, order {})",
+                    r.id, r.message_type, r.production_order
+                );
             }
             Ok(())
         }
@@ -221,12 +250,19 @@ fn read_input(file: Option<&Path>) -> Result<String, CliError> {
     let mut text = String::new();
     match file {
         None => {
-            std::io::stdin().read_to_string(&mut text).context("cannot read stdin")?;
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .context("cannot read stdin")?;
         }
         Some(p) if p == Path::new("-") => {
-            std::io::stdin().read_to_string(&mut text).context("cannot read stdin")?;
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .context("cannot read stdin")?;
         }
-        Some(p) => text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?,
+        Some(p) => {
+            text = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read {}", p.display()))?
+        }
     }
     Ok(text)
 }
@@ -234,26 +270,35 @@ fn read_input(file: Option<&Path>) -> Result<String, CliError> {
 /// Accepts the envelope form (`_messageType` + `_messageContent` as object or string) or,
 /// with `--type`, the content object alone.
 pub fn parse_send_input(input: &str, message_type: Option<&str>) -> Result<Message, CliError> {
-    let value: serde_json::Value = serde_json::from_str(input).map_err(|e| CliError::Usage(format!("input is not JSON: {e}")))?;
+    let value: serde_json::Value = serde_json::from_str(input)
+        .map_err(|e| CliError::Usage(format!("input is not JSON: {e}")))?;
     let (message_type, content) = match message_type {
         Some(t) => (t.to_string(), value),
         None => {
             let t = value
                 .get("_messageType")
                 .and_then(|v| v.as_str())
-                .ok_or_else(|| CliError::Usage("input has no `_messageType`: pass --type or use the envelope form".into()))?
+                .ok_or_else(|| {
+                    CliError::Usage(
+                        "input has no `_messageType`: pass --type or use the envelope form".into(),
+                    )
+                })?
                 .to_string();
             let content = match value.get("_messageContent") {
-                Some(serde_json::Value::String(s)) => serde_json::from_str(s)
-                    .map_err(|e| CliError::Usage(format!("`_messageContent` string is not JSON: {e}")))?,
+                Some(serde_json::Value::String(s)) => serde_json::from_str(s).map_err(|e| {
+                    CliError::Usage(format!("`_messageContent` string is not JSON: {e}"))
+                })?,
                 Some(v) => v.clone(),
                 None => return Err(CliError::Usage("input has no `_messageContent`".into())),
             };
             (t, content)
         }
     };
-    let message = Message::from_json(&message_type, content).map_err(|e| CliError::Usage(e.to_string()))?;
-    message.validate().map_err(|e| CliError::Usage(e.to_string()))?;
+    let message =
+        Message::from_json(&message_type, content).map_err(|e| CliError::Usage(e.to_string()))?;
+    message
+        .validate()
+        .map_err(|e| CliError::Usage(e.to_string()))?;
     Ok(message)
 }
 
@@ -263,18 +308,49 @@ async fn outbox_command(outbox: &Outbox, action: OutboxCommand) -> Result<(), Cl
             let records = outbox.list(state, order.as_deref())?;
             if json {
                 for r in &records {
-                    println!("{}", serde_json::to_string(r).context("cannot print a record")?);
+                    println!(
+                        "{}",
+                        serde_json::to_string(r).context("cannot print a record")?
+                    );
                 }
             } else {
-                println!("{:>8}  {:<10} {:<34} {:<14} {:>8}  {:<20} LAST ERROR", "ID", "STATE", "TYPE", "ORDER", "ATTEMPTS", "CREATED");
+                println!(
+                    "{:>8}  {:<10} {:<34} {:<14} {:>8}  {:<20} LAST ERROR",
+                    "ID", "STATE", "TYPE", "ORDER", "ATTEMPTS", "CREATED"
+                );
                 for r in &records {
                     let created = r.created_at.strftime("%Y-%m-%d %H:%M:%S").to_string();
-                    let error = r.last_error.as_deref().map(|e| e.chars().take(60).collect::<String>()).unwrap_or_default();
-                    println!("{:>8}  {:<10} {:<34} {:<14} {:>8}  {:<20} {}", r.id, r.state, r.message_type, r.production_order, r.attempt_count, created, error);
+                    let error = r
+                        .last_error
+                        .as_deref()
+                        .map(|e| e.chars().take(60).collect::<String>())
+                        .unwrap_or_default();
+                    println!(
+                        "{:>8}  {:<10} {:<34} {:<14} {:>8}  {:<20} {}",
+                        r.id,
+                        r.state,
+                        r.message_type,
+                        r.production_order,
+                        r.attempt_count,
+                        created,
+                        error
+                    );
                 }
                 let counts = outbox.counts();
-                let summary: Vec<String> = counts.iter().filter(|(_, n)| **n > 0).map(|(s, n)| format!("{n} {s}")).collect();
-                println!("{} message(s) listed; outbox: {}", records.len(), if summary.is_empty() { "empty".into() } else { summary.join(", ") });
+                let summary: Vec<String> = counts
+                    .iter()
+                    .filter(|(_, n)| **n > 0)
+                    .map(|(s, n)| format!("{n} {s}"))
+                    .collect();
+                println!(
+                    "{} message(s) listed; outbox: {}",
+                    records.len(),
+                    if summary.is_empty() {
+                        "empty".into()
+                    } else {
+                        summary.join(", ")
+                    }
+                );
             }
         }
         OutboxCommand::Show { id } => {
@@ -287,8 +363,11 @@ async fn outbox_command(outbox: &Outbox, action: OutboxCommand) -> Result<(), Cl
                 Some(path) => {
                     let current = outbox.get(id)?;
                     let text = read_input(Some(&path))?;
-                    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| CliError::Usage(format!("{}: not JSON: {e}", path.display())))?;
-                    let message = Message::from_json(&current.message_type, value).map_err(|e| CliError::Usage(e.to_string()))?;
+                    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+                        CliError::Usage(format!("{}: not JSON: {e}", path.display()))
+                    })?;
+                    let message = Message::from_json(&current.message_type, value)
+                        .map_err(|e| CliError::Usage(e.to_string()))?;
                     if message.production_order() != current.production_order {
                         return Err(CliError::Usage(format!(
                             "the edited content names order {:?} but message {id} belongs to order {:?}; cancel it and `send` a new one instead",
@@ -296,11 +375,18 @@ async fn outbox_command(outbox: &Outbox, action: OutboxCommand) -> Result<(), Cl
                             current.production_order
                         )));
                     }
-                    Some(message.to_content(&crate::message::FieldNames::default()).map_err(|e| CliError::Usage(e.to_string()))?)
+                    Some(
+                        message
+                            .to_content(&crate::message::FieldNames::default())
+                            .map_err(|e| CliError::Usage(e.to_string()))?,
+                    )
                 }
             };
             let r = outbox.retry(id, &by.name(), new_content).await?;
-            println!("message {} queued again (order {})", r.id, r.production_order);
+            println!(
+                "message {} queued again (order {})",
+                r.id, r.production_order
+            );
         }
         OutboxCommand::Cancel { id, by } => {
             let r = outbox.cancel(id, &by.name()).await?;
@@ -308,7 +394,10 @@ async fn outbox_command(outbox: &Outbox, action: OutboxCommand) -> Result<(), Cl
         }
         OutboxCommand::Resolve { id, by } => {
             let r = outbox.resolve_delivered(id, &by.name()).await?;
-            println!("message {} resolved as delivered (order {})", r.id, r.production_order);
+            println!(
+                "message {} resolved as delivered (order {})",
+                r.id, r.production_order
+            );
         }
     }
     Ok(())
@@ -319,6 +408,9 @@ fn print_record(r: &Record) -> Result<(), CliError> {
     if let Ok(content) = serde_json::from_str::<serde_json::Value>(&r.content) {
         value["content"] = content;
     }
-    println!("{}", serde_json::to_string_pretty(&value).context("cannot print a record")?);
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&value).context("cannot print a record")?
+    );
     Ok(())
 }

@@ -132,7 +132,11 @@ pub struct StartMessage {
     pub started_quantity: Option<Real>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_date: Option<Date>,
-    #[serde(default, rename = "AutomaticBOMConsumptionRule", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "AutomaticBOMConsumptionRule",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub automatic_bom_consumption_rule: Option<BomConsumptionRule>,
     /// Unverified: listed by a third-party source only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -179,7 +183,11 @@ pub struct ReportFinishedLine {
     pub executed_date_time: Option<DateTimeUtc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub report_as_finished_date: Option<Date>,
-    #[serde(default, rename = "AutomaticBOMConsumptionRule", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "AutomaticBOMConsumptionRule",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub automatic_bom_consumption_rule: Option<BomConsumptionRule>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub automatic_route_consumption_rule: Option<RouteConsumptionRule>,
@@ -283,13 +291,29 @@ pub struct PickingListLine {
     /// Mandatory: checked by [`Message::validate`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub item_number: Option<String>,
-    #[serde(default, rename = "ConsumptionBOMQuantity", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "ConsumptionBOMQuantity",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub consumption_bom_quantity: Option<Real>,
-    #[serde(default, rename = "ProposalBOMQuantity", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "ProposalBOMQuantity",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub proposal_bom_quantity: Option<Real>,
-    #[serde(default, rename = "ScrapBOMQuantity", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "ScrapBOMQuantity",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub scrap_bom_quantity: Option<Real>,
-    #[serde(default, rename = "BOMUnitSymbol", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "BOMUnitSymbol",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub bom_unit_symbol: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consumption_inventory_quantity: Option<Real>,
@@ -422,7 +446,11 @@ pub struct RouteCardLine {
     pub error_cause: Option<Symbol>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub operation_completed: Option<NoYes>,
-    #[serde(default, rename = "BOMConsumption", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "BOMConsumption",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub bom_consumption: Option<NoYes>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub report_as_finished: Option<NoYes>,
@@ -466,10 +494,7 @@ pub enum Message {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MessageError {
     #[error("{message_type}: {field} is mandatory")]
-    Missing {
-        message_type: String,
-        field: String,
-    },
+    Missing { message_type: String, field: String },
     #[error("{message_type}: {field}: {problem}")]
     Invalid {
         message_type: String,
@@ -477,7 +502,10 @@ pub enum MessageError {
         problem: String,
     },
     #[error("{message_type}: content does not fit the message type: {detail}")]
-    Shape { message_type: String, detail: String },
+    Shape {
+        message_type: String,
+        detail: String,
+    },
 }
 
 /// Wire names of the journal-name fields, which changed between D365 versions.
@@ -531,7 +559,10 @@ impl Message {
     /// Builds a message from a type name and its content as JSON (as typed by an operator
     /// or read back from the outbox). Unknown fields of the five known types are errors,
     /// so a typo cannot silently drop a value.
-    pub fn from_json(message_type: &str, content: serde_json::Value) -> Result<Message, MessageError> {
+    pub fn from_json(
+        message_type: &str,
+        content: serde_json::Value,
+    ) -> Result<Message, MessageError> {
         fn typed<T: serde::de::DeserializeOwned>(
             message_type: &str,
             content: serde_json::Value,
@@ -594,7 +625,11 @@ impl Message {
                     return Err(missing("PickingListLines (at least one line)"));
                 }
                 for (i, line) in m.picking_list_lines.iter().enumerate() {
-                    if line.item_number.as_deref().is_none_or(|s| s.trim().is_empty()) {
+                    if line
+                        .item_number
+                        .as_deref()
+                        .is_none_or(|s| s.trim().is_empty())
+                    {
                         return Err(missing(&format!("PickingListLines[{i}].ItemNumber")));
                     }
                 }
@@ -645,10 +680,19 @@ impl Message {
         if let Message::ReportFinished(_) = self {
             let renames = [
                 ("JournalNameId", names.journal_name.as_str()),
-                ("PickingListJournalNameId", names.picking_list_journal_name.as_str()),
-                ("RouteCardJournalNameId", names.route_card_journal_name.as_str()),
+                (
+                    "PickingListJournalNameId",
+                    names.picking_list_journal_name.as_str(),
+                ),
+                (
+                    "RouteCardJournalNameId",
+                    names.route_card_journal_name.as_str(),
+                ),
             ];
-            if let Some(lines) = value.get_mut("ReportFinishedLines").and_then(|v| v.as_array_mut()) {
+            if let Some(lines) = value
+                .get_mut("ReportFinishedLines")
+                .and_then(|v| v.as_array_mut())
+            {
                 for line in lines.iter_mut().filter_map(|l| l.as_object_mut()) {
                     for (from, to) in renames {
                         if from != to {
@@ -738,9 +782,13 @@ mod tests {
     #[test]
     fn mandatory_fields_are_checked() {
         let no_order = Message::End(EndMessage::default());
-        assert!(matches!(no_order.validate(), Err(MessageError::Missing { field, .. }) if field == "ProductionOrderNumber"));
+        assert!(
+            matches!(no_order.validate(), Err(MessageError::Missing { field, .. }) if field == "ProductionOrderNumber")
+        );
 
-        let no_lines = Message::from_json(TYPE_REPORT_FINISHED, json!({"ProductionOrderNumber":"P1"})).unwrap();
+        let no_lines =
+            Message::from_json(TYPE_REPORT_FINISHED, json!({"ProductionOrderNumber":"P1"}))
+                .unwrap();
         assert!(no_lines.validate().is_err());
 
         let no_item = Message::from_json(
@@ -766,16 +814,29 @@ mod tests {
 
     #[test]
     fn unknown_fields_and_bad_enum_symbols_are_rejected() {
-        let typo = Message::from_json(TYPE_START, json!({"ProductionOrderNumber":"P1","StartedQty":3}));
+        let typo = Message::from_json(
+            TYPE_START,
+            json!({"ProductionOrderNumber":"P1","StartedQty":3}),
+        );
         assert!(matches!(typo, Err(MessageError::Shape { .. })));
-        let bad = Message::from_json(TYPE_END, json!({"ProductionOrderNumber":"P1","AutoUpdate":"yes"}));
+        let bad = Message::from_json(
+            TYPE_END,
+            json!({"ProductionOrderNumber":"P1","AutoUpdate":"yes"}),
+        );
         let err = bad.unwrap_err().to_string();
         assert!(err.contains("AutoUpdate"), "{err}");
     }
 
     #[test]
     fn operation_priority_is_checked() {
-        for (priority, ok) in [("Primary", true), ("Secondary1", true), ("Secondary20", true), ("Secondary21", false), ("Secondary0", false), ("Tertiary", false)] {
+        for (priority, ok) in [
+            ("Primary", true),
+            ("Secondary1", true),
+            ("Secondary20", true),
+            ("Secondary21", false),
+            ("Secondary0", false),
+            ("Tertiary", false),
+        ] {
             let m = Message::from_json(
                 TYPE_ROUTE_CARD,
                 json!({"ProductionOrderNumber":"P1","RouteCardLines":[{"OperationNumber":10,"OperationPriority":priority}]}),
@@ -797,7 +858,8 @@ mod tests {
             picking_list_journal_name: "PickingListProductionJournalNameId".into(),
             route_card_journal_name: "RouteCardProductionJournalNameId".into(),
         };
-        let v: serde_json::Value = serde_json::from_str(&m.to_content(&names_2022).unwrap()).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&m.to_content(&names_2022).unwrap()).unwrap();
         assert_eq!(
             v["ReportFinishedLines"][0],
             json!({"ProductionJournalNameId":"Prod","RouteCardProductionJournalNameId":"Route"})
@@ -806,8 +868,15 @@ mod tests {
 
     #[test]
     fn custom_types_pass_content_through() {
-        let m = Message::from_json("TSIInventCountJournal", json!({"ProductionOrderNumber":"P9","Anything":[1,2]})).unwrap();
+        let m = Message::from_json(
+            "TSIInventCountJournal",
+            json!({"ProductionOrderNumber":"P9","Anything":[1,2]}),
+        )
+        .unwrap();
         assert_eq!(m.production_order(), "P9");
-        assert_eq!(content(&m), json!({"ProductionOrderNumber":"P9","Anything":[1,2]}));
+        assert_eq!(
+            content(&m),
+            json!({"ProductionOrderNumber":"P9","Anything":[1,2]})
+        );
     }
 }

@@ -53,10 +53,15 @@ impl Pipeline {
                 continue;
             }
             let records = self.store(messages).await;
-            self.stats.messages.fetch_add(records.len() as u64, Ordering::Relaxed);
+            self.stats
+                .messages
+                .fetch_add(records.len() as u64, Ordering::Relaxed);
             if self.print_messages {
                 for r in &records {
-                    println!("stored message {} ({}, order {}): {}", r.id, r.message_type, r.production_order, r.content);
+                    println!(
+                        "stored message {} ({}, order {}): {}",
+                        r.id, r.message_type, r.production_order, r.content
+                    );
                 }
             }
             self.wake.notify_one();

@@ -150,7 +150,9 @@ mod tests {
             .iter()
             .flat_map(|l| engine.apply(&ev(*l)))
             .map(|b| match b.message {
-                Message::ReportFinished(m) => m.report_finished_lines[0].reported_good_quantity.unwrap().0,
+                Message::ReportFinished(m) => {
+                    m.report_finished_lines[0].reported_good_quantity.unwrap().0
+                }
                 other => panic!("unexpected {other:?}"),
             })
             .collect()
@@ -160,14 +162,19 @@ mod tests {
     fn counts_rising_edges_in_batches() {
         let mut e = Engine::new(vec![rule(Edge::Rising, 2)]);
         // Repeated highs are one edge; five rising edges give two messages of 2.
-        let levels = [true, true, false, true, false, true, false, false, true, false];
+        let levels = [
+            true, true, false, true, false, true, false, false, true, false,
+        ];
         assert_eq!(run(&mut e, &levels), vec![2.0, 2.0]);
     }
 
     #[test]
     fn falling_and_both_edges() {
         let mut falling = Engine::new(vec![rule(Edge::Falling, 1)]);
-        assert_eq!(run(&mut falling, &[true, false, false, true, false]), vec![1.0, 1.0]);
+        assert_eq!(
+            run(&mut falling, &[true, false, false, true, false]),
+            vec![1.0, 1.0]
+        );
         let mut both = Engine::new(vec![rule(Edge::Both, 1)]);
         assert_eq!(run(&mut both, &[true, false, true]).len(), 3);
     }

@@ -3,7 +3,10 @@
 /// Completes at the first SIGTERM or SIGINT.
 pub async fn shutdown() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(t), Ok(i)) => (t, i),
         _ => {
             // Without signal handlers the default action (terminate) still stops the

@@ -211,7 +211,11 @@ pub struct ConfigErrors(pub Vec<ConfigError>);
 impl fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.0.len();
-        writeln!(f, "{n} configuration error{}:", if n == 1 { "" } else { "s" })?;
+        writeln!(
+            f,
+            "{n} configuration error{}:",
+            if n == 1 { "" } else { "s" }
+        )?;
         for (i, e) in self.0.iter().enumerate() {
             if i + 1 < n {
                 writeln!(f, "  {e}")?;
@@ -305,7 +309,11 @@ fn read_doc(file: &Path, errors: &mut Errors) -> Option<Doc> {
 
 /// Parses a duration such as `500ms`, `30s`, `5m`, `2h`, `7d` or `1h30m`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let bad = || format!("invalid duration {text:?}: expected a number with a unit, e.g. 500ms, 30s, 5m, 2h, 7d");
+    let bad = || {
+        format!(
+            "invalid duration {text:?}: expected a number with a unit, e.g. 500ms, 30s, 5m, 2h, 7d"
+        )
+    };
     let s = text.trim();
     if s.is_empty() {
         return Err(bad());
@@ -313,13 +321,17 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let mut total = Duration::ZERO;
     let mut rest = s;
     while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
         if digits == 0 {
             return Err(bad());
         }
         let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
         rest = &rest[digits..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
         let unit = rest[..unit_len].trim();
         rest = &rest[unit_len..];
         let part = match unit {
@@ -356,7 +368,9 @@ pub fn load(dir: &Path) -> Result<Config, ConfigErrors> {
             Ok(entries) => {
                 let mut files: Vec<PathBuf> = entries
                     .filter_map(|e| e.ok().map(|e| e.path()))
-                    .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+                    .filter(|p| {
+                        matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
+                    })
                     .collect();
                 // Sorted so rules apply in a defined order: file name, then position.
                 files.sort();
@@ -384,7 +398,9 @@ pub fn load_storage(dir: &Path) -> Result<StorageConfig, ConfigErrors> {
     let file = dir.join(MAIN_FILE);
     let storage = read_doc(&file, &mut errors).map(|doc| {
         let raw = match doc.node.get("storage") {
-            Some(node) => errors.parse::<RawStorage>(&doc, node, "storage").unwrap_or_default(),
+            Some(node) => errors
+                .parse::<RawStorage>(&doc, node, "storage")
+                .unwrap_or_default(),
             None => RawStorage::default(),
         };
         validate_storage(dir, &doc, raw, &mut errors)
@@ -397,7 +413,12 @@ pub fn load_storage(dir: &Path) -> Result<StorageConfig, ConfigErrors> {
 
 const MAIN_SECTIONS: [&str; 5] = ["d365", "dispatcher", "storage", "sources", "shutdown_grace"];
 
-fn validate(dir: &Path, main: Option<&Doc>, rule_docs: &[Doc], errors: &mut Errors) -> Option<Config> {
+fn validate(
+    dir: &Path,
+    main: Option<&Doc>,
+    rule_docs: &[Doc],
+    errors: &mut Errors,
+) -> Option<Config> {
     let main = main?;
     let Some(entries) = main.node.entries() else {
         errors.at(main, "", "the top level must be a mapping of sections");
@@ -416,27 +437,40 @@ fn validate(dir: &Path, main: Option<&Doc>, rule_docs: &[Doc], errors: &mut Erro
             continue;
         }
         match name {
-            "d365" => d365 = errors.parse::<RawD365>(main, value, "d365").and_then(|raw| validate_d365(main, raw, errors)),
+            "d365" => {
+                d365 = errors
+                    .parse::<RawD365>(main, value, "d365")
+                    .and_then(|raw| validate_d365(main, raw, errors))
+            }
             "dispatcher" => {
                 if let Some(raw) = errors.parse::<RawDispatcher>(main, value, "dispatcher") {
                     dispatcher = validate_dispatcher(main, raw, errors);
                 }
             }
-            "storage" => storage = errors.parse::<RawStorage>(main, value, "storage").map(|raw| validate_storage(dir, main, raw, errors)),
+            "storage" => {
+                storage = errors
+                    .parse::<RawStorage>(main, value, "storage")
+                    .map(|raw| validate_storage(dir, main, raw, errors))
+            }
             "sources" => sources = validate_sources(main, value, errors),
             "shutdown_grace" => {
                 if let Some(raw) = errors.parse::<String>(main, value, "shutdown_grace") {
-                    shutdown_grace = duration_field(main, errors, "shutdown_grace", Some(raw), shutdown_grace);
+                    shutdown_grace =
+                        duration_field(main, errors, "shutdown_grace", Some(raw), shutdown_grace);
                 }
             }
             other => errors.at(
                 main,
                 other,
-                format!("unknown section `{other}`, expected one of {}", MAIN_SECTIONS.join(", ")),
+                format!(
+                    "unknown section `{other}`, expected one of {}",
+                    MAIN_SECTIONS.join(", ")
+                ),
             ),
         }
     }
-    let storage = storage.unwrap_or_else(|| validate_storage(dir, main, RawStorage::default(), errors));
+    let storage =
+        storage.unwrap_or_else(|| validate_storage(dir, main, RawStorage::default(), errors));
 
     let source_ids: Vec<&str> = sources.iter().map(SourceConfig::id).collect();
     let mut rules = Vec::new();
@@ -455,7 +489,13 @@ fn validate(dir: &Path, main: Option<&Doc>, rule_docs: &[Doc], errors: &mut Erro
     })
 }
 
-fn duration_field(doc: &Doc, errors: &mut Errors, path: &str, raw: Option<String>, default: Duration) -> Duration {
+fn duration_field(
+    doc: &Doc,
+    errors: &mut Errors,
+    path: &str,
+    raw: Option<String>,
+    default: Duration,
+) -> Duration {
     match raw {
         None => default,
         Some(text) => match parse_duration(&text) {
@@ -486,7 +526,11 @@ fn parse_url(doc: &Doc, errors: &mut Errors, path: &str, text: &str) -> Option<r
                     None
                 }
                 other => {
-                    errors.at(doc, path, format!("{text:?}: unsupported scheme `{other}`, expected https"));
+                    errors.at(
+                        doc,
+                        path,
+                        format!("{text:?}: unsupported scheme `{other}`, expected https"),
+                    );
                     None
                 }
             }
@@ -503,7 +547,9 @@ fn validate_d365(doc: &Doc, raw: RawD365, errors: &mut Errors) -> Option<D365Con
     let base_url = parse_url(doc, errors, "d365.base_url", &raw.base_url);
     non_empty(doc, errors, "d365.company", &raw.company);
     non_empty(doc, errors, "d365.client_id", &raw.client_id);
-    let message_queue = raw.message_queue.unwrap_or_else(|| crate::message::DEFAULT_QUEUE.to_string());
+    let message_queue = raw
+        .message_queue
+        .unwrap_or_else(|| crate::message::DEFAULT_QUEUE.to_string());
     non_empty(doc, errors, "d365.message_queue", &message_queue);
     let token_api = raw.token_api.unwrap_or(TokenApi::V2);
     let token_url = match (&raw.token_url, &raw.tenant_id) {
@@ -513,20 +559,37 @@ fn validate_d365(doc: &Doc, raw: RawD365, errors: &mut Errors) -> Option<D365Con
                 TokenApi::V2 => "oauth2/v2.0/token",
                 TokenApi::V1 => "oauth2/token",
             };
-            parse_url(doc, errors, "d365.tenant_id", &format!("https://login.microsoftonline.com/{}/{path}", tenant.trim()))
+            parse_url(
+                doc,
+                errors,
+                "d365.tenant_id",
+                &format!("https://login.microsoftonline.com/{}/{path}", tenant.trim()),
+            )
         }
         _ => {
-            errors.at(doc, "d365", "set tenant_id (or token_url to override the token endpoint)");
+            errors.at(
+                doc,
+                "d365",
+                "set tenant_id (or token_url to override the token endpoint)",
+            );
             None
         }
     };
     let (secret, secret_origin) = match (&raw.client_secret_file, &raw.client_secret_env) {
         (Some(_), Some(_)) => {
-            errors.at(doc, "d365.client_secret_env", "set client_secret_file or client_secret_env, not both");
+            errors.at(
+                doc,
+                "d365.client_secret_env",
+                "set client_secret_file or client_secret_env, not both",
+            );
             (None, String::new())
         }
         (None, None) => {
-            errors.at(doc, "d365", "set client_secret_file (e.g. a systemd credential) or client_secret_env");
+            errors.at(
+                doc,
+                "d365",
+                "set client_secret_file (e.g. a systemd credential) or client_secret_env",
+            );
             (None, String::new())
         }
         (Some(file), None) => {
@@ -534,26 +597,56 @@ fn validate_d365(doc: &Doc, raw: RawD365, errors: &mut Errors) -> Option<D365Con
             // The file's content is never put into an error message.
             match std::fs::read_to_string(&path) {
                 Ok(s) if s.trim().is_empty() => {
-                    errors.at(doc, "d365.client_secret_file", format!("{} is empty", path.display()));
+                    errors.at(
+                        doc,
+                        "d365.client_secret_file",
+                        format!("{} is empty", path.display()),
+                    );
                     (None, String::new())
                 }
-                Ok(s) => (Some(Secret(s.trim().to_string())), format!("file {}", path.display())),
+                Ok(s) => (
+                    Some(Secret(s.trim().to_string())),
+                    format!("file {}", path.display()),
+                ),
                 Err(e) => {
-                    errors.at(doc, "d365.client_secret_file", format!("cannot read {}: {}", path.display(), e.kind()));
+                    errors.at(
+                        doc,
+                        "d365.client_secret_file",
+                        format!("cannot read {}: {}", path.display(), e.kind()),
+                    );
                     (None, String::new())
                 }
             }
         }
         (None, Some(var)) => match std::env::var(var) {
-            Ok(s) if !s.trim().is_empty() => (Some(Secret(s.trim().to_string())), format!("environment variable {var}")),
+            Ok(s) if !s.trim().is_empty() => (
+                Some(Secret(s.trim().to_string())),
+                format!("environment variable {var}"),
+            ),
             _ => {
-                errors.at(doc, "d365.client_secret_env", format!("environment variable {var} is not set or empty"));
+                errors.at(
+                    doc,
+                    "d365.client_secret_env",
+                    format!("environment variable {var} is not set or empty"),
+                );
                 (None, String::new())
             }
         },
     };
-    let connect_timeout = duration_field(doc, errors, "d365.connect_timeout", raw.connect_timeout, Duration::from_secs(10));
-    let request_timeout = duration_field(doc, errors, "d365.request_timeout", raw.request_timeout, Duration::from_secs(60));
+    let connect_timeout = duration_field(
+        doc,
+        errors,
+        "d365.connect_timeout",
+        raw.connect_timeout,
+        Duration::from_secs(10),
+    );
+    let request_timeout = duration_field(
+        doc,
+        errors,
+        "d365.request_timeout",
+        raw.request_timeout,
+        Duration::from_secs(60),
+    );
     if errors.0.len() > before {
         return None;
     }
@@ -582,8 +675,20 @@ fn validate_dispatcher(doc: &Doc, raw: RawDispatcher, errors: &mut Errors) -> Di
             format!("{max_in_flight} is out of range: 1 to {D365_CONCURRENCY_LIMIT} (D365 answers 429 above {D365_CONCURRENCY_LIMIT} concurrent requests per user)"),
         );
     }
-    let backoff_initial = duration_field(doc, errors, "dispatcher.backoff_initial", raw.backoff_initial, d.backoff_initial);
-    let backoff_max = duration_field(doc, errors, "dispatcher.backoff_max", raw.backoff_max, d.backoff_max);
+    let backoff_initial = duration_field(
+        doc,
+        errors,
+        "dispatcher.backoff_initial",
+        raw.backoff_initial,
+        d.backoff_initial,
+    );
+    let backoff_max = duration_field(
+        doc,
+        errors,
+        "dispatcher.backoff_max",
+        raw.backoff_max,
+        d.backoff_max,
+    );
     if let Err(e) = crate::d365::retry::Backoff::try_new(backoff_initial, backoff_max) {
         errors.at(doc, "dispatcher.backoff_max", e.to_string());
     }
@@ -597,8 +702,20 @@ fn validate_dispatcher(doc: &Doc, raw: RawDispatcher, errors: &mut Errors) -> Di
         backoff_initial,
         backoff_max,
         max_attempts,
-        throttle_fallback: duration_field(doc, errors, "dispatcher.throttle_fallback", raw.throttle_fallback, d.throttle_fallback),
-        auth_pause: duration_field(doc, errors, "dispatcher.auth_pause", raw.auth_pause, d.auth_pause),
+        throttle_fallback: duration_field(
+            doc,
+            errors,
+            "dispatcher.throttle_fallback",
+            raw.throttle_fallback,
+            d.throttle_fallback,
+        ),
+        auth_pause: duration_field(
+            doc,
+            errors,
+            "dispatcher.auth_pause",
+            raw.auth_pause,
+            d.auth_pause,
+        ),
         ambiguous_default: ambiguous.default.unwrap_or(d.ambiguous_default),
         ambiguous_per_type: ambiguous.per_type,
     }
@@ -626,8 +743,20 @@ fn validate_storage(dir: &Path, doc: &Doc, raw: RawStorage, errors: &mut Errors)
     };
     StorageConfig {
         data_dir,
-        retention: duration_field(doc, errors, "storage.retention", raw.retention, Duration::from_secs(7 * 86_400)),
-        prune_interval: duration_field(doc, errors, "storage.prune_interval", raw.prune_interval, Duration::from_secs(3600)),
+        retention: duration_field(
+            doc,
+            errors,
+            "storage.retention",
+            raw.retention,
+            Duration::from_secs(7 * 86_400),
+        ),
+        prune_interval: duration_field(
+            doc,
+            errors,
+            "storage.prune_interval",
+            raw.prune_interval,
+            Duration::from_secs(3600),
+        ),
     }
 }
 
@@ -649,31 +778,63 @@ fn validate_sources(doc: &Doc, node: &Node, errors: &mut Errors) -> Vec<SourceCo
             continue;
         };
         let Some(kind) = item.get("type").and_then(Node::as_str) else {
-            errors.at(doc, &path, format!("missing `type`, expected one of {}", SOURCE_TYPES.join(", ")));
+            errors.at(
+                doc,
+                &path,
+                format!(
+                    "missing `type`, expected one of {}",
+                    SOURCE_TYPES.join(", ")
+                ),
+            );
             continue;
         };
         // The variant struct sees the mapping without its tag, so unknown-field checks
         // and positions work as for any other struct.
         let body = Node {
-            kind: NodeKind::Map(entries.iter().filter(|(k, _)| k.as_str() != Some("type")).cloned().collect()),
+            kind: NodeKind::Map(
+                entries
+                    .iter()
+                    .filter(|(k, _)| k.as_str() != Some("type"))
+                    .cloned()
+                    .collect(),
+            ),
             mark: item.mark,
         };
         let source = match kind {
-            "simulator" => errors.parse::<RawSimulator>(doc, &body, &path).and_then(|raw| {
-                let interval = duration_field(doc, errors, &format!("{path}.interval"), Some(raw.interval), Duration::ZERO);
-                if interval.is_zero() {
-                    errors.at(doc, &format!("{path}.interval"), "must be greater than zero");
-                    return None;
-                }
-                Some(SourceConfig::Simulator(SimulatorConfig {
-                    id: raw.id,
-                    interval,
-                    point: raw.point.unwrap_or_else(|| "impulse".into()),
-                    limit: raw.limit,
-                }))
-            }),
+            "simulator" => errors
+                .parse::<RawSimulator>(doc, &body, &path)
+                .and_then(|raw| {
+                    let interval = duration_field(
+                        doc,
+                        errors,
+                        &format!("{path}.interval"),
+                        Some(raw.interval),
+                        Duration::ZERO,
+                    );
+                    if interval.is_zero() {
+                        errors.at(
+                            doc,
+                            &format!("{path}.interval"),
+                            "must be greater than zero",
+                        );
+                        return None;
+                    }
+                    Some(SourceConfig::Simulator(SimulatorConfig {
+                        id: raw.id,
+                        interval,
+                        point: raw.point.unwrap_or_else(|| "impulse".into()),
+                        limit: raw.limit,
+                    }))
+                }),
             other => {
-                errors.at(doc, &format!("{path}.type"), format!("unknown source type `{other}`, expected one of {}", SOURCE_TYPES.join(", ")));
+                errors.at(
+                    doc,
+                    &format!("{path}.type"),
+                    format!(
+                        "unknown source type `{other}`, expected one of {}",
+                        SOURCE_TYPES.join(", ")
+                    ),
+                );
                 None
             }
         };
@@ -681,7 +842,11 @@ fn validate_sources(doc: &Doc, node: &Node, errors: &mut Errors) -> Vec<SourceCo
             if source.id().trim().is_empty() {
                 errors.at(doc, &format!("{path}.id"), "must not be empty");
             } else if !ids.insert(source.id().to_string()) {
-                errors.at(doc, &format!("{path}.id"), format!("duplicate source id `{}`", source.id()));
+                errors.at(
+                    doc,
+                    &format!("{path}.id"),
+                    format!("duplicate source id `{}`", source.id()),
+                );
             }
             out.push(source);
         }
@@ -699,7 +864,14 @@ fn validate_rules(doc: &Doc, source_ids: &[&str], errors: &mut Errors) -> Vec<Ru
         match key.as_str() {
             Some("rules") => {}
             other => {
-                errors.at(doc, other.unwrap_or_default(), format!("unknown field `{}`, expected `rules`", other.unwrap_or_default()));
+                errors.at(
+                    doc,
+                    other.unwrap_or_default(),
+                    format!(
+                        "unknown field `{}`, expected `rules`",
+                        other.unwrap_or_default()
+                    ),
+                );
                 continue;
             }
         }
@@ -721,19 +893,51 @@ fn validate_rules(doc: &Doc, source_ids: &[&str], errors: &mut Errors) -> Vec<Ru
                 errors.at(
                     doc,
                     &format!("{path}.when.source"),
-                    format!("unknown source `{}`; configured sources: {}", raw.when.source, if source_ids.is_empty() { "none".to_string() } else { source_ids.join(", ") }),
+                    format!(
+                        "unknown source `{}`; configured sources: {}",
+                        raw.when.source,
+                        if source_ids.is_empty() {
+                            "none".to_string()
+                        } else {
+                            source_ids.join(", ")
+                        }
+                    ),
                 );
             }
             let emit = &raw.emit;
             if !KNOWN_TYPES.contains(&emit.message_type.as_str()) {
-                errors.at(doc, &format!("{path}.emit.type"), format!("unknown message type `{}`, expected one of {}", emit.message_type, KNOWN_TYPES.join(", ")));
+                errors.at(
+                    doc,
+                    &format!("{path}.emit.type"),
+                    format!(
+                        "unknown message type `{}`, expected one of {}",
+                        emit.message_type,
+                        KNOWN_TYPES.join(", ")
+                    ),
+                );
             }
-            non_empty(doc, errors, &format!("{path}.emit.production_order"), &emit.production_order);
-            if emit.message_type == crate::message::TYPE_PICKING_LIST && emit.item_number.is_none() {
-                errors.at(doc, &format!("{path}.emit"), "item_number is mandatory for ProdProductionOrderPickingList");
+            non_empty(
+                doc,
+                errors,
+                &format!("{path}.emit.production_order"),
+                &emit.production_order,
+            );
+            if emit.message_type == crate::message::TYPE_PICKING_LIST && emit.item_number.is_none()
+            {
+                errors.at(
+                    doc,
+                    &format!("{path}.emit"),
+                    "item_number is mandatory for ProdProductionOrderPickingList",
+                );
             }
-            if emit.message_type == crate::message::TYPE_ROUTE_CARD && emit.operation_number.is_none() {
-                errors.at(doc, &format!("{path}.emit"), "operation_number is mandatory for ProdProductionOrderRouteCard");
+            if emit.message_type == crate::message::TYPE_ROUTE_CARD
+                && emit.operation_number.is_none()
+            {
+                errors.at(
+                    doc,
+                    &format!("{path}.emit"),
+                    "operation_number is mandatory for ProdProductionOrderRouteCard",
+                );
             }
             let every = emit.every.unwrap_or(1);
             if every == 0 {
@@ -741,7 +945,11 @@ fn validate_rules(doc: &Doc, source_ids: &[&str], errors: &mut Errors) -> Vec<Ru
             }
             let quantity_per_event = emit.quantity_per_event.unwrap_or(1.0);
             if !quantity_per_event.is_finite() || quantity_per_event <= 0.0 {
-                errors.at(doc, &format!("{path}.emit.quantity_per_event"), format!("{quantity_per_event} must be a positive number"));
+                errors.at(
+                    doc,
+                    &format!("{path}.emit.quantity_per_event"),
+                    format!("{quantity_per_event} must be a positive number"),
+                );
             }
             if errors.0.len() > before {
                 continue;

@@ -39,7 +39,10 @@ pub struct Node {
 #[derive(Debug, Clone)]
 pub enum NodeKind {
     /// `plain` is false for quoted and block scalars: those are always strings.
-    Scalar { text: String, plain: bool },
+    Scalar {
+        text: String,
+        plain: bool,
+    },
     Seq(Vec<Node>),
     Map(Vec<(Node, Node)>),
 }
@@ -423,8 +426,18 @@ impl<'de> de::Deserializer<'de> for &'de Node {
     deserialize_number!(deserialize_i32, visit_i32, i32, "a 32-bit integer");
     deserialize_number!(deserialize_i64, visit_i64, i64, "an integer");
     deserialize_number!(deserialize_u8, visit_u8, u8, "an integer from 0 to 255");
-    deserialize_number!(deserialize_u16, visit_u16, u16, "an integer from 0 to 65535");
-    deserialize_number!(deserialize_u32, visit_u32, u32, "a non-negative 32-bit integer");
+    deserialize_number!(
+        deserialize_u16,
+        visit_u16,
+        u16,
+        "an integer from 0 to 65535"
+    );
+    deserialize_number!(
+        deserialize_u32,
+        visit_u32,
+        u32,
+        "a non-negative 32-bit integer"
+    );
     deserialize_number!(deserialize_u64, visit_u64, u64, "a non-negative integer");
     deserialize_number!(deserialize_f32, visit_f32, f32, "a number");
     deserialize_number!(deserialize_f64, visit_f64, f64, "a number");
@@ -502,7 +515,11 @@ impl<'de> de::Deserializer<'de> for &'de Node {
         }
     }
 
-    fn deserialize_tuple<V: Visitor<'de>>(self, _len: usize, visitor: V) -> Result<V::Value, Error> {
+    fn deserialize_tuple<V: Visitor<'de>>(
+        self,
+        _len: usize,
+        visitor: V,
+    ) -> Result<V::Value, Error> {
         self.deserialize_seq(visitor)
     }
 
@@ -605,7 +622,10 @@ struct MapAccess<'de> {
 impl<'de> de::MapAccess<'de> for MapAccess<'de> {
     type Error = Error;
 
-    fn next_key_seed<K: DeserializeSeed<'de>>(&mut self, seed: K) -> Result<Option<K::Value>, Error> {
+    fn next_key_seed<K: DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, Error> {
         match self.entries.next() {
             None => Ok(None),
             Some((key, value)) => {
@@ -617,7 +637,10 @@ impl<'de> de::MapAccess<'de> for MapAccess<'de> {
 
     fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, Error> {
         // serde calls next_value only after next_key returned Some, which set `value`.
-        let node = self.value.take().ok_or_else(|| de::Error::custom("value requested before key"))?;
+        let node = self
+            .value
+            .take()
+            .ok_or_else(|| de::Error::custom("value requested before key"))?;
         with_mark(seed.deserialize(node), node.mark)
     }
 }
@@ -631,7 +654,10 @@ impl<'de> de::EnumAccess<'de> for EnumAccess<'de> {
     type Error = Error;
     type Variant = VariantAccess<'de>;
 
-    fn variant_seed<V: DeserializeSeed<'de>>(self, seed: V) -> Result<(V::Value, Self::Variant), Error> {
+    fn variant_seed<V: DeserializeSeed<'de>>(
+        self,
+        seed: V,
+    ) -> Result<(V::Value, Self::Variant), Error> {
         let variant = with_mark(seed.deserialize(self.key), self.key.mark)?;
         Ok((variant, VariantAccess { value: self.value }))
     }
@@ -708,7 +734,11 @@ mod tests {
         let err = from_node::<Outer>(&node).unwrap_err();
         assert_eq!(err.path, "items[1].cuont");
         assert_eq!(err.mark, Mark { line: 4, column: 5 });
-        assert!(err.message.contains("unknown field `cuont`"), "{}", err.message);
+        assert!(
+            err.message.contains("unknown field `cuont`"),
+            "{}",
+            err.message
+        );
     }
 
     #[test]
@@ -716,14 +746,26 @@ mod tests {
         let node = Node::parse("items:\n  - name: a\n    count: many\n").unwrap();
         let err = from_node::<Outer>(&node).unwrap_err();
         assert_eq!(err.path, "items[0].count");
-        assert_eq!(err.mark, Mark { line: 3, column: 12 });
+        assert_eq!(
+            err.mark,
+            Mark {
+                line: 3,
+                column: 12
+            }
+        );
         assert!(err.message.contains("\"many\""), "{}", err.message);
     }
 
     #[test]
     fn locate_finds_nested_nodes_and_falls_back_to_the_parent() {
         let node = Node::parse("a:\n  b:\n    - x: 1\n      y: 2\n").unwrap();
-        assert_eq!(node.locate("a.b[0].y"), Mark { line: 4, column: 10 });
+        assert_eq!(
+            node.locate("a.b[0].y"),
+            Mark {
+                line: 4,
+                column: 10
+            }
+        );
         assert_eq!(node.locate("a.b[0].missing"), Mark { line: 3, column: 7 });
     }
 

@@ -86,9 +86,13 @@ impl D365Client {
             }
             // A connect error (refused, DNS, TLS handshake, connect timeout) means no byte
             // of the request reached D365.
-            Err(e) if e.is_connect() => Outcome::NotSent { detail: error_chain(&e) },
+            Err(e) if e.is_connect() => Outcome::NotSent {
+                detail: error_chain(&e),
+            },
             // Anything else happened after the request may have been written.
-            Err(e) => Outcome::Ambiguous { detail: error_chain(&e) },
+            Err(e) => Outcome::Ambiguous {
+                detail: error_chain(&e),
+            },
         };
         (outcome, Some(token))
     }

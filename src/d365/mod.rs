@@ -95,7 +95,15 @@ impl Dispatcher {
                 AmbiguousPolicy::Hold => {
                     tracing::warn!(message_id = r.id, order = %r.production_order, message_type = %r.message_type,
                         "Message was being sent when the gateway stopped; D365 may have it. Marked uncertain: check the MES page, then `outbox resolve` or `outbox retry`.");
-                    r.change(State::Uncertain, GATEWAY, "interrupted", Some("the gateway stopped while the request may have been on the wire".into()));
+                    r.change(
+                        State::Uncertain,
+                        GATEWAY,
+                        "interrupted",
+                        Some(
+                            "the gateway stopped while the request may have been on the wire"
+                                .into(),
+                        ),
+                    );
                     self.stats.uncertain.fetch_add(1, Ordering::Relaxed);
                 }
                 AmbiguousPolicy::Resend => {
@@ -150,7 +158,11 @@ impl Dispatcher {
                     record.updated_at = jiff::Timestamp::now();
                     self.outbox.put(&record).await?;
                     in_flight.insert(record.production_order.clone());
-                    tasks.spawn(send_one(self.client.clone(), record, self.context_for_send()));
+                    tasks.spawn(send_one(
+                        self.client.clone(),
+                        record,
+                        self.context_for_send(),
+                    ));
                 }
             }
 
@@ -179,9 +191,14 @@ impl Dispatcher {
         }
 
         if !tasks.is_empty() {
-            tracing::info!(in_flight = tasks.len(), grace_s = self.drain_grace.as_secs_f64(), "Waiting for requests in flight to finish.");
+            tracing::info!(
+                in_flight = tasks.len(),
+                grace_s = self.drain_grace.as_secs_f64(),
+                "Waiting for requests in flight to finish."
+            );
             let deadline = Instant::now() + self.drain_grace;
-            while let Ok(Some(joined)) = tokio::time::timeout_at(deadline, tasks.join_next()).await {
+            while let Ok(Some(joined)) = tokio::time::timeout_at(deadline, tasks.join_next()).await
+            {
                 if let Ok(finished) = joined {
                     self.apply(finished, &mut not_before).await?;
                 }
@@ -205,8 +222,16 @@ impl Dispatcher {
     }
 
     /// Records the outcome of one send; returns a pause for all lanes if one is due.
-    async fn apply(&self, finished: Finished, not_before: &mut HashMap<MessageId, Instant>) -> Result<Option<Duration>, OutboxError> {
-        let Finished { mut record, outcome, decision } = finished;
+    async fn apply(
+        &self,
+        finished: Finished,
+        not_before: &mut HashMap<MessageId, Instant>,
+    ) -> Result<Option<Duration>, OutboxError> {
+        let Finished {
+            mut record,
+            outcome,
+            decision,
+        } = finished;
         record.record_attempt(outcome.to_string());
         if matches!(outcome, Outcome::Http { status: 500, .. }) {
             record.server_errors += 1;
@@ -231,7 +256,11 @@ impl Dispatcher {
                 self.stats.retried.fetch_add(1, Ordering::Relaxed);
             }
             Decision::Throttle { pause: p } => {
-                tracing::warn!(message_id = id, pause_s = p.as_secs_f64(), "D365 throttled the gateway (HTTP 429): pausing all deliveries.");
+                tracing::warn!(
+                    message_id = id,
+                    pause_s = p.as_secs_f64(),
+                    "D365 throttled the gateway (HTTP 429): pausing all deliveries."
+                );
                 record.last_error = Some(outcome.to_string());
                 record.state = State::Queued;
                 self.stats.throttled.fetch_add(1, Ordering::Relaxed);
@@ -283,7 +312,11 @@ async fn send_one(client: Arc<D365Client>, record: Record, policy: SendPolicy) -
     let mut ctx = Context {
         server_errors_before: record.server_errors,
         token_refreshed: false,
-        ambiguous: policy.per_type.get(&record.message_type).copied().unwrap_or(policy.default),
+        ambiguous: policy
+            .per_type
+            .get(&record.message_type)
+            .copied()
+            .unwrap_or(policy.default),
         max_attempts: policy.max_attempts,
         throttle_fallback: policy.throttle_fallback,
         auth_pause: policy.auth_pause,
@@ -293,13 +326,20 @@ async fn send_one(client: Arc<D365Client>, record: Record, policy: SendPolicy) -
         let decision = retry::decide(&outcome, &ctx);
         if decision == Decision::RefreshToken {
             if let Some(token) = token {
-                tracing::info!(message_id = record.id, "D365 answered 401: fetching a new token and sending once more.");
+                tracing::info!(
+                    message_id = record.id,
+                    "D365 answered 401: fetching a new token and sending once more."
+                );
                 client.tokens.invalidate(&token).await;
                 ctx.token_refreshed = true;
                 continue;
             }
         }
-        return Finished { record, outcome, decision };
+        return Finished {
+            record,
+            outcome,
+            decision,
+        };
     }
 }
 

@@ -43,7 +43,9 @@ impl std::fmt::Display for Outcome {
             Outcome::Http { status, body, .. } if body.is_empty() => write!(f, "HTTP {status}"),
             Outcome::Http { status, body, .. } => write!(f, "HTTP {status}: {body}"),
             Outcome::NotSent { detail } => write!(f, "not sent: {detail}"),
-            Outcome::Ambiguous { detail } => write!(f, "no answer after the request was written: {detail}"),
+            Outcome::Ambiguous { detail } => {
+                write!(f, "no answer after the request was written: {detail}")
+            }
             Outcome::Token { detail, .. } => write!(f, "no access token: {detail}"),
         }
     }
@@ -66,17 +68,28 @@ pub struct Context {
 pub enum Decision {
     Delivered,
     /// Keep the message queued and try it again after a backoff delay.
-    Retry { reason: String },
+    Retry {
+        reason: String,
+    },
     /// Keep the message queued; no request on any lane for `pause` (D365 limits are per user).
-    Throttle { pause: Duration },
+    Throttle {
+        pause: Duration,
+    },
     /// Drop the cached token, fetch a new one and send again at once.
     RefreshToken,
     /// Credentials or app registration are wrong: keep the message, pause every lane, alert.
-    AuthPause { pause: Duration, reason: String },
+    AuthPause {
+        pause: Duration,
+        reason: String,
+    },
     /// D365 refused the message: hold its order until an operator acts.
-    Failed { reason: String },
+    Failed {
+        reason: String,
+    },
     /// D365 may or may not have it: hold its order until an operator decides.
-    Uncertain { reason: String },
+    Uncertain {
+        reason: String,
+    },
 }
 
 /// Decides what follows an outcome. Pure: table-tested below.
@@ -143,7 +156,9 @@ pub struct Backoff {
 pub enum InvalidBackoff {
     #[error("the initial backoff must be greater than zero")]
     ZeroInitial,
-    #[error("the maximum backoff ({max:?}) must not be less than the initial backoff ({initial:?})")]
+    #[error(
+        "the maximum backoff ({max:?}) must not be less than the initial backoff ({initial:?})"
+    )]
     MaxBelowInitial { initial: Duration, max: Duration },
 }
 
@@ -214,26 +229,89 @@ mod tests {
         let table: &[(Outcome, Context, &str)] = &[
             (http(200), ctx(), "delivered"),
             (http(204), ctx(), "delivered"),
-            (Outcome::NotSent { detail: "refused".into() }, ctx(), "retry"),
+            (
+                Outcome::NotSent {
+                    detail: "refused".into(),
+                },
+                ctx(),
+                "retry",
+            ),
             (http(429), ctx(), "throttle"),
             (http(408), ctx(), "retry"),
             (http(502), ctx(), "retry"),
             (http(503), ctx(), "retry"),
             (http(504), ctx(), "retry"),
             (http(401), ctx(), "refresh"),
-            (http(401), Context { token_refreshed: true, ..ctx() }, "auth-pause"),
+            (
+                http(401),
+                Context {
+                    token_refreshed: true,
+                    ..ctx()
+                },
+                "auth-pause",
+            ),
             (http(500), ctx(), "retry"),
-            (http(500), Context { server_errors_before: 1, ..ctx() }, "retry"),
-            (http(500), Context { server_errors_before: 2, ..ctx() }, "failed"),
-            (http(500), Context { max_attempts: 1, ..ctx() }, "failed"),
+            (
+                http(500),
+                Context {
+                    server_errors_before: 1,
+                    ..ctx()
+                },
+                "retry",
+            ),
+            (
+                http(500),
+                Context {
+                    server_errors_before: 2,
+                    ..ctx()
+                },
+                "failed",
+            ),
+            (
+                http(500),
+                Context {
+                    max_attempts: 1,
+                    ..ctx()
+                },
+                "failed",
+            ),
             (http(400), ctx(), "failed"),
             (http(404), ctx(), "failed"),
             (http(403), ctx(), "failed"),
             (http(301), ctx(), "failed"),
-            (Outcome::Ambiguous { detail: "timeout".into() }, ctx(), "uncertain"),
-            (Outcome::Ambiguous { detail: "reset".into() }, Context { ambiguous: AmbiguousPolicy::Resend, ..ctx() }, "retry"),
-            (Outcome::Token { rejected: false, detail: "refused".into() }, ctx(), "retry"),
-            (Outcome::Token { rejected: true, detail: "AADSTS7000215".into() }, ctx(), "auth-pause"),
+            (
+                Outcome::Ambiguous {
+                    detail: "timeout".into(),
+                },
+                ctx(),
+                "uncertain",
+            ),
+            (
+                Outcome::Ambiguous {
+                    detail: "reset".into(),
+                },
+                Context {
+                    ambiguous: AmbiguousPolicy::Resend,
+                    ..ctx()
+                },
+                "retry",
+            ),
+            (
+                Outcome::Token {
+                    rejected: false,
+                    detail: "refused".into(),
+                },
+                ctx(),
+                "retry",
+            ),
+            (
+                Outcome::Token {
+                    rejected: true,
+                    detail: "AADSTS7000215".into(),
+                },
+                ctx(),
+                "auth-pause",
+            ),
         ];
         for (outcome, c, expected) in table {
             assert_eq!(kind(&decide(outcome, c)), *expected, "{outcome} with {c:?}");
@@ -242,9 +320,23 @@ mod tests {
 
     #[test]
     fn throttle_uses_retry_after_then_the_fallback() {
-        let with = Outcome::Http { status: 429, retry_after: Some(Duration::from_secs(2)), body: String::new() };
-        assert_eq!(decide(&with, &ctx()), Decision::Throttle { pause: Duration::from_secs(2) });
-        assert_eq!(decide(&http(429), &ctx()), Decision::Throttle { pause: Duration::from_secs(30) });
+        let with = Outcome::Http {
+            status: 429,
+            retry_after: Some(Duration::from_secs(2)),
+            body: String::new(),
+        };
+        assert_eq!(
+            decide(&with, &ctx()),
+            Decision::Throttle {
+                pause: Duration::from_secs(2)
+            }
+        );
+        assert_eq!(
+            decide(&http(429), &ctx()),
+            Decision::Throttle {
+                pause: Duration::from_secs(30)
+            }
+        );
     }
 
     #[test]
@@ -270,7 +362,10 @@ mod tests {
 
     #[test]
     fn invalid_backoffs_are_refused() {
-        assert_eq!(Backoff::try_new(Duration::ZERO, Duration::from_secs(1)), Err(InvalidBackoff::ZeroInitial));
+        assert_eq!(
+            Backoff::try_new(Duration::ZERO, Duration::from_secs(1)),
+            Err(InvalidBackoff::ZeroInitial)
+        );
         assert!(matches!(
             Backoff::try_new(Duration::from_secs(2), Duration::from_secs(1)),
             Err(InvalidBackoff::MaxBelowInitial { .. })

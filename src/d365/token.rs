@@ -43,9 +43,17 @@ pub enum TokenError {
     #[error("token endpoint {url} unreachable: {detail}")]
     Unreachable { url: String, detail: String },
     #[error("token endpoint {url} refused the credentials: HTTP {status}: {error}")]
-    Rejected { url: String, status: u16, error: String },
+    Rejected {
+        url: String,
+        status: u16,
+        error: String,
+    },
     #[error("token endpoint {url} answered HTTP {status}: {detail}")]
-    Unavailable { url: String, status: u16, detail: String },
+    Unavailable {
+        url: String,
+        status: u16,
+        detail: String,
+    },
 }
 
 impl TokenError {
@@ -73,7 +81,9 @@ pub struct TokenSource {
 
 impl std::fmt::Debug for TokenSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TokenSource").field("url", &self.url.as_str()).finish_non_exhaustive()
+        f.debug_struct("TokenSource")
+            .field("url", &self.url.as_str())
+            .finish_non_exhaustive()
     }
 }
 
@@ -128,7 +138,11 @@ impl TokenSource {
         }
         let (value, lifetime) = self.fetch().await?;
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
-        let margin = if lifetime > REFRESH_MARGIN * 2 { REFRESH_MARGIN } else { lifetime / 2 };
+        let margin = if lifetime > REFRESH_MARGIN * 2 {
+            REFRESH_MARGIN
+        } else {
+            lifetime / 2
+        };
         let token = Token {
             value: value.into(),
             generation,
@@ -144,7 +158,10 @@ impl TokenSource {
     /// Forgets `failed` if it is still the cached token (D365 answered 401 to it).
     pub async fn invalidate(&self, failed: &Token) {
         let mut cache = self.cache.lock().await;
-        if cache.as_ref().is_some_and(|c| c.token.generation == failed.generation) {
+        if cache
+            .as_ref()
+            .is_some_and(|c| c.token.generation == failed.generation)
+        {
             *cache = None;
         }
     }
@@ -173,11 +190,12 @@ impl TokenSource {
         let status = response.status().as_u16();
         let body = response.text().await.unwrap_or_default();
         if status == 200 {
-            let parsed: TokenResponse = serde_json::from_str(&body).map_err(|e| TokenError::Unavailable {
-                url: url.clone(),
-                status,
-                detail: format!("unexpected token response: {e}"),
-            })?;
+            let parsed: TokenResponse =
+                serde_json::from_str(&body).map_err(|e| TokenError::Unavailable {
+                    url: url.clone(),
+                    status,
+                    detail: format!("unexpected token response: {e}"),
+                })?;
             let secs = match parsed.expires_in {
                 NumberOrString::Number(n) => n,
                 NumberOrString::Text(t) => t.trim().parse().unwrap_or(0),
@@ -189,7 +207,12 @@ impl TokenSource {
         let parsed: TokenErrorBody = serde_json::from_str(&body).unwrap_or_default();
         // Entra's descriptions name the problem (AADSTS7000215: invalid client secret) and
         // never echo the secret; keep the first line, it carries the code.
-        let description = parsed.error_description.lines().next().unwrap_or_default().to_string();
+        let description = parsed
+            .error_description
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string();
         let error = match (parsed.error.is_empty(), description.is_empty()) {
             (true, _) => excerpt(&body),
             (false, true) => parsed.error,
@@ -198,7 +221,11 @@ impl TokenSource {
         if matches!(status, 400 | 401 | 403) {
             Err(TokenError::Rejected { url, status, error })
         } else {
-            Err(TokenError::Unavailable { url, status, detail: error })
+            Err(TokenError::Unavailable {
+                url,
+                status,
+                detail: error,
+            })
         }
     }
 }
@@ -221,7 +248,10 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 /// A printable, bounded excerpt of a response body for logs and history.
 pub fn excerpt(body: &str) -> String {
     const MAX: usize = 300;
-    let flat: String = body.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    let flat: String = body
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
     let flat = flat.trim();
     if flat.chars().count() > MAX {
         format!("{}…", flat.chars().take(MAX).collect::<String>())

@@ -174,7 +174,10 @@ pub enum OutboxError {
     #[error("{path}: the outbox is in use by another process (is the gateway running? stop it first: systemctl stop mes-gateway)")]
     Locked { path: PathBuf },
     #[error("{path}: cannot open the outbox: {source}")]
-    Open { path: PathBuf, source: std::io::Error },
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("outbox storage error: {0}")]
     Storage(String),
     #[error("message {0} not found")]
@@ -205,7 +208,10 @@ impl Index {
     fn add(&mut self, r: &Record) {
         *self.counts.entry(r.state).or_default() += 1;
         if !r.state.is_terminal() {
-            self.lanes.entry(r.production_order.clone()).or_default().insert(r.id);
+            self.lanes
+                .entry(r.production_order.clone())
+                .or_default()
+                .insert(r.id);
         }
     }
 
@@ -229,6 +235,9 @@ pub struct Outbox {
     messages: sled::Tree,
     index: Arc<Mutex<Index>>,
     path: PathBuf,
+    /// Bumped after every durable change, for whoever wants to watch the outbox
+    /// (the operator surface, tests) without polling.
+    changes: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl fmt::Debug for Outbox {
@@ -265,16 +274,22 @@ impl Outbox {
             path: path.clone(),
             source,
         })?;
-        let db = sled::Config::new().path(&path).open().map_err(|e| match e {
-            sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("lock") => {
-                OutboxError::Locked { path: path.clone() }
-            }
-            sled::Error::Io(source) => OutboxError::Open {
-                path: path.clone(),
-                source,
-            },
-            other => storage(other),
-        })?;
+        let db = sled::Config::new()
+            .path(&path)
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Io(io)
+                    if io.kind() == std::io::ErrorKind::WouldBlock
+                        || io.to_string().contains("lock") =>
+                {
+                    OutboxError::Locked { path: path.clone() }
+                }
+                sled::Error::Io(source) => OutboxError::Open {
+                    path: path.clone(),
+                    source,
+                },
+                other => storage(other),
+            })?;
         let messages = db.open_tree("messages").map_err(storage)?;
         let mut index = Index::default();
         for item in messages.iter() {
@@ -293,11 +308,21 @@ impl Outbox {
             messages,
             index: Arc::new(Mutex::new(index)),
             path,
+            changes: Arc::new(tokio::sync::watch::channel(0).0),
         })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// A receiver that sees a new value after every durable change.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n += 1);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Index> {
@@ -333,17 +358,22 @@ impl Outbox {
                     last_error: None,
                 };
                 r.change(State::Queued, &m.origin, "created", None);
-                this.messages.insert(key(id), encode(&r)?).map_err(storage)?;
+                this.messages
+                    .insert(key(id), encode(&r)?)
+                    .map_err(storage)?;
                 records.push(r);
             }
             this.db.flush().map_err(storage)?;
             Ok(records)
         })
         .await?;
-        let mut index = self.lock();
-        for r in &records {
-            index.add(r);
+        {
+            let mut index = self.lock();
+            for r in &records {
+                index.add(r);
+            }
         }
+        self.changed();
         Ok(records)
     }
 
@@ -352,16 +382,22 @@ impl Outbox {
         let this = self.clone();
         let new = record.clone();
         let old = run_blocking(move || {
-            let old = this.messages.insert(key(new.id), encode(&new)?).map_err(storage)?;
+            let old = this
+                .messages
+                .insert(key(new.id), encode(&new)?)
+                .map_err(storage)?;
             this.db.flush().map_err(storage)?;
             Ok(old.and_then(|v| decode(&v).ok()))
         })
         .await?;
-        let mut index = self.lock();
-        if let Some(old) = old {
-            index.remove(&old);
+        {
+            let mut index = self.lock();
+            if let Some(old) = old {
+                index.remove(&old);
+            }
+            index.add(record);
         }
-        index.add(record);
+        self.changed();
         Ok(())
     }
 
@@ -382,16 +418,24 @@ impl Outbox {
             .values()
             .filter_map(|lane| lane.first().copied())
             .collect();
-        heads.into_iter().filter_map(|id| self.get(id).ok()).collect()
+        heads
+            .into_iter()
+            .filter_map(|id| self.get(id).ok())
+            .collect()
     }
 
     /// All records in id order, optionally filtered.
-    pub fn list(&self, state: Option<State>, order: Option<&str>) -> Result<Vec<Record>, OutboxError> {
+    pub fn list(
+        &self,
+        state: Option<State>,
+        order: Option<&str>,
+    ) -> Result<Vec<Record>, OutboxError> {
         let mut out = Vec::new();
         for item in self.messages.iter() {
             let (_, v) = item.map_err(storage)?;
             let Ok(r) = decode(&v) else { continue };
-            if state.is_some_and(|s| s != r.state) || order.is_some_and(|o| o != r.production_order) {
+            if state.is_some_and(|s| s != r.state) || order.is_some_and(|o| o != r.production_order)
+            {
                 continue;
             }
             out.push(r);
@@ -428,6 +472,7 @@ impl Outbox {
             }
             if removed > 0 {
                 this.db.flush().map_err(storage)?;
+                this.changed();
             }
             Ok(removed)
         })
@@ -435,7 +480,12 @@ impl Outbox {
     }
 
     /// Operator: send a `failed` or `uncertain` message again, optionally with new content.
-    pub async fn retry(&self, id: MessageId, by: &str, new_content: Option<String>) -> Result<Record, OutboxError> {
+    pub async fn retry(
+        &self,
+        id: MessageId,
+        by: &str,
+        new_content: Option<String>,
+    ) -> Result<Record, OutboxError> {
         let mut r = self.get(id)?;
         if !matches!(r.state, State::Failed | State::Uncertain) {
             return Err(OutboxError::WrongState {
@@ -455,7 +505,11 @@ impl Outbox {
         };
         r.server_errors = 0;
         r.last_error = None;
-        let action = if detail.is_some() { "edited and retried" } else { "retried" };
+        let action = if detail.is_some() {
+            "edited and retried"
+        } else {
+            "retried"
+        };
         r.change(State::Queued, by, action, detail);
         self.put(&r).await?;
         Ok(r)
@@ -522,19 +576,28 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ids = {
             let outbox = Outbox::open(dir.path()).unwrap();
-            let recs = outbox.append(vec![msg("A", 1), msg("B", 1), msg("A", 2)]).await.unwrap();
+            let recs = outbox
+                .append(vec![msg("A", 1), msg("B", 1), msg("A", 2)])
+                .await
+                .unwrap();
             recs.iter().map(|r| r.id).collect::<Vec<_>>()
         };
         assert!(ids[0] < ids[1] && ids[1] < ids[2]);
         let outbox = Outbox::open(dir.path()).unwrap();
         let heads = outbox.lane_heads();
-        assert_eq!(heads.iter().map(|r| r.id).collect::<Vec<_>>(), vec![ids[0], ids[1]]);
+        assert_eq!(
+            heads.iter().map(|r| r.id).collect::<Vec<_>>(),
+            vec![ids[0], ids[1]]
+        );
 
         let mut first = heads[0].clone();
         first.change(State::Delivered, "test", "delivered", None);
         outbox.put(&first).await.unwrap();
         let heads = outbox.lane_heads();
-        assert_eq!(heads.iter().map(|r| r.id).collect::<Vec<_>>(), vec![ids[2], ids[1]]);
+        assert_eq!(
+            heads.iter().map(|r| r.id).collect::<Vec<_>>(),
+            vec![ids[2], ids[1]]
+        );
         assert_eq!(outbox.counts()[&State::Delivered], 1);
         assert_eq!(outbox.counts()[&State::Queued], 2);
     }
@@ -552,19 +615,31 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let outbox = Outbox::open(dir.path()).unwrap();
         let r = outbox.append(vec![msg("A", 1)]).await.unwrap().remove(0);
-        assert!(matches!(outbox.resolve_delivered(r.id, "op").await, Err(OutboxError::WrongState { .. })));
-        assert!(matches!(outbox.retry(r.id, "op", None).await, Err(OutboxError::WrongState { .. })));
+        assert!(matches!(
+            outbox.resolve_delivered(r.id, "op").await,
+            Err(OutboxError::WrongState { .. })
+        ));
+        assert!(matches!(
+            outbox.retry(r.id, "op", None).await,
+            Err(OutboxError::WrongState { .. })
+        ));
 
         let mut failed = r.clone();
         failed.server_errors = 3;
         failed.change(State::Failed, "gateway", "failed", Some("HTTP 500".into()));
         outbox.put(&failed).await.unwrap();
-        let retried = outbox.retry(r.id, "alice", Some("{\"x\":1}".into())).await.unwrap();
+        let retried = outbox
+            .retry(r.id, "alice", Some("{\"x\":1}".into()))
+            .await
+            .unwrap();
         assert_eq!(retried.state, State::Queued);
         assert_eq!(retried.server_errors, 0);
         assert_eq!(retried.content, "{\"x\":1}");
         let last = retried.history.last().unwrap();
-        assert_eq!((last.by.as_str(), last.action.as_str()), ("alice", "edited and retried"));
+        assert_eq!(
+            (last.by.as_str(), last.action.as_str()),
+            ("alice", "edited and retried")
+        );
 
         let cancelled = outbox.cancel(r.id, "bob").await.unwrap();
         assert_eq!(cancelled.state, State::Cancelled);
@@ -581,7 +656,10 @@ mod tests {
         outbox.put(&done).await.unwrap();
         let future = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(60);
         assert_eq!(outbox.prune(future).await.unwrap(), 1);
-        assert!(matches!(outbox.get(recs[0].id), Err(OutboxError::NotFound(_))));
+        assert!(matches!(
+            outbox.get(recs[0].id),
+            Err(OutboxError::NotFound(_))
+        ));
         assert_eq!(outbox.get(recs[1].id).unwrap().state, State::Queued);
     }
 }

@@ -21,7 +21,11 @@ impl Simulator {
         Simulator { config }
     }
 
-    pub async fn run(self, out: mpsc::Sender<Event>, cancel: CancellationToken) -> Result<(), SourceError> {
+    pub async fn run(
+        self,
+        out: mpsc::Sender<Event>,
+        cancel: CancellationToken,
+    ) -> Result<(), SourceError> {
         let source: Arc<str> = self.config.id.as_str().into();
         let point: Arc<str> = self.config.point.as_str().into();
         let mut ticks = tokio::time::interval(self.config.interval);
@@ -47,7 +51,9 @@ impl Simulator {
                     value: Value::Bool(level),
                     at: jiff::Timestamp::now(),
                 };
-                out.send(event).await.map_err(|_| SourceError::Closed { id: source.to_string() })?;
+                out.send(event).await.map_err(|_| SourceError::Closed {
+                    id: source.to_string(),
+                })?;
             }
             sent += 1;
         }

@@ -1,0 +1,332 @@
+//! Delivery to D365 against a fake over real HTTP on 127.0.0.1:0: the outcome table of
+//! DESIGN.md, end to end through the outbox and the dispatcher. Backoff and pauses run
+//! on paused tokio time.
+
+mod support;
+
+use std::time::Duration;
+
+use mes_gateway::message::{
+    TYPE_END, TYPE_PICKING_LIST, TYPE_REPORT_FINISHED, TYPE_ROUTE_CARD, TYPE_START,
+};
+use mes_gateway::outbox::State;
+use serde_json::json;
+use support::{report, FakeD365, Gateway, Reply};
+
+const FAST: &str = "  backoff_initial: 1s\n  backoff_max: 10s\n";
+
+#[tokio::test]
+async fn each_message_type_arrives_with_the_official_envelope_and_content() {
+    let fake = FakeD365::start().await;
+    let gw = Gateway::start(&fake, FAST).await;
+    // The official examples of d365-mes-api.md, one per type, with enums, dates and lines.
+    let examples = [
+        (
+            TYPE_START,
+            json!({"ProductionOrderNumber":"P000123","StartedQuantity":10,"StartedDate":"2021-01-01","AutomaticBOMConsumptionRule":"FlushingPrincip"}),
+        ),
+        (
+            TYPE_REPORT_FINISHED,
+            json!({"ProductionOrderNumber":"P000123","ReportFinishedLines":[{"ItemNumber":"A0001","ReportedGoodQuantity":10,"ReportAsFinishedDate":"2021-01-01"}]}),
+        ),
+        (
+            TYPE_PICKING_LIST,
+            json!({"ProductionOrderNumber":"P000123","JournalNameId":"PickList","PickingListLines":[{"ItemNumber":"M0001","ConsumptionBOMQuantity":2.5,"BOMUnitSymbol":"kg","IsConsumptionEnded":"No","OperationNumber":10}]}),
+        ),
+        (
+            TYPE_ROUTE_CARD,
+            json!({"ProductionOrderNumber":"P000123","RouteCardLines":[{"OperationNumber":10,"OperationPriority":"Primary","Hours":1.5,"GoodQuantity":10,"TaskType":"Process","OperationCompleted":"Yes"}]}),
+        ),
+        (
+            TYPE_END,
+            json!({"ProductionOrderNumber":"P000123","ExecutedDateTime":"2024-01-15T08:30:00Z","EndedDate":"2024-01-15","AutoReportAsFinished":"No"}),
+        ),
+    ];
+    for (t, content) in &examples {
+        gw.enqueue(t, content.clone()).await;
+    }
+    fake.wait_until("five messages", |r| r.len() == 5).await;
+    let received = fake.received();
+    for ((t, content), got) in examples.iter().zip(&received) {
+        assert_eq!(got.status, Some(200));
+        assert_eq!(got.envelope["_companyId"], "USMF");
+        assert_eq!(got.envelope["_messageQueue"], "JmgMES3P");
+        assert_eq!(got.envelope["_messageType"], *t);
+        assert!(
+            got.envelope["_messageContent"].is_string(),
+            "content must be a JSON string"
+        );
+        assert_eq!(&got.content, content, "{t}");
+        assert_eq!(got.authorization, "Bearer token-1");
+    }
+    let tokens = fake.token_requests();
+    assert_eq!(tokens.len(), 1, "one token serves all five");
+    assert_eq!(tokens[0]["scope"], format!("{}/.default", fake.base_url()));
+    assert_eq!(tokens[0]["client_secret"], support::TEST_SECRET);
+    gw.wait_until("all delivered", |o| {
+        o.counts().get(&State::Delivered) == Some(&5)
+    })
+    .await;
+    gw.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn service_unavailable_twice_then_ok_delivers_once_in_order() {
+    let fake = FakeD365::start().await;
+    fake.script([Reply::Status(503), Reply::Status(503)]);
+    let gw = Gateway::start(&fake, FAST).await;
+    let ids = [
+        gw.enqueue(TYPE_REPORT_FINISHED, report("P1", 1)).await,
+        gw.enqueue(TYPE_REPORT_FINISHED, report("P1", 2)).await,
+        gw.enqueue(TYPE_REPORT_FINISHED, report("P1", 3)).await,
+    ];
+    gw.wait_until("three delivered", |o| {
+        o.counts().get(&State::Delivered) == Some(&3)
+    })
+    .await;
+
+    let statuses: Vec<_> = fake
+        .received()
+        .iter()
+        .map(|r| (r.message_id.unwrap(), r.status.unwrap()))
+        .collect();
+    assert_eq!(
+        statuses,
+        vec![
+            (ids[0], 503),
+            (ids[0], 503),
+            (ids[0], 200),
+            (ids[1], 200),
+            (ids[2], 200)
+        ]
+    );
+    let accepted: Vec<u64> = fake
+        .accepted()
+        .iter()
+        .map(|r| r.message_id.unwrap())
+        .collect();
+    assert_eq!(accepted, ids, "each delivered once, in order");
+    assert_eq!(gw.record(ids[0]).attempt_count, 3);
+    gw.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn throttling_pauses_every_lane_for_retry_after() {
+    let fake = FakeD365::start().await;
+    fake.script([Reply::Throttle(2)]);
+    // One request at a time, so a lane-local pause would let order B go at once.
+    let gw = Gateway::start(&fake, &format!("{FAST}  max_in_flight: 1\n")).await;
+    gw.enqueue(TYPE_REPORT_FINISHED, report("A", 1)).await;
+    gw.enqueue(TYPE_REPORT_FINISHED, report("B", 1)).await;
+    gw.wait_until("both delivered", |o| {
+        o.counts().get(&State::Delivered) == Some(&2)
+    })
+    .await;
+
+    let received = fake.received();
+    assert_eq!(received[0].status, Some(429));
+    let throttled_at = received[0].at;
+    assert_eq!(received.len(), 3, "{received:#?}");
+    for r in &received[1..] {
+        assert!(
+            r.at >= throttled_at + Duration::from_secs(2),
+            "request for {} came {:?} after the 429",
+            r.order,
+            r.at - throttled_at
+        );
+    }
+    gw.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn unauthorized_once_fetches_one_new_token_then_delivers() {
+    let fake = FakeD365::start().await;
+    let gw = Gateway::start(&fake, FAST).await;
+    gw.enqueue(TYPE_START, json!({"ProductionOrderNumber":"P1"}))
+        .await;
+    gw.wait_until("first delivered", |o| {
+        o.counts().get(&State::Delivered) == Some(&1)
+    })
+    .await;
+
+    fake.revoke_tokens();
+    let id = gw
+        .enqueue(TYPE_END, json!({"ProductionOrderNumber":"P1"}))
+        .await;
+    gw.wait_until("second delivered", |o| {
+        o.counts().get(&State::Delivered) == Some(&2)
+    })
+    .await;
+
+    assert_eq!(fake.token_requests().len(), 2, "exactly one new token");
+    let statuses: Vec<_> = fake
+        .received()
+        .iter()
+        .map(|r| (r.status.unwrap(), r.authorization.clone()))
+        .collect();
+    assert_eq!(
+        statuses,
+        vec![
+            (200, "Bearer token-1".into()),
+            (401, "Bearer token-1".into()),
+            (200, "Bearer token-2".into())
+        ]
+    );
+    assert_eq!(gw.record(id).state, State::Delivered);
+    gw.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn wrong_credentials_pause_delivery_and_keep_the_message() {
+    let fake = FakeD365::start().await;
+    fake.reject_credentials();
+    let gw = Gateway::start(&fake, &format!("{FAST}  auth_pause: 60s\n")).await;
+    let id = gw
+        .enqueue(TYPE_START, json!({"ProductionOrderNumber":"P1"}))
+        .await;
+    gw.wait_until("an attempt recorded", |o| {
+        o.get(id).unwrap().attempt_count == 1
+    })
+    .await;
+    let r = gw.record(id);
+    assert_eq!(r.state, State::Queued, "the message is kept, not failed");
+    assert!(
+        r.last_error.as_deref().unwrap().contains("AADSTS7000215"),
+        "{:?}",
+        r.last_error
+    );
+    assert!(
+        fake.received().is_empty(),
+        "nothing was posted without a token"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn server_error_three_times_fails_and_holds_only_its_order() {
+    let fake = FakeD365::start().await;
+    fake.script_order(
+        "A",
+        [Reply::Status(500), Reply::Status(500), Reply::Status(500)],
+    );
+    let gw = Gateway::start(&fake, FAST).await;
+    let a1 = gw.enqueue(TYPE_REPORT_FINISHED, report("A", 1)).await;
+    let a2 = gw.enqueue(TYPE_REPORT_FINISHED, report("A", 2)).await;
+    let b1 = gw.enqueue(TYPE_REPORT_FINISHED, report("B", 1)).await;
+    let b2 = gw.enqueue(TYPE_REPORT_FINISHED, report("B", 2)).await;
+    gw.wait_until("A1 failed and B delivered", |o| {
+        o.get(a1).unwrap().state == State::Failed && o.get(b2).unwrap().state == State::Delivered
+    })
+    .await;
+    assert_eq!(gw.state(b1), State::Delivered);
+    assert_eq!(gw.state(a2), State::Queued, "A2 waits behind the failed A1");
+    assert_eq!(
+        fake.received()
+            .iter()
+            .filter(|r| r.message_id == Some(a2))
+            .count(),
+        0,
+        "A2 never sent while A1 is failed"
+    );
+    assert_eq!(gw.record(a1).server_errors, 3);
+
+    gw.outbox.retry(a1, "operator", None).await.unwrap();
+    gw.wake();
+    gw.wait_until("A drained", |o| {
+        o.get(a2).unwrap().state == State::Delivered
+    })
+    .await;
+    let a_accepted: Vec<u64> = fake
+        .accepted()
+        .iter()
+        .filter(|r| r.order == "A")
+        .map(|r| r.message_id.unwrap())
+        .collect();
+    assert_eq!(a_accepted, vec![a1, a2], "in order, once each");
+    let history = gw.record(a1).history;
+    assert!(history
+        .iter()
+        .any(|c| c.by == "operator" && c.action == "retried"));
+    gw.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn timeout_after_the_request_was_written_is_uncertain_and_resolve_releases_the_order() {
+    let fake = FakeD365::start().await;
+    fake.script_order("A", [Reply::Hang]);
+    let gw = Gateway::start(&fake, FAST).await;
+    let a1 = gw.enqueue(TYPE_REPORT_FINISHED, report("A", 1)).await;
+    let a2 = gw.enqueue(TYPE_REPORT_FINISHED, report("A", 2)).await;
+    let b1 = gw.enqueue(TYPE_REPORT_FINISHED, report("B", 1)).await;
+    gw.wait_until("A1 uncertain", |o| {
+        o.get(a1).unwrap().state == State::Uncertain
+    })
+    .await;
+    gw.wait_until("B1 delivered", |o| {
+        o.get(b1).unwrap().state == State::Delivered
+    })
+    .await;
+    assert_eq!(gw.state(a2), State::Queued);
+    assert_eq!(
+        fake.received()
+            .iter()
+            .filter(|r| r.message_id == Some(a1))
+            .count(),
+        1,
+        "never resent blindly"
+    );
+
+    gw.outbox.resolve_delivered(a1, "operator").await.unwrap();
+    gw.wake();
+    gw.wait_until("A2 delivered", |o| {
+        o.get(a2).unwrap().state == State::Delivered
+    })
+    .await;
+    assert_eq!(
+        fake.received()
+            .iter()
+            .filter(|r| r.message_id == Some(a1))
+            .count(),
+        1
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropped_connection_follows_the_resend_policy_of_its_type() {
+    let fake = FakeD365::start().await;
+    fake.script_order("A", [Reply::Drop]);
+    fake.script_order("B", [Reply::Drop]);
+    let gw = Gateway::start(&fake, &format!("{FAST}  on_ambiguous:\n    default: hold\n    per_type:\n      ProdProductionOrderStart: resend\n")).await;
+    let held = gw.enqueue(TYPE_REPORT_FINISHED, report("A", 1)).await;
+    let resent = gw
+        .enqueue(TYPE_START, json!({"ProductionOrderNumber":"B"}))
+        .await;
+    gw.wait_until("held uncertain, resent delivered", |o| {
+        o.get(held).unwrap().state == State::Uncertain
+            && o.get(resent).unwrap().state == State::Delivered
+    })
+    .await;
+    assert_eq!(
+        fake.received()
+            .iter()
+            .filter(|r| r.message_id == Some(resent))
+            .count(),
+        2
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn bad_request_fails_at_once() {
+    let fake = FakeD365::start().await;
+    fake.script([Reply::Status(400)]);
+    let gw = Gateway::start(&fake, FAST).await;
+    let id = gw
+        .enqueue(TYPE_START, json!({"ProductionOrderNumber":"P1"}))
+        .await;
+    gw.wait_until("failed", |o| o.get(id).unwrap().state == State::Failed)
+        .await;
+    assert_eq!(gw.record(id).attempt_count, 1);
+    gw.stop().await;
+}

@@ -1,0 +1,494 @@
+//! Test support: a fake D365 (SendMessage + Entra token endpoint) over real HTTP on
+//! 127.0.0.1:0, scriptable per production order, and helpers to build a gateway around it.
+//!
+//! The fake checks what a real D365 would: the bearer token must be one it issued and not
+//! revoked (else 401), the body must be the four-field envelope with `_messageContent` a
+//! JSON *string* (else 400).
+#![allow(dead_code)]
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+pub const SEND_PATH: &str = "/api/services/SysMessageServices/SysMessageService/SendMessage";
+pub const TOKEN_PATH: &str = "/tenant/oauth2/v2.0/token";
+
+/// What the fake answers to one SendMessage request.
+#[derive(Debug, Clone)]
+pub enum Reply {
+    Status(u16),
+    /// 429 with `Retry-After: <secs>`.
+    Throttle(u64),
+    /// Read the request, then never answer (the client times out after writing).
+    Hang,
+    /// Read the request, then close the connection without an answer.
+    Drop,
+}
+
+/// One SendMessage request as the fake saw it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub at: Instant,
+    pub message_id: Option<u64>,
+    pub authorization: String,
+    pub envelope: serde_json::Value,
+    /// `_messageContent` decoded.
+    pub content: serde_json::Value,
+    pub order: String,
+    /// What the fake answered (`None` for Hang/Drop).
+    pub status: Option<u16>,
+}
+
+#[derive(Default)]
+struct FakeState {
+    per_order: HashMap<String, VecDeque<Reply>>,
+    script: VecDeque<Reply>,
+    received: Vec<Received>,
+    token_requests: Vec<HashMap<String, String>>,
+    issued: u64,
+    valid_tokens: HashSet<String>,
+    token_lifetime_s: u64,
+    reject_credentials: bool,
+    response_delay: Duration,
+}
+
+#[derive(Clone)]
+pub struct FakeD365 {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<FakeState>>,
+    changes: watch::Sender<u64>,
+}
+
+impl FakeD365 {
+    pub async fn start() -> FakeD365 {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind fake D365");
+        let addr = listener.local_addr().unwrap();
+        let fake = FakeD365 {
+            addr,
+            state: Arc::new(Mutex::new(FakeState {
+                token_lifetime_s: 3600,
+                ..FakeState::default()
+            })),
+            changes: watch::channel(0).0,
+        };
+        let f = fake.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let f = f.clone();
+                tokio::spawn(async move { f.serve(stream).await });
+            }
+        });
+        fake
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn token_url(&self) -> String {
+        format!("http://{}{}", self.addr, TOKEN_PATH)
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, FakeState> {
+        self.state.lock().unwrap()
+    }
+
+    /// Answer the next requests (any order) with these replies, then 200.
+    pub fn script(&self, replies: impl IntoIterator<Item = Reply>) {
+        self.state().script.extend(replies);
+    }
+
+    /// Answer the next requests for `order` with these replies, then 200.
+    pub fn script_order(&self, order: &str, replies: impl IntoIterator<Item = Reply>) {
+        self.state()
+            .per_order
+            .entry(order.to_string())
+            .or_default()
+            .extend(replies);
+    }
+
+    /// Tokens issued so far stop working (as after a key rotation): next use gets 401.
+    pub fn revoke_tokens(&self) {
+        self.state().valid_tokens.clear();
+    }
+
+    /// The token endpoint answers 401 invalid_client from now on.
+    pub fn reject_credentials(&self) {
+        self.state().reject_credentials = true;
+    }
+
+    /// Every SendMessage answer is delayed by this much (requests stay on the wire longer).
+    pub fn delay_responses(&self, delay: Duration) {
+        self.state().response_delay = delay;
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.state().received.clone()
+    }
+
+    /// Requests answered with 2xx: what D365 would have queued.
+    pub fn accepted(&self) -> Vec<Received> {
+        self.received()
+            .into_iter()
+            .filter(|r| r.status.is_some_and(|s| (200..300).contains(&s)))
+            .collect()
+    }
+
+    pub fn token_requests(&self) -> Vec<HashMap<String, String>> {
+        self.state().token_requests.clone()
+    }
+
+    /// Waits until `cond` holds on the received requests (woken by each request, no polling).
+    pub async fn wait_until(&self, what: &str, cond: impl Fn(&[Received]) -> bool) {
+        let mut rx = self.changes.subscribe();
+        let result = tokio::time::timeout(Duration::from_secs(3600), async {
+            loop {
+                if cond(&self.received()) {
+                    return;
+                }
+                rx.changed().await.expect("fake alive");
+            }
+        })
+        .await;
+        assert!(
+            result.is_ok(),
+            "timed out waiting for the fake D365 to see: {what}; received: {:#?}",
+            self.received()
+                .iter()
+                .map(|r| (r.order.clone(), r.message_id, r.status))
+                .collect::<Vec<_>>()
+        );
+    }
+
+    async fn serve(&self, mut stream: TcpStream) {
+        let Some((method, path, headers, body)) = read_request(&mut stream).await else {
+            return;
+        };
+        if method == "POST" && path == TOKEN_PATH {
+            let (status, body) = self.token(&body);
+            respond(&mut stream, status, &[], &body).await;
+            return;
+        }
+        if method != "POST" || path != SEND_PATH {
+            respond(&mut stream, 404, &[], "").await;
+            return;
+        }
+        let authorization = headers.get("authorization").cloned().unwrap_or_default();
+        let message_id = headers
+            .get("x-mes-gateway-message-id")
+            .and_then(|v| v.parse().ok());
+        let envelope: serde_json::Value =
+            serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+        let content = envelope
+            .get("_messageContent")
+            .and_then(|c| c.as_str())
+            .and_then(|c| serde_json::from_str::<serde_json::Value>(c).ok());
+        let well_formed = headers
+            .get("content-type")
+            .is_some_and(|c| c.starts_with("application/json"))
+            && envelope.as_object().is_some_and(|o| {
+                o.len() == 4
+                    && ["_companyId", "_messageQueue", "_messageType"]
+                        .iter()
+                        .all(|k| o.get(*k).is_some_and(|v| v.is_string()))
+            })
+            && content.is_some();
+        let content = content.unwrap_or(serde_json::Value::Null);
+        let order = content
+            .get("ProductionOrderNumber")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_string();
+        let (reply, delay) = {
+            let mut st = self.state();
+            let token_ok = authorization
+                .strip_prefix("Bearer ")
+                .is_some_and(|t| st.valid_tokens.contains(t));
+            let reply = if !token_ok {
+                Reply::Status(401)
+            } else if !well_formed {
+                Reply::Status(400)
+            } else if let Some(r) = st.per_order.get_mut(&order).and_then(|q| q.pop_front()) {
+                r
+            } else {
+                st.script.pop_front().unwrap_or(Reply::Status(200))
+            };
+            let status = match reply {
+                Reply::Status(s) => Some(s),
+                Reply::Throttle(_) => Some(429),
+                Reply::Hang | Reply::Drop => None,
+            };
+            st.received.push(Received {
+                at: Instant::now(),
+                message_id,
+                authorization: authorization.clone(),
+                envelope: envelope.clone(),
+                content,
+                order,
+                status,
+            });
+            (reply, st.response_delay)
+        };
+        self.changes.send_modify(|n| *n += 1);
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        match reply {
+            Reply::Status(s) => respond(&mut stream, s, &[], "").await,
+            Reply::Throttle(secs) => respond(
+                &mut stream,
+                429,
+                &[("Retry-After", secs.to_string())],
+                "Number of requests exeeded the limit of 6000 over the time window of 300 seconds.",
+            )
+            .await,
+            Reply::Hang => std::future::pending::<()>().await,
+            Reply::Drop => drop(stream),
+        }
+    }
+
+    fn token(&self, body: &[u8]) -> (u16, String) {
+        let form: HashMap<String, String> = String::from_utf8_lossy(body)
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), urldecode(v)))
+            .collect();
+        let mut st = self.state();
+        st.token_requests.push(form.clone());
+        if st.reject_credentials
+            || form.get("grant_type").map(String::as_str) != Some("client_credentials")
+        {
+            return (401, r#"{"error":"invalid_client","error_description":"AADSTS7000215: Invalid client secret provided.\r\nTrace ID: 1"}"#.into());
+        }
+        st.issued += 1;
+        let token = format!("token-{}", st.issued);
+        st.valid_tokens.insert(token.clone());
+        (
+            200,
+            format!(
+                r#"{{"token_type":"Bearer","expires_in":{},"ext_expires_in":3599,"access_token":"{token}"}}"#,
+                st.token_lifetime_s
+            ),
+        )
+    }
+}
+
+fn urldecode(s: &str) -> String {
+    let bytes = s.replace('+', " ").into_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let Ok(b) =
+                u8::from_str_radix(std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or(""), 16)
+            {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn read_request(
+    stream: &mut TcpStream,
+) -> Option<(String, String, HashMap<String, String>, Vec<u8>)> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let header_end = loop {
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break pos + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..header_end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let mut request_line = lines.next()?.split(' ');
+    let method = request_line.next()?.to_string();
+    let path = request_line.next()?.to_string();
+    let headers: HashMap<String, String> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let length: usize = headers
+        .get("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = buf[header_end..].to_vec();
+    while body.len() < length {
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        body.extend_from_slice(&chunk[..n]);
+    }
+    Some((method, path, headers, body))
+}
+
+async fn respond(stream: &mut TcpStream, status: u16, headers: &[(&str, String)], body: &str) {
+    let mut out = format!(
+        "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
+    if body.starts_with('{') {
+        out.push_str("Content-Type: application/json\r\n");
+    }
+    for (k, v) in headers {
+        out.push_str(&format!("{k}: {v}\r\n"));
+    }
+    out.push_str("\r\n");
+    out.push_str(body);
+    let _ = stream.write_all(out.as_bytes()).await;
+    let _ = stream.shutdown().await;
+}
+
+/// The secret used in every test config; tests assert it never shows up in output.
+pub const TEST_SECRET: &str = "s3cr3t-Vx9-never-log-me";
+
+/// A `d365` section pointing at the fake, with the secret in a file next to gateway.yaml.
+pub fn d365_yaml(fake: &FakeD365) -> String {
+    format!(
+        "d365:\n  base_url: {}\n  company: USMF\n  client_id: 00000000-0000-0000-0000-0000000000aa\n  token_url: {}\n  client_secret_file: d365-client-secret\n  request_timeout: 30s\n",
+        fake.base_url(),
+        fake.token_url()
+    )
+}
+
+/// Writes a config directory: gateway.yaml (with `body` appended) and the secret file.
+pub fn write_config(dir: &std::path::Path, gateway_yaml: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("gateway.yaml"), gateway_yaml).unwrap();
+    std::fs::write(dir.join("d365-client-secret"), format!("{TEST_SECRET}\n")).unwrap();
+}
+
+use mes_gateway::config::{self, Config};
+use mes_gateway::d365::client::D365Client;
+use mes_gateway::d365::Dispatcher;
+use mes_gateway::message::{FieldNames, Message};
+use mes_gateway::outbox::{NewMessage, Outbox, Record, State};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// A dispatcher and its outbox in this process, delivering to a fake D365.
+pub struct Gateway {
+    pub outbox: Outbox,
+    pub config: Config,
+    wake: Arc<Notify>,
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+impl Gateway {
+    /// `dispatcher_yaml` is the body of the `dispatcher:` section (indented two spaces).
+    pub async fn start(fake: &FakeD365, dispatcher_yaml: &str) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = format!(
+            "{}dispatcher:\n{dispatcher_yaml}storage:\n  data_dir: data\n",
+            d365_yaml(fake)
+        );
+        write_config(dir.path(), &yaml);
+        let config = config::load(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        let outbox = Outbox::open(&config.storage.data_dir).unwrap();
+        let client = Arc::new(D365Client::new(Arc::new(config.d365.clone().unwrap())).unwrap());
+        let wake = Arc::new(Notify::new());
+        let cancel = CancellationToken::new();
+        let dispatcher = Dispatcher::new(
+            outbox.clone(),
+            client,
+            config.dispatcher.clone(),
+            wake.clone(),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        let c = cancel.clone();
+        let task = tokio::spawn(async move { dispatcher.run(c).await.expect("dispatcher") });
+        Gateway {
+            outbox,
+            config,
+            wake,
+            cancel,
+            task,
+            _dir: dir,
+        }
+    }
+
+    /// Validates and queues a message as the pipeline would; returns its id.
+    pub async fn enqueue(&self, message_type: &str, content: serde_json::Value) -> u64 {
+        let m = Message::from_json(message_type, content).unwrap();
+        let new = NewMessage {
+            production_order: m.production_order().to_string(),
+            message_type: m.message_type().to_string(),
+            content: m.to_content(&FieldNames::default()).unwrap(),
+            origin: "test".into(),
+        };
+        let id = self.outbox.append(vec![new]).await.unwrap()[0].id;
+        self.wake.notify_one();
+        id
+    }
+
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    pub fn state(&self, id: u64) -> State {
+        self.outbox.get(id).unwrap().state
+    }
+
+    pub fn record(&self, id: u64) -> Record {
+        self.outbox.get(id).unwrap()
+    }
+
+    /// Waits until `cond` holds on the outbox (woken by each change, no polling).
+    pub async fn wait_until(&self, what: &str, cond: impl Fn(&Outbox) -> bool) {
+        let mut rx = self.outbox.subscribe();
+        let result = tokio::time::timeout(Duration::from_secs(3600), async {
+            loop {
+                if cond(&self.outbox) {
+                    return;
+                }
+                rx.changed().await.expect("outbox alive");
+            }
+        })
+        .await;
+        let states: Vec<(u64, String, State)> = self
+            .outbox
+            .list(None, None)
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.id, r.production_order, r.state))
+            .collect();
+        assert!(
+            result.is_ok(),
+            "timed out waiting for: {what}; outbox: {states:?}"
+        );
+    }
+
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        self.task.await.unwrap();
+    }
+}
+
+/// A ReportFinished message for `order` whose quantity identifies it.
+pub fn report(order: &str, quantity: u32) -> serde_json::Value {
+    serde_json::json!({"ProductionOrderNumber": order, "ReportFinishedLines": [{"ItemNumber": "A0001", "ReportedGoodQuantity": quantity}]})
+}
