@@ -13,7 +13,7 @@ use crate::event::{Event, Value};
 use crate::message::{
     EndMessage, Message, PickingListLine, PickingListMessage, Real, ReportFinishedLine,
     ReportFinishedMessage, RouteCardLine, RouteCardMessage, StartMessage, TYPE_END,
-    TYPE_PICKING_LIST, TYPE_REPORT_FINISHED, TYPE_ROUTE_CARD, TYPE_START,
+    TYPE_PICKING_LIST, TYPE_ROUTE_CARD, TYPE_START,
 };
 
 /// A message and the rule that built it.
@@ -103,8 +103,8 @@ fn build(rule: &RuleConfig, quantity: f64) -> Message {
             }],
             ..Default::default()
         }),
-        // Config validation admits only the five known types.
-        TYPE_REPORT_FINISHED | _ => Message::ReportFinished(ReportFinishedMessage {
+        // TYPE_REPORT_FINISHED; config validation admits only the five known types.
+        _ => Message::ReportFinished(ReportFinishedMessage {
             production_order_number: order,
             report_finished_lines: vec![ReportFinishedLine {
                 item_number: rule.item_number.clone(),
@@ -119,6 +119,7 @@ fn build(rule: &RuleConfig, quantity: f64) -> Message {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::message::TYPE_REPORT_FINISHED;
 
     fn rule(edge: Edge, every: u32) -> RuleConfig {
         RuleConfig {

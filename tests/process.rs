@@ -1,0 +1,242 @@
+//! The real binary: crash safety under SIGKILL, the CLI, configuration errors, the demo,
+//! and that the D365 secret never appears in anything the gateway prints.
+
+mod support;
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+use std::time::Duration;
+
+use mes_gateway::outbox::{Outbox, State};
+use support::process::{self, path_str, Output};
+use support::{d365_yaml, write_config, FakeD365, TEST_SECRET};
+
+/// Ten orders, so that lanes held by uncertain messages after a kill leave others flowing.
+const ORDERS: usize = 10;
+
+fn write_flow_config(dir: &Path, fake: &FakeD365, with_source: bool) {
+    let mut yaml = d365_yaml(fake);
+    yaml.push_str("dispatcher:\n  backoff_initial: 100ms\n  backoff_max: 1s\nstorage:\n  data_dir: data\nshutdown_grace: 5s\n");
+    if with_source {
+        yaml.push_str("sources:\n  - type: simulator\n    id: sim\n    interval: 20ms\n");
+        let mut rules = String::from("rules:\n");
+        for i in 0..ORDERS {
+            rules.push_str(&format!(
+                "  - name: count-{i}\n    when: {{ source: sim, point: impulse, edge: rising }}\n    emit: {{ type: ProdProductionOrderReportFinished, production_order: P{i:03}, item_number: A0001 }}\n"
+            ));
+        }
+        std::fs::create_dir_all(dir.join("rules.d")).unwrap();
+        std::fs::write(dir.join("rules.d/count.yaml"), rules).unwrap();
+    } else {
+        let _ = std::fs::remove_dir_all(dir.join("rules.d"));
+    }
+    write_config(dir, &yaml);
+}
+
+fn accepted_ids(fake: &FakeD365) -> Vec<u64> {
+    fake.accepted().iter().map(|r| r.message_id.expect("message id header")).collect()
+}
+
+/// Records of the outbox, read while the gateway is stopped.
+fn snapshot(data: &Path) -> Vec<mes_gateway::outbox::Record> {
+    Outbox::open(data).unwrap().list(None, None).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_while_messages_flow_loses_nothing_and_sends_nothing_twice() {
+    let fake = FakeD365::start().await;
+    // Slow answers keep requests on the wire, so kills land mid-request.
+    fake.delay_responses(Duration::from_millis(20));
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("etc");
+    let data = dir.join("data");
+    let out = Output::new();
+    let cfg = path_str(&dir).to_string();
+
+    write_flow_config(&dir, &fake, true);
+    for round in 0..2 {
+        let before = fake.accepted().len();
+        let gw = process::start(&["run", "-c", &cfg], &out);
+        fake.wait_until("40 more accepted", |r| r.iter().filter(|r| r.status == Some(200)).count() >= before + 40).await;
+        gw.kill9().await;
+        let records = snapshot(&data);
+        assert!(!records.is_empty(), "round {round}: outbox empty");
+    }
+
+    // Restart without sources. Messages caught `sending` by the kill must become uncertain
+    // (never resent blindly); lanes before them drain.
+    let before_restart = snapshot(&data);
+    let interrupted: HashSet<u64> = before_restart.iter().filter(|r| r.state == State::Sending).map(|r| r.id).collect();
+    let mut deliverable = Vec::new();
+    let mut lanes: BTreeMap<&str, Vec<&mes_gateway::outbox::Record>> = BTreeMap::new();
+    for r in before_restart.iter().filter(|r| !r.state.is_terminal()) {
+        lanes.entry(r.production_order.as_str()).or_default().push(r);
+    }
+    for lane in lanes.values() {
+        deliverable.extend(lane.iter().take_while(|r| r.state == State::Queued).map(|r| r.id));
+    }
+    write_flow_config(&dir, &fake, false);
+    let gw = process::start(&["run", "-c", &cfg], &out);
+    fake.wait_until("every unblocked lane drained", |_| {
+        let accepted: HashSet<u64> = accepted_ids(&fake).into_iter().collect();
+        deliverable.iter().all(|id| accepted.contains(id))
+    })
+    .await;
+    assert_eq!(gw.terminate().await, 0);
+
+    // The operator resolves each uncertain message: on the MES page (here: the fake) or not.
+    let after = snapshot(&data);
+    for r in after.iter().filter(|r| interrupted.contains(&r.id)) {
+        assert_eq!(r.state, State::Uncertain, "message {} was sending at the kill", r.id);
+    }
+    let accepted: HashSet<u64> = accepted_ids(&fake).into_iter().collect();
+    for r in after.iter().filter(|r| r.state == State::Uncertain) {
+        let action = if accepted.contains(&r.id) { "resolve" } else { "retry" };
+        let (code, stdout, stderr) = process::run(&["outbox", "-c", &cfg, action, &r.id.to_string(), "--by", "test"]).await;
+        assert_eq!(code, 0, "{action} {}: {stdout}{stderr}", r.id);
+    }
+
+    let all: Vec<u64> = snapshot(&data).iter().map(|r| r.id).collect();
+    let gw = process::start(&["run", "-c", &cfg], &out);
+    fake.wait_until("everything delivered", |_| {
+        let accepted: HashSet<u64> = accepted_ids(&fake).into_iter().collect();
+        all.iter().all(|id| accepted.contains(id))
+    })
+    .await;
+    assert_eq!(gw.terminate().await, 0);
+
+    // Exactly once, and per order in id (= creation) order.
+    let accepted = accepted_ids(&fake);
+    let unique: HashSet<u64> = accepted.iter().copied().collect();
+    assert_eq!(unique.len(), accepted.len(), "a message reached D365 twice");
+    assert_eq!(unique, all.iter().copied().collect::<HashSet<_>>());
+    let mut per_order: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for r in fake.accepted() {
+        per_order.entry(r.order.clone()).or_default().push(r.message_id.unwrap());
+    }
+    for (order, ids) in &per_order {
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "order {order} out of order: {ids:?}");
+    }
+    assert!(snapshot(&data).iter().all(|r| r.state == State::Delivered));
+    eprintln!("kill test: {} messages, {} caught sending by a kill, {} requests seen by the fake", all.len(), interrupted.len(), fake.received().len());
+    let text = out.text();
+    assert!(!text.contains(TEST_SECRET), "the secret appeared in the gateway output");
+    assert!(text.contains("Marked uncertain") || interrupted.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_credentials_are_reported_without_the_secret() {
+    let fake = FakeD365::start().await;
+    fake.reject_credentials();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    write_config(dir, &format!("{}storage:\n  data_dir: data\n", d365_yaml(&fake)));
+    let cfg = path_str(dir);
+    let (code, stdout, stderr) = process::run(&["send", "-c", cfg, "--type", "ProdProductionOrderStart", "/dev/stdin"]).await;
+    // stdin is /dev/null here: not JSON, a usage error.
+    assert_eq!(code, 64, "{stdout}{stderr}");
+    let msg = dir.join("start.json");
+    std::fs::write(&msg, r#"{"_messageType":"ProdProductionOrderStart","_messageContent":"{\"ProductionOrderNumber\":\"P9\"}"}"#).unwrap();
+    let (code, stdout, stderr) = process::run(&["send", "-c", cfg, path_str(&msg)]).await;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("queued message"), "{stdout}");
+
+    let out = Output::new();
+    let gw = process::start(&["run", "-c", cfg], &out);
+    out.wait_for("AADSTS7000215").await;
+    assert_eq!(gw.terminate().await, 0);
+    let (code, check_out, check_err) = process::run(&["check", "-c", cfg]).await;
+    assert_eq!(code, 0, "{check_out}{check_err}");
+    for text in [out.text(), check_out, check_err] {
+        assert!(!text.contains(TEST_SECRET), "secret leaked in: {text}");
+    }
+    assert!(fake.token_requests().iter().all(|f| f["client_secret"] == TEST_SECRET), "the secret did reach the token endpoint");
+}
+
+#[tokio::test]
+async fn three_mistakes_in_two_files_are_all_reported_with_positions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    write_config(
+        dir,
+        "storage:\n  dta_dir: data\ndispatcher:\n  max_in_flight: 99\nsources:\n  - type: simulator\n    id: sim\n    interval: 1s\n",
+    );
+    std::fs::create_dir_all(dir.join("rules.d")).unwrap();
+    std::fs::write(
+        dir.join("rules.d/line1.yaml"),
+        "rules:\n  - name: good\n    when:\n      source: sim\n      edge: rissing\n    emit:\n      type: ProdProductionOrderReportFinished\n      production_order: P1\n",
+    )
+    .unwrap();
+    let (code, stdout, stderr) = process::run(&["check", "-c", path_str(dir)]).await;
+    assert_eq!(code, 78, "{stdout}{stderr}");
+    let gateway = dir.join("gateway.yaml");
+    let rules = dir.join("rules.d/line1.yaml");
+    let expected = [
+        format!("{}:2:3: storage.dta_dir: unknown field `dta_dir`, expected one of `data_dir`, `retention`, `prune_interval`", gateway.display()),
+        format!("{}:4:18: dispatcher.max_in_flight: 99 is out of range: 1 to 52", gateway.display()),
+        format!("{}:5:13: rules[0].when.edge: unknown variant `rissing`, expected one of `rising`, `falling`, `both`", rules.display()),
+    ];
+    for line in &expected {
+        assert!(stderr.contains(line.as_str()), "missing {line:?} in:\n{stderr}");
+    }
+    assert!(stderr.contains("3 configuration errors"), "{stderr}");
+}
+
+#[tokio::test]
+async fn the_demo_runs_without_hardware_or_d365() {
+    let tmp = tempfile::tempdir().unwrap();
+    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/demo");
+    let dir = tmp.path().join("demo");
+    copy_dir(&demo, &dir);
+    let _ = std::fs::remove_dir_all(dir.join("data"));
+    let cfg = path_str(&dir);
+    let (code, stdout, stderr) = process::run(&["check", "-c", cfg]).await;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+
+    let out = Output::new();
+    let gw = process::start(&["run", "-c", cfg, "--dry-run"], &out);
+    out.wait_for("stored message").await;
+    assert_eq!(gw.terminate().await, 0);
+    assert!(out.text().contains("ProdProductionOrderReportFinished"), "{}", out.text());
+
+    let (code, stdout, stderr) = process::run(&["outbox", "-c", cfg, "list", "--json"]).await;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let first: serde_json::Value = serde_json::from_str(stdout.lines().next().expect("a stored message")).unwrap();
+    assert_eq!(first["state"], "queued");
+    assert_eq!(first["production_order"], "P000123");
+}
+
+#[tokio::test]
+async fn every_shipped_config_directory_validates() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&root).unwrap() {
+        let src = entry.unwrap().path();
+        if !src.join("gateway.yaml").is_file() {
+            continue;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("c");
+        copy_dir(&src, &dir);
+        // Example configs read the secret from a file next to them; provide one.
+        std::fs::write(dir.join("d365-client-secret"), TEST_SECRET).unwrap();
+        let (code, stdout, stderr) = process::run(&["check", "-c", path_str(&dir)]).await;
+        assert_eq!(code, 0, "{}: {stdout}{stderr}", src.display());
+        assert!(!stdout.contains(TEST_SECRET) && !stderr.contains(TEST_SECRET));
+        checked += 1;
+    }
+    assert!(checked >= 2, "expected the demo and the example config, checked {checked}");
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}

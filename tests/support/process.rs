@@ -1,0 +1,122 @@
+//! Running the real `mes-gateway` binary as a child process, with its output captured.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_mes-gateway");
+
+/// Everything the gateway printed, across all runs of one test.
+#[derive(Clone, Default)]
+pub struct Output {
+    text: Arc<Mutex<String>>,
+    lines: Arc<watch::Sender<u64>>,
+}
+
+impl Output {
+    pub fn new() -> Output {
+        Output { text: Arc::default(), lines: Arc::new(watch::channel(0).0) }
+    }
+
+    pub fn text(&self) -> String {
+        self.text.lock().unwrap().clone()
+    }
+
+    fn push(&self, line: &str) {
+        let mut t = self.text.lock().unwrap();
+        t.push_str(line);
+        t.push('\n');
+        drop(t);
+        self.lines.send_modify(|n| *n += 1);
+    }
+
+    /// Waits until a printed line contains `needle`.
+    pub async fn wait_for(&self, needle: &str) {
+        let mut rx = self.lines.subscribe();
+        let found = tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                if self.text().contains(needle) {
+                    return;
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+        assert!(found.is_ok() && self.text().contains(needle), "gateway never printed {needle:?}; output:\n{}", self.text());
+    }
+}
+
+pub struct Running {
+    pub child: Child,
+    readers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    pub fn pid(&self) -> i32 {
+        self.child.id().expect("running") as i32
+    }
+
+    pub async fn kill9(mut self) {
+        self.child.start_kill().unwrap();
+        self.child.wait().await.unwrap();
+        for r in self.readers {
+            let _ = r.await;
+        }
+    }
+
+    /// SIGTERM, then the exit code.
+    pub async fn terminate(mut self) -> i32 {
+        // SAFETY: kill(2) with a pid we own and a valid signal number has no memory effects.
+        unsafe {
+            libc::kill(self.pid(), libc::SIGTERM);
+        }
+        let status = tokio::time::timeout(Duration::from_secs(60), self.child.wait()).await.expect("gateway stops after SIGTERM").unwrap();
+        for r in self.readers {
+            let _ = r.await;
+        }
+        status.code().unwrap_or(-1)
+    }
+}
+
+/// Starts `mes-gateway ARGS`, copying its stdout and stderr into `output`.
+pub fn start(args: &[&str], output: &Output) -> Running {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("MES_GATEWAY_LOG", "debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start mes-gateway");
+    let mut readers = Vec::new();
+    let stdout = child.stdout.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    for stream in [Box::new(stdout) as Box<dyn tokio::io::AsyncRead + Unpin + Send>, Box::new(stderr)] {
+        let out = output.clone();
+        readers.push(tokio::spawn(async move {
+            let mut lines = BufReader::new(stream).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                out.push(&line);
+            }
+        }));
+    }
+    Running { child, readers }
+}
+
+/// Runs `mes-gateway ARGS` to completion: (exit code, stdout, stderr).
+pub async fn run(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN).args(args).stdin(Stdio::null()).output().await.expect("run mes-gateway");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().expect("utf-8 temp path")
+}
