@@ -34,7 +34,10 @@ fn write_flow_config(dir: &Path, fake: &FakeD365, with_source: bool) {
 }
 
 fn accepted_ids(fake: &FakeD365) -> Vec<u64> {
-    fake.accepted().iter().map(|r| r.message_id.expect("message id header")).collect()
+    fake.accepted()
+        .iter()
+        .map(|r| r.message_id.expect("message id header"))
+        .collect()
 }
 
 /// Records of the outbox, read while the gateway is stopped.
@@ -57,7 +60,10 @@ async fn sigkill_while_messages_flow_loses_nothing_and_sends_nothing_twice() {
     for round in 0..2 {
         let before = fake.accepted().len();
         let gw = process::start(&["run", "-c", &cfg], &out);
-        fake.wait_until("40 more accepted", |r| r.iter().filter(|r| r.status == Some(200)).count() >= before + 40).await;
+        fake.wait_until("40 more accepted", |r| {
+            r.iter().filter(|r| r.status == Some(200)).count() >= before + 40
+        })
+        .await;
         gw.kill9().await;
         let records = snapshot(&data);
         assert!(!records.is_empty(), "round {round}: outbox empty");
@@ -66,14 +72,25 @@ async fn sigkill_while_messages_flow_loses_nothing_and_sends_nothing_twice() {
     // Restart without sources. Messages caught `sending` by the kill must become uncertain
     // (never resent blindly); lanes before them drain.
     let before_restart = snapshot(&data);
-    let interrupted: HashSet<u64> = before_restart.iter().filter(|r| r.state == State::Sending).map(|r| r.id).collect();
+    let interrupted: HashSet<u64> = before_restart
+        .iter()
+        .filter(|r| r.state == State::Sending)
+        .map(|r| r.id)
+        .collect();
     let mut deliverable = Vec::new();
     let mut lanes: BTreeMap<&str, Vec<&mes_gateway::outbox::Record>> = BTreeMap::new();
     for r in before_restart.iter().filter(|r| !r.state.is_terminal()) {
-        lanes.entry(r.production_order.as_str()).or_default().push(r);
+        lanes
+            .entry(r.production_order.as_str())
+            .or_default()
+            .push(r);
     }
     for lane in lanes.values() {
-        deliverable.extend(lane.iter().take_while(|r| r.state == State::Queued).map(|r| r.id));
+        deliverable.extend(
+            lane.iter()
+                .take_while(|r| r.state == State::Queued)
+                .map(|r| r.id),
+        );
     }
     write_flow_config(&dir, &fake, false);
     let gw = process::start(&["run", "-c", &cfg], &out);
@@ -87,12 +104,30 @@ async fn sigkill_while_messages_flow_loses_nothing_and_sends_nothing_twice() {
     // The operator resolves each uncertain message: on the MES page (here: the fake) or not.
     let after = snapshot(&data);
     for r in after.iter().filter(|r| interrupted.contains(&r.id)) {
-        assert_eq!(r.state, State::Uncertain, "message {} was sending at the kill", r.id);
+        assert_eq!(
+            r.state,
+            State::Uncertain,
+            "message {} was sending at the kill",
+            r.id
+        );
     }
     let accepted: HashSet<u64> = accepted_ids(&fake).into_iter().collect();
     for r in after.iter().filter(|r| r.state == State::Uncertain) {
-        let action = if accepted.contains(&r.id) { "resolve" } else { "retry" };
-        let (code, stdout, stderr) = process::run(&["outbox", "-c", &cfg, action, &r.id.to_string(), "--by", "test"]).await;
+        let action = if accepted.contains(&r.id) {
+            "resolve"
+        } else {
+            "retry"
+        };
+        let (code, stdout, stderr) = process::run(&[
+            "outbox",
+            "-c",
+            &cfg,
+            action,
+            &r.id.to_string(),
+            "--by",
+            "test",
+        ])
+        .await;
         assert_eq!(code, 0, "{action} {}: {stdout}{stderr}", r.id);
     }
 
@@ -112,15 +147,29 @@ async fn sigkill_while_messages_flow_loses_nothing_and_sends_nothing_twice() {
     assert_eq!(unique, all.iter().copied().collect::<HashSet<_>>());
     let mut per_order: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     for r in fake.accepted() {
-        per_order.entry(r.order.clone()).or_default().push(r.message_id.unwrap());
+        per_order
+            .entry(r.order.clone())
+            .or_default()
+            .push(r.message_id.unwrap());
     }
     for (order, ids) in &per_order {
-        assert!(ids.windows(2).all(|w| w[0] < w[1]), "order {order} out of order: {ids:?}");
+        assert!(
+            ids.windows(2).all(|w| w[0] < w[1]),
+            "order {order} out of order: {ids:?}"
+        );
     }
     assert!(snapshot(&data).iter().all(|r| r.state == State::Delivered));
-    eprintln!("kill test: {} messages, {} caught sending by a kill, {} requests seen by the fake", all.len(), interrupted.len(), fake.received().len());
+    eprintln!(
+        "kill test: {} messages, {} caught sending by a kill, {} requests seen by the fake",
+        all.len(),
+        interrupted.len(),
+        fake.received().len()
+    );
     let text = out.text();
-    assert!(!text.contains(TEST_SECRET), "the secret appeared in the gateway output");
+    assert!(
+        !text.contains(TEST_SECRET),
+        "the secret appeared in the gateway output"
+    );
     assert!(text.contains("Marked uncertain") || interrupted.is_empty());
 }
 
@@ -130,9 +179,20 @@ async fn rejected_credentials_are_reported_without_the_secret() {
     fake.reject_credentials();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    write_config(dir, &format!("{}storage:\n  data_dir: data\n", d365_yaml(&fake)));
+    write_config(
+        dir,
+        &format!("{}storage:\n  data_dir: data\n", d365_yaml(&fake)),
+    );
     let cfg = path_str(dir);
-    let (code, stdout, stderr) = process::run(&["send", "-c", cfg, "--type", "ProdProductionOrderStart", "/dev/stdin"]).await;
+    let (code, stdout, stderr) = process::run(&[
+        "send",
+        "-c",
+        cfg,
+        "--type",
+        "ProdProductionOrderStart",
+        "/dev/stdin",
+    ])
+    .await;
     // stdin is /dev/null here: not JSON, a usage error.
     assert_eq!(code, 64, "{stdout}{stderr}");
     let msg = dir.join("start.json");
@@ -150,7 +210,12 @@ async fn rejected_credentials_are_reported_without_the_secret() {
     for text in [out.text(), check_out, check_err] {
         assert!(!text.contains(TEST_SECRET), "secret leaked in: {text}");
     }
-    assert!(fake.token_requests().iter().all(|f| f["client_secret"] == TEST_SECRET), "the secret did reach the token endpoint");
+    assert!(
+        fake.token_requests()
+            .iter()
+            .all(|f| f["client_secret"] == TEST_SECRET),
+        "the secret did reach the token endpoint"
+    );
 }
 
 #[tokio::test]
@@ -177,7 +242,10 @@ async fn three_mistakes_in_two_files_are_all_reported_with_positions() {
         format!("{}:5:13: rules[0].when.edge: unknown variant `rissing`, expected one of `rising`, `falling`, `both`", rules.display()),
     ];
     for line in &expected {
-        assert!(stderr.contains(line.as_str()), "missing {line:?} in:\n{stderr}");
+        assert!(
+            stderr.contains(line.as_str()),
+            "missing {line:?} in:\n{stderr}"
+        );
     }
     assert!(stderr.contains("3 configuration errors"), "{stderr}");
 }
@@ -197,11 +265,16 @@ async fn the_demo_runs_without_hardware_or_d365() {
     let gw = process::start(&["run", "-c", cfg, "--dry-run"], &out);
     out.wait_for("stored message").await;
     assert_eq!(gw.terminate().await, 0);
-    assert!(out.text().contains("ProdProductionOrderReportFinished"), "{}", out.text());
+    assert!(
+        out.text().contains("ProdProductionOrderReportFinished"),
+        "{}",
+        out.text()
+    );
 
     let (code, stdout, stderr) = process::run(&["outbox", "-c", cfg, "list", "--json"]).await;
     assert_eq!(code, 0, "{stdout}{stderr}");
-    let first: serde_json::Value = serde_json::from_str(stdout.lines().next().expect("a stored message")).unwrap();
+    let first: serde_json::Value =
+        serde_json::from_str(stdout.lines().next().expect("a stored message")).unwrap();
     assert_eq!(first["state"], "queued");
     assert_eq!(first["production_order"], "P000123");
 }
@@ -225,7 +298,10 @@ async fn every_shipped_config_directory_validates() {
         assert!(!stdout.contains(TEST_SECRET) && !stderr.contains(TEST_SECRET));
         checked += 1;
     }
-    assert!(checked >= 2, "expected the demo and the example config, checked {checked}");
+    assert!(
+        checked >= 2,
+        "expected the demo and the example config, checked {checked}"
+    );
 }
 
 fn copy_dir(from: &Path, to: &Path) {

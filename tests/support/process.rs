@@ -20,7 +20,10 @@ pub struct Output {
 
 impl Output {
     pub fn new() -> Output {
-        Output { text: Arc::default(), lines: Arc::new(watch::channel(0).0) }
+        Output {
+            text: Arc::default(),
+            lines: Arc::new(watch::channel(0).0),
+        }
     }
 
     pub fn text(&self) -> String {
@@ -49,7 +52,11 @@ impl Output {
             }
         })
         .await;
-        assert!(found.is_ok() && self.text().contains(needle), "gateway never printed {needle:?}; output:\n{}", self.text());
+        assert!(
+            found.is_ok() && self.text().contains(needle),
+            "gateway never printed {needle:?}; output:\n{}",
+            self.text()
+        );
     }
 }
 
@@ -77,7 +84,10 @@ impl Running {
         unsafe {
             libc::kill(self.pid(), libc::SIGTERM);
         }
-        let status = tokio::time::timeout(Duration::from_secs(60), self.child.wait()).await.expect("gateway stops after SIGTERM").unwrap();
+        let status = tokio::time::timeout(Duration::from_secs(60), self.child.wait())
+            .await
+            .expect("gateway stops after SIGTERM")
+            .unwrap();
         for r in self.readers {
             let _ = r.await;
         }
@@ -99,7 +109,10 @@ pub fn start(args: &[&str], output: &Output) -> Running {
     let mut readers = Vec::new();
     let stdout = child.stdout.take().unwrap();
     let stderr = child.stderr.take().unwrap();
-    for stream in [Box::new(stdout) as Box<dyn tokio::io::AsyncRead + Unpin + Send>, Box::new(stderr)] {
+    for stream in [
+        Box::new(stdout) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+        Box::new(stderr),
+    ] {
         let out = output.clone();
         readers.push(tokio::spawn(async move {
             let mut lines = BufReader::new(stream).lines();
@@ -113,8 +126,17 @@ pub fn start(args: &[&str], output: &Output) -> Running {
 
 /// Runs `mes-gateway ARGS` to completion: (exit code, stdout, stderr).
 pub async fn run(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(BIN).args(args).stdin(Stdio::null()).output().await.expect("run mes-gateway");
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    let out = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("run mes-gateway");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 pub fn path_str(p: &Path) -> &str {
