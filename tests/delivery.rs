@@ -330,3 +330,34 @@ async fn bad_request_fails_at_once() {
     assert_eq!(gw.record(id).attempt_count, 1);
     gw.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn one_token_fetch_serves_many_concurrent_requests() {
+    let fake = FakeD365::start().await;
+    // The token answer takes a while, so all eight lanes ask for a token before it comes.
+    fake.delay_tokens(Duration::from_secs(1));
+    let gw = Gateway::start(&fake, &format!("{FAST}  max_in_flight: 8\n")).await;
+    for i in 0..8 {
+        gw.enqueue(
+            TYPE_START,
+            json!({ "ProductionOrderNumber": format!("P{i}") }),
+        )
+        .await;
+    }
+    gw.wait_until("all delivered", |o| {
+        o.counts().get(&State::Delivered) == Some(&8)
+    })
+    .await;
+    assert_eq!(
+        fake.token_requests().len(),
+        1,
+        "eight lanes waited for one token fetch"
+    );
+    let first = fake.received().iter().map(|r| r.at).min().unwrap();
+    let last = fake.received().iter().map(|r| r.at).max().unwrap();
+    assert!(
+        last - first < Duration::from_secs(1),
+        "the eight requests went out together, after the one fetch"
+    );
+    gw.stop().await;
+}

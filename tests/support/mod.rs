@@ -56,6 +56,7 @@ struct FakeState {
     token_lifetime_s: u64,
     reject_credentials: bool,
     response_delay: Duration,
+    token_delay: Duration,
 }
 
 #[derive(Clone)]
@@ -133,6 +134,11 @@ impl FakeD365 {
         self.state().response_delay = delay;
     }
 
+    /// Every token answer is delayed by this much (so many requests wait for one fetch).
+    pub fn delay_tokens(&self, delay: Duration) {
+        self.state().token_delay = delay;
+    }
+
     pub fn received(&self) -> Vec<Received> {
         self.state().received.clone()
     }
@@ -177,6 +183,10 @@ impl FakeD365 {
         };
         if method == "POST" && path == TOKEN_PATH {
             let (status, body) = self.token(&body);
+            let delay = self.state().token_delay;
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
             respond(&mut stream, status, &[], &body).await;
             return;
         }
