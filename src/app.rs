@@ -1,25 +1,28 @@
 //! Wiring: opens the outbox, starts sources, the pipeline, the dispatcher and the
-//! pruner, and shuts them down in order when asked.
+//! pruner, reloads them on request, and shuts them down in order.
 //!
-//! Shutdown order: stop the sources; let the pipeline store what they already emitted;
-//! stop the dispatcher (requests in flight get the rest of the grace period); wait for
-//! everything under one deadline.
+//! Stop order (shutdown and reload alike): stop the sources; let the pipeline store what
+//! they already emitted; stop the dispatcher (requests in flight get the grace period);
+//! wait for everything under one deadline. A reload validates the new configuration
+//! first and keeps the running one if it has errors. The outbox stays open throughout.
 
-use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Config;
+use crate::config::{self, Config};
 use crate::d365::client::D365Client;
 use crate::d365::Dispatcher;
-use crate::outbox::Outbox;
+use crate::outbox::{Outbox, State};
 use crate::pipeline::{Pipeline, PipelineStats};
 use crate::rules::Engine;
+use crate::signal::Control;
 use crate::source;
+use crate::systemd::{self, Heartbeat, Heartbeats, Notifier, Watchdog};
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RunOptions {
@@ -38,131 +41,249 @@ pub async fn open_outbox(config: &Config) -> anyhow::Result<Outbox> {
     Ok(outbox)
 }
 
+fn status_line(outbox: &Outbox) -> String {
+    let counts = outbox.counts();
+    let n = |s: State| counts.get(&s).copied().unwrap_or(0);
+    format!(
+        "STATUS={} queued, {} failed, {} uncertain, {} delivered",
+        n(State::Queued) + n(State::Sending),
+        n(State::Failed),
+        n(State::Uncertain),
+        n(State::Delivered)
+    )
+}
+
+/// Runs the gateway until `control` says shutdown (or closes).
 pub async fn run(
     config: Config,
     options: RunOptions,
-    shutdown: impl Future<Output = ()>,
+    mut control: mpsc::Receiver<Control>,
 ) -> anyhow::Result<()> {
-    let client = match (&config.d365, options.dry_run) {
-        (_, true) => None,
-        (Some(d365), false) => Some(Arc::new(
-            D365Client::new(Arc::new(d365.clone())).context("cannot build the HTTP client")?,
-        )),
-        (None, false) => anyhow::bail!(
-            "{}: no `d365` section: add one to deliver messages, or use `run --dry-run`",
-            config.dir.join(crate::config::MAIN_FILE).display()
-        ),
-    };
+    let notifier = Notifier::from_env();
     let outbox = open_outbox(&config).await?;
     let counts = outbox.counts();
-    tracing::info!(path = %outbox.path().display(), queued = counts.get(&crate::outbox::State::Queued).copied().unwrap_or(0),
-        failed = counts.get(&crate::outbox::State::Failed).copied().unwrap_or(0),
-        uncertain = counts.get(&crate::outbox::State::Uncertain).copied().unwrap_or(0), "Outbox open.");
+    tracing::info!(path = %outbox.path().display(), queued = counts.get(&State::Queued).copied().unwrap_or(0),
+        failed = counts.get(&State::Failed).copied().unwrap_or(0),
+        uncertain = counts.get(&State::Uncertain).copied().unwrap_or(0), "Outbox open.");
 
-    let tracker = TaskTracker::new();
-    let sources_cancel = CancellationToken::new();
-    let core_cancel = CancellationToken::new();
-    let wake = Arc::new(Notify::new());
-
-    let (events_tx, events_rx) = mpsc::channel(source::EVENT_CHANNEL_CAPACITY);
-    for s in &config.sources {
-        tracing::info!(source = %s.id(), "Starting source.");
-        source::spawn(
-            s.clone(),
-            events_tx.clone(),
-            sources_cancel.clone(),
-            &tracker,
+    let watchdog_interval = systemd::watchdog_interval();
+    let heartbeats = Heartbeats::for_watchdog(watchdog_interval);
+    let watchdog_cancel = CancellationToken::new();
+    if let Some(interval) = watchdog_interval {
+        tracing::info!(
+            interval_s = interval.as_secs_f64(),
+            "systemd watchdog enabled."
         );
+        let watchdog = Watchdog {
+            notifier: notifier.clone(),
+            interval,
+            heartbeats: heartbeats.clone(),
+        };
+        tokio::spawn(watchdog.run(watchdog_cancel.clone()));
     }
-    // The pipeline ends when the last sender is gone: drop ours now.
-    drop(events_tx);
-    let pipeline = Pipeline {
-        engine: Engine::new(config.rules.clone()),
-        outbox: outbox.clone(),
-        field_names: config
-            .d365
-            .as_ref()
-            .map(|d| d.field_names.clone())
-            .unwrap_or_default(),
-        wake: wake.clone(),
-        print_messages: options.dry_run,
-        stats: Arc::new(PipelineStats::default()),
-    };
-    let pipeline_done = tracker.spawn(pipeline.run(events_rx));
 
-    let fatal = CancellationToken::new();
-    if let Some(client) = client {
-        let d365 = config
-            .d365
-            .as_ref()
-            .context("d365 config present when a client exists")?;
-        tracing::info!(endpoint = %d365.send_message_url(), company = %d365.company, queue = %d365.message_queue,
-            token_endpoint = %d365.token_url, secret = %d365.secret_origin, max_in_flight = config.dispatcher.max_in_flight, "Delivering to D365.");
-        let dispatcher = Dispatcher::new(
-            outbox.clone(),
-            client,
-            config.dispatcher.clone(),
-            wake.clone(),
-            config.shutdown_grace,
-        )?;
-        let cancel = core_cancel.clone();
-        let fatal = fatal.clone();
-        tracker.spawn(async move {
-            if let Err(e) = dispatcher.run(cancel).await {
-                tracing::error!(error = %e, "Dispatcher stopped: the outbox cannot be written. Shutting down.");
-                fatal.cancel();
+    let mut config = config;
+    let result = loop {
+        let running = Components::start(&config, options, &outbox, &heartbeats)?;
+        notifier.notify("READY=1");
+        notifier.notify(&status_line(&outbox));
+        let reload = loop {
+            tokio::select! {
+                c = control.recv() => match c {
+                    Some(Control::Reload) => match config::load(&config.dir) {
+                        Ok(new) => break Some(new),
+                        Err(errors) => tracing::error!("Reload refused, the running configuration stays: {errors}"),
+                    },
+                    Some(Control::Shutdown) | None => break None,
+                },
+                _ = running.fatal.cancelled() => break None,
             }
-        });
-    } else {
-        tracing::info!("Dry run: messages are built, stored and printed; nothing is sent.");
-    }
-    tracker.spawn(prune_loop(
-        outbox.clone(),
-        config.storage.clone(),
-        core_cancel.clone(),
-    ));
-    tracing::info!(
-        rules = config.rules.len(),
-        sources = config.sources.len(),
-        "Gateway running."
-    );
-
-    tokio::select! {
-        _ = shutdown => {}
-        _ = fatal.cancelled() => {}
-    }
-    let grace = config.shutdown_grace;
-    let deadline = tokio::time::Instant::now() + grace;
-    sources_cancel.cancel();
-    if tokio::time::timeout_at(deadline, pipeline_done)
-        .await
-        .is_err()
-    {
-        tracing::warn!("Pipeline did not finish storing events within the shutdown grace period.");
-    }
-    core_cancel.cancel();
-    tracker.close();
-    if tokio::time::timeout_at(deadline + grace, tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            grace_s = grace.as_secs_f64(),
-            "Tasks still running after the grace period; exiting anyway."
-        );
-    }
+        };
+        match reload {
+            Some(new) => {
+                notifier.notify("RELOADING=1");
+                if new.storage.data_dir != config.storage.data_dir {
+                    tracing::warn!(running = %config.storage.data_dir.display(), configured = %new.storage.data_dir.display(),
+                        "storage.data_dir changed: it takes effect at the next restart.");
+                }
+                let fatal = running.stop(config.shutdown_grace).await;
+                if fatal {
+                    break Err(anyhow::anyhow!(
+                        "stopped because the outbox could not be written"
+                    ));
+                }
+                config = new;
+                tracing::info!(
+                    rules = config.rules.len(),
+                    sources = config.sources.len(),
+                    "Configuration reloaded."
+                );
+            }
+            None => {
+                notifier.notify("STOPPING=1");
+                let fatal = running.stop(config.shutdown_grace).await;
+                break if fatal {
+                    Err(anyhow::anyhow!(
+                        "stopped because the outbox could not be written"
+                    ))
+                } else {
+                    Ok(())
+                };
+            }
+        }
+    };
+    watchdog_cancel.cancel();
     tracing::info!("Gateway stopped.");
-    if fatal.is_cancelled() {
-        anyhow::bail!("stopped because the outbox could not be written");
-    }
-    Ok(())
+    result
 }
 
-async fn prune_loop(
-    outbox: Outbox,
-    storage: crate::config::StorageConfig,
-    cancel: CancellationToken,
-) {
+/// The tasks that run with one configuration.
+struct Components {
+    tracker: TaskTracker,
+    sources_cancel: CancellationToken,
+    core_cancel: CancellationToken,
+    pipeline_done: tokio::task::JoinHandle<()>,
+    /// Cancelled when the dispatcher stops on an outbox error.
+    fatal: CancellationToken,
+    heartbeats: Vec<Heartbeat>,
+}
+
+impl Components {
+    fn start(
+        config: &Config,
+        options: RunOptions,
+        outbox: &Outbox,
+        heartbeats: &Heartbeats,
+    ) -> anyhow::Result<Components> {
+        let client = match (&config.d365, options.dry_run) {
+            (_, true) => None,
+            (Some(d365), false) => Some(Arc::new(
+                D365Client::new(Arc::new(d365.clone())).context("cannot build the HTTP client")?,
+            )),
+            (None, false) => anyhow::bail!(
+                "{}: no `d365` section: add one to deliver messages, or use `run --dry-run`",
+                config.dir.join(config::MAIN_FILE).display()
+            ),
+        };
+        let tracker = TaskTracker::new();
+        let sources_cancel = CancellationToken::new();
+        let core_cancel = CancellationToken::new();
+        let fatal = CancellationToken::new();
+        let wake = Arc::new(Notify::new());
+        let mut beats = Vec::new();
+
+        let (events_tx, events_rx) = mpsc::channel(source::EVENT_CHANNEL_CAPACITY);
+        for s in &config.sources {
+            tracing::info!(source = %s.id(), "Starting source.");
+            let hb = heartbeats.register(&format!("source {}", s.id()));
+            beats.push(hb.clone());
+            source::spawn(
+                s.clone(),
+                events_tx.clone(),
+                sources_cancel.clone(),
+                &tracker,
+                hb,
+            );
+        }
+        // The pipeline ends when the last sender is gone: drop ours now.
+        drop(events_tx);
+        let pipeline_hb = heartbeats.register("pipeline");
+        beats.push(pipeline_hb.clone());
+        let pipeline = Pipeline {
+            engine: Engine::new(config.rules.clone()),
+            outbox: outbox.clone(),
+            field_names: config
+                .d365
+                .as_ref()
+                .map(|d| d.field_names.clone())
+                .unwrap_or_default(),
+            wake: wake.clone(),
+            print_messages: options.dry_run,
+            stats: Arc::new(PipelineStats::default()),
+            heartbeat: pipeline_hb,
+        };
+        let pipeline_done = tracker.spawn(pipeline.run(events_rx));
+
+        if let Some(client) = client {
+            let d365 = config
+                .d365
+                .as_ref()
+                .context("d365 config present when a client exists")?;
+            tracing::info!(endpoint = %d365.send_message_url(), company = %d365.company, queue = %d365.message_queue,
+                token_endpoint = %d365.token_url, secret = %d365.secret_origin, max_in_flight = config.dispatcher.max_in_flight, "Delivering to D365.");
+            let hb = heartbeats.register("dispatcher");
+            beats.push(hb.clone());
+            let dispatcher = Dispatcher::new(
+                outbox.clone(),
+                client,
+                config.dispatcher.clone(),
+                wake.clone(),
+                config.shutdown_grace,
+            )?
+            .with_heartbeat(hb);
+            let cancel = core_cancel.clone();
+            let fatal = fatal.clone();
+            tracker.spawn(async move {
+                if let Err(e) = dispatcher.run(cancel).await {
+                    tracing::error!(error = %e, "Dispatcher stopped: the outbox cannot be written. Shutting down.");
+                    fatal.cancel();
+                }
+            });
+        } else {
+            tracing::info!("Dry run: messages are built, stored and printed; nothing is sent.");
+        }
+        tracker.spawn(prune_loop(
+            outbox.clone(),
+            config.storage.clone(),
+            core_cancel.clone(),
+        ));
+        tracing::info!(
+            rules = config.rules.len(),
+            sources = config.sources.len(),
+            "Gateway running."
+        );
+        Ok(Components {
+            tracker,
+            sources_cancel,
+            core_cancel,
+            pipeline_done,
+            fatal,
+            heartbeats: beats,
+        })
+    }
+
+    /// Stops everything in order within `grace` (twice `grace` at most in all); returns
+    /// whether the dispatcher had stopped on an outbox error.
+    async fn stop(self, grace: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + grace;
+        self.sources_cancel.cancel();
+        if tokio::time::timeout_at(deadline, self.pipeline_done)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "Pipeline did not finish storing events within the shutdown grace period."
+            );
+        }
+        self.core_cancel.cancel();
+        self.tracker.close();
+        if tokio::time::timeout_at(deadline + grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                grace_s = grace.as_secs_f64(),
+                "Tasks still running after the grace period; going on without them."
+            );
+        }
+        for hb in &self.heartbeats {
+            hb.finish();
+        }
+        self.fatal.is_cancelled()
+    }
+}
+
+async fn prune_loop(outbox: Outbox, storage: config::StorageConfig, cancel: CancellationToken) {
     let mut ticks = tokio::time::interval(storage.prune_interval);
     loop {
         tokio::select! {

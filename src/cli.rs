@@ -166,11 +166,11 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
         Command::Check { config } => check(&config.dir),
         Command::Run { config, dry_run } => {
             let config = config::load(&config.dir)?;
-            runtime()?.block_on(crate::app::run(
-                config,
-                crate::app::RunOptions { dry_run },
-                crate::signal::shutdown(),
-            ))?;
+            let options = crate::app::RunOptions { dry_run };
+            // The signal handlers need the runtime, so they are installed inside it.
+            runtime()?.block_on(async {
+                crate::app::run(config, options, crate::signal::listen()).await
+            })?;
             Ok(())
         }
         Command::Send {

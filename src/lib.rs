@@ -36,3 +36,4 @@ pub mod pipeline;
 pub mod rules;
 pub mod signal;
 pub mod source;
+pub mod systemd;

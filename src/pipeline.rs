@@ -15,6 +15,7 @@ use crate::event::Event;
 use crate::message::FieldNames;
 use crate::outbox::{NewMessage, Outbox, Record};
 use crate::rules::Engine;
+use crate::systemd::Heartbeat;
 
 /// Most events handled in one batch (one outbox flush).
 const MAX_BATCH_EVENTS: usize = 256;
@@ -39,6 +40,8 @@ pub struct Pipeline {
     /// Print each stored message (the `run --dry-run` mode).
     pub print_messages: bool,
     pub stats: Arc<PipelineStats>,
+    /// Beaten on every batch and while idle, for the systemd watchdog.
+    pub heartbeat: Heartbeat,
 }
 
 impl Pipeline {
@@ -46,7 +49,16 @@ impl Pipeline {
     /// is drained, so nothing accepted from a source is lost at shutdown.
     pub async fn run(mut self, mut events: mpsc::Receiver<Event>) {
         let mut batch = Vec::with_capacity(MAX_BATCH_EVENTS);
-        while events.recv_many(&mut batch, MAX_BATCH_EVENTS).await > 0 {
+        let mut heartbeat_ticks = tokio::time::interval(self.heartbeat.period());
+        loop {
+            self.heartbeat.beat();
+            let received = tokio::select! {
+                n = events.recv_many(&mut batch, MAX_BATCH_EVENTS) => n,
+                _ = heartbeat_ticks.tick() => continue,
+            };
+            if received == 0 {
+                break;
+            }
             let messages = self.build(&batch);
             batch.clear();
             if messages.is_empty() {
@@ -96,6 +108,8 @@ impl Pipeline {
             match self.outbox.append(messages.clone()).await {
                 Ok(records) => return records,
                 Err(e) => {
+                    // Retrying is progress of a kind: keep the watchdog fed, the disk may come back.
+                    self.heartbeat.beat();
                     self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
                     tracing::error!(error = %e, messages = messages.len(), retry_in_ms = wait.as_millis() as u64,
                         "Cannot store messages in the outbox; keeping them in memory and retrying. Sources wait meanwhile.");

@@ -1,22 +1,40 @@
-//! One future for "please stop": SIGTERM (systemd) or SIGINT (Ctrl-C).
+//! Signals as control messages: SIGTERM and SIGINT ask for shutdown, SIGHUP for a reload.
+//! `app::run` takes the receiving end, so tests drive it without signals.
 
-/// Completes at the first SIGTERM or SIGINT.
-pub async fn shutdown() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (mut term, mut int) = match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(t), Ok(i)) => (t, i),
-        _ => {
-            // Without signal handlers the default action (terminate) still stops the
-            // process; the outbox is crash-safe, so we only lose the graceful part.
+use tokio::sync::mpsc;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    Shutdown,
+    Reload,
+}
+
+/// Installs the handlers and returns the stream of control messages.
+pub fn listen() -> mpsc::Receiver<Control> {
+    let (tx, rx) = mpsc::channel(4);
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let handlers = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        );
+        let (Ok(mut term), Ok(mut int), Ok(mut hup)) = handlers else {
+            // Without handlers the default actions still stop the process; the outbox is
+            // crash-safe, so only the graceful part is lost.
             tracing::warn!("Cannot install signal handlers; shutdown will not be graceful.");
-            return std::future::pending().await;
+            return;
+        };
+        loop {
+            let control = tokio::select! {
+                _ = term.recv() => { tracing::info!("SIGTERM received: shutting down."); Control::Shutdown }
+                _ = int.recv() => { tracing::info!("SIGINT received: shutting down."); Control::Shutdown }
+                _ = hup.recv() => { tracing::info!("SIGHUP received: reloading the configuration."); Control::Reload }
+            };
+            if tx.send(control).await.is_err() {
+                return;
+            }
         }
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received: shutting down."),
-        _ = int.recv() => tracing::info!("SIGINT received: shutting down."),
-    }
+    });
+    rx
 }

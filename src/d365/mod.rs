@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{AmbiguousPolicy, DispatcherConfig};
 use crate::outbox::{MessageId, Outbox, OutboxError, Record, State};
+use crate::systemd::Heartbeat;
 use client::D365Client;
 use retry::{Backoff, Context, Decision, Outcome};
 
@@ -41,8 +42,6 @@ pub struct DispatchStats {
     pub failed: AtomicU64,
     pub uncertain: AtomicU64,
     pub throttled: AtomicU64,
-    /// Loop iterations: grows while the dispatcher is alive and not stuck.
-    pub turns: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -55,6 +54,8 @@ pub struct Dispatcher {
     stats: Arc<DispatchStats>,
     /// How long in-flight requests may finish after cancellation before they are abandoned.
     drain_grace: Duration,
+    /// Beaten on every turn of the loop, for the systemd watchdog.
+    heartbeat: Option<Heartbeat>,
 }
 
 struct Finished {
@@ -79,7 +80,13 @@ impl Dispatcher {
             wake,
             stats: Arc::default(),
             drain_grace,
+            heartbeat: None,
         })
+    }
+
+    pub fn with_heartbeat(mut self, heartbeat: Heartbeat) -> Dispatcher {
+        self.heartbeat = Some(heartbeat);
+        self
     }
 
     pub fn stats(&self) -> Arc<DispatchStats> {
@@ -122,9 +129,16 @@ impl Dispatcher {
         let mut paused_until: Option<Instant> = None;
         let mut held_reported: HashSet<MessageId> = HashSet::new();
         let mut tasks: JoinSet<Finished> = JoinSet::new();
+        let mut heartbeat_ticks = tokio::time::interval(
+            self.heartbeat
+                .as_ref()
+                .map_or(crate::systemd::DEFAULT_HEARTBEAT_PERIOD, Heartbeat::period),
+        );
 
         loop {
-            self.stats.turns.fetch_add(1, Ordering::Relaxed);
+            if let Some(hb) = &self.heartbeat {
+                hb.beat();
+            }
             let now = Instant::now();
             let mut next_wake = paused_until.filter(|t| *t > now);
             if next_wake.is_none() {
@@ -186,6 +200,7 @@ impl Dispatcher {
                     }
                 }
                 _ = self.wake.notified() => {}
+                _ = heartbeat_ticks.tick() => {}
                 _ = sleep_until(next_wake), if next_wake.is_some() => {}
             }
         }

@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::SourceConfig;
 use crate::event::Event;
+use crate::systemd::Heartbeat;
 
 /// Events buffered between the sources and the rules engine. When full, sources wait.
 pub const EVENT_CHANNEL_CAPACITY: usize = 1024;
@@ -25,13 +26,18 @@ pub fn spawn(
     out: mpsc::Sender<Event>,
     cancel: CancellationToken,
     tracker: &tokio_util::task::TaskTracker,
+    heartbeat: Heartbeat,
 ) {
     match config {
         SourceConfig::Simulator(c) => {
             let id = c.id.clone();
             tracker.spawn(async move {
-                if let Err(e) = simulator::Simulator::new(c).run(out, cancel).await {
-                    tracing::error!(source = %id, error = %e, "Source stopped.");
+                match simulator::Simulator::new(c, heartbeat.clone())
+                    .run(out, cancel)
+                    .await
+                {
+                    Ok(()) => heartbeat.finish(),
+                    Err(e) => tracing::error!(source = %id, error = %e, "Source stopped."),
                 }
             });
         }

@@ -10,15 +10,17 @@ use tokio_util::sync::CancellationToken;
 use super::SourceError;
 use crate::config::SimulatorConfig;
 use crate::event::{Event, Value};
+use crate::systemd::Heartbeat;
 
 #[derive(Debug)]
 pub struct Simulator {
     config: SimulatorConfig,
+    heartbeat: Heartbeat,
 }
 
 impl Simulator {
-    pub fn new(config: SimulatorConfig) -> Simulator {
-        Simulator { config }
+    pub fn new(config: SimulatorConfig, heartbeat: Heartbeat) -> Simulator {
+        Simulator { config, heartbeat }
     }
 
     pub async fn run(
@@ -35,13 +37,16 @@ impl Simulator {
         ticks.tick().await;
         tracing::info!(source = %source, point = %point, interval_ms = self.config.interval.as_millis() as u64, limit = ?self.config.limit, "Simulator source started.");
         let mut sent = 0u64;
+        let mut heartbeat_ticks = tokio::time::interval(self.heartbeat.period());
         loop {
+            self.heartbeat.beat();
             if self.config.limit.is_some_and(|limit| sent >= limit) {
                 tracing::info!(source = %source, impulses = sent, "Simulator reached its limit and stops.");
                 return Ok(());
             }
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
+                _ = heartbeat_ticks.tick() => continue,
                 _ = ticks.tick() => {}
             }
             for level in [true, false] {
