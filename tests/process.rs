@@ -293,7 +293,18 @@ async fn every_shipped_config_directory_validates() {
         copy_dir(&src, &dir);
         // Example configs read the secret from a file next to them; provide one.
         std::fs::write(dir.join("d365-client-secret"), TEST_SECRET).unwrap();
-        let (code, stdout, stderr) = process::run(&["check", "-c", path_str(&dir)]).await;
+        // The example reads ${CREDENTIALS_DIRECTORY:-/etc/mes-gateway}/d365-client-secret.
+        let out = tokio::process::Command::new(process::BIN)
+            .args(["check", "-c", path_str(&dir)])
+            .env("CREDENTIALS_DIRECTORY", &dir)
+            .output()
+            .await
+            .unwrap();
+        let (code, stdout, stderr) = (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
         assert_eq!(code, 0, "{}: {stdout}{stderr}", src.display());
         assert!(!stdout.contains(TEST_SECRET) && !stderr.contains(TEST_SECRET));
         checked += 1;

@@ -347,6 +347,47 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(total)
 }
 
+/// Expands `$VAR`, `${VAR}` and `${VAR:-default}` in a path, so a unit can point the
+/// secret at `${CREDENTIALS_DIRECTORY:-/etc/mes-gateway}/d365-client-secret`: systemd's
+/// `LoadCredential=` copy when run by systemd, the file itself when an operator runs
+/// `check` by hand.
+pub fn expand_env(text: &str) -> Result<String, String> {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(pos) = rest.find('$') {
+        out.push_str(&rest[..pos]);
+        rest = &rest[pos + 1..];
+        let (name, default, consumed) = if let Some(inner) = rest.strip_prefix('{') {
+            let end = inner
+                .find('}')
+                .ok_or_else(|| format!("{text:?}: unclosed `${{`"))?;
+            let body = &inner[..end];
+            match body.split_once(":-") {
+                Some((name, default)) => (name, Some(default), end + 2),
+                None => (body, None, end + 2),
+            }
+        } else {
+            let end = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(rest.len());
+            (&rest[..end], None, end)
+        };
+        if name.is_empty() {
+            return Err(format!("{text:?}: `$` must be followed by a variable name"));
+        }
+        match (std::env::var(name).ok().filter(|v| !v.is_empty()), default) {
+            (Some(v), _) => out.push_str(&v),
+            (None, Some(d)) => out.push_str(d),
+            (None, None) => {
+                return Err(format!("{text:?}: environment variable {name} is not set (systemd sets CREDENTIALS_DIRECTORY with LoadCredential=; use ${{{name}:-/fallback}} for runs by hand)"))
+            }
+        }
+        rest = &rest[consumed..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
 /// Loads and validates the configuration in `dir`; reports every problem found.
 pub fn load(dir: &Path) -> Result<Config, ConfigErrors> {
     let mut errors = Errors::default();
@@ -593,7 +634,14 @@ fn validate_d365(doc: &Doc, raw: RawD365, errors: &mut Errors) -> Option<D365Con
             (None, String::new())
         }
         (Some(file), None) => {
-            let path = resolve(doc.file.parent().unwrap_or(Path::new(".")), file);
+            let file = match expand_env(file) {
+                Ok(f) => f,
+                Err(e) => {
+                    errors.at(doc, "d365.client_secret_file", e);
+                    return None;
+                }
+            };
+            let path = resolve(doc.file.parent().unwrap_or(Path::new(".")), &file);
             // The file's content is never put into an error message.
             match std::fs::read_to_string(&path) {
                 Ok(s) if s.trim().is_empty() => {
@@ -985,6 +1033,28 @@ mod tests {
         for bad in ["", "5", "5x", "s", "1.5s", "-1s"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn paths_expand_environment_variables_with_defaults() {
+        std::env::set_var("MES_GATEWAY_TEST_CREDS", "/run/credentials/x");
+        assert_eq!(
+            expand_env("${MES_GATEWAY_TEST_CREDS:-/etc/m}/s").unwrap(),
+            "/run/credentials/x/s"
+        );
+        assert_eq!(
+            expand_env("$MES_GATEWAY_TEST_CREDS/s").unwrap(),
+            "/run/credentials/x/s"
+        );
+        assert_eq!(
+            expand_env("${MES_GATEWAY_TEST_UNSET_VAR:-/etc/m}/s").unwrap(),
+            "/etc/m/s"
+        );
+        assert_eq!(expand_env("plain/path").unwrap(), "plain/path");
+        assert!(expand_env("${MES_GATEWAY_TEST_UNSET_VAR}/s")
+            .unwrap_err()
+            .contains("is not set"));
+        assert!(expand_env("${oops").is_err());
     }
 
     #[test]
