@@ -190,7 +190,11 @@ impl Components {
         let pipeline_hb = heartbeats.register("pipeline");
         beats.push(pipeline_hb.clone());
         let pipeline = Pipeline {
-            engine: Engine::new(config.rules.clone()),
+            engine: Engine::new(
+                config.rules.clone(),
+                config.time_zone.clone(),
+                crate::pipeline::load_engine_state(outbox),
+            ),
             outbox: outbox.clone(),
             field_names: config
                 .d365

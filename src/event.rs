@@ -18,4 +18,6 @@ pub enum Value {
     Bool(bool),
     Number(f64),
     Text(String),
+    /// A decoded JSON payload.
+    Json(serde_json::Value),
 }

@@ -1,9 +1,10 @@
 //! The stage between sources and the outbox: events in, rules applied, messages
-//! validated and appended durably, the dispatcher woken.
+//! validated and committed together with the rules engine's state, the dispatcher woken.
 //!
-//! Events that arrive together are handled as one batch and one outbox flush (group
-//! commit). If the disk refuses the append (full, read-only), the batch is kept in memory
+//! Events that arrive together are handled as one batch and one outbox commit (group
+//! commit). If the disk refuses the commit (full, read-only), the batch is kept in memory
 //! and retried; meanwhile the bounded event channel fills up and the sources wait.
+//! When the sources stop (shutdown, reload), what is still aggregated is reported.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -14,14 +15,17 @@ use tokio::sync::{mpsc, Notify};
 use crate::event::Event;
 use crate::message::FieldNames;
 use crate::outbox::{NewMessage, Outbox, Record};
-use crate::rules::Engine;
+use crate::rules::state::EngineState;
+use crate::rules::{Built, Engine};
 use crate::systemd::Heartbeat;
 
-/// Most events handled in one batch (one outbox flush).
+/// Most events handled in one batch (one outbox commit).
 const MAX_BATCH_EVENTS: usize = 256;
 /// Waits between attempts to store a batch the disk refused.
 const STORE_RETRY_MIN: Duration = Duration::from_millis(500);
 const STORE_RETRY_MAX: Duration = Duration::from_secs(30);
+/// The outbox key of the rules engine's state.
+pub const RULES_STATE: &str = "rules";
 
 #[derive(Debug, Default)]
 pub struct PipelineStats {
@@ -29,6 +33,22 @@ pub struct PipelineStats {
     pub messages: AtomicU64,
     pub invalid_messages: AtomicU64,
     pub store_errors: AtomicU64,
+}
+
+/// Loads the rules engine's saved state; a state that cannot be read is reported and
+/// replaced by an empty one (the outbox's messages are not affected).
+pub fn load_engine_state(outbox: &Outbox) -> EngineState {
+    match outbox.load_state(RULES_STATE) {
+        Ok(None) => EngineState::default(),
+        Ok(Some(bytes)) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "Saved rules state (counters, accumulators, order contexts) cannot be read; starting empty.");
+            EngineState::default()
+        }),
+        Err(e) => {
+            tracing::error!(error = %e, "Cannot read the saved rules state; starting empty.");
+            EngineState::default()
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -44,68 +64,103 @@ pub struct Pipeline {
     pub heartbeat: Heartbeat,
 }
 
+fn until(deadline: Option<jiff::Timestamp>) -> Option<Duration> {
+    let d = deadline?.duration_since(jiff::Timestamp::now());
+    Some(Duration::try_from(d).unwrap_or(Duration::ZERO))
+}
+
 impl Pipeline {
     /// Runs until every event sender is gone (the sources have stopped) and the channel
-    /// is drained, so nothing accepted from a source is lost at shutdown.
+    /// is drained, so nothing accepted from a source is lost at shutdown; then reports
+    /// what is still aggregated.
     pub async fn run(mut self, mut events: mpsc::Receiver<Event>) {
         let mut batch = Vec::with_capacity(MAX_BATCH_EVENTS);
         let mut heartbeat_ticks = tokio::time::interval(self.heartbeat.period());
         loop {
             self.heartbeat.beat();
-            let received = tokio::select! {
-                n = events.recv_many(&mut batch, MAX_BATCH_EVENTS) => n,
+            let timer = until(self.engine.next_deadline());
+            let built = tokio::select! {
+                n = events.recv_many(&mut batch, MAX_BATCH_EVENTS) => {
+                    if n == 0 {
+                        break;
+                    }
+                    self.stats.events.fetch_add(n as u64, Ordering::Relaxed);
+                    let built: Vec<Built> = batch.iter().flat_map(|e| self.engine.apply(e)).collect();
+                    batch.clear();
+                    built
+                }
+                _ = sleep(timer), if timer.is_some() => self.engine.tick(jiff::Timestamp::now()),
                 _ = heartbeat_ticks.tick() => continue,
             };
-            if received == 0 {
-                break;
-            }
-            let messages = self.build(&batch);
-            batch.clear();
-            if messages.is_empty() {
-                continue;
-            }
-            let records = self.store(messages).await;
-            self.stats
-                .messages
-                .fetch_add(records.len() as u64, Ordering::Relaxed);
-            if self.print_messages {
-                for r in &records {
-                    println!(
-                        "stored message {} ({}, order {}): {}",
-                        r.id, r.message_type, r.production_order, r.content
-                    );
-                }
-            }
-            self.wake.notify_one();
+            self.persist(built).await;
         }
+        let rest = self.engine.flush_all(jiff::Timestamp::now());
+        if !rest.is_empty() {
+            tracing::info!(
+                messages = rest.len(),
+                "Reporting aggregated quantities before stopping."
+            );
+        }
+        self.persist(rest).await;
     }
 
-    fn build(&mut self, batch: &[Event]) -> Vec<NewMessage> {
+    /// Commits the built messages and the engine's state (if it changed) together.
+    async fn persist(&mut self, built: Vec<Built>) {
+        let messages = self.to_new_messages(built);
+        let state = self
+            .engine
+            .take_dirty_state()
+            .map(|s| serde_json::to_vec(s).unwrap_or_default());
+        if messages.is_empty() && state.is_none() {
+            return;
+        }
+        let records = self
+            .store(messages, state.map(|s| (RULES_STATE.to_string(), s)))
+            .await;
+        if records.is_empty() {
+            return;
+        }
+        self.stats
+            .messages
+            .fetch_add(records.len() as u64, Ordering::Relaxed);
+        if self.print_messages {
+            for r in &records {
+                println!(
+                    "stored message {} ({}, order {}): {}",
+                    r.id, r.message_type, r.production_order, r.content
+                );
+            }
+        }
+        self.wake.notify_one();
+    }
+
+    fn to_new_messages(&self, built: Vec<Built>) -> Vec<NewMessage> {
         let mut out = Vec::new();
-        for event in batch {
-            self.stats.events.fetch_add(1, Ordering::Relaxed);
-            for built in self.engine.apply(event) {
-                match built.message.to_content(&self.field_names) {
-                    Ok(content) => out.push(NewMessage {
-                        production_order: built.message.production_order().to_string(),
-                        message_type: built.message.message_type().to_string(),
-                        content,
-                        origin: format!("rule {}", built.rule),
-                    }),
-                    Err(e) => {
-                        self.stats.invalid_messages.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(rule = %built.rule, source = %event.source, point = %event.point, error = %e, "Rule built an invalid message; not stored.");
-                    }
+        for b in built {
+            match b.message.to_content(&self.field_names) {
+                Ok(content) => out.push(NewMessage {
+                    production_order: b.message.production_order().to_string(),
+                    message_type: b.message.message_type().to_string(),
+                    content,
+                    origin: format!("rule {}", b.rule),
+                }),
+                Err(e) => {
+                    self.stats.invalid_messages.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(rule = %b.rule, error = %e, "Rule built an invalid message; not stored.");
                 }
             }
         }
         out
     }
 
-    async fn store(&self, messages: Vec<NewMessage>) -> Vec<Record> {
+    async fn store(
+        &self,
+        messages: Vec<NewMessage>,
+        state: Option<(String, Vec<u8>)>,
+    ) -> Vec<Record> {
         let mut wait = STORE_RETRY_MIN;
         loop {
-            match self.outbox.append(messages.clone()).await {
+            match self.outbox.commit(messages.clone(), state.clone()).await {
                 Ok(records) => return records,
                 Err(e) => {
                     // Retrying is progress of a kind: keep the watchdog fed, the disk may come back.
@@ -118,5 +173,12 @@ impl Pipeline {
                 }
             }
         }
+    }
+}
+
+async fn sleep(d: Option<Duration>) {
+    match d {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
     }
 }

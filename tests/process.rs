@@ -22,7 +22,7 @@ fn write_flow_config(dir: &Path, fake: &FakeD365, with_source: bool) {
         let mut rules = String::from("rules:\n");
         for i in 0..ORDERS {
             rules.push_str(&format!(
-                "  - name: count-{i}\n    when: {{ source: sim, point: impulse, edge: rising }}\n    emit: {{ type: ProdProductionOrderReportFinished, production_order: P{i:03}, item_number: A0001 }}\n"
+                "  - name: count-{i}\n    line: line{i}\n    when: {{ source: sim, point: impulse, edge: rising }}\n    count: impulse\n    emit:\n      type: ProdProductionOrderReportFinished\n      fields: {{ ProductionOrderNumber: P{i:03}, ItemNumber: A0001, ReportedGoodQuantity: \"{{quantity}}\" }}\n"
             ));
         }
         std::fs::create_dir_all(dir.join("rules.d")).unwrap();
@@ -229,7 +229,7 @@ async fn three_mistakes_in_two_files_are_all_reported_with_positions() {
     std::fs::create_dir_all(dir.join("rules.d")).unwrap();
     std::fs::write(
         dir.join("rules.d/line1.yaml"),
-        "rules:\n  - name: good\n    when:\n      source: sim\n      edge: rissing\n    emit:\n      type: ProdProductionOrderReportFinished\n      production_order: P1\n",
+        "rules:\n  - name: good\n    when:\n      source: sim\n      edge: rissing\n    emit:\n      type: ProdProductionOrderStart\n",
     )
     .unwrap();
     let (code, stdout, stderr) = process::run(&["check", "-c", path_str(dir)]).await;

@@ -32,7 +32,7 @@ fn flow_config(dir: &std::path::Path, fake: &FakeD365, order: &str) {
     std::fs::create_dir_all(dir.join("rules.d")).unwrap();
     std::fs::write(
         dir.join("rules.d/r.yaml"),
-        format!("rules:\n  - name: count\n    when: {{ source: sim }}\n    emit: {{ type: ProdProductionOrderStart, production_order: {order} }}\n"),
+        format!("rules:\n  - name: count\n    line: l1\n    when: {{ source: sim, edge: rising }}\n    emit: {{ type: ProdProductionOrderStart, fields: {{ ProductionOrderNumber: {order} }} }}\n"),
     )
     .unwrap();
 }
@@ -209,7 +209,7 @@ async fn sighup_reloads_a_valid_configuration_and_keeps_the_running_one_otherwis
     .await;
     out.wait_for("Configuration reloaded").await;
 
-    std::fs::write(dir.join("rules.d/r.yaml"), "rules:\n  - name: broken\n    when: { source: nowhere }\n    emit: { type: ProdProductionOrderStart, production_order: P3 }\n").unwrap();
+    std::fs::write(dir.join("rules.d/r.yaml"), "rules:\n  - name: broken\n    line: l1\n    when: { source: nowhere }\n    emit: { type: ProdProductionOrderStart }\n").unwrap();
     unsafe { libc::kill(gw.pid(), libc::SIGHUP) };
     out.wait_for("Reload refused").await;
     let before = fake.received().len();

@@ -24,7 +24,7 @@ pub use raw::{AmbiguousPolicy, Edge, TokenApi};
 use raw::{RawD365, RawDispatcher, RawRule, RawSimulator, RawStorage};
 use yaml::{Mark, Node, NodeKind};
 
-use crate::message::{FieldNames, KNOWN_TYPES};
+use crate::message::FieldNames;
 
 /// The main file inside the configuration directory.
 pub const MAIN_FILE: &str = "gateway.yaml";
@@ -42,7 +42,9 @@ pub struct Config {
     pub dispatcher: DispatcherConfig,
     pub storage: StorageConfig,
     pub sources: Vec<SourceConfig>,
-    pub rules: Vec<RuleConfig>,
+    pub rules: Vec<crate::rules::Rule>,
+    /// The plant's time zone, for dates in messages (`{today}`).
+    pub time_zone: jiff::tz::TimeZone,
     /// How long shutdown may take before in-flight work is abandoned.
     pub shutdown_grace: Duration,
 }
@@ -156,6 +158,19 @@ impl SourceConfig {
             SourceConfig::Simulator(s) => &s.id,
         }
     }
+
+    /// The point names this source emits, when it has a fixed set (rules are checked
+    /// against it); `None` when any point may come (MQTT topics).
+    pub fn points(&self) -> Option<Vec<String>> {
+        match self {
+            SourceConfig::Simulator(s) => Some(vec![s.point.clone()]),
+        }
+    }
+
+    /// Whether points are MQTT topics (rules may match them with `topic` filters).
+    pub fn has_topics(&self) -> bool {
+        false
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -164,22 +179,24 @@ pub struct SimulatorConfig {
     pub interval: Duration,
     pub point: String,
     pub limit: Option<u64>,
+    pub mode: SimulatorMode,
 }
 
-#[derive(Debug, Clone)]
-pub struct RuleConfig {
-    pub name: String,
-    /// `file:line` of the rule, for log lines.
-    pub origin: String,
-    pub source: String,
-    pub point: String,
-    pub edge: Edge,
-    pub message_type: String,
-    pub production_order: String,
-    pub item_number: Option<String>,
-    pub operation_number: Option<i64>,
-    pub quantity_per_event: f64,
-    pub every: u32,
+/// What a simulator emits each interval.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SimulatorMode {
+    /// A pulse: `true` then `false` (a part passing a light barrier).
+    Impulse,
+    /// The reading of a counter register that counts `step` per interval since
+    /// `start_at`, wrapping after `max`. With a fixed `start_at` the count goes on while
+    /// the gateway is stopped, like a PLC's.
+    Counter {
+        start_at: Option<jiff::Timestamp>,
+        step: f64,
+        max: Option<f64>,
+    },
+    /// The given values in turn (texts, numbers, JSON objects).
+    Values(Vec<serde_json::Value>),
 }
 
 /// One configuration problem, with where it is.
@@ -452,7 +469,14 @@ pub fn load_storage(dir: &Path) -> Result<StorageConfig, ConfigErrors> {
     }
 }
 
-const MAIN_SECTIONS: [&str; 5] = ["d365", "dispatcher", "storage", "sources", "shutdown_grace"];
+const MAIN_SECTIONS: [&str; 6] = [
+    "d365",
+    "dispatcher",
+    "storage",
+    "sources",
+    "shutdown_grace",
+    "plant",
+];
 
 fn validate(
     dir: &Path,
@@ -470,6 +494,7 @@ fn validate(
     let mut storage = None;
     let mut sources = Vec::new();
     let mut shutdown_grace = Duration::from_secs(10);
+    let mut time_zone = jiff::tz::TimeZone::system();
     let mut seen = HashSet::new();
     for (key, value) in entries {
         let name = key.as_str().unwrap_or_default();
@@ -494,6 +519,16 @@ fn validate(
                     .map(|raw| validate_storage(dir, main, raw, errors))
             }
             "sources" => sources = validate_sources(main, value, errors),
+            "plant" => {
+                if let Some(raw) = errors.parse::<raw::RawPlant>(main, value, "plant") {
+                    if let Some(name) = raw.time_zone {
+                        match jiff::tz::TimeZone::get(&name) {
+                            Ok(tz) => time_zone = tz,
+                            Err(e) => errors.at(main, "plant.time_zone", format!("unknown time zone {name:?} (use an IANA name such as Europe/Berlin): {e}")),
+                        }
+                    }
+                }
+            }
             "shutdown_grace" => {
                 if let Some(raw) = errors.parse::<String>(main, value, "shutdown_grace") {
                     shutdown_grace =
@@ -513,10 +548,22 @@ fn validate(
     let storage =
         storage.unwrap_or_else(|| validate_storage(dir, main, RawStorage::default(), errors));
 
-    let source_ids: Vec<&str> = sources.iter().map(SourceConfig::id).collect();
-    let mut rules = Vec::new();
+    let mut rules: Vec<crate::rules::Rule> = Vec::new();
     for doc in rule_docs {
-        rules.extend(validate_rules(doc, &source_ids, errors));
+        for rule in validate_rules(doc, &sources, errors) {
+            if let Some(first) = rules.iter().find(|r| r.name == rule.name) {
+                errors.0.push(ConfigError {
+                    file: doc.file.clone(),
+                    mark: None,
+                    path: String::new(),
+                    message: format!(
+                        "rule name `{}` is used twice (first at {}); rule names must be unique",
+                        rule.name, first.origin
+                    ),
+                });
+            }
+            rules.push(rule);
+        }
     }
 
     Some(Config {
@@ -526,6 +573,7 @@ fn validate(
         storage,
         sources,
         rules,
+        time_zone,
         shutdown_grace,
     })
 }
@@ -808,6 +856,70 @@ fn validate_storage(dir: &Path, doc: &Doc, raw: RawStorage, errors: &mut Errors)
     }
 }
 
+#[allow(clippy::too_many_arguments)]
+fn simulator_mode(
+    doc: &Doc,
+    errors: &mut Errors,
+    path: &str,
+    mode: Option<&str>,
+    start_at: Option<&str>,
+    step: Option<f64>,
+    counter_max: Option<f64>,
+    values: Option<Vec<raw::ScalarOrJson>>,
+) -> Option<SimulatorMode> {
+    Some(match (mode.unwrap_or("impulse"), values) {
+        ("impulse", None) => SimulatorMode::Impulse,
+        ("counter", None) => {
+            let start_at = match start_at.map(str::parse::<jiff::Timestamp>) {
+                None => None,
+                Some(Ok(t)) => Some(t),
+                Some(Err(e)) => {
+                    errors.at(
+                        doc,
+                        &format!("{path}.start_at"),
+                        format!("invalid time (use RFC 3339, e.g. 2026-01-01T00:00:00Z): {e}"),
+                    );
+                    return None;
+                }
+            };
+            SimulatorMode::Counter {
+                start_at,
+                step: step.unwrap_or(1.0),
+                max: counter_max,
+            }
+        }
+        ("values", Some(values)) if !values.is_empty() => {
+            SimulatorMode::Values(values.iter().map(raw::ScalarOrJson::to_json).collect())
+        }
+        ("values", _) => {
+            errors.at(
+                doc,
+                &format!("{path}.values"),
+                "mode `values` needs a non-empty `values` list",
+            );
+            return None;
+        }
+        (m @ ("impulse" | "counter"), Some(_)) => {
+            errors.at(
+                doc,
+                &format!("{path}.values"),
+                format!("`values` needs `mode: values` (mode is {m})"),
+            );
+            return None;
+        }
+        (other, _) => {
+            errors.at(
+                doc,
+                &format!("{path}.mode"),
+                format!(
+                    "unknown simulator mode `{other}`, expected one of impulse, counter, values"
+                ),
+            );
+            return None;
+        }
+    })
+}
+
 const SOURCE_TYPES: [&str; 1] = ["simulator"];
 
 fn validate_sources(doc: &Doc, node: &Node, errors: &mut Errors) -> Vec<SourceConfig> {
@@ -867,11 +979,22 @@ fn validate_sources(doc: &Doc, node: &Node, errors: &mut Errors) -> Vec<SourceCo
                         );
                         return None;
                     }
+                    let mode = simulator_mode(
+                        doc,
+                        errors,
+                        &path,
+                        raw.mode.as_deref(),
+                        raw.start_at.as_deref(),
+                        raw.step,
+                        raw.counter_max,
+                        raw.values,
+                    )?;
                     Some(SourceConfig::Simulator(SimulatorConfig {
                         id: raw.id,
                         interval,
                         point: raw.point.unwrap_or_else(|| "impulse".into()),
                         limit: raw.limit,
+                        mode,
                     }))
                 }),
             other => {
@@ -902,7 +1025,11 @@ fn validate_sources(doc: &Doc, node: &Node, errors: &mut Errors) -> Vec<SourceCo
     out
 }
 
-fn validate_rules(doc: &Doc, source_ids: &[&str], errors: &mut Errors) -> Vec<RuleConfig> {
+fn validate_rules(
+    doc: &Doc,
+    sources: &[SourceConfig],
+    errors: &mut Errors,
+) -> Vec<crate::rules::Rule> {
     let Some(entries) = doc.node.entries() else {
         errors.at(doc, "", "a rule file must be a mapping with a `rules` list");
         return Vec::new();
@@ -936,85 +1063,15 @@ fn validate_rules(doc: &Doc, source_ids: &[&str], errors: &mut Errors) -> Vec<Ru
             let Some(raw) = errors.parse::<RawRule>(doc, item, &path) else {
                 continue;
             };
-            let before = errors.0.len();
-            if !source_ids.contains(&raw.when.source.as_str()) {
-                errors.at(
-                    doc,
-                    &format!("{path}.when.source"),
-                    format!(
-                        "unknown source `{}`; configured sources: {}",
-                        raw.when.source,
-                        if source_ids.is_empty() {
-                            "none".to_string()
-                        } else {
-                            source_ids.join(", ")
-                        }
-                    ),
-                );
+            let origin = format!("{}:{}", doc.file.display(), item.mark.line);
+            match crate::rules::Rule::compile(raw, origin, sources) {
+                Ok(rule) => out.push(rule),
+                Err(problems) => {
+                    for (sub, message) in problems {
+                        errors.at(doc, &join_path(&path, &sub), message);
+                    }
+                }
             }
-            let emit = &raw.emit;
-            if !KNOWN_TYPES.contains(&emit.message_type.as_str()) {
-                errors.at(
-                    doc,
-                    &format!("{path}.emit.type"),
-                    format!(
-                        "unknown message type `{}`, expected one of {}",
-                        emit.message_type,
-                        KNOWN_TYPES.join(", ")
-                    ),
-                );
-            }
-            non_empty(
-                doc,
-                errors,
-                &format!("{path}.emit.production_order"),
-                &emit.production_order,
-            );
-            if emit.message_type == crate::message::TYPE_PICKING_LIST && emit.item_number.is_none()
-            {
-                errors.at(
-                    doc,
-                    &format!("{path}.emit"),
-                    "item_number is mandatory for ProdProductionOrderPickingList",
-                );
-            }
-            if emit.message_type == crate::message::TYPE_ROUTE_CARD
-                && emit.operation_number.is_none()
-            {
-                errors.at(
-                    doc,
-                    &format!("{path}.emit"),
-                    "operation_number is mandatory for ProdProductionOrderRouteCard",
-                );
-            }
-            let every = emit.every.unwrap_or(1);
-            if every == 0 {
-                errors.at(doc, &format!("{path}.emit.every"), "must be at least 1");
-            }
-            let quantity_per_event = emit.quantity_per_event.unwrap_or(1.0);
-            if !quantity_per_event.is_finite() || quantity_per_event <= 0.0 {
-                errors.at(
-                    doc,
-                    &format!("{path}.emit.quantity_per_event"),
-                    format!("{quantity_per_event} must be a positive number"),
-                );
-            }
-            if errors.0.len() > before {
-                continue;
-            }
-            out.push(RuleConfig {
-                origin: format!("{}:{}", doc.file.display(), item.mark.line),
-                name: raw.name,
-                source: raw.when.source,
-                point: raw.when.point.unwrap_or_else(|| "impulse".into()),
-                edge: raw.when.edge.unwrap_or(Edge::Rising),
-                message_type: raw.emit.message_type,
-                production_order: raw.emit.production_order,
-                item_number: raw.emit.item_number,
-                operation_number: raw.emit.operation_number,
-                quantity_per_event,
-                every,
-            });
         }
     }
     out

@@ -79,16 +79,65 @@ pub struct RawSimulator {
     pub id: String,
     pub interval: String,
     pub point: Option<String>,
-    /// Stop after this many impulses (for demos and tests); unset = forever.
+    /// Stop after this many emissions (for demos and tests); unset = forever.
     pub limit: Option<u64>,
+    /// impulse (default), counter or values.
+    pub mode: Option<String>,
+    pub start_at: Option<String>,
+    pub step: Option<f64>,
+    pub counter_max: Option<f64>,
+    pub values: Option<Vec<ScalarOrJson>>,
 }
 
+/// A simulated value: a YAML scalar, list or mapping, turned into JSON.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum ScalarOrJson {
+    Scalar(ScalarValue),
+    List(Vec<ScalarOrJson>),
+    Map(BTreeMap<String, ScalarOrJson>),
+}
+
+impl ScalarOrJson {
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            ScalarOrJson::Scalar(s) => s.to_json(),
+            ScalarOrJson::List(l) => {
+                serde_json::Value::Array(l.iter().map(ScalarOrJson::to_json).collect())
+            }
+            ScalarOrJson::Map(m) => {
+                serde_json::Value::Object(m.iter().map(|(k, v)| (k.clone(), v.to_json())).collect())
+            }
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPlant {
+    /// IANA time zone of the plant, for dates in messages; default: the system's.
+    pub time_zone: Option<String>,
+}
+
+/// One rule as written in `rules.d/*.yaml`; see `config/RULES.md`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRule {
     pub name: String,
+    /// The line whose order context the rule reads and writes; may be a template
+    /// (`"{capture.line}"`).
+    pub line: Option<String>,
     pub when: RawWhen,
-    pub emit: RawEmit,
+    pub count: Option<CountMode>,
+    /// Quantity per impulse (`count: impulse`) or factor (`delta`, `value`); default 1.
+    pub quantity: Option<f64>,
+    /// Largest value of a counter register (65535 for 16 bits), for wrap-around.
+    pub counter_max: Option<f64>,
+    pub aggregate: Option<RawAggregate>,
+    pub set_context: Option<RawSetContext>,
+    #[serde(default)]
+    pub clear_context: bool,
+    pub emit: Option<RawEmit>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -96,7 +145,16 @@ pub struct RawRule {
 pub struct RawWhen {
     pub source: String,
     pub point: Option<String>,
+    pub topic: Option<String>,
+    pub pattern: Option<String>,
+    pub field: Option<String>,
+    pub equals: Option<ScalarValue>,
+    pub above: Option<f64>,
+    pub below: Option<f64>,
+    #[serde(default)]
+    pub changed: bool,
     pub edge: Option<Edge>,
+    pub debounce: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -107,14 +165,60 @@ pub enum Edge {
     Both,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CountMode {
+    /// Each trigger counts `quantity`.
+    Impulse,
+    /// The value is a counter register: count the increase since the last reading.
+    Delta,
+    /// The value is the quantity (a weight, a count sent by an HMI).
+    Value,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAggregate {
+    pub every: Option<f64>,
+    pub interval: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSetContext {
+    pub order: String,
+    pub item: Option<String>,
+    pub operation: Option<String>,
+    pub resource: Option<String>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawEmit {
     #[serde(rename = "type")]
     pub message_type: String,
-    pub production_order: String,
-    pub item_number: Option<String>,
-    pub operation_number: Option<i64>,
-    pub quantity_per_event: Option<f64>,
-    pub every: Option<u32>,
+    #[serde(default)]
+    pub fields: BTreeMap<String, ScalarValue>,
+}
+
+/// A YAML scalar: numbers and booleans keep their type, text may hold `{templates}`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum ScalarValue {
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Text(String),
+}
+
+impl ScalarValue {
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            ScalarValue::Bool(b) => serde_json::Value::Bool(*b),
+            ScalarValue::Int(i) => serde_json::Value::from(*i),
+            ScalarValue::Float(f) => serde_json::Number::from_f64(*f)
+                .map_or(serde_json::Value::Null, serde_json::Value::Number),
+            ScalarValue::Text(s) => serde_json::Value::String(s.clone()),
+        }
+    }
 }

@@ -8,6 +8,9 @@
 //! sled database in <data_dir>/outbox
 //!   tree "messages":  key = message id (u64, big-endian)
 //!                     value = FORMAT_VERSION (1 byte) ++ JSON of Record
+//!   tree "state":     key = owner name ("rules")
+//!                     value = opaque bytes of that owner (the rules engine's counters,
+//!                     accumulators and order contexts)
 //! ```
 //!
 //! Ids come from sled's `generate_id`, which is monotonic across restarts, so id order is
@@ -16,6 +19,9 @@
 //!
 //! # Invariants
 //!
+//! - [`Outbox::commit`] writes new messages and the rules engine's state in one sled
+//!   transaction: after a crash both or neither are there, so a counted piece is never
+//!   lost between the engine and the outbox, nor reported twice.
 //! - A call that writes ([`Outbox::append`], [`Outbox::put`], operator actions) returns only
 //!   after `flush()`, i.e. when the data is on disk. One call = one flush, whatever the
 //!   number of records (group commit: batching is what makes it fast).
@@ -233,6 +239,7 @@ impl Index {
 pub struct Outbox {
     db: sled::Db,
     messages: sled::Tree,
+    state: sled::Tree,
     index: Arc<Mutex<Index>>,
     path: PathBuf,
     /// Bumped after every durable change, for whoever wants to watch the outbox
@@ -291,6 +298,7 @@ impl Outbox {
                 other => storage(other),
             })?;
         let messages = db.open_tree("messages").map_err(storage)?;
+        let state = db.open_tree("state").map_err(storage)?;
         let mut index = Index::default();
         for item in messages.iter() {
             let (k, v) = item.map_err(storage)?;
@@ -306,6 +314,7 @@ impl Outbox {
         Ok(Outbox {
             db,
             messages,
+            state,
             index: Arc::new(Mutex::new(index)),
             path,
             changes: Arc::new(tokio::sync::watch::channel(0).0),
@@ -333,36 +342,73 @@ impl Outbox {
 
     /// Stores new messages durably and returns their records, in order. One flush.
     pub async fn append(&self, messages: Vec<NewMessage>) -> Result<Vec<Record>, OutboxError> {
-        if messages.is_empty() {
+        self.commit(messages, None).await
+    }
+
+    /// The state an owner (such as the rules engine) saved with [`Outbox::commit`].
+    pub fn load_state(&self, owner: &str) -> Result<Option<Vec<u8>>, OutboxError> {
+        Ok(self
+            .state
+            .get(owner.as_bytes())
+            .map_err(storage)?
+            .map(|v| v.to_vec()))
+    }
+
+    /// Stores new messages and, in the same transaction, an owner's state; one flush.
+    /// Returns the new records in order.
+    pub async fn commit(
+        &self,
+        messages: Vec<NewMessage>,
+        state: Option<(String, Vec<u8>)>,
+    ) -> Result<Vec<Record>, OutboxError> {
+        if messages.is_empty() && state.is_none() {
             return Ok(Vec::new());
         }
         let this = self.clone();
         let records = run_blocking(move || {
+            use sled::transaction::{ConflictableTransactionError, TransactionError};
+            use sled::Transactional;
             let now = jiff::Timestamp::now();
-            let mut records = Vec::with_capacity(messages.len());
-            for m in messages {
-                // +1: sled ids start at 0 and 0 reads badly to an operator.
-                let id = this.db.generate_id().map_err(storage)? + 1;
-                let mut r = Record {
-                    id,
-                    production_order: m.production_order,
-                    message_type: m.message_type,
-                    content: m.content,
-                    state: State::Queued,
-                    created_at: now,
-                    updated_at: now,
-                    attempt_count: 0,
-                    server_errors: 0,
-                    attempts: Vec::new(),
-                    history: Vec::new(),
-                    last_error: None,
-                };
-                r.change(State::Queued, &m.origin, "created", None);
-                this.messages
-                    .insert(key(id), encode(&r)?)
-                    .map_err(storage)?;
-                records.push(r);
-            }
+            let abort = |e: OutboxError| ConflictableTransactionError::Abort(e);
+            // Ids are taken before the transaction: generate_id may flush, which must not
+            // happen inside a transaction (it would wait for the transaction itself).
+            // +1: sled ids start at 0 and 0 reads badly to an operator.
+            let ids = messages
+                .iter()
+                .map(|_| this.db.generate_id().map(|id| id + 1))
+                .collect::<Result<Vec<u64>, _>>()
+                .map_err(storage)?;
+            let result = (&this.messages, &this.state).transaction(|(tx_messages, tx_state)| {
+                let mut records = Vec::with_capacity(messages.len());
+                for (m, &id) in messages.iter().zip(&ids) {
+                    let mut r = Record {
+                        id,
+                        production_order: m.production_order.clone(),
+                        message_type: m.message_type.clone(),
+                        content: m.content.clone(),
+                        state: State::Queued,
+                        created_at: now,
+                        updated_at: now,
+                        attempt_count: 0,
+                        server_errors: 0,
+                        attempts: Vec::new(),
+                        history: Vec::new(),
+                        last_error: None,
+                    };
+                    r.change(State::Queued, &m.origin, "created", None);
+                    tx_messages.insert(&key(id), encode(&r).map_err(abort)?)?;
+                    records.push(r);
+                }
+                if let Some((owner, bytes)) = &state {
+                    tx_state.insert(owner.as_bytes(), bytes.as_slice())?;
+                }
+                Ok(records)
+            });
+            let records = match result {
+                Ok(r) => r,
+                Err(TransactionError::Abort(e)) => return Err(e),
+                Err(TransactionError::Storage(e)) => return Err(storage(e)),
+            };
             this.db.flush().map_err(storage)?;
             Ok(records)
         })

@@ -1,5 +1,7 @@
-//! A source that needs no hardware: it emits one impulse (a rising then a falling edge
-//! on its point) per interval, like a light barrier seeing a part go by.
+//! A source that needs no hardware. Each interval it emits, on its point:
+//! - `impulse`: `true` then `false`, like a light barrier seeing a part go by;
+//! - `counter`: the reading of a counter register (see [`SimulatorMode::Counter`]);
+//! - `values`: the next of its configured values (barcodes, weights, JSON documents).
 
 use std::sync::Arc;
 
@@ -8,7 +10,7 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
 use super::SourceError;
-use crate::config::SimulatorConfig;
+use crate::config::{SimulatorConfig, SimulatorMode};
 use crate::event::{Event, Value};
 use crate::systemd::Heartbeat;
 
@@ -19,6 +21,38 @@ pub struct Simulator {
 }
 
 impl Simulator {
+    /// The values of emission number `n`.
+    fn next_values(&self, n: u64, started: jiff::Timestamp) -> Vec<Value> {
+        match &self.config.mode {
+            SimulatorMode::Impulse => vec![Value::Bool(true), Value::Bool(false)],
+            SimulatorMode::Counter {
+                start_at,
+                step,
+                max,
+            } => {
+                let since = jiff::Timestamp::now().duration_since(start_at.unwrap_or(started));
+                let ticks = (since.as_secs_f64() / self.config.interval.as_secs_f64())
+                    .floor()
+                    .max(0.0);
+                let mut value = ticks * step;
+                if let Some(max) = max {
+                    value %= max + 1.0;
+                }
+                vec![Value::Number(value)]
+            }
+            SimulatorMode::Values(values) => {
+                // The list is non-empty (checked when the configuration loaded).
+                let v = &values[(n % values.len() as u64) as usize];
+                vec![match v {
+                    serde_json::Value::Bool(b) => Value::Bool(*b),
+                    serde_json::Value::Number(x) => Value::Number(x.as_f64().unwrap_or(0.0)),
+                    serde_json::Value::String(t) => Value::Text(t.clone()),
+                    other => Value::Json(other.clone()),
+                }]
+            }
+        }
+    }
+
     pub fn new(config: SimulatorConfig, heartbeat: Heartbeat) -> Simulator {
         Simulator { config, heartbeat }
     }
@@ -37,6 +71,7 @@ impl Simulator {
         ticks.tick().await;
         tracing::info!(source = %source, point = %point, interval_ms = self.config.interval.as_millis() as u64, limit = ?self.config.limit, "Simulator source started.");
         let mut sent = 0u64;
+        let started = jiff::Timestamp::now();
         let mut heartbeat_ticks = tokio::time::interval(self.heartbeat.period());
         loop {
             self.heartbeat.beat();
@@ -49,11 +84,11 @@ impl Simulator {
                 _ = heartbeat_ticks.tick() => continue,
                 _ = ticks.tick() => {}
             }
-            for level in [true, false] {
+            for value in self.next_values(sent, started) {
                 let event = Event {
                     source: source.clone(),
                     point: point.clone(),
-                    value: Value::Bool(level),
+                    value,
                     at: jiff::Timestamp::now(),
                 };
                 out.send(event).await.map_err(|_| SourceError::Closed {

@@ -1,0 +1,1013 @@
+//! The rules engine: turns events into messages and keeps each line's order context.
+//!
+//! Rules are compiled when the configuration loads ([`Rule::compile`]); the engine itself
+//! is pure and synchronous: [`Engine::apply`] takes one event, [`Engine::tick`] the
+//! passing of time (debounce confirmations, `aggregate.interval` flushes). Neither
+//! parses anything.
+//!
+//! # Order of work for one event
+//!
+//! Rules apply in configuration order: rule files by file name, rules by position. For
+//! each matching rule, in this order: context changes (`set_context`, `clear_context`;
+//! a change of order first flushes what was counted for the old one), then counting and
+//! aggregation, then `emit`. The messages one event produces are appended to the outbox
+//! in exactly this order, so for one production order they reach D365 in this order.
+//!
+//! # Never an invented order
+//!
+//! A rule that needs the line's order (for `ProductionOrderNumber` or a `{context.*}`
+//! template) while the line has none builds nothing: the event is counted as
+//! *unassigned* and a warning is logged once per burst.
+
+pub mod matcher;
+pub mod state;
+pub mod template;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value as Json;
+
+use crate::config::raw::RawRule;
+pub use crate::config::raw::{CountMode, Edge};
+use crate::config::SourceConfig;
+use crate::event::{Event, Value};
+use crate::message::{
+    Message, KNOWN_TYPES, TYPE_PICKING_LIST, TYPE_REPORT_FINISHED, TYPE_ROUTE_CARD,
+};
+use matcher::{counter_delta, TopicFilter};
+use state::{Accumulator, EngineState, OrderContext, Trigger};
+use template::{Missing, Scope, Template, Var};
+
+#[derive(Debug, Clone)]
+pub enum Condition {
+    Equals(Json),
+    Above(f64),
+    Below(f64),
+}
+
+#[derive(Debug, Clone)]
+pub struct Counting {
+    pub mode: CountMode,
+    pub quantity: f64,
+    pub counter_max: Option<f64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Aggregate {
+    pub every: Option<f64>,
+    pub interval: Option<Duration>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SetContext {
+    pub order: Template,
+    pub item: Option<Template>,
+    pub operation: Option<Template>,
+    pub resource: Option<Template>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Emit {
+    pub message_type: String,
+    /// Fields of the message header.
+    pub header: Vec<(String, Template)>,
+    /// Fields of the single line, and the key of the lines array (`ReportFinishedLines`).
+    pub line: Vec<(String, Template)>,
+    pub lines_key: Option<&'static str>,
+}
+
+/// A compiled rule.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    pub name: String,
+    /// `file:line` of the rule, for log lines.
+    pub origin: String,
+    pub line: Option<Template>,
+    pub source: String,
+    pub point: Option<String>,
+    pub topic: Option<TopicFilter>,
+    pub pattern: Option<regex::Regex>,
+    pub field: Option<Vec<String>>,
+    pub condition: Option<Condition>,
+    pub changed: bool,
+    pub edge: Option<(Edge, Duration)>,
+    pub count: Option<Counting>,
+    pub aggregate: Option<Aggregate>,
+    pub set_context: Option<SetContext>,
+    pub clear_context: bool,
+    pub emit: Option<Emit>,
+}
+
+/// A compile error: a field path inside the rule, and the message.
+pub type RuleError = (String, String);
+
+fn lines_key(message_type: &str) -> Option<&'static str> {
+    match message_type {
+        TYPE_REPORT_FINISHED => Some("ReportFinishedLines"),
+        TYPE_PICKING_LIST => Some("PickingListLines"),
+        TYPE_ROUTE_CARD => Some("RouteCardLines"),
+        _ => None,
+    }
+}
+
+fn header_fields(message_type: &str) -> &'static [&'static str] {
+    match message_type {
+        TYPE_REPORT_FINISHED => &["ProductionOrderNumber", "PrintLabel"],
+        TYPE_PICKING_LIST | TYPE_ROUTE_CARD => &["ProductionOrderNumber", "JournalNameId"],
+        _ => &[],
+    }
+}
+
+/// Whether `field` is a field of `message_type` (header or line), by asking the message
+/// model itself: every optional field accepts `null`, an unknown one is refused by name.
+fn check_field(message_type: &str, field: &str, in_line: bool) -> Result<(), String> {
+    let probe = match (in_line, lines_key(message_type)) {
+        (true, Some(key)) => {
+            serde_json::json!({ "ProductionOrderNumber": "x", key: [{ field: null }] })
+        }
+        _ => serde_json::json!({ "ProductionOrderNumber": "x", field: null }),
+    };
+    match Message::from_json(message_type, probe) {
+        Err(e) if e.to_string().contains("unknown field") => {
+            Err(format!("`{field}` is not a field of {message_type}"))
+        }
+        _ => Ok(()),
+    }
+}
+
+impl Rule {
+    /// Compiles one rule; `sources` are the configured sources it may refer to.
+    pub fn compile(
+        raw: RawRule,
+        origin: String,
+        sources: &[SourceConfig],
+    ) -> Result<Rule, Vec<RuleError>> {
+        // A RefCell so the helper closures below can all report errors.
+        let errors: std::cell::RefCell<Vec<RuleError>> = Default::default();
+        let err = |path: &str, msg: String| errors.borrow_mut().push((path.to_string(), msg));
+        if raw.name.trim().is_empty() {
+            err("name", "must not be empty".into());
+        }
+        let when = raw.when;
+        let source = sources.iter().find(|s| s.id() == when.source);
+        match source {
+            None => err(
+                "when.source",
+                format!(
+                    "unknown source `{}`; configured sources: {}",
+                    when.source,
+                    if sources.is_empty() {
+                        "none".to_string()
+                    } else {
+                        sources
+                            .iter()
+                            .map(SourceConfig::id)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    }
+                ),
+            ),
+            Some(s) => {
+                if let (Some(point), Some(points)) = (&when.point, s.points()) {
+                    if !points.contains(point) {
+                        err(
+                            "when.point",
+                            format!(
+                                "source `{}` has no point `{point}`; its points: {}",
+                                s.id(),
+                                points.join(", ")
+                            ),
+                        );
+                    }
+                }
+                if when.topic.is_some() && !s.has_topics() {
+                    err(
+                        "when.topic",
+                        format!(
+                            "source `{}` is not an MQTT source; match its points with `point`",
+                            s.id()
+                        ),
+                    );
+                }
+            }
+        }
+        let topic = when
+            .topic
+            .as_deref()
+            .and_then(|t| TopicFilter::parse(t).map_err(|e| err("when.topic", e)).ok());
+        let pattern = when.pattern.as_deref().and_then(|p| {
+            regex::Regex::new(p)
+                .map_err(|e| err("when.pattern", format!("invalid regular expression: {e}")))
+                .ok()
+        });
+        let mut captures: Vec<String> = Vec::new();
+        if let Some(t) = &topic {
+            captures.extend(t.capture_names().map(str::to_string));
+        }
+        if let Some(p) = &pattern {
+            captures.extend(p.capture_names().flatten().map(str::to_string));
+        }
+        let field = when
+            .field
+            .as_ref()
+            .map(|f| f.split('.').map(str::to_string).collect::<Vec<_>>());
+        if field
+            .as_ref()
+            .is_some_and(|f| f.iter().any(String::is_empty))
+        {
+            err(
+                "when.field",
+                format!(
+                    "bad payload path {:?}",
+                    when.field.as_deref().unwrap_or_default()
+                ),
+            );
+        }
+        let conditions = [
+            when.equals.is_some(),
+            when.above.is_some(),
+            when.below.is_some(),
+        ]
+        .iter()
+        .filter(|b| **b)
+        .count();
+        if conditions > 1 {
+            err("when", "use one of equals, above, below".into());
+        }
+        let condition = match (&when.equals, when.above, when.below) {
+            (Some(v), _, _) => Some(Condition::Equals(v.to_json())),
+            (_, Some(a), _) => Some(Condition::Above(a)),
+            (_, _, Some(b)) => Some(Condition::Below(b)),
+            _ => None,
+        };
+        let debounce = match &when.debounce {
+            None => Duration::ZERO,
+            Some(d) => crate::config::parse_duration(d).unwrap_or_else(|e| {
+                err("when.debounce", e);
+                Duration::ZERO
+            }),
+        };
+        if when.debounce.is_some() && when.edge.is_none() {
+            err(
+                "when.debounce",
+                "debounce applies to edges: set `edge` too".into(),
+            );
+        }
+
+        let count = raw.count.map(|mode| Counting {
+            mode,
+            quantity: raw.quantity.unwrap_or(1.0),
+            counter_max: raw.counter_max,
+        });
+        if let Some(q) = raw.quantity {
+            if !q.is_finite() || q <= 0.0 {
+                err("quantity", format!("{q} must be a positive number"));
+            }
+            if count.is_none() {
+                err("quantity", "quantity needs `count`".into());
+            }
+        }
+        if raw.counter_max.is_some() && raw.count != Some(CountMode::Delta) {
+            err(
+                "counter_max",
+                "counter_max applies to `count: delta`".into(),
+            );
+        }
+        let aggregate = raw.aggregate.map(|a| {
+            let interval =
+                a.interval
+                    .as_deref()
+                    .and_then(|i| match crate::config::parse_duration(i) {
+                        Ok(d) if !d.is_zero() => Some(d),
+                        Ok(_) => {
+                            err("aggregate.interval", "must be greater than zero".into());
+                            None
+                        }
+                        Err(e) => {
+                            err("aggregate.interval", e);
+                            None
+                        }
+                    });
+            if let Some(every) = a.every {
+                if !every.is_finite() || every <= 0.0 {
+                    err(
+                        "aggregate.every",
+                        format!("{every} must be a positive number"),
+                    );
+                }
+            }
+            if a.every.is_none() && a.interval.is_none() {
+                err("aggregate", "set `every`, `interval` or both".into());
+            }
+            Aggregate {
+                every: a.every,
+                interval,
+            }
+        });
+        if aggregate.is_some() && count.is_none() {
+            err("aggregate", "aggregate needs `count`".into());
+        }
+
+        let template = |path: &str, text: &str| -> Option<Template> {
+            match Template::parse(text) {
+                Ok(t) => {
+                    for v in t.vars() {
+                        match v {
+                            Var::Capture(name) if !captures.contains(name) => err(
+                                path,
+                                format!("`{{capture.{name}}}`: no such capture in `topic` or `pattern` (captures: {})", if captures.is_empty() { "none".to_string() } else { captures.join(", ") }),
+                            ),
+                            Var::Quantity if count.is_none() => err(path, "`{quantity}` needs `count`".into()),
+                            _ => {}
+                        }
+                    }
+                    Some(t)
+                }
+                Err(e) => {
+                    err(path, e);
+                    None
+                }
+            }
+        };
+        let line = raw.line.as_deref().and_then(|l| template("line", l));
+        let set_context = raw.set_context.as_ref().and_then(|c| {
+            Some(SetContext {
+                order: template("set_context.order", &c.order)?,
+                item: c
+                    .item
+                    .as_deref()
+                    .and_then(|t| template("set_context.item", t)),
+                operation: c
+                    .operation
+                    .as_deref()
+                    .and_then(|t| template("set_context.operation", t)),
+                resource: c
+                    .resource
+                    .as_deref()
+                    .and_then(|t| template("set_context.resource", t)),
+            })
+        });
+        let emit = raw.emit.as_ref().map(|e| {
+            let mut header = Vec::new();
+            let mut line_fields = Vec::new();
+            if !KNOWN_TYPES.contains(&e.message_type.as_str()) {
+                err(
+                    "emit.type",
+                    format!(
+                        "unknown message type `{}`, expected one of {}",
+                        e.message_type,
+                        KNOWN_TYPES.join(", ")
+                    ),
+                );
+            }
+            let key = lines_key(&e.message_type);
+            for (name, value) in &e.fields {
+                let path = format!("emit.fields.{name}");
+                let in_line =
+                    key.is_some() && !header_fields(&e.message_type).contains(&name.as_str());
+                if KNOWN_TYPES.contains(&e.message_type.as_str()) {
+                    if let Err(msg) = check_field(&e.message_type, name, in_line) {
+                        err(&path, msg);
+                        continue;
+                    }
+                }
+                let t = match value {
+                    raw::ScalarValue::Text(text) => template(&path, text),
+                    other => Some(Template::constant(other.to_json())),
+                };
+                if let Some(t) = t {
+                    if in_line {
+                        line_fields.push((name.clone(), t));
+                    } else {
+                        header.push((name.clone(), t));
+                    }
+                }
+            }
+            if count.is_some()
+                && !e
+                    .fields
+                    .values()
+                    .any(|v| matches!(v, raw::ScalarValue::Text(t) if t.contains("{quantity}")))
+            {
+                err(
+                    "emit.fields",
+                    "the rule counts, but no field uses `{quantity}`".into(),
+                );
+            }
+            Emit {
+                message_type: e.message_type.clone(),
+                header,
+                line: line_fields,
+                lines_key: key,
+            }
+        });
+        let needs_line = set_context.is_some() || raw.clear_context || emit.is_some();
+        if needs_line && line.is_none() {
+            err("line", "this rule uses a line's order context: set `line` (a name or a template such as \"{capture.line}\")".into());
+        }
+        if count.is_some() && emit.is_none() {
+            err(
+                "emit",
+                "a counting rule needs `emit` to report what it counted".into(),
+            );
+        }
+        if set_context.is_some() && raw.clear_context {
+            err(
+                "clear_context",
+                "use set_context or clear_context, not both".into(),
+            );
+        }
+        let errors = errors.into_inner();
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(Rule {
+            name: raw.name,
+            origin,
+            line,
+            source: when.source,
+            point: when.point,
+            topic,
+            pattern,
+            field,
+            condition,
+            changed: when.changed,
+            edge: when.edge.map(|e| (e, debounce)),
+            count,
+            aggregate,
+            set_context,
+            clear_context: raw.clear_context,
+            emit,
+        })
+    }
+
+    fn key(&self, point: &str) -> String {
+        format!("{}\u{1f}{point}", self.name)
+    }
+}
+
+// Re-exported for the compile step above.
+use crate::config::raw;
+
+/// A message built by a rule.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Built {
+    pub message: Message,
+    pub rule: String,
+}
+
+/// Counters for the operator surface.
+#[derive(Debug, Default)]
+pub struct RuleStats {
+    /// Events that needed an order on a line that had none.
+    pub unassigned: AtomicU64,
+    /// Messages not built because a template had nothing to render or the result was invalid.
+    pub build_errors: AtomicU64,
+}
+
+#[derive(Debug)]
+pub struct Engine {
+    rules: Vec<Arc<Rule>>,
+    state: EngineState,
+    dirty: bool,
+    time_zone: jiff::tz::TimeZone,
+    /// Lines already warned about in the current unassigned burst.
+    warned_unassigned: std::collections::BTreeSet<String>,
+    pub stats: Arc<RuleStats>,
+}
+
+/// The value a rule looks at: the event value or a field of its JSON payload.
+fn subject(event: &Event, field: Option<&[String]>) -> Option<Json> {
+    let whole = match &event.value {
+        Value::Bool(b) => Json::Bool(*b),
+        Value::Number(n) => serde_json::Number::from_f64(*n).map_or(Json::Null, Json::Number),
+        Value::Text(t) => Json::String(t.clone()),
+        Value::Json(j) => j.clone(),
+    };
+    match field {
+        None => Some(whole),
+        Some(path) => {
+            let mut v = &whole;
+            for key in path {
+                v = v.get(key)?;
+            }
+            Some(v.clone())
+        }
+    }
+}
+
+fn as_bool(v: &Json) -> Option<bool> {
+    match v {
+        Json::Bool(b) => Some(*b),
+        Json::Number(n) => n.as_f64().map(|f| f != 0.0),
+        Json::String(s) => match s.trim().to_ascii_lowercase().as_str() {
+            "true" | "on" | "1" => Some(true),
+            "false" | "off" | "0" => Some(false),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+fn as_f64(v: &Json) -> Option<f64> {
+    match v {
+        Json::Number(n) => n.as_f64(),
+        Json::String(s) => s.trim().parse().ok(),
+        Json::Bool(b) => Some(f64::from(u8::from(*b))),
+        _ => None,
+    }
+}
+
+fn equal(a: &Json, b: &Json) -> bool {
+    match (as_f64(a), as_f64(b)) {
+        (Some(x), Some(y)) if a.is_number() || b.is_number() => x == y,
+        _ => match (a, b) {
+            (Json::String(x), Json::String(y)) => x == y,
+            _ => a == b,
+        },
+    }
+}
+
+impl Engine {
+    pub fn new(rules: Vec<Rule>, time_zone: jiff::tz::TimeZone, state: EngineState) -> Engine {
+        Engine {
+            rules: rules.into_iter().map(Arc::new).collect(),
+            state,
+            dirty: false,
+            time_zone,
+            warned_unassigned: Default::default(),
+            stats: Arc::default(),
+        }
+    }
+
+    pub fn state(&self) -> &EngineState {
+        &self.state
+    }
+
+    /// The state to persist, if it changed since the last call.
+    pub fn take_dirty_state(&mut self) -> Option<&EngineState> {
+        if std::mem::take(&mut self.dirty) {
+            Some(&self.state)
+        } else {
+            None
+        }
+    }
+
+    /// Applies one event to every rule, in order.
+    pub fn apply(&mut self, event: &Event) -> Vec<Built> {
+        let mut out = Vec::new();
+        for i in 0..self.rules.len() {
+            let rule = self.rules[i].clone();
+            if *rule.source != *event.source
+                || rule.point.as_deref().is_some_and(|p| p != &*event.point)
+            {
+                continue;
+            }
+            let mut captures = BTreeMap::new();
+            if let Some(filter) = &rule.topic {
+                match filter.matches(&event.point) {
+                    Some(c) => captures.extend(c),
+                    None => continue,
+                }
+            }
+            let Some(value) = subject(event, rule.field.as_deref()) else {
+                continue;
+            };
+            if let Some(pattern) = &rule.pattern {
+                let text = match &value {
+                    Json::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                let Some(caps) = pattern.captures(&text) else {
+                    continue;
+                };
+                for name in pattern.capture_names().flatten() {
+                    if let Some(m) = caps.name(name) {
+                        captures.insert(name.to_string(), m.as_str().to_string());
+                    }
+                }
+            }
+            let matched = match &rule.condition {
+                None => true,
+                Some(Condition::Equals(v)) => equal(&value, v),
+                Some(Condition::Above(x)) => as_f64(&value).is_some_and(|n| n > *x),
+                Some(Condition::Below(x)) => as_f64(&value).is_some_and(|n| n < *x),
+            };
+            if !matched {
+                continue;
+            }
+            let key = rule.key(&event.point);
+            if rule.changed {
+                let previous = self.state.last_values.insert(key.clone(), value.clone());
+                self.dirty = true;
+                if previous.is_none_or(|p| equal(&p, &value)) {
+                    continue;
+                }
+            }
+            let trigger = Trigger {
+                source: event.source.to_string(),
+                point: event.point.to_string(),
+                captures,
+                payload: match &event.value {
+                    Value::Json(j) => Some(j.clone()),
+                    _ => None,
+                },
+                value: value.clone(),
+                at: event.at,
+            };
+            match rule.edge {
+                None => self.fire(i, trigger, &mut out),
+                Some((edge, debounce)) => {
+                    let Some(level) = as_bool(&value) else {
+                        tracing::debug!(rule = %rule.name, point = %event.point, value = %value, "Edge rule got a value that is not a boolean; ignored.");
+                        continue;
+                    };
+                    let state = self.state.edges.entry(key.clone()).or_default();
+                    let confirmed = state.observe(edge, debounce, level, event.at);
+                    let pending = state.pending.is_some();
+                    self.dirty = true;
+                    // A confirmation by this event fires with the trigger that started the
+                    // pending level; a new pending level remembers this one.
+                    let earlier = self.state.pending_triggers.remove(&key);
+                    for at in confirmed {
+                        let mut t = earlier.clone().unwrap_or_else(|| trigger.clone());
+                        t.at = at;
+                        self.fire(i, t, &mut out);
+                    }
+                    if pending {
+                        let keep = match earlier {
+                            Some(e)
+                                if self
+                                    .state
+                                    .edges
+                                    .get(&key)
+                                    .and_then(|s| s.pending)
+                                    .is_some_and(|(_, since)| since == e.at) =>
+                            {
+                                e
+                            }
+                            _ => trigger,
+                        };
+                        self.state.pending_triggers.insert(key, keep);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Handles the passing of time: confirms debounced edges and flushes aggregates whose
+    /// interval has passed.
+    pub fn tick(&mut self, now: jiff::Timestamp) -> Vec<Built> {
+        let mut out = Vec::new();
+        for i in 0..self.rules.len() {
+            let Some((edge, debounce)) = self.rules[i].edge else {
+                continue;
+            };
+            let prefix = format!("{}\u{1f}", self.rules[i].name);
+            let keys: Vec<String> = self
+                .state
+                .edges
+                .range(prefix.clone()..)
+                .take_while(|(k, _)| k.starts_with(&prefix))
+                .map(|(k, _)| k.clone())
+                .collect();
+            for key in keys {
+                let Some(state) = self.state.edges.get_mut(&key) else {
+                    continue;
+                };
+                if let Some(at) = state.settle(edge, debounce, now) {
+                    self.dirty = true;
+                    if let Some(mut t) = self.state.pending_triggers.remove(&key) {
+                        t.at = at;
+                        self.fire(i, t, &mut out);
+                    }
+                } else if state.pending.is_none() {
+                    self.state.pending_triggers.remove(&key);
+                }
+            }
+        }
+        let due: Vec<String> = self
+            .state
+            .accumulators
+            .iter()
+            .filter(|(_, acc)| {
+                self.rule_index(&acc.rule)
+                    .and_then(|i| self.rules[i].aggregate.as_ref()?.interval)
+                    .is_some_and(|interval| now >= acc.opened_at + interval)
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in due {
+            self.flush_accumulator(&key, now, &mut out);
+        }
+        out
+    }
+
+    /// The next time [`Engine::tick`] has work, if any.
+    pub fn next_deadline(&self) -> Option<jiff::Timestamp> {
+        let edges = self.rules.iter().filter_map(|r| {
+            let (_, debounce) = r.edge?;
+            let prefix = format!("{}\u{1f}", r.name);
+            self.state
+                .edges
+                .range(prefix.clone()..)
+                .take_while(|(k, _)| k.starts_with(&prefix))
+                .filter_map(|(_, s)| s.deadline(debounce))
+                .min()
+        });
+        let aggregates = self.state.accumulators.values().filter_map(|acc| {
+            let interval = self.rules[self.rule_index(&acc.rule)?]
+                .aggregate
+                .as_ref()?
+                .interval?;
+            Some(acc.opened_at + interval)
+        });
+        edges.chain(aggregates).min()
+    }
+
+    /// Reports everything still accumulated (at shutdown).
+    pub fn flush_all(&mut self, now: jiff::Timestamp) -> Vec<Built> {
+        let mut out = Vec::new();
+        let keys: Vec<String> = self.state.accumulators.keys().cloned().collect();
+        for key in keys {
+            self.flush_accumulator(&key, now, &mut out);
+        }
+        out
+    }
+
+    fn rule_index(&self, name: &str) -> Option<usize> {
+        self.rules.iter().position(|r| r.name == name)
+    }
+
+    /// Runs a rule's actions for one trigger: context, counting, emit.
+    fn fire(&mut self, i: usize, trigger: Trigger, out: &mut Vec<Built>) {
+        let rule = self.rules[i].clone();
+        let line = match &rule.line {
+            None => None,
+            Some(t) => match t.render_text(&self.scope(&rule, &trigger, None, None)) {
+                Ok(l) => Some(l),
+                Err(m) => {
+                    self.build_error(&rule, &trigger, &m);
+                    return;
+                }
+            },
+        };
+        if let (Some(set), Some(line)) = (&rule.set_context, &line) {
+            let current = self.state.contexts.get(line).cloned();
+            let scope = self.scope(&rule, &trigger, current.as_ref(), Some(line));
+            let render =
+                |t: &Option<Template>| t.as_ref().map(|t| t.render_text(&scope)).transpose();
+            let new = (|| -> Result<OrderContext, Missing> {
+                Ok(OrderContext {
+                    order: set.order.render_text(&scope)?,
+                    item: render(&set.item)?,
+                    operation: render(&set.operation)?,
+                    resource: render(&set.resource)?,
+                    since: Some(trigger.at),
+                })
+            })();
+            match new {
+                Ok(ctx) if ctx.order.trim().is_empty() => self.build_error(
+                    &rule,
+                    &trigger,
+                    &Missing::Other("set_context.order rendered empty".into()),
+                ),
+                Ok(ctx) => {
+                    if current
+                        .as_ref()
+                        .is_some_and(|c| c.order != ctx.order || c.item != ctx.item)
+                    {
+                        self.flush_line(line, trigger.at, out);
+                    }
+                    if current.as_ref().is_none_or(|c| c.order != ctx.order) {
+                        tracing::info!(%line, order = %ctx.order, item = ?ctx.item, rule = %rule.name, "Order context set.");
+                    }
+                    self.warned_unassigned.remove(line);
+                    self.state.contexts.insert(line.clone(), ctx);
+                    self.dirty = true;
+                }
+                Err(m) => self.build_error(&rule, &trigger, &m),
+            }
+        }
+        if rule.clear_context {
+            if let Some(line) = &line {
+                self.flush_line(line, trigger.at, out);
+                if let Some(old) = self.state.contexts.remove(line) {
+                    tracing::info!(%line, order = %old.order, rule = %rule.name, "Order context cleared.");
+                    self.dirty = true;
+                }
+            }
+        }
+
+        let quantity = match &rule.count {
+            None => None,
+            Some(counting) => {
+                let q = match counting.mode {
+                    CountMode::Impulse => counting.quantity,
+                    CountMode::Value => {
+                        as_f64(&trigger.value).map_or(0.0, |v| v * counting.quantity)
+                    }
+                    CountMode::Delta => {
+                        let Some(v) = as_f64(&trigger.value) else {
+                            return;
+                        };
+                        let key = rule.key(&trigger.point);
+                        let last = self.state.counters.insert(key, v);
+                        self.dirty = true;
+                        // The first reading only sets the base: what the counter showed
+                        // before the gateway watched it was not counted by us.
+                        last.map_or(0.0, |last| {
+                            counter_delta(last, v, counting.counter_max) * counting.quantity
+                        })
+                    }
+                };
+                if q <= 0.0 || !q.is_finite() {
+                    return;
+                }
+                Some(q)
+            }
+        };
+        let Some(emit) = &rule.emit else { return };
+        let Some(line) = line else { return };
+        let context = self.state.contexts.get(&line).cloned();
+        if context.is_none() && self.needs_context(emit) {
+            self.unassigned(&rule, &line, &trigger, quantity);
+            return;
+        }
+        match (&rule.aggregate, quantity) {
+            (Some(aggregate), Some(q)) => {
+                // Context is Some here: an aggregate always needs the order.
+                let Some(ctx) = context else { return };
+                let key = Accumulator::key(&rule.name, &line, &ctx.order, ctx.item.as_deref());
+                let acc = self
+                    .state
+                    .accumulators
+                    .entry(key.clone())
+                    .or_insert_with(|| Accumulator {
+                        rule: rule.name.clone(),
+                        line: line.clone(),
+                        context: ctx.clone(),
+                        quantity: 0.0,
+                        opened_at: trigger.at,
+                        trigger: trigger.clone(),
+                    });
+                acc.quantity += q;
+                acc.trigger = trigger.clone();
+                self.dirty = true;
+                if aggregate.every.is_some_and(|every| acc.quantity >= every) {
+                    self.flush_accumulator(&key, trigger.at, out);
+                }
+            }
+            _ => {
+                if let Some(b) =
+                    self.build(&rule, emit, &trigger, context.as_ref(), &line, quantity)
+                {
+                    out.push(b);
+                }
+            }
+        }
+    }
+
+    fn needs_context(&self, emit: &Emit) -> bool {
+        let uses = |fields: &[(String, Template)]| {
+            fields
+                .iter()
+                .any(|(_, t)| t.vars().any(|v| matches!(v, Var::Context(_))))
+        };
+        let sets_order = emit
+            .header
+            .iter()
+            .any(|(n, _)| n == "ProductionOrderNumber");
+        !sets_order || uses(&emit.header) || uses(&emit.line)
+    }
+
+    fn unassigned(&mut self, rule: &Rule, line: &str, trigger: &Trigger, quantity: Option<f64>) {
+        self.stats.unassigned.fetch_add(1, Ordering::Relaxed);
+        if self.warned_unassigned.insert(line.to_string()) {
+            tracing::warn!(%line, rule = %rule.name, point = %trigger.point, quantity = ?quantity,
+                "Line has no production order: events are counted as unassigned and no message is built until an order is set (further ones are not logged until then).");
+        }
+    }
+
+    fn build_error(&self, rule: &Rule, trigger: &Trigger, missing: &Missing) {
+        self.stats.build_errors.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(rule = %rule.name, origin = %rule.origin, source = %trigger.source, point = %trigger.point, problem = ?missing, "Rule could not build its message; event skipped.");
+    }
+
+    fn flush_line(&mut self, line: &str, now: jiff::Timestamp, out: &mut Vec<Built>) {
+        let keys: Vec<String> = self
+            .state
+            .accumulators
+            .iter()
+            .filter(|(_, a)| a.line == line)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in keys {
+            self.flush_accumulator(&key, now, out);
+        }
+    }
+
+    fn flush_accumulator(&mut self, key: &str, now: jiff::Timestamp, out: &mut Vec<Built>) {
+        let Some(acc) = self.state.accumulators.remove(key) else {
+            return;
+        };
+        self.dirty = true;
+        let Some(i) = self.rule_index(&acc.rule) else {
+            tracing::warn!(rule = %acc.rule, quantity = acc.quantity, order = %acc.context.order,
+                "Accumulated quantity of a rule that no longer exists is dropped.");
+            return;
+        };
+        let rule = self.rules[i].clone();
+        let Some(emit) = &rule.emit else { return };
+        let mut trigger = acc.trigger.clone();
+        trigger.at = now.max(acc.trigger.at);
+        if let Some(b) = self.build(
+            &rule,
+            emit,
+            &trigger,
+            Some(&acc.context),
+            &acc.line,
+            Some(acc.quantity),
+        ) {
+            out.push(b);
+        }
+    }
+
+    fn scope<'a>(
+        &'a self,
+        rule: &'a Rule,
+        trigger: &'a Trigger,
+        context: Option<&'a OrderContext>,
+        line: Option<&'a str>,
+    ) -> Scope<'a> {
+        Scope {
+            quantity: None,
+            context,
+            captures: &trigger.captures,
+            payload: trigger.payload.as_ref(),
+            value: &trigger.value,
+            at: trigger.at,
+            time_zone: &self.time_zone,
+            line,
+            source: &trigger.source,
+            point: &trigger.point,
+            rule: &rule.name,
+        }
+    }
+
+    fn build(
+        &self,
+        rule: &Rule,
+        emit: &Emit,
+        trigger: &Trigger,
+        context: Option<&OrderContext>,
+        line: &str,
+        quantity: Option<f64>,
+    ) -> Option<Built> {
+        let mut scope = self.scope(rule, trigger, context, Some(line));
+        scope.quantity = quantity;
+        let result = (|| -> Result<Json, Missing> {
+            let mut header = serde_json::Map::new();
+            for (name, t) in &emit.header {
+                header.insert(name.clone(), t.render(&scope)?);
+            }
+            if !header.contains_key("ProductionOrderNumber") {
+                let order = context
+                    .map(|c| c.order.clone())
+                    .ok_or(Missing::Context("order"))?;
+                header.insert("ProductionOrderNumber".into(), Json::String(order));
+            }
+            if let Some(key) = emit.lines_key {
+                let mut l = serde_json::Map::new();
+                for (name, t) in &emit.line {
+                    l.insert(name.clone(), t.render(&scope)?);
+                }
+                header.insert(key.into(), Json::Array(vec![Json::Object(l)]));
+            }
+            Ok(Json::Object(header))
+        })();
+        let content = match result {
+            Ok(c) => c,
+            Err(m) => {
+                self.build_error(rule, trigger, &m);
+                return None;
+            }
+        };
+        match Message::from_json(&emit.message_type, content).and_then(|m| m.validate().map(|()| m))
+        {
+            Ok(message) => Some(Built {
+                message,
+                rule: rule.name.clone(),
+            }),
+            Err(e) => {
+                self.stats.build_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(rule = %rule.name, origin = %rule.origin, error = %e, "Rule built an invalid message; not stored.");
+                None
+            }
+        }
+    }
+}
