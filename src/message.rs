@@ -52,9 +52,47 @@ impl Serialize for Real {
     }
 }
 
+/// A number, or text holding one: values rendered from templates (a regex capture, a
+/// context field) arrive as text.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum NumberOrText {
+    Number(f64),
+    Text(String),
+}
+
 impl<'de> Deserialize<'de> for Real {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        f64::deserialize(d).map(Real)
+        match NumberOrText::deserialize(d)? {
+            NumberOrText::Number(n) => Ok(Real(n)),
+            NumberOrText::Text(t) => t
+                .trim()
+                .parse()
+                .map(Real)
+                .map_err(|_| serde::de::Error::custom(format!("invalid number {t:?}"))),
+        }
+    }
+}
+
+/// D365 `Integer`; accepts text holding an integer, like [`Real`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct Int(pub i64);
+
+impl<'de> Deserialize<'de> for Int {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let invalid = |what: String| serde::de::Error::custom(format!("invalid integer {what}"));
+        match NumberOrText::deserialize(d)? {
+            NumberOrText::Number(n) if n.fract() == 0.0 && n.abs() < 9_007_199_254_740_992.0 => {
+                Ok(Int(n as i64))
+            }
+            NumberOrText::Number(n) => Err(invalid(n.to_string())),
+            NumberOrText::Text(t) => t
+                .trim()
+                .parse()
+                .map(Int)
+                .map_err(|_| invalid(format!("{t:?}"))),
+        }
     }
 }
 
@@ -203,9 +241,9 @@ pub struct ReportFinishedLine {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub route_card_journal_name_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub from_operation_number: Option<i64>,
+    pub from_operation_number: Option<Int>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub to_operation_number: Option<i64>,
+    pub to_operation_number: Option<Int>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inventory_lot_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -326,7 +364,7 @@ pub struct PickingListLine {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consumption_date: Option<Date>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub operation_number: Option<i64>,
+    pub operation_number: Option<Int>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub line_number: Option<Real>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -406,7 +444,7 @@ pub struct RouteCardMessage {
 pub struct RouteCardLine {
     /// Mandatory: checked by [`Message::validate`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub operation_number: Option<i64>,
+    pub operation_number: Option<Int>,
     /// `Primary` or `Secondary1` … `Secondary20`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub operation_priority: Option<String>,

@@ -282,9 +282,17 @@ async fn the_demo_runs_without_hardware_or_d365() {
 #[tokio::test]
 async fn every_shipped_config_directory_validates() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let mut dirs: Vec<_> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    dirs.extend(
+        std::fs::read_dir(root.join("examples"))
+            .unwrap()
+            .map(|e| e.unwrap().path()),
+    );
     let mut checked = 0;
-    for entry in std::fs::read_dir(&root).unwrap() {
-        let src = entry.unwrap().path();
+    for src in dirs {
         if !src.join("gateway.yaml").is_file() {
             continue;
         }

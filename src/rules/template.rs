@@ -212,16 +212,21 @@ impl Template {
     }
 }
 
+fn round6(q: f64) -> f64 {
+    (q * 1e6).round() / 1e6
+}
+
 fn number(n: f64) -> Json {
     serde_json::Number::from_f64(n).map_or(Json::Null, Json::Number)
 }
 
 fn lookup(var: &Var, s: &Scope<'_>) -> Result<Json, Missing> {
     Ok(match var {
-        Var::Quantity => number(
-            s.quantity
-                .ok_or_else(|| Missing::Other("no quantity: this rule does not count".into()))?,
-        ),
+        // Rounded to 6 decimals: sums of scaled deltas (0.01 h steps) must not reach D365
+        // as 0.15999999999999998.
+        Var::Quantity => number(round6(s.quantity.ok_or_else(|| {
+            Missing::Other("no quantity: this rule does not count".into())
+        })?)),
         Var::Context(field) => {
             let ctx = s.context.ok_or(Missing::Context("order"))?;
             let (value, name) = match field {
