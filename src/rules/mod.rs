@@ -1011,3 +1011,6 @@ impl Engine {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

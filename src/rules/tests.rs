@@ -1,0 +1,452 @@
+//! Engine tests: matchers, edges, counting, aggregation, context, templates, compile
+//! errors, and property tests for debounce and counting.
+
+use std::time::Duration;
+
+use proptest::prelude::*;
+use serde_json::json;
+
+use super::*;
+use crate::config::yaml::{from_node, Node};
+use crate::config::{SimulatorConfig, SimulatorMode, SourceConfig};
+
+fn sim(id: &str, point: &str) -> SourceConfig {
+    SourceConfig::Simulator(SimulatorConfig {
+        id: id.into(),
+        interval: Duration::from_secs(1),
+        point: point.into(),
+        limit: None,
+        mode: SimulatorMode::Impulse,
+    })
+}
+
+fn sources() -> Vec<SourceConfig> {
+    vec![
+        sim("hmi", "order"),
+        sim("barrier", "impulse"),
+        sim("plc", "counter"),
+        sim("scale", "weight"),
+    ]
+}
+
+fn compile(yaml: &str) -> Result<Vec<Rule>, Vec<RuleError>> {
+    let node = Node::parse(yaml).unwrap();
+    let raws: Vec<RawRule> =
+        from_node(&node).unwrap_or_else(|e| panic!("{}: {}", e.path, e.message));
+    let mut out = Vec::new();
+    let mut errors = Vec::new();
+    for raw in raws {
+        match Rule::compile(raw, "test".into(), &sources()) {
+            Ok(r) => out.push(r),
+            Err(e) => errors.extend(e),
+        }
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(errors)
+    }
+}
+
+fn engine(yaml: &str) -> Engine {
+    Engine::new(
+        compile(yaml).unwrap(),
+        jiff::tz::TimeZone::UTC,
+        EngineState::default(),
+    )
+}
+
+fn t(ms: i64) -> jiff::Timestamp {
+    jiff::Timestamp::from_millisecond(1_700_000_000_000 + ms).unwrap()
+}
+
+fn ev(source: &str, point: &str, value: Value, ms: i64) -> Event {
+    Event {
+        source: source.into(),
+        point: point.into(),
+        value,
+        at: t(ms),
+    }
+}
+
+fn content(b: &Built) -> serde_json::Value {
+    serde_json::from_str(&b.message.to_content(&Default::default()).unwrap()).unwrap()
+}
+
+const ORDER_RULE: &str = "
+- name: order
+  line: l1
+  when: { source: hmi, point: order, pattern: '^(?P<order>P\\d+);(?P<item>\\w+)$' }
+  set_context: { order: '{capture.order}', item: '{capture.item}' }
+";
+
+fn counting(aggregate: &str) -> String {
+    format!(
+        "{ORDER_RULE}
+- name: parts
+  line: l1
+  when: {{ source: barrier, point: impulse, edge: rising }}
+  count: impulse
+  {aggregate}
+  emit:
+    type: ProdProductionOrderReportFinished
+    fields: {{ ItemNumber: '{{context.item}}', ReportedGoodQuantity: '{{quantity}}' }}
+"
+    )
+}
+
+fn pulses(e: &mut Engine, n: usize, start_ms: i64) -> Vec<Built> {
+    let mut out = Vec::new();
+    for i in 0..n as i64 {
+        out.extend(e.apply(&ev(
+            "barrier",
+            "impulse",
+            Value::Bool(true),
+            start_ms + i * 10,
+        )));
+        out.extend(e.apply(&ev(
+            "barrier",
+            "impulse",
+            Value::Bool(false),
+            start_ms + i * 10 + 5,
+        )));
+    }
+    out
+}
+
+fn quantities(built: &[Built]) -> Vec<f64> {
+    built
+        .iter()
+        .map(|b| {
+            content(b)["ReportFinishedLines"][0]["ReportedGoodQuantity"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn no_order_no_message_events_are_unassigned() {
+    let mut e = engine(&counting(""));
+    assert!(pulses(&mut e, 3, 0).is_empty());
+    assert_eq!(e.stats.unassigned.load(Ordering::Relaxed), 3);
+    e.apply(&ev("hmi", "order", Value::Text("P7;A1".into()), 100));
+    let built = pulses(&mut e, 2, 200);
+    assert_eq!(quantities(&built), vec![1.0, 1.0]);
+    assert_eq!(content(&built[0])["ProductionOrderNumber"], "P7");
+    assert_eq!(
+        content(&built[0])["ReportFinishedLines"][0]["ItemNumber"],
+        "A1"
+    );
+}
+
+#[test]
+fn aggregates_flush_on_count_interval_order_change_and_shutdown() {
+    let mut e = engine(&counting("aggregate: { every: 50, interval: 60s }"));
+    e.apply(&ev("hmi", "order", Value::Text("P1;A".into()), 0));
+    assert_eq!(quantities(&pulses(&mut e, 120, 1000)), vec![50.0, 50.0]);
+    // 20 pieces are open since 1000 + 100 * 10 ms.
+    let opened = t(1000 + 100 * 10);
+    assert_eq!(e.next_deadline(), Some(opened + Duration::from_secs(60)));
+    assert!(e.tick(opened + Duration::from_secs(59)).is_empty());
+    assert_eq!(
+        quantities(&e.tick(opened + Duration::from_secs(60))),
+        vec![20.0]
+    );
+
+    pulses(&mut e, 7, 200_000);
+    let changed = e.apply(&ev("hmi", "order", Value::Text("P2;A".into()), 300_000));
+    assert_eq!(quantities(&changed), vec![7.0]);
+    assert_eq!(
+        content(&changed[0])["ProductionOrderNumber"],
+        "P1",
+        "the old order gets its pieces"
+    );
+    pulses(&mut e, 3, 400_000);
+    let rest = e.flush_all(t(500_000));
+    assert_eq!(quantities(&rest), vec![3.0]);
+    assert_eq!(content(&rest[0])["ProductionOrderNumber"], "P2");
+    assert!(e.flush_all(t(500_001)).is_empty());
+}
+
+#[test]
+fn accumulators_survive_a_restart_through_the_saved_state() {
+    let yaml = counting("aggregate: { every: 10 }");
+    let mut e = engine(&yaml);
+    e.apply(&ev("hmi", "order", Value::Text("P1;A".into()), 0));
+    pulses(&mut e, 7, 1000);
+    let saved = serde_json::to_vec(e.take_dirty_state().unwrap()).unwrap();
+    let mut restarted = Engine::new(
+        compile(&yaml).unwrap(),
+        jiff::tz::TimeZone::UTC,
+        serde_json::from_slice(&saved).unwrap(),
+    );
+    assert_eq!(quantities(&pulses(&mut restarted, 3, 5000)), vec![10.0]);
+}
+
+#[test]
+fn counter_registers_count_deltas_across_wrap_and_reset() {
+    let mut e = engine(&format!(
+        "{ORDER_RULE}
+- name: count
+  line: l1
+  when: {{ source: plc, point: counter }}
+  count: delta
+  counter_max: 65535
+  emit:
+    type: ProdProductionOrderReportFinished
+    fields: {{ ReportedGoodQuantity: '{{quantity}}' }}
+"
+    ));
+    e.apply(&ev("hmi", "order", Value::Text("P1;A".into()), 0));
+    let mut q = Vec::new();
+    for (i, v) in [65530.0, 65535.0, 65535.0, 4.0, 2.0].iter().enumerate() {
+        q.extend(quantities(&e.apply(&ev(
+            "plc",
+            "counter",
+            Value::Number(*v),
+            100 + i as i64,
+        ))));
+    }
+    // Base, +5, nothing, +5 across the wrap, then a reset to 2 (2 counted since).
+    assert_eq!(q, vec![5.0, 5.0, 2.0]);
+}
+
+#[test]
+fn json_fields_conditions_and_value_counting() {
+    let mut e = engine(&format!(
+        "{ORDER_RULE}
+- name: weigh
+  line: l1
+  when: {{ source: scale, point: weight, field: w.net, above: 1 }}
+  count: value
+  emit:
+    type: ProdProductionOrderPickingList
+    fields: {{ ItemNumber: '{{payload.material}}', ConsumptionBOMQuantity: '{{quantity}}' }}
+"
+    ));
+    e.apply(&ev("hmi", "order", Value::Text("P1;A".into()), 0));
+    let light = e.apply(&ev(
+        "scale",
+        "weight",
+        Value::Json(json!({"w": {"net": 0.5}, "material": "M1"})),
+        1,
+    ));
+    assert!(light.is_empty(), "below the threshold");
+    let not_json = e.apply(&ev("scale", "weight", Value::Text("12.5 kg".into()), 2));
+    assert!(not_json.is_empty());
+    let b = e.apply(&ev(
+        "scale",
+        "weight",
+        Value::Json(json!({"w": {"net": 12.5}, "material": "M1"})),
+        3,
+    ));
+    assert_eq!(
+        content(&b[0])["PickingListLines"][0],
+        json!({"ItemNumber": "M1", "ConsumptionBOMQuantity": 12.5})
+    );
+}
+
+#[test]
+fn equals_and_changed_conditions() {
+    let mut e = engine(
+        "
+- name: start
+  line: l1
+  when: { source: hmi, point: order, changed: true }
+  emit: { type: ProdProductionOrderStart, fields: { ProductionOrderNumber: '{value}' } }
+- name: stop
+  line: l1
+  when: { source: barrier, point: impulse, equals: 3 }
+  emit: { type: ProdProductionOrderEnd, fields: { ProductionOrderNumber: P9 } }
+",
+    );
+    let orders: Vec<usize> = ["P1", "P1", "P2", "P2", "P1"]
+        .iter()
+        .enumerate()
+        .map(|(i, o)| {
+            e.apply(&ev("hmi", "order", Value::Text((*o).into()), i as i64))
+                .len()
+        })
+        .collect();
+    assert_eq!(
+        orders,
+        vec![0, 0, 1, 0, 1],
+        "first value is the baseline; then only changes"
+    );
+    assert!(e
+        .apply(&ev("barrier", "impulse", Value::Number(2.0), 10))
+        .is_empty());
+    assert_eq!(
+        e.apply(&ev("barrier", "impulse", Value::Text("3".into()), 11))
+            .len(),
+        1
+    );
+}
+
+#[test]
+fn one_event_several_rules_in_configuration_order() {
+    let mut e = engine(
+        "
+- name: set
+  line: l1
+  when: { source: hmi, point: order }
+  set_context: { order: '{value}' }
+  emit: { type: ProdProductionOrderStart }
+- name: also
+  line: l1
+  when: { source: hmi, point: order }
+  emit: { type: ProdProductionOrderEnd }
+",
+    );
+    let built = e.apply(&ev("hmi", "order", Value::Text("P5".into()), 0));
+    let types: Vec<&str> = built.iter().map(|b| b.message.message_type()).collect();
+    assert_eq!(
+        types,
+        vec!["ProdProductionOrderStart", "ProdProductionOrderEnd"]
+    );
+    assert!(
+        built.iter().all(|b| b.message.production_order() == "P5"),
+        "context set before the emits"
+    );
+}
+
+#[test]
+fn clear_context_flushes_and_then_events_are_unassigned() {
+    let mut e = engine(&format!(
+        "{}
+- name: end
+  line: l1
+  when: {{ source: hmi, point: order, equals: END }}
+  clear_context: true
+",
+        counting("aggregate: { every: 100 }")
+    ));
+    e.apply(&ev("hmi", "order", Value::Text("P1;A".into()), 0));
+    pulses(&mut e, 4, 100);
+    assert_eq!(
+        quantities(&e.apply(&ev("hmi", "order", Value::Text("END".into()), 1000))),
+        vec![4.0]
+    );
+    assert!(pulses(&mut e, 1, 2000).is_empty());
+    assert_eq!(e.stats.unassigned.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn compile_errors_name_the_field() {
+    let errs = compile(
+        "
+- name: bad
+  line: '{capture.nope}'
+  when: { source: ghost, pattern: '(unclosed' }
+  quantity: 2
+  emit:
+    type: ProdProductionOrderReportFinished
+    fields: { ReportedGoodQty: 1, ItemNumber: '{context.itm}' }
+- name: bad2
+  line: l1
+  when: { source: barrier, point: nope }
+  count: impulse
+  emit: { type: ProdProductionOrderStart }
+",
+    )
+    .unwrap_err();
+    let text: Vec<String> = errs.iter().map(|(p, m)| format!("{p}: {m}")).collect();
+    let has = |needle: &str| {
+        assert!(
+            text.iter().any(|t| t.contains(needle)),
+            "no {needle:?} in {text:#?}"
+        )
+    };
+    has("when.source: unknown source `ghost`");
+    has("when.pattern: invalid regular expression");
+    has("quantity: quantity needs `count`");
+    has("emit.fields.ReportedGoodQty: `ReportedGoodQty` is not a field of ProdProductionOrderReportFinished");
+    has("emit.fields.ItemNumber: unknown context field `itm`");
+    has("line: `{capture.nope}`: no such capture");
+    has("when.point: source `barrier` has no point `nope`");
+    has("emit.fields: the rule counts, but no field uses `{quantity}`");
+}
+
+proptest! {
+    /// Any number of pulses, each longer than the debounce, with any bounce (toggles
+    /// shorter than the debounce) on either edge, and timer ticks at any moments:
+    /// exactly one count per pulse.
+    #[test]
+    fn debounce_counts_each_real_pulse_once(
+        pulses in prop::collection::vec((0u8..4, 0u8..4, 25i64..200, 25i64..200), 1..30),
+        tick_every in prop::option::of(1i64..100),
+    ) {
+        let debounce = 20;
+        let mut e = engine(&format!(
+            "- name: p\n  line: l1\n  when: {{ source: barrier, point: impulse, edge: rising, debounce: {debounce}ms }}\n  emit: {{ type: ProdProductionOrderStart, fields: {{ ProductionOrderNumber: P1 }} }}\n"
+        ));
+        let real_pulses = pulses.len();
+        let mut events: Vec<(i64, bool)> = Vec::new();
+        let mut now = 0i64;
+        for (bounce_up, bounce_down, high, low) in pulses {
+            // Rising edge with `bounce_up` extra toggles, 1 ms apart (all within 20 ms).
+            for k in 0..bounce_up { events.push((now + i64::from(k) * 2, true)); events.push((now + i64::from(k) * 2 + 1, false)); }
+            now += i64::from(bounce_up) * 2;
+            events.push((now, true));
+            now += high;
+            for k in 0..bounce_down { events.push((now + i64::from(k) * 2, false)); events.push((now + i64::from(k) * 2 + 1, true)); }
+            now += i64::from(bounce_down) * 2;
+            events.push((now, false));
+            now += low;
+        }
+        let mut count = 0;
+        let mut next_tick = tick_every;
+        for (at, level) in &events {
+            if let (Some(every), Some(tk)) = (tick_every, next_tick) {
+                let mut tk = tk;
+                while tk < *at { count += e.tick(t(tk)).len(); tk += every; }
+                next_tick = Some(tk);
+            }
+            count += e.apply(&ev("barrier", "impulse", Value::Bool(*level), *at)).len();
+        }
+        count += e.tick(t(now + 1000)).len();
+        prop_assert_eq!(expected_pulses(&events, debounce), real_pulses, "the generator makes bounces shorter than the debounce");
+        prop_assert_eq!(count, real_pulses);
+    }
+
+    /// Impulses counted in aggregates that flush on count, with restarts (state saved and
+    /// reloaded) at any points: the reported total equals the number of impulses.
+    #[test]
+    fn counting_loses_and_doubles_nothing_across_restarts(
+        n in 1usize..300,
+        every in 1u32..60,
+        restarts in prop::collection::vec(0usize..300, 0..5),
+    ) {
+        let yaml = counting(&format!("aggregate: {{ every: {every} }}"));
+        let mut e = engine(&yaml);
+        let mut total = 0.0;
+        total += quantities(&e.apply(&ev("hmi", "order", Value::Text("P1;A".into()), 0))).iter().sum::<f64>();
+        for i in 0..n {
+            if restarts.contains(&i) {
+                let saved = serde_json::to_vec(e.state()).unwrap();
+                e = Engine::new(compile(&yaml).unwrap(), jiff::tz::TimeZone::UTC, serde_json::from_slice(&saved).unwrap());
+            }
+            total += quantities(&pulses(&mut e, 1, 1000 + i as i64 * 10)).iter().sum::<f64>();
+        }
+        total += quantities(&e.flush_all(t(1_000_000))).iter().sum::<f64>();
+        prop_assert_eq!(total, n as f64);
+    }
+}
+
+/// The number of rising edges of the signal once every level shorter than `debounce`
+/// is removed: the count a perfect debouncer gives.
+fn expected_pulses(events: &[(i64, bool)], debounce: i64) -> usize {
+    let mut stable = false;
+    let mut count = 0;
+    for (i, (at, level)) in events.iter().enumerate() {
+        let until = events.get(i + 1).map_or(i64::MAX, |(next, _)| *next);
+        if until - at >= debounce && *level != stable {
+            if *level {
+                count += 1;
+            }
+            stable = *level;
+        }
+    }
+    count
+}
