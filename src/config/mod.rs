@@ -194,6 +194,8 @@ pub enum SimulatorMode {
         start_at: Option<jiff::Timestamp>,
         step: f64,
         max: Option<f64>,
+        /// The count stops here (a batch of N parts).
+        stop_at: Option<f64>,
     },
     /// The given values in turn (texts, numbers, JSON objects).
     Values(Vec<serde_json::Value>),
@@ -865,6 +867,7 @@ fn simulator_mode(
     start_at: Option<&str>,
     step: Option<f64>,
     counter_max: Option<f64>,
+    stop_at: Option<f64>,
     values: Option<Vec<raw::ScalarOrJson>>,
 ) -> Option<SimulatorMode> {
     Some(match (mode.unwrap_or("impulse"), values) {
@@ -886,6 +889,7 @@ fn simulator_mode(
                 start_at,
                 step: step.unwrap_or(1.0),
                 max: counter_max,
+                stop_at,
             }
         }
         ("values", Some(values)) if !values.is_empty() => {
@@ -987,6 +991,7 @@ fn validate_sources(doc: &Doc, node: &Node, errors: &mut Errors) -> Vec<SourceCo
                         raw.start_at.as_deref(),
                         raw.step,
                         raw.counter_max,
+                        raw.stop_at,
                         raw.values,
                     )?;
                     Some(SourceConfig::Simulator(SimulatorConfig {

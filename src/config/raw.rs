@@ -86,6 +86,8 @@ pub struct RawSimulator {
     pub start_at: Option<String>,
     pub step: Option<f64>,
     pub counter_max: Option<f64>,
+    /// Counter mode: the counter stops counting at this value (a batch of N parts).
+    pub stop_at: Option<f64>,
     pub values: Option<Vec<ScalarOrJson>>,
 }
 

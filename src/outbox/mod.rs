@@ -526,6 +526,8 @@ impl Outbox {
     }
 
     /// Operator: send a `failed` or `uncertain` message again, optionally with new content.
+    /// A message still `sending` here was interrupted by a crash (operator commands run
+    /// while the gateway is stopped): it is as uncertain as an `uncertain` one.
     pub async fn retry(
         &self,
         id: MessageId,
@@ -533,12 +535,12 @@ impl Outbox {
         new_content: Option<String>,
     ) -> Result<Record, OutboxError> {
         let mut r = self.get(id)?;
-        if !matches!(r.state, State::Failed | State::Uncertain) {
+        if !matches!(r.state, State::Failed | State::Uncertain | State::Sending) {
             return Err(OutboxError::WrongState {
                 id,
                 state: r.state,
                 action: "retry",
-                allowed: "failed, uncertain",
+                allowed: "failed, uncertain (or sending, after a crash)",
             });
         }
         let detail = match new_content {
@@ -577,15 +579,16 @@ impl Outbox {
         Ok(r)
     }
 
-    /// Operator: an `uncertain` message did reach D365 (checked on the MES page).
+    /// Operator: an `uncertain` message (or one left `sending` by a crash) did reach
+    /// D365 (checked on the MES page).
     pub async fn resolve_delivered(&self, id: MessageId, by: &str) -> Result<Record, OutboxError> {
         let mut r = self.get(id)?;
-        if r.state != State::Uncertain {
+        if !matches!(r.state, State::Uncertain | State::Sending) {
             return Err(OutboxError::WrongState {
                 id,
                 state: r.state,
                 action: "resolve",
-                allowed: "uncertain",
+                allowed: "uncertain (or sending, after a crash)",
             });
         }
         r.change(State::Delivered, by, "resolved as delivered", None);

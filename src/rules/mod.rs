@@ -840,9 +840,13 @@ impl Engine {
         }
         match (&rule.aggregate, quantity) {
             (Some(aggregate), Some(q)) => {
-                // Context is Some here: an aggregate always needs the order.
-                let Some(ctx) = context else { return };
-                let key = Accumulator::key(&rule.name, &line, &ctx.order, ctx.item.as_deref());
+                // Without a context the rule names its production order itself.
+                let key = match &context {
+                    Some(ctx) => {
+                        Accumulator::key(&rule.name, &line, &ctx.order, ctx.item.as_deref())
+                    }
+                    None => Accumulator::key(&rule.name, &line, "", None),
+                };
                 let acc = self
                     .state
                     .accumulators
@@ -850,7 +854,7 @@ impl Engine {
                     .or_insert_with(|| Accumulator {
                         rule: rule.name.clone(),
                         line: line.clone(),
-                        context: ctx.clone(),
+                        context: context.clone(),
                         quantity: 0.0,
                         opened_at: trigger.at,
                         trigger: trigger.clone(),
@@ -917,7 +921,7 @@ impl Engine {
         };
         self.dirty = true;
         let Some(i) = self.rule_index(&acc.rule) else {
-            tracing::warn!(rule = %acc.rule, quantity = acc.quantity, order = %acc.context.order,
+            tracing::warn!(rule = %acc.rule, quantity = acc.quantity, order = ?acc.context.as_ref().map(|c| &c.order),
                 "Accumulated quantity of a rule that no longer exists is dropped.");
             return;
         };
@@ -929,7 +933,7 @@ impl Engine {
             &rule,
             emit,
             &trigger,
-            Some(&acc.context),
+            acc.context.as_ref(),
             &acc.line,
             Some(acc.quantity),
         ) {

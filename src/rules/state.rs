@@ -40,7 +40,9 @@ pub struct Trigger {
 pub struct Accumulator {
     pub rule: String,
     pub line: String,
-    pub context: OrderContext,
+    /// The line's order context when the pieces were counted (`None` when the rule names
+    /// its production order itself).
+    pub context: Option<OrderContext>,
     pub quantity: f64,
     pub opened_at: jiff::Timestamp,
     /// The latest trigger: its captures and payload fill the message's templates.

@@ -29,12 +29,16 @@ impl Simulator {
                 start_at,
                 step,
                 max,
+                stop_at,
             } => {
                 let since = jiff::Timestamp::now().duration_since(start_at.unwrap_or(started));
                 let ticks = (since.as_secs_f64() / self.config.interval.as_secs_f64())
                     .floor()
                     .max(0.0);
                 let mut value = ticks * step;
+                if let Some(stop) = stop_at {
+                    value = value.min(*stop);
+                }
                 if let Some(max) = max {
                     value %= max + 1.0;
                 }
@@ -72,6 +76,7 @@ impl Simulator {
         tracing::info!(source = %source, point = %point, interval_ms = self.config.interval.as_millis() as u64, limit = ?self.config.limit, "Simulator source started.");
         let mut sent = 0u64;
         let started = jiff::Timestamp::now();
+        let mut counter_stop_logged = false;
         let mut heartbeat_ticks = tokio::time::interval(self.heartbeat.period());
         loop {
             self.heartbeat.beat();
@@ -85,6 +90,16 @@ impl Simulator {
                 _ = ticks.tick() => {}
             }
             for value in self.next_values(sent, started) {
+                let stopped = match (&self.config.mode, &value) {
+                    (
+                        SimulatorMode::Counter {
+                            stop_at: Some(stop),
+                            ..
+                        },
+                        Value::Number(v),
+                    ) => v >= stop,
+                    _ => false,
+                };
                 let event = Event {
                     source: source.clone(),
                     point: point.clone(),
@@ -94,6 +109,10 @@ impl Simulator {
                 out.send(event).await.map_err(|_| SourceError::Closed {
                     id: source.to_string(),
                 })?;
+                if stopped && !counter_stop_logged {
+                    counter_stop_logged = true;
+                    tracing::info!(source = %source, point = %point, "Simulated counter reached its stop value.");
+                }
             }
             sent += 1;
         }

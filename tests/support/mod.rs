@@ -158,7 +158,7 @@ impl FakeD365 {
     /// Waits until `cond` holds on the received requests (woken by each request, no polling).
     pub async fn wait_until(&self, what: &str, cond: impl Fn(&[Received]) -> bool) {
         let mut rx = self.changes.subscribe();
-        let result = tokio::time::timeout(Duration::from_secs(3600), async {
+        let result = tokio::time::timeout(Duration::from_secs(120), async {
             loop {
                 if cond(&self.received()) {
                     return;
@@ -470,7 +470,7 @@ impl Gateway {
     /// Waits until `cond` holds on the outbox (woken by each change, no polling).
     pub async fn wait_until(&self, what: &str, cond: impl Fn(&Outbox) -> bool) {
         let mut rx = self.outbox.subscribe();
-        let result = tokio::time::timeout(Duration::from_secs(3600), async {
+        let result = tokio::time::timeout(Duration::from_secs(120), async {
             loop {
                 if cond(&self.outbox) {
                     return;
