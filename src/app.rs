@@ -59,6 +59,7 @@ pub async fn run(
     options: RunOptions,
     mut control: mpsc::Receiver<Control>,
 ) -> anyhow::Result<()> {
+    crate::install_crypto_provider();
     let notifier = Notifier::from_env();
     let outbox = open_outbox(&config).await?;
     let counts = outbox.counts();
@@ -177,7 +178,7 @@ impl Components {
             tracing::info!(source = %s.id(), "Starting source.");
             let hb = heartbeats.register(&format!("source {}", s.id()));
             beats.push(hb.clone());
-            source::spawn(
+            let _health = source::spawn(
                 s.clone(),
                 events_tx.clone(),
                 sources_cancel.clone(),

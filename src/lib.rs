@@ -25,6 +25,12 @@
 #![forbid(unsafe_code)]
 #![warn(rust_2018_idioms, missing_debug_implementations)]
 
+/// Makes ring the process's one TLS crypto provider (reqwest and rumqttc both use
+/// rustls 0.23). Idempotent.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 pub mod app;
 pub mod cli;
 pub mod config;

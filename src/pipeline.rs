@@ -12,11 +12,11 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, Notify};
 
-use crate::event::Event;
 use crate::message::FieldNames;
 use crate::outbox::{NewMessage, Outbox, Record};
 use crate::rules::state::EngineState;
 use crate::rules::{Built, Engine};
+use crate::source::SourceEvent;
 use crate::systemd::Heartbeat;
 
 /// Most events handled in one batch (one outbox commit).
@@ -73,7 +73,7 @@ impl Pipeline {
     /// Runs until every event sender is gone (the sources have stopped) and the channel
     /// is drained, so nothing accepted from a source is lost at shutdown; then reports
     /// what is still aggregated.
-    pub async fn run(mut self, mut events: mpsc::Receiver<Event>) {
+    pub async fn run(mut self, mut events: mpsc::Receiver<SourceEvent>) {
         let mut batch = Vec::with_capacity(MAX_BATCH_EVENTS);
         let mut heartbeat_ticks = tokio::time::interval(self.heartbeat.period());
         loop {
@@ -85,14 +85,19 @@ impl Pipeline {
                         break;
                     }
                     self.stats.events.fetch_add(n as u64, Ordering::Relaxed);
-                    let built: Vec<Built> = batch.iter().flat_map(|e| self.engine.apply(e)).collect();
-                    batch.clear();
+                    let built: Vec<Built> = batch.iter().flat_map(|e| self.engine.apply(&e.event)).collect();
                     built
                 }
                 _ = sleep(timer), if timer.is_some() => self.engine.tick(jiff::Timestamp::now()),
                 _ = heartbeat_ticks.tick() => continue,
             };
             self.persist(built).await;
+            // Only now is what these events produced durable: acknowledge upstream.
+            for acked in batch.drain(..) {
+                if let Some(ack) = acked.ack {
+                    ack.run();
+                }
+            }
         }
         let rest = self.engine.flush_all(jiff::Timestamp::now());
         if !rest.is_empty() {

@@ -16,6 +16,7 @@ use mes_gateway::outbox::{Outbox, State};
 use mes_gateway::pipeline::Pipeline;
 use mes_gateway::rules::state::EngineState;
 use mes_gateway::rules::Engine;
+use mes_gateway::source::SourceEvent;
 use mes_gateway::systemd::Heartbeats;
 use serde_json::{json, Value as Json};
 use support::{d365_yaml, FakeD365};
@@ -23,7 +24,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 struct Scenario {
-    events: Option<mpsc::Sender<Event>>,
+    events: Option<mpsc::Sender<SourceEvent>>,
     pipeline: tokio::task::JoinHandle<()>,
     outbox: Outbox,
     fake: FakeD365,
@@ -106,7 +107,12 @@ impl Scenario {
             value,
             at: self.at(ms),
         };
-        self.events.as_ref().unwrap().send(event).await.unwrap();
+        self.events
+            .as_ref()
+            .unwrap()
+            .send(event.into())
+            .await
+            .unwrap();
     }
 
     async fn pulse(&self, source: &str, point: &str, ms: i64, bounce: bool) {

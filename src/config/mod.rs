@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
-pub use raw::{AmbiguousPolicy, Edge, TokenApi};
+pub use raw::{AmbiguousPolicy, Edge, PayloadFormat, TokenApi};
 use raw::{RawD365, RawDispatcher, RawRule, RawSimulator, RawStorage};
 use yaml::{Mark, Node, NodeKind};
 
@@ -150,12 +150,39 @@ pub struct StorageConfig {
 #[derive(Debug, Clone)]
 pub enum SourceConfig {
     Simulator(SimulatorConfig),
+    Mqtt(MqttConfig),
+}
+
+#[derive(Debug, Clone)]
+pub struct MqttConfig {
+    pub id: String,
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+    /// Stable across restarts: the broker keeps the session (and unacknowledged
+    /// messages) under this id.
+    pub client_id: String,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub ca_file: Option<PathBuf>,
+    pub client_cert_file: Option<PathBuf>,
+    pub client_key_file: Option<PathBuf>,
+    pub keep_alive: Duration,
+    pub payload: PayloadFormat,
+    pub subscriptions: Vec<Subscription>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Subscription {
+    pub topic: String,
+    pub qos: rumqttc::QoS,
 }
 
 impl SourceConfig {
     pub fn id(&self) -> &str {
         match self {
             SourceConfig::Simulator(s) => &s.id,
+            SourceConfig::Mqtt(s) => &s.id,
         }
     }
 
@@ -164,12 +191,13 @@ impl SourceConfig {
     pub fn points(&self) -> Option<Vec<String>> {
         match self {
             SourceConfig::Simulator(s) => Some(vec![s.point.clone()]),
+            SourceConfig::Mqtt(_) => None,
         }
     }
 
     /// Whether points are MQTT topics (rules may match them with `topic` filters).
     pub fn has_topics(&self) -> bool {
-        false
+        matches!(self, SourceConfig::Mqtt(_))
     }
 }
 
@@ -924,7 +952,153 @@ fn simulator_mode(
     })
 }
 
-const SOURCE_TYPES: [&str; 1] = ["simulator"];
+const SOURCE_TYPES: [&str; 2] = ["simulator", "mqtt"];
+
+fn validate_mqtt(
+    doc: &Doc,
+    errors: &mut Errors,
+    path: &str,
+    raw: raw::RawMqtt,
+) -> Option<SourceConfig> {
+    let before = errors.0.len();
+    let base = doc.file.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let (tls, default_port, rest) = if let Some(r) = raw.url.strip_prefix("mqtts://") {
+        (true, 8883, r)
+    } else if let Some(r) = raw.url.strip_prefix("mqtt://") {
+        (false, 1883, r)
+    } else {
+        errors.at(
+            doc,
+            &format!("{path}.url"),
+            format!(
+                "{:?}: expected mqtt://host[:port] or mqtts://host[:port]",
+                raw.url
+            ),
+        );
+        return None;
+    };
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) => match p.parse::<u16>() {
+            Ok(p) => (h.to_string(), p),
+            Err(_) => {
+                errors.at(
+                    doc,
+                    &format!("{path}.url"),
+                    format!("{:?}: invalid port {p:?}", raw.url),
+                );
+                (h.to_string(), default_port)
+            }
+        },
+        None => (rest.to_string(), default_port),
+    };
+    if host.is_empty() {
+        errors.at(
+            doc,
+            &format!("{path}.url"),
+            format!("{:?}: no host", raw.url),
+        );
+    }
+    let password = match &raw.password_file {
+        None => None,
+        Some(f) => {
+            let p = resolve(
+                &base,
+                &expand_env(f).unwrap_or_else(|e| {
+                    errors.at(doc, &format!("{path}.password_file"), e);
+                    String::new()
+                }),
+            );
+            match std::fs::read_to_string(&p) {
+                Ok(s) => Some(Secret(s.trim().to_string())),
+                Err(e) => {
+                    errors.at(
+                        doc,
+                        &format!("{path}.password_file"),
+                        format!("cannot read {}: {}", p.display(), e.kind()),
+                    );
+                    None
+                }
+            }
+        }
+    };
+    if password.is_some() != raw.username.is_some() {
+        errors.at(doc, path, "username and password_file go together");
+    }
+    let file = |errors: &mut Errors, key: &str, v: &Option<String>| -> Option<PathBuf> {
+        let p = resolve(&base, v.as_ref()?);
+        if !p.is_file() {
+            errors.at(
+                doc,
+                &format!("{path}.{key}"),
+                format!("{} not found", p.display()),
+            );
+        }
+        Some(p)
+    };
+    let ca_file = file(errors, "ca_file", &raw.ca_file);
+    let client_cert_file = file(errors, "client_cert_file", &raw.client_cert_file);
+    let client_key_file = file(errors, "client_key_file", &raw.client_key_file);
+    if !tls && (ca_file.is_some() || client_cert_file.is_some()) {
+        errors.at(
+            doc,
+            &format!("{path}.url"),
+            "certificates need an mqtts:// URL",
+        );
+    }
+    if raw.subscriptions.is_empty() {
+        errors.at(
+            doc,
+            &format!("{path}.subscriptions"),
+            "subscribe to at least one topic",
+        );
+    }
+    let mut subscriptions = Vec::new();
+    for (i, s) in raw.subscriptions.iter().enumerate() {
+        let qos = s.qos.unwrap_or(1);
+        match crate::source::mqtt::qos(qos) {
+            Some(q) => subscriptions.push(Subscription {
+                topic: s.topic.clone(),
+                qos: q,
+            }),
+            None => errors.at(
+                doc,
+                &format!("{path}.subscriptions[{i}].qos"),
+                format!("{qos}: expected 0, 1 or 2"),
+            ),
+        }
+        if let Err(e) = crate::rules::matcher::TopicFilter::parse(&s.topic) {
+            errors.at(doc, &format!("{path}.subscriptions[{i}].topic"), e);
+        }
+    }
+    let keep_alive = duration_field(
+        doc,
+        errors,
+        &format!("{path}.keep_alive"),
+        raw.keep_alive,
+        Duration::from_secs(30),
+    );
+    if errors.0.len() > before {
+        return None;
+    }
+    Some(SourceConfig::Mqtt(MqttConfig {
+        client_id: raw
+            .client_id
+            .unwrap_or_else(|| format!("mes-gateway-{}", raw.id)),
+        id: raw.id,
+        host,
+        port,
+        tls,
+        username: raw.username,
+        password,
+        ca_file,
+        client_cert_file,
+        client_key_file,
+        keep_alive,
+        payload: raw.payload.unwrap_or_default(),
+        subscriptions,
+    }))
+}
 
 fn validate_sources(doc: &Doc, node: &Node, errors: &mut Errors) -> Vec<SourceConfig> {
     let NodeKind::Seq(items) = &node.kind else {
@@ -1002,6 +1176,9 @@ fn validate_sources(doc: &Doc, node: &Node, errors: &mut Errors) -> Vec<SourceCo
                         mode,
                     }))
                 }),
+            "mqtt" => errors
+                .parse::<raw::RawMqtt>(doc, &body, &path)
+                .and_then(|raw| validate_mqtt(doc, errors, &path, raw)),
             other => {
                 errors.at(
                     doc,

@@ -224,3 +224,39 @@ impl ScalarValue {
         }
     }
 }
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMqtt {
+    pub id: String,
+    /// `mqtt://host:1883` or `mqtts://host:8883`.
+    pub url: String,
+    pub client_id: Option<String>,
+    pub username: Option<String>,
+    pub password_file: Option<String>,
+    pub ca_file: Option<String>,
+    pub client_cert_file: Option<String>,
+    pub client_key_file: Option<String>,
+    pub keep_alive: Option<String>,
+    pub payload: Option<PayloadFormat>,
+    pub subscriptions: Vec<RawSubscription>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSubscription {
+    pub topic: String,
+    pub qos: Option<u8>,
+}
+
+/// How MQTT payloads are decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PayloadFormat {
+    /// A number or true/false if it reads as one, JSON if it is an object or array, else text.
+    #[default]
+    Auto,
+    Json,
+    Text,
+    Number,
+}

@@ -1,8 +1,13 @@
-//! Sources: one task per configured device or broker, each emitting [`Event`]s into a
-//! bounded channel. When the channel is full a source waits (backpressure), it never
-//! drops an event.
+//! Sources: one task per configured device or broker, each emitting [`SourceEvent`]s into
+//! a bounded channel. When the channel is full a source waits (backpressure), it never
+//! drops an event. An event may carry an [`Ack`]: the pipeline runs it once what the
+//! event produced is durable (MQTT PUBACK after the outbox commit).
 
+pub mod mqtt;
 pub mod simulator;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -18,19 +23,105 @@ pub const EVENT_CHANNEL_CAPACITY: usize = 1024;
 pub enum SourceError {
     #[error("source {id}: the rules engine stopped accepting events")]
     Closed { id: String },
+    #[error("source {id}: {detail}")]
+    Setup { id: String, detail: String },
+}
+
+/// Runs once, when what an event produced is durable.
+pub struct Ack(Box<dyn FnOnce() + Send + Sync>);
+
+impl Ack {
+    pub fn new(f: impl FnOnce() + Send + Sync + 'static) -> Ack {
+        Ack(Box::new(f))
+    }
+
+    pub fn run(self) {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for Ack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Ack")
+    }
+}
+
+/// An event and, for sources that acknowledge upstream, its acknowledgement.
+#[derive(Debug)]
+pub struct SourceEvent {
+    pub event: Event,
+    pub ack: Option<Ack>,
+}
+
+impl From<Event> for SourceEvent {
+    fn from(event: Event) -> Self {
+        SourceEvent { event, ack: None }
+    }
+}
+
+/// The health of one source, for logs and the operator surface.
+#[derive(Debug, Default)]
+pub struct SourceHealth {
+    connected: AtomicBool,
+    /// When the current state (connected or down) began.
+    since: Mutex<Option<jiff::Timestamp>>,
+    last_event: Mutex<Option<jiff::Timestamp>>,
+    pub events: AtomicU64,
+    pub decode_errors: AtomicU64,
+    pub reconnects: AtomicU64,
+}
+
+impl SourceHealth {
+    /// Records the connection state; returns true when it changed (log then, not at
+    /// every retry).
+    pub fn set_connected(&self, id: &str, connected: bool, detail: Option<&str>) -> bool {
+        let was = self.connected.swap(connected, Ordering::Relaxed);
+        let changed = was != connected
+            || self
+                .since
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_none();
+        if changed {
+            *self.since.lock().unwrap_or_else(|p| p.into_inner()) = Some(jiff::Timestamp::now());
+            if connected {
+                if was != connected {
+                    self.reconnects.fetch_add(1, Ordering::Relaxed);
+                }
+                tracing::info!(source = %id, "Source connected.");
+            } else {
+                tracing::warn!(source = %id, detail = detail.unwrap_or(""), "Source down.");
+            }
+        }
+        changed
+    }
+
+    pub fn event(&self, _id: &str) {
+        self.events.fetch_add(1, Ordering::Relaxed);
+        *self.last_event.lock().unwrap_or_else(|p| p.into_inner()) = Some(jiff::Timestamp::now());
+    }
+
+    pub fn decode_error(&self, _id: &str) {
+        self.decode_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
 }
 
 /// Starts the task for one source.
 pub fn spawn(
     config: SourceConfig,
-    out: mpsc::Sender<Event>,
+    out: mpsc::Sender<SourceEvent>,
     cancel: CancellationToken,
     tracker: &tokio_util::task::TaskTracker,
     heartbeat: Heartbeat,
-) {
+) -> Arc<SourceHealth> {
+    let health = Arc::new(SourceHealth::default());
+    let id = config.id().to_string();
     match config {
         SourceConfig::Simulator(c) => {
-            let id = c.id.clone();
             tracker.spawn(async move {
                 match simulator::Simulator::new(c, heartbeat.clone())
                     .run(out, cancel)
@@ -41,5 +132,18 @@ pub fn spawn(
                 }
             });
         }
+        SourceConfig::Mqtt(c) => {
+            let h = health.clone();
+            tracker.spawn(async move {
+                match mqtt::MqttSource::new(c, heartbeat.clone(), h)
+                    .run(out, cancel)
+                    .await
+                {
+                    Ok(()) => heartbeat.finish(),
+                    Err(e) => tracing::error!(source = %id, error = %e, "Source stopped."),
+                }
+            });
+        }
     }
+    health
 }

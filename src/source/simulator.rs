@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
-use super::SourceError;
+use super::{SourceError, SourceEvent};
 use crate::config::{SimulatorConfig, SimulatorMode};
 use crate::event::{Event, Value};
 use crate::systemd::Heartbeat;
@@ -63,7 +63,7 @@ impl Simulator {
 
     pub async fn run(
         self,
-        out: mpsc::Sender<Event>,
+        out: mpsc::Sender<SourceEvent>,
         cancel: CancellationToken,
     ) -> Result<(), SourceError> {
         let source: Arc<str> = self.config.id.as_str().into();
@@ -106,9 +106,11 @@ impl Simulator {
                     value,
                     at: jiff::Timestamp::now(),
                 };
-                out.send(event).await.map_err(|_| SourceError::Closed {
-                    id: source.to_string(),
-                })?;
+                out.send(event.into())
+                    .await
+                    .map_err(|_| SourceError::Closed {
+                        id: source.to_string(),
+                    })?;
                 if stopped && !counter_stop_logged {
                     counter_stop_logged = true;
                     tracing::info!(source = %source, point = %point, "Simulated counter reached its stop value.");

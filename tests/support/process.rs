@@ -38,6 +38,24 @@ impl Output {
         self.lines.send_modify(|n| *n += 1);
     }
 
+    /// Waits until `needle` has been printed `n` times.
+    pub async fn wait_for_count(&self, needle: &str, n: usize) {
+        let mut rx = self.lines.subscribe();
+        let found = tokio::time::timeout(Duration::from_secs(60), async {
+            while self.text().matches(needle).count() < n {
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+        assert!(
+            found.is_ok() && self.text().matches(needle).count() >= n,
+            "gateway never printed {needle:?} {n} times; output:\n{}",
+            self.text()
+        );
+    }
+
     /// Waits until a printed line contains `needle`.
     pub async fn wait_for(&self, needle: &str) {
         let mut rx = self.lines.subscribe();

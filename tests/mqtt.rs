@@ -1,0 +1,134 @@
+//! The MQTT source against a real mosquitto broker on a loopback port, with the real
+//! gateway binary and the fake D365.
+
+mod support;
+
+use std::path::Path;
+
+use support::mqtt::{publish, Mosquitto};
+use support::process::{self, path_str, Output};
+use support::{d365_yaml, write_config, FakeD365};
+
+fn config(dir: &Path, fake: &FakeD365, broker: &Mosquitto) {
+    write_config(
+        dir,
+        &format!(
+            "{}storage:\n  data_dir: data\nsources:\n  - type: mqtt\n    id: broker\n    url: {}\n    client_id: gw-test\n    subscriptions:\n      - topic: plant/+/count\n        qos: 1\n",
+            d365_yaml(fake),
+            broker.url()
+        ),
+    );
+    std::fs::create_dir_all(dir.join("rules.d")).unwrap();
+    std::fs::write(
+        dir.join("rules.d/count.yaml"),
+        "rules:\n  - name: count\n    line: \"{capture.line}\"\n    when: { source: broker, topic: \"plant/{line}/count\" }\n    count: value\n    emit:\n      type: ProdProductionOrderReportFinished\n      fields: { ProductionOrderNumber: P1, ItemNumber: \"{capture.line}\", ReportedGoodQuantity: \"{quantity}\" }\n",
+    )
+    .unwrap();
+}
+
+fn reported(fake: &FakeD365) -> Vec<(String, f64)> {
+    fake.accepted()
+        .iter()
+        .map(|r| {
+            let line = &r.content["ReportFinishedLines"][0];
+            (
+                line["ItemNumber"].as_str().unwrap().to_string(),
+                line["ReportedGoodQuantity"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+async fn started(dir: &Path, out: &Output) -> process::Running {
+    let gw = process::start(&["run", "-c", path_str(dir)], out);
+    out.wait_for("Subscribed.").await;
+    gw
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos1_messages_become_d365_messages_and_bad_payloads_do_not_stop_the_source() {
+    let broker = Mosquitto::start().await;
+    let fake = FakeD365::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    config(tmp.path(), &fake, &broker);
+    let out = Output::new();
+    let gw = started(tmp.path(), &out).await;
+    publish(
+        broker.port,
+        &[
+            ("plant/l1/count", b"5"),
+            ("plant/l2/count", b"7"),
+            ("plant/l1/count", &[0xff, 0xfe, 0x00]),
+            ("plant/l1/count", b"9"),
+        ],
+    )
+    .await;
+    fake.wait_until("three reports", |r| r.len() == 3).await;
+    assert_eq!(
+        reported(&fake),
+        vec![("l1".into(), 5.0), ("l2".into(), 7.0), ("l1".into(), 9.0)]
+    );
+    assert_eq!(gw.terminate().await, 0);
+    let text = out.text();
+    assert!(
+        text.contains("Undecodable MQTT payload") && text.contains("topic=plant/l1/count"),
+        "{text}"
+    );
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_source_reconnects_after_a_broker_restart_and_loses_nothing_acknowledged() {
+    let broker = Mosquitto::start().await;
+    let port = broker.port;
+    let fake = FakeD365::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    config(tmp.path(), &fake, &broker);
+    let out = Output::new();
+    let gw = started(tmp.path(), &out).await;
+    publish(
+        port,
+        &[
+            ("plant/a/count", b"1"),
+            ("plant/a/count", b"2"),
+            ("plant/a/count", b"3"),
+        ],
+    )
+    .await;
+    fake.wait_until("first three", |r| r.len() == 3).await;
+
+    broker.stop().await;
+    out.wait_for("MQTT connection lost").await;
+    let broker = Mosquitto::start_on(port).await;
+    // The restarted broker has no session: the source must subscribe again by itself.
+    out.wait_for_count("Subscribed.", 2).await;
+    publish(port, &[("plant/a/count", b"4"), ("plant/a/count", b"5")]).await;
+    fake.wait_until("all five", |r| r.len() == 5).await;
+    let quantities: Vec<f64> = reported(&fake).into_iter().map(|(_, q)| q).collect();
+    assert_eq!(quantities, vec![1.0, 2.0, 3.0, 4.0, 5.0]);
+    assert_eq!(gw.terminate().await, 0);
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_not_yet_acknowledged_when_the_gateway_dies_comes_again() {
+    let broker = Mosquitto::start().await;
+    let fake = FakeD365::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    config(tmp.path(), &fake, &broker);
+    let out = Output::new();
+    let gw = started(tmp.path(), &out).await;
+    // Freeze the gateway: the broker delivers, nothing is stored or acknowledged.
+    // SAFETY: kill(2) on our own child with valid signals.
+    unsafe { libc::kill(gw.pid(), libc::SIGSTOP) };
+    publish(broker.port, &[("plant/z/count", b"42")]).await;
+    gw.kill9().await;
+    assert!(fake.received().is_empty());
+
+    let gw = process::start(&["run", "-c", path_str(tmp.path())], &out);
+    fake.wait_until("the redelivered message", |r| r.len() == 1)
+        .await;
+    assert_eq!(reported(&fake), vec![("z".into(), 42.0)]);
+    assert_eq!(gw.terminate().await, 0);
+    broker.stop().await;
+}

@@ -1,0 +1,122 @@
+//! A real mosquitto broker on a loopback port, started by the test, and a publisher.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+pub struct Mosquitto {
+    pub port: u16,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+/// A port that was free a moment ago (the broker must listen on a port we know, and
+/// must come back on the same one after a restart).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn binary() -> &'static str {
+    ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect(
+            "mosquitto is not installed: `bash .ci/run` installs it (apt-get install mosquitto)",
+        )
+}
+
+impl Mosquitto {
+    pub async fn start() -> Mosquitto {
+        Mosquitto::start_on(free_port()).await
+    }
+
+    /// Starts the broker and waits until it says it listens.
+    pub async fn start_on(port: u16) -> Mosquitto {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\nlog_type all\n")).unwrap();
+        let mut child = Command::new(binary())
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start mosquitto");
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let ready = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.contains("running")
+                    || line.contains(&format!("listen socket on port {port}"))
+                {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        assert!(
+            matches!(ready, Ok(true)),
+            "mosquitto did not start on port {port}"
+        );
+        // Keep draining its log so it never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Mosquitto {
+            port,
+            child,
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    pub async fn stop(mut self) {
+        self.child.start_kill().unwrap();
+        self.child.wait().await.unwrap();
+    }
+}
+
+/// Publishes QoS 1 messages and waits for the broker's PUBACK of each.
+pub async fn publish(port: u16, messages: &[(&str, &[u8])]) {
+    let mut options = MqttOptions::new(
+        format!(
+            "test-publisher-{}",
+            super::process::BIN.len() + messages.len() + port as usize
+        ),
+        "127.0.0.1",
+        port,
+    );
+    options.set_keep_alive(Duration::from_secs(5));
+    let (client, mut eventloop) = AsyncClient::new(options, 64);
+    for (topic, payload) in messages {
+        client
+            .publish(*topic, QoS::AtLeastOnce, false, payload.to_vec())
+            .await
+            .unwrap();
+    }
+    let mut acked = 0;
+    let done = tokio::time::timeout(Duration::from_secs(30), async {
+        while acked < messages.len() {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => acked += 1,
+                Ok(_) => {}
+                Err(e) => panic!("publisher: {e}"),
+            }
+        }
+    })
+    .await;
+    assert!(
+        done.is_ok(),
+        "the broker did not acknowledge the test's messages"
+    );
+    let _ = client.disconnect().await;
+}
