@@ -10,8 +10,13 @@
 //! Secrets are read here (from a file or an environment variable) into [`Secret`], whose
 //! `Debug` never shows the value. Error messages name the file or variable, never the value.
 
+pub mod devices;
 pub mod raw;
 pub mod yaml;
+
+pub use devices::{
+    ModbusConfig, ModbusPoint, ModbusTransport, PointKind, PointType, SerialPort, WordOrder,
+};
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -151,6 +156,7 @@ pub struct StorageConfig {
 pub enum SourceConfig {
     Simulator(SimulatorConfig),
     Mqtt(MqttConfig),
+    Modbus(ModbusConfig),
 }
 
 #[derive(Debug, Clone)]
@@ -183,6 +189,7 @@ impl SourceConfig {
         match self {
             SourceConfig::Simulator(s) => &s.id,
             SourceConfig::Mqtt(s) => &s.id,
+            SourceConfig::Modbus(s) => &s.id,
         }
     }
 
@@ -192,6 +199,7 @@ impl SourceConfig {
         match self {
             SourceConfig::Simulator(s) => Some(vec![s.point.clone()]),
             SourceConfig::Mqtt(_) => None,
+            SourceConfig::Modbus(m) => Some(m.points.iter().map(|p| p.name.clone()).collect()),
         }
     }
 
@@ -952,7 +960,7 @@ fn simulator_mode(
     })
 }
 
-const SOURCE_TYPES: [&str; 2] = ["simulator", "mqtt"];
+const SOURCE_TYPES: [&str; 3] = ["simulator", "mqtt", "modbus"];
 
 fn validate_mqtt(
     doc: &Doc,
@@ -1179,6 +1187,18 @@ fn validate_sources(doc: &Doc, node: &Node, errors: &mut Errors) -> Vec<SourceCo
             "mqtt" => errors
                 .parse::<raw::RawMqtt>(doc, &body, &path)
                 .and_then(|raw| validate_mqtt(doc, errors, &path, raw)),
+            "modbus" => errors
+                .parse::<devices::RawModbus>(doc, &body, &path)
+                .and_then(|raw| {
+                    let mut problems = Vec::new();
+                    let config = devices::modbus(raw, &mut problems);
+                    for (sub, message) in &problems {
+                        errors.at(doc, &join_path(&path, sub), message.clone());
+                    }
+                    config
+                        .filter(|_| problems.is_empty())
+                        .map(SourceConfig::Modbus)
+                }),
             other => {
                 errors.at(
                     doc,

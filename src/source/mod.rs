@@ -3,6 +3,7 @@
 //! drops an event. An event may carry an [`Ack`]: the pipeline runs it once what the
 //! event produced is durable (MQTT PUBACK after the outbox commit).
 
+pub mod modbus;
 pub mod mqtt;
 pub mod simulator;
 
@@ -60,7 +61,7 @@ impl From<Event> for SourceEvent {
 }
 
 /// The health of one source, for logs and the operator surface.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct SourceHealth {
     connected: AtomicBool,
     /// When the current state (connected or down) began.
@@ -69,13 +70,47 @@ pub struct SourceHealth {
     pub events: AtomicU64,
     pub decode_errors: AtomicU64,
     pub reconnects: AtomicU64,
+    last_error: Mutex<Option<String>>,
+    /// Bumped on every change of state, for whoever watches (operator surface, tests).
+    changes: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for SourceHealth {
+    fn default() -> Self {
+        SourceHealth {
+            connected: AtomicBool::new(false),
+            since: Mutex::default(),
+            last_event: Mutex::default(),
+            events: AtomicU64::new(0),
+            decode_errors: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+            last_error: Mutex::default(),
+            changes: tokio::sync::watch::channel(0).0,
+        }
+    }
 }
 
 impl SourceHealth {
+    /// A receiver that sees a new value after every change of state.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// The last connection or transport error.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// Records the connection state; returns true when it changed (log then, not at
     /// every retry).
     pub fn set_connected(&self, id: &str, connected: bool, detail: Option<&str>) -> bool {
         let was = self.connected.swap(connected, Ordering::Relaxed);
+        if let Some(d) = detail {
+            *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(d.to_string());
+        }
         let changed = was != connected
             || self
                 .since
@@ -93,6 +128,7 @@ impl SourceHealth {
                 tracing::warn!(source = %id, detail = detail.unwrap_or(""), "Source down.");
             }
         }
+        self.changes.send_modify(|n| *n += 1);
         changed
     }
 
@@ -103,6 +139,7 @@ impl SourceHealth {
 
     pub fn decode_error(&self, _id: &str) {
         self.decode_errors.fetch_add(1, Ordering::Relaxed);
+        self.changes.send_modify(|n| *n += 1);
     }
 
     pub fn is_connected(&self) -> bool {
@@ -124,6 +161,18 @@ pub fn spawn(
         SourceConfig::Simulator(c) => {
             tracker.spawn(async move {
                 match simulator::Simulator::new(c, heartbeat.clone())
+                    .run(out, cancel)
+                    .await
+                {
+                    Ok(()) => heartbeat.finish(),
+                    Err(e) => tracing::error!(source = %id, error = %e, "Source stopped."),
+                }
+            });
+        }
+        SourceConfig::Modbus(c) => {
+            let h = health.clone();
+            tracker.spawn(async move {
+                match modbus::ModbusSource::new(c, heartbeat.clone(), h)
                     .run(out, cancel)
                     .await
                 {
