@@ -183,6 +183,14 @@ pub struct ModbusConfig {
 /// Validation problems as (path relative to the source, message).
 pub type Problems = Vec<(String, String)>;
 
+fn join(prefix: &str, key: &str) -> String {
+    if prefix.is_empty() {
+        key.to_string()
+    } else {
+        format!("{prefix}.{key}")
+    }
+}
+
 pub fn serial_port(raw: &RawSerialPort, prefix: &str, problems: &mut Problems) -> SerialPort {
     let data_bits = raw.data_bits.unwrap_or(8);
     if !(5..=8).contains(&data_bits) {
@@ -199,7 +207,7 @@ pub fn serial_port(raw: &RawSerialPort, prefix: &str, problems: &mut Problems) -
         ));
     }
     if raw.device.trim().is_empty() {
-        problems.push((format!("{prefix}.device"), "must not be empty".into()));
+        problems.push((join(prefix, "device"), "must not be empty".into()));
     }
     SerialPort {
         device: PathBuf::from(&raw.device),
@@ -295,5 +303,113 @@ pub fn modbus(raw: RawModbus, problems: &mut Problems) -> Option<ModbusConfig> {
         timeout,
         close_between_polls: raw.close_between_polls,
         points,
+    })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSerial {
+    pub id: String,
+    /// Prefer stable names: /dev/serial/by-id/...
+    pub device: String,
+    pub baud: Option<u32>,
+    pub parity: Option<Parity>,
+    pub data_bits: Option<u8>,
+    pub stop_bits: Option<u8>,
+    pub point: Option<String>,
+    pub framing: Option<Framing>,
+    pub delimiter: Option<String>,
+    pub length: Option<usize>,
+    pub pattern: Option<String>,
+    pub mode: Option<SerialMode>,
+    pub max_frame: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Framing {
+    /// Frames end with `delimiter` (default `\n`; a trailing `\r` is removed).
+    Lines,
+    /// Frames are `length` bytes.
+    Fixed,
+    /// Each match of `pattern` in the byte stream is a frame.
+    Regex,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SerialMode {
+    /// The frame's text is the value (a barcode, a weight).
+    Data,
+    /// Each frame is one impulse (`true` then `false`): a presence sensor.
+    Presence,
+}
+
+#[derive(Debug, Clone)]
+pub enum Framer {
+    Lines(Vec<u8>),
+    Fixed(usize),
+    Regex(regex::bytes::Regex),
+}
+
+#[derive(Debug, Clone)]
+pub struct SerialConfig {
+    pub id: String,
+    pub port: SerialPort,
+    pub point: String,
+    pub framer: Framer,
+    pub mode: SerialMode,
+    pub max_frame: usize,
+}
+
+pub fn serial(raw: RawSerial, problems: &mut Problems) -> Option<SerialConfig> {
+    let port = serial_port(
+        &RawSerialPort {
+            device: raw.device.clone(),
+            baud: raw.baud,
+            parity: raw.parity,
+            data_bits: raw.data_bits,
+            stop_bits: raw.stop_bits,
+        },
+        "",
+        problems,
+    );
+    let framer = match raw.framing.unwrap_or(Framing::Lines) {
+        Framing::Lines => {
+            let d = raw.delimiter.clone().unwrap_or_else(|| "\n".into());
+            if d.is_empty() {
+                problems.push(("delimiter".into(), "must not be empty".into()));
+            }
+            Framer::Lines(d.into_bytes())
+        }
+        Framing::Fixed => match raw.length {
+            Some(n) if n > 0 => Framer::Fixed(n),
+            _ => {
+                problems.push((
+                    "length".into(),
+                    "framing `fixed` needs a `length` greater than zero".into(),
+                ));
+                return None;
+            }
+        },
+        Framing::Regex => match raw.pattern.as_deref().map(regex::bytes::Regex::new) {
+            Some(Ok(r)) => Framer::Regex(r),
+            Some(Err(e)) => {
+                problems.push(("pattern".into(), format!("invalid regular expression: {e}")));
+                return None;
+            }
+            None => {
+                problems.push(("pattern".into(), "framing `regex` needs a `pattern`".into()));
+                return None;
+            }
+        },
+    };
+    Some(SerialConfig {
+        id: raw.id,
+        port,
+        point: raw.point.unwrap_or_else(|| "line".into()),
+        framer,
+        mode: raw.mode.unwrap_or(SerialMode::Data),
+        max_frame: raw.max_frame.unwrap_or(4096),
     })
 }

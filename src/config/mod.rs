@@ -15,7 +15,8 @@ pub mod raw;
 pub mod yaml;
 
 pub use devices::{
-    ModbusConfig, ModbusPoint, ModbusTransport, PointKind, PointType, SerialPort, WordOrder,
+    Framer, ModbusConfig, ModbusPoint, ModbusTransport, PointKind, PointType, SerialConfig,
+    SerialMode, SerialPort, WordOrder,
 };
 
 use std::collections::{BTreeMap, HashSet};
@@ -157,6 +158,7 @@ pub enum SourceConfig {
     Simulator(SimulatorConfig),
     Mqtt(MqttConfig),
     Modbus(ModbusConfig),
+    Serial(SerialConfig),
 }
 
 #[derive(Debug, Clone)]
@@ -190,6 +192,7 @@ impl SourceConfig {
             SourceConfig::Simulator(s) => &s.id,
             SourceConfig::Mqtt(s) => &s.id,
             SourceConfig::Modbus(s) => &s.id,
+            SourceConfig::Serial(s) => &s.id,
         }
     }
 
@@ -200,6 +203,7 @@ impl SourceConfig {
             SourceConfig::Simulator(s) => Some(vec![s.point.clone()]),
             SourceConfig::Mqtt(_) => None,
             SourceConfig::Modbus(m) => Some(m.points.iter().map(|p| p.name.clone()).collect()),
+            SourceConfig::Serial(s) => Some(vec![s.point.clone()]),
         }
     }
 
@@ -960,7 +964,7 @@ fn simulator_mode(
     })
 }
 
-const SOURCE_TYPES: [&str; 3] = ["simulator", "mqtt", "modbus"];
+const SOURCE_TYPES: [&str; 4] = ["simulator", "mqtt", "modbus", "serial"];
 
 fn validate_mqtt(
     doc: &Doc,
@@ -1198,6 +1202,18 @@ fn validate_sources(doc: &Doc, node: &Node, errors: &mut Errors) -> Vec<SourceCo
                     config
                         .filter(|_| problems.is_empty())
                         .map(SourceConfig::Modbus)
+                }),
+            "serial" => errors
+                .parse::<devices::RawSerial>(doc, &body, &path)
+                .and_then(|raw| {
+                    let mut problems = Vec::new();
+                    let config = devices::serial(raw, &mut problems);
+                    for (sub, message) in &problems {
+                        errors.at(doc, &join_path(&path, sub), message.clone());
+                    }
+                    config
+                        .filter(|_| problems.is_empty())
+                        .map(SourceConfig::Serial)
                 }),
             other => {
                 errors.at(

@@ -5,6 +5,7 @@
 
 pub mod modbus;
 pub mod mqtt;
+pub mod serial;
 pub mod simulator;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -173,6 +174,18 @@ pub fn spawn(
             let h = health.clone();
             tracker.spawn(async move {
                 match modbus::ModbusSource::new(c, heartbeat.clone(), h)
+                    .run(out, cancel)
+                    .await
+                {
+                    Ok(()) => heartbeat.finish(),
+                    Err(e) => tracing::error!(source = %id, error = %e, "Source stopped."),
+                }
+            });
+        }
+        SourceConfig::Serial(c) => {
+            let h = health.clone();
+            tracker.spawn(async move {
+                match serial::SerialSource::new(c, heartbeat.clone(), h)
                     .run(out, cancel)
                     .await
                 {
