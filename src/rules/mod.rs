@@ -466,6 +466,8 @@ pub struct RuleStats {
     pub unassigned: AtomicU64,
     /// Messages not built because a template had nothing to render or the result was invalid.
     pub build_errors: AtomicU64,
+    /// Events no rule takes (an unknown topic or point).
+    pub unmatched: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -476,6 +478,8 @@ pub struct Engine {
     time_zone: jiff::tz::TimeZone,
     /// Lines already warned about in the current unassigned burst.
     warned_unassigned: std::collections::BTreeSet<String>,
+    /// (source, point) pairs already reported as taken by no rule.
+    reported_unmatched: std::collections::BTreeSet<(String, String)>,
     pub stats: Arc<RuleStats>,
 }
 
@@ -539,6 +543,7 @@ impl Engine {
             dirty: false,
             time_zone,
             warned_unassigned: Default::default(),
+            reported_unmatched: Default::default(),
             stats: Arc::default(),
         }
     }
@@ -559,13 +564,19 @@ impl Engine {
     /// Applies one event to every rule, in order.
     pub fn apply(&mut self, event: &Event) -> Vec<Built> {
         let mut out = Vec::new();
+        let mut taken = false;
         for i in 0..self.rules.len() {
             let rule = self.rules[i].clone();
             if *rule.source != *event.source
                 || rule.point.as_deref().is_some_and(|p| p != &*event.point)
+                || rule
+                    .topic
+                    .as_ref()
+                    .is_some_and(|t| t.matches(&event.point).is_none())
             {
                 continue;
             }
+            taken = true;
             let mut captures = BTreeMap::new();
             if let Some(filter) = &rule.topic {
                 match filter.matches(&event.point) {
@@ -654,6 +665,18 @@ impl Engine {
                         self.state.pending_triggers.insert(key, keep);
                     }
                 }
+            }
+        }
+        if !taken {
+            self.stats.unmatched.fetch_add(1, Ordering::Relaxed);
+            if self
+                .reported_unmatched
+                .insert((event.source.to_string(), event.point.to_string()))
+            {
+                let value = format!("{:?}", event.value);
+                let excerpt: String = value.chars().take(80).collect();
+                tracing::info!(source = %event.source, point = %event.point, value = %excerpt,
+                    "No rule takes events from this topic or point; they are counted and dropped (logged once per point).");
             }
         }
         out

@@ -450,3 +450,12 @@ fn expected_pulses(events: &[(i64, bool)], debounce: i64) -> usize {
     }
     count
 }
+
+#[test]
+fn events_no_rule_takes_are_counted() {
+    let mut e = engine(&counting(""));
+    e.apply(&ev("scale", "weight", Value::Number(1.0), 0));
+    e.apply(&ev("scale", "weight", Value::Number(2.0), 1));
+    e.apply(&ev("hmi", "order", Value::Text("P1;A".into()), 2));
+    assert_eq!(e.stats.unmatched.load(Ordering::Relaxed), 2);
+}
