@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::api::{ApiState, Live};
 use crate::config::{self, Config};
 use crate::d365::client::D365Client;
 use crate::d365::Dispatcher;
@@ -83,9 +84,28 @@ pub async fn run(
         tokio::spawn(watchdog.run(watchdog_cancel.clone()));
     }
 
+    let api = ApiState::new(outbox.clone());
+    if let Some(addr) = config.api_listen {
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+            format!("api.listen {addr}: cannot listen (another process on that port?)")
+        })?;
+        tracing::info!(%addr, "Operator API listening: /health, /metrics.");
+        let cancel = watchdog_cancel.clone();
+        let router = crate::api::router(api.clone());
+        tokio::spawn(async move {
+            let shutdown = async move { cancel.cancelled().await };
+            if let Err(e) = axum::serve(listener, router)
+                .with_graceful_shutdown(shutdown)
+                .await
+            {
+                tracing::error!(error = %e, "Operator API stopped.");
+            }
+        });
+    }
+
     let mut config = config;
     let result = loop {
-        let running = Components::start(&config, options, &outbox, &heartbeats)?;
+        let running = Components::start(&config, options, &outbox, &heartbeats, &api)?;
         notifier.notify("READY=1");
         notifier.notify(&status_line(&outbox));
         let reload = loop {
@@ -155,7 +175,9 @@ impl Components {
         options: RunOptions,
         outbox: &Outbox,
         heartbeats: &Heartbeats,
+        api: &ApiState,
     ) -> anyhow::Result<Components> {
+        let mut live = Live::default();
         let client = match (&config.d365, options.dry_run) {
             (_, true) => None,
             (Some(d365), false) => Some(Arc::new(
@@ -178,13 +200,14 @@ impl Components {
             tracing::info!(source = %s.id(), "Starting source.");
             let hb = heartbeats.register(&format!("source {}", s.id()));
             beats.push(hb.clone());
-            let _health = source::spawn(
+            let health = source::spawn(
                 s.clone(),
                 events_tx.clone(),
                 sources_cancel.clone(),
                 &tracker,
                 hb,
             );
+            live.sources.push((s.id().to_string(), health));
         }
         // The pipeline ends when the last sender is gone: drop ours now.
         drop(events_tx);
@@ -207,6 +230,8 @@ impl Components {
             stats: Arc::new(PipelineStats::default()),
             heartbeat: pipeline_hb,
         };
+        live.pipeline = Some(pipeline.stats.clone());
+        live.rules = Some(pipeline.engine.stats.clone());
         let pipeline_done = tracker.spawn(pipeline.run(events_rx));
 
         if let Some(client) = client {
@@ -226,6 +251,7 @@ impl Components {
                 config.shutdown_grace,
             )?
             .with_heartbeat(hb);
+            live.dispatch = Some(dispatcher.stats());
             let cancel = core_cancel.clone();
             let fatal = fatal.clone();
             tracker.spawn(async move {
@@ -242,6 +268,7 @@ impl Components {
             config.storage.clone(),
             core_cancel.clone(),
         ));
+        *api.live.lock().unwrap_or_else(|p| p.into_inner()) = live;
         tracing::info!(
             rules = config.rules.len(),
             sources = config.sources.len(),

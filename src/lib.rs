@@ -31,6 +31,7 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+pub mod api;
 pub mod app;
 pub mod cli;
 pub mod config;

@@ -132,3 +132,66 @@ async fn a_message_not_yet_acknowledged_when_the_gateway_dies_comes_again() {
     assert_eq!(gw.terminate().await, 0);
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_metrics_show_the_sources_and_the_outbox() {
+    let broker = Mosquitto::start().await;
+    let fake = FakeD365::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    config(tmp.path(), &fake, &broker);
+    let port = support::mqtt::free_port();
+    // Subscribe to more than the rules take, so one event is unmatched.
+    let yaml = std::fs::read_to_string(tmp.path().join("gateway.yaml"))
+        .unwrap()
+        .replace("topic: plant/+/count", "topic: plant/#")
+        + &format!("api:\n  listen: 127.0.0.1:{port}\n");
+    std::fs::write(tmp.path().join("gateway.yaml"), yaml).unwrap();
+    let out = Output::new();
+    let gw = started(tmp.path(), &out).await;
+    out.wait_for("Operator API listening").await;
+    // The unmatched one first: once the report reaches D365 both have been through the rules.
+    publish(
+        broker.port,
+        &[("plant/l1/temperature", b"21.5"), ("plant/l1/count", b"5")],
+    )
+    .await;
+    fake.wait_until("one report", |r| r.len() == 1).await;
+
+    let http = reqwest::Client::new();
+    let health: serde_json::Value = http
+        .get(format!("http://127.0.0.1:{port}/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["sources"][0]["id"], "broker");
+    assert_eq!(health["sources"][0]["connected"], true);
+    let metrics = http
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("mes_gateway_source_connected{source=\"broker\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("mes_gateway_source_events_total{source=\"broker\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("mes_gateway_outbox_messages{state=\"queued\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("mes_gateway_unmatched_events_total 1"),
+        "the other topic is counted: {metrics}"
+    );
+    assert_eq!(gw.terminate().await, 0);
+    broker.stop().await;
+}

@@ -53,6 +53,8 @@ pub struct Config {
     pub time_zone: jiff::tz::TimeZone,
     /// How long shutdown may take before in-flight work is abandoned.
     pub shutdown_grace: Duration,
+    /// Where the operator API (`/health`, `/metrics`) listens; `None`: off.
+    pub api_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone)]
@@ -537,6 +539,7 @@ fn validate(
     let mut sources = Vec::new();
     let mut shutdown_grace = Duration::from_secs(10);
     let mut time_zone = jiff::tz::TimeZone::system();
+    let mut api_listen = None;
     let mut seen = HashSet::new();
     for (key, value) in entries {
         let name = key.as_str().unwrap_or_default();
@@ -561,6 +564,26 @@ fn validate(
                     .map(|raw| validate_storage(dir, main, raw, errors))
             }
             "sources" => sources = validate_sources(main, value, errors),
+            "api" => {
+                if let Some(raw) = errors.parse::<raw::RawApi>(main, value, "api") {
+                    match raw
+                        .listen
+                        .as_deref()
+                        .map(str::parse::<std::net::SocketAddr>)
+                    {
+                        None => {}
+                        Some(Ok(addr)) => api_listen = Some(addr),
+                        Some(Err(_)) => errors.at(
+                            main,
+                            "api.listen",
+                            format!(
+                                "{:?}: expected ip:port, e.g. 127.0.0.1:9464",
+                                raw.listen.unwrap_or_default()
+                            ),
+                        ),
+                    }
+                }
+            }
             "plant" => {
                 if let Some(raw) = errors.parse::<raw::RawPlant>(main, value, "plant") {
                     if let Some(name) = raw.time_zone {
@@ -617,6 +640,7 @@ fn validate(
         rules,
         time_zone,
         shutdown_grace,
+        api_listen,
     })
 }
 

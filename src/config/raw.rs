@@ -116,6 +116,13 @@ impl ScalarOrJson {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct RawApi {
+    /// `ip:port` for `/health` and `/metrics`; keep it on loopback or a management network.
+    pub listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RawPlant {
     /// IANA time zone of the plant, for dates in messages; default: the system's.
     pub time_zone: Option<String>,
