@@ -70,10 +70,20 @@ impl tokio_modbus::server::Service for Plc {
 
 /// Serves `plc` on `listener` until the returned task is aborted.
 fn serve(listener: TcpListener, plc: Plc) -> tokio::task::JoinHandle<()> {
+    serve_counting(listener, plc, Arc::default())
+}
+
+/// Like [`serve`], counting the connections it accepts.
+fn serve_counting(
+    listener: TcpListener,
+    plc: Plc,
+    connections: Arc<std::sync::atomic::AtomicUsize>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let server = tokio_modbus::server::tcp::Server::new(listener);
         let on_connected = move |stream, _addr: SocketAddr| {
             let plc = plc.clone();
+            connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             async move { Ok(Some((plc, stream))) }
         };
         let _ = server.serve(&on_connected, |_err| {}).await;
@@ -99,11 +109,20 @@ struct Running {
 }
 
 fn start(transport: ModbusTransport, points: Vec<ModbusPoint>, timeout: Duration) -> Running {
+    start_with(transport, points, timeout, false)
+}
+
+fn start_with(
+    transport: ModbusTransport,
+    points: Vec<ModbusPoint>,
+    timeout: Duration,
+    close_between_polls: bool,
+) -> Running {
     let config = ModbusConfig {
         id: "plc".into(),
         transport,
         timeout,
-        close_between_polls: false,
+        close_between_polls,
         points,
     };
     let (tx, rx) = mpsc::channel(64);
@@ -386,4 +405,30 @@ async fn rtu_over_a_pty_reads_two_units_and_reopens_a_recreated_port() {
     src.cancel.cancel();
     server.abort();
     pty.stop().await;
+}
+
+#[tokio::test]
+async fn close_between_polls_opens_a_connection_per_round_and_still_sees_changes() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let plc = Plc::default();
+    let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let server = serve_counting(listener, plc.clone(), connections.clone());
+    let mut src = start_with(
+        ModbusTransport::Tcp(addr),
+        vec![point("running", 1, PointKind::Coil, 0, PointType::Bool)],
+        Duration::from_secs(2),
+        true,
+    );
+    assert_eq!(src.next().await.1, Value::Bool(false));
+    plc.set_coil(1, 0, true);
+    assert_eq!(src.next().await.1, Value::Bool(true));
+    plc.set_coil(1, 0, false);
+    assert_eq!(src.next().await.1, Value::Bool(false));
+    assert!(
+        connections.load(std::sync::atomic::Ordering::Relaxed) >= 3,
+        "a new connection for every round"
+    );
+    src.cancel.cancel();
+    server.abort();
 }

@@ -185,9 +185,9 @@ impl ModbusSource {
                     Ok(c) => {
                         ctx = Some(c);
                         backoff = RECONNECT_MIN;
-                        if !self.config.close_between_polls {
-                            self.health.set_connected(&id, true, None);
-                        }
+                        // With close_between_polls this repeats every round; the health
+                        // logs only changes.
+                        self.health.set_connected(&id, true, None);
                         // Emit every value again after a (re)connect.
                         last.iter_mut().for_each(|v| *v = None);
                     }
