@@ -3,9 +3,10 @@
 
 mod support;
 
+use support::device::{PtyPair, Running};
+
 use std::future::{ready, Ready};
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,9 +16,8 @@ use mes_gateway::config::{
 };
 use mes_gateway::event::Value;
 use mes_gateway::source::modbus::ModbusSource;
-use mes_gateway::source::{SourceEvent, SourceHealth};
+use mes_gateway::source::SourceHealth;
 use mes_gateway::systemd::Heartbeats;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_modbus::{ExceptionCode, Request, Response, SlaveRequest};
@@ -102,12 +102,6 @@ fn point(name: &str, unit: u8, kind: PointKind, address: u16, ty: PointType) -> 
     }
 }
 
-struct Running {
-    events: mpsc::Receiver<SourceEvent>,
-    health: Arc<SourceHealth>,
-    cancel: CancellationToken,
-}
-
 fn start(transport: ModbusTransport, points: Vec<ModbusPoint>, timeout: Duration) -> Running {
     start_with(transport, points, timeout, false)
 }
@@ -138,31 +132,6 @@ fn start_with(
         events: rx,
         health,
         cancel,
-    }
-}
-
-impl Running {
-    async fn next(&mut self) -> (String, Value) {
-        let e = tokio::time::timeout(Duration::from_secs(20), self.events.recv())
-            .await
-            .expect("an event in time")
-            .expect("source alive");
-        (e.event.point.to_string(), e.event.value)
-    }
-
-    async fn wait_health(&self, what: &str, cond: impl Fn(&SourceHealth) -> bool) {
-        let mut rx = self.health.subscribe();
-        let ok = tokio::time::timeout(Duration::from_secs(20), async {
-            while !cond(&self.health) {
-                rx.changed().await.unwrap();
-            }
-        })
-        .await;
-        assert!(
-            ok.is_ok(),
-            "source health never showed: {what} (last error {:?})",
-            self.health.last_error()
-        );
     }
 }
 
@@ -295,48 +264,6 @@ async fn a_server_that_never_answers_triggers_the_timeout_and_a_fresh_connection
     silent.abort();
 }
 
-/// A pseudo-terminal pair from socat: `plc` and `gateway` ends, as stable symlinks.
-struct PtyPair {
-    child: tokio::process::Child,
-}
-
-impl PtyPair {
-    async fn start(dir: &std::path::Path) -> PtyPair {
-        let mut child = tokio::process::Command::new("socat")
-            .args(["-d", "-d"])
-            .arg(format!("pty,raw,echo=0,link={}", dir.join("plc").display()))
-            .arg(format!(
-                "pty,raw,echo=0,link={}",
-                dir.join("gateway").display()
-            ))
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("socat is not installed: `bash .ci/run` installs it (apt-get install socat)");
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let ready = tokio::time::timeout(Duration::from_secs(10), async {
-            while let Ok(Some(line)) = lines.next_line().await {
-                if line.contains("starting data transfer loop") {
-                    return true;
-                }
-            }
-            false
-        })
-        .await;
-        assert!(
-            matches!(ready, Ok(true)),
-            "socat did not create the pty pair"
-        );
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        PtyPair { child }
-    }
-
-    async fn stop(mut self) {
-        self.child.start_kill().unwrap();
-        self.child.wait().await.unwrap();
-    }
-}
-
 fn serve_rtu(path: &std::path::Path, plc: Plc) -> tokio::task::JoinHandle<()> {
     let server = tokio_modbus::server::rtu::Server::new_from_path(path, 19200)
         .expect("open the PLC end of the pty");
@@ -348,7 +275,7 @@ fn serve_rtu(path: &std::path::Path, plc: Plc) -> tokio::task::JoinHandle<()> {
 #[tokio::test]
 async fn rtu_over_a_pty_reads_two_units_and_reopens_a_recreated_port() {
     let dir = tempfile::tempdir().unwrap();
-    let pty = PtyPair::start(dir.path()).await;
+    let pty = PtyPair::start(dir.path(), "plc", "gateway").await;
     let plc = Plc::default();
     plc.set_coil(1, 0, true);
     plc.registers.lock().unwrap()[2][5] = 1234;
@@ -389,7 +316,7 @@ async fn rtu_over_a_pty_reads_two_units_and_reopens_a_recreated_port() {
     server.abort();
     pty.stop().await;
     src.wait_health("down", |h| !h.is_connected()).await;
-    let pty = PtyPair::start(dir.path()).await;
+    let pty = PtyPair::start(dir.path(), "plc", "gateway").await;
     plc.registers.lock().unwrap()[2][5] = 1235;
     let server = serve_rtu(&dir.path().join("plc"), plc.clone());
     src.wait_health("reopened", SourceHealth::is_connected)

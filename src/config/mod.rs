@@ -988,6 +988,22 @@ fn simulator_mode(
     })
 }
 
+/// Runs a device validation that reports problems relative to the source, and files
+/// them at `path`. `None` if there was any problem.
+fn device_source<T>(
+    doc: &Doc,
+    errors: &mut Errors,
+    path: &str,
+    validate: impl FnOnce(&mut devices::Problems) -> Option<T>,
+) -> Option<T> {
+    let mut problems = Vec::new();
+    let config = validate(&mut problems);
+    for (sub, message) in &problems {
+        errors.at(doc, &join_path(path, sub), message.clone());
+    }
+    config.filter(|_| problems.is_empty())
+}
+
 const SOURCE_TYPES: [&str; 4] = ["simulator", "mqtt", "modbus", "serial"];
 
 fn validate_mqtt(
@@ -1217,28 +1233,12 @@ fn validate_sources(doc: &Doc, node: &Node, errors: &mut Errors) -> Vec<SourceCo
                 .and_then(|raw| validate_mqtt(doc, errors, &path, raw)),
             "modbus" => errors
                 .parse::<devices::RawModbus>(doc, &body, &path)
-                .and_then(|raw| {
-                    let mut problems = Vec::new();
-                    let config = devices::modbus(raw, &mut problems);
-                    for (sub, message) in &problems {
-                        errors.at(doc, &join_path(&path, sub), message.clone());
-                    }
-                    config
-                        .filter(|_| problems.is_empty())
-                        .map(SourceConfig::Modbus)
-                }),
+                .and_then(|raw| device_source(doc, errors, &path, |p| devices::modbus(raw, p)))
+                .map(SourceConfig::Modbus),
             "serial" => errors
                 .parse::<devices::RawSerial>(doc, &body, &path)
-                .and_then(|raw| {
-                    let mut problems = Vec::new();
-                    let config = devices::serial(raw, &mut problems);
-                    for (sub, message) in &problems {
-                        errors.at(doc, &join_path(&path, sub), message.clone());
-                    }
-                    config
-                        .filter(|_| problems.is_empty())
-                        .map(SourceConfig::Serial)
-                }),
+                .and_then(|raw| device_source(doc, errors, &path, |p| devices::serial(raw, p)))
+                .map(SourceConfig::Serial),
             other => {
                 errors.at(
                     doc,

@@ -148,6 +148,15 @@ impl SourceHealth {
     }
 }
 
+/// Waits `delay` unless `cancel` fires first; returns false when cancelled. The pause
+/// between reconnect attempts of every source.
+pub async fn pause(cancel: &CancellationToken, delay: std::time::Duration) -> bool {
+    tokio::select! {
+        _ = cancel.cancelled() => false,
+        _ = tokio::time::sleep(delay) => true,
+    }
+}
+
 /// Starts the task for one source.
 pub fn spawn(
     config: SourceConfig,
@@ -158,54 +167,26 @@ pub fn spawn(
 ) -> Arc<SourceHealth> {
     let health = Arc::new(SourceHealth::default());
     let id = config.id().to_string();
-    match config {
-        SourceConfig::Simulator(c) => {
-            tracker.spawn(async move {
-                match simulator::Simulator::new(c, heartbeat.clone())
-                    .run(out, cancel)
-                    .await
-                {
-                    Ok(()) => heartbeat.finish(),
-                    Err(e) => tracing::error!(source = %id, error = %e, "Source stopped."),
-                }
-            });
+    let (hb, h) = (heartbeat.clone(), health.clone());
+    let task: std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), SourceError>> + Send>> =
+        match config {
+            SourceConfig::Simulator(c) => {
+                Box::pin(simulator::Simulator::new(c, hb).run(out, cancel))
+            }
+            SourceConfig::Modbus(c) => {
+                Box::pin(modbus::ModbusSource::new(c, hb, h).run(out, cancel))
+            }
+            SourceConfig::Serial(c) => {
+                Box::pin(serial::SerialSource::new(c, hb, h).run(out, cancel))
+            }
+            SourceConfig::Mqtt(c) => Box::pin(mqtt::MqttSource::new(c, hb, h).run(out, cancel)),
+        };
+    tracker.spawn(async move {
+        match task.await {
+            // Ended as designed (cancelled, or a simulator's limit): stop watching it.
+            Ok(()) => heartbeat.finish(),
+            Err(e) => tracing::error!(source = %id, error = %e, "Source stopped."),
         }
-        SourceConfig::Modbus(c) => {
-            let h = health.clone();
-            tracker.spawn(async move {
-                match modbus::ModbusSource::new(c, heartbeat.clone(), h)
-                    .run(out, cancel)
-                    .await
-                {
-                    Ok(()) => heartbeat.finish(),
-                    Err(e) => tracing::error!(source = %id, error = %e, "Source stopped."),
-                }
-            });
-        }
-        SourceConfig::Serial(c) => {
-            let h = health.clone();
-            tracker.spawn(async move {
-                match serial::SerialSource::new(c, heartbeat.clone(), h)
-                    .run(out, cancel)
-                    .await
-                {
-                    Ok(()) => heartbeat.finish(),
-                    Err(e) => tracing::error!(source = %id, error = %e, "Source stopped."),
-                }
-            });
-        }
-        SourceConfig::Mqtt(c) => {
-            let h = health.clone();
-            tracker.spawn(async move {
-                match mqtt::MqttSource::new(c, heartbeat.clone(), h)
-                    .run(out, cancel)
-                    .await
-                {
-                    Ok(()) => heartbeat.finish(),
-                    Err(e) => tracing::error!(source = %id, error = %e, "Source stopped."),
-                }
-            });
-        }
-    }
+    });
     health
 }

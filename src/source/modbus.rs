@@ -193,9 +193,8 @@ impl ModbusSource {
                     }
                     Err(e) => {
                         self.health.set_connected(&id, false, Some(&e));
-                        tokio::select! {
-                            _ = cancel.cancelled() => return Ok(()),
-                            _ = tokio::time::sleep(backoff) => {}
+                        if !super::pause(&cancel, backoff).await {
+                            return Ok(());
                         }
                         backoff = (backoff * 2).min(RECONNECT_MAX);
                         continue;
@@ -240,9 +239,8 @@ impl ModbusSource {
             if let Some(e) = broken {
                 self.health.set_connected(&id, false, Some(&e));
                 ctx = None;
-                tokio::select! {
-                    _ = cancel.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(backoff) => {}
+                if !super::pause(&cancel, backoff).await {
+                    return Ok(());
                 }
                 backoff = (backoff * 2).min(RECONNECT_MAX);
             } else if self.config.close_between_polls {

@@ -219,9 +219,8 @@ impl MqttSource {
                     if first {
                         tracing::warn!(source = %id, error = %e, "MQTT connection lost; reconnecting with backoff.");
                     }
-                    tokio::select! {
-                        _ = cancel.cancelled() => return Ok(()),
-                        _ = tokio::time::sleep(backoff) => {}
+                    if !super::pause(&cancel, backoff).await {
+                        return Ok(());
                     }
                     backoff = (backoff * 2).min(RECONNECT_MAX);
                 }

@@ -101,9 +101,8 @@ impl SerialSource {
                     self.health
                         .set_connected(&id, false, Some(&format!("open {device}: {e}")));
                     self.heartbeat.beat();
-                    tokio::select! {
-                        _ = cancel.cancelled() => return Ok(()),
-                        _ = tokio::time::sleep(backoff) => {}
+                    if !super::pause(&cancel, backoff).await {
+                        return Ok(());
                     }
                     backoff = (backoff * 2).min(REOPEN_MAX);
                     continue;
@@ -134,9 +133,8 @@ impl SerialSource {
             };
             drop(port);
             self.health.set_connected(&id, false, Some(&reason));
-            tokio::select! {
-                _ = cancel.cancelled() => return Ok(()),
-                _ = tokio::time::sleep(backoff) => {}
+            if !super::pause(&cancel, backoff).await {
+                return Ok(());
             }
             backoff = (backoff * 2).min(REOPEN_MAX);
         }

@@ -502,5 +502,6 @@ impl Gateway {
 pub fn report(order: &str, quantity: u32) -> serde_json::Value {
     serde_json::json!({"ProductionOrderNumber": order, "ReportFinishedLines": [{"ItemNumber": "A0001", "ReportedGoodQuantity": quantity}]})
 }
+pub mod device;
 pub mod mqtt;
 pub mod process;
