@@ -40,6 +40,39 @@ fn accepted_ids(fake: &FakeD365) -> Vec<u64> {
         .collect()
 }
 
+/// Waits until D365 has accepted every one of `ids`.
+async fn wait_accepted(fake: &FakeD365, what: &str, ids: &[u64]) {
+    fake.wait_until(what, |_| {
+        let accepted: HashSet<u64> = accepted_ids(fake).into_iter().collect();
+        ids.iter().all(|id| accepted.contains(id))
+    })
+    .await;
+}
+
+/// What an operator does with messages a crash left in doubt (`states`): those D365 has
+/// (here: the fake) are resolved as delivered, the others are sent again. Uses the CLI.
+async fn settle(fake: &FakeD365, data: &Path, cfg: &str, states: &[State]) {
+    let accepted: HashSet<u64> = accepted_ids(fake).into_iter().collect();
+    for r in snapshot(data).iter().filter(|r| states.contains(&r.state)) {
+        let action = if accepted.contains(&r.id) {
+            "resolve"
+        } else {
+            "retry"
+        };
+        let (code, stdout, stderr) = process::run(&[
+            "outbox",
+            "-c",
+            cfg,
+            action,
+            &r.id.to_string(),
+            "--by",
+            "test",
+        ])
+        .await;
+        assert_eq!(code, 0, "{action} {}: {stdout}{stderr}", r.id);
+    }
+}
+
 /// Records of the outbox, read while the gateway is stopped.
 fn snapshot(data: &Path) -> Vec<mes_gateway::outbox::Record> {
     Outbox::open(data).unwrap().list(None, None).unwrap()
@@ -94,11 +127,7 @@ async fn sigkill_while_messages_flow_loses_nothing_and_sends_nothing_twice() {
     }
     write_flow_config(&dir, &fake, false);
     let gw = process::start(&["run", "-c", &cfg], &out);
-    fake.wait_until("every unblocked lane drained", |_| {
-        let accepted: HashSet<u64> = accepted_ids(&fake).into_iter().collect();
-        deliverable.iter().all(|id| accepted.contains(id))
-    })
-    .await;
+    wait_accepted(&fake, "every unblocked lane drained", &deliverable).await;
     assert_eq!(gw.terminate().await, 0);
 
     // The operator resolves each uncertain message: on the MES page (here: the fake) or not.
@@ -111,33 +140,11 @@ async fn sigkill_while_messages_flow_loses_nothing_and_sends_nothing_twice() {
             r.id
         );
     }
-    let accepted: HashSet<u64> = accepted_ids(&fake).into_iter().collect();
-    for r in after.iter().filter(|r| r.state == State::Uncertain) {
-        let action = if accepted.contains(&r.id) {
-            "resolve"
-        } else {
-            "retry"
-        };
-        let (code, stdout, stderr) = process::run(&[
-            "outbox",
-            "-c",
-            &cfg,
-            action,
-            &r.id.to_string(),
-            "--by",
-            "test",
-        ])
-        .await;
-        assert_eq!(code, 0, "{action} {}: {stdout}{stderr}", r.id);
-    }
+    settle(&fake, &data, &cfg, &[State::Uncertain]).await;
 
     let all: Vec<u64> = snapshot(&data).iter().map(|r| r.id).collect();
     let gw = process::start(&["run", "-c", &cfg], &out);
-    fake.wait_until("everything delivered", |_| {
-        let accepted: HashSet<u64> = accepted_ids(&fake).into_iter().collect();
-        all.iter().all(|id| accepted.contains(id))
-    })
-    .await;
+    wait_accepted(&fake, "everything delivered", &all).await;
     assert_eq!(gw.terminate().await, 0);
 
     // Exactly once, and per order in id (= creation) order.
@@ -384,20 +391,13 @@ async fn count_to_300(kill_after: Option<usize>) -> Vec<f64> {
         .await;
         gw.kill9().await;
         // Resolve what the kill left on the wire, as an operator would.
-        let accepted: HashSet<u64> = accepted_ids(&fake).into_iter().collect();
-        for r in snapshot(&dir.join("data"))
-            .iter()
-            .filter(|r| matches!(r.state, State::Sending | State::Uncertain))
-        {
-            let action = if accepted.contains(&r.id) {
-                "resolve"
-            } else {
-                "retry"
-            };
-            let (code, o, e) =
-                process::run(&["outbox", "-c", &cfg, action, &r.id.to_string()]).await;
-            assert_eq!(code, 0, "{o}{e}");
-        }
+        settle(
+            &fake,
+            &dir.join("data"),
+            &cfg,
+            &[State::Sending, State::Uncertain],
+        )
+        .await;
     }
     let last_run = Output::new();
     let gw = process::start(&["run", "-c", &cfg], &last_run);
