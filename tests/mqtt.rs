@@ -39,6 +39,15 @@ fn reported(fake: &FakeD365) -> Vec<(String, f64)> {
         .collect()
 }
 
+/// A broker, a fake D365 and a configuration directory for a gateway between them.
+async fn setup() -> (Mosquitto, FakeD365, tempfile::TempDir) {
+    let broker = Mosquitto::start().await;
+    let fake = FakeD365::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    config(tmp.path(), &fake, &broker);
+    (broker, fake, tmp)
+}
+
 async fn started(dir: &Path, out: &Output) -> process::Running {
     let gw = process::start(&["run", "-c", path_str(dir)], out);
     out.wait_for("Subscribed.").await;
@@ -47,10 +56,7 @@ async fn started(dir: &Path, out: &Output) -> process::Running {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qos1_messages_become_d365_messages_and_bad_payloads_do_not_stop_the_source() {
-    let broker = Mosquitto::start().await;
-    let fake = FakeD365::start().await;
-    let tmp = tempfile::tempdir().unwrap();
-    config(tmp.path(), &fake, &broker);
+    let (broker, fake, tmp) = setup().await;
     let out = Output::new();
     let gw = started(tmp.path(), &out).await;
     publish(
@@ -79,11 +85,8 @@ async fn qos1_messages_become_d365_messages_and_bad_payloads_do_not_stop_the_sou
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_source_reconnects_after_a_broker_restart_and_loses_nothing_acknowledged() {
-    let broker = Mosquitto::start().await;
+    let (broker, fake, tmp) = setup().await;
     let port = broker.port;
-    let fake = FakeD365::start().await;
-    let tmp = tempfile::tempdir().unwrap();
-    config(tmp.path(), &fake, &broker);
     let out = Output::new();
     let gw = started(tmp.path(), &out).await;
     publish(
@@ -112,10 +115,7 @@ async fn the_source_reconnects_after_a_broker_restart_and_loses_nothing_acknowle
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_not_yet_acknowledged_when_the_gateway_dies_comes_again() {
-    let broker = Mosquitto::start().await;
-    let fake = FakeD365::start().await;
-    let tmp = tempfile::tempdir().unwrap();
-    config(tmp.path(), &fake, &broker);
+    let (broker, fake, tmp) = setup().await;
     let out = Output::new();
     let gw = started(tmp.path(), &out).await;
     // Freeze the gateway: the broker delivers, nothing is stored or acknowledged.
@@ -135,10 +135,7 @@ async fn a_message_not_yet_acknowledged_when_the_gateway_dies_comes_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_metrics_show_the_sources_and_the_outbox() {
-    let broker = Mosquitto::start().await;
-    let fake = FakeD365::start().await;
-    let tmp = tempfile::tempdir().unwrap();
-    config(tmp.path(), &fake, &broker);
+    let (broker, fake, tmp) = setup().await;
     let port = support::mqtt::free_port();
     // Subscribe to more than the rules take, so one event is unmatched.
     let yaml = std::fs::read_to_string(tmp.path().join("gateway.yaml"))
