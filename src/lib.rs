@@ -15,12 +15,15 @@
 //! - [`config`]: `gateway.yaml` + `rules.d/*.yaml`, parsed then validated; all errors at
 //!   once with file:line:column.
 //! - [`message`]: the five `JmgMES3P` message types, their envelope and mandatory-field checks.
-//! - [`source`]: shop-floor inputs (`simulator` for now), one task each.
-//! - [`rules`]: turns events into messages.
+//! - [`source`]: shop-floor inputs (MQTT, Modbus TCP/RTU, serial, simulator), one task each.
+//! - [`api`]: `/health` and `/metrics` for operators; [`systemd`]: notify and watchdog.
+//! - [`rules`]: turns events into messages and keeps each line's order context (state saved
+//!   atomically with the messages).
 //! - [`pipeline`]: events → rules → outbox, group commit.
 //! - [`outbox`]: the durable per-order FIFO store; the only hand-off that survives a restart.
 //! - [`d365`]: the dispatcher, the HTTP client, the token cache and the retry decisions.
-//! - [`app`]: wiring and ordered shutdown; [`cli`]: the commands; [`signal`]: SIGTERM/SIGINT.
+//! - [`app`]: wiring, reload and ordered shutdown; [`cli`]: the commands; [`signal`]:
+//!   SIGTERM/SIGINT (stop) and SIGHUP (reload).
 
 #![forbid(unsafe_code)]
 #![warn(rust_2018_idioms, missing_debug_implementations)]

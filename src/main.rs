@@ -27,7 +27,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// Logs go to stdout for journald. Under systemd (JOURNAL_STREAM set) the journal adds
+/// Logs go to stderr (journald under systemd; stdout stays free for command output such
+/// as `--dry-run` messages). Under systemd (JOURNAL_STREAM set) the journal adds
 /// timestamps itself, so ours are left out.
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MES_GATEWAY_LOG")
