@@ -142,7 +142,7 @@ pub struct Record {
     pub attempt_count: u32,
     /// HTTP 500 answers so far, counted against `max_attempts`; reset by an operator retry.
     pub server_errors: u32,
-    /// The most recent attempts (at most [`MAX_ATTEMPTS_KEPT`]).
+    /// The most recent attempts (at most 20, see `MAX_ATTEMPTS_KEPT`).
     pub attempts: Vec<Attempt>,
     pub history: Vec<Change>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
