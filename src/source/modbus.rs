@@ -335,6 +335,62 @@ impl ModbusSource {
 mod tests {
     use super::*;
 
+    fn point(
+        name: &str,
+        unit: u8,
+        kind: PointKind,
+        address: u16,
+        ty: PointType,
+        poll_ms: u64,
+    ) -> crate::config::ModbusPoint {
+        crate::config::ModbusPoint {
+            name: name.into(),
+            unit,
+            kind,
+            address,
+            ty,
+            word_order: WordOrder::Big,
+            poll: Duration::from_millis(poll_ms),
+        }
+    }
+
+    #[test]
+    fn points_are_grouped_into_few_reads() {
+        use PointKind::*;
+        use PointType::*;
+        let config = ModbusConfig {
+            id: "plc".into(),
+            transport: ModbusTransport::Tcp("127.0.0.1:502".parse().unwrap()),
+            timeout: Duration::from_secs(1),
+            close_between_polls: false,
+            points: vec![
+                point("a", 1, HoldingRegister, 10, U16, 100),
+                point("b", 1, HoldingRegister, 11, U32, 100), // 11..13
+                point("c", 1, HoldingRegister, 18, U16, 100), // gap of 5: same read
+                point("d", 1, HoldingRegister, 40, U16, 100), // far: new read
+                point("e", 2, HoldingRegister, 10, U16, 100), // other unit
+                point("f", 1, HoldingRegister, 12, U16, 1000), // other poll interval
+                point("g", 1, Coil, 0, Bool, 100),
+                point("h", 1, Coil, 1, Bool, 100),
+            ],
+        };
+        let mut reads: Vec<(u8, PointKind, u16, u16, usize)> = plan(&config)
+            .iter()
+            .map(|r| (r.unit, r.kind, r.start, r.count, r.points.len()))
+            .collect();
+        reads.sort();
+        assert_eq!(
+            reads,
+            vec![
+                (1, Coil, 0, 2, 2),
+                (1, HoldingRegister, 10, 9, 3),
+                (1, HoldingRegister, 12, 1, 1),
+                (1, HoldingRegister, 40, 1, 1),
+                (2, HoldingRegister, 10, 1, 1),
+            ]
+        );
+    }
+
     #[test]
     fn registers_decode_with_word_order() {
         assert_eq!(
