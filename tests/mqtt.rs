@@ -192,3 +192,68 @@ async fn health_and_metrics_show_the_sources_and_the_outbox() {
     assert_eq!(gw.terminate().await, 0);
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtts_verifies_the_broker_with_the_configured_ca() {
+    let certs = tempfile::tempdir().unwrap();
+    let (broker, ca) = Mosquitto::start_tls(certs.path()).await;
+    let fake = FakeD365::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    config(tmp.path(), &fake, &broker);
+    let plain = std::fs::read_to_string(tmp.path().join("gateway.yaml")).unwrap();
+    let tls = |ca: &Path| {
+        plain.replace(
+            &format!("url: {}", broker.url()),
+            &format!(
+                "url: mqtts://127.0.0.1:{}\n    ca_file: {}",
+                broker.port,
+                ca.display()
+            ),
+        )
+    };
+
+    // A CA that did not sign the broker's certificate: refused, and said so.
+    let other = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "k",
+            "-out",
+            "other-ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=other",
+        ])
+        .current_dir(other.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    std::fs::write(
+        tmp.path().join("gateway.yaml"),
+        tls(&other.path().join("other-ca.pem")),
+    )
+    .unwrap();
+    let log = Output::new();
+    let gw = process::start(&["run", "-c", path_str(tmp.path())], &log);
+    log.wait_for("MQTT connection lost").await;
+    assert_eq!(gw.terminate().await, 0);
+    assert!(
+        log.text().to_lowercase().contains("certificate"),
+        "the log names the certificate problem: {}",
+        log.text()
+    );
+
+    // The right CA: connected over TLS, messages flow.
+    std::fs::write(tmp.path().join("gateway.yaml"), tls(&ca)).unwrap();
+    let log = Output::new();
+    let gw = process::start(&["run", "-c", path_str(tmp.path())], &log);
+    log.wait_for("Subscribed.").await;
+    assert_eq!(gw.terminate().await, 0);
+    broker.stop().await;
+}

@@ -39,9 +39,91 @@ impl Mosquitto {
 
     /// Starts the broker and waits until it says it listens.
     pub async fn start_on(port: u16) -> Mosquitto {
+        Mosquitto::start_with(port, "").await
+    }
+
+    /// Starts a TLS listener with a server certificate for 127.0.0.1 signed by a test CA
+    /// that openssl makes now; returns the broker and the CA file.
+    pub async fn start_tls(certs: &std::path::Path) -> (Mosquitto, std::path::PathBuf) {
+        let run = |args: &[&str]| {
+            let out = std::process::Command::new("openssl")
+                .args(args)
+                .current_dir(certs)
+                .output()
+                .expect("openssl is not installed: `bash .ci/run` installs it");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        std::fs::write(certs.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=mes-gateway test CA",
+        ]);
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ]);
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ]);
+        // mosquitto started as root drops to its own user, which must read the key.
+        for key in ["server.key", "server.pem", "ca.pem"] {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(certs.join(key), std::fs::Permissions::from_mode(0o644))
+                .unwrap();
+        }
+        let _ =
+            std::fs::set_permissions(certs, std::os::unix::fs::PermissionsExt::from_mode(0o755));
+        let tls = format!(
+            "cafile {0}/ca.pem\ncertfile {0}/server.pem\nkeyfile {0}/server.key\n",
+            certs.display()
+        );
+        (
+            Mosquitto::start_with(free_port(), &tls).await,
+            certs.join("ca.pem"),
+        )
+    }
+
+    async fn start_with(port: u16, extra: &str) -> Mosquitto {
         let dir = tempfile::tempdir().unwrap();
         let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\nlog_type all\n")).unwrap();
+        std::fs::write(&conf, format!("listener {port} 127.0.0.1\n{extra}allow_anonymous true\npersistence false\nlog_dest stderr\nlog_type all\n")).unwrap();
         let mut child = Command::new(binary())
             .arg("-c")
             .arg(&conf)
