@@ -186,6 +186,10 @@ async fn health_and_metrics_show_the_sources_and_the_outbox() {
         "{metrics}"
     );
     assert!(
+        metrics.contains("mes_gateway_oldest_pending_age_seconds 0\n"),
+        "everything delivered: {metrics}"
+    );
+    assert!(
         metrics.contains("mes_gateway_unmatched_events_total 1"),
         "the other topic is counted: {metrics}"
     );

@@ -111,6 +111,18 @@ pub fn render_metrics(state: &ApiState) -> String {
             })
             .collect(),
     );
+    let oldest = state.outbox.oldest_pending().map_or(0.0, |t| {
+        jiff::Timestamp::now()
+            .duration_since(t)
+            .as_secs_f64()
+            .max(0.0)
+    });
+    metric(
+        "mes_gateway_oldest_pending_age_seconds",
+        "Age of the oldest message not yet delivered (0 when none).",
+        "gauge",
+        vec![(String::new(), oldest)],
+    );
     let live = state.live();
     let per_source = |f: &dyn Fn(&SourceHealth) -> f64| -> Vec<(String, f64)> {
         live.sources

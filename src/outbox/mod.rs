@@ -489,6 +489,16 @@ impl Outbox {
         Ok(out)
     }
 
+    /// When the oldest message still waiting to be delivered was created (the heads of the
+    /// lanes are the oldest of their orders).
+    pub fn oldest_pending(&self) -> Option<jiff::Timestamp> {
+        self.lane_heads()
+            .iter()
+            .filter(|r| !r.state.is_terminal())
+            .map(|r| r.created_at)
+            .min()
+    }
+
     /// Number of messages per state.
     pub fn counts(&self) -> BTreeMap<State, usize> {
         self.lock().counts.clone()
@@ -646,6 +656,11 @@ mod tests {
         assert_eq!(
             heads.iter().map(|r| r.id).collect::<Vec<_>>(),
             vec![ids[2], ids[1]]
+        );
+        assert_eq!(
+            outbox.oldest_pending(),
+            Some(outbox.get(ids[1]).unwrap().created_at),
+            "A1 is delivered: the oldest pending is B1"
         );
         assert_eq!(outbox.counts()[&State::Delivered], 1);
         assert_eq!(outbox.counts()[&State::Queued], 2);
