@@ -73,6 +73,15 @@ fn serve(listener: TcpListener, plc: Plc) -> tokio::task::JoinHandle<()> {
     serve_counting(listener, plc, Arc::default())
 }
 
+/// A fake PLC serving on 127.0.0.1:0: its address, its memory and the server task.
+async fn tcp_plc() -> (SocketAddr, Plc, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let plc = Plc::default();
+    let server = serve(listener, plc.clone());
+    (addr, plc, server)
+}
+
 /// Like [`serve`], counting the connections it accepts.
 fn serve_counting(
     listener: TcpListener,
@@ -137,10 +146,7 @@ fn start_with(
 
 #[tokio::test]
 async fn rising_edges_of_a_coil_are_seen_exactly_once_each() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let plc = Plc::default();
-    let server = serve(listener, plc.clone());
+    let (addr, plc, server) = tcp_plc().await;
     let mut src = start(
         ModbusTransport::Tcp(addr),
         vec![point("running", 1, PointKind::Coil, 3, PointType::Bool)],
@@ -167,10 +173,7 @@ async fn rising_edges_of_a_coil_are_seen_exactly_once_each() {
 
 #[tokio::test]
 async fn polling_resumes_by_itself_after_the_server_restarts() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let plc = Plc::default();
-    let server = serve(listener, plc.clone());
+    let (addr, plc, server) = tcp_plc().await;
     let mut src = start(
         ModbusTransport::Tcp(addr),
         vec![point("running", 1, PointKind::Coil, 0, PointType::Bool)],
@@ -193,11 +196,8 @@ async fn polling_resumes_by_itself_after_the_server_restarts() {
 
 #[tokio::test]
 async fn a_device_exception_is_reported_and_does_not_reconnect() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let plc = Plc::default();
+    let (addr, plc, server) = tcp_plc().await;
     plc.registers.lock().unwrap()[1][2] = 7;
-    let server = serve(listener, plc.clone());
     let points = vec![
         point("count", 1, PointKind::HoldingRegister, 2, PointType::U16),
         // Past the device's 16 registers: it answers "illegal data address".

@@ -218,31 +218,8 @@ async fn mqtts_verifies_the_broker_with_the_configured_ca() {
 
     // A CA that did not sign the broker's certificate: refused, and said so.
     let other = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "k",
-            "-out",
-            "other-ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=other",
-        ])
-        .current_dir(other.path())
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    std::fs::write(
-        tmp.path().join("gateway.yaml"),
-        tls(&other.path().join("other-ca.pem")),
-    )
-    .unwrap();
+    let other_ca = support::mqtt::make_ca(other.path(), "other-ca");
+    std::fs::write(tmp.path().join("gateway.yaml"), tls(&other_ca)).unwrap();
     let log = Output::new();
     let gw = process::start(&["run", "-c", path_str(tmp.path())], &log);
     log.wait_for("MQTT connection lost").await;

@@ -32,6 +32,44 @@ fn binary() -> &'static str {
         )
 }
 
+/// Runs openssl in `dir`; panics with its error output if it fails.
+pub fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl is not installed: `bash .ci/run` installs it");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Makes a self-signed CA in `dir` as `NAME.pem` (key `NAME.key`); returns the certificate.
+pub fn make_ca(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
+    let (key, pem) = (format!("{name}.key"), format!("{name}.pem"));
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &pem,
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={name}"),
+        ],
+    );
+    dir.join(pem)
+}
+
 impl Mosquitto {
     pub async fn start() -> Mosquitto {
         Mosquitto::start_on(free_port()).await
@@ -45,63 +83,43 @@ impl Mosquitto {
     /// Starts a TLS listener with a server certificate for 127.0.0.1 signed by a test CA
     /// that openssl makes now; returns the broker and the CA file.
     pub async fn start_tls(certs: &std::path::Path) -> (Mosquitto, std::path::PathBuf) {
-        let run = |args: &[&str]| {
-            let out = std::process::Command::new("openssl")
-                .args(args)
-                .current_dir(certs)
-                .output()
-                .expect("openssl is not installed: `bash .ci/run` installs it");
-            assert!(
-                out.status.success(),
-                "openssl {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
         std::fs::write(certs.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
-        run(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=mes-gateway test CA",
-        ]);
-        run(&[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-            "-subj",
-            "/CN=127.0.0.1",
-        ]);
-        run(&[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "server.pem",
-            "-days",
-            "2",
-            "-extfile",
-            "san.ext",
-        ]);
+        make_ca(certs, "ca");
+        openssl(
+            certs,
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=127.0.0.1",
+            ],
+        );
+        openssl(
+            certs,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "server.pem",
+                "-days",
+                "2",
+                "-extfile",
+                "san.ext",
+            ],
+        );
         // mosquitto started as root drops to its own user, which must read the key.
         for key in ["server.key", "server.pem", "ca.pem"] {
             use std::os::unix::fs::PermissionsExt;
