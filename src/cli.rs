@@ -81,6 +81,11 @@ pub enum Command {
         #[command(flatten)]
         by: By,
     },
+    /// Show the production order running on each line, as last saved (gateway stopped).
+    Lines {
+        #[command(flatten)]
+        config: ConfigDir,
+    },
     /// Inspect and act on the outbox (gateway stopped).
     Outbox {
         #[command(flatten)]
@@ -204,6 +209,37 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
                 println!(
                     "queued message {} ({}, order {})",
                     r.id, r.message_type, r.production_order
+                );
+            }
+            Ok(())
+        }
+        Command::Lines { config } => {
+            let storage = config::load_storage(&config.dir)?;
+            let outbox = Outbox::open(&storage.data_dir)?;
+            let state = crate::pipeline::load_engine_state(&outbox);
+            if state.contexts.is_empty() {
+                println!("no line has a production order");
+            }
+            for (line, c) in &state.contexts {
+                let since = c
+                    .since
+                    .map(|t| t.strftime("%Y-%m-%d %H:%M:%S UTC").to_string())
+                    .unwrap_or_default();
+                println!(
+                    "{line}: order {} item {} operation {} resource {} since {since}",
+                    c.order,
+                    c.item.as_deref().unwrap_or("-"),
+                    c.operation.as_deref().unwrap_or("-"),
+                    c.resource.as_deref().unwrap_or("-")
+                );
+            }
+            for acc in state.accumulators.values() {
+                println!(
+                    "  open aggregate: rule {} line {} order {} quantity {}",
+                    acc.rule,
+                    acc.line,
+                    acc.context.as_ref().map_or("-", |c| c.order.as_str()),
+                    acc.quantity
                 );
             }
             Ok(())

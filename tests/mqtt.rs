@@ -165,6 +165,11 @@ async fn health_and_metrics_show_the_sources_and_the_outbox() {
         .unwrap();
     assert_eq!(health["sources"][0]["id"], "broker");
     assert_eq!(health["sources"][0]["connected"], true);
+    assert_eq!(
+        health["lines"],
+        serde_json::json!({}),
+        "no rule here sets an order context"
+    );
     let metrics = http
         .get(format!("http://127.0.0.1:{port}/metrics"))
         .send()

@@ -278,6 +278,13 @@ async fn the_demo_runs_without_hardware_or_d365() {
         out.text()
     );
 
+    let (code, stdout, stderr) = process::run(&["lines", "-c", cfg]).await;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(
+        stdout.contains("line1: order P000123 item A0001"),
+        "the scanned order is saved: {stdout}"
+    );
+
     let (code, stdout, stderr) = process::run(&["outbox", "-c", cfg, "list", "--json"]).await;
     assert_eq!(code, 0, "{stdout}{stderr}");
     let first: serde_json::Value =

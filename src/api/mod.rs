@@ -84,7 +84,11 @@ async fn health(State(state): State<ApiState>) -> impl IntoResponse {
         .iter()
         .map(|s| (s.to_string(), counts.get(s).copied().unwrap_or(0).into()))
         .collect();
-    Json(serde_json::json!({ "status": status, "sources": sources, "outbox": outbox }))
+    // The order contexts as last saved with the rules engine's state.
+    let lines = crate::pipeline::load_engine_state(&state.outbox).contexts;
+    Json(
+        serde_json::json!({ "status": status, "sources": sources, "outbox": outbox, "lines": lines }),
+    )
 }
 
 /// Renders the metrics in the Prometheus text format.
