@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{self, ConfigErrors};
-use crate::message::Message;
+use crate::message::{FieldNames, Message};
 use crate::outbox::{MessageId, NewMessage, Outbox, OutboxError, Record, State};
 
 #[derive(Debug, Parser)]
@@ -186,12 +186,12 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
         } => {
             let config = config::load(&config.dir)?;
             let input = read_input(file.as_deref())?;
-            let message = parse_send_input(&input, message_type.as_deref())?;
             let names = config
                 .d365
                 .as_ref()
                 .map(|d| d.field_names.clone())
                 .unwrap_or_default();
+            let message = parse_send_input(&input, message_type.as_deref(), &names)?;
             let content = message
                 .to_content(&names)
                 .map_err(|e| CliError::Usage(e.to_string()))?;
@@ -214,7 +214,7 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Lines { config } => {
-            let storage = config::load_storage(&config.dir)?;
+            let (storage, _) = config::load_storage(&config.dir)?;
             let outbox = Outbox::open(&storage.data_dir)?;
             let state = crate::pipeline::load_engine_state(&outbox);
             if state.contexts.is_empty() {
@@ -245,9 +245,9 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Outbox { config, action } => {
-            let storage = config::load_storage(&config.dir)?;
+            let (storage, names) = config::load_storage(&config.dir)?;
             let outbox = Outbox::open(&storage.data_dir)?;
-            runtime()?.block_on(outbox_command(&outbox, action))
+            runtime()?.block_on(outbox_command(&outbox, &names, action))
         }
     }
 }
@@ -305,7 +305,11 @@ fn read_input(file: Option<&Path>) -> Result<String, CliError> {
 
 /// Accepts the envelope form (`_messageType` + `_messageContent` as object or string) or,
 /// with `--type`, the content object alone.
-pub fn parse_send_input(input: &str, message_type: Option<&str>) -> Result<Message, CliError> {
+pub fn parse_send_input(
+    input: &str,
+    message_type: Option<&str>,
+    names: &FieldNames,
+) -> Result<Message, CliError> {
     let value: serde_json::Value = serde_json::from_str(input)
         .map_err(|e| CliError::Usage(format!("input is not JSON: {e}")))?;
     let (message_type, content) = match message_type {
@@ -330,15 +334,19 @@ pub fn parse_send_input(input: &str, message_type: Option<&str>) -> Result<Messa
             (t, content)
         }
     };
-    let message =
-        Message::from_json(&message_type, content).map_err(|e| CliError::Usage(e.to_string()))?;
+    let message = Message::from_wire_json(&message_type, content, names)
+        .map_err(|e| CliError::Usage(e.to_string()))?;
     message
         .validate()
         .map_err(|e| CliError::Usage(e.to_string()))?;
     Ok(message)
 }
 
-async fn outbox_command(outbox: &Outbox, action: OutboxCommand) -> Result<(), CliError> {
+async fn outbox_command(
+    outbox: &Outbox,
+    names: &FieldNames,
+    action: OutboxCommand,
+) -> Result<(), CliError> {
     match action {
         OutboxCommand::List { state, order, json } => {
             let records = outbox.list(state, order.as_deref())?;
@@ -402,7 +410,8 @@ async fn outbox_command(outbox: &Outbox, action: OutboxCommand) -> Result<(), Cl
                     let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
                         CliError::Usage(format!("{}: not JSON: {e}", path.display()))
                     })?;
-                    let message = Message::from_json(&current.message_type, value)
+                    // Edited content is wire content: journal fields carry the configured names.
+                    let message = Message::from_wire_json(&current.message_type, value, names)
                         .map_err(|e| CliError::Usage(e.to_string()))?;
                     if message.production_order() != current.production_order {
                         return Err(CliError::Usage(format!(
@@ -413,7 +422,7 @@ async fn outbox_command(outbox: &Outbox, action: OutboxCommand) -> Result<(), Cl
                     }
                     Some(
                         message
-                            .to_content(&crate::message::FieldNames::default())
+                            .to_content(names)
                             .map_err(|e| CliError::Usage(e.to_string()))?,
                     )
                 }

@@ -558,6 +558,23 @@ pub struct FieldNames {
     pub route_card_journal_name: String,
 }
 
+impl FieldNames {
+    /// (name in the message model, name on the wire) for each journal-name field.
+    pub fn pairs(&self) -> [(&'static str, &str); 3] {
+        [
+            ("JournalNameId", self.journal_name.as_str()),
+            (
+                "PickingListJournalNameId",
+                self.picking_list_journal_name.as_str(),
+            ),
+            (
+                "RouteCardJournalNameId",
+                self.route_card_journal_name.as_str(),
+            ),
+        ]
+    }
+}
+
 impl Default for FieldNames {
     fn default() -> Self {
         FieldNames {
@@ -641,6 +658,33 @@ impl Message {
         })
     }
 
+    /// Like [`Message::from_json`], for content as it goes on the wire (as stored in the
+    /// outbox and edited by operators): the journal-name fields carry the configured names.
+    pub fn from_wire_json(
+        message_type: &str,
+        mut content: serde_json::Value,
+        names: &FieldNames,
+    ) -> Result<Message, MessageError> {
+        if message_type == TYPE_REPORT_FINISHED {
+            for line in content
+                .get_mut("ReportFinishedLines")
+                .and_then(|v| v.as_array_mut())
+                .into_iter()
+                .flatten()
+                .filter_map(|l| l.as_object_mut())
+            {
+                for (model, wire) in names.pairs() {
+                    if model != wire {
+                        if let Some(v) = line.remove(wire) {
+                            line.insert(model.to_string(), v);
+                        }
+                    }
+                }
+            }
+        }
+        Message::from_json(message_type, content)
+    }
+
     /// Checks the mandatory fields and the value formats D365 documents.
     pub fn validate(&self) -> Result<(), MessageError> {
         let message_type = self.message_type();
@@ -716,23 +760,12 @@ impl Message {
             detail: e.to_string(),
         })?;
         if let Message::ReportFinished(_) = self {
-            let renames = [
-                ("JournalNameId", names.journal_name.as_str()),
-                (
-                    "PickingListJournalNameId",
-                    names.picking_list_journal_name.as_str(),
-                ),
-                (
-                    "RouteCardJournalNameId",
-                    names.route_card_journal_name.as_str(),
-                ),
-            ];
             if let Some(lines) = value
                 .get_mut("ReportFinishedLines")
                 .and_then(|v| v.as_array_mut())
             {
                 for line in lines.iter_mut().filter_map(|l| l.as_object_mut()) {
-                    for (from, to) in renames {
+                    for (from, to) in names.pairs() {
                         if from != to {
                             if let Some(v) = line.remove(from) {
                                 line.insert(to.to_string(), v);

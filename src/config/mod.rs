@@ -493,21 +493,29 @@ pub fn load(dir: &Path) -> Result<Config, ConfigErrors> {
     }
 }
 
-/// Reads only the `storage` section: enough for the outbox commands, which must work
-/// even where the D365 secret is readable by the service alone.
-pub fn load_storage(dir: &Path) -> Result<StorageConfig, ConfigErrors> {
+/// Reads only the `storage` section and the journal-name field names: enough for the
+/// outbox commands, which must work even where the D365 secret is readable by the
+/// service alone.
+pub fn load_storage(dir: &Path) -> Result<(StorageConfig, FieldNames), ConfigErrors> {
     let mut errors = Errors::default();
     let file = dir.join(MAIN_FILE);
-    let storage = read_doc(&file, &mut errors).map(|doc| {
+    let loaded = read_doc(&file, &mut errors).map(|doc| {
         let raw = match doc.node.get("storage") {
             Some(node) => errors
                 .parse::<RawStorage>(&doc, node, "storage")
                 .unwrap_or_default(),
             None => RawStorage::default(),
         };
-        validate_storage(dir, &doc, raw, &mut errors)
+        // The wire names of the journal fields, so edited content can be read back.
+        let names = doc
+            .node
+            .get("d365")
+            .and_then(|d| d.get("field_names"))
+            .and_then(|node| errors.parse::<FieldNames>(&doc, node, "d365.field_names"))
+            .unwrap_or_default();
+        (validate_storage(dir, &doc, raw, &mut errors), names)
     });
-    match storage {
+    match loaded {
         Some(s) if errors.0.is_empty() => Ok(s),
         _ => Err(ConfigErrors(errors.0)),
     }
