@@ -938,6 +938,24 @@ mod tests {
     }
 
     #[test]
+    fn wire_content_with_2022_journal_names_reads_back() {
+        let names_2022 = FieldNames {
+            journal_name: "ProductionJournalNameId".into(),
+            picking_list_journal_name: "PickingListProductionJournalNameId".into(),
+            route_card_journal_name: "RouteCardProductionJournalNameId".into(),
+        };
+        let wire = json!({"ProductionOrderNumber":"P1","ReportFinishedLines":[{"ProductionJournalNameId":"Prod","ReportedGoodQuantity":3}]});
+        let m = Message::from_wire_json(TYPE_REPORT_FINISHED, wire.clone(), &names_2022).unwrap();
+        let back: serde_json::Value =
+            serde_json::from_str(&m.to_content(&names_2022).unwrap()).unwrap();
+        assert_eq!(back, wire, "read back and written again unchanged");
+        assert!(
+            Message::from_json(TYPE_REPORT_FINISHED, wire).is_err(),
+            "the model itself knows only the 2024 names"
+        );
+    }
+
+    #[test]
     fn custom_types_pass_content_through() {
         let m = Message::from_json(
             "TSIInventCountJournal",
