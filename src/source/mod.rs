@@ -133,12 +133,12 @@ impl SourceHealth {
         changed
     }
 
-    pub fn event(&self, _id: &str) {
+    pub fn event(&self) {
         self.events.fetch_add(1, Ordering::Relaxed);
         *self.last_event.lock().unwrap_or_else(|p| p.into_inner()) = Some(jiff::Timestamp::now());
     }
 
-    pub fn decode_error(&self, _id: &str) {
+    pub fn decode_error(&self) {
         self.decode_errors.fetch_add(1, Ordering::Relaxed);
         self.changes.send_modify(|n| *n += 1);
     }

@@ -216,7 +216,7 @@ impl ModbusSource {
                         for (i, v) in values {
                             if last[i].as_ref() != Some(&v) {
                                 last[i] = Some(v.clone());
-                                self.health.event(&id);
+                                self.health.event();
                                 let event = Event {
                                     source: id.clone(),
                                     point: self.config.points[i].name.as_str().into(),
@@ -299,7 +299,7 @@ impl ModbusSource {
             Err(_) => return Err(format!("{}: no answer within {:?}", what(), timeout)),
             Ok(Err(e)) => return Err(format!("{}: {e}", what())),
             Ok(Ok(Err(exception))) => {
-                self.health.decode_error(&self.config.id);
+                self.health.decode_error();
                 tracing::warn!(source = %self.config.id, read = %what(), exception = ?exception, "The device answered with an exception; the connection stays.");
                 return Ok(None);
             }
@@ -322,7 +322,7 @@ impl ModbusSource {
             match value {
                 Some(v) => values.push((i, v)),
                 None => {
-                    self.health.decode_error(&self.config.id);
+                    self.health.decode_error();
                     tracing::warn!(source = %self.config.id, point = %p.name, "The device answered with fewer values than asked for.");
                 }
             }

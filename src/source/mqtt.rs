@@ -191,7 +191,7 @@ impl MqttSource {
                     });
                     match decode(self.config.payload, &publish.payload) {
                         Ok(value) => {
-                            self.health.event(&id);
+                            self.health.event();
                             let event = Event {
                                 source: id.clone(),
                                 point: publish.topic.as_str().into(),
@@ -206,7 +206,7 @@ impl MqttSource {
                             .map_err(|_| SourceError::Closed { id: id.to_string() })?;
                         }
                         Err(reason) => {
-                            self.health.decode_error(&id);
+                            self.health.decode_error();
                             tracing::warn!(source = %id, topic = %publish.topic, %reason, payload = %excerpt(&publish.payload),
                                 "Undecodable MQTT payload; skipped (and acknowledged, so it does not come back forever).");
                             ack.run();

@@ -126,7 +126,7 @@ impl SerialSource {
                     self.frame(&id, &point, &frame, &out).await?;
                 }
                 if buf.len() > self.config.max_frame {
-                    self.health.decode_error(&id);
+                    self.health.decode_error();
                     tracing::warn!(source = %id, bytes = buf.len(), excerpt = %excerpt(&buf), "No frame end within max_frame bytes; discarded.");
                     buf.clear();
                 }
@@ -152,13 +152,13 @@ impl SerialSource {
             SerialMode::Data => match std::str::from_utf8(frame) {
                 Ok(text) => vec![Value::Text(text.trim().to_string())],
                 Err(_) => {
-                    self.health.decode_error(id);
+                    self.health.decode_error();
                     tracing::warn!(source = %id, point = %point, excerpt = %excerpt(frame), "Serial frame is not UTF-8 text; skipped.");
                     return Ok(());
                 }
             },
         };
-        self.health.event(id);
+        self.health.event();
         for value in values {
             let event = Event {
                 source: id.clone(),
