@@ -104,7 +104,7 @@ fn main() {
         "reopen with a backlog of {backlog} queued records: {:.2} s, RSS +{} MiB, {} lanes, store {} MiB on disk",
         open_time.as_secs_f64(),
         rss_after.saturating_sub(rss_before) / 1024,
-        outbox.lane_heads().len(),
+        outbox.lane_heads(None, usize::MAX).unwrap().len(),
         dir_size(dir.path()) / (1024 * 1024)
     );
 }

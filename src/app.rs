@@ -206,6 +206,7 @@ impl Components {
                 sources_cancel.clone(),
                 &tracker,
                 hb,
+                outbox,
             );
             live.sources.push((s.id().to_string(), health));
         }

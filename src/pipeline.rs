@@ -2,7 +2,11 @@
 //! validated and committed together with the rules engine's state, the dispatcher woken.
 //!
 //! Events that arrive together are handled as one batch and one outbox commit (group
-//! commit). If the disk refuses the commit (full, read-only), the batch is kept in memory
+//! commit). An event from an acknowledging source carries the identity of its upstream
+//! delivery: a redelivery (MQTT DUP = 1) whose result the outbox already holds, or that
+//! is in the same batch, is acknowledged and produces nothing; every delivery's identity
+//! is committed with what it produced (see `outbox::DeliveryId`). Acknowledgements go
+//! back to their sources only after the commit, in arrival order. If the disk refuses the commit (full, read-only), the batch is kept in memory
 //! and retried; meanwhile the bounded event channel fills up and the sources wait.
 //! When the sources stop (shutdown, reload), what is still aggregated is reported.
 
@@ -13,7 +17,9 @@ use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
 
 use crate::message::FieldNames;
-use crate::outbox::{NewMessage, Outbox, Record};
+use std::collections::HashSet;
+
+use crate::outbox::{Delivery, DeliveryId, Ingest, NewMessage, Outbox, Record};
 use crate::rules::state::EngineState;
 use crate::rules::{Built, Engine};
 use crate::source::SourceEvent;
@@ -33,6 +39,8 @@ pub struct PipelineStats {
     pub messages: AtomicU64,
     pub invalid_messages: AtomicU64,
     pub store_errors: AtomicU64,
+    /// Redelivered upstream messages whose result was already stored.
+    pub duplicates: AtomicU64,
 }
 
 /// Loads the rules engine's saved state; a state that cannot be read is reported and
@@ -79,23 +87,22 @@ impl Pipeline {
         loop {
             self.heartbeat.beat();
             let timer = until(self.engine.next_deadline());
-            let built = tokio::select! {
+            let (built, deliveries) = tokio::select! {
                 n = events.recv_many(&mut batch, MAX_BATCH_EVENTS) => {
                     if n == 0 {
                         break;
                     }
                     self.stats.events.fetch_add(n as u64, Ordering::Relaxed);
-                    let built: Vec<Built> = batch.iter().flat_map(|e| self.engine.apply(&e.event)).collect();
-                    built
+                    self.apply_batch(&batch)
                 }
-                _ = sleep(timer), if timer.is_some() => self.engine.tick(jiff::Timestamp::now()),
+                _ = sleep(timer), if timer.is_some() => (self.engine.tick(jiff::Timestamp::now()), Vec::new()),
                 _ = heartbeat_ticks.tick() => continue,
             };
-            self.persist(built).await;
-            // Only now is what these events produced durable: acknowledge upstream.
+            self.persist(built, deliveries).await;
+            // Only now is what these events produced durable: acknowledge upstream, in order.
             for acked in batch.drain(..) {
                 if let Some(ack) = acked.ack {
-                    ack.run();
+                    ack.send().await;
                 }
             }
         }
@@ -106,21 +113,56 @@ impl Pipeline {
                 "Reporting aggregated quantities before stopping."
             );
         }
-        self.persist(rest).await;
+        self.persist(rest, Vec::new()).await;
+    }
+
+    /// Runs the rules over a batch, leaving out redeliveries of what is already stored.
+    /// Returns what was built and the deliveries to record with it.
+    fn apply_batch(&mut self, batch: &[SourceEvent]) -> (Vec<Built>, Vec<Delivery>) {
+        let mut built = Vec::new();
+        let mut deliveries = Vec::new();
+        let mut in_batch: HashSet<&DeliveryId> = HashSet::new();
+        for e in batch {
+            if let Some(d) = &e.delivery {
+                let duplicate = d.redelivered
+                    && (in_batch.contains(&d.id)
+                        || self.outbox.holds_delivery(&d.id).unwrap_or_else(|err| {
+                            // Cannot tell: process it (a lost piece is worse than a
+                            // doubtful one, and the error is in the log).
+                            tracing::error!(error = %err, "Cannot check for a redelivery; processing the message.");
+                            false
+                        }));
+                // Recorded again even when it is a duplicate: the new receipt is what
+                // the source forgets once the broker confirms this acknowledgement.
+                deliveries.push(d.clone());
+                if duplicate {
+                    self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(source = %d.id.source, packet_id = d.id.packet_id, "Redelivered message already stored; acknowledged, nothing produced.");
+                    continue;
+                }
+                in_batch.insert(&d.id);
+            }
+            built.extend(self.engine.apply(&e.event));
+        }
+        (built, deliveries)
     }
 
     /// Commits the built messages and the engine's state (if it changed) together.
-    async fn persist(&mut self, built: Vec<Built>) {
+    async fn persist(&mut self, built: Vec<Built>, deliveries: Vec<Delivery>) {
         let messages = self.to_new_messages(built);
         let state = self
             .engine
             .take_dirty_state()
             .map(|s| serde_json::to_vec(s).unwrap_or_default());
-        if messages.is_empty() && state.is_none() {
+        if messages.is_empty() && state.is_none() && deliveries.is_empty() {
             return;
         }
         let records = self
-            .store(messages, state.map(|s| (RULES_STATE.to_string(), s)))
+            .store(Ingest {
+                messages,
+                state: state.map(|s| (RULES_STATE.to_string(), s)),
+                deliveries,
+            })
             .await;
         if records.is_empty() {
             return;
@@ -158,20 +200,17 @@ impl Pipeline {
         out
     }
 
-    async fn store(
-        &self,
-        messages: Vec<NewMessage>,
-        state: Option<(String, Vec<u8>)>,
-    ) -> Vec<Record> {
+    async fn store(&self, ingest: Ingest) -> Vec<Record> {
         let mut wait = STORE_RETRY_MIN;
+        let ingest = Arc::new(ingest);
         loop {
-            match self.outbox.commit(messages.clone(), state.clone()).await {
+            match self.outbox.commit_shared(ingest.clone()).await {
                 Ok(records) => return records,
                 Err(e) => {
                     // Retrying is progress of a kind: keep the watchdog fed, the disk may come back.
                     self.heartbeat.beat();
                     self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(error = %e, messages = messages.len(), retry_in_ms = wait.as_millis() as u64,
+                    tracing::error!(error = %e, messages = ingest.messages.len(), retry_in_ms = wait.as_millis() as u64,
                         "Cannot store messages in the outbox; keeping them in memory and retrying. Sources wait meanwhile.");
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(STORE_RETRY_MAX);

@@ -184,16 +184,13 @@ async fn wrong_credentials_pause_delivery_and_keep_the_message() {
     let id = gw
         .enqueue(TYPE_START, json!({"ProductionOrderNumber":"P1"}))
         .await;
-    gw.wait_until("an attempt recorded", |o| {
-        o.get(id).unwrap().attempt_count == 1
-    })
-    .await;
+    fake.wait_for_token_requests(1).await;
+    gw.wait_for_dispatcher_error("AADSTS7000215").await;
     let r = gw.record(id);
-    assert_eq!(r.state, State::Queued, "the message is kept, not failed");
-    assert!(
-        r.last_error.as_deref().unwrap().contains("AADSTS7000215"),
-        "{:?}",
-        r.last_error
+    assert_eq!(
+        (r.state, r.attempt_count),
+        (State::Queued, 0),
+        "the message is kept, not failed, and was never marked sending without a token"
     );
     assert!(
         fake.received().is_empty(),

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use crate::config::D365Config;
 use crate::d365::retry::{self, Outcome};
-use crate::d365::token::{error_chain, excerpt, Token, TokenSource};
+use crate::d365::token::{error_chain, excerpt, redirect_detail, Token, TokenSource};
 use crate::message::Envelope;
 use crate::outbox::Record;
 
@@ -25,6 +25,13 @@ pub struct D365Client {
 impl D365Client {
     pub fn new(config: Arc<D365Config>) -> Result<D365Client, reqwest::Error> {
         let http = reqwest::Client::builder()
+            // Never follow a redirect: a 301/302/303 turns the POST into a GET without a
+            // body, and the final 200 (a login page, a moved environment) would be taken
+            // for a delivery. A 3xx is reported as a failure with its Location.
+            .redirect(reqwest::redirect::Policy::none())
+            // Keep connections open between requests: a burst reuses them.
+            .pool_idle_timeout(std::time::Duration::from_secs(90))
+            .tcp_nodelay(true)
             .connect_timeout(config.connect_timeout)
             .timeout(config.request_timeout)
             .user_agent(concat!("mes-gateway/", env!("CARGO_PKG_VERSION")))
@@ -46,20 +53,8 @@ impl D365Client {
         }
     }
 
-    /// Gets a token and posts the message once.
-    pub async fn send(&self, record: &Record) -> (Outcome, Option<Token>) {
-        let token = match self.tokens.get().await {
-            Ok(t) => t,
-            Err(e) => {
-                return (
-                    Outcome::Token {
-                        rejected: e.is_rejection(),
-                        detail: e.to_string(),
-                    },
-                    None,
-                )
-            }
-        };
+    /// Posts the message once with `token`.
+    pub async fn send(&self, record: &Record, token: &Token) -> Outcome {
         let result = self
             .http
             .post(self.url.clone())
@@ -69,6 +64,11 @@ impl D365Client {
             .send()
             .await;
         let outcome = match result {
+            Ok(response) if response.status().is_redirection() => Outcome::Http {
+                status: response.status().as_u16(),
+                retry_after: None,
+                body: redirect_detail(&response),
+            },
             Ok(response) => {
                 let status = response.status().as_u16();
                 let retry_after = response
@@ -94,6 +94,6 @@ impl D365Client {
                 detail: error_chain(&e),
             },
         };
-        (outcome, Some(token))
+        outcome
     }
 }

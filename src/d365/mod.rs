@@ -2,14 +2,23 @@
 //!
 //! - One lane per production order; only the head of a lane is sent, and at most one
 //!   request per order is in flight (D365 processes an order's messages in arrival order).
-//! - At most `max_in_flight` requests across all orders.
-//! - A message is marked `sending` on disk before its request goes out.
+//! - At most `max_in_flight` requests across all orders; lanes are served round-robin
+//!   (each turn starts after the order served last), so a long backlog of one order does
+//!   not starve the others.
+//! - Group commit: every ready lane head of a turn is marked `sending` in one write and one
+//!   flush, after the access token is in hand (so a slow token endpoint never leaves
+//!   messages `sending` that were not sent); the outcomes of all requests that finished
+//!   are recorded in one write and one flush; a lane's next message goes out once its
+//!   predecessor's outcome is on disk.
 //! - What follows each outcome is decided by [`retry::decide`]; a 429 or a credentials
 //!   problem pauses every lane, since D365's limits and credentials are per user.
 //! - A `failed` or `uncertain` head holds its order; other orders keep flowing.
+//! - A send task that panics frees its lane: the message becomes `uncertain` (the request
+//!   may have been written).
 //!
-//! Backoff deadlines live in memory (tokio time): after a restart every queued message is
-//! tried at once, which is what an operator restarting the service expects.
+//! Memory: the in-flight set (≤ `max_in_flight`) and one backoff deadline per lane head
+//! that is waiting for a retry. Backoff deadlines live in memory (tokio time): after a
+//! restart every queued message is tried at once.
 
 pub mod client;
 pub mod retry;
@@ -26,13 +35,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AmbiguousPolicy, DispatcherConfig};
-use crate::outbox::{MessageId, Outbox, OutboxError, Record, State};
+use crate::outbox::{MessageId, Outbox, OutboxError, Record, Settle, Settlement, State};
 use crate::systemd::Heartbeat;
 use client::D365Client;
 use retry::{Backoff, Context, Decision, Outcome};
-
-/// Who the gateway is in a message's history.
-const GATEWAY: &str = "gateway";
+use token::Token;
 
 /// Counters the dispatcher keeps for the operator surface and for the watchdog.
 #[derive(Debug, Default)]
@@ -42,6 +49,22 @@ pub struct DispatchStats {
     pub failed: AtomicU64,
     pub uncertain: AtomicU64,
     pub throttled: AtomicU64,
+    /// The last problem that stopped every lane (token endpoint, credentials), for the
+    /// operator surface: such problems belong to no single message.
+    last_error: std::sync::Mutex<Option<String>>,
+}
+
+impl DispatchStats {
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set_last_error(&self, e: Option<String>) {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = e;
+    }
 }
 
 #[derive(Debug)]
@@ -58,10 +81,29 @@ pub struct Dispatcher {
     heartbeat: Option<Heartbeat>,
 }
 
+/// What a send task hands back.
 struct Finished {
     record: Record,
     outcome: Outcome,
     decision: Decision,
+}
+
+/// The dispatcher loop's memory between turns.
+#[derive(Default)]
+struct Lanes {
+    /// Orders with a request in flight, by the task that sends it.
+    in_flight: HashMap<tokio::task::Id, (MessageId, String)>,
+    busy_orders: HashSet<String>,
+    /// Lane heads waiting for a retry: not before this instant.
+    not_before: HashMap<MessageId, Instant>,
+    /// No request at all before this instant (429, credentials).
+    paused_until: Option<Instant>,
+    /// Round-robin cursor: the order served last.
+    last_served: Option<String>,
+    /// Held heads already reported (one WARN per incident).
+    held_reported: HashSet<MessageId>,
+    /// Consecutive failures to get a token from an unreachable endpoint.
+    token_failures: u32,
 }
 
 impl Dispatcher {
@@ -93,41 +135,40 @@ impl Dispatcher {
         self.stats.clone()
     }
 
+    fn beat(&self) {
+        if let Some(hb) = &self.heartbeat {
+            hb.beat();
+        }
+    }
+
     /// Messages found `sending` were interrupted by a crash or a kill: they may have
     /// reached D365. They become `uncertain` (or are queued again where the message
     /// type's policy is `resend`).
     async fn recover_interrupted(&self) -> Result<(), OutboxError> {
-        for mut r in self.outbox.list(Some(State::Sending), None)? {
-            match self.config.ambiguous_policy(&r.message_type) {
-                AmbiguousPolicy::Hold => {
-                    tracing::warn!(message_id = r.id, order = %r.production_order, message_type = %r.message_type,
-                        "Message was being sent when the gateway stopped; D365 may have it. Marked uncertain: check the MES page, then `outbox resolve` or `outbox retry`.");
-                    r.change(
-                        State::Uncertain,
-                        GATEWAY,
-                        "interrupted",
-                        Some(
-                            "the gateway stopped while the request may have been on the wire"
-                                .into(),
-                        ),
-                    );
-                    self.stats.uncertain.fetch_add(1, Ordering::Relaxed);
-                }
-                AmbiguousPolicy::Resend => {
-                    r.change(State::Queued, GATEWAY, "interrupted, resending", Some("the gateway stopped while the request may have been on the wire; policy resend".into()));
-                }
+        let recovered = self
+            .outbox
+            .recover_interrupted(|r| match self.config.ambiguous_policy(&r.message_type) {
+                AmbiguousPolicy::Hold => Settle::Uncertain {
+                    reason: "interrupted: the gateway stopped while the request may have been on the wire".into(),
+                },
+                AmbiguousPolicy::Resend => Settle::Requeue {
+                    reason: "interrupted, resending: the gateway stopped while the request may have been on the wire; policy resend".into(),
+                },
+            })
+            .await?;
+        for r in recovered {
+            if r.state == State::Uncertain {
+                self.stats.uncertain.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(message_id = r.id, order = %r.production_order, message_type = %r.message_type,
+                    "Message was being sent when the gateway stopped; D365 may have it. Marked uncertain: check the MES page, then `outbox resolve` or `outbox retry`.");
             }
-            self.outbox.put(&r).await?;
         }
         Ok(())
     }
 
     pub async fn run(self, cancel: CancellationToken) -> Result<(), OutboxError> {
         self.recover_interrupted().await?;
-        let mut in_flight: HashSet<String> = HashSet::new();
-        let mut not_before: HashMap<MessageId, Instant> = HashMap::new();
-        let mut paused_until: Option<Instant> = None;
-        let mut held_reported: HashSet<MessageId> = HashSet::new();
+        let mut lanes = Lanes::default();
         let mut tasks: JoinSet<Finished> = JoinSet::new();
         let mut heartbeat_ticks = tokio::time::interval(
             self.heartbeat
@@ -136,67 +177,55 @@ impl Dispatcher {
         );
 
         loop {
-            if let Some(hb) = &self.heartbeat {
-                hb.beat();
-            }
+            self.beat();
             let now = Instant::now();
-            let mut next_wake = paused_until.filter(|t| *t > now);
+            let mut next_wake = lanes.paused_until.filter(|t| *t > now);
             if next_wake.is_none() {
-                paused_until = None;
-                for head in self.outbox.lane_heads() {
-                    if in_flight.len() >= self.config.max_in_flight {
-                        break;
-                    }
-                    match head.state {
-                        State::Queued => {}
-                        State::Failed | State::Uncertain => {
-                            if held_reported.insert(head.id) {
-                                tracing::warn!(order = %head.production_order, message_id = head.id, state = %head.state,
-                                    "Order is held: its first message needs an operator (outbox retry, cancel or resolve); later messages of this order wait.");
+                lanes.paused_until = None;
+                let (picked, wake_at) = self.pick(&mut lanes, now)?;
+                next_wake = wake_at;
+                if !picked.is_empty() {
+                    match self.token(&cancel).await {
+                        Some(Ok(token)) => {
+                            if lanes.token_failures > 0 || self.stats.last_error().is_some() {
+                                self.stats.set_last_error(None);
                             }
-                            continue;
+                            lanes.token_failures = 0;
+                            self.start(&mut lanes, &mut tasks, &picked, token).await?;
                         }
-                        _ => continue,
-                    }
-                    if in_flight.contains(&head.production_order) {
-                        continue;
-                    }
-                    if let Some(t) = not_before.get(&head.id).copied() {
-                        if t > now {
-                            next_wake = Some(next_wake.map_or(t, |w| w.min(t)));
-                            continue;
+                        Some(Err(e)) => {
+                            self.stats.set_last_error(Some(e.to_string()));
+                            let pause = if e.is_rejection() {
+                                tracing::error!(error = %e, pause_s = self.config.auth_pause.as_secs_f64(),
+                                    "D365 token endpoint refused the credentials: pausing all deliveries. Messages are kept; fix the client secret or app registration.");
+                                self.config.auth_pause
+                            } else {
+                                let wait = self.backoff.delay(lanes.token_failures);
+                                lanes.token_failures = lanes.token_failures.saturating_add(1);
+                                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64,
+                                    "Cannot get a D365 access token; nothing was sent, will try again.");
+                                wait
+                            };
+                            lanes.paused_until = Instant::now().checked_add(pause);
+                            next_wake = lanes.paused_until;
                         }
+                        None => break,
                     }
-                    let mut record = head;
-                    record.state = State::Sending;
-                    record.updated_at = jiff::Timestamp::now();
-                    self.outbox.put(&record).await?;
-                    in_flight.insert(record.production_order.clone());
-                    tasks.spawn(send_one(
-                        self.client.clone(),
-                        record,
-                        self.context_for_send(),
-                    ));
                 }
             }
 
             tokio::select! {
                 _ = cancel.cancelled() => break,
-                Some(joined) = tasks.join_next() => {
-                    let finished = match joined {
-                        Ok(f) => f,
-                        Err(e) => {
-                            // A send task cannot panic on input; if it did, the record stays
-                            // `sending` and becomes uncertain at the next start.
-                            tracing::error!(error = %e, "A send task ended abnormally.");
-                            continue;
-                        }
-                    };
-                    in_flight.remove(&finished.record.production_order);
-                    held_reported.remove(&finished.record.id);
-                    if let Some(pause) = self.apply(finished, &mut not_before).await? {
-                        let until = Instant::now() + pause;
-                        paused_until = Some(paused_until.map_or(until, |p| p.max(until)));
+                Some(joined) = tasks.join_next_with_id() => {
+                    let mut done = vec![joined];
+                    // Group commit: every request that has finished by now is settled
+                    // in the same write.
+                    while let Some(more) = tasks.try_join_next_with_id() {
+                        done.push(more);
+                    }
+                    if let Some(pause) = self.settle(&mut lanes, done).await? {
+                        let until = Instant::now().checked_add(pause);
+                        lanes.paused_until = lanes.paused_until.max(until);
                     }
                 }
                 _ = self.wake.notified() => {}
@@ -212,11 +241,14 @@ impl Dispatcher {
                 "Waiting for requests in flight to finish."
             );
             let deadline = Instant::now() + self.drain_grace;
-            while let Ok(Some(joined)) = tokio::time::timeout_at(deadline, tasks.join_next()).await
+            while let Ok(Some(joined)) =
+                tokio::time::timeout_at(deadline, tasks.join_next_with_id()).await
             {
-                if let Ok(finished) = joined {
-                    self.apply(finished, &mut not_before).await?;
+                let mut done = vec![joined];
+                while let Some(more) = tasks.try_join_next_with_id() {
+                    done.push(more);
                 }
+                self.settle(&mut lanes, done).await?;
             }
             if !tasks.is_empty() {
                 tracing::warn!(abandoned = tasks.len(), "Abandoned requests still in flight at shutdown; they will be marked uncertain at the next start.");
@@ -226,128 +258,265 @@ impl Dispatcher {
         Ok(())
     }
 
-    fn context_for_send(&self) -> SendPolicy {
-        SendPolicy {
-            max_attempts: self.config.max_attempts,
-            throttle_fallback: self.config.throttle_fallback,
-            auth_pause: self.config.auth_pause,
-            per_type: self.config.ambiguous_per_type.clone(),
-            default: self.config.ambiguous_default,
+    /// Chooses the lane heads to send now, round-robin; returns them and when the next
+    /// backoff deadline falls.
+    fn pick(
+        &self,
+        lanes: &mut Lanes,
+        now: Instant,
+    ) -> Result<(Vec<MessageId>, Option<Instant>), OutboxError> {
+        let free = self
+            .config
+            .max_in_flight
+            .saturating_sub(lanes.in_flight.len());
+        let mut next_wake: Option<Instant> = None;
+        let mut picked = Vec::new();
+        if free == 0 {
+            return Ok((picked, next_wake));
+        }
+        // Every head that can be passed over is in flight, in backoff or held; reading
+        // that many more than we can send finds the sendable ones.
+        let scan =
+            free + lanes.busy_orders.len() + lanes.not_before.len() + lanes.held_reported.len();
+        let heads = self.outbox.lane_heads(lanes.last_served.as_deref(), scan)?;
+        for head in heads {
+            if picked.len() >= free {
+                break;
+            }
+            match head.state {
+                State::Queued => {}
+                State::Failed | State::Uncertain => {
+                    if lanes.held_reported.insert(head.id) {
+                        tracing::warn!(order = %head.production_order, message_id = head.id, state = %head.state,
+                            "Order is held: its first message needs an operator (outbox retry, cancel or resolve); later messages of this order wait.");
+                    }
+                    continue;
+                }
+                _ => continue,
+            }
+            if lanes.busy_orders.contains(&head.production_order) {
+                continue;
+            }
+            if let Some(t) = lanes.not_before.get(&head.id).copied() {
+                if t > now {
+                    next_wake = Some(next_wake.map_or(t, |w| w.min(t)));
+                    continue;
+                }
+            }
+            lanes.last_served = Some(head.production_order.clone());
+            picked.push(head.id);
+        }
+        // Held heads that are no longer held (an operator acted) stop counting.
+        if lanes.held_reported.len() > self.config.max_in_flight * 4 {
+            let outbox = &self.outbox;
+            lanes.held_reported.retain(|id| {
+                outbox
+                    .get(*id)
+                    .is_ok_and(|r| matches!(r.state, State::Failed | State::Uncertain))
+            });
+        }
+        Ok((picked, next_wake))
+    }
+
+    /// A token for the next requests; `None` when cancelled while waiting for it.
+    async fn token(&self, cancel: &CancellationToken) -> Option<Result<Token, token::TokenError>> {
+        let fetch = self.client.tokens.get();
+        tokio::pin!(fetch);
+        let mut ticks = tokio::time::interval(
+            self.heartbeat
+                .as_ref()
+                .map_or(crate::systemd::DEFAULT_HEARTBEAT_PERIOD, Heartbeat::period),
+        );
+        loop {
+            tokio::select! {
+                t = &mut fetch => return Some(t),
+                _ = cancel.cancelled() => return None,
+                // Waiting for the token endpoint is progress of a kind.
+                _ = ticks.tick() => self.beat(),
+            }
         }
     }
 
-    /// Records the outcome of one send; returns a pause for all lanes if one is due.
-    async fn apply(
+    /// Marks the picked heads `sending` (one write) and starts their requests.
+    async fn start(
         &self,
-        finished: Finished,
-        not_before: &mut HashMap<MessageId, Instant>,
+        lanes: &mut Lanes,
+        tasks: &mut JoinSet<Finished>,
+        picked: &[MessageId],
+        token: Token,
+    ) -> Result<(), OutboxError> {
+        for record in self.outbox.mark_sending(picked).await? {
+            let order = record.production_order.clone();
+            let id = record.id;
+            let policy = self.policy_for(&record);
+            let handle = tasks.spawn(send_one(self.client.clone(), record, token.clone(), policy));
+            lanes.busy_orders.insert(order.clone());
+            lanes.in_flight.insert(handle.id(), (id, order));
+        }
+        Ok(())
+    }
+
+    fn policy_for(&self, record: &Record) -> Context {
+        Context {
+            server_errors_before: record.server_errors,
+            token_refreshed: false,
+            ambiguous: self.config.ambiguous_policy(&record.message_type),
+            max_attempts: self.config.max_attempts,
+            throttle_fallback: self.config.throttle_fallback,
+            auth_pause: self.config.auth_pause,
+        }
+    }
+
+    /// Records the outcomes of finished sends in one write; returns a pause for all lanes
+    /// if one is due.
+    async fn settle(
+        &self,
+        lanes: &mut Lanes,
+        done: Vec<Result<(tokio::task::Id, Finished), tokio::task::JoinError>>,
     ) -> Result<Option<Duration>, OutboxError> {
-        let Finished {
-            mut record,
-            outcome,
-            decision,
-        } = finished;
-        record.record_attempt(outcome.to_string());
-        if matches!(outcome, Outcome::Http { status: 500, .. }) {
-            record.server_errors += 1;
+        let mut settlements = Vec::with_capacity(done.len());
+        let mut pause: Option<Duration> = None;
+        let mut retries = Vec::new();
+        for joined in done {
+            let (task, finished) = match joined {
+                Ok(ok) => ok,
+                Err(e) => {
+                    // A send task cannot panic on input; if one did, free its lane and
+                    // hold the message as uncertain: its request may have been written.
+                    let Some((id, order)) = lanes.in_flight.remove(&e.id()) else {
+                        continue;
+                    };
+                    lanes.busy_orders.remove(&order);
+                    tracing::error!(message_id = id, %order, error = %e, "A send task ended abnormally; the message is uncertain.");
+                    self.stats.uncertain.fetch_add(1, Ordering::Relaxed);
+                    settlements.push(Settlement {
+                        id,
+                        attempt: Some(format!("send task failed: {e}")),
+                        server_error: false,
+                        next: Settle::Uncertain {
+                            reason: format!(
+                                "the send task failed ({e}); the request may have been written"
+                            ),
+                        },
+                    });
+                    continue;
+                }
+            };
+            lanes.in_flight.remove(&task);
+            let Finished {
+                record,
+                outcome,
+                decision,
+            } = finished;
+            lanes.held_reported.remove(&record.id);
+            let id = record.id;
+            let order = &record.production_order;
+            let next = match decision {
+                Decision::Delivered => {
+                    lanes.not_before.remove(&id);
+                    self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(message_id = id, %order, "Delivered.");
+                    Settle::Delivered
+                }
+                Decision::Retry { reason } => {
+                    let wait = self.backoff.delay(record.attempt_count);
+                    tracing::info!(message_id = id, %order, attempt = record.attempt_count + 1, retry_in_ms = wait.as_millis() as u64, %reason, "Delivery failed; will retry.");
+                    retries.push((id, wait));
+                    self.stats.retried.fetch_add(1, Ordering::Relaxed);
+                    Settle::Retry { reason }
+                }
+                Decision::Throttle { pause: p } => {
+                    tracing::warn!(
+                        message_id = id,
+                        pause_s = p.as_secs_f64(),
+                        "D365 throttled the gateway (HTTP 429): pausing all deliveries."
+                    );
+                    self.stats.throttled.fetch_add(1, Ordering::Relaxed);
+                    pause = pause.max(Some(p));
+                    Settle::Retry {
+                        reason: outcome.to_string(),
+                    }
+                }
+                Decision::AuthPause { pause: p, reason } => {
+                    tracing::error!(message_id = id, pause_s = p.as_secs_f64(), %reason, "D365 authentication failed: pausing all deliveries. Messages are kept.");
+                    pause = pause.max(Some(p));
+                    Settle::Retry { reason }
+                }
+                Decision::RefreshToken => {
+                    // send_one refreshes the token itself; reaching here means it could not.
+                    Settle::Retry {
+                        reason: outcome.to_string(),
+                    }
+                }
+                Decision::Failed { reason } => {
+                    tracing::warn!(message_id = id, %order, message_type = %record.message_type, %reason,
+                        "D365 rejected a message: it is failed and holds its order. Fix it and run `outbox retry`, or `outbox cancel` it.");
+                    lanes.not_before.remove(&id);
+                    self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                    Settle::Failed { reason }
+                }
+                Decision::Uncertain { reason } => {
+                    tracing::warn!(message_id = id, %order, message_type = %record.message_type, %reason,
+                        "No answer from D365 after the request was written: message is uncertain and holds its order. Check the MES page, then `outbox resolve` (it arrived) or `outbox retry` (it did not).");
+                    lanes.not_before.remove(&id);
+                    self.stats.uncertain.fetch_add(1, Ordering::Relaxed);
+                    Settle::Uncertain { reason }
+                }
+            };
+            settlements.push(Settlement {
+                id,
+                attempt: Some(outcome.to_string()),
+                server_error: matches!(outcome, Outcome::Http { status: 500, .. }),
+                next,
+            });
         }
-        let id = record.id;
-        let order = record.production_order.clone();
-        let mut pause = None;
-        match decision {
-            Decision::Delivered => {
-                record.last_error = None;
-                record.change(State::Delivered, GATEWAY, "delivered", None);
-                not_before.remove(&id);
-                self.stats.delivered.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(message_id = id, %order, "Delivered.");
-            }
-            Decision::Retry { reason } => {
-                let wait = self.backoff.delay(record.attempt_count.saturating_sub(1));
-                tracing::info!(message_id = id, %order, attempt = record.attempt_count, retry_in_ms = wait.as_millis() as u64, %reason, "Delivery failed; will retry.");
-                record.last_error = Some(reason);
-                record.state = State::Queued;
-                not_before.insert(id, Instant::now() + wait);
-                self.stats.retried.fetch_add(1, Ordering::Relaxed);
-            }
-            Decision::Throttle { pause: p } => {
-                tracing::warn!(
-                    message_id = id,
-                    pause_s = p.as_secs_f64(),
-                    "D365 throttled the gateway (HTTP 429): pausing all deliveries."
-                );
-                record.last_error = Some(outcome.to_string());
-                record.state = State::Queued;
-                self.stats.throttled.fetch_add(1, Ordering::Relaxed);
-                pause = Some(p);
-            }
-            Decision::AuthPause { pause: p, reason } => {
-                tracing::error!(message_id = id, pause_s = p.as_secs_f64(), %reason, "D365 authentication failed: pausing all deliveries. Messages are kept.");
-                record.last_error = Some(reason);
-                record.state = State::Queued;
-                pause = Some(p);
-            }
-            Decision::RefreshToken => {
-                // send_one handles the refresh itself; reaching here means it could not.
-                record.state = State::Queued;
-            }
-            Decision::Failed { reason } => {
-                tracing::warn!(message_id = id, %order, message_type = %record.message_type, %reason,
-                    "D365 rejected a message: it is failed and holds its order. Fix it and run `outbox retry`, or `outbox cancel` it.");
-                record.last_error = Some(reason.clone());
-                record.change(State::Failed, GATEWAY, "failed", Some(reason));
-                not_before.remove(&id);
-                self.stats.failed.fetch_add(1, Ordering::Relaxed);
-            }
-            Decision::Uncertain { reason } => {
-                tracing::warn!(message_id = id, %order, message_type = %record.message_type, %reason,
-                    "No answer from D365 after the request was written: message is uncertain and holds its order. Check the MES page, then `outbox resolve` (it arrived) or `outbox retry` (it did not).");
-                record.last_error = Some(reason.clone());
-                record.change(State::Uncertain, GATEWAY, "uncertain", Some(reason));
-                not_before.remove(&id);
-                self.stats.uncertain.fetch_add(1, Ordering::Relaxed);
+        self.outbox.settle(settlements).await?;
+        // Only now, with the outcomes on disk, may the lanes move on.
+        lanes.busy_orders = lanes.in_flight.values().map(|(_, o)| o.clone()).collect();
+        let now = Instant::now();
+        for (id, wait) in retries {
+            if let Some(t) = now.checked_add(wait) {
+                lanes.not_before.insert(id, t);
             }
         }
-        self.outbox.put(&record).await?;
         Ok(pause)
     }
 }
 
-#[derive(Debug, Clone)]
-struct SendPolicy {
-    max_attempts: u32,
-    throttle_fallback: Duration,
-    auth_pause: Duration,
-    per_type: std::collections::BTreeMap<String, AmbiguousPolicy>,
-    default: AmbiguousPolicy,
-}
-
 /// Sends one message; after a first 401 fetches a new token and sends once more.
-async fn send_one(client: Arc<D365Client>, record: Record, policy: SendPolicy) -> Finished {
-    let mut ctx = Context {
-        server_errors_before: record.server_errors,
-        token_refreshed: false,
-        ambiguous: policy
-            .per_type
-            .get(&record.message_type)
-            .copied()
-            .unwrap_or(policy.default),
-        max_attempts: policy.max_attempts,
-        throttle_fallback: policy.throttle_fallback,
-        auth_pause: policy.auth_pause,
-    };
+async fn send_one(
+    client: Arc<D365Client>,
+    record: Record,
+    mut token: Token,
+    mut ctx: Context,
+) -> Finished {
     loop {
-        let (outcome, token) = client.send(&record).await;
+        let outcome = client.send(&record, &token).await;
         let decision = retry::decide(&outcome, &ctx);
         if decision == Decision::RefreshToken {
-            if let Some(token) = token {
-                tracing::info!(
-                    message_id = record.id,
-                    "D365 answered 401: fetching a new token and sending once more."
-                );
-                client.tokens.invalidate(&token).await;
-                ctx.token_refreshed = true;
-                continue;
+            tracing::info!(
+                message_id = record.id,
+                "D365 answered 401: fetching a new token and sending once more."
+            );
+            client.tokens.invalidate(&token).await;
+            ctx.token_refreshed = true;
+            match client.tokens.get().await {
+                Ok(fresh) => {
+                    token = fresh;
+                    continue;
+                }
+                Err(e) => {
+                    let outcome = Outcome::Token {
+                        rejected: e.is_rejection(),
+                        detail: e.to_string(),
+                    };
+                    let decision = retry::decide(&outcome, &ctx);
+                    return Finished {
+                        record,
+                        outcome,
+                        decision,
+                    };
+                }
             }
         }
         return Finished {

@@ -92,12 +92,19 @@ pub enum Decision {
     },
 }
 
+/// The longest pause after a 429, as a multiple of the fallback pause.
+pub const MAX_THROTTLE_FACTOR: u32 = 10;
+
 /// Decides what follows an outcome. Pure: table-tested below.
 pub fn decide(outcome: &Outcome, ctx: &Context) -> Decision {
     match outcome {
         Outcome::Http { status, .. } if (200..300).contains(status) => Decision::Delivered,
+        // Capped: a Retry-After of years (a broken proxy) must not stop every lane for
+        // good; ten times the fallback is still far beyond D365's 5-minute window.
         Outcome::Http { status: 429, retry_after, .. } => Decision::Throttle {
-            pause: retry_after.unwrap_or(ctx.throttle_fallback),
+            pause: retry_after
+                .unwrap_or(ctx.throttle_fallback)
+                .min(ctx.throttle_fallback.saturating_mul(MAX_THROTTLE_FACTOR)),
         },
         Outcome::Http { status: 408 | 502 | 503 | 504, .. } | Outcome::NotSent { .. } => Decision::Retry {
             reason: outcome.to_string(),
@@ -335,6 +342,21 @@ mod tests {
             decide(&http(429), &ctx()),
             Decision::Throttle {
                 pause: Duration::from_secs(30)
+            }
+        );
+    }
+
+    #[test]
+    fn a_huge_retry_after_is_capped_at_ten_times_the_fallback() {
+        let huge = Outcome::Http {
+            status: 429,
+            retry_after: parse_retry_after("18446744073709551615"),
+            body: String::new(),
+        };
+        assert_eq!(
+            decide(&huge, &ctx()),
+            Decision::Throttle {
+                pause: Duration::from_secs(300)
             }
         );
     }

@@ -18,6 +18,8 @@ use crate::config::{D365Config, Secret, TokenApi};
 
 /// Refresh this long before the token expires (tokens live 60–90 minutes).
 const REFRESH_MARGIN: Duration = Duration::from_secs(300);
+/// Longest a token is cached, whatever lifetime the endpoint announces.
+const MAX_CACHE: Duration = Duration::from_secs(24 * 3600);
 
 /// An access token. `Debug` hides its value.
 #[derive(Clone)]
@@ -149,7 +151,11 @@ impl TokenSource {
         };
         *cache = Some(Cached {
             token: token.clone(),
-            refresh_at: Instant::now() + lifetime - margin,
+            // checked: a token endpoint that announces a lifetime of centuries must not
+            // overflow the clock; such a token is simply refreshed a day from now.
+            refresh_at: Instant::now()
+                .checked_add(lifetime - margin)
+                .unwrap_or_else(|| Instant::now() + MAX_CACHE),
         });
         tracing::info!(token_endpoint = %self.url, lifetime_s = lifetime.as_secs(), "Fetched a D365 access token.");
         Ok(token)
@@ -188,6 +194,15 @@ impl TokenSource {
                 detail: error_chain(&e),
             })?;
         let status = response.status().as_u16();
+        if response.status().is_redirection() {
+            // Redirects are never followed (a POST would turn into a GET without the
+            // secret, or the secret would go to another host): the URL is wrong.
+            return Err(TokenError::Rejected {
+                url,
+                status,
+                error: redirect_detail(&response),
+            });
+        }
         let body = response.text().await.unwrap_or_default();
         if status == 200 {
             let parsed: TokenResponse =
@@ -201,7 +216,7 @@ impl TokenSource {
                 NumberOrString::Text(t) => t.trim().parse().unwrap_or(0),
             };
             // A missing or nonsensical lifetime: assume the documented minimum of an hour.
-            let lifetime = Duration::from_secs(if secs == 0 { 3600 } else { secs });
+            let lifetime = Duration::from_secs(if secs == 0 { 3600 } else { secs }).min(MAX_CACHE);
             return Ok((parsed.access_token, lifetime));
         }
         let parsed: TokenErrorBody = serde_json::from_str(&body).unwrap_or_default();
@@ -228,6 +243,16 @@ impl TokenSource {
             })
         }
     }
+}
+
+/// Why a 3xx answer is refused, with where it pointed.
+pub fn redirect_detail(response: &reqwest::Response) -> String {
+    let location = response
+        .headers()
+        .get(reqwest::header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("(no Location header)");
+    format!("redirected to {location}; redirects are not followed: check the configured URL")
 }
 
 /// The error and its causes on one line (reqwest hides the useful part in `source()`).

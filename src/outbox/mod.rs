@@ -2,12 +2,19 @@
 //! else happens to it, and stays until it is delivered (then pruned after the retention
 //! period) or cancelled by an operator.
 //!
+//! The outbox owns the state machine: callers never write a record, they ask for a
+//! transition ([`Outbox::commit`], [`Outbox::mark_sending`], [`Outbox::settle`], the
+//! operator actions), and each call is one write and one flush whatever the number of
+//! messages in it (group commit: batching is what makes it fast).
+//!
 //! # On disk
 //!
 //! ```text
 //! sled database in <data_dir>/outbox
 //!   tree "messages":  key = message id (u64, big-endian)
-//!                     value = FORMAT_VERSION (1 byte) ++ JSON of Record
+//!                     value = format version (1 byte) ++ JSON of Record
+//!   tree "lanes":     one key per message that is not terminal: order ++ id (see lanes.rs)
+//!   tree "ingress":   upstream deliveries whose result is stored (see ingress.rs)
 //!   tree "state":     key = owner name ("rules")
 //!                     value = opaque bytes of that owner (the rules engine's counters,
 //!                     accumulators and order contexts)
@@ -19,161 +26,39 @@
 //!
 //! # Invariants
 //!
-//! - [`Outbox::commit`] writes new messages and the rules engine's state in one sled
-//!   transaction: after a crash both or neither are there, so a counted piece is never
-//!   lost between the engine and the outbox, nor reported twice.
-//! - A call that writes ([`Outbox::append`], [`Outbox::put`], operator actions) returns only
-//!   after `flush()`, i.e. when the data is on disk. One call = one flush, whatever the
-//!   number of records (group commit: batching is what makes it fast).
-//! - A message is marked `sending` on disk *before* its request goes out. A message found
-//!   `sending` when the outbox is opened may have reached D365; the dispatcher decides what
-//!   that means ([`crate::config::AmbiguousPolicy`]), never a blind resend.
+//! - [`Outbox::commit`] writes new messages, their lane keys, the upstream deliveries they
+//!   came from and the rules engine's state in one sled transaction: after a crash all or
+//!   none are there, so a counted piece is never lost between the engine and the outbox,
+//!   nor reported twice, and a redelivered publish is recognised.
+//! - Every call that writes returns only after `flush()`, i.e. when the data is on disk.
+//! - A message is marked `sending` on disk *before* its request goes out
+//!   ([`Outbox::mark_sending`]), and its outcome is on disk ([`Outbox::settle`]) before the
+//!   next message of its lane may be marked. A message found `sending` when the gateway
+//!   starts may have reached D365; the dispatcher decides what that means, never a blind
+//!   resend.
 //! - States: `queued → sending → delivered | queued (retry) | failed | uncertain`;
-//!   operators move `failed | uncertain → queued` (retry), `→ cancelled`, and
-//!   `uncertain → delivered` (resolve). Every change is recorded in the message's history.
+//!   operators move `failed | uncertain → queued` (retry), `queued | failed | uncertain →
+//!   cancelled`, and `uncertain → delivered` (resolve). Every change of state is recorded in
+//!   the message's history; a transition from a state that does not allow it is refused.
+//! - A message's lane key exists exactly while the message is not terminal. A terminal
+//!   record's key is written first and its lane key removed after; a crash in between
+//!   leaves a stale lane key, which [`Outbox::lane_heads`] removes when it meets it.
+//! - Memory: per-state counts and nothing that grows with the backlog.
 //! - sled types never leave this module.
 
-use std::collections::{BTreeMap, BTreeSet};
+mod ingress;
+mod lanes;
+mod record;
+
+pub use ingress::{Delivery, DeliveryId};
+pub use record::{Attempt, Change, MessageId, NewMessage, Record, State};
+
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use serde::{Deserialize, Serialize};
-
-pub type MessageId = u64;
-
-const FORMAT_VERSION: u8 = 1;
-/// Attempts kept per message: a message retried for a week of outage must not grow
-/// without bound; the count is kept separately.
-const MAX_ATTEMPTS_KEPT: usize = 20;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum State {
-    Queued,
-    Sending,
-    Delivered,
-    Failed,
-    Uncertain,
-    Cancelled,
-}
-
-impl State {
-    pub const ALL: [State; 6] = [
-        State::Queued,
-        State::Sending,
-        State::Delivered,
-        State::Failed,
-        State::Uncertain,
-        State::Cancelled,
-    ];
-
-    /// Terminal messages no longer belong to their order's lane.
-    pub fn is_terminal(self) -> bool {
-        matches!(self, State::Delivered | State::Cancelled)
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            State::Queued => "queued",
-            State::Sending => "sending",
-            State::Delivered => "delivered",
-            State::Failed => "failed",
-            State::Uncertain => "uncertain",
-            State::Cancelled => "cancelled",
-        }
-    }
-}
-
-impl fmt::Display for State {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for State {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        State::ALL
-            .into_iter()
-            .find(|st| st.as_str() == s)
-            .ok_or_else(|| format!("unknown state {s:?}, expected one of queued, sending, delivered, failed, uncertain, cancelled"))
-    }
-}
-
-/// A message to be stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NewMessage {
-    pub production_order: String,
-    pub message_type: String,
-    /// The `_messageContent` string, exactly as it will be posted.
-    pub content: String,
-    /// Who or what created it (`rule good-parts`, `cli root`).
-    pub origin: String,
-}
-
-/// One delivery attempt.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Attempt {
-    pub at: jiff::Timestamp,
-    pub outcome: String,
-}
-
-/// One change of state or content, by the gateway or an operator.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Change {
-    pub at: jiff::Timestamp,
-    pub by: String,
-    pub action: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub detail: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Record {
-    pub id: MessageId,
-    pub production_order: String,
-    pub message_type: String,
-    pub content: String,
-    pub state: State,
-    pub created_at: jiff::Timestamp,
-    pub updated_at: jiff::Timestamp,
-    /// All attempts ever made.
-    pub attempt_count: u32,
-    /// HTTP 500 answers so far, counted against `max_attempts`; reset by an operator retry.
-    pub server_errors: u32,
-    /// The most recent attempts (at most 20, see `MAX_ATTEMPTS_KEPT`).
-    pub attempts: Vec<Attempt>,
-    pub history: Vec<Change>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_error: Option<String>,
-}
-
-impl Record {
-    pub fn record_attempt(&mut self, outcome: impl Into<String>) {
-        self.attempt_count += 1;
-        self.attempts.push(Attempt {
-            at: jiff::Timestamp::now(),
-            outcome: outcome.into(),
-        });
-        if self.attempts.len() > MAX_ATTEMPTS_KEPT {
-            let excess = self.attempts.len() - MAX_ATTEMPTS_KEPT;
-            self.attempts.drain(..excess);
-        }
-    }
-
-    pub fn change(&mut self, state: State, by: &str, action: &str, detail: Option<String>) {
-        let now = jiff::Timestamp::now();
-        self.state = state;
-        self.updated_at = now;
-        self.history.push(Change {
-            at: now,
-            by: by.to_string(),
-            action: action.to_string(),
-            detail,
-        });
-    }
-}
+use record::{decode, encode};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutboxError {
@@ -193,7 +78,7 @@ pub enum OutboxError {
         id: MessageId,
         state: State,
         action: &'static str,
-        allowed: &'static str,
+        allowed: String,
     },
 }
 
@@ -201,49 +86,71 @@ fn storage(e: impl fmt::Display) -> OutboxError {
     OutboxError::Storage(e.to_string())
 }
 
-#[derive(Default)]
-struct Index {
-    /// Non-terminal messages per production order, in FIFO (id) order.
-    lanes: BTreeMap<String, BTreeSet<MessageId>>,
-    counts: BTreeMap<State, usize>,
-    /// Undecodable records found when opening; kept on disk, reported, never sent.
-    corrupt: Vec<MessageId>,
+/// What one batch of upstream events produced, committed as one transaction.
+#[derive(Debug, Default)]
+pub struct Ingest {
+    pub messages: Vec<NewMessage>,
+    /// An owner's state (the rules engine's) to save with them.
+    pub state: Option<(String, Vec<u8>)>,
+    /// The upstream deliveries whose result this is, recorded so a redelivery is known.
+    pub deliveries: Vec<Delivery>,
 }
 
-impl Index {
-    fn add(&mut self, r: &Record) {
-        *self.counts.entry(r.state).or_default() += 1;
-        if !r.state.is_terminal() {
-            self.lanes
-                .entry(r.production_order.clone())
-                .or_default()
-                .insert(r.id);
-        }
-    }
-
-    fn remove(&mut self, r: &Record) {
-        if let Some(n) = self.counts.get_mut(&r.state) {
-            *n = n.saturating_sub(1);
-        }
-        if let Some(lane) = self.lanes.get_mut(&r.production_order) {
-            lane.remove(&r.id);
-            if lane.is_empty() {
-                self.lanes.remove(&r.production_order);
-            }
-        }
+impl Ingest {
+    fn is_empty(&self) -> bool {
+        self.messages.is_empty() && self.state.is_none() && self.deliveries.is_empty()
     }
 }
 
-/// Cheap to clone: all clones share the database and the index.
+/// What became of one request: the dispatcher's decision, as a transition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settle {
+    Delivered,
+    /// Back to `queued` for another attempt later.
+    Retry {
+        reason: String,
+    },
+    Failed {
+        reason: String,
+    },
+    Uncertain {
+        reason: String,
+    },
+    /// Back to `queued` without an attempt (the request never left, e.g. abandoned before
+    /// it was written).
+    Requeue {
+        reason: String,
+    },
+}
+
+/// The outcome of one request for [`Outbox::settle`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settlement {
+    pub id: MessageId,
+    /// What happened, for the attempt list (`None`: no attempt was made).
+    pub attempt: Option<String>,
+    /// The attempt was answered by HTTP 500 (counted against `max_attempts`).
+    pub server_error: bool,
+    pub next: Settle,
+}
+
+/// Who the gateway is in a message's history.
+pub const GATEWAY: &str = "gateway";
+
+/// Cheap to clone: all clones share the database and the counts.
 #[derive(Clone)]
 pub struct Outbox {
     db: sled::Db,
     messages: sled::Tree,
+    lanes: sled::Tree,
+    ingress: sled::Tree,
     state: sled::Tree,
-    index: Arc<Mutex<Index>>,
+    counts: Arc<Mutex<BTreeMap<State, usize>>>,
+    /// Undecodable records found when opening; kept on disk, reported, never sent.
+    corrupt: Arc<Vec<MessageId>>,
     path: PathBuf,
     /// Bumped after every durable change, for whoever wants to watch the outbox
-    /// (the operator surface, tests) without polling.
+    /// (the dispatcher, the operator surface, tests) without polling.
     changes: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
@@ -253,28 +160,14 @@ impl fmt::Debug for Outbox {
     }
 }
 
-fn encode(r: &Record) -> Result<Vec<u8>, OutboxError> {
-    let mut v = vec![FORMAT_VERSION];
-    serde_json::to_writer(&mut v, r).map_err(storage)?;
-    Ok(v)
-}
-
-fn decode(bytes: &[u8]) -> Result<Record, String> {
-    match bytes.split_first() {
-        Some((&FORMAT_VERSION, json)) => serde_json::from_slice(json).map_err(|e| e.to_string()),
-        Some((v, _)) => Err(format!("unknown record format version {v}")),
-        None => Err("empty record".into()),
-    }
-}
-
 fn key(id: MessageId) -> [u8; 8] {
     id.to_be_bytes()
 }
 
 impl Outbox {
     /// Opens (or creates) the outbox in `data_dir/outbox`. Blocking: call it before
-    /// starting work or from a blocking context. Opening a store with a large backlog
-    /// reads every record once to build the lane index.
+    /// starting work or from a blocking context. Opening reads every record once to count
+    /// them per state (and to find records that cannot be decoded).
     pub fn open(data_dir: &Path) -> Result<Outbox, OutboxError> {
         let path = data_dir.join("outbox");
         std::fs::create_dir_all(&path).map_err(|source| OutboxError::Open {
@@ -298,24 +191,30 @@ impl Outbox {
                 other => storage(other),
             })?;
         let messages = db.open_tree("messages").map_err(storage)?;
+        let lanes = db.open_tree("lanes").map_err(storage)?;
+        let ingress = db.open_tree("ingress").map_err(storage)?;
         let state = db.open_tree("state").map_err(storage)?;
-        let mut index = Index::default();
+        let mut counts = BTreeMap::new();
+        let mut corrupt = Vec::new();
         for item in messages.iter() {
             let (k, v) = item.map_err(storage)?;
             match decode(&v) {
-                Ok(r) => index.add(&r),
+                Ok(r) => *counts.entry(r.state).or_default() += 1,
                 Err(e) => {
                     let id = k.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0);
                     tracing::error!(message_id = id, error = %e, "Outbox record cannot be decoded; it is kept on disk and skipped.");
-                    index.corrupt.push(id);
+                    corrupt.push(id);
                 }
             }
         }
         Ok(Outbox {
             db,
             messages,
+            lanes,
+            ingress,
             state,
-            index: Arc::new(Mutex::new(index)),
+            counts: Arc::new(Mutex::new(counts)),
+            corrupt: Arc::new(corrupt),
             path,
             changes: Arc::new(tokio::sync::watch::channel(0).0),
         })
@@ -334,15 +233,25 @@ impl Outbox {
         self.changes.send_modify(|n| *n += 1);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Index> {
-        // A panic while holding this lock would leave a consistent index anyway (every
-        // update is a remove+add pair done without await points), so poisoning is ignored.
-        self.index.lock().unwrap_or_else(|p| p.into_inner())
+    fn count(&self, from: Option<State>, to: Option<State>) {
+        // A panic while holding this lock cannot leave the map half-updated (no await,
+        // plain integer updates), so poisoning is ignored.
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = from.and_then(|s| counts.get_mut(&s)) {
+            *n = n.saturating_sub(1);
+        }
+        if let Some(s) = to {
+            *counts.entry(s).or_default() += 1;
+        }
     }
 
     /// Stores new messages durably and returns their records, in order. One flush.
     pub async fn append(&self, messages: Vec<NewMessage>) -> Result<Vec<Record>, OutboxError> {
-        self.commit(messages, None).await
+        self.commit(Ingest {
+            messages,
+            ..Ingest::default()
+        })
+        .await
     }
 
     /// The state an owner (such as the rules engine) saved with [`Outbox::commit`].
@@ -354,14 +263,16 @@ impl Outbox {
             .map(|v| v.to_vec()))
     }
 
-    /// Stores new messages and, in the same transaction, an owner's state; one flush.
-    /// Returns the new records in order.
-    pub async fn commit(
-        &self,
-        messages: Vec<NewMessage>,
-        state: Option<(String, Vec<u8>)>,
-    ) -> Result<Vec<Record>, OutboxError> {
-        if messages.is_empty() && state.is_none() {
+    /// Stores new messages, their deliveries and an owner's state in one transaction; one
+    /// flush. Returns the new records in order.
+    pub async fn commit(&self, ingest: Ingest) -> Result<Vec<Record>, OutboxError> {
+        self.commit_shared(Arc::new(ingest)).await
+    }
+
+    /// [`Outbox::commit`] for a caller that keeps the batch to try again if the disk
+    /// refuses it (no copy of the messages per attempt).
+    pub async fn commit_shared(&self, ingest: Arc<Ingest>) -> Result<Vec<Record>, OutboxError> {
+        if ingest.is_empty() {
             return Ok(Vec::new());
         }
         let this = self.clone();
@@ -369,82 +280,192 @@ impl Outbox {
             use sled::transaction::{ConflictableTransactionError, TransactionError};
             use sled::Transactional;
             let now = jiff::Timestamp::now();
-            let abort = |e: OutboxError| ConflictableTransactionError::Abort(e);
             // Ids are taken before the transaction: generate_id may flush, which must not
             // happen inside a transaction (it would wait for the transaction itself).
             // +1: sled ids start at 0 and 0 reads badly to an operator.
-            let ids = messages
+            let records = ingest
+                .messages
                 .iter()
-                .map(|_| this.db.generate_id().map(|id| id + 1))
-                .collect::<Result<Vec<u64>, _>>()
+                .map(|m| Ok(Record::new(this.db.generate_id()? + 1, m, now)))
+                .collect::<Result<Vec<Record>, sled::Error>>()
                 .map_err(storage)?;
-            let result = (&this.messages, &this.state).transaction(|(tx_messages, tx_state)| {
-                let mut records = Vec::with_capacity(messages.len());
-                for (m, &id) in messages.iter().zip(&ids) {
-                    let mut r = Record {
-                        id,
-                        production_order: m.production_order.clone(),
-                        message_type: m.message_type.clone(),
-                        content: m.content.clone(),
-                        state: State::Queued,
-                        created_at: now,
-                        updated_at: now,
-                        attempt_count: 0,
-                        server_errors: 0,
-                        attempts: Vec::new(),
-                        history: Vec::new(),
-                        last_error: None,
-                    };
-                    r.change(State::Queued, &m.origin, "created", None);
-                    tx_messages.insert(&key(id), encode(&r).map_err(abort)?)?;
-                    records.push(r);
-                }
-                if let Some((owner, bytes)) = &state {
-                    tx_state.insert(owner.as_bytes(), bytes.as_slice())?;
-                }
-                Ok(records)
-            });
-            let records = match result {
-                Ok(r) => r,
+            let encoded = records.iter().map(encode).collect::<Result<Vec<_>, _>>()?;
+            let trees = (&this.messages, &this.lanes, &this.ingress, &this.state);
+            let result: Result<(), TransactionError<OutboxError>> =
+                trees.transaction(|(tx_messages, tx_lanes, tx_ingress, tx_state)| {
+                    for (r, bytes) in records.iter().zip(&encoded) {
+                        tx_messages.insert(&key(r.id), bytes.as_slice())?;
+                        tx_lanes.insert(lanes::key(&r.production_order, r.id), &[])?;
+                    }
+                    for d in &ingest.deliveries {
+                        tx_ingress
+                            .insert(d.id.key(), &ingress::value(d.id.digest, d.receipt)[..])?;
+                    }
+                    if let Some((owner, bytes)) = &ingest.state {
+                        tx_state.insert(owner.as_bytes(), bytes.as_slice())?;
+                    }
+                    Ok::<(), ConflictableTransactionError<OutboxError>>(())
+                });
+            match result {
+                Ok(()) => {}
                 Err(TransactionError::Abort(e)) => return Err(e),
                 Err(TransactionError::Storage(e)) => return Err(storage(e)),
-            };
+            }
             this.db.flush().map_err(storage)?;
             Ok(records)
         })
         .await?;
-        {
-            let mut index = self.lock();
-            for r in &records {
-                index.add(r);
-            }
+        for _ in &records {
+            self.count(None, Some(State::Queued));
         }
         self.changed();
         Ok(records)
     }
 
-    /// Writes a changed record durably.
-    pub async fn put(&self, record: &Record) -> Result<(), OutboxError> {
-        let this = self.clone();
-        let new = record.clone();
-        let old = run_blocking(move || {
-            let old = this
-                .messages
-                .insert(key(new.id), encode(&new)?)
+    /// Whether the outbox holds the result of this upstream delivery.
+    pub fn holds_delivery(&self, id: &DeliveryId) -> Result<bool, OutboxError> {
+        Ok(self
+            .ingress
+            .get(id.key())
+            .map_err(storage)?
+            .and_then(|v| ingress::digest_of(&v))
+            == Some(id.digest))
+    }
+
+    /// Forgets deliveries the broker will never redeliver (it confirmed our PUBACK). Only
+    /// the recording made by that receipt is removed, never a newer one of the same packet
+    /// id. Not flushed: forgetting is made durable by the next flush; until then a crash
+    /// merely keeps them a little longer.
+    pub fn forget_deliveries(&self, deliveries: &[Delivery]) -> Result<(), OutboxError> {
+        for d in deliveries {
+            let expected = ingress::value(d.id.digest, d.receipt);
+            // Err(CompareAndSwapError) means a newer recording is there: keep it.
+            let _ = self
+                .ingress
+                .compare_and_swap(d.id.key(), Some(&expected[..]), None::<&[u8]>)
                 .map_err(storage)?;
+        }
+        Ok(())
+    }
+
+    /// Forgets every delivery of a source whose broker lost the session: nothing of it
+    /// will be redelivered. Not flushed (see [`Outbox::forget_deliveries`]).
+    pub fn forget_source(&self, source: &str) -> Result<usize, OutboxError> {
+        let mut n = 0;
+        for item in self.ingress.scan_prefix(ingress::source_prefix(source)) {
+            let (k, _) = item.map_err(storage)?;
+            self.ingress.remove(k).map_err(storage)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Writes changed records and their lane keys; one flush. `old` is each record's
+    /// state before the change.
+    async fn write(&self, changed: Vec<(Record, State)>) -> Result<Vec<Record>, OutboxError> {
+        if changed.is_empty() {
+            return Ok(Vec::new());
+        }
+        let this = self.clone();
+        let changed = run_blocking(move || {
+            for (r, _) in &changed {
+                this.messages
+                    .insert(key(r.id), encode(r)?)
+                    .map_err(storage)?;
+            }
+            for (r, _) in &changed {
+                if r.state.is_terminal() {
+                    this.lanes
+                        .remove(lanes::key(&r.production_order, r.id))
+                        .map_err(storage)?;
+                }
+            }
             this.db.flush().map_err(storage)?;
-            Ok(old.and_then(|v| decode(&v).ok()))
+            Ok(changed)
         })
         .await?;
-        {
-            let mut index = self.lock();
-            if let Some(old) = old {
-                index.remove(&old);
-            }
-            index.add(record);
+        for (r, old) in &changed {
+            self.count(Some(*old), Some(r.state));
         }
         self.changed();
-        Ok(())
+        Ok(changed.into_iter().map(|(r, _)| r).collect())
+    }
+
+    /// Marks queued messages `sending`, one write and one flush for all: call it right
+    /// before their requests go out. Returns the marked records; an id that is no longer
+    /// queued (an operator cancelled it meanwhile) is left out.
+    pub async fn mark_sending(&self, ids: &[MessageId]) -> Result<Vec<Record>, OutboxError> {
+        let mut changed = Vec::with_capacity(ids.len());
+        for &id in ids {
+            let mut r = self.get(id)?;
+            if r.state != State::Queued {
+                continue;
+            }
+            r.state = State::Sending;
+            r.updated_at = jiff::Timestamp::now();
+            changed.push((r, State::Queued));
+        }
+        self.write(changed).await
+    }
+
+    /// Records the outcomes of finished requests, one write and one flush for all.
+    pub async fn settle(&self, outcomes: Vec<Settlement>) -> Result<Vec<Record>, OutboxError> {
+        let mut changed = Vec::with_capacity(outcomes.len());
+        for s in outcomes {
+            let mut r = self.get(s.id)?;
+            r.require("settle", &[State::Sending])?;
+            if let Some(attempt) = s.attempt {
+                r.record_attempt(attempt);
+            }
+            if s.server_error {
+                r.server_errors += 1;
+            }
+            match s.next {
+                Settle::Delivered => {
+                    r.last_error = None;
+                    r.change(State::Delivered, GATEWAY, "delivered", None);
+                }
+                Settle::Retry { reason } => {
+                    r.last_error = Some(reason);
+                    r.state = State::Queued;
+                    r.updated_at = jiff::Timestamp::now();
+                }
+                Settle::Requeue { reason } => {
+                    r.change(State::Queued, GATEWAY, "requeued", Some(reason));
+                }
+                Settle::Failed { reason } => {
+                    r.last_error = Some(reason.clone());
+                    r.change(State::Failed, GATEWAY, "failed", Some(reason));
+                }
+                Settle::Uncertain { reason } => {
+                    r.last_error = Some(reason.clone());
+                    r.change(State::Uncertain, GATEWAY, "uncertain", Some(reason));
+                }
+            }
+            changed.push((r, State::Sending));
+        }
+        self.write(changed).await
+    }
+
+    /// Messages left `sending` by a crash or a kill: settles each with what `decide`
+    /// says (uncertain, or queued again where the message type's policy is resend). Only
+    /// lane heads can be `sending`, so this reads one record per order.
+    pub async fn recover_interrupted(
+        &self,
+        decide: impl Fn(&Record) -> Settle,
+    ) -> Result<Vec<Record>, OutboxError> {
+        let sending: Vec<Settlement> = self
+            .lane_heads(None, usize::MAX)?
+            .into_iter()
+            .filter(|r| r.state == State::Sending)
+            .map(|r| Settlement {
+                id: r.id,
+                attempt: None,
+                server_error: false,
+                next: decide(&r),
+            })
+            .collect();
+        self.settle(sending).await
     }
 
     pub fn get(&self, id: MessageId) -> Result<Record, OutboxError> {
@@ -456,18 +477,37 @@ impl Outbox {
         decode(&bytes).map_err(|e| storage(format!("message {id}: {e}")))
     }
 
-    /// The first message of every order's lane, in order of production order number.
-    pub fn lane_heads(&self) -> Vec<Record> {
-        let heads: Vec<MessageId> = self
-            .lock()
-            .lanes
-            .values()
-            .filter_map(|lane| lane.first().copied())
-            .collect();
-        heads
-            .into_iter()
-            .filter_map(|id| self.get(id).ok())
-            .collect()
+    /// The first message of up to `limit` orders' lanes, starting with the order after
+    /// `after` and wrapping around (round-robin when the caller passes the last order it
+    /// served).
+    pub fn lane_heads(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Record>, OutboxError> {
+        loop {
+            let mut out = Vec::new();
+            let mut stale = false;
+            for (order, id) in lanes::heads(&self.lanes, after, limit)? {
+                match self.get(id) {
+                    Ok(r) if !r.state.is_terminal() => out.push(r),
+                    // A crash between writing a terminal record and removing its lane key.
+                    Ok(_) | Err(OutboxError::NotFound(_)) => {
+                        self.lanes.remove(lanes::key(&order, id)).map_err(storage)?;
+                        stale = true;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            if !stale {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// The ids of an order's lane (messages not yet delivered or cancelled), FIFO.
+    pub fn lane(&self, order: &str) -> Result<Vec<MessageId>, OutboxError> {
+        lanes::lane(&self.lanes, order)
     }
 
     /// All records in id order, optionally filtered.
@@ -492,47 +532,57 @@ impl Outbox {
     /// When the oldest message still waiting to be delivered was created (the heads of the
     /// lanes are the oldest of their orders).
     pub fn oldest_pending(&self) -> Option<jiff::Timestamp> {
-        self.lane_heads()
+        self.lane_heads(None, usize::MAX)
+            .ok()?
             .iter()
-            .filter(|r| !r.state.is_terminal())
             .map(|r| r.created_at)
             .min()
     }
 
     /// Number of messages per state.
     pub fn counts(&self) -> BTreeMap<State, usize> {
-        self.lock().counts.clone()
+        self.counts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Ids of records that could not be decoded when the outbox was opened.
     pub fn corrupt_records(&self) -> Vec<MessageId> {
-        self.lock().corrupt.clone()
+        self.corrupt.as_ref().clone()
     }
 
     /// Deletes delivered and cancelled messages last changed before `before`. One flush.
     pub async fn prune(&self, before: jiff::Timestamp) -> Result<usize, OutboxError> {
         let this = self.clone();
-        run_blocking(move || {
-            let mut removed = 0;
+        let removed = run_blocking(move || {
+            let mut removed = Vec::new();
             for item in this.messages.iter() {
                 let (k, v) = item.map_err(storage)?;
                 let Ok(r) = decode(&v) else { continue };
                 if r.state.is_terminal() && r.updated_at < before {
                     this.messages.remove(k).map_err(storage)?;
-                    let mut index = this.lock();
-                    if let Some(n) = index.counts.get_mut(&r.state) {
-                        *n = n.saturating_sub(1);
-                    }
-                    removed += 1;
+                    removed.push(r.state);
                 }
             }
-            if removed > 0 {
+            if !removed.is_empty() {
                 this.db.flush().map_err(storage)?;
-                this.changed();
             }
             Ok(removed)
         })
-        .await
+        .await?;
+        for s in &removed {
+            self.count(Some(*s), None);
+        }
+        if !removed.is_empty() {
+            self.changed();
+        }
+        Ok(removed.len())
+    }
+
+    async fn write_one(&self, r: Record, old: State) -> Result<Record, OutboxError> {
+        let mut written = self.write(vec![(r, old)]).await?;
+        written.pop().ok_or_else(|| storage("nothing written"))
     }
 
     /// Operator: send a `failed` or `uncertain` message again, optionally with new content.
@@ -545,14 +595,8 @@ impl Outbox {
         new_content: Option<String>,
     ) -> Result<Record, OutboxError> {
         let mut r = self.get(id)?;
-        if !matches!(r.state, State::Failed | State::Uncertain | State::Sending) {
-            return Err(OutboxError::WrongState {
-                id,
-                state: r.state,
-                action: "retry",
-                allowed: "failed, uncertain (or sending, after a crash)",
-            });
-        }
+        r.require("retry", &[State::Failed, State::Uncertain, State::Sending])?;
+        let old = r.state;
         let detail = match new_content {
             Some(content) if content != r.content => {
                 let detail = format!("content edited; previous content: {}", r.content);
@@ -569,41 +613,26 @@ impl Outbox {
             "retried"
         };
         r.change(State::Queued, by, action, detail);
-        self.put(&r).await?;
-        Ok(r)
+        self.write_one(r, old).await
     }
 
     /// Operator: never send this message. Releases the order's lane.
     pub async fn cancel(&self, id: MessageId, by: &str) -> Result<Record, OutboxError> {
         let mut r = self.get(id)?;
-        if !matches!(r.state, State::Queued | State::Failed | State::Uncertain) {
-            return Err(OutboxError::WrongState {
-                id,
-                state: r.state,
-                action: "cancel",
-                allowed: "queued, failed, uncertain",
-            });
-        }
+        r.require("cancel", &[State::Queued, State::Failed, State::Uncertain])?;
+        let old = r.state;
         r.change(State::Cancelled, by, "cancelled", None);
-        self.put(&r).await?;
-        Ok(r)
+        self.write_one(r, old).await
     }
 
     /// Operator: an `uncertain` message (or one left `sending` by a crash) did reach
     /// D365 (checked on the MES page).
     pub async fn resolve_delivered(&self, id: MessageId, by: &str) -> Result<Record, OutboxError> {
         let mut r = self.get(id)?;
-        if !matches!(r.state, State::Uncertain | State::Sending) {
-            return Err(OutboxError::WrongState {
-                id,
-                state: r.state,
-                action: "resolve",
-                allowed: "uncertain (or sending, after a crash)",
-            });
-        }
+        r.require("resolve", &[State::Uncertain, State::Sending])?;
+        let old = r.state;
         r.change(State::Delivered, by, "resolved as delivered", None);
-        self.put(&r).await?;
-        Ok(r)
+        self.write_one(r, old).await
     }
 }
 
@@ -618,112 +647,4 @@ async fn run_blocking<T: Send + 'static>(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn msg(order: &str, n: u32) -> NewMessage {
-        NewMessage {
-            production_order: order.into(),
-            message_type: "ProdProductionOrderStart".into(),
-            content: format!("{{\"ProductionOrderNumber\":\"{order}\",\"n\":{n}}}"),
-            origin: "test".into(),
-        }
-    }
-
-    #[tokio::test]
-    async fn lanes_are_fifo_per_order_and_survive_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let ids = {
-            let outbox = Outbox::open(dir.path()).unwrap();
-            let recs = outbox
-                .append(vec![msg("A", 1), msg("B", 1), msg("A", 2)])
-                .await
-                .unwrap();
-            recs.iter().map(|r| r.id).collect::<Vec<_>>()
-        };
-        assert!(ids[0] < ids[1] && ids[1] < ids[2]);
-        let outbox = Outbox::open(dir.path()).unwrap();
-        let heads = outbox.lane_heads();
-        assert_eq!(
-            heads.iter().map(|r| r.id).collect::<Vec<_>>(),
-            vec![ids[0], ids[1]]
-        );
-
-        let mut first = heads[0].clone();
-        first.change(State::Delivered, "test", "delivered", None);
-        outbox.put(&first).await.unwrap();
-        let heads = outbox.lane_heads();
-        assert_eq!(
-            heads.iter().map(|r| r.id).collect::<Vec<_>>(),
-            vec![ids[2], ids[1]]
-        );
-        assert_eq!(
-            outbox.oldest_pending(),
-            Some(outbox.get(ids[1]).unwrap().created_at),
-            "A1 is delivered: the oldest pending is B1"
-        );
-        assert_eq!(outbox.counts()[&State::Delivered], 1);
-        assert_eq!(outbox.counts()[&State::Queued], 2);
-    }
-
-    #[tokio::test]
-    async fn a_second_open_is_refused_clearly() {
-        let dir = tempfile::tempdir().unwrap();
-        let _first = Outbox::open(dir.path()).unwrap();
-        let err = Outbox::open(dir.path()).unwrap_err();
-        assert!(matches!(err, OutboxError::Locked { .. }), "{err}");
-    }
-
-    #[tokio::test]
-    async fn operator_actions_check_state_and_record_history() {
-        let dir = tempfile::tempdir().unwrap();
-        let outbox = Outbox::open(dir.path()).unwrap();
-        let r = outbox.append(vec![msg("A", 1)]).await.unwrap().remove(0);
-        assert!(matches!(
-            outbox.resolve_delivered(r.id, "op").await,
-            Err(OutboxError::WrongState { .. })
-        ));
-        assert!(matches!(
-            outbox.retry(r.id, "op", None).await,
-            Err(OutboxError::WrongState { .. })
-        ));
-
-        let mut failed = r.clone();
-        failed.server_errors = 3;
-        failed.change(State::Failed, "gateway", "failed", Some("HTTP 500".into()));
-        outbox.put(&failed).await.unwrap();
-        let retried = outbox
-            .retry(r.id, "alice", Some("{\"x\":1}".into()))
-            .await
-            .unwrap();
-        assert_eq!(retried.state, State::Queued);
-        assert_eq!(retried.server_errors, 0);
-        assert_eq!(retried.content, "{\"x\":1}");
-        let last = retried.history.last().unwrap();
-        assert_eq!(
-            (last.by.as_str(), last.action.as_str()),
-            ("alice", "edited and retried")
-        );
-
-        let cancelled = outbox.cancel(r.id, "bob").await.unwrap();
-        assert_eq!(cancelled.state, State::Cancelled);
-        assert!(outbox.lane_heads().is_empty());
-    }
-
-    #[tokio::test]
-    async fn prune_removes_only_old_terminal_messages() {
-        let dir = tempfile::tempdir().unwrap();
-        let outbox = Outbox::open(dir.path()).unwrap();
-        let recs = outbox.append(vec![msg("A", 1), msg("A", 2)]).await.unwrap();
-        let mut done = recs[0].clone();
-        done.change(State::Delivered, "t", "delivered", None);
-        outbox.put(&done).await.unwrap();
-        let future = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(60);
-        assert_eq!(outbox.prune(future).await.unwrap(), 1);
-        assert!(matches!(
-            outbox.get(recs[0].id),
-            Err(OutboxError::NotFound(_))
-        ));
-        assert_eq!(outbox.get(recs[1].id).unwrap().state, State::Queued);
-    }
-}
+mod tests;

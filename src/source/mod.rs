@@ -1,7 +1,7 @@
 //! Sources: one task per configured device or broker, each emitting [`SourceEvent`]s into
 //! a bounded channel. When the channel is full a source waits (backpressure), it never
-//! drops an event. An event may carry an [`Ack`]: the pipeline runs it once what the
-//! event produced is durable (MQTT PUBACK after the outbox commit).
+//! drops an event. An event may carry an [`Ack`]: the pipeline hands it back to the
+//! source once what the event produced is durable (MQTT PUBACK after the outbox commit).
 
 pub mod modbus;
 pub mod mqtt;
@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::SourceConfig;
 use crate::event::Event;
+use crate::outbox::{Delivery, Outbox};
 use crate::systemd::Heartbeat;
 
 /// Events buffered between the sources and the rules engine. When full, sources wait.
@@ -29,35 +30,47 @@ pub enum SourceError {
     Setup { id: String, detail: String },
 }
 
-/// Runs once, when what an event produced is durable.
-pub struct Ack(Box<dyn FnOnce() + Send + Sync>);
+/// An upstream acknowledgement: handed back to its source once what the event produced
+/// is durable. The source owns it from then until it is written to the wire; nothing on
+/// the way drops it (it waits for room instead).
+#[derive(Debug)]
+pub struct Ack {
+    to: mpsc::Sender<AckTicket>,
+    ticket: AckTicket,
+}
+
+/// Which upstream delivery an [`Ack`] is for, in the numbering of its source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AckTicket(pub u64);
 
 impl Ack {
-    pub fn new(f: impl FnOnce() + Send + Sync + 'static) -> Ack {
-        Ack(Box::new(f))
+    pub fn new(to: mpsc::Sender<AckTicket>, ticket: AckTicket) -> Ack {
+        Ack { to, ticket }
     }
 
-    pub fn run(self) {
-        (self.0)()
-    }
-}
-
-impl std::fmt::Debug for Ack {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Ack")
+    /// Hands the acknowledgement back to its source; waits while the source's queue is
+    /// full. If the source is gone, so is its connection: the broker delivers again.
+    pub async fn send(self) {
+        let _ = self.to.send(self.ticket).await;
     }
 }
 
-/// An event and, for sources that acknowledge upstream, its acknowledgement.
+/// An event and, for sources that acknowledge upstream, its acknowledgement and the
+/// identity of the upstream delivery (to recognise a redelivery).
 #[derive(Debug)]
 pub struct SourceEvent {
     pub event: Event,
     pub ack: Option<Ack>,
+    pub delivery: Option<Delivery>,
 }
 
 impl From<Event> for SourceEvent {
     fn from(event: Event) -> Self {
-        SourceEvent { event, ack: None }
+        SourceEvent {
+            event,
+            ack: None,
+            delivery: None,
+        }
     }
 }
 
@@ -164,6 +177,7 @@ pub fn spawn(
     cancel: CancellationToken,
     tracker: &tokio_util::task::TaskTracker,
     heartbeat: Heartbeat,
+    outbox: &Outbox,
 ) -> Arc<SourceHealth> {
     let health = Arc::new(SourceHealth::default());
     let id = config.id().to_string();
@@ -179,7 +193,11 @@ pub fn spawn(
             SourceConfig::Serial(c) => {
                 Box::pin(serial::SerialSource::new(c, hb, h).run(out, cancel))
             }
-            SourceConfig::Mqtt(c) => Box::pin(mqtt::MqttSource::new(c, hb, h).run(out, cancel)),
+            SourceConfig::Mqtt(c) => Box::pin(
+                mqtt::MqttSource::new(c, hb, h)
+                    .with_outbox(outbox.clone())
+                    .run(out, cancel),
+            ),
         };
     tracker.spawn(async move {
         match task.await {

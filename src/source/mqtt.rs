@@ -7,23 +7,61 @@
 //! (first connect, or it lost its state), the subscriptions are made again.
 //! Connection errors are retried forever with capped exponential backoff; the state is
 //! logged when it changes, not at every attempt.
+//!
+//! # Acknowledgements (exactly once with the outbox)
+//!
+//! - Every QoS 1/2 publish gets a receipt number and a delivery identity
+//!   ([`crate::outbox::DeliveryId`]); the pipeline commits the identity with what the
+//!   publish produced and recognises a redelivery (DUP = 1) of something already stored.
+//! - Acks come back from the pipeline after the commit. They are written to the broker in
+//!   the order the publishes arrived, and only on the connection the publish came on: an
+//!   ack for a publish from an earlier connection is dropped, since the broker sends that
+//!   publish again (with DUP = 1) and its identity makes it an ack-only duplicate. So an
+//!   old packet id never acknowledges an unrelated delivery of a fresh session.
+//! - An ack is never dropped for lack of room: this task owns it until rumqttc has taken
+//!   it from its request channel, and never puts more requests there than the channel
+//!   holds (it counts them out as rumqttc reports each one written). When this task has
+//!   too many events the pipeline has not taken yet, it stops reading from the broker
+//!   (back-pressure through TCP and the broker's in-flight window).
+//! - After acks are written, a *barrier* (an UNSUBSCRIBE of a topic never subscribed)
+//!   goes out; the broker handles packets in order, so its UNSUBACK proves it has those
+//!   acks, and their identities are forgotten: the broker will not redeliver them.
+//! - At shutdown the task stops taking new publishes, waits for the pipeline to hand back
+//!   every ack, writes them, and sends DISCONNECT, so the broker neither redelivers what
+//!   was stored nor publishes the will message.
 
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use rumqttc::{
-    AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
+    AsyncClient, Event as MqttEvent, MqttOptions, Outgoing, Packet, Publish, QoS, TlsConfiguration,
+    Transport,
 };
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{Ack, SourceError, SourceEvent, SourceHealth};
+use super::{Ack, AckTicket, SourceError, SourceEvent, SourceHealth};
 use crate::config::{MqttConfig, PayloadFormat};
 use crate::event::{Event, Value};
+use crate::outbox::{Delivery, DeliveryId, Outbox};
 use crate::systemd::Heartbeat;
 
-/// Requests buffered between this task and rumqttc's event loop (acks, subscribes).
-const CLIENT_CAPACITY: usize = 256;
+/// Acks this task may have in rumqttc's request channel at once. The channel is made
+/// larger by the number of subscriptions and one barrier, so a `try_` call never finds it
+/// full.
+const ACKS_IN_CHANNEL: usize = 512;
+/// Events read from the broker but not yet taken by the pipeline; at this many the task
+/// stops reading from the broker until the pipeline catches up.
+const LOCAL_EVENTS: usize = 64;
+/// Acks handed back by the pipeline and not yet taken by this task. The pipeline waits
+/// when it is full (it never is for long: this task drains it first on every turn).
+const ACK_QUEUE: usize = super::EVENT_CHANNEL_CAPACITY + 512;
+/// Least time between two barriers (each is one UNSUBSCRIBE/UNSUBACK round trip).
+const BARRIER_INTERVAL: Duration = Duration::from_millis(100);
+/// Longest wait at shutdown for the pipeline's last acks and the DISCONNECT.
+const STOP_DEADLINE: Duration = Duration::from_secs(10);
 const RECONNECT_MIN: Duration = Duration::from_millis(200);
 const RECONNECT_MAX: Duration = Duration::from_secs(30);
 
@@ -32,6 +70,8 @@ pub struct MqttSource {
     config: MqttConfig,
     heartbeat: Heartbeat,
     health: Arc<SourceHealth>,
+    /// Where delivery identities are forgotten once the broker confirmed their acks.
+    outbox: Option<Outbox>,
 }
 
 /// Decodes a payload as configured. `Err` holds a printable reason.
@@ -89,7 +129,14 @@ impl MqttSource {
             config,
             heartbeat,
             health,
+            outbox: None,
         }
+    }
+
+    /// The outbox where the identities of acknowledged deliveries are forgotten.
+    pub fn with_outbox(mut self, outbox: Outbox) -> MqttSource {
+        self.outbox = Some(outbox);
+        self
     }
 
     fn options(&self) -> Result<MqttOptions, SourceError> {
@@ -136,96 +183,410 @@ impl MqttSource {
         out: mpsc::Sender<SourceEvent>,
         cancel: CancellationToken,
     ) -> Result<(), SourceError> {
-        let (client, mut eventloop) = AsyncClient::new(self.options()?, CLIENT_CAPACITY);
+        let capacity = ACKS_IN_CHANNEL + self.config.subscriptions.len() + 2;
+        let (client, mut eventloop) = AsyncClient::new(self.options()?, capacity);
         let id: Arc<str> = self.config.id.as_str().into();
+        let barrier_topic = format!("mes-gateway/barrier/{}", self.config.client_id);
+        let (acks_tx, mut acks_rx) = mpsc::channel::<AckTicket>(ACK_QUEUE);
+        let mut acks = AckBook::new(id.clone());
+        let mut events: VecDeque<SourceEvent> = VecDeque::new();
+        let mut out = Some(out);
+        let mut acks_tx = Some(acks_tx);
         let mut backoff = RECONNECT_MIN;
+        let mut reconnect_at: Option<Instant> = None;
         let mut subscribed_once = false;
+        let mut stop_by: Option<Instant> = None;
+        let mut disconnecting = false;
+        let mut acks_closed = false;
         let mut heartbeat_ticks = tokio::time::interval(self.heartbeat.period());
         tracing::info!(source = %id, broker = %format!("{}:{}", self.config.host, self.config.port), client_id = %self.config.client_id,
             subscriptions = self.config.subscriptions.len(), "MQTT source starting.");
         loop {
             self.heartbeat.beat();
-            let polled = tokio::select! {
-                _ = cancel.cancelled() => {
+            acks.write(&client);
+            if stop_by.is_some() && !disconnecting && acks_closed && acks.all_written() {
+                // Every ack the pipeline will ever hand back is written.
+                if acks.connected {
                     let _ = client.try_disconnect();
+                    disconnecting = true;
+                } else {
                     return Ok(());
                 }
-                _ = heartbeat_ticks.tick() => continue,
-                p = eventloop.poll() => p,
-            };
-            match polled {
-                Ok(MqttEvent::Incoming(Packet::ConnAck(ack))) => {
-                    backoff = RECONNECT_MIN;
-                    self.health.set_connected(&id, true, None);
-                    // Subscribe when the broker has no session for us, and always on the
-                    // first connection of this process: a previous run may have died
-                    // between CONNACK and SUBACK, leaving a session without subscriptions.
-                    if !ack.session_present || !subscribed_once {
-                        for s in &self.config.subscriptions {
-                            if let Err(e) = client.subscribe(s.topic.clone(), s.qos).await {
-                                tracing::error!(source = %id, topic = %s.topic, error = %e, "Cannot subscribe.");
+            }
+            let barrier_due = acks.barrier_due(&client, &barrier_topic);
+            let reading = stop_by.is_some() || events.len() < LOCAL_EVENTS;
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled(), if stop_by.is_none() => {
+                    // Stop taking publishes: those not yet with the pipeline are not acked
+                    // and come back after the restart.
+                    stop_by = Some(Instant::now() + STOP_DEADLINE);
+                }
+                _ = sleep_until(stop_by), if stop_by.is_some() => {
+                    tracing::warn!(source = %id, unwritten = acks.unwritten(), "MQTT source stopped before every ack was written; the broker will redeliver those messages (recognised as duplicates).");
+                    return Ok(());
+                }
+                ticket = acks_rx.recv(), if !acks_closed => match ticket {
+                    Some(t) => acks.ready(t),
+                    // Only at shutdown: every ack is back.
+                    None => acks_closed = true,
+                },
+                permit = reserve(out.as_ref()), if !events.is_empty() => match permit {
+                    Some(p) => {
+                        if let Some(e) = events.pop_front() {
+                            p.send(e);
+                        }
+                    }
+                    None => return Err(SourceError::Closed { id: id.to_string() }),
+                },
+                _ = sleep_until(reconnect_at), if reconnect_at.is_some() => reconnect_at = None,
+                _ = sleep_until(barrier_due), if barrier_due.is_some() => {}
+                _ = heartbeat_ticks.tick() => {}
+                polled = eventloop.poll(), if reading && reconnect_at.is_none() => match polled {
+                    Ok(MqttEvent::Incoming(Packet::ConnAck(ack))) => {
+                        backoff = RECONNECT_MIN;
+                        self.health.set_connected(&id, true, None);
+                        acks.connected(ack.session_present, self.outbox.as_ref());
+                        // Subscribe when the broker has no session for us, and always on the
+                        // first connection of this process: a previous run may have died
+                        // between CONNACK and SUBACK, leaving a session without subscriptions.
+                        if stop_by.is_none() && (!ack.session_present || !subscribed_once) {
+                            for s in &self.config.subscriptions {
+                                if let Err(e) = client.try_subscribe(s.topic.clone(), s.qos) {
+                                    tracing::error!(source = %id, topic = %s.topic, error = %e, "Cannot subscribe.");
+                                }
                             }
                         }
                     }
-                }
-                Ok(MqttEvent::Incoming(Packet::SubAck(ack))) => {
-                    subscribed_once = true;
-                    let refused = ack
-                        .return_codes
-                        .iter()
-                        .filter(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
-                        .count();
-                    if refused > 0 {
-                        tracing::error!(source = %id, refused, "The broker refused subscriptions (check its ACL).");
-                    } else {
-                        tracing::info!(source = %id, topics = ack.return_codes.len(), "Subscribed.");
-                    }
-                }
-                Ok(MqttEvent::Incoming(Packet::Publish(publish))) => {
-                    let ack_client = client.clone();
-                    let ack_publish = publish.clone();
-                    let ack = Ack::new(move || {
-                        if let Err(e) = ack_client.try_ack(&ack_publish) {
-                            tracing::warn!(error = %e, "Cannot acknowledge an MQTT message; the broker will send it again.");
-                        }
-                    });
-                    match decode(self.config.payload, &publish.payload) {
-                        Ok(value) => {
-                            self.health.event();
-                            let event = Event {
-                                source: id.clone(),
-                                point: publish.topic.as_str().into(),
-                                value,
-                                at: jiff::Timestamp::now(),
-                            };
-                            out.send(SourceEvent {
-                                event,
-                                ack: Some(ack),
-                            })
-                            .await
-                            .map_err(|_| SourceError::Closed { id: id.to_string() })?;
-                        }
-                        Err(reason) => {
-                            self.health.decode_error();
-                            tracing::warn!(source = %id, topic = %publish.topic, %reason, payload = %excerpt(&publish.payload),
-                                "Undecodable MQTT payload; skipped (and acknowledged, so it does not come back forever).");
-                            ack.run();
+                    Ok(MqttEvent::Incoming(Packet::SubAck(ack))) => {
+                        subscribed_once = true;
+                        let refused = ack
+                            .return_codes
+                            .iter()
+                            .filter(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                            .count();
+                        if refused > 0 {
+                            tracing::error!(source = %id, refused, "The broker refused subscriptions (check its ACL).");
+                        } else {
+                            tracing::info!(source = %id, topics = ack.return_codes.len(), "Subscribed.");
                         }
                     }
+                    Ok(MqttEvent::Incoming(Packet::Publish(publish))) => {
+                        if stop_by.is_some() {
+                            // Not taken: not acked, the broker sends it again after the restart.
+                            continue;
+                        }
+                        if let (Some(tx), Some(e)) = (&acks_tx, self.accept(&id, publish, &mut acks)) {
+                            let (ack, delivery) = e.1;
+                            events.push_back(SourceEvent {
+                                event: e.0,
+                                ack: ack.map(|t| Ack::new(tx.clone(), t)),
+                                delivery,
+                            });
+                        }
+                    }
+                    Ok(MqttEvent::Incoming(Packet::UnsubAck(ack))) => acks.barrier_answered(ack.pkid, self.outbox.as_ref()),
+                    Ok(MqttEvent::Outgoing(Outgoing::PubAck(pkid) | Outgoing::PubRec(pkid))) => acks.written(pkid),
+                    Ok(MqttEvent::Outgoing(Outgoing::Unsubscribe(pkid))) => acks.barrier_written(pkid),
+                    Ok(MqttEvent::Outgoing(Outgoing::Subscribe(_))) => acks.request_taken(),
+                    Ok(MqttEvent::Outgoing(Outgoing::Disconnect)) => {
+                        // Wait (briefly) for the broker to close the connection, so closing
+                        // our end cannot reset it before the DISCONNECT and acks arrive.
+                        tracing::info!(source = %id, "Disconnected from the MQTT broker.");
+                        stop_by = stop_by.min(Some(Instant::now() + Duration::from_secs(1)));
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        acks.disconnected();
+                        if stop_by.is_some() {
+                            return Ok(());
+                        }
+                        let first = self.health.set_connected(&id, false, Some(&e.to_string()));
+                        if first {
+                            tracing::warn!(source = %id, error = %e, "MQTT connection lost; reconnecting with backoff.");
+                        }
+                        reconnect_at = Some(Instant::now() + backoff);
+                        backoff = (backoff * 2).min(RECONNECT_MAX);
+                    }
+                },
+            }
+            if stop_by.is_some() && out.is_some() {
+                acks.forget_unforwarded(events.len());
+                events.clear();
+                // The pipeline ends when every sender is gone, after handing back its acks.
+                out = None;
+                acks_tx = None;
+            }
+        }
+    }
+
+    /// Turns a publish into an event (with its ack ticket and delivery identity), or
+    /// counts it as undecodable.
+    #[allow(clippy::type_complexity)]
+    fn accept(
+        &self,
+        id: &Arc<str>,
+        publish: Publish,
+        acks: &mut AckBook,
+    ) -> Option<(Event, (Option<AckTicket>, Option<Delivery>))> {
+        let acknowledged = publish.qos != QoS::AtMostOnce;
+        match decode(self.config.payload, &publish.payload) {
+            Ok(value) => {
+                self.health.event();
+                let (ticket, delivery) = if acknowledged {
+                    let delivery = Delivery {
+                        id: DeliveryId::of_publish(
+                            id.clone(),
+                            publish.pkid,
+                            &publish.topic,
+                            &publish.payload,
+                        ),
+                        redelivered: publish.dup,
+                        receipt: 0,
+                    };
+                    let (ticket, delivery) = acks.received(&publish, Some(delivery));
+                    (Some(ticket), delivery)
+                } else {
+                    (None, None)
+                };
+                let event = Event {
+                    source: id.clone(),
+                    point: publish.topic.as_str().into(),
+                    value,
+                    at: jiff::Timestamp::now(),
+                };
+                Some((event, (ticket, delivery)))
+            }
+            Err(reason) => {
+                self.health.decode_error();
+                tracing::warn!(source = %id, topic = %publish.topic, %reason, payload = %excerpt(&publish.payload),
+                    "Undecodable MQTT payload; skipped (and acknowledged, so it does not come back forever).");
+                if acknowledged {
+                    let (ticket, _) = acks.received(&publish, None);
+                    acks.ready(ticket);
                 }
-                Ok(_) => {}
+                None
+            }
+        }
+    }
+}
+
+/// A publish received with QoS 1 or 2 whose ack is not yet written.
+#[derive(Debug)]
+struct Pending {
+    /// The connection it came on.
+    epoch: u64,
+    pkid: u16,
+    qos: QoS,
+    delivery: Option<Delivery>,
+    /// The pipeline handed its ack back (what it produced is durable).
+    ready: bool,
+}
+
+/// Owns every ack from the publish's arrival until the broker confirmed it.
+#[derive(Debug)]
+struct AckBook {
+    source: Arc<str>,
+    /// Receipt numbers: unique within this source across restarts (random high bits).
+    next_receipt: u64,
+    /// Counts connections; an ack is written only on the connection of its publish.
+    epoch: u64,
+    connected: bool,
+    /// In arrival order.
+    pending: BTreeMap<u64, Pending>,
+    /// Released in order, waiting for room in rumqttc's request channel.
+    to_write: VecDeque<(u16, QoS, Option<Delivery>)>,
+    /// Acks in rumqttc's channel, in the order rumqttc will write them.
+    in_channel: VecDeque<Option<Delivery>>,
+    /// Other requests (subscribe, barrier) in rumqttc's channel.
+    other_in_channel: usize,
+    /// Written on this connection, not yet covered by a barrier.
+    written: Vec<Delivery>,
+    /// The barrier in flight: its packet id once written, and the acks it covers.
+    barrier: Option<(Option<u16>, Vec<Delivery>)>,
+    last_barrier: Option<Instant>,
+}
+
+impl AckBook {
+    fn new(source: Arc<str>) -> AckBook {
+        AckBook {
+            source,
+            next_receipt: fastrand::u64(..) << 24,
+            epoch: 0,
+            connected: false,
+            pending: BTreeMap::new(),
+            to_write: VecDeque::new(),
+            in_channel: VecDeque::new(),
+            other_in_channel: 0,
+            written: Vec::new(),
+            barrier: None,
+            last_barrier: None,
+        }
+    }
+
+    fn received(
+        &mut self,
+        publish: &Publish,
+        delivery: Option<Delivery>,
+    ) -> (AckTicket, Option<Delivery>) {
+        self.next_receipt = self.next_receipt.wrapping_add(1);
+        let receipt = self.next_receipt;
+        let delivery = delivery.map(|d| Delivery { receipt, ..d });
+        self.pending.insert(
+            receipt,
+            Pending {
+                epoch: self.epoch,
+                pkid: publish.pkid,
+                qos: publish.qos,
+                delivery: delivery.clone(),
+                ready: false,
+            },
+        );
+        (AckTicket(receipt), delivery)
+    }
+
+    /// The pipeline handed back `ticket`: release every ack that is now first in line.
+    fn ready(&mut self, ticket: AckTicket) {
+        if let Some(p) = self.pending.get_mut(&ticket.0) {
+            p.ready = true;
+        }
+        while let Some(entry) = self.pending.first_entry() {
+            if !entry.get().ready {
+                break;
+            }
+            let p = entry.remove();
+            // From an earlier connection: the broker redelivers it; the redelivery is
+            // recognised and acked on the connection it comes on.
+            if p.epoch == self.epoch && self.connected {
+                self.to_write.push_back((p.pkid, p.qos, p.delivery));
+            }
+        }
+    }
+
+    /// Hands released acks to rumqttc while its channel has room.
+    fn write(&mut self, client: &AsyncClient) {
+        while self.in_channel.len() < ACKS_IN_CHANNEL {
+            let Some((pkid, qos, delivery)) = self.to_write.pop_front() else {
+                break;
+            };
+            let mut stub = Publish::new("", qos, Vec::<u8>::new());
+            stub.pkid = pkid;
+            match client.try_ack(&stub) {
+                Ok(()) => self.in_channel.push_back(delivery),
                 Err(e) => {
-                    let first = self.health.set_connected(&id, false, Some(&e.to_string()));
-                    if first {
-                        tracing::warn!(source = %id, error = %e, "MQTT connection lost; reconnecting with backoff.");
-                    }
-                    if !super::pause(&cancel, backoff).await {
-                        return Ok(());
-                    }
-                    backoff = (backoff * 2).min(RECONNECT_MAX);
+                    // Cannot happen while the channel has room and the event loop lives;
+                    // keep the ack and try again on the next turn rather than drop it.
+                    tracing::debug!(error = %e, "MQTT ack not taken yet; kept.");
+                    self.to_write.push_front((pkid, qos, delivery));
+                    break;
                 }
             }
         }
+    }
+
+    /// rumqttc wrote an ack.
+    fn written(&mut self, _pkid: u16) {
+        if let Some(Some(d)) = self.in_channel.pop_front() {
+            self.written.push(d);
+        }
+    }
+
+    fn request_taken(&mut self) {
+        self.other_in_channel = self.other_in_channel.saturating_sub(1);
+    }
+
+    /// When a barrier should go out (now, or at the returned instant); sends it when due.
+    fn barrier_due(&mut self, client: &AsyncClient, topic: &str) -> Option<Instant> {
+        if self.written.is_empty() || self.barrier.is_some() || !self.connected {
+            return None;
+        }
+        let due = self
+            .last_barrier
+            .map_or_else(Instant::now, |t| t + BARRIER_INTERVAL);
+        if due > Instant::now() {
+            return Some(due);
+        }
+        if client.try_unsubscribe(topic).is_ok() {
+            self.other_in_channel += 1;
+            self.barrier = Some((None, Vec::new()));
+            self.last_barrier = Some(Instant::now());
+        }
+        None
+    }
+
+    /// The barrier was written: it covers every ack written before it.
+    fn barrier_written(&mut self, pkid: u16) {
+        self.request_taken();
+        if let Some((written_as @ None, covers)) = &mut self.barrier {
+            *written_as = Some(pkid);
+            *covers = std::mem::take(&mut self.written);
+        }
+    }
+
+    /// The broker answered the barrier: it has every ack the barrier covers.
+    fn barrier_answered(&mut self, pkid: u16, outbox: Option<&Outbox>) {
+        if !matches!(&self.barrier, Some((Some(p), _)) if *p == pkid) {
+            return;
+        }
+        if let Some((_, covers)) = self.barrier.take() {
+            if let Some(outbox) = outbox {
+                if let Err(e) = outbox.forget_deliveries(&covers) {
+                    tracing::warn!(source = %self.source, error = %e, "Cannot forget acknowledged deliveries; they are kept a little longer.");
+                }
+            }
+        }
+    }
+
+    fn connected(&mut self, session_present: bool, outbox: Option<&Outbox>) {
+        self.epoch += 1;
+        self.connected = true;
+        if !session_present {
+            // The broker has no session: nothing of the old one will come back.
+            if let Some(outbox) = outbox {
+                if let Err(e) = outbox.forget_source(&self.source) {
+                    tracing::warn!(source = %self.source, error = %e, "Cannot forget the deliveries of a lost MQTT session.");
+                }
+            }
+        }
+    }
+
+    /// The connection dropped: rumqttc discards the acks still in its channel (the broker
+    /// redelivers those publishes), and nothing written on it can be confirmed any more.
+    fn disconnected(&mut self) {
+        self.connected = false;
+        self.to_write.clear();
+        self.in_channel.clear();
+        self.other_in_channel = 0;
+        self.written.clear();
+        self.barrier = None;
+    }
+
+    /// The last `n` publishes received will never reach the pipeline (shutdown).
+    fn forget_unforwarded(&mut self, n: usize) {
+        for _ in 0..n {
+            if let Some(entry) = self.pending.last_entry() {
+                entry.remove();
+            }
+        }
+    }
+
+    fn unwritten(&self) -> usize {
+        self.pending.len() + self.to_write.len() + self.in_channel.len()
+    }
+
+    fn all_written(&self) -> bool {
+        self.unwritten() == 0
+    }
+}
+
+async fn reserve(out: Option<&mpsc::Sender<SourceEvent>>) -> Option<mpsc::Permit<'_, SourceEvent>> {
+    out?.reserve().await.ok()
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -155,6 +155,18 @@ impl FakeD365 {
         self.state().token_requests.clone()
     }
 
+    /// Waits until the token endpoint has been asked `n` times.
+    pub async fn wait_for_token_requests(&self, n: usize) {
+        let mut rx = self.changes.subscribe();
+        let result = tokio::time::timeout(Duration::from_secs(120), async {
+            while self.state().token_requests.len() < n {
+                rx.changed().await.expect("fake alive");
+            }
+        })
+        .await;
+        assert!(result.is_ok(), "the token endpoint was not asked {n} times");
+    }
+
     /// Waits until `cond` holds on the received requests (woken by each request, no polling).
     pub async fn wait_until(&self, what: &str, cond: impl Fn(&[Received]) -> bool) {
         let mut rx = self.changes.subscribe();
@@ -274,6 +286,7 @@ impl FakeD365 {
             .filter_map(|kv| kv.split_once('='))
             .map(|(k, v)| (k.to_string(), urldecode(v)))
             .collect();
+        self.changes.send_modify(|n| *n += 1);
         let mut st = self.state();
         st.token_requests.push(form.clone());
         if st.reject_credentials
@@ -400,6 +413,7 @@ use tokio_util::sync::CancellationToken;
 /// A dispatcher and its outbox in this process, delivering to a fake D365.
 pub struct Gateway {
     pub outbox: Outbox,
+    pub stats: Arc<mes_gateway::d365::DispatchStats>,
     pub config: Config,
     wake: Arc<Notify>,
     cancel: CancellationToken,
@@ -429,10 +443,12 @@ impl Gateway {
             Duration::from_secs(5),
         )
         .unwrap();
+        let stats = dispatcher.stats();
         let c = cancel.clone();
         let task = tokio::spawn(async move { dispatcher.run(c).await.expect("dispatcher") });
         Gateway {
             outbox,
+            stats,
             config,
             wake,
             cancel,
@@ -453,6 +469,23 @@ impl Gateway {
         let id = self.outbox.append(vec![new]).await.unwrap()[0].id;
         self.wake.notify_one();
         id
+    }
+
+    /// Waits until the dispatcher reports a problem of all lanes containing `text`.
+    pub async fn wait_for_dispatcher_error(&self, text: &str) {
+        let result = tokio::time::timeout(Duration::from_secs(120), async {
+            // The error is set right after the token fetch this test already waited for;
+            // yield (paused time advances only when every task is idle) until it shows.
+            while !self.stats.last_error().is_some_and(|e| e.contains(text)) {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await;
+        assert!(
+            result.is_ok(),
+            "dispatcher error never contained {text:?}: {:?}",
+            self.stats.last_error()
+        );
     }
 
     pub fn wake(&self) {

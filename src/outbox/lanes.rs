@@ -1,0 +1,117 @@
+//! The lane index on disk: one sled key per message that is not terminal, ordered by
+//! production order and then by id, so the head of an order's lane is the first key under
+//! its prefix. Nothing of it is held in memory: a backlog of a million messages costs
+//! disk, not RAM.
+//!
+//! ```text
+//! key = len(order) as u32 BE ++ order (UTF-8) ++ id as u64 BE      value = empty
+//! ```
+
+use super::{storage, MessageId, OutboxError};
+
+pub(super) fn key(order: &str, id: MessageId) -> Vec<u8> {
+    let mut k = prefix(order);
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+fn prefix(order: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(4 + order.len() + 8);
+    // An order number longer than 4 GiB cannot come from a parsed message.
+    k.extend_from_slice(&(order.len() as u32).to_be_bytes());
+    k.extend_from_slice(order.as_bytes());
+    k
+}
+
+/// The first key after every key of `order`'s lane.
+fn past(order: &str) -> Vec<u8> {
+    let mut k = prefix(order);
+    k.extend_from_slice(&[0xff; 9]);
+    k
+}
+
+fn parse(key: &[u8]) -> Option<(String, MessageId)> {
+    let len = u32::from_be_bytes(key.get(..4)?.try_into().ok()?) as usize;
+    let order = std::str::from_utf8(key.get(4..4 + len)?).ok()?.to_string();
+    let id = u64::from_be_bytes(key.get(4 + len..4 + len + 8)?.try_into().ok()?);
+    Some((order, id))
+}
+
+/// The head (first id) of each lane, at most `limit` of them, starting with the first
+/// order after `after` and wrapping around: successive calls that pass the last order
+/// served go round-robin over all lanes, so no order starves the others.
+pub(super) fn heads(
+    tree: &sled::Tree,
+    after: Option<&str>,
+    limit: usize,
+) -> Result<Vec<(String, MessageId)>, OutboxError> {
+    let mut out = Vec::new();
+    let start = after.map(past).unwrap_or_default();
+    // First pass from `start` to the end, then from the beginning up to `start`.
+    for (from, until) in [(start.clone(), None), (Vec::new(), Some(start))] {
+        let mut cursor = from;
+        while out.len() < limit {
+            let next = tree.range(cursor.as_slice()..).next();
+            let Some(item) = next else { break };
+            let (k, _) = item.map_err(storage)?;
+            if until.as_ref().is_some_and(|u| k.as_ref() >= u.as_slice()) {
+                break;
+            }
+            match parse(&k) {
+                Some((order, id)) => {
+                    cursor = past(&order);
+                    if !out.iter().any(|(o, _)| *o == order) {
+                        out.push((order, id));
+                    }
+                }
+                None => {
+                    // Not written by this module; skip it rather than stop every lane.
+                    let mut skip = k.to_vec();
+                    skip.push(0);
+                    cursor = skip;
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The ids of one order's lane, in FIFO order.
+pub(super) fn lane(tree: &sled::Tree, order: &str) -> Result<Vec<MessageId>, OutboxError> {
+    tree.scan_prefix(prefix(order))
+        .map(|item| {
+            let (k, _) = item.map_err(storage)?;
+            parse(&k)
+                .map(|(_, id)| id)
+                .ok_or_else(|| storage("malformed lane key"))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heads_go_round_robin_and_keys_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let t = db.open_tree("lanes").unwrap();
+        for (order, id) in [("B", 2), ("A", 1), ("A", 3), ("C", 4), ("B", 5)] {
+            t.insert(key(order, id), &[]).unwrap();
+        }
+        assert_eq!(parse(&key("P-000123", 7)), Some(("P-000123".into(), 7)));
+        let all = heads(&t, None, 10).unwrap();
+        assert_eq!(all, vec![("A".into(), 1), ("B".into(), 2), ("C".into(), 4)]);
+        assert_eq!(
+            heads(&t, Some("A"), 2).unwrap(),
+            vec![("B".into(), 2), ("C".into(), 4)]
+        );
+        assert_eq!(
+            heads(&t, Some("C"), 10).unwrap(),
+            vec![("A".into(), 1), ("B".into(), 2), ("C".into(), 4)],
+            "after the last order the scan wraps around"
+        );
+        assert_eq!(lane(&t, "A").unwrap(), vec![1, 3]);
+    }
+}

@@ -1,0 +1,199 @@
+//! One stored message: its content, its state in the delivery state machine, its attempts
+//! and its history, and how it is encoded on disk.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use super::OutboxError;
+
+pub type MessageId = u64;
+
+const FORMAT_VERSION: u8 = 1;
+/// Attempts kept per message: a message retried for a week of outage must not grow
+/// without bound; the count is kept separately.
+const MAX_ATTEMPTS_KEPT: usize = 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    Queued,
+    Sending,
+    Delivered,
+    Failed,
+    Uncertain,
+    Cancelled,
+}
+
+impl State {
+    pub const ALL: [State; 6] = [
+        State::Queued,
+        State::Sending,
+        State::Delivered,
+        State::Failed,
+        State::Uncertain,
+        State::Cancelled,
+    ];
+
+    /// Terminal messages no longer belong to their order's lane.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, State::Delivered | State::Cancelled)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Queued => "queued",
+            State::Sending => "sending",
+            State::Delivered => "delivered",
+            State::Failed => "failed",
+            State::Uncertain => "uncertain",
+            State::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for State {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        State::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| format!("unknown state {s:?}, expected one of queued, sending, delivered, failed, uncertain, cancelled"))
+    }
+}
+
+/// A message to be stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewMessage {
+    pub production_order: String,
+    pub message_type: String,
+    /// The `_messageContent` string, exactly as it will be posted.
+    pub content: String,
+    /// Who or what created it (`rule good-parts`, `cli root`).
+    pub origin: String,
+}
+
+/// One delivery attempt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attempt {
+    pub at: jiff::Timestamp,
+    pub outcome: String,
+}
+
+/// One change of state or content, by the gateway or an operator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    pub at: jiff::Timestamp,
+    pub by: String,
+    pub action: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub id: MessageId,
+    pub production_order: String,
+    pub message_type: String,
+    pub content: String,
+    pub state: State,
+    pub created_at: jiff::Timestamp,
+    pub updated_at: jiff::Timestamp,
+    /// All attempts ever made.
+    pub attempt_count: u32,
+    /// HTTP 500 answers so far, counted against `max_attempts`; reset by an operator retry.
+    pub server_errors: u32,
+    /// The most recent attempts (at most 20, see `MAX_ATTEMPTS_KEPT`).
+    pub attempts: Vec<Attempt>,
+    pub history: Vec<Change>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+impl Record {
+    pub(super) fn new(id: MessageId, m: &NewMessage, now: jiff::Timestamp) -> Record {
+        let mut r = Record {
+            id,
+            production_order: m.production_order.clone(),
+            message_type: m.message_type.clone(),
+            content: m.content.clone(),
+            state: State::Queued,
+            created_at: now,
+            updated_at: now,
+            attempt_count: 0,
+            server_errors: 0,
+            attempts: Vec::new(),
+            history: Vec::new(),
+            last_error: None,
+        };
+        r.change(State::Queued, &m.origin, "created", None);
+        r
+    }
+
+    pub(super) fn record_attempt(&mut self, outcome: impl Into<String>) {
+        self.attempt_count += 1;
+        self.attempts.push(Attempt {
+            at: jiff::Timestamp::now(),
+            outcome: outcome.into(),
+        });
+        if self.attempts.len() > MAX_ATTEMPTS_KEPT {
+            let excess = self.attempts.len() - MAX_ATTEMPTS_KEPT;
+            self.attempts.drain(..excess);
+        }
+    }
+
+    /// Moves to `state` and records who did it and why in the history.
+    pub(super) fn change(&mut self, state: State, by: &str, action: &str, detail: Option<String>) {
+        let now = jiff::Timestamp::now();
+        self.state = state;
+        self.updated_at = now;
+        self.history.push(Change {
+            at: now,
+            by: by.to_string(),
+            action: action.to_string(),
+            detail,
+        });
+    }
+
+    /// Refuses a transition the state machine does not allow from the current state.
+    pub(super) fn require(
+        &self,
+        action: &'static str,
+        allowed: &'static [State],
+    ) -> Result<(), OutboxError> {
+        if allowed.contains(&self.state) {
+            return Ok(());
+        }
+        Err(OutboxError::WrongState {
+            id: self.id,
+            state: self.state,
+            action,
+            allowed: allowed
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+    }
+}
+
+pub(super) fn encode(r: &Record) -> Result<Vec<u8>, OutboxError> {
+    let mut v = Vec::with_capacity(512);
+    v.push(FORMAT_VERSION);
+    serde_json::to_writer(&mut v, r).map_err(super::storage)?;
+    Ok(v)
+}
+
+pub(super) fn decode(bytes: &[u8]) -> Result<Record, String> {
+    match bytes.split_first() {
+        Some((&FORMAT_VERSION, json)) => serde_json::from_slice(json).map_err(|e| e.to_string()),
+        Some((v, _)) => Err(format!("unknown record format version {v}")),
+        None => Err("empty record".into()),
+    }
+}

@@ -1,0 +1,268 @@
+use super::*;
+
+fn msg(order: &str, n: u32) -> NewMessage {
+    NewMessage {
+        production_order: order.into(),
+        message_type: "ProdProductionOrderStart".into(),
+        content: format!("{{\"ProductionOrderNumber\":\"{order}\",\"n\":{n}}}"),
+        origin: "test".into(),
+    }
+}
+
+fn ids(records: &[Record]) -> Vec<MessageId> {
+    records.iter().map(|r| r.id).collect()
+}
+
+fn settled(id: MessageId, next: Settle) -> Settlement {
+    Settlement {
+        id,
+        attempt: Some("HTTP 200".into()),
+        server_error: false,
+        next,
+    }
+}
+
+#[tokio::test]
+async fn lanes_are_fifo_per_order_and_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let appended = {
+        let outbox = Outbox::open(dir.path()).unwrap();
+        let recs = outbox
+            .append(vec![msg("A", 1), msg("B", 1), msg("A", 2)])
+            .await
+            .unwrap();
+        ids(&recs)
+    };
+    assert!(appended[0] < appended[1] && appended[1] < appended[2]);
+    let outbox = Outbox::open(dir.path()).unwrap();
+    let heads = outbox.lane_heads(None, 10).unwrap();
+    assert_eq!(ids(&heads), vec![appended[0], appended[1]]);
+
+    let sent = outbox.mark_sending(&[appended[0]]).await.unwrap();
+    assert_eq!(sent[0].state, State::Sending);
+    outbox
+        .settle(vec![settled(appended[0], Settle::Delivered)])
+        .await
+        .unwrap();
+    let heads = outbox.lane_heads(None, 10).unwrap();
+    assert_eq!(ids(&heads), vec![appended[2], appended[1]]);
+    assert_eq!(
+        outbox.oldest_pending(),
+        Some(outbox.get(appended[1]).unwrap().created_at),
+        "A1 is delivered: the oldest pending is B1"
+    );
+    assert_eq!(outbox.counts()[&State::Delivered], 1);
+    assert_eq!(outbox.counts()[&State::Queued], 2);
+    assert_eq!(outbox.lane("A").unwrap(), vec![appended[2]]);
+}
+
+#[tokio::test]
+async fn lane_heads_go_round_robin_from_the_order_after_the_last_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(dir.path()).unwrap();
+    outbox
+        .append(vec![msg("A", 1), msg("B", 1), msg("C", 1), msg("A", 2)])
+        .await
+        .unwrap();
+    let orders = |rs: Vec<Record>| {
+        rs.into_iter()
+            .map(|r| r.production_order)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(orders(outbox.lane_heads(None, 2).unwrap()), ["A", "B"]);
+    assert_eq!(orders(outbox.lane_heads(Some("B"), 2).unwrap()), ["C", "A"]);
+}
+
+#[tokio::test]
+async fn transitions_are_checked_against_the_state_machine() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(dir.path()).unwrap();
+    let r = outbox.append(vec![msg("A", 1)]).await.unwrap().remove(0);
+    let err = outbox
+        .settle(vec![settled(r.id, Settle::Delivered)])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "message {} is queued: cannot settle it (allowed from: sending)",
+            r.id
+        )
+    );
+    outbox.mark_sending(&[r.id]).await.unwrap();
+    assert!(
+        outbox.mark_sending(&[r.id]).await.unwrap().is_empty(),
+        "a message already sending is not marked again"
+    );
+    let err = outbox.cancel(r.id, "op").await.unwrap_err();
+    assert!(matches!(err, OutboxError::WrongState { .. }), "{err}");
+    let s = outbox
+        .settle(vec![Settlement {
+            id: r.id,
+            attempt: Some("HTTP 500".into()),
+            server_error: true,
+            next: Settle::Retry {
+                reason: "HTTP 500".into(),
+            },
+        }])
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(
+        (s.state, s.server_errors, s.attempt_count),
+        (State::Queued, 1, 1)
+    );
+}
+
+#[tokio::test]
+async fn a_second_open_is_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let _first = Outbox::open(dir.path()).unwrap();
+    let err = Outbox::open(dir.path()).unwrap_err();
+    assert!(matches!(err, OutboxError::Locked { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn operator_actions_check_state_and_record_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(dir.path()).unwrap();
+    let r = outbox.append(vec![msg("A", 1)]).await.unwrap().remove(0);
+    assert!(matches!(
+        outbox.resolve_delivered(r.id, "op").await,
+        Err(OutboxError::WrongState { .. })
+    ));
+    assert!(matches!(
+        outbox.retry(r.id, "op", None).await,
+        Err(OutboxError::WrongState { .. })
+    ));
+
+    outbox.mark_sending(&[r.id]).await.unwrap();
+    outbox
+        .settle(vec![Settlement {
+            id: r.id,
+            attempt: Some("HTTP 500".into()),
+            server_error: true,
+            next: Settle::Failed {
+                reason: "HTTP 500".into(),
+            },
+        }])
+        .await
+        .unwrap();
+    let retried = outbox
+        .retry(r.id, "alice", Some("{\"x\":1}".into()))
+        .await
+        .unwrap();
+    assert_eq!(retried.state, State::Queued);
+    assert_eq!(retried.server_errors, 0);
+    assert_eq!(retried.content, "{\"x\":1}");
+    let last = retried.history.last().unwrap();
+    assert_eq!(
+        (last.by.as_str(), last.action.as_str()),
+        ("alice", "edited and retried")
+    );
+
+    let cancelled = outbox.cancel(r.id, "bob").await.unwrap();
+    assert_eq!(cancelled.state, State::Cancelled);
+    assert!(outbox.lane_heads(None, 10).unwrap().is_empty());
+    assert_eq!(outbox.counts()[&State::Cancelled], 1);
+    assert_eq!(outbox.counts()[&State::Queued], 0);
+}
+
+#[tokio::test]
+async fn interrupted_sends_are_recovered_by_the_callers_decision() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(dir.path()).unwrap();
+    let recs = outbox.append(vec![msg("A", 1), msg("B", 1)]).await.unwrap();
+    outbox.mark_sending(&ids(&recs)).await.unwrap();
+    let recovered = outbox
+        .recover_interrupted(|r| {
+            if r.production_order == "A" {
+                Settle::Uncertain {
+                    reason: "interrupted".into(),
+                }
+            } else {
+                Settle::Requeue {
+                    reason: "resend".into(),
+                }
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(recovered.len(), 2);
+    assert_eq!(outbox.get(recs[0].id).unwrap().state, State::Uncertain);
+    assert_eq!(outbox.get(recs[1].id).unwrap().state, State::Queued);
+}
+
+#[tokio::test]
+async fn prune_removes_only_old_terminal_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(dir.path()).unwrap();
+    let recs = outbox.append(vec![msg("A", 1), msg("A", 2)]).await.unwrap();
+    outbox.mark_sending(&[recs[0].id]).await.unwrap();
+    outbox
+        .settle(vec![settled(recs[0].id, Settle::Delivered)])
+        .await
+        .unwrap();
+    let future = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(60);
+    assert_eq!(outbox.prune(future).await.unwrap(), 1);
+    assert!(matches!(
+        outbox.get(recs[0].id),
+        Err(OutboxError::NotFound(_))
+    ));
+    assert_eq!(outbox.get(recs[1].id).unwrap().state, State::Queued);
+}
+
+#[tokio::test]
+async fn deliveries_are_recorded_with_their_messages_and_forgotten_by_receipt() {
+    let dir = tempfile::tempdir().unwrap();
+    let source: std::sync::Arc<str> = "plc".into();
+    let first = Delivery {
+        id: DeliveryId::of_publish(source.clone(), 7, "line1/count", b"1"),
+        redelivered: false,
+        receipt: 1,
+    };
+    {
+        let outbox = Outbox::open(dir.path()).unwrap();
+        assert!(!outbox.holds_delivery(&first.id).unwrap());
+        outbox
+            .commit(Ingest {
+                messages: vec![msg("A", 1)],
+                state: Some(("rules".into(), b"{}".to_vec())),
+                deliveries: vec![first.clone()],
+            })
+            .await
+            .unwrap();
+    }
+    let outbox = Outbox::open(dir.path()).unwrap();
+    assert!(outbox.holds_delivery(&first.id).unwrap(), "survives reopen");
+    let other_payload = DeliveryId::of_publish(source.clone(), 7, "line1/count", b"2");
+    assert!(!outbox.holds_delivery(&other_payload).unwrap());
+
+    // The packet id is reused for a new publish (receipt 2): forgetting receipt 1 must
+    // not remove the newer recording.
+    let second = Delivery {
+        receipt: 2,
+        ..first.clone()
+    };
+    outbox
+        .commit(Ingest {
+            deliveries: vec![second.clone()],
+            ..Ingest::default()
+        })
+        .await
+        .unwrap();
+    outbox.forget_deliveries(std::slice::from_ref(&first)).unwrap();
+    assert!(outbox.holds_delivery(&first.id).unwrap());
+    outbox.forget_deliveries(&[second]).unwrap();
+    assert!(!outbox.holds_delivery(&first.id).unwrap());
+
+    outbox
+        .commit(Ingest {
+            deliveries: vec![first.clone()],
+            ..Ingest::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(outbox.forget_source("plc").unwrap(), 1);
+    assert!(!outbox.holds_delivery(&first.id).unwrap());
+}
