@@ -251,7 +251,9 @@ async fn deliveries_are_recorded_with_their_messages_and_forgotten_by_receipt() 
         })
         .await
         .unwrap();
-    outbox.forget_deliveries(std::slice::from_ref(&first)).unwrap();
+    outbox
+        .forget_deliveries(std::slice::from_ref(&first))
+        .unwrap();
     assert!(outbox.holds_delivery(&first.id).unwrap());
     outbox.forget_deliveries(&[second]).unwrap();
     assert!(!outbox.holds_delivery(&first.id).unwrap());

@@ -29,6 +29,8 @@ pub enum Reply {
     Hang,
     /// Read the request, then close the connection without an answer.
     Drop,
+    /// 302 to this location (an SSO proxy, a moved environment).
+    Redirect(String),
 }
 
 /// One SendMessage request as the fake saw it.
@@ -57,6 +59,10 @@ struct FakeState {
     reject_credentials: bool,
     response_delay: Duration,
     token_delay: Duration,
+    /// TCP connections accepted so far (a client that reuses connections opens few).
+    connections: u64,
+    /// Connections open right now.
+    open_connections: u64,
 }
 
 #[derive(Clone)]
@@ -87,7 +93,17 @@ impl FakeD365 {
                     return;
                 };
                 let f = f.clone();
-                tokio::spawn(async move { f.serve(stream).await });
+                {
+                    let mut st = f.state();
+                    st.connections += 1;
+                    st.open_connections += 1;
+                }
+                tokio::spawn(async move {
+                    let _ = stream.set_nodelay(true);
+                    f.serve(stream).await;
+                    f.state().open_connections -= 1;
+                    f.changes.send_modify(|n| *n += 1);
+                });
             }
         });
         fake
@@ -137,6 +153,24 @@ impl FakeD365 {
     /// Every token answer is delayed by this much (so many requests wait for one fetch).
     pub fn delay_tokens(&self, delay: Duration) {
         self.state().token_delay = delay;
+    }
+
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.state().connections
+    }
+
+    /// Waits until no connection is open (after a client was killed: everything it
+    /// wrote has been read and recorded).
+    pub async fn wait_idle(&self) {
+        let mut rx = self.changes.subscribe();
+        let result = tokio::time::timeout(Duration::from_secs(60), async {
+            while self.state().open_connections > 0 {
+                rx.changed().await.expect("fake alive");
+            }
+        })
+        .await;
+        assert!(result.is_ok(), "connections to the fake D365 stayed open");
     }
 
     pub fn received(&self) -> Vec<Received> {
@@ -189,22 +223,45 @@ impl FakeD365 {
         );
     }
 
+    /// Serves requests on one connection, kept alive as long as the client wants it
+    /// (HTTP/1.1) and the reply allows.
     async fn serve(&self, mut stream: TcpStream) {
-        let Some((method, path, headers, body)) = read_request(&mut stream).await else {
-            return;
-        };
+        let mut buffered = Vec::new();
+        while let Some((method, path, headers, body)) =
+            read_request(&mut stream, &mut buffered).await
+        {
+            let keep_alive = !headers
+                .get("connection")
+                .is_some_and(|c| c.eq_ignore_ascii_case("close"));
+            if !self
+                .serve_one(&mut stream, method, path, headers, body, keep_alive)
+                .await
+            {
+                return;
+            }
+        }
+    }
+
+    /// Answers one request; false when the connection must end.
+    async fn serve_one(
+        &self,
+        stream: &mut TcpStream,
+        method: String,
+        path: String,
+        headers: HashMap<String, String>,
+        body: Vec<u8>,
+        keep_alive: bool,
+    ) -> bool {
         if method == "POST" && path == TOKEN_PATH {
             let (status, body) = self.token(&body);
             let delay = self.state().token_delay;
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
-            respond(&mut stream, status, &[], &body).await;
-            return;
+            return respond(stream, status, &[], &body, keep_alive).await;
         }
         if method != "POST" || path != SEND_PATH {
-            respond(&mut stream, 404, &[], "").await;
-            return;
+            return respond(stream, 404, &[], "", keep_alive).await;
         }
         let authorization = headers.get("authorization").cloned().unwrap_or_default();
         let message_id = headers
@@ -249,6 +306,7 @@ impl FakeD365 {
             let status = match reply {
                 Reply::Status(s) => Some(s),
                 Reply::Throttle(_) => Some(429),
+                Reply::Redirect(_) => Some(302),
                 Reply::Hang | Reply::Drop => None,
             };
             st.received.push(Received {
@@ -267,16 +325,20 @@ impl FakeD365 {
             tokio::time::sleep(delay).await;
         }
         match reply {
-            Reply::Status(s) => respond(&mut stream, s, &[], "").await,
+            Reply::Status(s) => respond(stream, s, &[], "", keep_alive).await,
             Reply::Throttle(secs) => respond(
-                &mut stream,
+                stream,
                 429,
                 &[("Retry-After", secs.to_string())],
                 "Number of requests exeeded the limit of 6000 over the time window of 300 seconds.",
+                keep_alive,
             )
             .await,
-            Reply::Hang => std::future::pending::<()>().await,
-            Reply::Drop => drop(stream),
+            Reply::Redirect(location) => {
+                respond(stream, 302, &[("Location", location)], "", keep_alive).await
+            }
+            Reply::Hang => std::future::pending::<bool>().await,
+            Reply::Drop => false,
         }
     }
 
@@ -327,20 +389,21 @@ fn urldecode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Reads one request; `buf` keeps bytes of the next one that arrived with it.
 async fn read_request(
     stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
 ) -> Option<(String, String, HashMap<String, String>, Vec<u8>)> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
+    let mut chunk = [0u8; 8192];
     let header_end = loop {
+        if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break pos + 4;
+        }
         let n = stream.read(&mut chunk).await.ok()?;
         if n == 0 {
             return None;
         }
         buf.extend_from_slice(&chunk[..n]);
-        if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break pos + 4;
-        }
     };
     let head = String::from_utf8_lossy(&buf[..header_end]).into_owned();
     let mut lines = head.split("\r\n");
@@ -355,21 +418,30 @@ async fn read_request(
         .get("content-length")
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    let mut body = buf[header_end..].to_vec();
-    while body.len() < length {
+    while buf.len() < header_end + length {
         let n = stream.read(&mut chunk).await.ok()?;
         if n == 0 {
             return None;
         }
-        body.extend_from_slice(&chunk[..n]);
+        buf.extend_from_slice(&chunk[..n]);
     }
+    let body = buf[header_end..header_end + length].to_vec();
+    buf.drain(..header_end + length);
     Some((method, path, headers, body))
 }
 
-async fn respond(stream: &mut TcpStream, status: u16, headers: &[(&str, String)], body: &str) {
+/// Writes one response; returns whether the connection stays open.
+async fn respond(
+    stream: &mut TcpStream,
+    status: u16,
+    headers: &[(&str, String)],
+    body: &str,
+    keep_alive: bool,
+) -> bool {
     let mut out = format!(
-        "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n",
-        body.len()
+        "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: {}\r\n",
+        body.len(),
+        if keep_alive { "keep-alive" } else { "close" }
     );
     if body.starts_with('{') {
         out.push_str("Content-Type: application/json\r\n");
@@ -379,8 +451,13 @@ async fn respond(stream: &mut TcpStream, status: u16, headers: &[(&str, String)]
     }
     out.push_str("\r\n");
     out.push_str(body);
-    let _ = stream.write_all(out.as_bytes()).await;
-    let _ = stream.shutdown().await;
+    if stream.write_all(out.as_bytes()).await.is_err() {
+        return false;
+    }
+    if !keep_alive {
+        let _ = stream.shutdown().await;
+    }
+    keep_alive
 }
 
 /// The secret used in every test config; tests assert it never shows up in output.

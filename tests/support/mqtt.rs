@@ -10,8 +10,13 @@ use tokio::process::{Child, Command};
 pub struct Mosquitto {
     pub port: u16,
     child: Child,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
+
+/// A broker configured as a plant should run one for the gateway: persistent (sessions
+/// and queued messages survive a restart) and with no limit on the messages queued for
+/// a client (mosquitto's default of 1000 drops the rest of a burst).
+pub const DURABLE: &str = "persistence true\nautosave_interval 1\nmax_queued_messages 0\n";
 
 /// A port that was free a moment ago (the broker must listen on a port we know, and
 /// must come back on the same one after a restart).
@@ -138,10 +143,25 @@ impl Mosquitto {
         )
     }
 
+    /// A broker with `DURABLE` settings.
+    pub async fn start_durable() -> Mosquitto {
+        Mosquitto::start_with(free_port(), DURABLE).await
+    }
+
     async fn start_with(port: u16, extra: &str) -> Mosquitto {
         let dir = tempfile::tempdir().unwrap();
         let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(&conf, format!("listener {port} 127.0.0.1\n{extra}allow_anonymous true\npersistence false\nlog_dest stderr\nlog_type all\n")).unwrap();
+        let persistence = if extra.contains("persistence true") {
+            format!("persistence_location {}/\n", dir.path().display())
+        } else {
+            "persistence false\n".to_string()
+        };
+        std::fs::write(&conf, format!("listener {port} 127.0.0.1\n{extra}allow_anonymous true\n{persistence}log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\n")).unwrap();
+        let child = Mosquitto::spawn(port, &conf).await;
+        Mosquitto { port, child, dir }
+    }
+
+    async fn spawn(port: u16, conf: &std::path::Path) -> Child {
         let mut child = Command::new(binary())
             .arg("-c")
             .arg(&conf)
@@ -168,11 +188,19 @@ impl Mosquitto {
         );
         // Keep draining its log so it never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Mosquitto {
-            port,
-            child,
-            _dir: dir,
+        child
+    }
+
+    /// Stops the broker gracefully (SIGTERM: it saves its sessions and queues) and starts
+    /// it again on the same port with the same configuration.
+    pub async fn restart(&mut self) {
+        let pid = self.child.id().expect("broker running") as i32;
+        // SAFETY: kill(2) with a pid we own and a valid signal number has no memory effects.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
         }
+        self.child.wait().await.unwrap();
+        self.child = Mosquitto::spawn(self.port, &self.dir.path().join("mosquitto.conf")).await;
     }
 
     pub fn url(&self) -> String {
@@ -219,4 +247,49 @@ pub async fn publish(port: u16, messages: &[(&str, &[u8])]) {
         "the broker did not acknowledge the test's messages"
     );
     let _ = client.disconnect().await;
+}
+
+/// Publishes, for each order at once (one publisher each, as a line controller would),
+/// QoS 1 messages `first..=last` on `plant/{order}/count`, the number as payload; returns
+/// when the broker has acknowledged every one.
+pub async fn publish_burst(port: u16, orders: &[String], first: u32, last: u32) {
+    let mut publishers = tokio::task::JoinSet::new();
+    for order in orders {
+        let order = order.clone();
+        publishers.spawn(async move {
+            let mut options = MqttOptions::new(format!("burst-{order}-{first}"), "127.0.0.1", port);
+            options.set_keep_alive(Duration::from_secs(30));
+            options.set_inflight(100);
+            let (client, mut eventloop) = AsyncClient::new(options, 256);
+            let topic = format!("plant/{order}/count");
+            let sender = tokio::spawn(async move {
+                for n in first..=last {
+                    client
+                        .publish(&topic, QoS::AtLeastOnce, false, n.to_string())
+                        .await
+                        .unwrap();
+                }
+                client
+            });
+            let expected = (last - first + 1) as usize;
+            let mut acked = 0;
+            while acked < expected {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::PubAck(_))) => acked += 1,
+                    Ok(_) => {}
+                    Err(e) => panic!("publisher for {order}: {e}"),
+                }
+            }
+            let client = sender.await.unwrap();
+            let _ = client.try_disconnect();
+            let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
+        });
+    }
+    let done = tokio::time::timeout(Duration::from_secs(300), async {
+        while let Some(r) = publishers.join_next().await {
+            r.expect("publisher");
+        }
+    })
+    .await;
+    assert!(done.is_ok(), "the broker did not acknowledge the burst");
 }

@@ -1,0 +1,235 @@
+//! Exactly once under load: a burst of QoS 1 impulses from 50 production orders through a
+//! real mosquitto, the real gateway binary and a fake D365, with a restart, a kill -9 and a
+//! broker restart in the middle. Every test counts what D365 received: every impulse
+//! exactly once, per order in order.
+//!
+//! `BURST_PER_ORDER` sets the impulses per order (default 400: 20,000 in all).
+
+mod support;
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+
+use mes_gateway::outbox::{Outbox, State};
+use support::mqtt::{publish_burst, Mosquitto};
+use support::process::{self, path_str, Output};
+use support::{d365_yaml, write_config, FakeD365};
+
+const ORDERS: usize = 50;
+
+fn per_order() -> u32 {
+    std::env::var("BURST_PER_ORDER")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(400)
+}
+
+fn orders() -> Vec<String> {
+    (0..ORDERS).map(|i| format!("P{i:03}")).collect()
+}
+
+fn config(dir: &Path, fake: &FakeD365, broker: &Mosquitto) {
+    write_config(
+        dir,
+        &format!(
+            "{}dispatcher:\n  max_in_flight: 50\n  backoff_initial: 100ms\n  backoff_max: 1s\nstorage:\n  data_dir: data\nshutdown_grace: 10s\nsources:\n  - type: mqtt\n    id: broker\n    url: {}\n    client_id: gw-burst\n    subscriptions:\n      - topic: plant/+/count\n        qos: 1\n",
+            d365_yaml(fake),
+            broker.url()
+        ),
+    );
+    std::fs::create_dir_all(dir.join("rules.d")).unwrap();
+    std::fs::write(
+        dir.join("rules.d/count.yaml"),
+        "rules:\n  - name: count\n    line: \"{capture.order}\"\n    when: { source: broker, topic: \"plant/{order}/count\" }\n    count: value\n    emit:\n      type: ProdProductionOrderReportFinished\n      fields: { ProductionOrderNumber: \"{capture.order}\", ItemNumber: A0001, ReportedGoodQuantity: \"{quantity}\" }\n",
+    )
+    .unwrap();
+}
+
+/// What D365 accepted, per order, in the order it accepted it.
+fn accepted_per_order(fake: &FakeD365) -> BTreeMap<String, Vec<u32>> {
+    let mut out: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    for r in fake.accepted() {
+        let q = r.content["ReportFinishedLines"][0]["ReportedGoodQuantity"]
+            .as_u64()
+            .expect("quantity") as u32;
+        out.entry(r.order).or_default().push(q);
+    }
+    out
+}
+
+/// Lost and duplicated impulses, and orders whose impulses arrived out of order.
+#[derive(Debug, PartialEq, Eq)]
+struct Count {
+    lost: usize,
+    duplicates: usize,
+    out_of_order: Vec<String>,
+}
+
+fn count(fake: &FakeD365, last: u32) -> Count {
+    let got = accepted_per_order(fake);
+    let mut c = Count {
+        lost: 0,
+        duplicates: 0,
+        out_of_order: Vec::new(),
+    };
+    for order in orders() {
+        let seq = got.get(&order).cloned().unwrap_or_default();
+        let distinct: HashSet<u32> = seq.iter().copied().collect();
+        c.duplicates += seq.len() - distinct.len();
+        c.lost += (1..=last).filter(|n| !distinct.contains(n)).count();
+        if seq.windows(2).any(|w| w[0] >= w[1]) {
+            c.out_of_order.push(order);
+        }
+    }
+    c
+}
+
+fn exact() -> Count {
+    Count {
+        lost: 0,
+        duplicates: 0,
+        out_of_order: Vec::new(),
+    }
+}
+
+async fn wait_all(fake: &FakeD365, total: usize) {
+    fake.wait_until(&format!("{total} reports"), |r| {
+        r.iter().filter(|r| r.status == Some(200)).count() >= total
+    })
+    .await;
+}
+
+async fn started(dir: &Path, out: &Output, runs: usize) -> process::Running {
+    let gw = process::start(&["run", "-c", path_str(dir)], out);
+    out.wait_for_count("Subscribed.", runs).await;
+    gw
+}
+
+/// Messages a kill left `sending` are settled as an operator would: resolved where D365
+/// (the fake) has them, sent again where it does not. Offline, with the CLI.
+async fn settle_interrupted(fake: &FakeD365, dir: &Path) -> (usize, usize) {
+    fake.wait_idle().await;
+    let accepted: HashSet<u64> = fake
+        .accepted()
+        .iter()
+        .filter_map(|r| r.message_id)
+        .collect();
+    let sending: Vec<_> = Outbox::open(&dir.join("data"))
+        .unwrap()
+        .list(Some(State::Sending), None)
+        .unwrap();
+    let (mut resolved, mut retried) = (0, 0);
+    for r in sending {
+        let action = if accepted.contains(&r.id) {
+            resolved += 1;
+            "resolve"
+        } else {
+            retried += 1;
+            "retry"
+        };
+        let (code, stdout, stderr) = process::run(&[
+            "outbox",
+            "-c",
+            path_str(dir),
+            action,
+            &r.id.to_string(),
+            "--by",
+            "test",
+        ])
+        .await;
+        assert_eq!(code, 0, "{action} {}: {stdout}{stderr}", r.id);
+    }
+    (resolved, retried)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_is_reported_once_and_a_restart_reports_nothing_again() {
+    let broker = Mosquitto::start_durable().await;
+    let fake = FakeD365::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    config(tmp.path(), &fake, &broker);
+    let out = Output::new();
+    let n = per_order();
+
+    let gw = started(tmp.path(), &out, 1).await;
+    publish_burst(broker.port, &orders(), 1, n).await;
+    wait_all(&fake, ORDERS * n as usize).await;
+    assert_eq!(gw.terminate().await, 0);
+    assert_eq!(count(&fake, n), exact());
+
+    // Started again on the same data and broker: nothing comes back, and one more impulse
+    // per order flows after what was there.
+    let gw = started(tmp.path(), &out, 2).await;
+    publish_burst(broker.port, &orders(), n + 1, n + 1).await;
+    wait_all(&fake, ORDERS * (n as usize + 1)).await;
+    assert_eq!(gw.terminate().await, 0);
+    assert_eq!(count(&fake, n + 1), exact(), "after the restart");
+    let connections = fake.connections();
+    let requests = fake.received().len() as u64;
+    println!(
+        "burst: {} impulses, {requests} requests over {connections} connections",
+        ORDERS * (n as usize + 1)
+    );
+    assert!(
+        connections * 20 < requests,
+        "HTTP connections are reused: {connections} connections for {requests} requests"
+    );
+    assert!(
+        !out.text().contains("Cannot acknowledge"),
+        "no ack was dropped"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_in_the_middle_of_a_burst_loses_and_doubles_nothing() {
+    let broker = Mosquitto::start_durable().await;
+    let fake = FakeD365::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    config(tmp.path(), &fake, &broker);
+    let out = Output::new();
+    let n = per_order();
+    let total = ORDERS * n as usize;
+
+    let gw = started(tmp.path(), &out, 1).await;
+    let port = broker.port;
+    let publishers = tokio::spawn(async move { publish_burst(port, &orders(), 1, n).await });
+    wait_all(&fake, total / 3).await;
+    gw.kill9().await;
+    let (resolved, retried) = settle_interrupted(&fake, tmp.path()).await;
+
+    let gw = started(tmp.path(), &out, 2).await;
+    publishers.await.unwrap();
+    wait_all(&fake, total).await;
+    assert_eq!(gw.terminate().await, 0);
+    println!(
+        "kill -9: {total} impulses, {resolved} interrupted requests resolved, {retried} sent again"
+    );
+    assert_eq!(count(&fake, n), exact());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restart_in_the_middle_of_a_burst_loses_and_doubles_nothing() {
+    let mut broker = Mosquitto::start_durable().await;
+    let fake = FakeD365::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    config(tmp.path(), &fake, &broker);
+    let out = Output::new();
+    let n = per_order();
+    let total = ORDERS * n as usize;
+
+    // The gateway's session exists (first run); the burst then sits in the broker while
+    // the gateway is down; the gateway drains it and the broker restarts while it does.
+    let gw = started(tmp.path(), &out, 1).await;
+    assert_eq!(gw.terminate().await, 0);
+    publish_burst(broker.port, &orders(), 1, n).await;
+    let gw = started(tmp.path(), &out, 2).await;
+    wait_all(&fake, total / 3).await;
+    broker.restart().await;
+    wait_all(&fake, total).await;
+    assert_eq!(gw.terminate().await, 0);
+    assert_eq!(count(&fake, n), exact());
+    assert!(
+        out.text().contains("MQTT connection lost"),
+        "the broker restart was seen"
+    );
+}
