@@ -164,7 +164,7 @@ impl Mosquitto {
     async fn spawn(port: u16, conf: &std::path::Path) -> Child {
         let mut child = Command::new(binary())
             .arg("-c")
-            .arg(&conf)
+            .arg(conf)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
