@@ -358,3 +358,81 @@ async fn one_token_fetch_serves_many_concurrent_requests() {
     );
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_redirect_is_never_followed_and_fails_with_its_location() {
+    let fake = FakeD365::start().await;
+    fake.script_order(
+        "P1",
+        [Reply::Redirect(format!("{}/login", fake.base_url()))],
+    );
+    let gw = Gateway::start(&fake, FAST).await;
+    let id = gw
+        .enqueue(TYPE_START, json!({"ProductionOrderNumber":"P1"}))
+        .await;
+    gw.wait_until("failed", |o| o.get(id).unwrap().state == State::Failed)
+        .await;
+    let r = gw.record(id);
+    assert!(
+        r.last_error.as_deref().unwrap().contains(&format!(
+            "HTTP 302: redirected to {}/login",
+            fake.base_url()
+        )),
+        "{:?}",
+        r.last_error
+    );
+    assert_eq!(
+        fake.received().len(),
+        1,
+        "the POST was not followed by a GET to the login page"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn lanes_are_served_round_robin_so_a_long_backlog_does_not_starve_an_order() {
+    let fake = FakeD365::start().await;
+    let gw = Gateway::start(&fake, &format!("{FAST}  max_in_flight: 1\n")).await;
+    // One commit: A's backlog of 20, then B's and C's single messages.
+    let mut batch: Vec<_> = (1..=20).map(|n| new_report("A", n)).collect();
+    batch.push(new_report("B", 1));
+    batch.push(new_report("C", 1));
+    gw.outbox.append(batch).await.unwrap();
+    gw.wake();
+    fake.wait_until("all 22", |r| r.len() == 22).await;
+    gw.stop().await;
+    let orders: Vec<String> = fake.received().iter().map(|r| r.order.clone()).collect();
+    assert_eq!(
+        orders[..4],
+        ["A", "B", "C", "A"],
+        "B and C go out in the first round, not after A's backlog: {orders:?}"
+    );
+}
+
+fn new_report(order: &str, n: u32) -> mes_gateway::outbox::NewMessage {
+    mes_gateway::outbox::NewMessage {
+        production_order: order.into(),
+        message_type: TYPE_REPORT_FINISHED.into(),
+        content: report(order, n).to_string(),
+        origin: "test".into(),
+    }
+}
+
+#[tokio::test]
+async fn a_slow_token_endpoint_at_shutdown_leaves_messages_queued_not_uncertain() {
+    let fake = FakeD365::start().await;
+    fake.delay_tokens(Duration::from_secs(3600));
+    let gw = Gateway::start(&fake, FAST).await;
+    let id = gw
+        .enqueue(TYPE_START, json!({"ProductionOrderNumber":"P1"}))
+        .await;
+    fake.wait_for_token_requests(1).await;
+    let outbox = gw.outbox.clone();
+    gw.stop().await;
+    let r = outbox.get(id).unwrap();
+    assert_eq!(
+        (r.state, r.attempt_count),
+        (State::Queued, 0),
+        "never marked sending while waiting for the token"
+    );
+}

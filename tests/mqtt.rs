@@ -5,17 +5,21 @@ mod support;
 
 use std::path::Path;
 
-use support::mqtt::{publish, Mosquitto};
+use support::mqtt::{publish, Mosquitto, Proxy};
 use support::process::{self, path_str, Output};
 use support::{d365_yaml, write_config, FakeD365};
 
 fn config(dir: &Path, fake: &FakeD365, broker: &Mosquitto) {
+    config_for(dir, fake, &broker.url());
+}
+
+fn config_for(dir: &Path, fake: &FakeD365, url: &str) {
     write_config(
         dir,
         &format!(
             "{}storage:\n  data_dir: data\nsources:\n  - type: mqtt\n    id: broker\n    url: {}\n    client_id: gw-test\n    subscriptions:\n      - topic: plant/+/count\n        qos: 1\n",
             d365_yaml(fake),
-            broker.url()
+            url
         ),
     );
     std::fs::create_dir_all(dir.join("rules.d")).unwrap();
@@ -242,4 +246,60 @@ async fn mqtts_verifies_the_broker_with_the_configured_ca() {
     log.wait_for("Subscribed.").await;
     assert_eq!(gw.terminate().await, 0);
     broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_redelivered_after_its_ack_was_lost_produces_nothing_and_is_acknowledged() {
+    let broker = Mosquitto::start_durable().await;
+    let fake = FakeD365::start().await;
+    let proxy = Proxy::start(broker.port).await;
+    let tmp = tempfile::tempdir().unwrap();
+    config_for(tmp.path(), &fake, &proxy.url());
+    let out = Output::new();
+    let gw = started(tmp.path(), &out).await;
+
+    // The gateway stores the publish and acks it, but the ack is lost on the way; then
+    // the connection drops. The broker delivers the publish again (DUP = 1).
+    proxy.lose_client_bytes(true);
+    publish(broker.port, &[("plant/l1/count", b"5")]).await;
+    fake.wait_until("the first report", |r| r.len() == 1).await;
+    proxy.lose_client_bytes(false);
+    proxy.cut();
+    out.wait_for("Redelivered message already stored").await;
+
+    publish(broker.port, &[("plant/l1/count", b"7")]).await;
+    fake.wait_until("the second report", |r| r.len() == 2).await;
+    assert_eq!(gw.terminate().await, 0);
+
+    // The redelivery was acknowledged: started again, the broker has nothing left for us.
+    let gw = process::start(&["run", "-c", path_str(tmp.path())], &out);
+    out.wait_for_count("Subscribed.", 2).await;
+    publish(broker.port, &[("plant/l1/count", b"9")]).await;
+    fake.wait_until("the third report", |r| r.len() == 3).await;
+    assert_eq!(gw.terminate().await, 0);
+    assert_eq!(
+        reported(&fake),
+        vec![("l1".into(), 5.0), ("l1".into(), 7.0), ("l1".into(), 9.0)],
+        "the lost ack did not double the first report"
+    );
+    assert_eq!(
+        out.text()
+            .matches("Redelivered message already stored")
+            .count(),
+        1,
+        "redelivered once, acknowledged then"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_stop_disconnects_from_the_broker() {
+    let (broker, _fake, tmp) = setup().await;
+    let out = Output::new();
+    let gw = started(tmp.path(), &out).await;
+    assert_eq!(gw.terminate().await, 0);
+    assert!(
+        out.text().contains("Disconnected from the MQTT broker."),
+        "DISCONNECT sent at shutdown (so the broker publishes no will message)"
+    );
+    drop(broker);
 }

@@ -293,3 +293,74 @@ pub async fn publish_burst(port: u16, orders: &[String], first: u32, last: u32) 
     .await;
     assert!(done.is_ok(), "the broker did not acknowledge the burst");
 }
+
+/// A TCP proxy between the gateway and the broker that can lose what the gateway sends
+/// (its PUBACKs never reach the broker) and cut every connection, as a flaky network would.
+pub struct Proxy {
+    pub port: u16,
+    swallow: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    cuts: tokio::sync::watch::Sender<u64>,
+}
+
+impl Proxy {
+    pub async fn start(upstream: u16) -> Proxy {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let swallow = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (cuts, _) = tokio::sync::watch::channel(0u64);
+        let (sw, cut_tx) = (swallow.clone(), cuts.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(broker) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                else {
+                    continue;
+                };
+                let (mut cr, mut cw) = client.into_split();
+                let (mut br, mut bw) = broker.into_split();
+                let sw = sw.clone();
+                let mut cut = cut_tx.subscribe();
+                tokio::spawn(async move {
+                    let up = async {
+                        let mut buf = [0u8; 16384];
+                        while let Ok(n) = cr.read(&mut buf).await {
+                            if n == 0 {
+                                break;
+                            }
+                            if !sw.load(Ordering::SeqCst) && bw.write_all(&buf[..n]).await.is_err()
+                            {
+                                break;
+                            }
+                        }
+                    };
+                    let down = tokio::io::copy(&mut br, &mut cw);
+                    tokio::select! {
+                        _ = up => {}
+                        _ = down => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        Proxy {
+            port,
+            swallow,
+            cuts,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    /// While on, bytes from the gateway to the broker are lost on the way.
+    pub fn lose_client_bytes(&self, on: bool) {
+        self.swallow.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Closes every connection through the proxy.
+    pub fn cut(&self) {
+        self.cuts.send_modify(|n| *n += 1);
+    }
+}
