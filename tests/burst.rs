@@ -93,10 +93,7 @@ fn exact() -> Count {
 }
 
 async fn wait_all(fake: &FakeD365, total: usize) {
-    fake.wait_until(&format!("{total} reports"), |r| {
-        r.iter().filter(|r| r.status == Some(200)).count() >= total
-    })
-    .await;
+    fake.wait_accepted_count(total).await;
 }
 
 async fn started(dir: &Path, out: &Output, runs: usize) -> process::Running {

@@ -170,6 +170,7 @@ impl Dispatcher {
         self.recover_interrupted().await?;
         let mut lanes = Lanes::default();
         let mut tasks: JoinSet<Finished> = JoinSet::new();
+        let mut done = Vec::new();
         let mut heartbeat_ticks = tokio::time::interval(
             self.heartbeat
                 .as_ref()
@@ -178,20 +179,31 @@ impl Dispatcher {
 
         loop {
             self.beat();
+            // One turn = one write and one flush: the outcomes of every request that has
+            // finished, and the `sending` marks of every head that may go out now
+            // (including the successors of the messages just delivered).
+            let judged = self.judge(&mut lanes, std::mem::take(&mut done));
+            if let Some(pause) = judged.pause {
+                let until = Instant::now().checked_add(pause);
+                lanes.paused_until = lanes.paused_until.max(until);
+            }
             let now = Instant::now();
             let mut next_wake = lanes.paused_until.filter(|t| *t > now);
+            let mut picked = Vec::new();
+            let mut token = None;
             if next_wake.is_none() {
                 lanes.paused_until = None;
-                let (picked, wake_at) = self.pick(&mut lanes, now)?;
+                let (p, wake_at) = self.pick(&mut lanes, now, &judged.delivered)?;
                 next_wake = wake_at;
-                if !picked.is_empty() {
+                if !p.is_empty() {
                     match self.token(&cancel).await {
-                        Some(Ok(token)) => {
+                        Some(Ok(t)) => {
                             if lanes.token_failures > 0 || self.stats.last_error().is_some() {
                                 self.stats.set_last_error(None);
                             }
                             lanes.token_failures = 0;
-                            self.start(&mut lanes, &mut tasks, &picked, token).await?;
+                            picked = p;
+                            token = Some(t);
                         }
                         Some(Err(e)) => {
                             self.stats.set_last_error(Some(e.to_string()));
@@ -209,23 +221,34 @@ impl Dispatcher {
                             lanes.paused_until = Instant::now().checked_add(pause);
                             next_wake = lanes.paused_until;
                         }
-                        None => break,
+                        None => {
+                            self.outbox.settle(judged.settlements).await?;
+                            break;
+                        }
                     }
                 }
+            }
+            let (_, marked) = self
+                .outbox
+                .settle_and_mark(judged.settlements, &picked)
+                .await?;
+            // Only now, with the outcomes on disk, may the lanes move on.
+            let now = Instant::now();
+            for (id, wait) in judged.retries {
+                if let Some(t) = now.checked_add(wait) {
+                    lanes.not_before.insert(id, t);
+                }
+            }
+            if let Some(token) = token {
+                self.start(&mut lanes, &mut tasks, marked, token);
             }
 
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 Some(joined) = tasks.join_next_with_id() => {
-                    let mut done = vec![joined];
-                    // Group commit: every request that has finished by now is settled
-                    // in the same write.
+                    done.push(joined);
                     while let Some(more) = tasks.try_join_next_with_id() {
                         done.push(more);
-                    }
-                    if let Some(pause) = self.settle(&mut lanes, done).await? {
-                        let until = Instant::now().checked_add(pause);
-                        lanes.paused_until = lanes.paused_until.max(until);
                     }
                 }
                 _ = self.wake.notified() => {}
@@ -244,11 +267,12 @@ impl Dispatcher {
             while let Ok(Some(joined)) =
                 tokio::time::timeout_at(deadline, tasks.join_next_with_id()).await
             {
-                let mut done = vec![joined];
+                let mut finished = vec![joined];
                 while let Some(more) = tasks.try_join_next_with_id() {
-                    done.push(more);
+                    finished.push(more);
                 }
-                self.settle(&mut lanes, done).await?;
+                let judged = self.judge(&mut lanes, finished);
+                self.outbox.settle(judged.settlements).await?;
             }
             if !tasks.is_empty() {
                 tracing::warn!(abandoned = tasks.len(), "Abandoned requests still in flight at shutdown; they will be marked uncertain at the next start.");
@@ -259,11 +283,13 @@ impl Dispatcher {
     }
 
     /// Chooses the lane heads to send now, round-robin; returns them and when the next
-    /// backoff deadline falls.
+    /// backoff deadline falls. `delivered` are heads whose delivery is being recorded in
+    /// this turn: their successors may go out in the same write.
     fn pick(
         &self,
         lanes: &mut Lanes,
         now: Instant,
+        delivered: &HashSet<MessageId>,
     ) -> Result<(Vec<MessageId>, Option<Instant>), OutboxError> {
         let free = self
             .config
@@ -283,6 +309,17 @@ impl Dispatcher {
             if picked.len() >= free {
                 break;
             }
+            if lanes.busy_orders.contains(&head.production_order) {
+                continue;
+            }
+            let head = if delivered.contains(&head.id) {
+                match self.outbox.next_in_lane(&head.production_order, head.id)? {
+                    Some(next) => next,
+                    None => continue,
+                }
+            } else {
+                head
+            };
             match head.state {
                 State::Queued => {}
                 State::Failed | State::Uncertain => {
@@ -292,10 +329,8 @@ impl Dispatcher {
                     }
                     continue;
                 }
+                // Sending, settled in this turn to something else than delivered.
                 _ => continue,
-            }
-            if lanes.busy_orders.contains(&head.production_order) {
-                continue;
             }
             if let Some(t) = lanes.not_before.get(&head.id).copied() {
                 if t > now {
@@ -337,15 +372,15 @@ impl Dispatcher {
         }
     }
 
-    /// Marks the picked heads `sending` (one write) and starts their requests.
-    async fn start(
+    /// Starts the requests of messages just marked `sending`.
+    fn start(
         &self,
         lanes: &mut Lanes,
         tasks: &mut JoinSet<Finished>,
-        picked: &[MessageId],
+        marked: Vec<Record>,
         token: Token,
-    ) -> Result<(), OutboxError> {
-        for record in self.outbox.mark_sending(picked).await? {
+    ) {
+        for record in marked {
             let order = record.production_order.clone();
             let id = record.id;
             let policy = self.policy_for(&record);
@@ -353,7 +388,6 @@ impl Dispatcher {
             lanes.busy_orders.insert(order.clone());
             lanes.in_flight.insert(handle.id(), (id, order));
         }
-        Ok(())
     }
 
     fn policy_for(&self, record: &Record) -> Context {
@@ -367,16 +401,17 @@ impl Dispatcher {
         }
     }
 
-    /// Records the outcomes of finished sends in one write; returns a pause for all lanes
-    /// if one is due.
-    async fn settle(
+    /// Turns finished sends into settlements (written by the caller, with the next marks);
+    /// frees their lanes in memory.
+    fn judge(
         &self,
         lanes: &mut Lanes,
         done: Vec<Result<(tokio::task::Id, Finished), tokio::task::JoinError>>,
-    ) -> Result<Option<Duration>, OutboxError> {
+    ) -> Judged {
         let mut settlements = Vec::with_capacity(done.len());
         let mut pause: Option<Duration> = None;
         let mut retries = Vec::new();
+        let mut delivered = HashSet::new();
         for joined in done {
             let (task, finished) = match joined {
                 Ok(ok) => ok,
@@ -414,6 +449,7 @@ impl Dispatcher {
             let next = match decision {
                 Decision::Delivered => {
                     lanes.not_before.remove(&id);
+                    delivered.insert(id);
                     self.stats.delivered.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(message_id = id, %order, "Delivered.");
                     Settle::Delivered
@@ -470,17 +506,25 @@ impl Dispatcher {
                 next,
             });
         }
-        self.outbox.settle(settlements).await?;
-        // Only now, with the outcomes on disk, may the lanes move on.
         lanes.busy_orders = lanes.in_flight.values().map(|(_, o)| o.clone()).collect();
-        let now = Instant::now();
-        for (id, wait) in retries {
-            if let Some(t) = now.checked_add(wait) {
-                lanes.not_before.insert(id, t);
-            }
+        Judged {
+            settlements,
+            pause,
+            retries,
+            delivered,
         }
-        Ok(pause)
     }
+}
+
+/// What the requests that finished in one turn mean.
+struct Judged {
+    settlements: Vec<Settlement>,
+    /// A pause for every lane (429, credentials).
+    pause: Option<Duration>,
+    /// Messages to try again after a backoff.
+    retries: Vec<(MessageId, Duration)>,
+    /// Messages delivered in this turn.
+    delivered: HashSet<MessageId>,
 }
 
 /// Sends one message; after a first 401 fetches a new token and sends once more.

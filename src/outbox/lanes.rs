@@ -76,6 +76,23 @@ pub(super) fn heads(
     Ok(out)
 }
 
+/// The id after `id` in `order`'s lane.
+pub(super) fn after(
+    tree: &sled::Tree,
+    order: &str,
+    id: MessageId,
+) -> Result<Option<MessageId>, OutboxError> {
+    let start = key(order, id.saturating_add(1));
+    let end = past(order);
+    match tree.range(start..end).next() {
+        Some(item) => {
+            let (k, _) = item.map_err(storage)?;
+            Ok(parse(&k).map(|(_, id)| id))
+        }
+        None => Ok(None),
+    }
+}
+
 /// The ids of one order's lane, in FIFO order.
 pub(super) fn lane(tree: &sled::Tree, order: &str) -> Result<Vec<MessageId>, OutboxError> {
     tree.scan_prefix(prefix(order))

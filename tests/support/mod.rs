@@ -63,6 +63,8 @@ struct FakeState {
     connections: u64,
     /// Connections open right now.
     open_connections: u64,
+    /// Requests answered with 2xx so far.
+    accepted: usize,
 }
 
 #[derive(Clone)]
@@ -158,6 +160,23 @@ impl FakeD365 {
     /// TCP connections accepted so far.
     pub fn connections(&self) -> u64 {
         self.state().connections
+    }
+
+    /// Waits until `n` requests have been answered with 2xx (cheap: no copy of what was
+    /// received, so a burst of 100,000 is not slowed down by the waiting).
+    pub async fn wait_accepted_count(&self, n: usize) {
+        let mut rx = self.changes.subscribe();
+        let result = tokio::time::timeout(Duration::from_secs(600), async {
+            while self.state().accepted < n {
+                rx.changed().await.expect("fake alive");
+            }
+        })
+        .await;
+        assert!(
+            result.is_ok(),
+            "timed out waiting for {n} accepted requests; {} so far",
+            self.state().accepted
+        );
     }
 
     /// Waits until no connection is open (after a client was killed: everything it
@@ -309,6 +328,9 @@ impl FakeD365 {
                 Reply::Redirect(_) => Some(302),
                 Reply::Hang | Reply::Drop => None,
             };
+            if status.is_some_and(|s| (200..300).contains(&s)) {
+                st.accepted += 1;
+            }
             st.received.push(Received {
                 at: Instant::now(),
                 message_id,

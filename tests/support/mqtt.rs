@@ -143,6 +143,11 @@ impl Mosquitto {
         )
     }
 
+    /// A broker with these extra configuration lines.
+    pub async fn start_with_extra(extra: &str) -> Mosquitto {
+        Mosquitto::start_with(free_port(), extra).await
+    }
+
     /// A broker with `DURABLE` settings.
     pub async fn start_durable() -> Mosquitto {
         Mosquitto::start_with(free_port(), DURABLE).await

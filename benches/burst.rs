@@ -1,0 +1,248 @@
+//! End-to-end burst benchmark: a real mosquitto on a loopback port, 50 publishers (one per
+//! production order) publishing QoS 1 impulses at once, the release gateway binary (one
+//! ReportFinished per impulse) and a fast fake D365 on loopback, all on this machine.
+//!
+//! Run: `cargo bench --bench burst` (needs mosquitto: `bash .ci/run` installs it).
+//!
+//! Prints, per scenario: end-to-end msg/s (first publish → last arrival at D365), lost,
+//! duplicates, the gateway's CPU seconds and peak RSS. Durability is what the product
+//! promises: every append, `sending` mark and outcome flushed before it counts.
+
+#[path = "../tests/support/mod.rs"]
+#[allow(dead_code, unused_imports)]
+mod support;
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use support::mqtt::{publish_burst, Mosquitto};
+use support::process::{self, path_str, Output};
+use support::{d365_yaml, write_config, FakeD365};
+
+const ORDERS: usize = 50;
+
+fn orders() -> Vec<String> {
+    (0..ORDERS).map(|i| format!("P{i:03}")).collect()
+}
+
+fn config(dir: &Path, fake: &FakeD365, broker: &Mosquitto, api_port: u16) {
+    write_config(
+        dir,
+        &format!(
+            "{}dispatcher:\n  max_in_flight: 50\n  backoff_initial: 100ms\n  backoff_max: 1s\nstorage:\n  data_dir: data\napi:\n  listen: 127.0.0.1:{api_port}\nsources:\n  - type: mqtt\n    id: broker\n    url: {}\n    client_id: gw-bench\n    subscriptions:\n      - topic: plant/+/count\n        qos: 1\n",
+            d365_yaml(fake),
+            broker.url()
+        ),
+    );
+    std::fs::create_dir_all(dir.join("rules.d")).unwrap();
+    std::fs::write(
+        dir.join("rules.d/count.yaml"),
+        "rules:\n  - name: count\n    line: \"{capture.order}\"\n    when: { source: broker, topic: \"plant/{order}/count\" }\n    count: value\n    emit:\n      type: ProdProductionOrderReportFinished\n      fields: { ProductionOrderNumber: \"{capture.order}\", ItemNumber: A0001, ReportedGoodQuantity: \"{quantity}\" }\n",
+    )
+    .unwrap();
+}
+
+/// CPU seconds (user + system) of a process so far.
+fn cpu_seconds(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks: f64 = fields
+        .get(11..13)
+        .map(|f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum())
+        .unwrap_or(0.0);
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks / hz
+}
+
+/// (current RSS, peak RSS) in MiB.
+fn rss_mib(pid: i32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib = |key: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (kib("VmRSS:") / 1024.0, kib("VmHWM:") / 1024.0)
+}
+
+fn lost_and_duplicates(fake: &FakeD365, last: u32) -> (usize, usize, usize) {
+    let mut per: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for r in fake.accepted() {
+        let q = r.content["ReportFinishedLines"][0]["ReportedGoodQuantity"]
+            .as_u64()
+            .unwrap_or(0);
+        per.entry(r.order).or_default().push(q);
+    }
+    let (mut lost, mut dups, mut disorder) = (0, 0, 0);
+    for o in orders() {
+        let seq = per.remove(&o).unwrap_or_default();
+        let set: HashSet<u64> = seq.iter().copied().collect();
+        dups += seq.len() - set.len();
+        lost += (1..=last as u64).filter(|n| !set.contains(n)).count();
+        disorder += seq.windows(2).filter(|w| w[0] >= w[1]).count();
+    }
+    (lost, dups, disorder)
+}
+
+async fn queued(api_port: u16) -> u64 {
+    let Ok(resp) = reqwest::get(format!("http://127.0.0.1:{api_port}/health")).await else {
+        return 0;
+    };
+    let v: serde_json::Value = resp.json().await.unwrap_or_default();
+    v["outbox"]["queued"].as_u64().unwrap_or(0)
+}
+
+struct Run {
+    per_order: u32,
+    answer_delay: Duration,
+    d365_down: bool,
+    broker_inflight: Option<u32>,
+}
+
+async fn scenario(name: &str, run: Run) {
+    let broker = match run.broker_inflight {
+        Some(n) => {
+            Mosquitto::start_with_extra(&format!(
+                "{}max_inflight_messages {n}\n",
+                support::mqtt::DURABLE
+            ))
+            .await
+        }
+        None => Mosquitto::start_durable().await,
+    };
+    let fake = FakeD365::start().await;
+    fake.delay_responses(run.answer_delay);
+    let tmp = tempfile::tempdir().unwrap();
+    let api_port = support::mqtt::free_port();
+    config(tmp.path(), &fake, &broker, api_port);
+    if run.d365_down {
+        // Nothing listens there: every request is refused before a byte is sent.
+        let dead = support::mqtt::free_port();
+        let yaml = std::fs::read_to_string(tmp.path().join("gateway.yaml"))
+            .unwrap()
+            .replace(&fake.base_url(), &format!("http://127.0.0.1:{dead}"));
+        std::fs::write(tmp.path().join("gateway.yaml"), yaml).unwrap();
+    }
+    let out = Output::new();
+    let gw = process::start(&["run", "-c", path_str(tmp.path())], &out);
+    out.wait_for("Subscribed.").await;
+    let pid = gw.pid();
+    let total = ORDERS * run.per_order as usize;
+    let cpu0 = cpu_seconds(pid);
+    let started = Instant::now();
+    publish_burst(broker.port, &orders(), 1, run.per_order).await;
+    let published = started.elapsed();
+    if run.d365_down {
+        while queued(api_port).await < total as u64 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    } else {
+        fake.wait_accepted_count(total).await;
+    }
+    let elapsed = started.elapsed();
+    let cpu = cpu_seconds(pid) - cpu0;
+    let (rss, peak) = rss_mib(pid);
+    let exit = gw.terminate().await;
+    let rate = total as f64 / elapsed.as_secs_f64();
+    if run.d365_down {
+        println!(
+            "{name:<44} {total:>7} msgs  ingest {rate:>8.0} msg/s into the outbox (D365 down)  cpu {cpu:>5.1} s ({:.0} µs/msg)  rss {rss:>5.1} MiB peak {peak:>5.1} MiB  exit {exit}",
+            cpu * 1e6 / total as f64
+        );
+        return;
+    }
+    let (lost, dups, disorder) = lost_and_duplicates(&fake, run.per_order);
+    let bound = if run.answer_delay.is_zero() {
+        String::new()
+    } else {
+        let bound = 50.0 / run.answer_delay.as_secs_f64();
+        format!(
+            "  {:.0} % of the 50-in-flight bound ({bound:.0} msg/s)",
+            rate / bound * 100.0
+        )
+    };
+    println!(
+        "{name:<44} {total:>7} msgs  e2e {rate:>8.0} msg/s (published in {:.2} s)  lost {lost} dup {dups} disorder {disorder}  cpu {cpu:>5.1} s ({:.0} µs/msg)  rss {rss:>5.1} MiB peak {peak:>5.1} MiB  {} connections{bound}",
+        published.as_secs_f64(),
+        cpu * 1e6 / total as f64,
+        fake.connections()
+    );
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        // `cargo test --benches` lists benchmarks; this one only runs under `cargo bench`.
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let only = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let scenarios: Vec<(&str, Run)> = vec![
+        (
+            "20k, broker window 20 (mosquitto default)",
+            Run {
+                per_order: 400,
+                answer_delay: Duration::ZERO,
+                d365_down: false,
+                broker_inflight: None,
+            },
+        ),
+        (
+            "20k, broker window 1000",
+            Run {
+                per_order: 400,
+                answer_delay: Duration::ZERO,
+                d365_down: false,
+                broker_inflight: Some(1000),
+            },
+        ),
+        (
+            "100k, broker window 1000",
+            Run {
+                per_order: 2000,
+                answer_delay: Duration::ZERO,
+                d365_down: false,
+                broker_inflight: Some(1000),
+            },
+        ),
+        (
+            "20k, D365 answers after 50 ms",
+            Run {
+                per_order: 400,
+                answer_delay: Duration::from_millis(50),
+                d365_down: false,
+                broker_inflight: Some(1000),
+            },
+        ),
+        (
+            "20k, D365 down",
+            Run {
+                per_order: 400,
+                answer_delay: Duration::ZERO,
+                d365_down: true,
+                broker_inflight: Some(1000),
+            },
+        ),
+    ];
+    println!(
+        "mes-gateway burst benchmark: {} cores; 50 orders, QoS 1, one ReportFinished per impulse",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    for (name, run) in scenarios {
+        if only.as_deref().is_some_and(|o| !name.contains(o)) {
+            continue;
+        }
+        rt.block_on(scenario(name, run));
+    }
+}
