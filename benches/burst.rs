@@ -9,7 +9,7 @@
 //! promises: every append, `sending` mark and outcome flushed before it counts.
 
 #[path = "../tests/support/mod.rs"]
-#[allow(dead_code, unused_imports)]
+#[allow(unused_imports)]
 mod support;
 
 use std::collections::{BTreeMap, HashSet};
