@@ -19,8 +19,11 @@
 //! - [`api`]: `/health` and `/metrics` for operators; [`systemd`]: notify and watchdog.
 //! - [`rules`]: turns events into messages and keeps each line's order context (state saved
 //!   atomically with the messages).
-//! - [`pipeline`]: events → rules → outbox, group commit.
-//! - [`outbox`]: the durable per-order FIFO store; the only hand-off that survives a restart.
+//! - [`pipeline`]: events → rules → outbox, group commit; recognises redelivered upstream
+//!   messages (MQTT DUP) whose result is already stored, and hands acks back after the commit.
+//! - [`outbox`]: the durable per-order FIFO store and its state machine (lanes on disk,
+//!   delivery identities, one flush per batch of transitions); the only hand-off that
+//!   survives a restart.
 //! - [`d365`]: the dispatcher, the HTTP client, the token cache and the retry decisions.
 //! - [`app`]: wiring, reload and ordered shutdown; [`cli`]: the commands; [`signal`]:
 //!   SIGTERM/SIGINT (stop) and SIGHUP (reload).

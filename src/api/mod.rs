@@ -194,6 +194,12 @@ pub fn render_metrics(state: &ApiState) -> String {
             "counter",
             vec![(String::new(), p.store_errors.load(Ordering::Relaxed) as f64)],
         );
+        metric(
+            "mes_gateway_redelivered_duplicates_total",
+            "Upstream redeliveries (MQTT DUP) of messages already stored: acknowledged, nothing produced.",
+            "counter",
+            vec![(String::new(), p.duplicates.load(Ordering::Relaxed) as f64)],
+        );
     }
     if let Some(r) = &live.rules {
         metric(

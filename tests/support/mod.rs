@@ -573,10 +573,10 @@ impl Gateway {
     /// Waits until the dispatcher reports a problem of all lanes containing `text`.
     pub async fn wait_for_dispatcher_error(&self, text: &str) {
         let result = tokio::time::timeout(Duration::from_secs(120), async {
-            // The error is set right after the token fetch this test already waited for;
-            // yield (paused time advances only when every task is idle) until it shows.
+            // The error is set right after the token fetch this test already waited for:
+            // let the dispatcher task run until it shows.
             while !self.stats.last_error().is_some_and(|e| e.contains(text)) {
-                tokio::time::sleep(Duration::from_millis(1)).await;
+                tokio::task::yield_now().await;
             }
         })
         .await;
