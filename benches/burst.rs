@@ -16,31 +16,23 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use support::mqtt::{publish_burst, Mosquitto};
+use support::mqtt::{burst_orders, publish_burst, write_burst_config, Mosquitto};
 use support::process::{self, path_str, Output};
-use support::{d365_yaml, write_config, FakeD365};
+use support::FakeD365;
 
 const ORDERS: usize = 50;
 
 fn orders() -> Vec<String> {
-    (0..ORDERS).map(|i| format!("P{i:03}")).collect()
+    burst_orders()
 }
 
 fn config(dir: &Path, fake: &FakeD365, broker: &Mosquitto, api_port: u16) {
-    write_config(
+    write_burst_config(
         dir,
-        &format!(
-            "{}dispatcher:\n  max_in_flight: 50\n  backoff_initial: 100ms\n  backoff_max: 1s\nstorage:\n  data_dir: data\napi:\n  listen: 127.0.0.1:{api_port}\nsources:\n  - type: mqtt\n    id: broker\n    url: {}\n    client_id: gw-bench\n    subscriptions:\n      - topic: plant/+/count\n        qos: 1\n",
-            d365_yaml(fake),
-            broker.url()
-        ),
+        fake,
+        &broker.url(),
+        &format!("api:\n  listen: 127.0.0.1:{api_port}\n"),
     );
-    std::fs::create_dir_all(dir.join("rules.d")).unwrap();
-    std::fs::write(
-        dir.join("rules.d/count.yaml"),
-        "rules:\n  - name: count\n    line: \"{capture.order}\"\n    when: { source: broker, topic: \"plant/{order}/count\" }\n    count: value\n    emit:\n      type: ProdProductionOrderReportFinished\n      fields: { ProductionOrderNumber: \"{capture.order}\", ItemNumber: A0001, ReportedGoodQuantity: \"{quantity}\" }\n",
-    )
-    .unwrap();
 }
 
 /// CPU seconds (user + system) of a process so far.

@@ -11,10 +11,11 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
 use mes_gateway::outbox::{Outbox, State};
-use support::mqtt::{publish_burst, Mosquitto};
+use support::mqtt::{burst_orders, publish_burst, write_burst_config, Mosquitto};
 use support::process::{self, path_str, Output};
-use support::{d365_yaml, write_config, FakeD365};
+use support::FakeD365;
 
+/// Production orders in a burst (see `burst_orders`).
 const ORDERS: usize = 50;
 
 fn per_order() -> u32 {
@@ -25,24 +26,16 @@ fn per_order() -> u32 {
 }
 
 fn orders() -> Vec<String> {
-    (0..ORDERS).map(|i| format!("P{i:03}")).collect()
+    burst_orders()
 }
 
-fn config(dir: &Path, fake: &FakeD365, broker: &Mosquitto) {
-    write_config(
-        dir,
-        &format!(
-            "{}dispatcher:\n  max_in_flight: 50\n  backoff_initial: 100ms\n  backoff_max: 1s\nstorage:\n  data_dir: data\nshutdown_grace: 10s\nsources:\n  - type: mqtt\n    id: broker\n    url: {}\n    client_id: gw-burst\n    subscriptions:\n      - topic: plant/+/count\n        qos: 1\n",
-            d365_yaml(fake),
-            broker.url()
-        ),
-    );
-    std::fs::create_dir_all(dir.join("rules.d")).unwrap();
-    std::fs::write(
-        dir.join("rules.d/count.yaml"),
-        "rules:\n  - name: count\n    line: \"{capture.order}\"\n    when: { source: broker, topic: \"plant/{order}/count\" }\n    count: value\n    emit:\n      type: ProdProductionOrderReportFinished\n      fields: { ProductionOrderNumber: \"{capture.order}\", ItemNumber: A0001, ReportedGoodQuantity: \"{quantity}\" }\n",
-    )
-    .unwrap();
+/// A durable broker, a fake D365 and a gateway configuration between them.
+async fn setup() -> (Mosquitto, FakeD365, tempfile::TempDir) {
+    let broker = Mosquitto::start_durable().await;
+    let fake = FakeD365::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    write_burst_config(tmp.path(), &fake, &broker.url(), "shutdown_grace: 10s\n");
+    (broker, fake, tmp)
 }
 
 /// What D365 accepted, per order, in the order it accepted it.
@@ -141,10 +134,7 @@ async fn settle_interrupted(fake: &FakeD365, dir: &Path) -> (usize, usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_is_reported_once_and_a_restart_reports_nothing_again() {
-    let broker = Mosquitto::start_durable().await;
-    let fake = FakeD365::start().await;
-    let tmp = tempfile::tempdir().unwrap();
-    config(tmp.path(), &fake, &broker);
+    let (broker, fake, tmp) = setup().await;
     let out = Output::new();
     let n = per_order();
 
@@ -179,10 +169,7 @@ async fn a_burst_is_reported_once_and_a_restart_reports_nothing_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_in_the_middle_of_a_burst_loses_and_doubles_nothing() {
-    let broker = Mosquitto::start_durable().await;
-    let fake = FakeD365::start().await;
-    let tmp = tempfile::tempdir().unwrap();
-    config(tmp.path(), &fake, &broker);
+    let (broker, fake, tmp) = setup().await;
     let out = Output::new();
     let n = per_order();
     let total = ORDERS * n as usize;
@@ -206,10 +193,7 @@ async fn kill9_in_the_middle_of_a_burst_loses_and_doubles_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_restart_in_the_middle_of_a_burst_loses_and_doubles_nothing() {
-    let mut broker = Mosquitto::start_durable().await;
-    let fake = FakeD365::start().await;
-    let tmp = tempfile::tempdir().unwrap();
-    config(tmp.path(), &fake, &broker);
+    let (mut broker, fake, tmp) = setup().await;
     let out = Output::new();
     let n = per_order();
     let total = ORDERS * n as usize;

@@ -369,3 +369,32 @@ impl Proxy {
         self.cuts.send_modify(|n| *n += 1);
     }
 }
+
+/// The production orders of a burst: `P000` .. `P049`.
+pub fn burst_orders() -> Vec<String> {
+    (0..50).map(|i| format!("P{i:03}")).collect()
+}
+
+/// A gateway configuration for bursts: an MQTT source on `broker_url` subscribed to
+/// `plant/+/count`, one ReportFinished per impulse (the payload is the quantity, the
+/// order comes from the topic), 50 requests in flight; `extra` is appended to gateway.yaml.
+pub fn write_burst_config(
+    dir: &std::path::Path,
+    fake: &super::FakeD365,
+    broker_url: &str,
+    extra: &str,
+) {
+    super::write_config(
+        dir,
+        &format!(
+            "{}dispatcher:\n  max_in_flight: 50\n  backoff_initial: 100ms\n  backoff_max: 1s\nstorage:\n  data_dir: data\nsources:\n  - type: mqtt\n    id: broker\n    url: {broker_url}\n    client_id: gw-burst\n    subscriptions:\n      - topic: plant/+/count\n        qos: 1\n{extra}",
+            super::d365_yaml(fake),
+        ),
+    );
+    std::fs::create_dir_all(dir.join("rules.d")).unwrap();
+    std::fs::write(
+        dir.join("rules.d/count.yaml"),
+        "rules:\n  - name: count\n    line: \"{capture.order}\"\n    when: { source: broker, topic: \"plant/{order}/count\" }\n    count: value\n    emit:\n      type: ProdProductionOrderReportFinished\n      fields: { ProductionOrderNumber: \"{capture.order}\", ItemNumber: A0001, ReportedGoodQuantity: \"{quantity}\" }\n",
+    )
+    .unwrap();
+}
