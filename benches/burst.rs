@@ -152,6 +152,11 @@ async fn scenario(name: &str, run: Run) {
         return;
     }
     let (lost, dups, disorder) = lost_and_duplicates(&fake, run.per_order);
+    assert_eq!(
+        (lost, dups, disorder),
+        (0, 0, 0),
+        "{name}: lost, duplicated or reordered impulses"
+    );
     let bound = if run.answer_delay.is_zero() {
         String::new()
     } else {
@@ -170,65 +175,42 @@ async fn scenario(name: &str, run: Run) {
 }
 
 fn main() {
-    if std::env::args().any(|a| a == "--list") {
-        // `cargo test --benches` lists benchmarks; this one only runs under `cargo bench`.
-        return;
-    }
+    // `cargo bench` passes --bench: the full figures. `cargo test --all-targets` runs the
+    // same scenarios small, as a smoke test that still fails on a lost or doubled impulse.
+    let full = std::env::args().any(|a| a == "--bench");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
     let only = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let size = |n: u32| if full { n } else { 4 };
+    let run = |per_order: u32, delay_ms: u64, d365_down: bool, window: Option<u32>| Run {
+        per_order: size(per_order),
+        answer_delay: Duration::from_millis(delay_ms),
+        d365_down,
+        broker_inflight: window,
+    };
     let scenarios: Vec<(&str, Run)> = vec![
         (
             "20k, broker window 20 (mosquitto default)",
-            Run {
-                per_order: 400,
-                answer_delay: Duration::ZERO,
-                d365_down: false,
-                broker_inflight: None,
-            },
+            run(400, 0, false, None),
         ),
-        (
-            "20k, broker window 1000",
-            Run {
-                per_order: 400,
-                answer_delay: Duration::ZERO,
-                d365_down: false,
-                broker_inflight: Some(1000),
-            },
-        ),
-        (
-            "100k, broker window 1000",
-            Run {
-                per_order: 2000,
-                answer_delay: Duration::ZERO,
-                d365_down: false,
-                broker_inflight: Some(1000),
-            },
-        ),
+        ("20k, broker window 1000", run(400, 0, false, Some(1000))),
+        ("100k, broker window 1000", run(2000, 0, false, Some(1000))),
         (
             "20k, D365 answers after 50 ms",
-            Run {
-                per_order: 400,
-                answer_delay: Duration::from_millis(50),
-                d365_down: false,
-                broker_inflight: Some(1000),
-            },
+            run(400, 50, false, Some(1000)),
         ),
-        (
-            "20k, D365 down",
-            Run {
-                per_order: 400,
-                answer_delay: Duration::ZERO,
-                d365_down: true,
-                broker_inflight: Some(1000),
-            },
-        ),
+        ("20k, D365 down", run(400, 0, true, Some(1000))),
     ];
     println!(
-        "mes-gateway burst benchmark: {} cores; 50 orders, QoS 1, one ReportFinished per impulse",
+        "mes-gateway burst benchmark{}: {} cores; 50 orders, QoS 1, one ReportFinished per impulse",
+        if full {
+            ""
+        } else {
+            " (smoke run: 4 impulses per order; `cargo bench --bench burst` for figures)"
+        },
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     for (name, run) in scenarios {
