@@ -100,8 +100,8 @@ struct Lanes {
     paused_until: Option<Instant>,
     /// Round-robin cursor: the order served last.
     last_served: Option<String>,
-    /// Held heads already reported (one WARN per incident).
-    held_reported: HashSet<MessageId>,
+    /// Lane heads that are failed or uncertain (reported once per incident).
+    held: HashSet<MessageId>,
     /// Consecutive failures to get a token from an unreachable endpoint.
     token_failures: u32,
 }
@@ -193,7 +193,9 @@ impl Dispatcher {
             let mut token = None;
             if next_wake.is_none() {
                 lanes.paused_until = None;
-                let (p, wake_at) = self.pick(&mut lanes, now, &judged.delivered)?;
+                let settling: HashSet<MessageId> =
+                    judged.settlements.iter().map(|s| s.id).collect();
+                let (p, wake_at) = self.pick(&mut lanes, now, &judged.delivered, &settling)?;
                 next_wake = wake_at;
                 if !p.is_empty() {
                     match self.token(&cancel).await {
@@ -228,10 +230,14 @@ impl Dispatcher {
                     }
                 }
             }
+            let ids: Vec<MessageId> = picked.iter().map(|(_, id)| *id).collect();
             let (_, marked) = self
                 .outbox
-                .settle_and_mark(judged.settlements, &picked)
+                .settle_and_mark(judged.settlements, &ids)
                 .await?;
+            if marked.len() < picked.len() {
+                self.unmarked(&mut lanes, &picked, &marked);
+            }
             // Only now, with the outcomes on disk, may the lanes move on.
             let now = Instant::now();
             for (id, wait) in judged.retries {
@@ -251,8 +257,8 @@ impl Dispatcher {
                         done.push(more);
                     }
                 }
-                _ = self.wake.notified() => {}
-                _ = heartbeat_ticks.tick() => {}
+                _ = self.wake.notified() => self.recheck_held(&mut lanes),
+                _ = heartbeat_ticks.tick() => self.recheck_held(&mut lanes),
                 _ = sleep_until(next_wake), if next_wake.is_some() => {}
             }
         }
@@ -284,13 +290,16 @@ impl Dispatcher {
 
     /// Chooses the lane heads to send now, round-robin; returns them and when the next
     /// backoff deadline falls. `delivered` are heads whose delivery is being recorded in
-    /// this turn: their successors may go out in the same write.
+    /// this turn: their successors may go out in the same write. Works on lane keys only
+    /// (no record is read): [`Outbox::settle_and_mark`] marks only what is still queued,
+    /// and [`Dispatcher::unmarked`] looks at the rest.
     fn pick(
         &self,
         lanes: &mut Lanes,
         now: Instant,
         delivered: &HashSet<MessageId>,
-    ) -> Result<(Vec<MessageId>, Option<Instant>), OutboxError> {
+        settling: &HashSet<MessageId>,
+    ) -> Result<(Vec<(String, MessageId)>, Option<Instant>), OutboxError> {
         let free = self
             .config
             .max_in_flight
@@ -302,55 +311,75 @@ impl Dispatcher {
         }
         // Every head that can be passed over is in flight, in backoff or held; reading
         // that many more than we can send finds the sendable ones.
-        let scan =
-            free + lanes.busy_orders.len() + lanes.not_before.len() + lanes.held_reported.len();
-        let heads = self.outbox.lane_heads(lanes.last_served.as_deref(), scan)?;
-        for head in heads {
+        let scan = free + lanes.busy_orders.len() + lanes.not_before.len() + lanes.held.len();
+        let heads = self
+            .outbox
+            .lane_head_ids(lanes.last_served.as_deref(), scan)?;
+        for (order, id) in heads {
             if picked.len() >= free {
                 break;
             }
-            if lanes.busy_orders.contains(&head.production_order) {
+            if lanes.busy_orders.contains(&order) {
                 continue;
             }
-            let head = if delivered.contains(&head.id) {
-                match self.outbox.next_in_lane(&head.production_order, head.id)? {
+            let id = if delivered.contains(&id) {
+                match self.outbox.next_in_lane(&order, id)? {
                     Some(next) => next,
                     None => continue,
                 }
+            } else if settling.contains(&id) {
+                // Retried, failed or uncertain in this turn: not again right away.
+                continue;
             } else {
-                head
+                id
             };
-            match head.state {
-                State::Queued => {}
-                State::Failed | State::Uncertain => {
-                    if lanes.held_reported.insert(head.id) {
-                        tracing::warn!(order = %head.production_order, message_id = head.id, state = %head.state,
-                            "Order is held: its first message needs an operator (outbox retry, cancel or resolve); later messages of this order wait.");
-                    }
-                    continue;
-                }
-                // Sending, settled in this turn to something else than delivered.
-                _ => continue,
+            if lanes.held.contains(&id) {
+                continue;
             }
-            if let Some(t) = lanes.not_before.get(&head.id).copied() {
+            if let Some(t) = lanes.not_before.get(&id).copied() {
                 if t > now {
                     next_wake = Some(next_wake.map_or(t, |w| w.min(t)));
                     continue;
                 }
             }
-            lanes.last_served = Some(head.production_order.clone());
-            picked.push(head.id);
-        }
-        // Held heads that are no longer held (an operator acted) stop counting.
-        if lanes.held_reported.len() > self.config.max_in_flight * 4 {
-            let outbox = &self.outbox;
-            lanes.held_reported.retain(|id| {
-                outbox
-                    .get(*id)
-                    .is_ok_and(|r| matches!(r.state, State::Failed | State::Uncertain))
-            });
+            lanes.last_served = Some(order.clone());
+            picked.push((order, id));
         }
         Ok((picked, next_wake))
+    }
+
+    /// Heads that were picked but not marked: held (failed or uncertain, reported once),
+    /// settled in this very turn, or a lane key a crash left behind (removed).
+    fn unmarked(&self, lanes: &mut Lanes, picked: &[(String, MessageId)], marked: &[Record]) {
+        let marked: HashSet<MessageId> = marked.iter().map(|r| r.id).collect();
+        let mut stale = false;
+        for (_, id) in picked.iter().filter(|(_, id)| !marked.contains(id)) {
+            match self.outbox.get(*id) {
+                Ok(head) if matches!(head.state, State::Failed | State::Uncertain) => {
+                    if lanes.held.insert(head.id) {
+                        tracing::warn!(order = %head.production_order, message_id = head.id, state = %head.state,
+                            "Order is held: its first message needs an operator (outbox retry, cancel or resolve); later messages of this order wait.");
+                    }
+                }
+                Ok(head) if head.state.is_terminal() => stale = true,
+                Ok(_) => {}
+                Err(_) => stale = true,
+            }
+        }
+        if stale {
+            // Reading the heads removes lane keys of messages that are no longer in a lane.
+            let _ = self.outbox.lane_heads(None, usize::MAX);
+        }
+    }
+
+    /// Forgets held heads an operator has acted on (retried: queued again).
+    fn recheck_held(&self, lanes: &mut Lanes) {
+        let outbox = &self.outbox;
+        lanes.held.retain(|id| {
+            outbox
+                .get(*id)
+                .is_ok_and(|r| matches!(r.state, State::Failed | State::Uncertain))
+        });
     }
 
     /// A token for the next requests; `None` when cancelled while waiting for it.
@@ -443,7 +472,7 @@ impl Dispatcher {
                 outcome,
                 decision,
             } = finished;
-            lanes.held_reported.remove(&record.id);
+            lanes.held.remove(&record.id);
             let id = record.id;
             let order = &record.production_order;
             let next = match decision {

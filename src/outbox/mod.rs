@@ -439,12 +439,23 @@ impl Outbox {
         Ok((written, marked))
     }
 
-    /// The message after `id` in `order`'s lane.
-    pub fn next_in_lane(&self, order: &str, id: MessageId) -> Result<Option<Record>, OutboxError> {
-        match lanes::after(&self.lanes, order, id)? {
-            Some(next) => self.get(next).map(Some),
-            None => Ok(None),
-        }
+    /// The id of the message after `id` in `order`'s lane.
+    pub fn next_in_lane(
+        &self,
+        order: &str,
+        id: MessageId,
+    ) -> Result<Option<MessageId>, OutboxError> {
+        lanes::after(&self.lanes, order, id)
+    }
+
+    /// The (order, id) of the first message of up to `limit` lanes, round-robin from the
+    /// order after `after`, without reading the records: what a dispatcher needs each turn.
+    pub fn lane_head_ids(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, MessageId)>, OutboxError> {
+        lanes::heads(&self.lanes, after, limit)
     }
 
     /// Messages left `sending` by a crash or a kill: settles each with what `decide`
