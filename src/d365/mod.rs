@@ -299,7 +299,7 @@ impl Dispatcher {
         now: Instant,
         delivered: &HashSet<MessageId>,
         settling: &HashSet<MessageId>,
-    ) -> Result<(Vec<(String, MessageId)>, Option<Instant>), OutboxError> {
+    ) -> Result<(Vec<LaneHead>, Option<Instant>), OutboxError> {
         let free = self
             .config
             .max_in_flight
@@ -350,7 +350,7 @@ impl Dispatcher {
 
     /// Heads that were picked but not marked: held (failed or uncertain, reported once),
     /// settled in this very turn, or a lane key a crash left behind (removed).
-    fn unmarked(&self, lanes: &mut Lanes, picked: &[(String, MessageId)], marked: &[Record]) {
+    fn unmarked(&self, lanes: &mut Lanes, picked: &[LaneHead], marked: &[Record]) {
         let marked: HashSet<MessageId> = marked.iter().map(|r| r.id).collect();
         let mut stale = false;
         for (_, id) in picked.iter().filter(|(_, id)| !marked.contains(id)) {
@@ -544,6 +544,9 @@ impl Dispatcher {
         }
     }
 }
+
+/// A lane's first message: (production order, message id).
+type LaneHead = (String, MessageId);
 
 /// What the requests that finished in one turn mean.
 struct Judged {
