@@ -124,7 +124,8 @@ async fn scenario(name: &str, run: Run) {
         std::fs::write(tmp.path().join("gateway.yaml"), yaml).unwrap();
     }
     let out = Output::new();
-    let gw = process::start(&["run", "-c", path_str(tmp.path())], &out);
+    // As shipped: INFO logs (DEBUG writes a line per message).
+    let gw = process::start_logging(&["run", "-c", path_str(tmp.path())], &out, "info");
     out.wait_for("Subscribed.").await;
     let pid = gw.pid();
     let total = ORDERS * run.per_order as usize;

@@ -113,11 +113,16 @@ impl Running {
     }
 }
 
-/// Starts `mes-gateway ARGS`, copying its stdout and stderr into `output`.
+/// Starts `mes-gateway ARGS` with debug logs, copying its stdout and stderr into `output`.
 pub fn start(args: &[&str], output: &Output) -> Running {
+    start_logging(args, output, "debug")
+}
+
+/// Starts `mes-gateway ARGS` with the log filter `log` (`info` is what a plant runs).
+pub fn start_logging(args: &[&str], output: &Output, log: &str) -> Running {
     let mut child = Command::new(BIN)
         .args(args)
-        .env("MES_GATEWAY_LOG", "debug")
+        .env("MES_GATEWAY_LOG", log)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
