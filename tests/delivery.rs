@@ -436,3 +436,26 @@ async fn a_slow_token_endpoint_at_shutdown_leaves_messages_queued_not_uncertain(
         "never marked sending while waiting for the token"
     );
 }
+
+#[tokio::test]
+async fn a_token_announced_to_live_for_ever_does_not_overflow_the_clock() {
+    let fake = FakeD365::start().await;
+    fake.token_lifetime(u64::MAX);
+    let gw = Gateway::start(&fake, FAST).await;
+    let id = gw
+        .enqueue(TYPE_START, json!({"ProductionOrderNumber":"P1"}))
+        .await;
+    gw.wait_until("delivered", |o| {
+        o.get(id).unwrap().state == State::Delivered
+    })
+    .await;
+    let id2 = gw
+        .enqueue(TYPE_START, json!({"ProductionOrderNumber":"P2"}))
+        .await;
+    gw.wait_until("delivered", |o| {
+        o.get(id2).unwrap().state == State::Delivered
+    })
+    .await;
+    assert_eq!(fake.token_requests().len(), 1, "the token is cached");
+    gw.stop().await;
+}

@@ -609,3 +609,61 @@ async fn sleep_until(deadline: Option<Instant>) {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::NewMessage;
+
+    #[tokio::test]
+    async fn a_send_task_that_panics_frees_its_lane_and_leaves_the_message_uncertain() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("gateway.yaml"),
+            "d365:\n  base_url: http://127.0.0.1:9\n  company: USMF\n  client_id: x\n  token_url: http://127.0.0.1:9/token\n  client_secret_file: secret\nstorage:\n  data_dir: data\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("secret"), "s\n").unwrap();
+        let config = crate::config::load(dir.path()).unwrap();
+        let outbox = Outbox::open(&config.storage.data_dir).unwrap();
+        let client = Arc::new(D365Client::new(Arc::new(config.d365.clone().unwrap())).unwrap());
+        let dispatcher = Dispatcher::new(
+            outbox.clone(),
+            client,
+            config.dispatcher.clone(),
+            Arc::new(Notify::new()),
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        let r = outbox
+            .append(vec![NewMessage {
+                production_order: "P1".into(),
+                message_type: "ProdProductionOrderStart".into(),
+                content: r#"{"ProductionOrderNumber":"P1"}"#.into(),
+                origin: "test".into(),
+            }])
+            .await
+            .unwrap()
+            .remove(0);
+        outbox.mark_sending(&[r.id]).await.unwrap();
+
+        let mut lanes = Lanes::default();
+        let mut tasks: JoinSet<Finished> = JoinSet::new();
+        let handle = tasks.spawn(async { panic!("a send task panicked (test)") });
+        lanes.busy_orders.insert("P1".into());
+        lanes.in_flight.insert(handle.id(), (r.id, "P1".into()));
+        let joined = tasks.join_next_with_id().await.unwrap();
+        let judged = dispatcher.judge(&mut lanes, vec![joined]);
+        assert!(
+            lanes.in_flight.is_empty() && lanes.busy_orders.is_empty(),
+            "the order's lane is free again"
+        );
+        outbox.settle(judged.settlements).await.unwrap();
+        let after = outbox.get(r.id).unwrap();
+        assert_eq!(after.state, State::Uncertain);
+        assert!(after
+            .last_error
+            .unwrap()
+            .contains("the request may have been written"));
+    }
+}

@@ -152,6 +152,11 @@ impl FakeD365 {
         self.state().response_delay = delay;
     }
 
+    /// Tokens are announced with this lifetime (`expires_in`).
+    pub fn token_lifetime(&self, secs: u64) {
+        self.state().token_lifetime_s = secs;
+    }
+
     /// Every token answer is delayed by this much (so many requests wait for one fetch).
     pub fn delay_tokens(&self, delay: Duration) {
         self.state().token_delay = delay;
