@@ -218,6 +218,9 @@ pub fn serial_port(raw: &RawSerialPort, prefix: &str, problems: &mut Problems) -
     }
 }
 
+/// The shortest Modbus poll interval and timeout.
+const MIN_POLL: Duration = Duration::from_millis(10);
+
 pub fn modbus(raw: RawModbus, problems: &mut Problems) -> Option<ModbusConfig> {
     let duration =
         |key: &str, v: &Option<String>, default: Duration, problems: &mut Problems| match v {
@@ -247,8 +250,23 @@ pub fn modbus(raw: RawModbus, problems: &mut Problems) -> Option<ModbusConfig> {
             None
         }
     };
+    let positive = |key: &str, d: Duration, problems: &mut Problems| {
+        if d < MIN_POLL {
+            problems.push((
+                key.to_string(),
+                format!(
+                    "must be at least {} (a device cannot be polled or answer faster)",
+                    super::format_duration(MIN_POLL)
+                ),
+            ));
+            return MIN_POLL;
+        }
+        d
+    };
     let timeout = duration("timeout", &raw.timeout, Duration::from_secs(1), problems);
+    let timeout = positive("timeout", timeout, problems);
     let poll = duration("poll", &raw.poll, Duration::from_millis(500), problems);
+    let poll = positive("poll", poll, problems);
     if raw.points.is_empty() {
         problems.push(("points".into(), "configure at least one point".into()));
     }
@@ -287,7 +305,10 @@ pub fn modbus(raw: RawModbus, problems: &mut Problems) -> Option<ModbusConfig> {
             address: p.address,
             ty,
             word_order: p.word_order.unwrap_or_default(),
-            poll: duration(&format!("{path}.poll"), &p.poll, poll, problems),
+            poll: {
+                let d = duration(&format!("{path}.poll"), &p.poll, poll, problems);
+                positive(&format!("{path}.poll"), d, problems)
+            },
         };
         if u32::from(point.address) + u32::from(point.width()) > 65536 {
             problems.push((

@@ -405,7 +405,46 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         };
         total = total.saturating_add(part);
     }
+    if total > MAX_DURATION {
+        return Err(format!(
+            "duration {text:?} is too long: at most 36500d (100 years)"
+        ));
+    }
     Ok(total)
+}
+
+/// The longest duration any setting takes: far beyond any sensible value, far below what
+/// overflows clock arithmetic (an instant plus a debounce, a deadline plus an interval).
+pub const MAX_DURATION: Duration = Duration::from_secs(36_500 * 86_400);
+
+/// Refuses a duration below `min` where a smaller one would stop the daemon or make it
+/// spin (a zero interval, a zero timeout); returns `min` in its place after reporting.
+fn at_least(
+    doc: &Doc,
+    errors: &mut Errors,
+    path: &str,
+    value: Duration,
+    min: Duration,
+    why: &str,
+) -> Duration {
+    if value < min {
+        errors.at(
+            doc,
+            path,
+            format!("must be at least {} ({why})", format_duration(min)),
+        );
+        return min;
+    }
+    value
+}
+
+/// A duration as the configuration writes it (500ms, 1s).
+pub fn format_duration(d: Duration) -> String {
+    if d.subsec_millis() != 0 || d.as_secs() == 0 {
+        format!("{}ms", d.as_millis())
+    } else {
+        format!("{}s", d.as_secs())
+    }
 }
 
 /// Expands `$VAR`, `${VAR}` and `${VAR:-default}` in a path, so a unit can point the
@@ -810,12 +849,28 @@ fn validate_d365(doc: &Doc, raw: RawD365, errors: &mut Errors) -> Option<D365Con
         raw.connect_timeout,
         Duration::from_secs(10),
     );
+    let connect_timeout = at_least(
+        doc,
+        errors,
+        "d365.connect_timeout",
+        connect_timeout,
+        Duration::from_millis(100),
+        "no connection could be made",
+    );
     let request_timeout = duration_field(
         doc,
         errors,
         "d365.request_timeout",
         raw.request_timeout,
         Duration::from_secs(60),
+    );
+    let request_timeout = at_least(
+        doc,
+        errors,
+        "d365.request_timeout",
+        request_timeout,
+        Duration::from_secs(1),
+        "every request would time out after it was written and be uncertain",
     );
     if errors.0.len() > before {
         return None;
@@ -920,13 +975,23 @@ fn validate_storage(dir: &Path, doc: &Doc, raw: RawStorage, errors: &mut Errors)
             raw.retention,
             Duration::from_secs(7 * 86_400),
         ),
-        prune_interval: duration_field(
-            doc,
-            errors,
-            "storage.prune_interval",
-            raw.prune_interval,
-            Duration::from_secs(3600),
-        ),
+        prune_interval: {
+            let d = duration_field(
+                doc,
+                errors,
+                "storage.prune_interval",
+                raw.prune_interval,
+                Duration::from_secs(3600),
+            );
+            at_least(
+                doc,
+                errors,
+                "storage.prune_interval",
+                d,
+                Duration::from_secs(1),
+                "pruning reads the whole outbox",
+            )
+        },
     }
 }
 
@@ -1138,6 +1203,19 @@ fn validate_mqtt(
         raw.keep_alive,
         Duration::from_secs(30),
     );
+    // MQTT counts keep-alive in whole seconds; 0 turns it off.
+    if !keep_alive.is_zero() && keep_alive < Duration::from_secs(1) {
+        errors.at(
+            doc,
+            &format!("{path}.keep_alive"),
+            "must be 0 (off) or at least 1s: MQTT counts keep-alive in seconds",
+        );
+    }
+    let keep_alive = if keep_alive < Duration::from_secs(1) {
+        Duration::ZERO
+    } else {
+        keep_alive
+    };
     if errors.0.len() > before {
         return None;
     }
@@ -1362,6 +1440,56 @@ mod tests {
             .unwrap_err()
             .contains("is not set"));
         assert!(expand_env("${oops").is_err());
+    }
+
+    #[test]
+    fn values_that_would_crash_or_stall_the_daemon_are_config_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("secret"), "s\n").unwrap();
+        let main = [
+            "d365:",
+            "  base_url: http://127.0.0.1:9",
+            "  company: USMF",
+            "  client_id: x",
+            "  token_url: http://127.0.0.1:9/t",
+            "  client_secret_file: secret",
+            "  request_timeout: 0s",
+            "storage:",
+            "  data_dir: data",
+            "  prune_interval: 0s",
+            "sources:",
+            "  - type: mqtt",
+            "    id: broker",
+            "    url: mqtt://127.0.0.1:1883",
+            "    client_id: x",
+            "    keep_alive: 500ms",
+            "    subscriptions: [{ topic: a/b, qos: 1 }]",
+            "  - type: modbus",
+            "    id: plc",
+            "    tcp: 127.0.0.1:502",
+            "    poll: 0ms",
+            "    points:",
+            "      - { name: c, unit: 1, kind: holding_register, address: 65535, type: u32 }",
+        ];
+        std::fs::write(dir.path().join(MAIN_FILE), main.join("\n")).unwrap();
+        std::fs::create_dir_all(dir.path().join("rules.d")).unwrap();
+        std::fs::write(
+            dir.path().join("rules.d/r.yaml"),
+            "rules:\n  - name: r\n    line: l\n    when: { source: broker, topic: a/b, edge: rising, debounce: 99999999999999d }\n    count: impulse\n    aggregate: { interval: 36501d }\n    emit:\n      type: ProdProductionOrderReportFinished\n      fields: { ProductionOrderNumber: P1, ItemNumber: A, ReportedGoodQuantity: \"{quantity}\" }\n",
+        )
+        .unwrap();
+        let errors = load(dir.path()).unwrap_err().to_string();
+        for expected in [
+            "gateway.yaml:7:20: d365.request_timeout: must be at least 1s (every request would time out after it was written and be uncertain)",
+            "gateway.yaml:10:19: storage.prune_interval: must be at least 1s (pruning reads the whole outbox)",
+            "sources[0].keep_alive: must be 0 (off) or at least 1s: MQTT counts keep-alive in seconds",
+            "sources[1].poll: must be at least 10ms (a device cannot be polled or answer faster)",
+            "sources[1].points[0].address: the point runs past address 65535",
+            "debounce: duration \"99999999999999d\" is too long: at most 36500d (100 years)",
+            "aggregate.interval: duration \"36501d\" is too long: at most 36500d (100 years)",
+        ] {
+            assert!(errors.contains(expected), "missing {expected:?} in:\n{errors}");
+        }
     }
 
     #[test]

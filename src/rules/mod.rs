@@ -516,10 +516,12 @@ fn as_bool(v: &Json) -> Option<bool> {
     }
 }
 
+/// A value as a number. Text like "nan" or "inf" parses as a float but is no number to
+/// count with: a counter based on it would report garbage and could not be saved.
 fn as_f64(v: &Json) -> Option<f64> {
     match v {
         Json::Number(n) => n.as_f64(),
-        Json::String(s) => s.trim().parse().ok(),
+        Json::String(s) => s.trim().parse::<f64>().ok().filter(|f| f.is_finite()),
         Json::Bool(b) => Some(f64::from(u8::from(*b))),
         _ => None,
     }

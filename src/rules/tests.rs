@@ -213,6 +213,39 @@ fn counter_registers_count_deltas_across_wrap_and_reset() {
 }
 
 #[test]
+fn nan_and_infinity_as_text_are_not_counted_and_do_not_poison_the_counter() {
+    let mut e = engine(&format!(
+        "{ORDER_RULE}
+- name: count
+  line: l1
+  when: {{ source: plc, point: counter }}
+  count: delta
+  emit:
+    type: ProdProductionOrderReportFinished
+    fields: {{ ReportedGoodQuantity: '{{quantity}}' }}
+"
+    ));
+    e.apply(&ev("hmi", "order", Value::Text("P1;A".into()), 0));
+    let mut q = Vec::new();
+    let readings = ["100", "nan", "inf", "103", "-infinity", "104"];
+    for (i, v) in readings.iter().enumerate() {
+        q.extend(quantities(&e.apply(&ev(
+            "plc",
+            "counter",
+            Value::Text((*v).into()),
+            100 + i as i64,
+        ))));
+    }
+    assert_eq!(q, vec![3.0, 1.0], "only the finite readings count");
+    let state = e.take_dirty_state().expect("state changed");
+    let saved = serde_json::to_string(state).unwrap();
+    assert!(
+        !saved.contains("null"),
+        "the saved state stays readable: {saved}"
+    );
+}
+
+#[test]
 fn json_fields_conditions_and_value_counting() {
     let mut e = engine(&format!(
         "{ORDER_RULE}

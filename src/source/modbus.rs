@@ -320,6 +320,13 @@ impl ModbusSource {
                 },
             };
             match value {
+                // A float register holding NaN or infinity (a sensor fault, an unwritten
+                // register): not a reading. Counted and skipped, so no counter or
+                // aggregate is ever computed from it.
+                Some(Value::Number(n)) if !n.is_finite() => {
+                    self.health.decode_error();
+                    tracing::warn!(source = %self.config.id, point = %p.name, value = %n, "The device sent a value that is not a finite number; skipped.");
+                }
                 Some(v) => values.push((i, v)),
                 None => {
                     self.health.decode_error();

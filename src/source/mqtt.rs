@@ -81,10 +81,13 @@ pub fn decode(format: PayloadFormat, payload: &[u8]) -> Result<Value, String> {
         PayloadFormat::Text => Ok(Value::Text(text()?.to_string())),
         PayloadFormat::Number => {
             let t = text()?;
-            t.trim()
-                .parse::<f64>()
-                .map(Value::Number)
-                .map_err(|_| format!("not a number: {:?}", excerpt(payload)))
+            match t.trim().parse::<f64>() {
+                Ok(n) if n.is_finite() => Ok(Value::Number(n)),
+                // "nan" and "inf" parse as floats but count nothing: a counter based on
+                // them would report garbage and could not be saved.
+                Ok(_) => Err(format!("not a finite number: {:?}", excerpt(payload))),
+                Err(_) => Err(format!("not a number: {:?}", excerpt(payload))),
+            }
         }
         PayloadFormat::Json => serde_json::from_slice(payload)
             .map(Value::Json)
@@ -92,8 +95,10 @@ pub fn decode(format: PayloadFormat, payload: &[u8]) -> Result<Value, String> {
         PayloadFormat::Auto => {
             let t = text()?;
             let trimmed = t.trim();
-            if let Ok(n) = trimmed.parse::<f64>() {
-                return Ok(Value::Number(n));
+            match trimmed.parse::<f64>() {
+                Ok(n) if n.is_finite() => return Ok(Value::Number(n)),
+                Ok(_) => return Err(format!("not a finite number: {:?}", excerpt(payload))),
+                Err(_) => {}
             }
             match trimmed {
                 "true" => return Ok(Value::Bool(true)),
@@ -627,6 +632,14 @@ mod tests {
             Value::Text("12".into())
         );
         assert!(decode(PayloadFormat::Number, b"twelve").is_err());
+        for poison in [&b"nan"[..], b"NaN", b"inf", b"-infinity"] {
+            for format in [PayloadFormat::Number, PayloadFormat::Auto] {
+                assert_eq!(
+                    decode(format, poison).unwrap_err(),
+                    format!("not a finite number: {:?}", String::from_utf8_lossy(poison))
+                );
+            }
+        }
         assert!(decode(PayloadFormat::Json, b"{oops").is_err());
         assert!(decode(PayloadFormat::Auto, &[0xff, 0xfe])
             .unwrap_err()
