@@ -41,6 +41,10 @@ use client::D365Client;
 use retry::{Backoff, Context, Decision, Outcome};
 use token::Token;
 
+/// Waits between attempts to write outcomes the disk refused.
+const STORE_RETRY_MIN: Duration = Duration::from_millis(500);
+const STORE_RETRY_MAX: Duration = Duration::from_secs(30);
+
 /// Counters the dispatcher keeps for the operator surface and for the watchdog.
 #[derive(Debug, Default)]
 pub struct DispatchStats {
@@ -231,10 +235,9 @@ impl Dispatcher {
                 }
             }
             let ids: Vec<MessageId> = picked.iter().map(|(_, id)| *id).collect();
-            let (_, marked) = self
-                .outbox
-                .settle_and_mark(judged.settlements, &ids)
-                .await?;
+            let Some(marked) = self.write_turn(judged.settlements, &ids, &cancel).await else {
+                break;
+            };
             if marked.len() < picked.len() {
                 self.unmarked(&mut lanes, &picked, &marked);
             }
@@ -286,6 +289,46 @@ impl Dispatcher {
             }
         }
         Ok(())
+    }
+
+    /// Writes a turn (outcomes and marks). When the disk refuses it (full, read-only), the
+    /// outcomes are kept and written again with backoff, the marks are dropped (nothing
+    /// goes out meanwhile), and the watchdog keeps being fed: waiting for the disk is not a
+    /// hang. `None` when cancelled while waiting; the requests' messages then stay
+    /// `sending` and are judged at the next start.
+    async fn write_turn(
+        &self,
+        settlements: Vec<Settlement>,
+        marks: &[MessageId],
+        cancel: &CancellationToken,
+    ) -> Option<Vec<Record>> {
+        let mut wait = STORE_RETRY_MIN;
+        let mut marks = marks;
+        loop {
+            match self.outbox.settle_and_mark(&settlements, marks).await {
+                Ok((_, marked)) => return Some(marked),
+                Err(e) => {
+                    tracing::error!(error = %e, outcomes = settlements.len(), retry_in_ms = wait.as_millis() as u64,
+                        "Cannot record delivery outcomes in the outbox; keeping them and retrying. Nothing is sent meanwhile.");
+                    marks = &[];
+                    let mut ticks = tokio::time::interval(
+                        self.heartbeat
+                            .as_ref()
+                            .map_or(crate::systemd::DEFAULT_HEARTBEAT_PERIOD, Heartbeat::period),
+                    );
+                    let pause = tokio::time::sleep(wait);
+                    tokio::pin!(pause);
+                    loop {
+                        tokio::select! {
+                            _ = &mut pause => break,
+                            _ = cancel.cancelled() => return None,
+                            _ = ticks.tick() => self.beat(),
+                        }
+                    }
+                    wait = (wait * 2).min(STORE_RETRY_MAX);
+                }
+            }
+        }
     }
 
     /// Chooses the lane heads to send now, round-robin; returns them and when the next

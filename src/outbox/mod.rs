@@ -403,12 +403,12 @@ impl Outbox {
     /// before their requests go out. Returns the marked records; an id that is no longer
     /// queued (an operator cancelled it meanwhile) is left out.
     pub async fn mark_sending(&self, ids: &[MessageId]) -> Result<Vec<Record>, OutboxError> {
-        Ok(self.settle_and_mark(Vec::new(), ids).await?.1)
+        Ok(self.settle_and_mark(&[], ids).await?.1)
     }
 
     /// Records the outcomes of finished requests, one write and one flush for all.
     pub async fn settle(&self, outcomes: Vec<Settlement>) -> Result<Vec<Record>, OutboxError> {
-        Ok(self.settle_and_mark(outcomes, &[]).await?.0)
+        Ok(self.settle_and_mark(&outcomes, &[]).await?.0)
     }
 
     /// Records outcomes and marks the next messages `sending` in one write and one flush:
@@ -416,13 +416,28 @@ impl Outbox {
     /// second wait for the disk. Returns (settled, marked).
     pub async fn settle_and_mark(
         &self,
-        outcomes: Vec<Settlement>,
+        outcomes: &[Settlement],
         mark: &[MessageId],
     ) -> Result<(Vec<Record>, Vec<Record>), OutboxError> {
         let mut changed = Vec::with_capacity(outcomes.len() + mark.len());
         for s in outcomes {
-            let mut r = self.get(s.id)?;
-            r.require("settle", &[State::Sending])?;
+            let mut r = match self.get(s.id) {
+                Ok(r) if r.state == State::Sending => r,
+                // Someone else settled it meanwhile (an operator, or a retried write that
+                // did reach the disk): the record says what happened; keep it.
+                Ok(r) => {
+                    tracing::warn!(message_id = r.id, state = %r.state, "Outcome of a request not recorded: the message is no longer sending.");
+                    continue;
+                }
+                Err(OutboxError::NotFound(id)) => {
+                    tracing::warn!(
+                        message_id = id,
+                        "Outcome of a request not recorded: the message is gone."
+                    );
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             apply_settlement(&mut r, s);
             changed.push((r, State::Sending));
         }
@@ -649,33 +664,33 @@ impl Outbox {
     }
 }
 
-fn apply_settlement(r: &mut Record, s: Settlement) {
-    if let Some(attempt) = s.attempt {
-        r.record_attempt(attempt);
+fn apply_settlement(r: &mut Record, s: &Settlement) {
+    if let Some(attempt) = &s.attempt {
+        r.record_attempt(attempt.as_str());
     }
     if s.server_error {
         r.server_errors += 1;
     }
-    match s.next {
+    match &s.next {
         Settle::Delivered => {
             r.last_error = None;
             r.change(State::Delivered, GATEWAY, "delivered", None);
         }
         Settle::Retry { reason } => {
-            r.last_error = Some(reason);
+            r.last_error = Some(reason.clone());
             r.state = State::Queued;
             r.updated_at = jiff::Timestamp::now();
         }
         Settle::Requeue { reason } => {
-            r.change(State::Queued, GATEWAY, "requeued", Some(reason));
+            r.change(State::Queued, GATEWAY, "requeued", Some(reason.clone()));
         }
         Settle::Failed { reason } => {
             r.last_error = Some(reason.clone());
-            r.change(State::Failed, GATEWAY, "failed", Some(reason));
+            r.change(State::Failed, GATEWAY, "failed", Some(reason.clone()));
         }
         Settle::Uncertain { reason } => {
             r.last_error = Some(reason.clone());
-            r.change(State::Uncertain, GATEWAY, "uncertain", Some(reason));
+            r.change(State::Uncertain, GATEWAY, "uncertain", Some(reason.clone()));
         }
     }
 }

@@ -161,6 +161,36 @@ impl SourceHealth {
     }
 }
 
+/// Hands an event to the pipeline. While the pipeline's channel is full (the disk refuses
+/// writes, or the pipeline is catching up) this waits — back-pressure, never a drop — and
+/// keeps beating `heartbeat`: waiting for the pipeline is healthy waiting, and the systemd
+/// watchdog must not kill the gateway for it.
+pub async fn forward(
+    out: &mpsc::Sender<SourceEvent>,
+    event: SourceEvent,
+    heartbeat: &Heartbeat,
+    id: &str,
+) -> Result<(), SourceError> {
+    let closed = || SourceError::Closed { id: id.to_string() };
+    let event = match out.try_send(event) {
+        Ok(()) => return Ok(()),
+        Err(mpsc::error::TrySendError::Closed(_)) => return Err(closed()),
+        Err(mpsc::error::TrySendError::Full(event)) => event,
+    };
+    let mut ticks = tokio::time::interval(heartbeat.period());
+    let reserve = out.reserve();
+    tokio::pin!(reserve);
+    loop {
+        tokio::select! {
+            permit = &mut reserve => {
+                permit.map_err(|_| closed())?.send(event);
+                return Ok(());
+            }
+            _ = ticks.tick() => heartbeat.beat(),
+        }
+    }
+}
+
 /// Waits `delay` unless `cancel` fires first; returns false when cancelled. The pause
 /// between reconnect attempts of every source.
 pub async fn pause(cancel: &CancellationToken, delay: std::time::Duration) -> bool {
@@ -207,4 +237,51 @@ pub fn spawn(
         }
     });
     health
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::systemd::Heartbeats;
+    use std::time::Duration;
+
+    fn event(n: f64) -> SourceEvent {
+        Event {
+            source: "sim".into(),
+            point: "p".into(),
+            value: crate::event::Value::Number(n),
+            at: jiff::Timestamp::now(),
+        }
+        .into()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_source_waiting_for_a_full_pipeline_keeps_its_heartbeat_and_loses_nothing() {
+        let beats = Heartbeats::new(Duration::from_secs(1));
+        let hb = beats.register("source sim");
+        let (tx, mut rx) = mpsc::channel(1);
+        tx.send(event(1.0)).await.unwrap();
+        let waiting = tokio::spawn({
+            let hb = hb.clone();
+            async move { forward(&tx, event(2.0), &hb, "sim").await }
+        });
+        // The pipeline is stuck (a full disk) for a minute.
+        for _ in 0..60 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            assert!(
+                beats.stale(Duration::from_secs(3)).is_empty(),
+                "the waiting source still beats"
+            );
+        }
+        assert!(!waiting.is_finished(), "it waits, it does not drop");
+        assert_eq!(
+            rx.recv().await.unwrap().event.value,
+            crate::event::Value::Number(1.0)
+        );
+        waiting.await.unwrap().unwrap();
+        assert_eq!(
+            rx.recv().await.unwrap().event.value,
+            crate::event::Value::Number(2.0)
+        );
+    }
 }

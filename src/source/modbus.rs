@@ -223,9 +223,7 @@ impl ModbusSource {
                                     value: v,
                                     at: jiff::Timestamp::now(),
                                 };
-                                out.send(event.into())
-                                    .await
-                                    .map_err(|_| SourceError::Closed { id: id.to_string() })?;
+                                super::forward(&out, event.into(), &self.heartbeat, &id).await?;
                             }
                         }
                     }

@@ -166,9 +166,7 @@ impl SerialSource {
                 value,
                 at: jiff::Timestamp::now(),
             };
-            out.send(event.into())
-                .await
-                .map_err(|_| SourceError::Closed { id: id.to_string() })?;
+            super::forward(out, event.into(), &self.heartbeat, &id).await?;
         }
         Ok(())
     }

@@ -106,11 +106,7 @@ impl Simulator {
                     value,
                     at: jiff::Timestamp::now(),
                 };
-                out.send(event.into())
-                    .await
-                    .map_err(|_| SourceError::Closed {
-                        id: source.to_string(),
-                    })?;
+                super::forward(&out, event.into(), &self.heartbeat, &source).await?;
                 if stopped && !counter_stop_logged {
                     counter_stop_logged = true;
                     tracing::info!(source = %source, point = %point, "Simulated counter reached its stop value.");
