@@ -166,7 +166,7 @@ impl SerialSource {
                 value,
                 at: jiff::Timestamp::now(),
             };
-            super::forward(out, event.into(), &self.heartbeat, &id).await?;
+            super::forward(out, event.into(), &self.heartbeat, id).await?;
         }
         Ok(())
     }
