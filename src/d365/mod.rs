@@ -352,18 +352,19 @@ impl Dispatcher {
         if free == 0 {
             return Ok((picked, next_wake));
         }
-        // Every head that can be passed over is in flight, in backoff or held; reading
-        // that many more than we can send finds the sendable ones.
-        let scan = free + lanes.busy_orders.len() + lanes.not_before.len() + lanes.held.len();
+        // Busy lanes are passed over while reading; every other head that can be passed
+        // over is in backoff or held: reading that many more than we can send finds the
+        // sendable ones.
+        let scan = free + lanes.not_before.len() + lanes.held.len();
+        let busy = &lanes.busy_orders;
         let heads = self
             .outbox
-            .lane_head_ids(lanes.last_served.as_deref(), scan)?;
+            .lane_head_ids(lanes.last_served.as_deref(), scan, |order| {
+                busy.contains(order)
+            })?;
         for (order, id) in heads {
             if picked.len() >= free {
                 break;
-            }
-            if lanes.busy_orders.contains(&order) {
-                continue;
             }
             let id = if delivered.contains(&id) {
                 match self.outbox.next_in_lane(&order, id)? {

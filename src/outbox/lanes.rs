@@ -31,49 +31,66 @@ fn past(order: &str) -> Vec<u8> {
 }
 
 fn parse(key: &[u8]) -> Option<(String, MessageId)> {
-    let len = u32::from_be_bytes(key.get(..4)?.try_into().ok()?) as usize;
-    let order = std::str::from_utf8(key.get(4..4 + len)?).ok()?.to_string();
-    let id = u64::from_be_bytes(key.get(4 + len..4 + len + 8)?.try_into().ok()?);
-    Some((order, id))
+    split(key).map(|(order, id)| (order.to_string(), id))
 }
 
 /// The head (first id) of each lane, at most `limit` of them, starting with the first
 /// order after `after` and wrapping around: successive calls that pass the last order
-/// served go round-robin over all lanes, so no order starves the others.
+/// served go round-robin over all lanes, so no order starves the others. Lanes for which
+/// `skip(order)` is true are passed over without being counted (and without copying
+/// their order number: the dispatcher calls this on every turn).
 pub(super) fn heads(
     tree: &sled::Tree,
     after: Option<&str>,
     limit: usize,
+    skip: impl Fn(&str) -> bool,
 ) -> Result<Vec<(String, MessageId)>, OutboxError> {
-    let mut out = Vec::new();
+    let mut out: Vec<(String, MessageId)> = Vec::new();
     let start = after.map(past).unwrap_or_default();
+    let mut cursor = Vec::with_capacity(64);
     // First pass from `start` to the end, then from the beginning up to `start`.
-    for (from, until) in [(start.clone(), None), (Vec::new(), Some(start))] {
-        let mut cursor = from;
+    for (from, until) in [(start.as_slice(), None), (&[][..], Some(start.as_slice()))] {
+        cursor.clear();
+        cursor.extend_from_slice(from);
         while out.len() < limit {
             let next = tree.range(cursor.as_slice()..).next();
             let Some(item) = next else { break };
             let (k, _) = item.map_err(storage)?;
-            if until.as_ref().is_some_and(|u| k.as_ref() >= u.as_slice()) {
+            if until.is_some_and(|u| k.as_ref() >= u) {
                 break;
             }
-            match parse(&k) {
+            match split(&k) {
                 Some((order, id)) => {
-                    cursor = past(&order);
-                    if !out.iter().any(|(o, _)| *o == order) {
-                        out.push((order, id));
+                    // Past every key of this order: its prefix, then 0xff… (ids are u64).
+                    cursor.clear();
+                    cursor.extend_from_slice(&k[..k.len() - 8]);
+                    cursor.extend_from_slice(&[0xff; 9]);
+                    if skip(order) || out.iter().any(|(o, _)| o == order) {
+                        continue;
                     }
+                    out.push((order.to_string(), id));
                 }
                 None => {
                     // Not written by this module; skip it rather than stop every lane.
-                    let mut skip = k.to_vec();
-                    skip.push(0);
-                    cursor = skip;
+                    cursor.clear();
+                    cursor.extend_from_slice(&k);
+                    cursor.push(0);
                 }
             }
         }
     }
     Ok(out)
+}
+
+/// Order and id of a lane key, borrowing the order from the key.
+fn split(key: &[u8]) -> Option<(&str, MessageId)> {
+    let len = u32::from_be_bytes(key.get(..4)?.try_into().ok()?) as usize;
+    let order = std::str::from_utf8(key.get(4..4 + len)?).ok()?;
+    if key.len() != 4 + len + 8 {
+        return None;
+    }
+    let id = u64::from_be_bytes(key.get(4 + len..)?.try_into().ok()?);
+    Some((order, id))
 }
 
 /// The id after `id` in `order`'s lane.
@@ -118,16 +135,21 @@ mod tests {
             t.insert(key(order, id), &[]).unwrap();
         }
         assert_eq!(parse(&key("P-000123", 7)), Some(("P-000123".into(), 7)));
-        let all = heads(&t, None, 10).unwrap();
+        let all = heads(&t, None, 10, |_| false).unwrap();
         assert_eq!(all, vec![("A".into(), 1), ("B".into(), 2), ("C".into(), 4)]);
         assert_eq!(
-            heads(&t, Some("A"), 2).unwrap(),
+            heads(&t, Some("A"), 2, |_| false).unwrap(),
             vec![("B".into(), 2), ("C".into(), 4)]
         );
         assert_eq!(
-            heads(&t, Some("C"), 10).unwrap(),
+            heads(&t, Some("C"), 10, |_| false).unwrap(),
             vec![("A".into(), 1), ("B".into(), 2), ("C".into(), 4)],
             "after the last order the scan wraps around"
+        );
+        assert_eq!(
+            heads(&t, None, 10, |o| o == "B").unwrap(),
+            vec![("A".into(), 1), ("C".into(), 4)],
+            "skipped lanes are passed over"
         );
         assert_eq!(lane(&t, "A").unwrap(), vec![1, 3]);
     }

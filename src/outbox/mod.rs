@@ -467,12 +467,14 @@ impl Outbox {
 
     /// The (order, id) of the first message of up to `limit` lanes, round-robin from the
     /// order after `after`, without reading the records: what a dispatcher needs each turn.
+    /// Lanes for which `skip(order)` holds (busy ones) are passed over and not counted.
     pub fn lane_head_ids(
         &self,
         after: Option<&str>,
         limit: usize,
+        skip: impl Fn(&str) -> bool,
     ) -> Result<Vec<(String, MessageId)>, OutboxError> {
-        lanes::heads(&self.lanes, after, limit)
+        lanes::heads(&self.lanes, after, limit, skip)
     }
 
     /// Messages left `sending` by a crash or a kill: settles each with what `decide`
@@ -516,7 +518,7 @@ impl Outbox {
         loop {
             let mut out = Vec::new();
             let mut stale = false;
-            for (order, id) in lanes::heads(&self.lanes, after, limit)? {
+            for (order, id) in lanes::heads(&self.lanes, after, limit, |_| false)? {
                 match self.get(id) {
                     Ok(r) if !r.state.is_terminal() => out.push(r),
                     // A crash between writing a terminal record and removing its lane key.
