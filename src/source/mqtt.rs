@@ -18,11 +18,14 @@
 //!   ack for a publish from an earlier connection is dropped, since the broker sends that
 //!   publish again (with DUP = 1) and its identity makes it an ack-only duplicate. So an
 //!   old packet id never acknowledges an unrelated delivery of a fresh session.
-//! - An ack is never dropped for lack of room: this task owns it until rumqttc has taken
-//!   it from its request channel, and never puts more requests there than the channel
-//!   holds (it counts them out as rumqttc reports each one written). When this task has
-//!   too many events the pipeline has not taken yet, it stops reading from the broker
-//!   (back-pressure through TCP and the broker's in-flight window).
+//! - An ack is never dropped and never waits behind reads: this task writes the acks the
+//!   pipeline handed back straight onto the connection (through rumqttc's state, so its
+//!   bookkeeping stays right) and flushes them before it reads anything more. Going
+//!   through rumqttc's request channel instead, acks fell behind: each poll either reads
+//!   a bulk of publishes or takes one request, and 90,000 acks piled up in a 100,000
+//!   burst. When this task has too many events the pipeline has not taken yet, it stops
+//!   reading from the broker (back-pressure through TCP and the broker's in-flight
+//!   window).
 //! - After acks are written, a *barrier* (an UNSUBSCRIBE of a topic never subscribed)
 //!   goes out; the broker handles packets in order, so its UNSUBACK proves it has those
 //!   acks, and their identities are forgotten: the broker will not redeliver them.
@@ -48,10 +51,12 @@ use crate::event::{Event, Value};
 use crate::outbox::{Delivery, DeliveryId, Outbox};
 use crate::systemd::Heartbeat;
 
-/// Acks this task may have in rumqttc's request channel at once. The channel is made
-/// larger by the number of subscriptions and one barrier, so a `try_` call never finds it
-/// full.
-const ACKS_IN_CHANNEL: usize = 512;
+/// Requests this task puts in rumqttc's request channel besides the subscriptions: one
+/// barrier at a time, and room to spare.
+const OTHER_REQUESTS: usize = 4;
+/// Longest wait for the acks of one turn to reach the socket; past it the connection is
+/// taken as broken.
+const ACK_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Events read from the broker but not yet taken by the pipeline; at this many the task
 /// stops reading from the broker until the pipeline catches up.
 const LOCAL_EVENTS: usize = 64;
@@ -188,7 +193,7 @@ impl MqttSource {
         out: mpsc::Sender<SourceEvent>,
         cancel: CancellationToken,
     ) -> Result<(), SourceError> {
-        let capacity = ACKS_IN_CHANNEL + self.config.subscriptions.len() + 2;
+        let capacity = self.config.subscriptions.len() + OTHER_REQUESTS;
         let (client, mut eventloop) = AsyncClient::new(self.options()?, capacity);
         let id: Arc<str> = self.config.id.as_str().into();
         let barrier_topic = format!("mes-gateway/barrier/{}", self.config.client_id);
@@ -208,7 +213,20 @@ impl MqttSource {
             subscriptions = self.config.subscriptions.len(), "MQTT source starting.");
         loop {
             self.heartbeat.beat();
-            acks.write(&client);
+            if let Err(e) = acks.write(&mut eventloop).await {
+                // The connection is broken: rumqttc reconnects on the next poll; what was
+                // not acked comes again and is recognised.
+                eventloop.clean();
+                acks.disconnected();
+                if stop_by.is_some() {
+                    return Ok(());
+                }
+                if self.health.set_connected(&id, false, Some(&e)) {
+                    tracing::warn!(source = %id, error = %e, "MQTT connection lost while writing acks; reconnecting with backoff.");
+                }
+                reconnect_at = Some(Instant::now() + backoff);
+                backoff = (backoff * 2).min(RECONNECT_MAX);
+            }
             if stop_by.is_some() && !disconnecting && acks_closed && acks.all_written() {
                 // Every ack the pipeline will ever hand back is written.
                 if acks.connected {
@@ -291,7 +309,6 @@ impl MqttSource {
                         }
                     }
                     Ok(MqttEvent::Incoming(Packet::UnsubAck(ack))) => acks.barrier_answered(ack.pkid, self.outbox.as_ref()),
-                    Ok(MqttEvent::Outgoing(Outgoing::PubAck(pkid) | Outgoing::PubRec(pkid))) => acks.written(pkid),
                     Ok(MqttEvent::Outgoing(Outgoing::Unsubscribe(pkid))) => acks.barrier_written(pkid),
                     Ok(MqttEvent::Outgoing(Outgoing::Subscribe(_))) => acks.request_taken(),
                     Ok(MqttEvent::Outgoing(Outgoing::Disconnect)) => {
@@ -401,10 +418,6 @@ struct AckBook {
     pending: BTreeMap<u64, Pending>,
     /// Released in order, waiting for room in rumqttc's request channel.
     to_write: VecDeque<(u16, QoS, Option<Delivery>)>,
-    /// Acks in rumqttc's channel, in the order rumqttc will write them.
-    in_channel: VecDeque<Option<Delivery>>,
-    /// Other requests (subscribe, barrier) in rumqttc's channel.
-    other_in_channel: usize,
     /// Written on this connection, not yet covered by a barrier.
     written: Vec<Delivery>,
     /// The barrier in flight: its packet id once written, and the acks it covers.
@@ -421,8 +434,6 @@ impl AckBook {
             connected: false,
             pending: BTreeMap::new(),
             to_write: VecDeque::new(),
-            in_channel: VecDeque::new(),
-            other_in_channel: 0,
             written: Vec::new(),
             barrier: None,
             last_barrier: None,
@@ -468,37 +479,40 @@ impl AckBook {
         }
     }
 
-    /// Hands released acks to rumqttc while its channel has room.
-    fn write(&mut self, client: &AsyncClient) {
-        while self.in_channel.len() < ACKS_IN_CHANNEL {
-            let Some((pkid, qos, delivery)) = self.to_write.pop_front() else {
-                break;
-            };
-            let mut stub = Publish::new("", qos, Vec::<u8>::new());
-            stub.pkid = pkid;
-            match client.try_ack(&stub) {
-                Ok(()) => self.in_channel.push_back(delivery),
-                Err(e) => {
-                    // Cannot happen while the channel has room and the event loop lives;
-                    // keep the ack and try again on the next turn rather than drop it.
-                    tracing::debug!(error = %e, "MQTT ack not taken yet; kept.");
-                    self.to_write.push_front((pkid, qos, delivery));
-                    break;
-                }
+    /// Writes every released ack onto the connection, in order, and flushes. Without a
+    /// connection they wait (they are dropped with it when it is gone for good).
+    async fn write(&mut self, eventloop: &mut rumqttc::EventLoop) -> Result<(), String> {
+        if self.to_write.is_empty() {
+            return Ok(());
+        }
+        let Some(network) = eventloop.network.as_mut() else {
+            return Ok(());
+        };
+        let written = &mut self.written;
+        let to_write = &mut self.to_write;
+        let io = async {
+            while let Some((pkid, qos, delivery)) = to_write.pop_front() {
+                // What rumqttc itself writes for a manual ack (its state keeps nothing
+                // for an ack; it would only queue an "outgoing" event we do not need).
+                let packet = match qos {
+                    QoS::ExactlyOnce => Packet::PubRec(rumqttc::PubRec::new(pkid)),
+                    _ => Packet::PubAck(rumqttc::PubAck::new(pkid)),
+                };
+                network.write(packet).await.map_err(|e| e.to_string())?;
+                written.extend(delivery);
             }
+            network.flush().await.map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(ACK_WRITE_TIMEOUT, io).await {
+            Ok(result) => result,
+            Err(_) => Err(format!(
+                "acks not written within {}s",
+                ACK_WRITE_TIMEOUT.as_secs()
+            )),
         }
     }
 
-    /// rumqttc wrote an ack.
-    fn written(&mut self, _pkid: u16) {
-        if let Some(Some(d)) = self.in_channel.pop_front() {
-            self.written.push(d);
-        }
-    }
-
-    fn request_taken(&mut self) {
-        self.other_in_channel = self.other_in_channel.saturating_sub(1);
-    }
+    fn request_taken(&mut self) {}
 
     /// When a barrier should go out (now, or at the returned instant); sends it when due.
     fn barrier_due(&mut self, client: &AsyncClient, topic: &str) -> Option<Instant> {
@@ -512,7 +526,6 @@ impl AckBook {
             return Some(due);
         }
         if client.try_unsubscribe(topic).is_ok() {
-            self.other_in_channel += 1;
             self.barrier = Some((None, Vec::new()));
             self.last_barrier = Some(Instant::now());
         }
@@ -560,8 +573,6 @@ impl AckBook {
     fn disconnected(&mut self) {
         self.connected = false;
         self.to_write.clear();
-        self.in_channel.clear();
-        self.other_in_channel = 0;
         self.written.clear();
         self.barrier = None;
     }
@@ -576,7 +587,7 @@ impl AckBook {
     }
 
     fn unwritten(&self) -> usize {
-        self.pending.len() + self.to_write.len() + self.in_channel.len()
+        self.pending.len() + self.to_write.len()
     }
 
     fn all_written(&self) -> bool {
