@@ -310,7 +310,6 @@ impl MqttSource {
                     }
                     Ok(MqttEvent::Incoming(Packet::UnsubAck(ack))) => acks.barrier_answered(ack.pkid, self.outbox.as_ref()),
                     Ok(MqttEvent::Outgoing(Outgoing::Unsubscribe(pkid))) => acks.barrier_written(pkid),
-                    Ok(MqttEvent::Outgoing(Outgoing::Subscribe(_))) => acks.request_taken(),
                     Ok(MqttEvent::Outgoing(Outgoing::Disconnect)) => {
                         // Wait (briefly) for the broker to close the connection, so closing
                         // our end cannot reset it before the DISCONNECT and acks arrive.
@@ -512,8 +511,6 @@ impl AckBook {
         }
     }
 
-    fn request_taken(&mut self) {}
-
     /// When a barrier should go out (now, or at the returned instant); sends it when due.
     fn barrier_due(&mut self, client: &AsyncClient, topic: &str) -> Option<Instant> {
         if self.written.is_empty() || self.barrier.is_some() || !self.connected {
@@ -534,7 +531,6 @@ impl AckBook {
 
     /// The barrier was written: it covers every ack written before it.
     fn barrier_written(&mut self, pkid: u16) {
-        self.request_taken();
         if let Some((written_as @ None, covers)) = &mut self.barrier {
             *written_as = Some(pkid);
             *covers = std::mem::take(&mut self.written);
