@@ -108,28 +108,7 @@ async fn settle_interrupted(fake: &FakeD365, dir: &Path) -> (usize, usize) {
         .unwrap()
         .list(Some(State::Sending), None)
         .unwrap();
-    let (mut resolved, mut retried) = (0, 0);
-    for r in sending {
-        let action = if accepted.contains(&r.id) {
-            resolved += 1;
-            "resolve"
-        } else {
-            retried += 1;
-            "retry"
-        };
-        let (code, stdout, stderr) = process::run(&[
-            "outbox",
-            "-c",
-            path_str(dir),
-            action,
-            &r.id.to_string(),
-            "--by",
-            "test",
-        ])
-        .await;
-        assert_eq!(code, 0, "{action} {}: {stdout}{stderr}", r.id);
-    }
-    (resolved, retried)
+    process::settle_doubtful(&accepted, path_str(dir), &sending).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

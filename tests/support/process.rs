@@ -165,3 +165,35 @@ pub async fn run(args: &[&str]) -> (i32, String, String) {
 pub fn path_str(p: &Path) -> &str {
     p.to_str().expect("utf-8 temp path")
 }
+
+/// What an operator does with messages a crash left in doubt: those D365 (`accepted`: the
+/// ids the fake answered 2xx) has are resolved as delivered, the others sent again. Uses
+/// the CLI on the stopped gateway's configuration `cfg`; returns (resolved, retried).
+pub async fn settle_doubtful<'a>(
+    accepted: &std::collections::HashSet<u64>,
+    cfg: &str,
+    records: impl IntoIterator<Item = &'a mes_gateway::outbox::Record>,
+) -> (usize, usize) {
+    let (mut resolved, mut retried) = (0, 0);
+    for r in records {
+        let action = if accepted.contains(&r.id) {
+            resolved += 1;
+            "resolve"
+        } else {
+            retried += 1;
+            "retry"
+        };
+        let (code, stdout, stderr) = run(&[
+            "outbox",
+            "-c",
+            cfg,
+            action,
+            &r.id.to_string(),
+            "--by",
+            "test",
+        ])
+        .await;
+        assert_eq!(code, 0, "{action} {}: {stdout}{stderr}", r.id);
+    }
+    (resolved, retried)
+}
