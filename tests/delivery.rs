@@ -459,3 +459,36 @@ async fn a_token_announced_to_live_for_ever_does_not_overflow_the_clock() {
     assert_eq!(fake.token_requests().len(), 1, "the token is cached");
     gw.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_restart_keeps_the_backoff_of_a_message_waiting_for_a_retry() {
+    let fake = FakeD365::start().await;
+    fake.script([Reply::Status(503)]);
+    let gw = Gateway::start(&fake, "  backoff_initial: 1h\n  backoff_max: 1h\n").await;
+    let id = gw
+        .enqueue(TYPE_START, json!({"ProductionOrderNumber":"P1"}))
+        .await;
+    gw.wait_until("the 503 recorded", |o| {
+        o.get(id).unwrap().attempt_count == 1
+    })
+    .await;
+    let retry_at = gw.record(id).retry_at.expect("the retry time is on disk");
+
+    let gw = gw.restart().await;
+    let left = retry_at.duration_since(jiff::Timestamp::now());
+    let left = Duration::try_from(left).unwrap_or(Duration::ZERO);
+    if left > Duration::from_millis(50) {
+        tokio::time::sleep(left - Duration::from_millis(20)).await;
+        assert_eq!(
+            fake.received().len(),
+            1,
+            "restarted, the message waits for its backoff ({left:?}) instead of going at once"
+        );
+    }
+    gw.wait_until("delivered after the backoff", |o| {
+        o.get(id).unwrap().state == State::Delivered
+    })
+    .await;
+    assert_eq!(gw.record(id).retry_at, None);
+    gw.stop().await;
+}

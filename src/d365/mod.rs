@@ -41,6 +41,21 @@ use client::D365Client;
 use retry::{Backoff, Context, Decision, Outcome};
 use token::Token;
 
+/// The outbox key of the dispatcher's saved pause.
+const DISPATCHER_STATE: &str = "dispatcher";
+
+/// A pause of every lane, as saved on disk.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedPause {
+    until: jiff::Timestamp,
+}
+
+/// The wall-clock time `wait` from now (what survives a restart; tokio's clock does not).
+fn wall_clock_after(wait: Duration) -> Option<jiff::Timestamp> {
+    let wait = jiff::SignedDuration::try_from(wait).ok()?;
+    jiff::Timestamp::now().checked_add(wait).ok()
+}
+
 /// Waits between attempts to write outcomes the disk refused.
 const STORE_RETRY_MIN: Duration = Duration::from_millis(500);
 const STORE_RETRY_MAX: Duration = Duration::from_secs(30);
@@ -173,6 +188,7 @@ impl Dispatcher {
     pub async fn run(self, cancel: CancellationToken) -> Result<(), OutboxError> {
         self.recover_interrupted().await?;
         let mut lanes = Lanes::default();
+        self.restore_deadlines(&mut lanes)?;
         let mut tasks: JoinSet<Finished> = JoinSet::new();
         let mut done = Vec::new();
         let mut heartbeat_ticks = tokio::time::interval(
@@ -190,6 +206,7 @@ impl Dispatcher {
             if let Some(pause) = judged.pause {
                 let until = Instant::now().checked_add(pause);
                 lanes.paused_until = lanes.paused_until.max(until);
+                self.save_pause(pause).await;
             }
             let now = Instant::now();
             let mut next_wake = lanes.paused_until.filter(|t| *t > now);
@@ -225,6 +242,7 @@ impl Dispatcher {
                                 wait
                             };
                             lanes.paused_until = Instant::now().checked_add(pause);
+                            self.save_pause(pause).await;
                             next_wake = lanes.paused_until;
                         }
                         None => {
@@ -289,6 +307,58 @@ impl Dispatcher {
             }
         }
         Ok(())
+    }
+
+    /// Backoff deadlines and the pause of every lane, from the outbox: a restart keeps
+    /// waiting where the previous run was waiting, instead of retrying everything at once.
+    fn restore_deadlines(&self, lanes: &mut Lanes) -> Result<(), OutboxError> {
+        let now = jiff::Timestamp::now();
+        let left = |at: jiff::Timestamp| {
+            Duration::try_from(at.duration_since(now))
+                .ok()
+                .filter(|d| !d.is_zero())
+        };
+        for head in self.outbox.lane_heads(None, usize::MAX)? {
+            if let Some(wait) = head
+                .retry_at
+                .filter(|_| head.state == State::Queued)
+                .and_then(left)
+            {
+                if let Some(t) = Instant::now().checked_add(wait) {
+                    lanes.not_before.insert(head.id, t);
+                }
+            }
+        }
+        let saved = self
+            .outbox
+            .load_state(DISPATCHER_STATE)?
+            .and_then(|b| serde_json::from_slice::<SavedPause>(&b).ok());
+        if let Some(wait) = saved.and_then(|p| left(p.until)) {
+            tracing::info!(
+                pause_s = wait.as_secs_f64(),
+                "Deliveries stay paused (throttling or credentials) as before the restart."
+            );
+            lanes.paused_until = Instant::now().checked_add(wait);
+        }
+        if !lanes.not_before.is_empty() {
+            tracing::info!(
+                waiting = lanes.not_before.len(),
+                "Messages waiting for a retry keep their backoff."
+            );
+        }
+        Ok(())
+    }
+
+    /// Remembers a pause of every lane on disk (a failure to do so only costs an early
+    /// retry after a restart).
+    async fn save_pause(&self, pause: Duration) {
+        let Some(until) = wall_clock_after(pause) else {
+            return;
+        };
+        let bytes = serde_json::to_vec(&SavedPause { until }).unwrap_or_default();
+        if let Err(e) = self.outbox.save_state(DISPATCHER_STATE, bytes).await {
+            tracing::warn!(error = %e, "Cannot save the delivery pause; a restart would retry early.");
+        }
     }
 
     /// Writes a turn (outcomes and marks). When the disk refuses it (full, read-only), the
@@ -532,7 +602,10 @@ impl Dispatcher {
                     tracing::info!(message_id = id, %order, attempt = record.attempt_count + 1, retry_in_ms = wait.as_millis() as u64, %reason, "Delivery failed; will retry.");
                     retries.push((id, wait));
                     self.stats.retried.fetch_add(1, Ordering::Relaxed);
-                    Settle::Retry { reason }
+                    Settle::Retry {
+                        reason,
+                        at: wall_clock_after(wait),
+                    }
                 }
                 Decision::Throttle { pause: p } => {
                     tracing::warn!(
@@ -544,17 +617,19 @@ impl Dispatcher {
                     pause = pause.max(Some(p));
                     Settle::Retry {
                         reason: outcome.to_string(),
+                        at: None,
                     }
                 }
                 Decision::AuthPause { pause: p, reason } => {
                     tracing::error!(message_id = id, pause_s = p.as_secs_f64(), %reason, "D365 authentication failed: pausing all deliveries. Messages are kept.");
                     pause = pause.max(Some(p));
-                    Settle::Retry { reason }
+                    Settle::Retry { reason, at: None }
                 }
                 Decision::RefreshToken => {
                     // send_one refreshes the token itself; reaching here means it could not.
                     Settle::Retry {
                         reason: outcome.to_string(),
+                        at: None,
                     }
                 }
                 Decision::Failed { reason } => {

@@ -106,9 +106,11 @@ impl Ingest {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Settle {
     Delivered,
-    /// Back to `queued` for another attempt later.
+    /// Back to `queued` for another attempt, not before `at` (`None`: when the
+    /// dispatcher's pause for every lane ends).
     Retry {
         reason: String,
+        at: Option<jiff::Timestamp>,
     },
     Failed {
         reason: String,
@@ -258,6 +260,20 @@ impl Outbox {
         self.commit(Ingest {
             messages,
             ..Ingest::default()
+        })
+        .await
+    }
+
+    /// Saves an owner's state on its own (the dispatcher's pause); one flush.
+    pub async fn save_state(&self, owner: &str, bytes: Vec<u8>) -> Result<(), OutboxError> {
+        let this = self.clone();
+        let owner = owner.to_string();
+        run_blocking(move || {
+            this.state
+                .insert(owner.as_bytes(), bytes)
+                .map_err(storage)?;
+            this.db.flush().map_err(storage)?;
+            Ok(())
         })
         .await
     }
@@ -637,6 +653,7 @@ impl Outbox {
         };
         r.server_errors = 0;
         r.last_error = None;
+        r.retry_at = None;
         let action = if detail.is_some() {
             "edited and retried"
         } else {
@@ -673,13 +690,15 @@ fn apply_settlement(r: &mut Record, s: &Settlement) {
     if s.server_error {
         r.server_errors += 1;
     }
+    r.retry_at = None;
     match &s.next {
         Settle::Delivered => {
             r.last_error = None;
             r.change(State::Delivered, GATEWAY, "delivered", None);
         }
-        Settle::Retry { reason } => {
+        Settle::Retry { reason, at } => {
             r.last_error = Some(reason.clone());
+            r.retry_at = *at;
             r.state = State::Queued;
             r.updated_at = jiff::Timestamp::now();
         }

@@ -114,6 +114,10 @@ pub struct Record {
     pub history: Vec<Change>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// A queued message waiting for a retry is not sent before this time. On disk, so a
+    /// restart does not retry everything at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_at: Option<jiff::Timestamp>,
 }
 
 impl Record {
@@ -131,6 +135,7 @@ impl Record {
             attempts: Vec::new(),
             history: Vec::new(),
             last_error: None,
+            retry_at: None,
         };
         r.change(State::Queued, &m.origin, "created", None);
         r

@@ -101,6 +101,7 @@ async fn transitions_are_checked_against_the_state_machine() {
             server_error: true,
             next: Settle::Retry {
                 reason: "HTTP 500".into(),
+                at: None,
             },
         }])
         .await

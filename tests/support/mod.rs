@@ -633,6 +633,37 @@ impl Gateway {
         self.cancel.cancel();
         self.task.await.unwrap();
     }
+
+    /// Stops the dispatcher and starts a new one on the same outbox and configuration,
+    /// as a restart of the gateway would.
+    pub async fn restart(self) -> Gateway {
+        self.cancel.cancel();
+        self.task.await.unwrap();
+        let client =
+            Arc::new(D365Client::new(Arc::new(self.config.d365.clone().unwrap())).unwrap());
+        let wake = Arc::new(Notify::new());
+        let cancel = CancellationToken::new();
+        let dispatcher = Dispatcher::new(
+            self.outbox.clone(),
+            client,
+            self.config.dispatcher.clone(),
+            wake.clone(),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        let stats = dispatcher.stats();
+        let c = cancel.clone();
+        let task = tokio::spawn(async move { dispatcher.run(c).await.expect("dispatcher") });
+        Gateway {
+            outbox: self.outbox,
+            stats,
+            config: self.config,
+            wake,
+            cancel,
+            task,
+            _dir: self._dir,
+        }
+    }
 }
 
 /// A ReportFinished message for `order` whose quantity identifies it.
