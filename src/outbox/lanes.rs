@@ -82,6 +82,14 @@ pub(super) fn heads(
     Ok(out)
 }
 
+/// The order (as bytes) and id of a lane key, for a pass over every key.
+pub(super) fn split_key(key: &[u8]) -> Option<(&[u8], MessageId)> {
+    let len = u32::from_be_bytes(key.get(..4)?.try_into().ok()?) as usize;
+    let order = key.get(4..4 + len)?;
+    let id = u64::from_be_bytes(key.get(4 + len..)?.try_into().ok()?);
+    Some((order, id))
+}
+
 /// Order and id of a lane key, borrowing the order from the key.
 fn split(key: &[u8]) -> Option<(&str, MessageId)> {
     let len = u32::from_be_bytes(key.get(..4)?.try_into().ok()?) as usize;

@@ -15,6 +15,10 @@
 //!                     value = format version (1 byte) ++ JSON of Record
 //!   tree "lanes":     one key per message that is not terminal: order ++ id (see lanes.rs)
 //!   tree "ingress":   upstream deliveries whose result is stored (see ingress.rs)
+//!   tree "done":      one key per delivered or cancelled message:
+//!                     key = last change as whole seconds since 1970 (i64 BE, sign bit
+//!                     flipped) ++ id (u64 BE), value = the state (1 byte)
+//!                     — what pruning and the counts at open read, without decoding records
 //!   tree "state":     key = owner name ("rules")
 //!                     value = opaque bytes of that owner (the rules engine's counters,
 //!                     accumulators and order contexts)
@@ -43,6 +47,11 @@
 //! - A message's lane key exists exactly while the message is not terminal. A terminal
 //!   record's key is written first and its lane key removed after; a crash in between
 //!   leaves a stale lane key, which [`Outbox::lane_heads`] removes when it meets it.
+//! - A message's done key exists exactly while the message is terminal (written with the
+//!   record in the same write, removed with it by pruning). A store written before this
+//!   index existed gets it (and its lane keys) built once, at the first open.
+//! - Opening reads keys, not records: lane keys, the head of each lane, the done index.
+//!   A record that cannot be decoded is reported when it is read.
 //! - Memory: per-state counts and nothing that grows with the backlog.
 //! - sled types never leave this module.
 
@@ -151,6 +160,7 @@ pub struct Outbox {
     messages: sled::Tree,
     lanes: sled::Tree,
     ingress: sled::Tree,
+    done: sled::Tree,
     state: sled::Tree,
     counts: Arc<Mutex<BTreeMap<State, usize>>>,
     /// Undecodable records found when opening; kept on disk, reported, never sent.
@@ -203,25 +213,21 @@ impl Outbox {
         let messages = db.open_tree("messages").map_err(storage)?;
         let lanes = db.open_tree("lanes").map_err(storage)?;
         let ingress = db.open_tree("ingress").map_err(storage)?;
+        let done = db.open_tree("done").map_err(storage)?;
         let state = db.open_tree("state").map_err(storage)?;
-        let mut counts = BTreeMap::new();
         let mut corrupt = Vec::new();
-        for item in messages.iter() {
-            let (k, v) = item.map_err(storage)?;
-            match decode(&v) {
-                Ok(r) => *counts.entry(r.state).or_default() += 1,
-                Err(e) => {
-                    let id = k.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0);
-                    tracing::error!(message_id = id, error = %e, "Outbox record cannot be decoded; it is kept on disk and skipped.");
-                    corrupt.push(id);
-                }
-            }
+        if state.get(INDEXED).map_err(storage)?.is_none() {
+            build_indexes(&messages, &lanes, &done, &mut corrupt)?;
+            state.insert(INDEXED, &[1]).map_err(storage)?;
+            db.flush().map_err(storage)?;
         }
+        let counts = count_states(&messages, &lanes, &done)?;
         Ok(Outbox {
             db,
             messages,
             lanes,
             ingress,
+            done,
             state,
             counts: Arc::new(Mutex::new(counts)),
             corrupt: Arc::new(corrupt),
@@ -397,8 +403,13 @@ impl Outbox {
                     .insert(key(r.id), encode(r)?)
                     .map_err(storage)?;
             }
-            for (r, _) in &changed {
+            for (r, old) in &changed {
                 if r.state.is_terminal() {
+                    if !old.is_terminal() {
+                        this.done
+                            .insert(done_key(r), &[state_byte(r.state)])
+                            .map_err(storage)?;
+                    }
                     this.lanes
                         .remove(lanes::key(&r.production_order, r.id))
                         .map_err(storage)?;
@@ -599,17 +610,24 @@ impl Outbox {
     }
 
     /// Deletes delivered and cancelled messages last changed before `before`. One flush.
+    /// Reads the done index only (no record is decoded).
     pub async fn prune(&self, before: jiff::Timestamp) -> Result<usize, OutboxError> {
         let this = self.clone();
         let removed = run_blocking(move || {
+            let end = time_key(before);
             let mut removed = Vec::new();
-            for item in this.messages.iter() {
+            for item in this.done.range(..end.as_slice()) {
                 let (k, v) = item.map_err(storage)?;
-                let Ok(r) = decode(&v) else { continue };
-                if r.state.is_terminal() && r.updated_at < before {
-                    this.messages.remove(k).map_err(storage)?;
-                    removed.push(r.state);
-                }
+                let Some(id) = k
+                    .get(8..16)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u64::from_be_bytes)
+                else {
+                    continue;
+                };
+                this.messages.remove(key(id)).map_err(storage)?;
+                this.done.remove(&k).map_err(storage)?;
+                removed.push(state_from_byte(v.first().copied()));
             }
             if !removed.is_empty() {
                 this.db.flush().map_err(storage)?;
@@ -618,7 +636,7 @@ impl Outbox {
         })
         .await?;
         for s in &removed {
-            self.count(Some(*s), None);
+            self.count(*s, None);
         }
         if !removed.is_empty() {
             self.changed();
@@ -714,6 +732,97 @@ fn apply_settlement(r: &mut Record, s: &Settlement) {
             r.change(State::Uncertain, GATEWAY, "uncertain", Some(reason.clone()));
         }
     }
+}
+
+/// Set in the state tree once the lane and done indexes cover every record.
+const INDEXED: &[u8] = b"outbox.indexed";
+
+fn state_byte(s: State) -> u8 {
+    State::ALL.iter().position(|x| *x == s).unwrap_or(0) as u8
+}
+
+fn state_from_byte(b: Option<u8>) -> Option<State> {
+    State::ALL.get(usize::from(b?)).copied()
+}
+
+/// Seconds since 1970, ordered as bytes (sign bit flipped: times before 1970 sort first).
+fn time_key(t: jiff::Timestamp) -> [u8; 8] {
+    ((t.as_second() as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+fn done_key(r: &Record) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..8].copy_from_slice(&time_key(r.updated_at));
+    k[8..].copy_from_slice(&r.id.to_be_bytes());
+    k
+}
+
+/// One pass over a store written before the indexes existed (version 0.1 kept lanes in
+/// memory): every record gets its lane key or its done key.
+fn build_indexes(
+    messages: &sled::Tree,
+    lane_tree: &sled::Tree,
+    done: &sled::Tree,
+    corrupt: &mut Vec<MessageId>,
+) -> Result<(), OutboxError> {
+    for item in messages.iter() {
+        let (k, v) = item.map_err(storage)?;
+        match decode(&v) {
+            Ok(r) if r.state.is_terminal() => {
+                done.insert(done_key(&r), &[state_byte(r.state)])
+                    .map_err(storage)?;
+            }
+            Ok(r) => {
+                lane_tree
+                    .insert(lanes::key(&r.production_order, r.id), &[])
+                    .map_err(storage)?;
+            }
+            Err(e) => {
+                let id = k.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0);
+                tracing::error!(message_id = id, error = %e, "Outbox record cannot be decoded; it is kept on disk and skipped.");
+                corrupt.push(id);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Messages per state from the indexes: every lane member behind its head is queued (only
+/// heads are ever sent), so only heads are read; terminal ones come from the done index.
+fn count_states(
+    messages: &sled::Tree,
+    lane_tree: &sled::Tree,
+    done: &sled::Tree,
+) -> Result<BTreeMap<State, usize>, OutboxError> {
+    let mut counts = BTreeMap::new();
+    let mut last_order: Option<Vec<u8>> = None;
+    for item in lane_tree.iter() {
+        let (k, _) = item.map_err(storage)?;
+        let Some((order, id)) = lanes::split_key(&k) else {
+            continue;
+        };
+        let state = if last_order.as_deref() == Some(order) {
+            State::Queued
+        } else {
+            last_order = Some(order.to_vec());
+            match messages.get(key(id)).map_err(storage)?.map(|v| decode(&v)) {
+                Some(Ok(r)) => r.state,
+                Some(Err(e)) => {
+                    tracing::error!(message_id = id, error = %e, "Outbox record cannot be decoded; its order is held until it is cancelled.");
+                    continue;
+                }
+                None => continue,
+            }
+        };
+        *counts.entry(state).or_default() += 1;
+    }
+    for item in done.iter() {
+        let (_, v) = item.map_err(storage)?;
+        if let Some(s) = state_from_byte(v.first().copied()) {
+            *counts.entry(s).or_default() += 1;
+        }
+    }
+    Ok(counts)
 }
 
 /// Runs blocking store work off the async threads. (In paused-time tests a blocking task

@@ -267,3 +267,94 @@ async fn deliveries_are_recorded_with_their_messages_and_forgotten_by_receipt() 
     assert_eq!(outbox.forget_source("plc").unwrap(), 1);
     assert!(!outbox.holds_delivery(&first.id).unwrap());
 }
+
+#[tokio::test]
+async fn counts_and_pruning_come_from_the_indexes_and_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let recs = {
+        let outbox = Outbox::open(dir.path()).unwrap();
+        let recs = outbox
+            .append(vec![msg("A", 1), msg("A", 2), msg("A", 3), msg("B", 1)])
+            .await
+            .unwrap();
+        outbox
+            .mark_sending(&[recs[0].id, recs[3].id])
+            .await
+            .unwrap();
+        outbox
+            .settle(vec![
+                settled(recs[0].id, Settle::Delivered),
+                Settlement {
+                    id: recs[3].id,
+                    attempt: Some("HTTP 400".into()),
+                    server_error: false,
+                    next: Settle::Failed {
+                        reason: "HTTP 400".into(),
+                    },
+                },
+            ])
+            .await
+            .unwrap();
+        outbox.cancel(recs[2].id, "op").await.unwrap();
+        recs
+    };
+    let outbox = Outbox::open(dir.path()).unwrap();
+    let counts = outbox.counts();
+    let n = |s: State| counts.get(&s).copied().unwrap_or(0);
+    assert_eq!(
+        (
+            n(State::Queued),
+            n(State::Failed),
+            n(State::Delivered),
+            n(State::Cancelled)
+        ),
+        (1, 1, 1, 1),
+        "{counts:?}"
+    );
+    let future = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(60);
+    assert_eq!(outbox.prune(future).await.unwrap(), 2);
+    assert_eq!(outbox.counts().get(&State::Delivered).copied(), Some(0));
+    assert!(matches!(
+        outbox.get(recs[0].id),
+        Err(OutboxError::NotFound(_))
+    ));
+    assert!(matches!(
+        outbox.get(recs[2].id),
+        Err(OutboxError::NotFound(_))
+    ));
+    assert_eq!(
+        outbox.prune(future).await.unwrap(),
+        0,
+        "nothing left to prune"
+    );
+    assert_eq!(outbox.get(recs[1].id).unwrap().state, State::Queued);
+}
+
+#[tokio::test]
+async fn a_store_without_indexes_gets_them_built_at_the_first_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let appended = {
+        let outbox = Outbox::open(dir.path()).unwrap();
+        let recs = outbox.append(vec![msg("A", 1), msg("A", 2)]).await.unwrap();
+        outbox.mark_sending(&[recs[0].id]).await.unwrap();
+        outbox
+            .settle(vec![settled(recs[0].id, Settle::Delivered)])
+            .await
+            .unwrap();
+        // As version 0.1 left a store: records only, no lane or done keys.
+        for tree in ["lanes", "done"] {
+            outbox.db.drop_tree(tree).unwrap();
+        }
+        outbox.state.remove(INDEXED).unwrap();
+        outbox.db.flush().unwrap();
+        ids(&recs)
+    };
+    let outbox = Outbox::open(dir.path()).unwrap();
+    assert_eq!(
+        ids(&outbox.lane_heads(None, 10).unwrap()),
+        vec![appended[1]]
+    );
+    assert_eq!(outbox.counts().get(&State::Delivered).copied(), Some(1));
+    let future = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(60);
+    assert_eq!(outbox.prune(future).await.unwrap(), 1);
+}
