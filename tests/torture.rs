@@ -1,0 +1,138 @@
+//! Crash loop (issue 9, scenario 1): under continuous MQTT QoS 1 load (50 orders), the
+//! gateway is killed with SIGKILL at random moments and started again, many times.
+//! After each kill the messages it left `sending` are settled as an operator would:
+//! resolved where the fake D365 has them, sent again where it does not. At the end every
+//! impulse the broker acknowledged to its publisher has reached D365 exactly once, per
+//! order in order.
+//!
+//! `TORTURE_KILLS` sets the number of kills (default 5, the CI's short version):
+//! `TORTURE_KILLS=50 cargo test --release --test torture -- --nocapture`.
+
+mod support;
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use mes_gateway::outbox::{Outbox, State};
+use support::mqtt::{burst_orders, publish_burst, write_burst_config, Mosquitto};
+use support::process::{self, path_str, Output};
+use support::FakeD365;
+
+fn kills() -> usize {
+    std::env::var("TORTURE_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_kills_under_load_lose_nothing_and_send_nothing_twice() {
+    let broker = Mosquitto::start_durable().await;
+    let fake = FakeD365::start().await;
+    // Answers take a moment, so kills land while requests are on the wire.
+    fake.delay_responses(Duration::from_millis(5));
+    let tmp = tempfile::tempdir().unwrap();
+    write_burst_config(tmp.path(), &fake, &broker.url(), "shutdown_grace: 5s\n");
+    let cfg = path_str(tmp.path()).to_string();
+    let data = tmp.path().join("data");
+    let out = Output::new();
+    let kills = kills();
+    let per_round = 20u32;
+    let rounds = (kills as u32) * 3;
+
+    let mut rng = fastrand::Rng::with_seed(kills as u64);
+    let (mut resolved, mut retried) = (0, 0);
+    let mut load = None;
+    for k in 0..kills {
+        let gw = process::start_logging(&["run", "-c", &cfg], &out, "info");
+        out.wait_for_count("Subscribed.", k + 1).await;
+        if load.is_none() {
+            // The gateway's session exists now (what is published before it goes nowhere).
+            // Load: a burst of 20 impulses per order every 100 ms, for as long as the
+            // kills go on; the broker queues what arrives while the gateway is down.
+            let port = broker.port;
+            load = Some(tokio::spawn(async move {
+                for round in 0..rounds {
+                    publish_burst(
+                        port,
+                        &burst_orders(),
+                        round * per_round + 1,
+                        (round + 1) * per_round,
+                    )
+                    .await;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }));
+        }
+        // A random moment while messages flow (the kill is the fault being injected; no
+        // test condition waits on this sleep).
+        tokio::time::sleep(Duration::from_millis(rng.u64(50..400))).await;
+        gw.kill9().await;
+        fake.wait_idle().await;
+        let accepted: HashSet<u64> = fake
+            .accepted()
+            .iter()
+            .filter_map(|r| r.message_id)
+            .collect();
+        let sending = Outbox::open(&data)
+            .unwrap()
+            .list(Some(State::Sending), None)
+            .unwrap();
+        let (r, s) = process::settle_doubtful(&accepted, &cfg, &sending).await;
+        resolved += r;
+        retried += s;
+    }
+
+    // The last run drains everything.
+    let gw = process::start_logging(&["run", "-c", &cfg], &out, "info");
+    load.expect("load started").await.unwrap();
+    let total = burst_orders().len() * (rounds * per_round) as usize;
+    let drained =
+        tokio::time::timeout(Duration::from_secs(120), fake.wait_accepted_count(total)).await;
+    assert_eq!(gw.terminate().await, 0);
+    if drained.is_err() {
+        let outbox = Outbox::open(&data).unwrap();
+        let stuck: Vec<_> = outbox
+            .list(None, None)
+            .unwrap()
+            .into_iter()
+            .filter(|r| !r.state.is_terminal())
+            .map(|r| (r.id, r.production_order, r.state, r.last_error))
+            .take(20)
+            .collect();
+        panic!(
+            "not drained: {} of {total} accepted; outbox {:?}; first waiting: {stuck:#?}\n{}",
+            fake.accepted().len(),
+            outbox.counts(),
+            out.text()
+                .lines()
+                .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                .take(30)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+
+    let mut per_order: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for r in fake.accepted() {
+        let q = r.content["ReportFinishedLines"][0]["ReportedGoodQuantity"]
+            .as_u64()
+            .unwrap();
+        per_order.entry(r.order).or_default().push(q);
+    }
+    let (mut lost, mut duplicates, mut disorder) = (0, 0, 0);
+    for order in burst_orders() {
+        let seq = per_order.remove(&order).unwrap_or_default();
+        let set: HashSet<u64> = seq.iter().copied().collect();
+        duplicates += seq.len() - set.len();
+        lost += (1..=u64::from(rounds * per_round))
+            .filter(|n| !set.contains(n))
+            .count();
+        disorder += seq.windows(2).filter(|w| w[0] >= w[1]).count();
+    }
+    println!(
+        "crash loop: {kills} kills, {total} impulses, {} delivered, {resolved} interrupted requests resolved, {retried} sent again, lost {lost}, duplicates {duplicates}",
+        fake.accepted().len()
+    );
+    assert_eq!((lost, duplicates, disorder), (0, 0, 0));
+}
