@@ -299,13 +299,8 @@ impl MqttSource {
                             // Not taken: not acked, the broker sends it again after the restart.
                             continue;
                         }
-                        if let (Some(tx), Some(e)) = (&acks_tx, self.accept(&id, publish, &mut acks)) {
-                            let (ack, delivery) = e.1;
-                            events.push_back(SourceEvent {
-                                event: e.0,
-                                ack: ack.map(|t| Ack::new(tx.clone(), t)),
-                                delivery,
-                            });
+                        if let Some(tx) = &acks_tx {
+                            events.extend(self.accept(&id, publish, &mut acks, tx));
                         }
                     }
                     Ok(MqttEvent::Incoming(Packet::UnsubAck(ack))) => acks.barrier_answered(ack.pkid, self.outbox.as_ref()),
@@ -341,15 +336,15 @@ impl MqttSource {
         }
     }
 
-    /// Turns a publish into an event (with its ack ticket and delivery identity), or
-    /// counts it as undecodable.
-    #[allow(clippy::type_complexity)]
+    /// Turns a publish into an event for the pipeline, with its ack (handed back on
+    /// `acks_to`) and delivery identity; or counts it as undecodable and releases its ack.
     fn accept(
         &self,
         id: &Arc<str>,
         publish: Publish,
         acks: &mut AckBook,
-    ) -> Option<(Event, (Option<AckTicket>, Option<Delivery>))> {
+        acks_to: &mpsc::Sender<AckTicket>,
+    ) -> Option<SourceEvent> {
         let acknowledged = publish.qos != QoS::AtMostOnce;
         match decode(self.config.payload, &publish.payload) {
             Ok(value) => {
@@ -376,7 +371,11 @@ impl MqttSource {
                     value,
                     at: jiff::Timestamp::now(),
                 };
-                Some((event, (ticket, delivery)))
+                Some(SourceEvent {
+                    event,
+                    ack: ticket.map(|t| Ack::new(acks_to.clone(), t)),
+                    delivery,
+                })
             }
             Err(reason) => {
                 self.health.decode_error();
