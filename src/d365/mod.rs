@@ -16,9 +16,13 @@
 //! - A send task that panics frees its lane: the message becomes `uncertain` (the request
 //!   may have been written).
 //!
-//! Memory: the in-flight set (≤ `max_in_flight`) and one backoff deadline per lane head
-//! that is waiting for a retry. Backoff deadlines live in memory (tokio time): after a
-//! restart every queued message is tried at once.
+//! - A retry's deadline is written with its outcome (`Record::retry_at`) and a pause of
+//!   every lane in the outbox's state tree: a restart keeps waiting where the last run
+//!   was waiting. When the disk refuses a write, the outcomes stay in memory and the
+//!   write is retried; nothing is sent meanwhile.
+//!
+//! Memory: the in-flight set (≤ `max_in_flight`), one backoff deadline per lane head that
+//! is waiting for a retry, and the held heads.
 
 pub mod client;
 pub mod retry;
