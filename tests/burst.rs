@@ -193,3 +193,38 @@ async fn a_broker_restart_in_the_middle_of_a_burst_loses_and_doubles_nothing() {
         "the broker restart was seen"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_d365_outage_during_a_burst_delays_but_loses_and_doubles_nothing() {
+    let (broker, fake, tmp) = setup().await;
+    let out = Output::new();
+    let n = (per_order() / 4).max(4);
+    let total = ORDERS * n as usize;
+
+    let gw = started(tmp.path(), &out, 1).await;
+    // D365 down for maintenance (503) while the first half arrives …
+    fake.unavailable(true);
+    publish_burst(broker.port, &orders(), 1, n / 2).await;
+    fake.wait_until("503 answers on many lanes", |r| {
+        r.iter().filter(|r| r.status == Some(503)).count() >= ORDERS
+    })
+    .await;
+    // … then unreachable (connections refused) while the second half arrives.
+    fake.refuse_connections();
+    fake.unavailable(false);
+    publish_burst(broker.port, &orders(), n / 2 + 1, n).await;
+    out.wait_for("not sent").await;
+    // Back: everything goes out, in order, once.
+    fake.accept_connections().await;
+    fake.wait_accepted_count(total).await;
+    assert_eq!(gw.terminate().await, 0);
+    assert_eq!(count(&fake, n), exact());
+    let records = Outbox::open(&tmp.path().join("data"))
+        .unwrap()
+        .list(None, None)
+        .unwrap();
+    assert!(
+        records.iter().all(|r| r.state == State::Delivered),
+        "no message failed or uncertain over a 503 and refused connections"
+    );
+}

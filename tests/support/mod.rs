@@ -65,6 +65,8 @@ struct FakeState {
     open_connections: u64,
     /// Requests answered with 2xx so far.
     accepted: usize,
+    /// Every SendMessage answered 503.
+    unavailable: bool,
 }
 
 #[derive(Clone)]
@@ -72,6 +74,10 @@ pub struct FakeD365 {
     pub addr: SocketAddr,
     state: Arc<Mutex<FakeState>>,
     changes: watch::Sender<u64>,
+    /// The accept loop, while the fake takes connections.
+    listening: Arc<Mutex<Option<tokio::task::AbortHandle>>>,
+    /// Bumped to close every open connection.
+    cuts: watch::Sender<u64>,
 }
 
 impl FakeD365 {
@@ -87,9 +93,16 @@ impl FakeD365 {
                 ..FakeState::default()
             })),
             changes: watch::channel(0).0,
+            listening: Arc::default(),
+            cuts: watch::channel(0).0,
         };
-        let f = fake.clone();
-        tokio::spawn(async move {
+        fake.listen(listener);
+        fake
+    }
+
+    fn listen(&self, listener: TcpListener) {
+        let f = self.clone();
+        let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
@@ -100,15 +113,40 @@ impl FakeD365 {
                     st.connections += 1;
                     st.open_connections += 1;
                 }
+                let mut cut = f.cuts.subscribe();
                 tokio::spawn(async move {
                     let _ = stream.set_nodelay(true);
-                    f.serve(stream).await;
+                    tokio::select! {
+                        _ = f.serve(stream) => {}
+                        _ = cut.changed() => {}
+                    }
                     f.state().open_connections -= 1;
                     f.changes.send_modify(|n| *n += 1);
                 });
             }
         });
-        fake
+        *self.listening.lock().unwrap() = Some(task.abort_handle());
+    }
+
+    /// D365 unreachable: the port refuses connections and open ones are closed.
+    pub fn refuse_connections(&self) {
+        if let Some(task) = self.listening.lock().unwrap().take() {
+            task.abort();
+        }
+        self.cuts.send_modify(|n| *n += 1);
+    }
+
+    /// D365 reachable again, on the same address.
+    pub async fn accept_connections(&self) {
+        let listener = TcpListener::bind(self.addr)
+            .await
+            .expect("bind the fake D365 again on its address");
+        self.listen(listener);
+    }
+
+    /// While on, every SendMessage is answered 503 (D365 down for maintenance).
+    pub fn unavailable(&self, on: bool) {
+        self.state().unavailable = on;
     }
 
     pub fn base_url(&self) -> String {
@@ -320,6 +358,8 @@ impl FakeD365 {
                 .is_some_and(|t| st.valid_tokens.contains(t));
             let reply = if !token_ok {
                 Reply::Status(401)
+            } else if st.unavailable {
+                Reply::Status(503)
             } else if !well_formed {
                 Reply::Status(400)
             } else if let Some(r) = st.per_order.get_mut(&order).and_then(|q| q.pop_front()) {
