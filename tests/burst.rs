@@ -95,22 +95,6 @@ async fn started(dir: &Path, out: &Output, runs: usize) -> process::Running {
     gw
 }
 
-/// Messages a kill left `sending` are settled as an operator would: resolved where D365
-/// (the fake) has them, sent again where it does not. Offline, with the CLI.
-async fn settle_interrupted(fake: &FakeD365, dir: &Path) -> (usize, usize) {
-    fake.wait_idle().await;
-    let accepted: HashSet<u64> = fake
-        .accepted()
-        .iter()
-        .filter_map(|r| r.message_id)
-        .collect();
-    let sending: Vec<_> = Outbox::open(&dir.join("data"))
-        .unwrap()
-        .list(Some(State::Sending), None)
-        .unwrap();
-    process::settle_doubtful(&accepted, path_str(dir), &sending).await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_is_reported_once_and_a_restart_reports_nothing_again() {
     let (broker, fake, tmp) = setup().await;
@@ -158,7 +142,7 @@ async fn kill9_in_the_middle_of_a_burst_loses_and_doubles_nothing() {
     let publishers = tokio::spawn(async move { publish_burst(port, &orders(), 1, n).await });
     wait_all(&fake, total / 3).await;
     gw.kill9().await;
-    let (resolved, retried) = settle_interrupted(&fake, tmp.path()).await;
+    let (resolved, retried) = support::settle_interrupted(&fake, tmp.path()).await;
 
     let gw = started(tmp.path(), &out, 2).await;
     publishers.await.unwrap();

@@ -13,7 +13,7 @@ mod support;
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
-use mes_gateway::outbox::{Outbox, State};
+use mes_gateway::outbox::Outbox;
 use support::mqtt::{burst_orders, publish_burst, write_burst_config, Mosquitto};
 use support::process::{self, path_str, Output};
 use support::FakeD365;
@@ -68,17 +68,7 @@ async fn fifty_kills_under_load_lose_nothing_and_send_nothing_twice() {
         // test condition waits on this sleep).
         tokio::time::sleep(Duration::from_millis(rng.u64(50..400))).await;
         gw.kill9().await;
-        fake.wait_idle().await;
-        let accepted: HashSet<u64> = fake
-            .accepted()
-            .iter()
-            .filter_map(|r| r.message_id)
-            .collect();
-        let sending = Outbox::open(&data)
-            .unwrap()
-            .list(Some(State::Sending), None)
-            .unwrap();
-        let (r, s) = process::settle_doubtful(&accepted, &cfg, &sending).await;
+        let (r, s) = support::settle_interrupted(&fake, tmp.path()).await;
         resolved += r;
         retried += s;
     }

@@ -576,6 +576,11 @@ impl Gateway {
         write_config(dir.path(), &yaml);
         let config = config::load(dir.path()).unwrap_or_else(|e| panic!("{e}"));
         let outbox = Outbox::open(&config.storage.data_dir).unwrap();
+        Gateway::spawn(outbox, config, dir)
+    }
+
+    /// Starts a dispatcher on `outbox` with `config` (what a start of the gateway does).
+    fn spawn(outbox: Outbox, config: Config, dir: tempfile::TempDir) -> Gateway {
         let client = Arc::new(D365Client::new(Arc::new(config.d365.clone().unwrap())).unwrap());
         let wake = Arc::new(Notify::new());
         let cancel = CancellationToken::new();
@@ -679,31 +684,25 @@ impl Gateway {
     pub async fn restart(self) -> Gateway {
         self.cancel.cancel();
         self.task.await.unwrap();
-        let client =
-            Arc::new(D365Client::new(Arc::new(self.config.d365.clone().unwrap())).unwrap());
-        let wake = Arc::new(Notify::new());
-        let cancel = CancellationToken::new();
-        let dispatcher = Dispatcher::new(
-            self.outbox.clone(),
-            client,
-            self.config.dispatcher.clone(),
-            wake.clone(),
-            Duration::from_secs(5),
-        )
-        .unwrap();
-        let stats = dispatcher.stats();
-        let c = cancel.clone();
-        let task = tokio::spawn(async move { dispatcher.run(c).await.expect("dispatcher") });
-        Gateway {
-            outbox: self.outbox,
-            stats,
-            config: self.config,
-            wake,
-            cancel,
-            task,
-            _dir: self._dir,
-        }
+        Gateway::spawn(self.outbox, self.config, self._dir)
     }
+}
+
+/// After a kill: waits until the fake has read everything the gateway wrote, then
+/// settles the messages the kill left `sending` as an operator would (resolved where the
+/// fake has them, sent again where not), with the CLI. Returns (resolved, retried).
+pub async fn settle_interrupted(fake: &FakeD365, config_dir: &std::path::Path) -> (usize, usize) {
+    fake.wait_idle().await;
+    let accepted: HashSet<u64> = fake
+        .accepted()
+        .iter()
+        .filter_map(|r| r.message_id)
+        .collect();
+    let sending = Outbox::open(&config_dir.join("data"))
+        .unwrap()
+        .list(Some(State::Sending), None)
+        .unwrap();
+    process::settle_doubtful(&accepted, process::path_str(config_dir), &sending).await
 }
 
 /// A ReportFinished message for `order` whose quantity identifies it.
