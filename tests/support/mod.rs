@@ -67,6 +67,8 @@ struct FakeState {
     accepted: usize,
     /// Every SendMessage answered 503.
     unavailable: bool,
+    /// Going unreachable: answer 503 and close the connection.
+    refusing: bool,
 }
 
 #[derive(Clone)]
@@ -76,8 +78,6 @@ pub struct FakeD365 {
     changes: watch::Sender<u64>,
     /// The accept loop, while the fake takes connections.
     listening: Arc<Mutex<Option<tokio::task::AbortHandle>>>,
-    /// Bumped to close every open connection.
-    cuts: watch::Sender<u64>,
 }
 
 impl FakeD365 {
@@ -94,7 +94,6 @@ impl FakeD365 {
             })),
             changes: watch::channel(0).0,
             listening: Arc::default(),
-            cuts: watch::channel(0).0,
         };
         fake.listen(listener);
         fake
@@ -113,13 +112,9 @@ impl FakeD365 {
                     st.connections += 1;
                     st.open_connections += 1;
                 }
-                let mut cut = f.cuts.subscribe();
                 tokio::spawn(async move {
                     let _ = stream.set_nodelay(true);
-                    tokio::select! {
-                        _ = f.serve(stream) => {}
-                        _ = cut.changed() => {}
-                    }
+                    f.serve(stream).await;
                     f.state().open_connections -= 1;
                     f.changes.send_modify(|n| *n += 1);
                 });
@@ -128,16 +123,19 @@ impl FakeD365 {
         *self.listening.lock().unwrap() = Some(task.abort_handle());
     }
 
-    /// D365 unreachable: the port refuses connections and open ones are closed.
+    /// D365 unreachable: the port refuses new connections, and a request that still
+    /// comes on an open one is answered 503 and the connection closed (never cut in the
+    /// middle of a request: that would be an ambiguous outcome, not an unreachable D365).
     pub fn refuse_connections(&self) {
+        self.state().refusing = true;
         if let Some(task) = self.listening.lock().unwrap().take() {
             task.abort();
         }
-        self.cuts.send_modify(|n| *n += 1);
     }
 
     /// D365 reachable again, on the same address.
     pub async fn accept_connections(&self) {
+        self.state().refusing = false;
         let listener = TcpListener::bind(self.addr)
             .await
             .expect("bind the fake D365 again on its address");
@@ -294,7 +292,8 @@ impl FakeD365 {
         {
             let keep_alive = !headers
                 .get("connection")
-                .is_some_and(|c| c.eq_ignore_ascii_case("close"));
+                .is_some_and(|c| c.eq_ignore_ascii_case("close"))
+                && !self.state().refusing;
             if !self
                 .serve_one(&mut stream, method, path, headers, body, keep_alive)
                 .await
@@ -358,7 +357,7 @@ impl FakeD365 {
                 .is_some_and(|t| st.valid_tokens.contains(t));
             let reply = if !token_ok {
                 Reply::Status(401)
-            } else if st.unavailable {
+            } else if st.unavailable || st.refusing {
                 Reply::Status(503)
             } else if !well_formed {
                 Reply::Status(400)
