@@ -12,11 +12,12 @@
 #[allow(unused_imports)]
 mod support;
 
-use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use support::mqtt::{burst_orders, publish_burst, write_burst_config, Mosquitto};
+use support::mqtt::{
+    burst_orders, count_burst, publish_burst, write_burst_config, Mosquitto, EXACT,
+};
 use support::process::{self, path_str, Output};
 use support::FakeD365;
 
@@ -63,25 +64,6 @@ fn rss_mib(pid: i32) -> (f64, f64) {
             .unwrap_or(0.0)
     };
     (kib("VmRSS:") / 1024.0, kib("VmHWM:") / 1024.0)
-}
-
-fn lost_and_duplicates(fake: &FakeD365, last: u32) -> (usize, usize, usize) {
-    let mut per: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-    for r in fake.accepted() {
-        let q = r.content["ReportFinishedLines"][0]["ReportedGoodQuantity"]
-            .as_u64()
-            .unwrap_or(0);
-        per.entry(r.order).or_default().push(q);
-    }
-    let (mut lost, mut dups, mut disorder) = (0, 0, 0);
-    for o in orders() {
-        let seq = per.remove(&o).unwrap_or_default();
-        let set: HashSet<u64> = seq.iter().copied().collect();
-        dups += seq.len() - set.len();
-        lost += (1..=last as u64).filter(|n| !set.contains(n)).count();
-        disorder += seq.windows(2).filter(|w| w[0] >= w[1]).count();
-    }
-    (lost, dups, disorder)
 }
 
 async fn queued(api_port: u16) -> u64 {
@@ -152,10 +134,10 @@ async fn scenario(name: &str, run: Run) {
         );
         return;
     }
-    let (lost, dups, disorder) = lost_and_duplicates(&fake, run.per_order);
+    let count = count_burst(&fake, u64::from(run.per_order));
+    let (lost, dups, disorder) = (count.lost, count.duplicates, count.out_of_order.len());
     assert_eq!(
-        (lost, dups, disorder),
-        (0, 0, 0),
+        count, EXACT,
         "{name}: lost, duplicated or reordered impulses"
     );
     let bound = if run.answer_delay.is_zero() {

@@ -7,11 +7,12 @@
 
 mod support;
 
-use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
 use mes_gateway::outbox::{Outbox, State};
-use support::mqtt::{burst_orders, publish_burst, write_burst_config, Mosquitto};
+use support::mqtt::{
+    burst_orders, count_burst, publish_burst, write_burst_config, Mosquitto, EXACT,
+};
 use support::process::{self, path_str, Output};
 use support::FakeD365;
 
@@ -38,53 +39,6 @@ async fn setup() -> (Mosquitto, FakeD365, tempfile::TempDir) {
     (broker, fake, tmp)
 }
 
-/// What D365 accepted, per order, in the order it accepted it.
-fn accepted_per_order(fake: &FakeD365) -> BTreeMap<String, Vec<u32>> {
-    let mut out: BTreeMap<String, Vec<u32>> = BTreeMap::new();
-    for r in fake.accepted() {
-        let q = r.content["ReportFinishedLines"][0]["ReportedGoodQuantity"]
-            .as_u64()
-            .expect("quantity") as u32;
-        out.entry(r.order).or_default().push(q);
-    }
-    out
-}
-
-/// Lost and duplicated impulses, and orders whose impulses arrived out of order.
-#[derive(Debug, PartialEq, Eq)]
-struct Count {
-    lost: usize,
-    duplicates: usize,
-    out_of_order: Vec<String>,
-}
-
-fn count(fake: &FakeD365, last: u32) -> Count {
-    let got = accepted_per_order(fake);
-    let mut c = Count {
-        lost: 0,
-        duplicates: 0,
-        out_of_order: Vec::new(),
-    };
-    for order in orders() {
-        let seq = got.get(&order).cloned().unwrap_or_default();
-        let distinct: HashSet<u32> = seq.iter().copied().collect();
-        c.duplicates += seq.len() - distinct.len();
-        c.lost += (1..=last).filter(|n| !distinct.contains(n)).count();
-        if seq.windows(2).any(|w| w[0] >= w[1]) {
-            c.out_of_order.push(order);
-        }
-    }
-    c
-}
-
-fn exact() -> Count {
-    Count {
-        lost: 0,
-        duplicates: 0,
-        out_of_order: Vec::new(),
-    }
-}
-
 async fn wait_all(fake: &FakeD365, total: usize) {
     fake.wait_accepted_count(total).await;
 }
@@ -105,7 +59,7 @@ async fn a_burst_is_reported_once_and_a_restart_reports_nothing_again() {
     publish_burst(broker.port, &orders(), 1, n).await;
     wait_all(&fake, ORDERS * n as usize).await;
     assert_eq!(gw.terminate().await, 0);
-    assert_eq!(count(&fake, n), exact());
+    assert_eq!(count_burst(&fake, u64::from(n)), EXACT);
 
     // Started again on the same data and broker: nothing comes back, and one more impulse
     // per order flows after what was there.
@@ -113,7 +67,11 @@ async fn a_burst_is_reported_once_and_a_restart_reports_nothing_again() {
     publish_burst(broker.port, &orders(), n + 1, n + 1).await;
     wait_all(&fake, ORDERS * (n as usize + 1)).await;
     assert_eq!(gw.terminate().await, 0);
-    assert_eq!(count(&fake, n + 1), exact(), "after the restart");
+    assert_eq!(
+        count_burst(&fake, u64::from(n + 1)),
+        EXACT,
+        "after the restart"
+    );
     let connections = fake.connections();
     let requests = fake.received().len() as u64;
     println!(
@@ -151,7 +109,7 @@ async fn kill9_in_the_middle_of_a_burst_loses_and_doubles_nothing() {
     println!(
         "kill -9: {total} impulses, {resolved} interrupted requests resolved, {retried} sent again"
     );
-    assert_eq!(count(&fake, n), exact());
+    assert_eq!(count_burst(&fake, u64::from(n)), EXACT);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -171,7 +129,7 @@ async fn a_broker_restart_in_the_middle_of_a_burst_loses_and_doubles_nothing() {
     broker.restart().await;
     wait_all(&fake, total).await;
     assert_eq!(gw.terminate().await, 0);
-    assert_eq!(count(&fake, n), exact());
+    assert_eq!(count_burst(&fake, u64::from(n)), EXACT);
     assert!(
         out.text().contains("MQTT connection lost"),
         "the broker restart was seen"
@@ -213,7 +171,7 @@ async fn a_d365_outage_during_a_burst_delays_but_loses_and_doubles_nothing() {
     fake.accept_connections().await;
     fake.wait_accepted_count(total).await;
     assert_eq!(gw.terminate().await, 0);
-    assert_eq!(count(&fake, n), exact());
+    assert_eq!(count_burst(&fake, u64::from(n)), EXACT);
     let records = Outbox::open(&tmp.path().join("data"))
         .unwrap()
         .list(None, None)

@@ -10,11 +10,12 @@
 
 mod support;
 
-use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use mes_gateway::outbox::Outbox;
-use support::mqtt::{burst_orders, publish_burst, write_burst_config, Mosquitto};
+use support::mqtt::{
+    burst_orders, count_burst, publish_burst, write_burst_config, Mosquitto, EXACT,
+};
 use support::process::{self, path_str, Output};
 use support::FakeD365;
 
@@ -103,26 +104,12 @@ async fn fifty_kills_under_load_lose_nothing_and_send_nothing_twice() {
         );
     }
 
-    let mut per_order: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-    for r in fake.accepted() {
-        let q = r.content["ReportFinishedLines"][0]["ReportedGoodQuantity"]
-            .as_u64()
-            .unwrap();
-        per_order.entry(r.order).or_default().push(q);
-    }
-    let (mut lost, mut duplicates, mut disorder) = (0, 0, 0);
-    for order in burst_orders() {
-        let seq = per_order.remove(&order).unwrap_or_default();
-        let set: HashSet<u64> = seq.iter().copied().collect();
-        duplicates += seq.len() - set.len();
-        lost += (1..=u64::from(rounds * per_round))
-            .filter(|n| !set.contains(n))
-            .count();
-        disorder += seq.windows(2).filter(|w| w[0] >= w[1]).count();
-    }
+    let count = count_burst(&fake, u64::from(rounds * per_round));
     println!(
-        "crash loop: {kills} kills, {total} impulses, {} delivered, {resolved} interrupted requests resolved, {retried} sent again, lost {lost}, duplicates {duplicates}",
-        fake.accepted().len()
+        "crash loop: {kills} kills, {total} impulses, {} delivered, {resolved} interrupted requests resolved, {retried} sent again, lost {}, duplicates {}",
+        fake.accepted().len(),
+        count.lost,
+        count.duplicates
     );
-    assert_eq!((lost, duplicates, disorder), (0, 0, 0));
+    assert_eq!(count, EXACT);
 }

@@ -398,3 +398,45 @@ pub fn write_burst_config(
     )
     .unwrap();
 }
+
+/// What a burst left at D365: impulses lost and duplicated, and the orders whose
+/// impulses arrived out of order. Every burst test and benchmark asserts it is `EXACT`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct BurstCount {
+    pub lost: usize,
+    pub duplicates: usize,
+    pub out_of_order: Vec<String>,
+}
+
+pub const EXACT: BurstCount = BurstCount {
+    lost: 0,
+    duplicates: 0,
+    out_of_order: Vec::new(),
+};
+
+/// Counts what the fake D365 accepted against impulses `1..=last` on every burst order
+/// (the quantity of each ReportFinished is the impulse's number).
+pub fn count_burst(fake: &super::FakeD365, last: u64) -> BurstCount {
+    let mut per_order: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
+    for r in fake.accepted() {
+        let q = r.content["ReportFinishedLines"][0]["ReportedGoodQuantity"]
+            .as_u64()
+            .expect("a quantity");
+        per_order.entry(r.order).or_default().push(q);
+    }
+    let mut count = BurstCount {
+        lost: 0,
+        duplicates: 0,
+        out_of_order: Vec::new(),
+    };
+    for order in burst_orders() {
+        let seq = per_order.remove(&order).unwrap_or_default();
+        let distinct: std::collections::HashSet<u64> = seq.iter().copied().collect();
+        count.duplicates += seq.len() - distinct.len();
+        count.lost += (1..=last).filter(|n| !distinct.contains(n)).count();
+        if seq.windows(2).any(|w| w[0] >= w[1]) {
+            count.out_of_order.push(order);
+        }
+    }
+    count
+}
