@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    limit_malloc_arenas();
     let cli = match mes_gateway::cli::Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -44,3 +45,25 @@ fn init_tracing() {
         builder.init();
     }
 }
+
+/// glibc gives each thread that allocates under contention its own malloc arena (up to 8 per
+/// core) and returns little of a fragmented arena to the system. sled allocates and frees tree
+/// nodes on every write from the runtime's worker and blocking threads, so each arena grows
+/// to its own high-water mark: 67 MiB RSS after a 100,000-impulse burst with the default,
+/// 52 MiB with two arenas at the same throughput (`cargo bench --bench burst`). Must run
+/// before any thread starts, so it is the first thing `main` does.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn limit_malloc_arenas() {
+    // An operator who sets glibc's own variable decides (and can undo this for a comparison).
+    if std::env::var_os("MALLOC_ARENA_MAX").is_some() {
+        return;
+    }
+    // SAFETY: mallopt only sets an allocator parameter; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn limit_malloc_arenas() {}
