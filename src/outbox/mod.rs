@@ -40,6 +40,13 @@
 //!   next message of its lane may be marked. A message found `sending` when the gateway
 //!   starts may have reached D365; the dispatcher decides what that means, never a blind
 //!   resend.
+//! - Only the dispatcher marks `sending`, only lane heads it is not already sending, and
+//!   only after [`Outbox::recover_interrupted`]: so a head found `sending` when marked was
+//!   marked by a write of this process that failed after part of it reached the disk, and
+//!   its request never left. Marking it again hands it back unchanged.
+//! - A failed write makes sled refuse every later one; the outbox then reopens the database
+//!   (recovering what was flushed) and the caller's retry writes the same records again: a
+//!   retried [`Outbox::commit_shared`] reuses the ids of its first attempt.
 //! - States: `queued → sending → delivered | queued (retry) | failed | uncertain`;
 //!   operators move `failed | uncertain → queued` (retry), `queued | failed | uncertain →
 //!   cancelled`, and `uncertain → delivered` (resolve). Every change of state is recorded in
@@ -65,7 +72,8 @@ pub use record::{Attempt, Change, MessageId, NewMessage, Record, State};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use record::{decode, encode};
 
@@ -73,10 +81,11 @@ use record::{decode, encode};
 pub enum OutboxError {
     #[error("{path}: the outbox is in use by another process (is the gateway running? stop it first: systemctl stop mes-gateway)")]
     Locked { path: PathBuf },
-    #[error("{path}: cannot open the outbox: {source}")]
+    // Not `source`: the reason is part of this message, and error chains would print it twice.
+    #[error("{path}: cannot open the outbox: {cause}")]
     Open {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("outbox storage error: {0}")]
     Storage(String),
@@ -103,9 +112,26 @@ pub struct Ingest {
     pub state: Option<(String, Vec<u8>)>,
     /// The upstream deliveries whose result this is, recorded so a redelivery is known.
     pub deliveries: Vec<Delivery>,
+    /// The records (ids, timestamps) of the first attempt to commit this batch. A retry
+    /// after a failed write uses the same ones, so whatever of a failed attempt did reach
+    /// the disk is overwritten with itself, never stored a second time under new ids.
+    prepared: std::sync::OnceLock<Vec<Record>>,
 }
 
 impl Ingest {
+    pub fn new(
+        messages: Vec<NewMessage>,
+        state: Option<(String, Vec<u8>)>,
+        deliveries: Vec<Delivery>,
+    ) -> Ingest {
+        Ingest {
+            messages,
+            state,
+            deliveries,
+            prepared: std::sync::OnceLock::new(),
+        }
+    }
+
     fn is_empty(&self) -> bool {
         self.messages.is_empty() && self.state.is_none() && self.deliveries.is_empty()
     }
@@ -156,12 +182,13 @@ pub const GATEWAY: &str = "gateway";
 /// Cheap to clone: all clones share the database and the counts.
 #[derive(Clone)]
 pub struct Outbox {
-    db: sled::Db,
-    messages: sled::Tree,
-    lanes: sled::Tree,
-    ingress: sled::Tree,
-    done: sled::Tree,
-    state: sled::Tree,
+    /// `None` only while [`Outbox::reopen`] swaps the database.
+    store: Arc<RwLock<Option<Arc<Store>>>>,
+    /// A write failed. sled 0.34 then keeps the I/O error and refuses every later write
+    /// (measured with a full tmpfs: freeing space does not help), so the next operation
+    /// reopens the database, which recovers everything that was flushed.
+    broken: Arc<AtomicBool>,
+    reopening: Arc<Mutex<()>>,
     counts: Arc<Mutex<BTreeMap<State, usize>>>,
     /// Undecodable records found when opening; kept on disk, reported, never sent.
     corrupt: Arc<Vec<MessageId>>,
@@ -169,6 +196,73 @@ pub struct Outbox {
     /// Bumped after every durable change, for whoever wants to watch the outbox
     /// (the dispatcher, the operator surface, tests) without polling.
     changes: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+/// How long [`Outbox::reopen`] waits for operations still using the failed database.
+const REOPEN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// One open sled database and its trees.
+struct Store {
+    db: sled::Db,
+    messages: sled::Tree,
+    lanes: sled::Tree,
+    ingress: sled::Tree,
+    done: sled::Tree,
+    state: sled::Tree,
+}
+
+impl Store {
+    fn open(path: &Path, corrupt: &mut Vec<MessageId>) -> Result<Store, OutboxError> {
+        remove_unfinished_snapshots(path)?;
+        let db = sled::Config::new()
+            .path(path)
+            // sled's default page cache is 1 GiB: on a plant PC the gateway must stay
+            // small whatever the backlog; records are read once per transition.
+            .cache_capacity(CACHE_BYTES)
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Io(io)
+                    if io.kind() == std::io::ErrorKind::WouldBlock
+                        || io.to_string().contains("lock") =>
+                {
+                    OutboxError::Locked {
+                        path: path.to_path_buf(),
+                    }
+                }
+                sled::Error::Io(cause) => OutboxError::Open {
+                    path: path.to_path_buf(),
+                    cause,
+                },
+                other => storage(other),
+            })?;
+        let store = Store {
+            messages: db.open_tree("messages").map_err(storage)?,
+            lanes: db.open_tree("lanes").map_err(storage)?,
+            ingress: db.open_tree("ingress").map_err(storage)?,
+            done: db.open_tree("done").map_err(storage)?,
+            state: db.open_tree("state").map_err(storage)?,
+            db,
+        };
+        if store.state.get(INDEXED).map_err(storage)?.is_none() {
+            build_indexes(&store.messages, &store.lanes, &store.done, corrupt)?;
+            store.state.insert(INDEXED, &[1]).map_err(storage)?;
+            store.db.flush().map_err(storage)?;
+        }
+        Ok(store)
+    }
+
+    fn count_states(&self) -> Result<BTreeMap<State, usize>, OutboxError> {
+        count_states(&self.messages, &self.lanes, &self.done)
+    }
+
+    fn get(&self, id: MessageId) -> Result<Record, OutboxError> {
+        let bytes = self
+            .messages
+            .get(key(id))
+            .map_err(storage)?
+            .ok_or(OutboxError::NotFound(id))?;
+        decode(&bytes).map_err(|e| storage(format!("message {id}: {e}")))
+    }
 }
 
 impl fmt::Debug for Outbox {
@@ -183,57 +277,98 @@ fn key(id: MessageId) -> [u8; 8] {
 
 impl Outbox {
     /// Opens (or creates) the outbox in `data_dir/outbox`. Blocking: call it before
-    /// starting work or from a blocking context. Opening reads every record once to count
-    /// them per state (and to find records that cannot be decoded).
+    /// starting work or from a blocking context. Opening reads keys, not records (see the
+    /// invariants above).
     pub fn open(data_dir: &Path) -> Result<Outbox, OutboxError> {
         let path = data_dir.join("outbox");
-        std::fs::create_dir_all(&path).map_err(|source| OutboxError::Open {
+        std::fs::create_dir_all(&path).map_err(|cause| OutboxError::Open {
             path: path.clone(),
-            source,
+            cause,
         })?;
-        let db = sled::Config::new()
-            .path(&path)
-            // sled's default page cache is 1 GiB: on a plant PC the gateway must stay
-            // small whatever the backlog; records are read once per transition.
-            .cache_capacity(CACHE_BYTES)
-            .open()
-            .map_err(|e| match e {
-                sled::Error::Io(io)
-                    if io.kind() == std::io::ErrorKind::WouldBlock
-                        || io.to_string().contains("lock") =>
-                {
-                    OutboxError::Locked { path: path.clone() }
-                }
-                sled::Error::Io(source) => OutboxError::Open {
-                    path: path.clone(),
-                    source,
-                },
-                other => storage(other),
-            })?;
-        let messages = db.open_tree("messages").map_err(storage)?;
-        let lanes = db.open_tree("lanes").map_err(storage)?;
-        let ingress = db.open_tree("ingress").map_err(storage)?;
-        let done = db.open_tree("done").map_err(storage)?;
-        let state = db.open_tree("state").map_err(storage)?;
         let mut corrupt = Vec::new();
-        if state.get(INDEXED).map_err(storage)?.is_none() {
-            build_indexes(&messages, &lanes, &done, &mut corrupt)?;
-            state.insert(INDEXED, &[1]).map_err(storage)?;
-            db.flush().map_err(storage)?;
-        }
-        let counts = count_states(&messages, &lanes, &done)?;
+        let store = Store::open(&path, &mut corrupt)?;
+        let counts = store.count_states()?;
         Ok(Outbox {
-            db,
-            messages,
-            lanes,
-            ingress,
-            done,
-            state,
+            store: Arc::new(RwLock::new(Some(Arc::new(store)))),
+            broken: Arc::new(AtomicBool::new(false)),
+            reopening: Arc::new(Mutex::new(())),
             counts: Arc::new(Mutex::new(counts)),
             corrupt: Arc::new(corrupt),
             path,
             changes: Arc::new(tokio::sync::watch::channel(0).0),
         })
+    }
+
+    /// The open database; reopens it first if a write failed. Blocking when it reopens.
+    fn store(&self) -> Result<Arc<Store>, OutboxError> {
+        if self.broken.load(Ordering::Acquire) {
+            self.reopen()?;
+        }
+        self.store
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| storage("the outbox is being reopened after a write error"))
+    }
+
+    /// Replaces a database that refuses writes with a freshly opened one. sled locks its
+    /// directory, so the old one must be gone first: callers still holding it finish (their
+    /// operations fail fast) within `REOPEN_WAIT`, or this gives up and the next operation
+    /// tries again.
+    fn reopen(&self) -> Result<(), OutboxError> {
+        let _only_one = self.reopening.lock().unwrap_or_else(|p| p.into_inner());
+        if !self.broken.load(Ordering::Acquire) {
+            return Ok(()); // another caller did it while this one waited
+        }
+        let old = self.store.write().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(old) = old {
+            let still_used = Arc::downgrade(&old);
+            drop(old);
+            let deadline = std::time::Instant::now() + REOPEN_WAIT;
+            while still_used.strong_count() > 0 {
+                if std::time::Instant::now() > deadline {
+                    *self.store.write().unwrap_or_else(|p| p.into_inner()) = still_used.upgrade();
+                    return Err(storage("cannot reopen the outbox after a write error: it is still in use; trying again later"));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
+        let mut corrupt = Vec::new();
+        let opened = Store::open(&self.path, &mut corrupt).and_then(|store| {
+            let counts = store.count_states()?;
+            Ok((store, counts))
+        });
+        match opened {
+            Ok((store, counts)) => {
+                *self.counts.lock().unwrap_or_else(|p| p.into_inner()) = counts;
+                *self.store.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(store));
+                self.broken.store(false, Ordering::Release);
+                tracing::warn!(path = %self.path.display(), "Outbox reopened after a write error; writing again.");
+                Ok(())
+            }
+            Err(e) => Err(storage(format!(
+                "cannot reopen the outbox after a write error: {e}"
+            ))),
+        }
+    }
+
+    /// Runs write work on a blocking thread; a storage error marks the database for
+    /// reopening (see [`Outbox::broken`]).
+    async fn write_blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Store) -> Result<T, OutboxError> + Send + 'static,
+    ) -> Result<T, OutboxError> {
+        let this = self.clone();
+        run_blocking(move || {
+            let store = this.store()?;
+            let result = f(&store);
+            drop(store);
+            if matches!(result, Err(OutboxError::Storage(_))) {
+                this.broken.store(true, Ordering::Release);
+            }
+            result
+        })
+        .await
     }
 
     pub fn path(&self) -> &Path {
@@ -272,13 +407,13 @@ impl Outbox {
 
     /// Saves an owner's state on its own (the dispatcher's pause); one flush.
     pub async fn save_state(&self, owner: &str, bytes: Vec<u8>) -> Result<(), OutboxError> {
-        let this = self.clone();
         let owner = owner.to_string();
-        run_blocking(move || {
-            this.state
+        self.write_blocking(move |store| {
+            store
+                .state
                 .insert(owner.as_bytes(), bytes)
                 .map_err(storage)?;
-            this.db.flush().map_err(storage)?;
+            store.db.flush().map_err(storage)?;
             Ok(())
         })
         .await
@@ -287,6 +422,7 @@ impl Outbox {
     /// The state an owner (such as the rules engine) saved with [`Outbox::commit`].
     pub fn load_state(&self, owner: &str) -> Result<Option<Vec<u8>>, OutboxError> {
         Ok(self
+            .store()?
             .state
             .get(owner.as_bytes())
             .map_err(storage)?
@@ -305,46 +441,53 @@ impl Outbox {
         if ingest.is_empty() {
             return Ok(Vec::new());
         }
-        let this = self.clone();
-        let records = run_blocking(move || {
-            use sled::transaction::{ConflictableTransactionError, TransactionError};
-            use sled::Transactional;
-            let now = jiff::Timestamp::now();
-            // Ids are taken before the transaction: generate_id may flush, which must not
-            // happen inside a transaction (it would wait for the transaction itself).
-            // +1: sled ids start at 0 and 0 reads badly to an operator.
-            let records = ingest
-                .messages
-                .iter()
-                .map(|m| Ok(Record::new(this.db.generate_id()? + 1, m, now)))
-                .collect::<Result<Vec<Record>, sled::Error>>()
-                .map_err(storage)?;
-            let encoded = records.iter().map(encode).collect::<Result<Vec<_>, _>>()?;
-            let trees = (&this.messages, &this.lanes, &this.ingress, &this.state);
-            let result: Result<(), TransactionError<OutboxError>> =
-                trees.transaction(|(tx_messages, tx_lanes, tx_ingress, tx_state)| {
-                    for (r, bytes) in records.iter().zip(&encoded) {
-                        tx_messages.insert(&key(r.id), bytes.as_slice())?;
-                        tx_lanes.insert(lanes::key(&r.production_order, r.id), &[])?;
+        let records = self
+            .write_blocking(move |store| {
+                use sled::transaction::{ConflictableTransactionError, TransactionError};
+                use sled::Transactional;
+                let records = match ingest.prepared.get() {
+                    Some(records) => records,
+                    None => {
+                        let now = jiff::Timestamp::now();
+                        // Ids are taken before the transaction: generate_id may flush, which
+                        // must not happen inside a transaction (it would wait for the
+                        // transaction itself). +1: sled ids start at 0 and 0 reads badly to
+                        // an operator.
+                        let records = ingest
+                            .messages
+                            .iter()
+                            .map(|m| Ok(Record::new(store.db.generate_id()? + 1, m, now)))
+                            .collect::<Result<Vec<Record>, sled::Error>>()
+                            .map_err(storage)?;
+                        ingest.prepared.get_or_init(|| records)
                     }
-                    for d in &ingest.deliveries {
-                        tx_ingress
-                            .insert(d.id.key(), &ingress::value(d.id.digest, d.receipt)[..])?;
-                    }
-                    if let Some((owner, bytes)) = &ingest.state {
-                        tx_state.insert(owner.as_bytes(), bytes.as_slice())?;
-                    }
-                    Ok::<(), ConflictableTransactionError<OutboxError>>(())
-                });
-            match result {
-                Ok(()) => {}
-                Err(TransactionError::Abort(e)) => return Err(e),
-                Err(TransactionError::Storage(e)) => return Err(storage(e)),
-            }
-            this.db.flush().map_err(storage)?;
-            Ok(records)
-        })
-        .await?;
+                };
+                let encoded = records.iter().map(encode).collect::<Result<Vec<_>, _>>()?;
+                let trees = (&store.messages, &store.lanes, &store.ingress, &store.state);
+                let result: Result<(), TransactionError<OutboxError>> =
+                    trees.transaction(|(tx_messages, tx_lanes, tx_ingress, tx_state)| {
+                        for (r, bytes) in records.iter().zip(&encoded) {
+                            tx_messages.insert(&key(r.id), bytes.as_slice())?;
+                            tx_lanes.insert(lanes::key(&r.production_order, r.id), &[])?;
+                        }
+                        for d in &ingest.deliveries {
+                            tx_ingress
+                                .insert(d.id.key(), &ingress::value(d.id.digest, d.receipt)[..])?;
+                        }
+                        if let Some((owner, bytes)) = &ingest.state {
+                            tx_state.insert(owner.as_bytes(), bytes.as_slice())?;
+                        }
+                        Ok::<(), ConflictableTransactionError<OutboxError>>(())
+                    });
+                match result {
+                    Ok(()) => {}
+                    Err(TransactionError::Abort(e)) => return Err(e),
+                    Err(TransactionError::Storage(e)) => return Err(storage(e)),
+                }
+                store.db.flush().map_err(storage)?;
+                Ok(records.clone())
+            })
+            .await?;
         for _ in &records {
             self.count(None, Some(State::Queued));
         }
@@ -355,6 +498,7 @@ impl Outbox {
     /// Whether the outbox holds the result of this upstream delivery.
     pub fn holds_delivery(&self, id: &DeliveryId) -> Result<bool, OutboxError> {
         Ok(self
+            .store()?
             .ingress
             .get(id.key())
             .map_err(storage)?
@@ -367,10 +511,11 @@ impl Outbox {
     /// id. Not flushed: forgetting is made durable by the next flush; until then a crash
     /// merely keeps them a little longer.
     pub fn forget_deliveries(&self, deliveries: &[Delivery]) -> Result<(), OutboxError> {
+        let store = self.store()?;
         for d in deliveries {
             let expected = ingress::value(d.id.digest, d.receipt);
             // Err(CompareAndSwapError) means a newer recording is there: keep it.
-            let _ = self
+            let _ = store
                 .ingress
                 .compare_and_swap(d.id.key(), Some(&expected[..]), None::<&[u8]>)
                 .map_err(storage)?;
@@ -381,10 +526,11 @@ impl Outbox {
     /// Forgets every delivery of a source whose broker lost the session: nothing of it
     /// will be redelivered. Not flushed (see [`Outbox::forget_deliveries`]).
     pub fn forget_source(&self, source: &str) -> Result<usize, OutboxError> {
+        let store = self.store()?;
         let mut n = 0;
-        for item in self.ingress.scan_prefix(ingress::source_prefix(source)) {
+        for item in store.ingress.scan_prefix(ingress::source_prefix(source)) {
             let (k, _) = item.map_err(storage)?;
-            self.ingress.remove(k).map_err(storage)?;
+            store.ingress.remove(k).map_err(storage)?;
             n += 1;
         }
         Ok(n)
@@ -396,29 +542,29 @@ impl Outbox {
         if changed.is_empty() {
             return Ok(Vec::new());
         }
-        let this = self.clone();
-        let changed = run_blocking(move || {
-            for (r, _) in &changed {
-                this.messages
-                    .insert(key(r.id), encode(r)?)
-                    .map_err(storage)?;
-            }
-            for (r, old) in &changed {
-                if r.state.is_terminal() {
-                    if !old.is_terminal() {
-                        this.done
-                            .insert(done_key(r), &[state_byte(r.state)])
-                            .map_err(storage)?;
-                    }
-                    this.lanes
-                        .remove(lanes::key(&r.production_order, r.id))
+        let changed = self
+            .write_blocking(move |this| {
+                for (r, _) in &changed {
+                    this.messages
+                        .insert(key(r.id), encode(r)?)
                         .map_err(storage)?;
                 }
-            }
-            this.db.flush().map_err(storage)?;
-            Ok(changed)
-        })
-        .await?;
+                for (r, old) in &changed {
+                    if r.state.is_terminal() {
+                        if !old.is_terminal() {
+                            this.done
+                                .insert(done_key(r), &[state_byte(r.state)])
+                                .map_err(storage)?;
+                        }
+                        this.lanes
+                            .remove(lanes::key(&r.production_order, r.id))
+                            .map_err(storage)?;
+                    }
+                }
+                this.db.flush().map_err(storage)?;
+                Ok(changed)
+            })
+            .await?;
         for (r, old) in &changed {
             self.count(Some(*old), Some(r.state));
         }
@@ -469,17 +615,27 @@ impl Outbox {
             changed.push((r, State::Sending));
         }
         let settled = changed.len();
+        let mut already_marked = Vec::new();
         for &id in mark {
             let mut r = self.get(id)?;
-            if r.state != State::Queued {
-                continue;
+            match r.state {
+                State::Queued => {}
+                // Marked by an earlier call whose write failed after this record reached
+                // the disk (the caller retries the same marks): its request never left,
+                // since requests leave only after a mark succeeds.
+                State::Sending => {
+                    already_marked.push(r);
+                    continue;
+                }
+                _ => continue,
             }
             r.state = State::Sending;
             r.updated_at = jiff::Timestamp::now();
             changed.push((r, State::Queued));
         }
         let mut written = self.write(changed).await?;
-        let marked = written.split_off(settled.min(written.len()));
+        let mut marked = written.split_off(settled.min(written.len()));
+        marked.append(&mut already_marked);
         Ok((written, marked))
     }
 
@@ -489,7 +645,7 @@ impl Outbox {
         order: &str,
         id: MessageId,
     ) -> Result<Option<MessageId>, OutboxError> {
-        lanes::after(&self.lanes, order, id)
+        lanes::after(&self.store()?.lanes, order, id)
     }
 
     /// The (order, id) of the first message of up to `limit` lanes, round-robin from the
@@ -501,7 +657,7 @@ impl Outbox {
         limit: usize,
         skip: impl Fn(&str) -> bool,
     ) -> Result<Vec<(String, MessageId)>, OutboxError> {
-        lanes::heads(&self.lanes, after, limit, skip)
+        lanes::heads(&self.store()?.lanes, after, limit, skip)
     }
 
     /// Messages left `sending` by a crash or a kill: settles each with what `decide`
@@ -526,12 +682,7 @@ impl Outbox {
     }
 
     pub fn get(&self, id: MessageId) -> Result<Record, OutboxError> {
-        let bytes = self
-            .messages
-            .get(key(id))
-            .map_err(storage)?
-            .ok_or(OutboxError::NotFound(id))?;
-        decode(&bytes).map_err(|e| storage(format!("message {id}: {e}")))
+        self.store()?.get(id)
     }
 
     /// The first message of up to `limit` orders' lanes, starting with the order after
@@ -542,15 +693,19 @@ impl Outbox {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<Record>, OutboxError> {
+        let store = self.store()?;
         loop {
             let mut out = Vec::new();
             let mut stale = false;
-            for (order, id) in lanes::heads(&self.lanes, after, limit, |_| false)? {
-                match self.get(id) {
+            for (order, id) in lanes::heads(&store.lanes, after, limit, |_| false)? {
+                match store.get(id) {
                     Ok(r) if !r.state.is_terminal() => out.push(r),
                     // A crash between writing a terminal record and removing its lane key.
                     Ok(_) | Err(OutboxError::NotFound(_)) => {
-                        self.lanes.remove(lanes::key(&order, id)).map_err(storage)?;
+                        store
+                            .lanes
+                            .remove(lanes::key(&order, id))
+                            .map_err(storage)?;
                         stale = true;
                     }
                     Err(e) => return Err(e),
@@ -564,7 +719,7 @@ impl Outbox {
 
     /// The ids of an order's lane (messages not yet delivered or cancelled), FIFO.
     pub fn lane(&self, order: &str) -> Result<Vec<MessageId>, OutboxError> {
-        lanes::lane(&self.lanes, order)
+        lanes::lane(&self.store()?.lanes, order)
     }
 
     /// All records in id order, optionally filtered.
@@ -574,7 +729,7 @@ impl Outbox {
         order: Option<&str>,
     ) -> Result<Vec<Record>, OutboxError> {
         let mut out = Vec::new();
-        for item in self.messages.iter() {
+        for item in self.store()?.messages.iter() {
             let (_, v) = item.map_err(storage)?;
             let Ok(r) = decode(&v) else { continue };
             if state.is_some_and(|s| s != r.state) || order.is_some_and(|o| o != r.production_order)
@@ -612,29 +767,29 @@ impl Outbox {
     /// Deletes delivered and cancelled messages last changed before `before`. One flush.
     /// Reads the done index only (no record is decoded).
     pub async fn prune(&self, before: jiff::Timestamp) -> Result<usize, OutboxError> {
-        let this = self.clone();
-        let removed = run_blocking(move || {
-            let end = time_key(before);
-            let mut removed = Vec::new();
-            for item in this.done.range(..end.as_slice()) {
-                let (k, v) = item.map_err(storage)?;
-                let Some(id) = k
-                    .get(8..16)
-                    .and_then(|b| b.try_into().ok())
-                    .map(u64::from_be_bytes)
-                else {
-                    continue;
-                };
-                this.messages.remove(key(id)).map_err(storage)?;
-                this.done.remove(&k).map_err(storage)?;
-                removed.push(state_from_byte(v.first().copied()));
-            }
-            if !removed.is_empty() {
-                this.db.flush().map_err(storage)?;
-            }
-            Ok(removed)
-        })
-        .await?;
+        let removed = self
+            .write_blocking(move |this| {
+                let end = time_key(before);
+                let mut removed = Vec::new();
+                for item in this.done.range(..end.as_slice()) {
+                    let (k, v) = item.map_err(storage)?;
+                    let Some(id) = k
+                        .get(8..16)
+                        .and_then(|b| b.try_into().ok())
+                        .map(u64::from_be_bytes)
+                    else {
+                        continue;
+                    };
+                    this.messages.remove(key(id)).map_err(storage)?;
+                    this.done.remove(&k).map_err(storage)?;
+                    removed.push(state_from_byte(v.first().copied()));
+                }
+                if !removed.is_empty() {
+                    this.db.flush().map_err(storage)?;
+                }
+                Ok(removed)
+            })
+            .await?;
         for s in &removed {
             self.count(*s, None);
         }
@@ -783,6 +938,48 @@ fn build_indexes(
                 corrupt.push(id);
             }
         }
+    }
+    Ok(())
+}
+
+/// sled 0.34 writes a snapshot as `snap.<lsn>.generating`, syncs it, then renames it; but at
+/// open it reads every `snap.*` file, the unfinished one included. A snapshot write that
+/// failed (a full disk: sled tries one at every open) leaves that file behind, empty or
+/// torn, and every later open then fails with "Read corrupted data" — even after space is
+/// freed. Such a file is garbage by construction (the rename is the commit), so it is
+/// removed before opening, under the same lock sled takes, so never under a running sled.
+fn remove_unfinished_snapshots(path: &Path) -> Result<(), OutboxError> {
+    let open_error = |cause| OutboxError::Open {
+        path: path.to_path_buf(),
+        cause,
+    };
+    let unfinished: Vec<PathBuf> = std::fs::read_dir(path)
+        .map_err(open_error)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("snap.") && n.ends_with(".generating"))
+        })
+        .collect();
+    if unfinished.is_empty() {
+        return Ok(());
+    }
+    let db_file = match std::fs::File::open(path.join("db")) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(open_error(e)),
+    };
+    // The very lock sled takes (fs2, sled's own dependency); released when `db_file` is
+    // closed, before sled opens.
+    if fs2::FileExt::try_lock_exclusive(&db_file).is_err() {
+        return Err(OutboxError::Locked {
+            path: path.to_path_buf(),
+        });
+    }
+    for file in unfinished {
+        tracing::warn!(file = %file.display(), "Removing an unfinished sled snapshot (left by a failed write, e.g. a full disk).");
+        std::fs::remove_file(&file).map_err(open_error)?;
     }
     Ok(())
 }
