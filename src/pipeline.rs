@@ -93,7 +93,8 @@ impl Pipeline {
                         break;
                     }
                     self.stats.events.fetch_add(n as u64, Ordering::Relaxed);
-                    self.apply_batch(&batch)
+                    let stored = self.redeliveries_stored(&batch).await;
+                    self.apply_batch(&batch, &stored)
                 }
                 _ = sleep(timer), if timer.is_some() => (self.engine.tick(jiff::Timestamp::now()), Vec::new()),
                 _ = heartbeat_ticks.tick() => continue,
@@ -116,22 +117,52 @@ impl Pipeline {
         self.persist(rest, Vec::new()).await;
     }
 
-    /// Runs the rules over a batch, leaving out redeliveries of what is already stored.
-    /// Returns what was built and the deliveries to record with it.
-    fn apply_batch(&mut self, batch: &[SourceEvent]) -> (Vec<Built>, Vec<Delivery>) {
+    /// The redelivered publishes of a batch whose result the outbox already holds. Asks
+    /// until the outbox can answer (it cannot while a failed disk is being reopened):
+    /// guessing "not stored" would report a piece twice, and nothing can be stored
+    /// meanwhile anyway.
+    async fn redeliveries_stored<'a>(&self, batch: &'a [SourceEvent]) -> HashSet<&'a DeliveryId> {
+        let mut wait = STORE_RETRY_MIN;
+        'ask: loop {
+            let mut stored = HashSet::new();
+            for d in batch.iter().filter_map(|e| e.delivery.as_ref()) {
+                if !d.redelivered {
+                    continue;
+                }
+                match self.outbox.holds_delivery(&d.id) {
+                    Ok(true) => {
+                        stored.insert(&d.id);
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(error = %e, retry_in_ms = wait.as_millis() as u64,
+                            "Cannot check the outbox for a redelivered message; waiting for it. Sources wait meanwhile.");
+                        self.heartbeat.sleep_beating(wait).await;
+                        wait = (wait * 2).min(STORE_RETRY_MAX);
+                        continue 'ask;
+                    }
+                }
+            }
+            return stored;
+        }
+    }
+
+    /// Runs the rules over a batch, leaving out redeliveries of what is already stored
+    /// (`stored`) or earlier in the batch. Returns what was built and the deliveries to
+    /// record with it.
+    fn apply_batch(
+        &mut self,
+        batch: &[SourceEvent],
+        stored: &HashSet<&DeliveryId>,
+    ) -> (Vec<Built>, Vec<Delivery>) {
         let mut built = Vec::new();
         let mut deliveries = Vec::new();
         let mut in_batch: HashSet<&DeliveryId> = HashSet::new();
         for e in batch {
             if let Some(d) = &e.delivery {
-                let duplicate = d.redelivered
-                    && (in_batch.contains(&d.id)
-                        || self.outbox.holds_delivery(&d.id).unwrap_or_else(|err| {
-                            // Cannot tell: process it (a lost piece is worse than a
-                            // doubtful one, and the error is in the log).
-                            tracing::error!(error = %err, "Cannot check for a redelivery; processing the message.");
-                            false
-                        }));
+                let duplicate =
+                    d.redelivered && (in_batch.contains(&d.id) || stored.contains(&d.id));
                 // Recorded again even when it is a duplicate: the new receipt is what
                 // the source forgets once the broker confirms this acknowledgement.
                 deliveries.push(d.clone());
@@ -158,11 +189,11 @@ impl Pipeline {
             return;
         }
         let records = self
-            .store(Ingest {
+            .store(Ingest::new(
                 messages,
-                state: state.map(|s| (RULES_STATE.to_string(), s)),
+                state.map(|s| (RULES_STATE.to_string(), s)),
                 deliveries,
-            })
+            ))
             .await;
         if records.is_empty() {
             return;
@@ -207,12 +238,12 @@ impl Pipeline {
             match self.outbox.commit_shared(ingest.clone()).await {
                 Ok(records) => return records,
                 Err(e) => {
-                    // Retrying is progress of a kind: keep the watchdog fed, the disk may come back.
-                    self.heartbeat.beat();
                     self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
                     tracing::error!(error = %e, messages = ingest.messages.len(), retry_in_ms = wait.as_millis() as u64,
                         "Cannot store messages in the outbox; keeping them in memory and retrying. Sources wait meanwhile.");
-                    tokio::time::sleep(wait).await;
+                    // Waiting for the disk is progress of a kind: keep the watchdog fed
+                    // (a restart would not free space, and would feed the uncertain path).
+                    self.heartbeat.sleep_beating(wait).await;
                     wait = (wait * 2).min(STORE_RETRY_MAX);
                 }
             }

@@ -120,6 +120,20 @@ impl Heartbeat {
         self.period
     }
 
+    /// Waits `wait`, beating every period meanwhile: for a loop that waits on purpose (for
+    /// the disk to take writes again, for a backoff) and is not hung.
+    pub async fn sleep_beating(&self, wait: Duration) {
+        let pause = tokio::time::sleep(wait);
+        tokio::pin!(pause);
+        let mut ticks = tokio::time::interval(self.period);
+        loop {
+            tokio::select! {
+                _ = &mut pause => return,
+                _ = ticks.tick() => self.beat(),
+            }
+        }
+    }
+
     fn age(&self) -> Option<Duration> {
         match self.last.load(Ordering::Relaxed) {
             FINISHED => None,

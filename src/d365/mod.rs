@@ -127,6 +127,8 @@ struct Lanes {
     held: HashSet<MessageId>,
     /// Consecutive failures to get a token from an unreachable endpoint.
     token_failures: u32,
+    /// The last attempt to read the lanes failed (reported once per incident).
+    unreadable: bool,
 }
 
 impl Dispatcher {
@@ -220,7 +222,23 @@ impl Dispatcher {
                 lanes.paused_until = None;
                 let settling: HashSet<MessageId> =
                     judged.settlements.iter().map(|s| s.id).collect();
-                let (p, wake_at) = self.pick(&mut lanes, now, &judged.delivered, &settling)?;
+                let (p, wake_at) = match self.pick(&mut lanes, now, &judged.delivered, &settling) {
+                    Ok(picked) => {
+                        if std::mem::take(&mut lanes.unreadable) {
+                            tracing::info!("The outbox can be read again; delivering.");
+                        }
+                        picked
+                    }
+                    // The outbox is being reopened after a write error (a full disk):
+                    // nothing goes out until it can be read; the outcomes below are
+                    // kept by write_turn until they are written.
+                    Err(e) => {
+                        if !std::mem::replace(&mut lanes.unreadable, true) {
+                            tracing::error!(error = %e, "Cannot read the outbox; nothing is sent until it can be read again.");
+                        }
+                        (Vec::new(), now.checked_add(STORE_RETRY_MIN))
+                    }
+                };
                 next_wake = wake_at;
                 if !p.is_empty() {
                     match self.token(&cancel).await {
@@ -385,19 +403,15 @@ impl Dispatcher {
                     tracing::error!(error = %e, outcomes = settlements.len(), retry_in_ms = wait.as_millis() as u64,
                         "Cannot record delivery outcomes in the outbox; keeping them and retrying. Nothing is sent meanwhile.");
                     marks = &[];
-                    let mut ticks = tokio::time::interval(
-                        self.heartbeat
-                            .as_ref()
-                            .map_or(crate::systemd::DEFAULT_HEARTBEAT_PERIOD, Heartbeat::period),
-                    );
-                    let pause = tokio::time::sleep(wait);
-                    tokio::pin!(pause);
-                    loop {
-                        tokio::select! {
-                            _ = &mut pause => break,
-                            _ = cancel.cancelled() => return None,
-                            _ = ticks.tick() => self.beat(),
+                    let pause = async {
+                        match &self.heartbeat {
+                            Some(hb) => hb.sleep_beating(wait).await,
+                            None => tokio::time::sleep(wait).await,
                         }
+                    };
+                    tokio::select! {
+                        _ = pause => {}
+                        _ = cancel.cancelled() => return None,
                     }
                     wait = (wait * 2).min(STORE_RETRY_MAX);
                 }

@@ -691,13 +691,22 @@ impl Gateway {
 /// settles the messages the kill left `sending` as an operator would (resolved where the
 /// fake has them, sent again where not), with the CLI. Returns (resolved, retried).
 pub async fn settle_interrupted(fake: &FakeD365, config_dir: &std::path::Path) -> (usize, usize) {
+    settle_interrupted_in(fake, config_dir, &config_dir.join("data")).await
+}
+
+/// [`settle_interrupted`] for a configuration whose `data_dir` is `data_dir`.
+pub async fn settle_interrupted_in(
+    fake: &FakeD365,
+    config_dir: &std::path::Path,
+    data_dir: &std::path::Path,
+) -> (usize, usize) {
     fake.wait_idle().await;
     let accepted: HashSet<u64> = fake
         .accepted()
         .iter()
         .filter_map(|r| r.message_id)
         .collect();
-    let sending = Outbox::open(&config_dir.join("data"))
+    let sending = Outbox::open(data_dir)
         .unwrap()
         .list(Some(State::Sending), None)
         .unwrap();
@@ -709,5 +718,6 @@ pub fn report(order: &str, quantity: u32) -> serde_json::Value {
     serde_json::json!({"ProductionOrderNumber": order, "ReportFinishedLines": [{"ItemNumber": "A0001", "ReportedGoodQuantity": quantity}]})
 }
 pub mod device;
+pub mod disk;
 pub mod mqtt;
 pub mod process;

@@ -96,6 +96,18 @@ impl Running {
         }
     }
 
+    /// Waits for the process to exit on its own (a start that fails); its exit code.
+    pub async fn child_exit_code(mut self) -> i32 {
+        let status = tokio::time::timeout(Duration::from_secs(60), self.child.wait())
+            .await
+            .expect("gateway exits")
+            .unwrap();
+        for r in self.readers {
+            let _ = r.await;
+        }
+        status.code().unwrap_or(-1)
+    }
+
     /// SIGTERM, then the exit code.
     pub async fn terminate(mut self) -> i32 {
         // SAFETY: kill(2) with a pid we own and a valid signal number has no memory effects.
@@ -120,8 +132,14 @@ pub fn start(args: &[&str], output: &Output) -> Running {
 
 /// Starts `mes-gateway ARGS` with the log filter `log` (`info` is what a plant runs).
 pub fn start_logging(args: &[&str], output: &Output, log: &str) -> Running {
+    start_with_env(args, output, log, &[])
+}
+
+/// [`start_logging`] with extra environment variables (e.g. systemd's `NOTIFY_SOCKET`).
+pub fn start_with_env(args: &[&str], output: &Output, log: &str, env: &[(&str, &str)]) -> Running {
     let mut child = Command::new(BIN)
         .args(args)
+        .envs(env.iter().copied())
         .env("MES_GATEWAY_LOG", log)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
