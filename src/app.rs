@@ -336,5 +336,16 @@ async fn prune_loop(outbox: Outbox, storage: config::StorageConfig, cancel: Canc
             ),
             Err(e) => tracing::warn!(error = %e, "Pruning the outbox failed; will try again."),
         }
+        match outbox.compact_if_worthwhile().await {
+            Ok(None) => {}
+            Ok(Some((before, after))) => tracing::info!(
+                before_mib = before / (1024 * 1024),
+                after_mib = after / (1024 * 1024),
+                "Compacted the outbox: gave back the disk a drained backlog used."
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "Compacting the outbox failed; will try again after the next pruning.")
+            }
+        }
     }
 }

@@ -132,6 +132,9 @@ pub enum OutboxCommand {
         #[command(flatten)]
         by: By,
     },
+    /// Rewrite the store to give back the disk a drained backlog used (the running
+    /// gateway does this by itself after pruning when it is worth it). Crash-safe.
+    Compact,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -451,8 +454,20 @@ async fn outbox_command(
                 r.id, r.production_order
             );
         }
+        OutboxCommand::Compact => {
+            let (before, after) = outbox.compact().await?;
+            println!(
+                "outbox compacted: {:.1} MiB on disk before, {:.1} MiB after",
+                mib(before),
+                mib(after)
+            );
+        }
     }
     Ok(())
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
 }
 
 fn print_record(r: &Record) -> Result<(), CliError> {

@@ -62,6 +62,7 @@
 //! - Memory: per-state counts and nothing that grows with the backlog.
 //! - sled types never leave this module.
 
+mod compact;
 mod ingress;
 mod lanes;
 mod record;
@@ -176,6 +177,14 @@ pub struct Settlement {
 /// messages, 8 MiB 52 MiB at the same speed, 4 MiB cost 30 % of the throughput.
 const CACHE_BYTES: u64 = 8 * 1024 * 1024;
 
+/// Compaction thresholds (see [`Outbox::compact_if_worthwhile`]). A record with its
+/// history takes well under 1 KiB in sled; the estimate errs on the large side so a store
+/// full of live messages is never rewritten for nothing.
+const COMPACT_MIN: u64 = 64 * 1024 * 1024;
+const COMPACT_RATIO: u64 = 4;
+const RECORD_BYTES_ESTIMATE: u64 = 1024;
+const COMPACT_MAX_RECORDS: usize = 10_000;
+
 /// Who the gateway is in a message's history.
 pub const GATEWAY: &str = "gateway";
 
@@ -209,6 +218,9 @@ struct Store {
     ingress: sled::Tree,
     done: sled::Tree,
     state: sled::Tree,
+    /// Every id of this store is above this (a compacted store continues the ids of the
+    /// store it replaced; see compact.rs).
+    id_floor: u64,
 }
 
 impl Store {
@@ -235,12 +247,19 @@ impl Store {
                 },
                 other => storage(other),
             })?;
+        let state = db.open_tree("state").map_err(storage)?;
+        let id_floor = state
+            .get(compact::ID_FLOOR)
+            .map_err(storage)?
+            .and_then(|v| v.as_ref().try_into().ok())
+            .map_or(0, u64::from_be_bytes);
         let store = Store {
             messages: db.open_tree("messages").map_err(storage)?,
             lanes: db.open_tree("lanes").map_err(storage)?,
             ingress: db.open_tree("ingress").map_err(storage)?,
             done: db.open_tree("done").map_err(storage)?,
-            state: db.open_tree("state").map_err(storage)?,
+            state,
+            id_floor,
             db,
         };
         if store.state.get(INDEXED).map_err(storage)?.is_none() {
@@ -281,10 +300,13 @@ impl Outbox {
     /// invariants above).
     pub fn open(data_dir: &Path) -> Result<Outbox, OutboxError> {
         let path = data_dir.join("outbox");
-        std::fs::create_dir_all(&path).map_err(|cause| OutboxError::Open {
+        let open_error = |cause| OutboxError::Open {
             path: path.clone(),
             cause,
-        })?;
+        };
+        std::fs::create_dir_all(data_dir).map_err(open_error)?;
+        compact::finish_interrupted(data_dir).map_err(open_error)?;
+        std::fs::create_dir_all(&path).map_err(open_error)?;
         let mut corrupt = Vec::new();
         let store = Store::open(&path, &mut corrupt)?;
         let counts = store.count_states()?;
@@ -369,6 +391,88 @@ impl Outbox {
             result
         })
         .await
+    }
+
+    /// Disk use of the store, in bytes.
+    pub fn disk_bytes(&self) -> u64 {
+        compact::dir_bytes(&self.path)
+    }
+
+    /// Rewrites the store into a fresh one when it takes far more disk than what it holds
+    /// (sled keeps its high-water mark after a drained backlog): more than `COMPACT_MIN`
+    /// and more than `COMPACT_RATIO` times an estimate of the live data, and only once the
+    /// backlog is gone (at most `COMPACT_MAX_RECORDS` records: copying them holds every
+    /// other operation back for well under a second). Returns the disk
+    /// use before and after, or `None` when it was not worth it. See compact.rs.
+    pub async fn compact_if_worthwhile(&self) -> Result<Option<(u64, u64)>, OutboxError> {
+        let records: usize = self.counts().values().sum();
+        if records > COMPACT_MAX_RECORDS {
+            return Ok(None);
+        }
+        let before = self.disk_bytes();
+        let live_estimate = records as u64 * RECORD_BYTES_ESTIMATE;
+        if before <= COMPACT_MIN || before <= COMPACT_RATIO * live_estimate {
+            return Ok(None);
+        }
+        self.compact().await.map(Some)
+    }
+
+    /// Rewrites the store into a fresh one (crash-safe; see compact.rs). Every other
+    /// operation waits meanwhile. Returns the disk use before and after, in bytes.
+    pub async fn compact(&self) -> Result<(u64, u64), OutboxError> {
+        let this = self.clone();
+        run_blocking(move || this.compact_blocking()).await
+    }
+
+    fn compact_blocking(&self) -> Result<(u64, u64), OutboxError> {
+        let _only_one = self.reopening.lock().unwrap_or_else(|p| p.into_inner());
+        // Held until the new store is in place: no operation starts meanwhile.
+        let mut slot = self.store.write().unwrap_or_else(|p| p.into_inner());
+        let Some(live) = slot.as_ref() else {
+            return Err(storage("the outbox is being reopened after a write error"));
+        };
+        // Operations that started before hold the store; wait until they are done.
+        let deadline = std::time::Instant::now() + REOPEN_WAIT;
+        while Arc::strong_count(live) > 1 {
+            if std::time::Instant::now() > deadline {
+                return Err(storage(
+                    "cannot compact the outbox: it stays busy; trying again later",
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let before = self.disk_bytes();
+        let data_dir = self.path.parent().unwrap_or(Path::new("."));
+        compact::build_copy(live, data_dir)?;
+        // Close the live store (its lock and files go with it), then swap directories.
+        drop(slot.take());
+        let swapped = compact::swap(data_dir).map_err(|e| {
+            storage(format!(
+                "{}: swapping in the compacted store: {e}",
+                data_dir.display()
+            ))
+        });
+        // Whatever happened, open what is now the live store (finishing an interrupted
+        // swap first), so the outbox goes on.
+        let reopened = compact::finish_interrupted(data_dir)
+            .map_err(|cause| OutboxError::Open {
+                path: self.path.clone(),
+                cause,
+            })
+            .and_then(|()| Store::open(&self.path, &mut Vec::new()));
+        match reopened {
+            Ok(store) => {
+                *self.counts.lock().unwrap_or_else(|p| p.into_inner()) = store.count_states()?;
+                *slot = Some(Arc::new(store));
+            }
+            Err(e) => {
+                // Leave it to the next operation to open the store again.
+                self.broken.store(true, Ordering::Release);
+                return Err(e);
+            }
+        }
+        swapped?;
+        Ok((before, self.disk_bytes()))
     }
 
     pub fn path(&self) -> &Path {
@@ -456,7 +560,10 @@ impl Outbox {
                         let records = ingest
                             .messages
                             .iter()
-                            .map(|m| Ok(Record::new(store.db.generate_id()? + 1, m, now)))
+                            .map(|m| {
+                                let id = store.id_floor + store.db.generate_id()? + 1;
+                                Ok(Record::new(id, m, now))
+                            })
                             .collect::<Result<Vec<Record>, sled::Error>>()
                             .map_err(storage)?;
                         ingest.prepared.get_or_init(|| records)

@@ -364,3 +364,183 @@ async fn a_store_without_indexes_gets_them_built_at_the_first_open() {
     let future = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(60);
     assert_eq!(outbox.prune(future).await.unwrap(), 1);
 }
+
+type Snapshot = (Vec<Record>, BTreeMap<State, usize>, Vec<Vec<MessageId>>);
+
+/// Compares two snapshots, naming the first difference (not printing thousands of records).
+fn assert_same(got: &Snapshot, want: &Snapshot, what: &str) {
+    assert_eq!(got.0.len(), want.0.len(), "{what}: number of records");
+    if let Some((g, w)) = got.0.iter().zip(&want.0).find(|(g, w)| g != w) {
+        panic!("{what}: record differs:\n got {g:?}\nwant {w:?}");
+    }
+    assert_eq!(got.1, want.1, "{what}: counts");
+    for (i, (g, w)) in got.2.iter().zip(&want.2).enumerate() {
+        assert!(
+            g == w,
+            "{what}: lane {i}: {} ids, want {}",
+            g.len(),
+            w.len()
+        );
+    }
+}
+
+/// Everything an outbox answers, to compare a store before and after compaction.
+fn snapshot(outbox: &Outbox) -> Snapshot {
+    let lanes = ["A", "B", "C"]
+        .iter()
+        .map(|o| outbox.lane(o).unwrap())
+        .collect();
+    let mut counts = outbox.counts();
+    counts.retain(|_, n| *n > 0);
+    (outbox.list(None, None).unwrap(), counts, lanes)
+}
+
+/// A store with a drained backlog behind it: `n` messages over three orders, the first
+/// two thirds delivered and pruned, a few left queued, one failed, rules state and an
+/// upstream delivery recorded.
+async fn drained_store(outbox: &Outbox, n: u32) -> Delivery {
+    let orders = ["A", "B", "C"];
+    for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
+        let recs = outbox
+            .append(
+                chunk
+                    .iter()
+                    .map(|&i| msg(orders[i as usize % 3], i))
+                    .collect(),
+            )
+            .await
+            .unwrap();
+        let deliver: Vec<MessageId> = recs
+            .iter()
+            .filter(|r| (r.id as u32) < n * 2 / 3)
+            .map(|r| r.id)
+            .collect();
+        outbox.mark_sending(&deliver).await.unwrap();
+        outbox
+            .settle(
+                deliver
+                    .iter()
+                    .map(|&id| settled(id, Settle::Delivered))
+                    .collect(),
+            )
+            .await
+            .unwrap();
+    }
+    outbox
+        .prune(jiff::Timestamp::now() + jiff::SignedDuration::from_secs(60))
+        .await
+        .unwrap();
+    let head = outbox.lane("A").unwrap()[0];
+    outbox.mark_sending(&[head]).await.unwrap();
+    outbox
+        .settle(vec![settled(
+            head,
+            Settle::Failed {
+                reason: "HTTP 400".into(),
+            },
+        )])
+        .await
+        .unwrap();
+    let delivery = Delivery {
+        id: DeliveryId::of_publish("mqtt:plc".into(), 9, "line1/count", b"1"),
+        redelivered: false,
+        receipt: 1,
+    };
+    outbox
+        .commit(Ingest::new(
+            Vec::new(),
+            Some(("rules".into(), b"{\"counters\":1}".to_vec())),
+            vec![delivery.clone()],
+        ))
+        .await
+        .unwrap();
+    delivery
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn compaction_keeps_every_record_lane_state_and_delivery_and_gives_back_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(dir.path()).unwrap();
+    let delivery = drained_store(&outbox, 30_000).await;
+    let before = snapshot(&outbox);
+    let max_id = before.0.iter().map(|r| r.id).max().unwrap();
+
+    let (bytes_before, bytes_after) = outbox.compact().await.unwrap();
+    assert!(
+        bytes_after * 2 < bytes_before,
+        "{bytes_before} bytes before, {bytes_after} after"
+    );
+    assert_same(&snapshot(&outbox), &before, "after compaction");
+    assert!(outbox.holds_delivery(&delivery.id).unwrap());
+    assert_eq!(
+        outbox.load_state("rules").unwrap().as_deref(),
+        Some(&b"{\"counters\":1}"[..])
+    );
+    let new = outbox.append(vec![msg("B", 1)]).await.unwrap();
+    assert!(
+        new[0].id > max_id,
+        "ids keep growing: {} after {max_id}",
+        new[0].id
+    );
+    drop(outbox);
+
+    let reopened = Outbox::open(dir.path()).unwrap();
+    let mut expected = before.0.clone();
+    expected.extend(new);
+    assert!(
+        reopened.list(None, None).unwrap() == expected,
+        "after a reopen"
+    );
+    let later = reopened.append(vec![msg("C", 2)]).await.unwrap();
+    assert!(
+        later[0].id > expected.last().unwrap().id,
+        "after a reopen too"
+    );
+    assert!(!dir.path().join("outbox.compact").exists());
+    assert!(!dir.path().join("outbox.old").exists());
+}
+
+/// A crash at each step of a compaction leaves a store that opens with everything in it.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_interrupted_compaction_is_finished_or_undone_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    let expected = {
+        let outbox = Outbox::open(data).unwrap();
+        drained_store(&outbox, 3_000).await;
+        snapshot(&outbox)
+    };
+    let live = data.join("outbox");
+    let compacting = data.join("outbox.compact");
+    let retired = data.join("outbox.old");
+    let build_copy = || {
+        let store = Store::open(&live, &mut Vec::new()).unwrap();
+        compact::build_copy(&store, data).unwrap();
+    };
+    let reopen_and_check = |step: &str| {
+        let outbox = Outbox::open(data).unwrap();
+        assert_same(
+            &snapshot(&outbox),
+            &expected,
+            &format!("after a crash {step}"),
+        );
+        assert!(!compacting.exists() && !retired.exists(), "{step}");
+    };
+
+    // Crash while copying: a copy without its COMPLETE marker.
+    build_copy();
+    std::fs::remove_file(compacting.join("COMPLETE")).unwrap();
+    reopen_and_check("while copying");
+    // Crash after the copy, before the swap.
+    build_copy();
+    reopen_and_check("after copying");
+    // Crash between the two renames: no live store, the copy complete.
+    build_copy();
+    std::fs::rename(&live, &retired).unwrap();
+    reopen_and_check("between the renames");
+    // Crash after the swap, before the old store is removed.
+    build_copy();
+    std::fs::rename(&live, &retired).unwrap();
+    std::fs::rename(&compacting, &live).unwrap();
+    reopen_and_check("before removing the old store");
+}
