@@ -210,6 +210,10 @@ pub struct Outbox {
 /// How long [`Outbox::reopen`] waits for operations still using the failed database.
 const REOPEN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// How long opening waits for a directory lock before reporting it as held by another
+/// process.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// One open sled database and its trees.
 struct Store {
     db: sled::Db,
@@ -224,7 +228,22 @@ struct Store {
 }
 
 impl Store {
+    /// Opens the store; waits up to `LOCK_WAIT` for a lock that this process's last use of
+    /// the store may still hold (sled's background writes finish after the last handle is
+    /// dropped, so an immediate reopen can find the directory still locked).
     fn open(path: &Path, corrupt: &mut Vec<MessageId>) -> Result<Store, OutboxError> {
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        loop {
+            match Store::open_once(path, corrupt) {
+                Err(OutboxError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn open_once(path: &Path, corrupt: &mut Vec<MessageId>) -> Result<Store, OutboxError> {
         remove_unfinished_snapshots(path)?;
         let db = sled::Config::new()
             .path(path)
