@@ -157,6 +157,97 @@ async fn scenario(name: &str, run: Run) {
     );
 }
 
+fn dir_mib(dir: &Path) -> f64 {
+    let out = std::process::Command::new("du")
+        .arg("-sk")
+        .arg(dir)
+        .output()
+        .expect("du");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .and_then(|k| k.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+/// A week's outage: `per_order` × 50 ReportFinished messages already queued in the outbox
+/// when the gateway starts. Prints the time to open the store, the drain rate with D365
+/// back, the gateway's peak RSS, and the store's disk use before and after the drained
+/// backlog is pruned (retention 1 s here) and compacted.
+async fn backlog(name: &str, per_order: u32) {
+    let broker = Mosquitto::start_durable().await;
+    let fake = FakeD365::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    write_burst_config(tmp.path(), &fake, &broker.url(), "");
+    let main = tmp.path().join("gateway.yaml");
+    let yaml = std::fs::read_to_string(&main).unwrap().replace(
+        "storage:\n  data_dir: data\n",
+        "storage:\n  data_dir: data\n  retention: 1s\n  prune_interval: 1s\n",
+    );
+    std::fs::write(&main, yaml).unwrap();
+    let data = tmp.path().join("data");
+    let total = ORDERS * per_order as usize;
+    let filled = Instant::now();
+    {
+        let outbox = mes_gateway::outbox::Outbox::open(&data).unwrap();
+        let orders = orders();
+        let mut first = 1;
+        while first <= per_order {
+            let last = (first + 19).min(per_order);
+            let batch = (first..=last)
+                .flat_map(|q| {
+                    orders.iter().map(move |o| mes_gateway::outbox::NewMessage {
+                        production_order: o.clone(),
+                        message_type: "ProdProductionOrderReportFinished".into(),
+                        content: support::report(o, q).to_string(),
+                        origin: "bench".into(),
+                    })
+                })
+                .collect();
+            outbox.append(batch).await.unwrap();
+            first = last + 1;
+        }
+    }
+    let fill_rate = total as f64 / filled.elapsed().as_secs_f64();
+    let disk_full_backlog = dir_mib(&data.join("outbox"));
+
+    let out = Output::new();
+    let started = Instant::now();
+    let gw = process::start_logging(&["run", "-c", path_str(tmp.path())], &out, "info");
+    out.wait_for("Outbox open.").await;
+    let open = started.elapsed();
+    let pid = gw.pid();
+    let (rss_open, _) = rss_mib(pid);
+    let cpu0 = cpu_seconds(pid);
+    fake.wait_accepted_count(total).await;
+    let drain = started.elapsed() - open;
+    let cpu = cpu_seconds(pid) - cpu0;
+    let (_, peak) = rss_mib(pid);
+    let count = count_burst(&fake, u64::from(per_order));
+    assert_eq!(
+        count, EXACT,
+        "{name}: lost, duplicated or reordered messages"
+    );
+    let compacted = if disk_full_backlog > 64.0 {
+        out.wait_for("Compacted the outbox").await;
+        "compacted"
+    } else {
+        "too small to compact"
+    };
+    let disk_after = dir_mib(&data.join("outbox"));
+    let exit = gw.terminate().await;
+    println!(
+        "{name:<44} {total:>7} msgs  queued at {fill_rate:.0} msg/s, {disk_full_backlog:.0} MiB on disk  open {:.2} s (rss {rss_open:.1} MiB)  drained at {:.0} msg/s  lost {} dup {} disorder {}  cpu {cpu:.1} s ({:.0} µs/msg)  rss peak {peak:.1} MiB  disk after the drain {disk_after:.1} MiB ({compacted})  exit {exit}",
+        open.as_secs_f64(),
+        total as f64 / drain.as_secs_f64(),
+        count.lost,
+        count.duplicates,
+        count.out_of_order.len(),
+        cpu * 1e6 / total as f64,
+    );
+}
+
 fn main() {
     // `cargo bench` passes --bench: the full figures. `cargo test --all-targets` runs the
     // same scenarios small, as a smoke test that still fails on a lost or doubled impulse.
@@ -203,5 +294,9 @@ fn main() {
             continue;
         }
         rt.block_on(scenario(name, run));
+    }
+    let name = "1M backlog (a week's outage), D365 back";
+    if only.as_deref().is_none_or(|o| name.contains(o)) {
+        rt.block_on(backlog(name, size(20_000)));
     }
 }

@@ -720,4 +720,5 @@ pub fn report(order: &str, quantity: u32) -> serde_json::Value {
 pub mod device;
 pub mod disk;
 pub mod mqtt;
+pub mod plc;
 pub mod process;
