@@ -136,7 +136,7 @@ impl EdgeState {
         now: jiff::Timestamp,
     ) -> Option<jiff::Timestamp> {
         let (level, since) = self.pending?;
-        let stable_at = since + debounce;
+        let stable_at = later(since, debounce);
         if now < stable_at {
             return None;
         }
@@ -175,8 +175,17 @@ impl EdgeState {
 
     /// When a pending level will be stable, for the engine's timer.
     pub fn deadline(&self, debounce: Duration) -> Option<jiff::Timestamp> {
-        self.pending.map(|(_, since)| since + debounce)
+        self.pending.map(|(_, since)| later(since, debounce))
     }
+}
+
+/// `at + d`, or the end of representable time: a timestamp near the end of jiff's range
+/// (a device's clock, a test) must not make the time arithmetic panic.
+pub fn later(at: jiff::Timestamp, d: Duration) -> jiff::Timestamp {
+    jiff::SignedDuration::try_from(d)
+        .ok()
+        .and_then(|d| at.checked_add(d).ok())
+        .unwrap_or(jiff::Timestamp::MAX)
 }
 
 /// The quantity a counter register has counted since `last`. `max` is the largest value

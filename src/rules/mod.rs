@@ -722,7 +722,7 @@ impl Engine {
             .filter(|(_, acc)| {
                 self.rule_index(&acc.rule)
                     .and_then(|i| self.rules[i].aggregate.as_ref()?.interval)
-                    .is_some_and(|interval| now >= acc.opened_at + interval)
+                    .is_some_and(|interval| now >= matcher::later(acc.opened_at, interval))
             })
             .map(|(k, _)| k.clone())
             .collect();
@@ -749,7 +749,7 @@ impl Engine {
                 .aggregate
                 .as_ref()?
                 .interval?;
-            Some(acc.opened_at + interval)
+            Some(matcher::later(acc.opened_at, interval))
         });
         edges.chain(aggregates).min()
     }
