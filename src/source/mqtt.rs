@@ -299,6 +299,8 @@ impl MqttSource {
                             // Not taken: not acked, the broker sends it again after the restart.
                             continue;
                         }
+                        tracing::trace!(source = %id, topic = %publish.topic, pkid = publish.pkid, dup = publish.dup,
+                            payload = %String::from_utf8_lossy(&publish.payload[..publish.payload.len().min(32)]), "Publish received.");
                         if let Some(tx) = &acks_tx {
                             events.extend(self.accept(&id, publish, &mut acks, tx));
                         }

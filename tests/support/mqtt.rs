@@ -155,6 +155,14 @@ impl Mosquitto {
 
     async fn start_with(port: u16, extra: &str) -> Mosquitto {
         let dir = tempfile::tempdir().unwrap();
+        // Started as root, mosquitto drops to its own user: it must be able to write its
+        // persistence file here, or it logs "Permission denied" and a restart loses every
+        // session and queued message (which made broker-restart tests prove nothing).
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o777),
+        )
+        .unwrap();
         let conf = dir.path().join("mosquitto.conf");
         let persistence = if extra.contains("persistence true") {
             format!("persistence_location {}/\n", dir.path().display())

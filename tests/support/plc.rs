@@ -22,16 +22,26 @@ impl CounterPlc {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let plc = CounterPlc::default();
-        let service = plc.clone();
-        let server = tokio::spawn(async move {
+        let server = plc.serve(listener);
+        (plc, addr, server)
+    }
+
+    /// Serves this PLC (same counter) again on `addr`, as after a power cycle of its
+    /// Modbus gateway.
+    pub async fn restart(&self, addr: SocketAddr) -> tokio::task::JoinHandle<()> {
+        self.serve(TcpListener::bind(addr).await.unwrap())
+    }
+
+    fn serve(&self, listener: TcpListener) -> tokio::task::JoinHandle<()> {
+        let service = self.clone();
+        tokio::spawn(async move {
             let server = tokio_modbus::server::tcp::Server::new(listener);
             let on_connected = move |stream, _addr: SocketAddr| {
                 let service = service.clone();
                 async move { Ok(Some((service, stream))) }
             };
             let _ = server.serve(&on_connected, |_err| {}).await;
-        });
-        (plc, addr, server)
+        })
     }
 
     pub fn add(&self, pieces: u32) {
