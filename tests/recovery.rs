@@ -115,15 +115,11 @@ async fn plc_and_serial_adapter_restarts_under_mqtt_load_lose_nothing() {
     restarts_under_load(false).await;
 }
 
-/// Known defect, kept visible: with a truly persistent mosquitto (2.0.11) restarted under
-/// load, 1 run in 4–8 reports an impulse twice. Traced: after the restore the broker sent
-/// a queued publish (DUP 0) right after the reconnect, the gateway stored and acked it,
-/// and 270 ms later the broker sent the same packet id and payload again with DUP 1, on
-/// the same connection, after the gateway had forgotten the identity (it forgets once an
-/// UNSUBSCRIBE barrier confirms the broker processed the ack). Fix direction: keep
-/// confirmed identities for a short window before forgetting them.
+/// With a persistent mosquitto (2.0.11) restarted under load, the broker was seen sending
+/// a publish the gateway had stored and acknowledged a second time (DUP 1, same packet
+/// id, 270 ms after the ack was confirmed): 1 run in 4–8 reported an impulse twice until
+/// the MQTT source kept confirmed identities a moment longer (source/mqtt.rs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known defect: a persistent mosquitto restart can make one impulse arrive twice (see the doc comment)"]
 async fn broker_plc_and_serial_adapter_restarts_under_load_lose_nothing() {
     restarts_under_load(true).await;
 }
@@ -299,20 +295,20 @@ async fn restarts_under_load(restart_broker: bool) {
         pieces(&received, PLC_ORDER),
         pieces(&received, SERIAL_ORDER),
     );
-    if count != EXACT {
-        let mut seen = std::collections::HashMap::new();
-        for r in fake.accepted() {
-            if let Some(q) = r.content["ReportFinishedLines"][0]["ReportedGoodQuantity"].as_u64() {
-                *seen.entry((r.order.clone(), q)).or_insert(0) += 1;
-            }
+    assert_eq!((count.lost, count.duplicates), (0, 0), "{count:?}");
+    if restart_broker {
+        // mosquitto 2.0.11, after restoring its state, sends publishes queued while the
+        // gateway was away before it resends the ones still unacknowledged (seen in a
+        // TRACE log: packet 6683 with DUP 0, then 5342… with DUP 1). The gateway keeps
+        // the order it receives; the broker's order is not the publishers' here.
+        if !count.out_of_order.is_empty() {
+            println!(
+                "orders the broker handed over out of publish order: {:?}",
+                count.out_of_order
+            );
         }
-        let doubled: Vec<_> = seen
-            .iter()
-            .filter(|(_, n)| **n > 1)
-            .map(|(k, _)| k)
-            .collect();
-        std::fs::write("/tmp/recovery-gateway.log", out.text()).unwrap();
-        panic!("{count:?}: doubled {doubled:?}");
+    } else {
+        assert_eq!(count, EXACT);
     }
     assert_eq!(pieces(&received, PLC_ORDER), plc_count);
     assert_eq!(pieces(&received, SERIAL_ORDER), frame_count);
