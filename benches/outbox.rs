@@ -35,21 +35,6 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
-fn dir_size(path: &std::path::Path) -> u64 {
-    std::fs::read_dir(path)
-        .map(|entries| {
-            entries
-                .filter_map(Result::ok)
-                .map(|e| match e.metadata() {
-                    Ok(m) if m.is_dir() => dir_size(&e.path()),
-                    Ok(m) => m.len(),
-                    Err(_) => 0,
-                })
-                .sum()
-        })
-        .unwrap_or(0)
-}
-
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     let (per_size, backlog) = if full {
@@ -105,6 +90,6 @@ fn main() {
         open_time.as_secs_f64(),
         rss_after.saturating_sub(rss_before) / 1024,
         outbox.lane_heads(None, usize::MAX).unwrap().len(),
-        dir_size(dir.path()) / (1024 * 1024)
+        outbox.disk_bytes() / (1024 * 1024)
     );
 }

@@ -18,7 +18,7 @@ use support::mqtt::{
 };
 use support::plc::CounterPlc;
 use support::process::{self, path_str, Output};
-use support::{FakeD365, Received};
+use support::{pieces, FakeD365};
 
 const PLC_ORDER: &str = "PLC001";
 const SERIAL_ORDER: &str = "SER001";
@@ -67,18 +67,6 @@ async fn send_frame(device: &Path) -> bool {
         Ok(mut end) => end.write_all(b"\x01").await.is_ok() && end.flush().await.is_ok(),
         Err(_) => false,
     }
-}
-
-fn pieces(received: &[Received], order: &str) -> u32 {
-    received
-        .iter()
-        .filter(|r| r.order == order && r.status.is_some_and(|s| (200..300).contains(&s)))
-        .map(|r| {
-            r.content["ReportFinishedLines"][0]["ReportedGoodQuantity"]
-                .as_f64()
-                .expect("a quantity") as u32
-        })
-        .sum()
 }
 
 fn write_config(

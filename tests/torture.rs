@@ -169,13 +169,5 @@ const PLC_ORDER: &str = "PLC001";
 
 /// Pieces D365 accepted for the PLC's order.
 fn plc_pieces(received: &[support::Received]) -> u32 {
-    received
-        .iter()
-        .filter(|r| r.order == PLC_ORDER && r.status.is_some_and(|s| (200..300).contains(&s)))
-        .map(|r| {
-            r.content["ReportFinishedLines"][0]["ReportedGoodQuantity"]
-                .as_f64()
-                .expect("a quantity") as u32
-        })
-        .sum()
+    support::pieces(received, PLC_ORDER)
 }

@@ -713,6 +713,20 @@ pub async fn settle_interrupted_in(
     process::settle_doubtful(&accepted, process::path_str(config_dir), &sending).await
 }
 
+/// Pieces D365 accepted for `order` (the ReportedGoodQuantity of its ReportFinished
+/// messages, summed).
+pub fn pieces(received: &[Received], order: &str) -> u32 {
+    received
+        .iter()
+        .filter(|r| r.order == order && r.status.is_some_and(|s| (200..300).contains(&s)))
+        .map(|r| {
+            r.content["ReportFinishedLines"][0]["ReportedGoodQuantity"]
+                .as_f64()
+                .expect("a quantity") as u32
+        })
+        .sum()
+}
+
 /// A ReportFinished message for `order` whose quantity identifies it.
 pub fn report(order: &str, quantity: u32) -> serde_json::Value {
     serde_json::json!({"ProductionOrderNumber": order, "ReportFinishedLines": [{"ItemNumber": "A0001", "ReportedGoodQuantity": quantity}]})

@@ -102,6 +102,11 @@ impl Running {
             .await
             .expect("gateway exits")
             .unwrap();
+        self.finish(status).await
+    }
+
+    /// Collects the output readers after the process exited; its exit code.
+    async fn finish(self, status: std::process::ExitStatus) -> i32 {
         for r in self.readers {
             let _ = r.await;
         }
@@ -118,10 +123,7 @@ impl Running {
             .await
             .expect("gateway stops after SIGTERM")
             .unwrap();
-        for r in self.readers {
-            let _ = r.await;
-        }
-        status.code().unwrap_or(-1)
+        self.finish(status).await
     }
 }
 
