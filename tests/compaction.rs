@@ -104,7 +104,7 @@ async fn compaction_killed_at_any_moment_loses_nothing() {
         &format!("{}storage:\n  data_dir: data\n", d365_yaml(&fake)),
     );
     let pristine = tmp.path().join("pristine");
-    drained_store(&pristine, 60_000, 20_000).await;
+    drained_store(&pristine, 60_000, 10_000).await;
     let expected = contents(&pristine);
     let size_before = dir_mib(&pristine.join("outbox"));
 
