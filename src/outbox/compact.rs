@@ -91,15 +91,12 @@ fn copy_into(live: &Store, compacting: &Path) -> Result<(), OutboxError> {
     if compacting.exists() {
         std::fs::remove_dir_all(compacting).map_err(io)?;
     }
+    std::fs::create_dir_all(compacting).map_err(io)?;
     {
-        let db = sled::Config::new()
-            .path(compacting)
-            .cache_capacity(super::CACHE_BYTES)
-            .open()
-            .map_err(storage)?;
+        let copy = Store::open(compacting, &mut Vec::new())?;
         for name in TREES {
             let from = live.db.open_tree(name).map_err(storage)?;
-            let to = db.open_tree(name).map_err(storage)?;
+            let to = copy.db.open_tree(name).map_err(storage)?;
             let mut batch = sled::Batch::default();
             let mut in_batch = 0;
             for item in from.iter() {
@@ -116,11 +113,10 @@ fn copy_into(live: &Store, compacting: &Path) -> Result<(), OutboxError> {
         }
         // Ids of the new store start above every id handed out by the live one.
         let floor = live.id_floor + live.db.generate_id().map_err(storage)? + 1;
-        db.open_tree("state")
-            .map_err(storage)?
+        copy.state
             .insert(ID_FLOOR, &floor.to_be_bytes())
             .map_err(storage)?;
-        db.flush().map_err(storage)?;
+        copy.db.flush().map_err(storage)?;
     }
     sync_dir(compacting).map_err(io)?;
     let marker = compacting.join(COMPLETE);

@@ -191,7 +191,7 @@ pub const GATEWAY: &str = "gateway";
 /// Cheap to clone: all clones share the database and the counts.
 #[derive(Clone)]
 pub struct Outbox {
-    /// `None` only while [`Outbox::reopen`] swaps the database.
+    /// `None` only after a failed [`Outbox::replace_store`] (then `broken` is set).
     store: Arc<RwLock<Option<Arc<Store>>>>,
     /// A write failed. sled 0.34 then keeps the I/O error and refuses every later write
     /// (measured with a full tmpfs: freeing space does not help), so the next operation
@@ -352,45 +352,64 @@ impl Outbox {
             .ok_or_else(|| storage("the outbox is being reopened after a write error"))
     }
 
-    /// Replaces a database that refuses writes with a freshly opened one. sled locks its
-    /// directory, so the old one must be gone first: callers still holding it finish (their
-    /// operations fail fast) within `REOPEN_WAIT`, or this gives up and the next operation
-    /// tries again.
+    /// Replaces a database that refuses writes with a freshly opened one (see
+    /// [`Outbox::replace_store`]).
     fn reopen(&self) -> Result<(), OutboxError> {
         let _only_one = self.reopening.lock().unwrap_or_else(|p| p.into_inner());
         if !self.broken.load(Ordering::Acquire) {
             return Ok(()); // another caller did it while this one waited
         }
-        let old = self.store.write().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(old) = old {
-            let still_used = Arc::downgrade(&old);
-            drop(old);
+        self.replace_store(|_| Ok(()), || Ok(()))
+            .map_err(|e| storage(format!("cannot reopen the outbox after a write error: {e}")))?;
+        tracing::warn!(path = %self.path.display(), "Outbox reopened after a write error; writing again.");
+        Ok(())
+    }
+
+    /// Closes the open store and opens what is then at the outbox's path, with every other
+    /// operation held back (they wait on the store lock). Operations that started before
+    /// still hold the store: this waits up to `REOPEN_WAIT` for them, or gives up with the
+    /// store unchanged. `prepare` runs on the store before it is closed (when there is
+    /// one), `while_closed` after (sled locks its directory, so the old store must be gone
+    /// before the new one opens). If the new one cannot be opened the outbox is left
+    /// broken and the next operation tries again. Callers hold `reopening`.
+    fn replace_store<T>(
+        &self,
+        prepare: impl FnOnce(&Store) -> Result<(), OutboxError>,
+        while_closed: impl FnOnce() -> Result<T, OutboxError>,
+    ) -> Result<T, OutboxError> {
+        let mut slot = self.store.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(live) = slot.as_ref() {
             let deadline = std::time::Instant::now() + REOPEN_WAIT;
-            while still_used.strong_count() > 0 {
+            while Arc::strong_count(live) > 1 {
                 if std::time::Instant::now() > deadline {
-                    *self.store.write().unwrap_or_else(|p| p.into_inner()) = still_used.upgrade();
-                    return Err(storage("cannot reopen the outbox after a write error: it is still in use; trying again later"));
+                    return Err(storage("the outbox stays busy; trying again later"));
                 }
-                std::thread::sleep(std::time::Duration::from_millis(5));
+                std::thread::sleep(std::time::Duration::from_millis(1));
             }
+            prepare(live)?;
         }
-        let mut corrupt = Vec::new();
-        let opened = Store::open(&self.path, &mut corrupt).and_then(|store| {
-            let counts = store.count_states()?;
-            Ok((store, counts))
-        });
+        drop(slot.take());
+        let result = while_closed();
+        let data_dir = self.path.parent().unwrap_or(Path::new("."));
+        let opened = compact::finish_interrupted(data_dir)
+            .map_err(|cause| OutboxError::Open {
+                path: self.path.clone(),
+                cause,
+            })
+            .and_then(|()| Store::open(&self.path, &mut Vec::new()))
+            .and_then(|store| Ok((store.count_states()?, store)));
         match opened {
-            Ok((store, counts)) => {
+            Ok((counts, store)) => {
                 *self.counts.lock().unwrap_or_else(|p| p.into_inner()) = counts;
-                *self.store.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(store));
+                *slot = Some(Arc::new(store));
                 self.broken.store(false, Ordering::Release);
-                tracing::warn!(path = %self.path.display(), "Outbox reopened after a write error; writing again.");
-                Ok(())
             }
-            Err(e) => Err(storage(format!(
-                "cannot reopen the outbox after a write error: {e}"
-            ))),
+            Err(e) => {
+                self.broken.store(true, Ordering::Release);
+                return Err(e);
+            }
         }
+        result
     }
 
     /// Runs write work on a blocking thread; a storage error marks the database for
@@ -445,52 +464,22 @@ impl Outbox {
 
     fn compact_blocking(&self) -> Result<(u64, u64), OutboxError> {
         let _only_one = self.reopening.lock().unwrap_or_else(|p| p.into_inner());
-        // Held until the new store is in place: no operation starts meanwhile.
-        let mut slot = self.store.write().unwrap_or_else(|p| p.into_inner());
-        let Some(live) = slot.as_ref() else {
+        if self.broken.load(Ordering::Acquire) {
             return Err(storage("the outbox is being reopened after a write error"));
-        };
-        // Operations that started before hold the store; wait until they are done.
-        let deadline = std::time::Instant::now() + REOPEN_WAIT;
-        while Arc::strong_count(live) > 1 {
-            if std::time::Instant::now() > deadline {
-                return Err(storage(
-                    "cannot compact the outbox: it stays busy; trying again later",
-                ));
-            }
-            std::thread::sleep(std::time::Duration::from_millis(1));
         }
         let before = self.disk_bytes();
         let data_dir = self.path.parent().unwrap_or(Path::new("."));
-        compact::build_copy(live, data_dir)?;
-        // Close the live store (its lock and files go with it), then swap directories.
-        drop(slot.take());
-        let swapped = compact::swap(data_dir).map_err(|e| {
-            storage(format!(
-                "{}: swapping in the compacted store: {e}",
-                data_dir.display()
-            ))
-        });
-        // Whatever happened, open what is now the live store (finishing an interrupted
-        // swap first), so the outbox goes on.
-        let reopened = compact::finish_interrupted(data_dir)
-            .map_err(|cause| OutboxError::Open {
-                path: self.path.clone(),
-                cause,
-            })
-            .and_then(|()| Store::open(&self.path, &mut Vec::new()));
-        match reopened {
-            Ok(store) => {
-                *self.counts.lock().unwrap_or_else(|p| p.into_inner()) = store.count_states()?;
-                *slot = Some(Arc::new(store));
-            }
-            Err(e) => {
-                // Leave it to the next operation to open the store again.
-                self.broken.store(true, Ordering::Release);
-                return Err(e);
-            }
-        }
-        swapped?;
+        self.replace_store(
+            |live| compact::build_copy(live, data_dir),
+            || {
+                compact::swap(data_dir).map_err(|e| {
+                    storage(format!(
+                        "{}: swapping in the compacted store: {e}",
+                        data_dir.display()
+                    ))
+                })
+            },
+        )?;
         Ok((before, self.disk_bytes()))
     }
 
