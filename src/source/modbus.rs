@@ -48,6 +48,13 @@ struct Read {
     points: Vec<usize>,
 }
 
+impl Read {
+    /// One past the last address read.
+    fn end(&self) -> u32 {
+        u32::from(self.start) + u32::from(self.count)
+    }
+}
+
 /// Groups points into as few reads as possible.
 fn plan(config: &ModbusConfig) -> Vec<Read> {
     let mut groups: BTreeMap<(u8, u8, Duration), Vec<usize>> = BTreeMap::new();
@@ -69,10 +76,15 @@ fn plan(config: &ModbusConfig) -> Vec<Read> {
         let mut current: Option<Read> = None;
         for i in idx {
             let p = &config.points[i];
-            let end = p.address + p.width();
+            // In u32: the last address (65535) plus its width is past u16.
+            let end = u32::from(p.address) + u32::from(p.width());
             match &mut current {
-                Some(r) if p.address <= r.start + r.count + MAX_GAP && end - r.start <= limit => {
-                    r.count = r.count.max(end - r.start);
+                Some(r)
+                    if u32::from(p.address) <= r.end() + u32::from(MAX_GAP)
+                        && end - u32::from(r.start) <= u32::from(limit) =>
+                {
+                    // At most `limit`, so it fits.
+                    r.count = r.count.max((end - u32::from(r.start)) as u16);
                     r.points.push(i);
                 }
                 _ => {
@@ -264,7 +276,7 @@ impl ModbusSource {
                 read.unit,
                 read.kind,
                 read.start,
-                read.start + read.count
+                read.end()
             )
         };
         enum Raw {
@@ -392,6 +404,37 @@ mod tests {
                 (1, HoldingRegister, 12, 1, 1),
                 (1, HoldingRegister, 40, 1, 1),
                 (2, HoldingRegister, 10, 1, 1),
+            ]
+        );
+    }
+
+    /// Found by the configuration property test (tests/fuzz.rs): the last address plus
+    /// its width overflowed u16 and the source panicked.
+    #[test]
+    fn points_at_the_last_address_are_planned() {
+        use PointKind::*;
+        use PointType::*;
+        let config = ModbusConfig {
+            id: "plc".into(),
+            transport: ModbusTransport::Tcp("127.0.0.1:502".parse().unwrap()),
+            timeout: Duration::from_secs(1),
+            close_between_polls: false,
+            points: vec![
+                point("last-coil", 1, Coil, 65534, Bool, 100),
+                point("very-last-coil", 1, Coil, 65535, Bool, 100),
+                point("last-register", 1, HoldingRegister, 65535, U16, 100),
+            ],
+        };
+        let mut reads: Vec<(PointKind, u16, u16, u32, usize)> = plan(&config)
+            .iter()
+            .map(|r| (r.kind, r.start, r.count, r.end(), r.points.len()))
+            .collect();
+        reads.sort();
+        assert_eq!(
+            reads,
+            vec![
+                (Coil, 65534, 2, 65536, 2),
+                (HoldingRegister, 65535, 1, 65536, 1)
             ]
         );
     }
