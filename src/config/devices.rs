@@ -11,6 +11,9 @@ use serde::Deserialize;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawModbus {
+    /// The source type, read by the loader to choose this struct.
+    #[serde(rename = "type")]
+    pub kind: String,
     pub id: String,
     /// `host:port` of a Modbus TCP device.
     pub tcp: Option<String>,
@@ -330,6 +333,9 @@ pub fn modbus(raw: RawModbus, problems: &mut Problems) -> Option<ModbusConfig> {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawSerial {
+    /// The source type, read by the loader to choose this struct.
+    #[serde(rename = "type")]
+    pub kind: String,
     pub id: String,
     /// Prefer stable names: /dev/serial/by-id/...
     pub device: String,

@@ -1,9 +1,10 @@
 //! Configuration: `gateway.yaml` plus `rules.d/*.yaml` in one directory.
 //!
-//! Loading is parse-then-validate. Each file is parsed into a position-keeping YAML tree
-//! ([`yaml::Node`]); each section and each list element is deserialized on its own into
-//! the raw types of [`raw`], so one mistake does not hide the next; then `validate`
-//! checks values (URLs, limits, references between sections) and builds [`Config`].
+//! Loading is parse-then-validate. Each file is read with serde-saphyr
+//! ([`document::Document`]); each section and each list element is deserialized on its
+//! own into the raw types of [`raw`], so one mistake does not hide the next; then
+//! `validate` checks values (URLs, limits, references between sections) and builds
+//! [`Config`].
 //! Every problem found on the way is collected and reported together, each as
 //! `file:line:column: field.path: message`.
 //!
@@ -11,8 +12,8 @@
 //! `Debug` never shows the value. Error messages name the file or variable, never the value.
 
 pub mod devices;
+pub mod document;
 pub mod raw;
-pub mod yaml;
 
 pub use devices::{
     Framer, ModbusConfig, ModbusPoint, ModbusTransport, PointKind, PointType, SerialConfig,
@@ -26,9 +27,10 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
+pub use document::Mark;
+use document::{join_path, Document, Node, Shape};
 pub use raw::{AmbiguousPolicy, Edge, PayloadFormat, TokenApi};
 use raw::{RawD365, RawDispatcher, RawRule, RawSimulator, RawStorage};
-use yaml::{Mark, Node, NodeKind};
 
 use crate::message::FieldNames;
 
@@ -291,7 +293,7 @@ impl fmt::Display for ConfigErrors {
 /// A parsed file and the errors found in it so far.
 struct Doc {
     file: PathBuf,
-    node: Node,
+    yaml: Document,
 }
 
 #[derive(Default)]
@@ -301,7 +303,7 @@ impl Errors {
     fn at(&mut self, doc: &Doc, path: &str, message: impl Into<String>) {
         self.0.push(ConfigError {
             file: doc.file.clone(),
-            mark: Some(doc.node.locate(path)),
+            mark: Some(doc.yaml.locate(path)),
             path: path.to_string(),
             message: message.into(),
         });
@@ -316,30 +318,20 @@ impl Errors {
         });
     }
 
-    /// Deserializes `node` (found at `path` in `doc`) into `T`, recording any error.
-    fn parse<T: DeserializeOwned>(&mut self, doc: &Doc, node: &Node, path: &str) -> Option<T> {
-        match yaml::from_node::<T>(node) {
+    /// Deserializes the node at `path` in `doc` into `T`, recording any error.
+    fn parse<T: DeserializeOwned>(&mut self, doc: &Doc, path: &str) -> Option<T> {
+        match doc.yaml.parse_at::<T>(path) {
             Ok(v) => Some(v),
             Err(e) => {
-                let full = join_path(path, &e.path);
                 self.0.push(ConfigError {
                     file: doc.file.clone(),
                     mark: Some(e.mark),
-                    path: full,
+                    path: e.path,
                     message: e.message,
                 });
                 None
             }
         }
-    }
-}
-
-fn join_path(prefix: &str, rest: &str) -> String {
-    match (prefix.is_empty(), rest.is_empty()) {
-        (_, true) => prefix.to_string(),
-        (true, false) => rest.to_string(),
-        (false, false) if rest.starts_with('[') => format!("{prefix}{rest}"),
-        (false, false) => format!("{prefix}.{rest}"),
     }
 }
 
@@ -351,10 +343,10 @@ fn read_doc(file: &Path, errors: &mut Errors) -> Option<Doc> {
             return None;
         }
     };
-    match Node::parse(&text) {
-        Ok(node) => Some(Doc {
+    match Document::parse(text) {
+        Ok(yaml) => Some(Doc {
             file: file.to_path_buf(),
-            node,
+            yaml,
         }),
         Err(e) => {
             errors.0.push(ConfigError {
@@ -539,18 +531,17 @@ pub fn load_storage(dir: &Path) -> Result<(StorageConfig, FieldNames), ConfigErr
     let mut errors = Errors::default();
     let file = dir.join(MAIN_FILE);
     let loaded = read_doc(&file, &mut errors).map(|doc| {
-        let raw = match doc.node.get("storage") {
-            Some(node) => errors
-                .parse::<RawStorage>(&doc, node, "storage")
+        let raw = match doc.yaml.node("storage") {
+            Some(_) => errors
+                .parse::<RawStorage>(&doc, "storage")
                 .unwrap_or_default(),
             None => RawStorage::default(),
         };
         // The wire names of the journal fields, so edited content can be read back.
         let names = doc
-            .node
-            .get("d365")
-            .and_then(|d| d.get("field_names"))
-            .and_then(|node| errors.parse::<FieldNames>(&doc, node, "d365.field_names"))
+            .yaml
+            .node("d365.field_names")
+            .and_then(|_| errors.parse::<FieldNames>(&doc, "d365.field_names"))
             .unwrap_or_default();
         (validate_storage(dir, &doc, raw, &mut errors), names)
     });
@@ -576,7 +567,7 @@ fn validate(
     errors: &mut Errors,
 ) -> Option<Config> {
     let main = main?;
-    let Some(entries) = main.node.entries() else {
+    let Some(entries) = main.yaml.root.entries() else {
         errors.at(main, "", "the top level must be a mapping of sections");
         return None;
     };
@@ -588,8 +579,8 @@ fn validate(
     let mut time_zone = jiff::tz::TimeZone::system();
     let mut api_listen = None;
     let mut seen = HashSet::new();
-    for (key, value) in entries {
-        let name = key.as_str().unwrap_or_default();
+    for (name, value) in entries {
+        let name = name.as_str();
         if !seen.insert(name.to_string()) {
             errors.at(main, name, format!("duplicate section `{name}`"));
             continue;
@@ -597,22 +588,22 @@ fn validate(
         match name {
             "d365" => {
                 d365 = errors
-                    .parse::<RawD365>(main, value, "d365")
+                    .parse::<RawD365>(main, "d365")
                     .and_then(|raw| validate_d365(main, raw, errors))
             }
             "dispatcher" => {
-                if let Some(raw) = errors.parse::<RawDispatcher>(main, value, "dispatcher") {
+                if let Some(raw) = errors.parse::<RawDispatcher>(main, "dispatcher") {
                     dispatcher = validate_dispatcher(main, raw, errors);
                 }
             }
             "storage" => {
                 storage = errors
-                    .parse::<RawStorage>(main, value, "storage")
+                    .parse::<RawStorage>(main, "storage")
                     .map(|raw| validate_storage(dir, main, raw, errors))
             }
             "sources" => sources = validate_sources(main, value, errors),
             "api" => {
-                if let Some(raw) = errors.parse::<raw::RawApi>(main, value, "api") {
+                if let Some(raw) = errors.parse::<raw::RawApi>(main, "api") {
                     match raw
                         .listen
                         .as_deref()
@@ -632,7 +623,7 @@ fn validate(
                 }
             }
             "plant" => {
-                if let Some(raw) = errors.parse::<raw::RawPlant>(main, value, "plant") {
+                if let Some(raw) = errors.parse::<raw::RawPlant>(main, "plant") {
                     if let Some(name) = raw.time_zone {
                         match jiff::tz::TimeZone::get(&name) {
                             Ok(tz) => time_zone = tz,
@@ -642,7 +633,7 @@ fn validate(
                 }
             }
             "shutdown_grace" => {
-                if let Some(raw) = errors.parse::<String>(main, value, "shutdown_grace") {
+                if let Some(raw) = errors.parse::<String>(main, "shutdown_grace") {
                     shutdown_grace =
                         duration_field(main, errors, "shutdown_grace", Some(raw), shutdown_grace);
                 }
@@ -1239,7 +1230,7 @@ fn validate_mqtt(
 }
 
 fn validate_sources(doc: &Doc, node: &Node, errors: &mut Errors) -> Vec<SourceConfig> {
-    let NodeKind::Seq(items) = &node.kind else {
+    let Shape::Seq(items) = &node.shape else {
         if !node.is_null() {
             errors.at(doc, "sources", "must be a list of sources");
         }
@@ -1249,10 +1240,10 @@ fn validate_sources(doc: &Doc, node: &Node, errors: &mut Errors) -> Vec<SourceCo
     let mut ids = HashSet::new();
     for (i, item) in items.iter().enumerate() {
         let path = format!("sources[{i}]");
-        let Some(entries) = item.entries() else {
+        if item.entries().is_none() {
             errors.at(doc, &path, "each source must be a mapping with a `type`");
             continue;
-        };
+        }
         let Some(kind) = item.get("type").and_then(Node::as_str) else {
             errors.at(
                 doc,
@@ -1264,65 +1255,51 @@ fn validate_sources(doc: &Doc, node: &Node, errors: &mut Errors) -> Vec<SourceCo
             );
             continue;
         };
-        // The variant struct sees the mapping without its tag, so unknown-field checks
-        // and positions work as for any other struct.
-        let body = Node {
-            kind: NodeKind::Map(
-                entries
-                    .iter()
-                    .filter(|(k, _)| k.as_str() != Some("type"))
-                    .cloned()
-                    .collect(),
-            ),
-            mark: item.mark,
-        };
         let source = match kind {
-            "simulator" => errors
-                .parse::<RawSimulator>(doc, &body, &path)
-                .and_then(|raw| {
-                    let interval = duration_field(
+            "simulator" => errors.parse::<RawSimulator>(doc, &path).and_then(|raw| {
+                let interval = duration_field(
+                    doc,
+                    errors,
+                    &format!("{path}.interval"),
+                    Some(raw.interval),
+                    Duration::ZERO,
+                );
+                if interval.is_zero() {
+                    errors.at(
                         doc,
-                        errors,
                         &format!("{path}.interval"),
-                        Some(raw.interval),
-                        Duration::ZERO,
+                        "must be greater than zero",
                     );
-                    if interval.is_zero() {
-                        errors.at(
-                            doc,
-                            &format!("{path}.interval"),
-                            "must be greater than zero",
-                        );
-                        return None;
-                    }
-                    let mode = simulator_mode(
-                        doc,
-                        errors,
-                        &path,
-                        raw.mode.as_deref(),
-                        raw.start_at.as_deref(),
-                        raw.step,
-                        raw.counter_max,
-                        raw.stop_at,
-                        raw.values,
-                    )?;
-                    Some(SourceConfig::Simulator(SimulatorConfig {
-                        id: raw.id,
-                        interval,
-                        point: raw.point.unwrap_or_else(|| "impulse".into()),
-                        limit: raw.limit,
-                        mode,
-                    }))
-                }),
+                    return None;
+                }
+                let mode = simulator_mode(
+                    doc,
+                    errors,
+                    &path,
+                    raw.mode.as_deref(),
+                    raw.start_at.as_deref(),
+                    raw.step,
+                    raw.counter_max,
+                    raw.stop_at,
+                    raw.values,
+                )?;
+                Some(SourceConfig::Simulator(SimulatorConfig {
+                    id: raw.id,
+                    interval,
+                    point: raw.point.unwrap_or_else(|| "impulse".into()),
+                    limit: raw.limit,
+                    mode,
+                }))
+            }),
             "mqtt" => errors
-                .parse::<raw::RawMqtt>(doc, &body, &path)
+                .parse::<raw::RawMqtt>(doc, &path)
                 .and_then(|raw| validate_mqtt(doc, errors, &path, raw)),
             "modbus" => errors
-                .parse::<devices::RawModbus>(doc, &body, &path)
+                .parse::<devices::RawModbus>(doc, &path)
                 .and_then(|raw| device_source(doc, errors, &path, |p| devices::modbus(raw, p)))
                 .map(SourceConfig::Modbus),
             "serial" => errors
-                .parse::<devices::RawSerial>(doc, &body, &path)
+                .parse::<devices::RawSerial>(doc, &path)
                 .and_then(|raw| device_source(doc, errors, &path, |p| devices::serial(raw, p)))
                 .map(SourceConfig::Serial),
             other => {
@@ -1358,28 +1335,18 @@ fn validate_rules(
     sources: &[SourceConfig],
     errors: &mut Errors,
 ) -> Vec<crate::rules::Rule> {
-    let Some(entries) = doc.node.entries() else {
+    let Some(entries) = doc.yaml.root.entries() else {
         errors.at(doc, "", "a rule file must be a mapping with a `rules` list");
         return Vec::new();
     };
     let mut out = Vec::new();
     for (key, value) in entries {
-        match key.as_str() {
-            Some("rules") => {}
-            other => {
-                errors.at(
-                    doc,
-                    other.unwrap_or_default(),
-                    format!(
-                        "unknown field `{}`, expected `rules`",
-                        other.unwrap_or_default()
-                    ),
-                );
-                continue;
-            }
+        if key != "rules" {
+            errors.at(doc, key, format!("unknown field `{key}`, expected `rules`"));
+            continue;
         }
-        let items: &[Node] = match &value.kind {
-            NodeKind::Seq(items) => items,
+        let items: &[Node] = match &value.shape {
+            Shape::Seq(items) => items,
             _ if value.is_null() => &[],
             _ => {
                 errors.at(doc, "rules", "must be a list of rules");
@@ -1388,7 +1355,7 @@ fn validate_rules(
         };
         for (i, item) in items.iter().enumerate() {
             let path = format!("rules[{i}]");
-            let Some(raw) = errors.parse::<RawRule>(doc, item, &path) else {
+            let Some(raw) = errors.parse::<RawRule>(doc, &path) else {
                 continue;
             };
             let origin = format!("{}:{}", doc.file.display(), item.mark.line);

@@ -76,6 +76,9 @@ pub struct RawStorage {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawSimulator {
+    /// The source type, read by the loader to choose this struct.
+    #[serde(rename = "type")]
+    pub kind: String,
     pub id: String,
     pub interval: String,
     pub point: Option<String>,
@@ -235,6 +238,9 @@ impl ScalarValue {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawMqtt {
+    /// The source type, read by the loader to choose this struct.
+    #[serde(rename = "type")]
+    pub kind: String,
     pub id: String,
     /// `mqtt://host:1883` or `mqtts://host:8883`.
     pub url: String,

@@ -7,7 +7,7 @@ use proptest::prelude::*;
 use serde_json::json;
 
 use super::*;
-use crate::config::yaml::{from_node, Node};
+use crate::config::document::Document;
 use crate::config::{SimulatorConfig, SimulatorMode, SourceConfig};
 
 fn sim(id: &str, point: &str) -> SourceConfig {
@@ -30,9 +30,10 @@ fn sources() -> Vec<SourceConfig> {
 }
 
 fn compile(yaml: &str) -> Result<Vec<Rule>, Vec<RuleError>> {
-    let node = Node::parse(yaml).unwrap();
-    let raws: Vec<RawRule> =
-        from_node(&node).unwrap_or_else(|e| panic!("{}: {}", e.path, e.message));
+    let raws: Vec<RawRule> = Document::parse(yaml.to_string())
+        .unwrap()
+        .parse_at("")
+        .unwrap_or_else(|e| panic!("{}: {}", e.path, e.message));
     let mut out = Vec::new();
     let mut errors = Vec::new();
     for raw in raws {

@@ -1,0 +1,653 @@
+//! One configuration file, read with serde-saphyr: typed parts with their positions.
+//!
+//! serde-saphyr streams: a type error ends that deserialization. To report every mistake
+//! of a file at once, the loader deserializes each section and each list element on its
+//! own with [`Document::parse_at`], which runs serde-saphyr over the whole text and walks
+//! to one node, skipping the others. Files are small (kilobytes), so reading one several
+//! times costs far less than a process start. A position index ([`Node`], built once
+//! with serde-saphyr's `Spanned`) answers where a path is, for checks made after parsing
+//! (a bad URL, a limit out of range), and what a node is (a list, a source's `type`).
+//!
+//! Scalars are typed by the field that wants them: a string field gets the text as written
+//! (an order number `000123` stays `"000123"`), a number field parses it.
+
+use std::cell::RefCell;
+use std::fmt;
+use std::marker::PhantomData;
+
+use serde::de::{self, Deserialize as _, DeserializeOwned, DeserializeSeed, IgnoredAny, Visitor};
+use serde_saphyr::{MessageFormatter, Spanned, UserMessageFormatter};
+
+/// Where a node starts: 1-based line and column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mark {
+    pub line: usize,
+    pub column: usize,
+}
+
+impl fmt::Display for Mark {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.line, self.column)
+    }
+}
+
+impl Mark {
+    const START: Mark = Mark { line: 1, column: 1 };
+
+    fn of(location: serde_saphyr::Location) -> Option<Mark> {
+        (location.line() > 0).then(|| Mark {
+            line: location.line() as usize,
+            column: location.column().max(1) as usize,
+        })
+    }
+}
+
+/// A file that is not YAML at all, or not one document.
+#[derive(Debug, Clone)]
+pub struct SyntaxError {
+    pub mark: Mark,
+    pub message: String,
+}
+
+/// A deserialization error placed at a field path and a position.
+#[derive(Debug, Clone)]
+pub struct PathError {
+    pub path: String,
+    pub message: String,
+    pub mark: Mark,
+}
+
+/// A node of the position index: where it starts and what it is.
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub mark: Mark,
+    pub shape: Shape,
+}
+
+#[derive(Debug, Clone)]
+pub enum Shape {
+    Null,
+    /// A scalar's value as text (`type: mqtt` → `mqtt`).
+    Scalar(String),
+    Seq(Vec<Node>),
+    Map(Vec<(String, Node)>),
+}
+
+impl Node {
+    /// Entries of a mapping; a null node counts as an empty mapping.
+    pub fn entries(&self) -> Option<&[(String, Node)]> {
+        match &self.shape {
+            Shape::Map(entries) => Some(entries),
+            Shape::Null => Some(&[]),
+            _ => None,
+        }
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Node> {
+        self.entries()?
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v)
+    }
+
+    pub fn as_str(&self) -> Option<&str> {
+        match &self.shape {
+            Shape::Scalar(text) => Some(text),
+            _ => None,
+        }
+    }
+
+    pub fn is_null(&self) -> bool {
+        matches!(self.shape, Shape::Null)
+    }
+}
+
+/// A parsed file: its text (what typed parts are read from) and its position index.
+#[derive(Debug)]
+pub struct Document {
+    text: String,
+    pub root: Node,
+}
+
+fn options() -> serde_saphyr::Options {
+    serde_saphyr::options! {
+        // Only `true`/`false`: YAML 1.1's `yes`/`no`/`on`/`off` are a classic trap
+        // (`country: NO`).
+        strict_booleans: true,
+        // `000123` where any value fits (a field value in a rule) stays text.
+        leading_zero_numbers_as_strings: true,
+        with_snippet: false,
+        // A repeated key reaches the struct that reads it, which reports "duplicate
+        // field" in that section only, instead of the whole file being refused.
+        duplicate_keys: serde_saphyr::DuplicateKeyPolicy::PassThrough,
+    }
+}
+
+impl Document {
+    /// Parses one YAML document. An empty file (or one with only comments) is an empty
+    /// mapping.
+    pub fn parse(text: String) -> Result<Document, SyntaxError> {
+        if text
+            .lines()
+            .map(str::trim)
+            .all(|l| l.is_empty() || l.starts_with('#') || l == "---" || l == "...")
+        {
+            return Ok(Document {
+                text,
+                root: Node {
+                    mark: Mark::START,
+                    shape: Shape::Map(Vec::new()),
+                },
+            });
+        }
+        match serde_saphyr::from_str_with_options::<Spanned<Shape>>(&text, options()) {
+            Ok(root) => Ok(Document {
+                root: Node::from(root),
+                text,
+            }),
+            Err(e) => {
+                let (message, mark) = describe(&e, &text);
+                Err(SyntaxError {
+                    mark: mark.unwrap_or(Mark::START),
+                    message,
+                })
+            }
+        }
+    }
+
+    /// The node at a field path such as `sources[2].interval`, if it exists.
+    pub fn node(&self, path: &str) -> Option<&Node> {
+        let mut node = &self.root;
+        for segment in path_segments(path) {
+            node = child(node, &segment)?;
+        }
+        Some(node)
+    }
+
+    /// Where a path is, as far as it exists: validation errors point at a line even when
+    /// the field was left out (then at its parent).
+    pub fn locate(&self, path: &str) -> Mark {
+        let mut node = &self.root;
+        for segment in path_segments(path) {
+            match child(node, &segment) {
+                Some(next) => node = next,
+                None => break,
+            }
+        }
+        node.mark
+    }
+
+    /// Deserializes the node at `path` into `T`; an error carries its full field path and
+    /// position.
+    pub fn parse_at<T: DeserializeOwned>(&self, path: &str) -> Result<T, PathError> {
+        let segments = path_segments(path);
+        let inner_path = RefCell::new(String::new());
+        let result =
+            serde_saphyr::with_deserializer_from_str_with_options(&self.text, options(), |de| {
+                At {
+                    segments: &segments,
+                    inner_path: &inner_path,
+                    target: PhantomData::<T>,
+                }
+                .deserialize(de)
+            });
+        result.map_err(|e| {
+            let full = join_path(path, &inner_path.into_inner());
+            let (message, mark) = describe(&e, &self.text);
+            if let Some(repeated) = self.repeated_key(&full, &message) {
+                return PathError {
+                    mark: repeated.mark,
+                    path: join_path(&full, &repeated.key),
+                    message,
+                };
+            }
+            PathError {
+                mark: mark.unwrap_or_else(|| self.locate(&full)),
+                path: full,
+                message,
+            }
+        })
+    }
+
+    /// serde reports a repeated field at its mapping; the second occurrence is where the
+    /// user looks.
+    fn repeated_key(&self, map_path: &str, message: &str) -> Option<Repeated> {
+        let key = message
+            .strip_prefix("duplicate field `")?
+            .strip_suffix('`')?;
+        let (_, node) = self
+            .node(map_path)?
+            .entries()?
+            .iter()
+            .filter(|(k, _)| k == key)
+            .nth(1)?;
+        Some(Repeated {
+            key: key.to_string(),
+            mark: node.mark,
+        })
+    }
+}
+
+struct Repeated {
+    key: String,
+    mark: Mark,
+}
+
+/// Joins a section path and a path inside it: `rules[0]` + `when.edge`.
+pub fn join_path(prefix: &str, rest: &str) -> String {
+    match (prefix.is_empty(), rest.is_empty()) {
+        (_, true) => prefix.to_string(),
+        (true, false) => rest.to_string(),
+        (false, false) if rest.starts_with('[') => format!("{prefix}{rest}"),
+        (false, false) => format!("{prefix}.{rest}"),
+    }
+}
+
+fn child<'a>(node: &'a Node, segment: &Segment<'_>) -> Option<&'a Node> {
+    match segment {
+        Segment::Key(key) => node.get(key),
+        Segment::Index(i) => match &node.shape {
+            Shape::Seq(items) => items.get(*i),
+            _ => None,
+        },
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Segment<'a> {
+    Key(&'a str),
+    Index(usize),
+}
+
+fn path_segments(path: &str) -> Vec<Segment<'_>> {
+    let mut out = Vec::new();
+    for part in path.split('.').filter(|p| !p.is_empty()) {
+        let (key, rest) = match part.find('[') {
+            Some(i) => (&part[..i], &part[i..]),
+            None => (part, ""),
+        };
+        if !key.is_empty() {
+            out.push(Segment::Key(key));
+        }
+        for index in rest.split('[').filter(|s| !s.is_empty()) {
+            if let Ok(i) = index.trim_end_matches(']').parse() {
+                out.push(Segment::Index(i));
+            }
+        }
+    }
+    out
+}
+
+/// The message a user reads, in serde's usual wording, and where the error is.
+fn describe(error: &serde_saphyr::Error, text: &str) -> (String, Option<Mark>) {
+    use serde_saphyr::Error as E;
+    let error = error.without_snippet();
+    let mark = error.location().and_then(Mark::of);
+    let message = match error {
+        E::SerdeUnknownField {
+            field, expected, ..
+        } => format!("unknown field `{field}`, {}", one_of(expected, "fields")),
+        E::SerdeUnknownVariant {
+            variant, expected, ..
+        } => format!(
+            "unknown variant `{variant}`, {}",
+            one_of(expected, "variants")
+        ),
+        E::InvalidScalar { ty, .. } => {
+            let written = mark.map(|m| scalar_at(text, m)).unwrap_or_default();
+            format!("invalid value {written:?}: expected {}", scalar_wanted(ty))
+        }
+        E::InvalidBooleanStrict { .. } => {
+            let written = mark.map(|m| scalar_at(text, m)).unwrap_or_default();
+            format!("invalid value {written:?}: expected true or false")
+        }
+        E::Message { msg, .. } => msg.clone(),
+        other => UserMessageFormatter.format_message(other).into_owned(),
+    };
+    (message, mark)
+}
+
+/// serde's own wording for the expected names, with backticks.
+fn one_of(expected: &[&str], what: &str) -> String {
+    match expected {
+        [] => format!("there are no {what}"),
+        [one] => format!("expected `{one}`"),
+        [a, b] => format!("expected `{a}` or `{b}`"),
+        many => format!(
+            "expected one of {}",
+            many.iter()
+                .map(|n| format!("`{n}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+fn scalar_wanted(ty: &str) -> &'static str {
+    match ty {
+        "i8" => "an integer from -128 to 127",
+        "i16" => "a 16-bit integer",
+        "i32" => "a 32-bit integer",
+        "i64" | "i128" | "isize" => "an integer",
+        "u8" => "an integer from 0 to 255",
+        "u16" => "an integer from 0 to 65535",
+        "u32" => "a non-negative 32-bit integer",
+        "u64" | "u128" | "usize" => "a non-negative integer",
+        "f32" | "f64" => "a number",
+        "bool" => "true or false",
+        "char" => "a single character",
+        _ => "a value of another type",
+    }
+}
+
+/// The scalar written at `mark`: up to the end of its line, a comment, or a flow
+/// separator; quotes removed.
+fn scalar_at(text: &str, mark: Mark) -> String {
+    let Some(line) = text.lines().nth(mark.line - 1) else {
+        return String::new();
+    };
+    let rest: String = line.chars().skip(mark.column - 1).collect();
+    let end = rest
+        .find(" #")
+        .into_iter()
+        .chain(rest.find([',', '}', ']']))
+        .min()
+        .unwrap_or(rest.len());
+    rest[..end].trim().trim_matches(['"', '\'']).to_string()
+}
+
+/// Walks the document to one node and deserializes it as `T`; every other node is
+/// skipped. The field path inside `T` of an error is left in `inner_path`.
+struct At<'a, 'p, T> {
+    segments: &'a [Segment<'p>],
+    inner_path: &'a RefCell<String>,
+    target: PhantomData<T>,
+}
+
+impl<'de, T: DeserializeOwned> DeserializeSeed<'de> for At<'_, '_, T> {
+    type Value = T;
+
+    fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<T, D::Error> {
+        match self.segments.first() {
+            None => serde_path_to_error::deserialize(deserializer).map_err(|e| {
+                let path = e.path().to_string();
+                if path != "." && path != "?" {
+                    *self.inner_path.borrow_mut() = path;
+                }
+                e.into_inner()
+            }),
+            Some(Segment::Key(_)) => deserializer.deserialize_map(self),
+            Some(Segment::Index(_)) => deserializer.deserialize_seq(self),
+        }
+    }
+}
+
+impl<'de, T: DeserializeOwned> Visitor<'de> for At<'_, '_, T> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a mapping or a list")
+    }
+
+    fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<T, A::Error> {
+        let Some(Segment::Key(wanted)) = self.segments.first() else {
+            return Err(de::Error::custom("expected a list here"));
+        };
+        let mut found = None;
+        while let Some(key) = map.next_key::<String>()? {
+            if found.is_none() && key == *wanted {
+                found = Some(map.next_value_seed(At {
+                    segments: &self.segments[1..],
+                    inner_path: self.inner_path,
+                    target: PhantomData::<T>,
+                })?);
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        found.ok_or_else(|| de::Error::custom(format!("`{wanted}` not found")))
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<T, A::Error> {
+        let Some(Segment::Index(wanted)) = self.segments.first() else {
+            return Err(de::Error::custom("expected a mapping here"));
+        };
+        let mut found = None;
+        let mut index = 0;
+        loop {
+            if index == *wanted {
+                let seed = At {
+                    segments: &self.segments[1..],
+                    inner_path: self.inner_path,
+                    target: PhantomData::<T>,
+                };
+                match seq.next_element_seed(seed)? {
+                    Some(value) => found = Some(value),
+                    None => break,
+                }
+            } else if seq.next_element::<IgnoredAny>()?.is_none() {
+                break;
+            }
+            index += 1;
+        }
+        found.ok_or_else(|| de::Error::custom(format!("item {wanted} not found")))
+    }
+}
+
+impl From<Spanned<Shape>> for Node {
+    fn from(spanned: Spanned<Shape>) -> Node {
+        Node {
+            mark: Mark::of(spanned.referenced).unwrap_or(Mark::START),
+            shape: spanned.value,
+        }
+    }
+}
+
+impl<'de> de::Deserialize<'de> for Shape {
+    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Shape, D::Error> {
+        deserializer.deserialize_any(ShapeVisitor)
+    }
+}
+
+struct ShapeVisitor;
+
+impl<'de> Visitor<'de> for ShapeVisitor {
+    type Value = Shape;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any YAML value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Shape, E> {
+        Ok(Shape::Scalar(v.to_string()))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Shape, E> {
+        Ok(Shape::Scalar(v.to_string()))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Shape, E> {
+        Ok(Shape::Scalar(v.to_string()))
+    }
+    fn visit_i128<E>(self, v: i128) -> Result<Shape, E> {
+        Ok(Shape::Scalar(v.to_string()))
+    }
+    fn visit_u128<E>(self, v: u128) -> Result<Shape, E> {
+        Ok(Shape::Scalar(v.to_string()))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Shape, E> {
+        Ok(Shape::Scalar(v.to_string()))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Shape, E> {
+        Ok(Shape::Scalar(v.to_string()))
+    }
+    fn visit_bytes<E>(self, v: &[u8]) -> Result<Shape, E> {
+        Ok(Shape::Scalar(String::from_utf8_lossy(v).into_owned()))
+    }
+    fn visit_unit<E>(self) -> Result<Shape, E> {
+        Ok(Shape::Null)
+    }
+    fn visit_none<E>(self) -> Result<Shape, E> {
+        Ok(Shape::Null)
+    }
+    fn visit_some<D: de::Deserializer<'de>>(self, d: D) -> Result<Shape, D::Error> {
+        Shape::deserialize(d)
+    }
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Shape, A::Error> {
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element::<Spanned<Shape>>()? {
+            items.push(Node::from(item));
+        }
+        Ok(Shape::Seq(items))
+    }
+    fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Shape, A::Error> {
+        let mut entries = Vec::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let value = map.next_value::<Spanned<Shape>>()?;
+            entries.push((key, Node::from(value)));
+        }
+        Ok(Shape::Map(entries))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Inner {
+        name: String,
+        count: Option<u32>,
+        #[serde(default)]
+        on: bool,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Outer {
+        items: Vec<Inner>,
+        #[serde(default)]
+        flag: bool,
+    }
+
+    fn doc(text: &str) -> Document {
+        Document::parse(text.to_string()).unwrap()
+    }
+
+    #[test]
+    fn scalars_keep_their_text_for_string_fields() {
+        let outer: Outer = doc("items:\n  - name: 000123\n    count: 7\n")
+            .parse_at("")
+            .unwrap();
+        assert_eq!(outer.items[0].name, "000123");
+        assert_eq!(outer.items[0].count, Some(7));
+        assert!(!outer.flag);
+    }
+
+    #[test]
+    fn unknown_field_points_at_the_key_with_its_path() {
+        let err = doc("items:\n  - name: a\n  - name: b\n    cuont: 3\n")
+            .parse_at::<Outer>("")
+            .unwrap_err();
+        assert_eq!(err.path, "items[1].cuont");
+        assert_eq!(err.mark, Mark { line: 4, column: 5 });
+        assert_eq!(
+            err.message,
+            "unknown field `cuont`, expected one of `name`, `count`, `on`"
+        );
+    }
+
+    #[test]
+    fn wrong_number_points_at_the_value_and_quotes_it() {
+        let err = doc("items:\n  - name: a\n    count: many # oops\n")
+            .parse_at::<Outer>("")
+            .unwrap_err();
+        assert_eq!(err.path, "items[0].count");
+        assert_eq!(
+            err.mark,
+            Mark {
+                line: 3,
+                column: 12
+            }
+        );
+        assert_eq!(
+            err.message,
+            "invalid value \"many\": expected a non-negative 32-bit integer"
+        );
+    }
+
+    #[test]
+    fn only_true_and_false_are_booleans() {
+        let on: Outer = doc("items:\n  - name: a\n    on: true\n")
+            .parse_at("")
+            .unwrap();
+        assert!(on.items[0].on);
+        let err = doc("items:\n  - name: a\n    on: yes\n")
+            .parse_at::<Outer>("")
+            .unwrap_err();
+        assert_eq!(err.path, "items[0].on");
+        assert_eq!(err.message, "invalid value \"yes\": expected true or false");
+    }
+
+    #[test]
+    fn one_element_is_read_on_its_own_so_a_bad_neighbour_does_not_hide_it() {
+        let d = doc("items:\n  - name: a\n    count: x\n  - name: b\n    count: 2\n");
+        let second: Inner = d.parse_at("items[1]").unwrap();
+        assert_eq!((second.name.as_str(), second.count), ("b", Some(2)));
+        let err = d.parse_at::<Inner>("items[0]").unwrap_err();
+        assert_eq!(err.path, "items[0].count");
+        assert_eq!(err.mark.line, 3);
+    }
+
+    #[test]
+    fn a_repeated_key_is_an_error_of_its_section_only() {
+        let d = doc("first:\n  name: a\n  name: b\nsecond:\n  name: c\n");
+        let err = d.parse_at::<Inner>("first").unwrap_err();
+        assert_eq!(err.message, "duplicate field `name`");
+        assert_eq!((err.path.as_str(), err.mark.line), ("first.name", 3));
+        let second: Inner = d.parse_at("second").unwrap();
+        assert_eq!(second.name, "c");
+    }
+
+    #[test]
+    fn locate_finds_nested_nodes_and_falls_back_to_the_parent() {
+        let d = doc("a:\n  b:\n    - x: 1\n      y: 2\n");
+        assert_eq!(
+            d.locate("a.b[0].y"),
+            Mark {
+                line: 4,
+                column: 10
+            }
+        );
+        assert_eq!(d.locate("a.b[0].missing"), Mark { line: 3, column: 7 });
+        assert_eq!(d.node("a.b[0].x").and_then(Node::as_str), Some("1"));
+    }
+
+    #[test]
+    fn syntax_errors_have_a_position() {
+        let err = Document::parse("a: [1, 2\nb: 3\n".into()).unwrap_err();
+        assert!(err.mark.line >= 1);
+        assert!(!err.message.is_empty());
+        let err = Document::parse("a: 1\n---\nb: 2\n".into()).unwrap_err();
+        assert_eq!(err.mark.line, 3, "{}", err.message);
+    }
+
+    #[test]
+    fn empty_files_are_empty_mappings() {
+        for text in ["", "# only a comment\n", "---\n"] {
+            assert!(doc(text).root.entries().is_some_and(|e| e.is_empty()));
+        }
+    }
+
+    #[test]
+    fn anchors_and_aliases_are_resolved() {
+        #[derive(Deserialize)]
+        struct Doc {
+            items: Vec<Inner>,
+        }
+        let d: Doc = doc("base: &b {name: x}\nitems: [*b]\n")
+            .parse_at("")
+            .map_err(|e| e.message)
+            .unwrap_or_else(|m| panic!("{m}"));
+        assert_eq!(d.items[0].name, "x");
+    }
+}
