@@ -15,12 +15,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::api::{ApiState, Live};
-use crate::config::{self, Config};
+use crate::config;
 use crate::d365::client::D365Client;
 use crate::d365::Dispatcher;
 use crate::outbox::{Outbox, State};
 use crate::pipeline::{Pipeline, PipelineStats};
 use crate::rules::Engine;
+use crate::settings::{self, Config};
 use crate::signal::Control;
 use crate::source;
 use crate::systemd::{self, Heartbeat, Heartbeats, Notifier, Watchdog};
@@ -111,7 +112,7 @@ pub async fn run(
         let reload = loop {
             tokio::select! {
                 c = control.recv() => match c {
-                    Some(Control::Reload) => match config::load(&config.dir) {
+                    Some(Control::Reload) => match settings::load(&config.dir) {
                         Ok(new) => break Some(new),
                         Err(errors) => tracing::error!("Reload refused, the running configuration stays: {errors}"),
                     },
@@ -316,7 +317,11 @@ impl Components {
     }
 }
 
-async fn prune_loop(outbox: Outbox, storage: config::StorageConfig, cancel: CancellationToken) {
+async fn prune_loop(
+    outbox: Outbox,
+    storage: crate::outbox::config::StorageConfig,
+    cancel: CancellationToken,
+) {
     let mut ticks = tokio::time::interval(storage.prune_interval);
     loop {
         tokio::select! {

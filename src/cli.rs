@@ -7,9 +7,10 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{self, ConfigErrors};
+use crate::config::ConfigErrors;
 use crate::message::{FieldNames, Message};
 use crate::outbox::{MessageId, NewMessage, Outbox, OutboxError, Record, State};
+use crate::settings;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -173,7 +174,7 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Check { config } => check(&config.dir),
         Command::Run { config, dry_run } => {
-            let config = config::load(&config.dir)?;
+            let config = settings::load(&config.dir)?;
             let options = crate::app::RunOptions { dry_run };
             // The signal handlers need the runtime, so they are installed inside it.
             runtime()?.block_on(async {
@@ -187,7 +188,7 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
             file,
             by,
         } => {
-            let config = config::load(&config.dir)?;
+            let config = settings::load(&config.dir)?;
             let input = read_input(file.as_deref())?;
             let names = config
                 .d365
@@ -217,7 +218,7 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Lines { config } => {
-            let (storage, _) = config::load_storage(&config.dir)?;
+            let (storage, _) = settings::load_storage(&config.dir)?;
             let outbox = Outbox::open(&storage.data_dir)?;
             let state = crate::pipeline::load_engine_state(&outbox);
             if state.contexts.is_empty() {
@@ -248,7 +249,7 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Outbox { config, action } => {
-            let (storage, names) = config::load_storage(&config.dir)?;
+            let (storage, names) = settings::load_storage(&config.dir)?;
             let outbox = Outbox::open(&storage.data_dir)?;
             runtime()?.block_on(outbox_command(&outbox, &names, action))
         }
@@ -270,7 +271,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
 }
 
 fn check(dir: &Path) -> Result<(), CliError> {
-    let config = config::load(dir)?;
+    let config = settings::load(dir)?;
     println!("{}: configuration is valid", dir.display());
     for s in &config.sources {
         println!("  source {}", s.id());

@@ -47,6 +47,7 @@ pub mod message;
 pub mod outbox;
 pub mod pipeline;
 pub mod rules;
+pub mod settings;
 pub mod signal;
 pub mod source;
 pub mod systemd;

@@ -8,7 +8,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mes_gateway::config;
 use mes_gateway::d365::client::D365Client;
 use mes_gateway::d365::Dispatcher;
 use mes_gateway::event::{Event, Value};
@@ -16,6 +15,7 @@ use mes_gateway::outbox::{Outbox, State};
 use mes_gateway::pipeline::Pipeline;
 use mes_gateway::rules::state::EngineState;
 use mes_gateway::rules::Engine;
+use mes_gateway::settings;
 use mes_gateway::source::SourceEvent;
 use mes_gateway::systemd::Heartbeats;
 use serde_json::{json, Value as Json};
@@ -51,7 +51,7 @@ impl Scenario {
             let f = f.unwrap();
             std::fs::copy(f.path(), dir.join("rules.d").join(f.file_name())).unwrap();
         }
-        let config = config::load(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let config = settings::load(&dir).unwrap_or_else(|e| panic!("{e}"));
         let outbox = Outbox::open(&config.storage.data_dir).unwrap();
         let wake = Arc::new(Notify::new());
         let (tx, rx) = mpsc::channel(64);

@@ -6,11 +6,13 @@
 //! CI runs the default number of cases; a longer run:
 //! `PROPTEST_CASES=100000 cargo test --release --test fuzz`.
 
-use mes_gateway::config::{Framer, PayloadFormat, PointType, WordOrder};
 use mes_gateway::event::Value;
 use mes_gateway::rules::template::Template;
+use mes_gateway::source::modbus::config::{PointType, WordOrder};
 use mes_gateway::source::modbus::decode_registers;
+use mes_gateway::source::mqtt::config::PayloadFormat;
 use mes_gateway::source::mqtt::decode;
+use mes_gateway::source::serial::config::Framer;
 use mes_gateway::source::serial::take_frames;
 use proptest::prelude::*;
 
@@ -140,7 +142,7 @@ proptest! {
         )
         .unwrap();
         std::fs::write(dir.path().join("d365-client-secret"), "s\n").unwrap();
-        if let Err(errors) = mes_gateway::config::load(dir.path()) {
+        if let Err(errors) = mes_gateway::settings::load(dir.path()) {
             let text = errors.to_string();
             for line in text.lines().skip(1) {
                 prop_assert!(
@@ -233,7 +235,7 @@ fn sane_values_pass_check_and_run() {
         ty: "u32",
     }
     .write(dir.path());
-    let config = mes_gateway::config::load(dir.path()).expect("sane values pass check");
+    let config = mes_gateway::settings::load(dir.path()).expect("sane values pass check");
     exercise(&config);
 }
 
@@ -267,7 +269,7 @@ fn address() -> impl Strategy<Value = u32> {
 /// Drives what a running gateway does with a configuration: the rules engine with
 /// counter readings and edges at extreme times, its timers, the dispatcher's backoff,
 /// the pruning timer and a Modbus source's polling plan (against a closed port).
-fn exercise(config: &mes_gateway::config::Config) {
+fn exercise(config: &mes_gateway::settings::Config) {
     use mes_gateway::event::Event;
     use mes_gateway::rules::state::EngineState;
     use mes_gateway::rules::Engine;
@@ -326,7 +328,7 @@ fn exercise(config: &mes_gateway::config::Config) {
         prune.tick().await;
         prune.tick().await;
         for source in &config.sources {
-            if let mes_gateway::config::SourceConfig::Modbus(m) = source {
+            if let mes_gateway::source::SourceConfig::Modbus(m) = source {
                 let heartbeats = mes_gateway::systemd::Heartbeats::for_watchdog(None);
                 let source = mes_gateway::source::modbus::ModbusSource::new(
                     m.clone(),
@@ -371,7 +373,7 @@ proptest! {
         let dir = tempfile::tempdir().unwrap();
         values.write(dir.path());
         // About one case in nine passes `check` (measured: 34 of 300); those are run.
-        if let Ok(config) = mes_gateway::config::load(dir.path()) {
+        if let Ok(config) = mes_gateway::settings::load(dir.path()) {
             exercise(&config);
         }
     }

@@ -10,12 +10,12 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use mes_gateway::config::devices::Parity;
-use mes_gateway::config::{
-    ModbusConfig, ModbusPoint, ModbusTransport, PointKind, PointType, SerialPort, WordOrder,
-};
 use mes_gateway::event::Value;
+use mes_gateway::source::modbus::config::{
+    ModbusConfig, ModbusPoint, ModbusTransport, PointKind, PointType, WordOrder,
+};
 use mes_gateway::source::modbus::ModbusSource;
+use mes_gateway::source::serial::config::{Parity, SerialPort};
 use mes_gateway::source::SourceHealth;
 use mes_gateway::systemd::Heartbeats;
 use tokio::net::TcpListener;

@@ -6,9 +6,8 @@ mod support;
 use std::path::Path;
 use std::sync::Arc;
 
-use mes_gateway::config::devices::Parity;
-use mes_gateway::config::{Framer, SerialConfig, SerialMode, SerialPort};
 use mes_gateway::event::Value;
+use mes_gateway::source::serial::config::{Framer, Parity, SerialConfig, SerialMode, SerialPort};
 use mes_gateway::source::serial::SerialSource;
 use mes_gateway::source::SourceHealth;
 use mes_gateway::systemd::Heartbeats;

@@ -6,10 +6,10 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mes_gateway::config;
 use mes_gateway::d365::client::D365Client;
 use mes_gateway::d365::Dispatcher;
 use mes_gateway::outbox::Outbox;
+use mes_gateway::settings;
 use mes_gateway::systemd::{Heartbeats, Notifier, Watchdog};
 use support::process::{self, path_str, Output};
 use support::{d365_yaml, write_config, FakeD365};
@@ -110,7 +110,7 @@ fn watchdog_pings_stop_while_the_dispatcher_is_stalled() {
             tmp.path(),
             &format!("{}storage:\n  data_dir: data\n", d365_yaml(&fake)),
         );
-        let config = config::load(tmp.path()).unwrap();
+        let config = settings::load(tmp.path()).unwrap();
         let outbox = Outbox::open(&config.storage.data_dir).unwrap();
         let client = Arc::new(D365Client::new(Arc::new(config.d365.clone().unwrap())).unwrap());
 

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use crate::config::D365Config;
+use super::config::D365Config;
 use crate::d365::retry::{self, Outcome};
 use crate::d365::token::{error_chain, excerpt, redirect_detail, Token, TokenSource};
 use crate::message::Envelope;

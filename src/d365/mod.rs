@@ -25,6 +25,7 @@
 //! is waiting for a retry, and the held heads.
 
 pub mod client;
+pub mod config;
 pub mod retry;
 pub mod token;
 
@@ -38,10 +39,10 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{AmbiguousPolicy, DispatcherConfig};
 use crate::outbox::{MessageId, Outbox, OutboxError, Record, Settle, Settlement, State};
 use crate::systemd::Heartbeat;
 use client::D365Client;
+use config::{AmbiguousPolicy, DispatcherConfig};
 use retry::{Backoff, Context, Decision, Outcome};
 use token::Token;
 
@@ -761,7 +762,7 @@ mod tests {
         )
         .unwrap();
         std::fs::write(dir.path().join("secret"), "s\n").unwrap();
-        let config = crate::config::load(dir.path()).unwrap();
+        let config = crate::settings::load(dir.path()).unwrap();
         let outbox = Outbox::open(&config.storage.data_dir).unwrap();
         let client = Arc::new(D365Client::new(Arc::new(config.d365.clone().unwrap())).unwrap());
         let dispatcher = Dispatcher::new(

@@ -17,7 +17,7 @@
 
 use std::time::Duration;
 
-use crate::config::AmbiguousPolicy;
+use super::config::AmbiguousPolicy;
 
 /// What happened to one request.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -14,7 +14,8 @@ use serde::Deserialize;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-use crate::config::{D365Config, Secret, TokenApi};
+use super::config::{D365Config, TokenApi};
+use crate::config::Secret;
 
 /// Refresh this long before the token expires (tokens live 60–90 minutes).
 const REFRESH_MARGIN: Duration = Duration::from_secs(300);

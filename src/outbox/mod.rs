@@ -63,6 +63,7 @@
 //! - sled types never leave this module.
 
 mod compact;
+pub mod config;
 mod ingress;
 mod lanes;
 mod record;

@@ -1,112 +1,11 @@
-//! The pure pieces of matching: MQTT topic filters with named captures, edge detection
-//! with debounce, and counter registers read as deltas.
+//! The pure pieces of matching: edge detection with debounce, and counter registers read
+//! as deltas. (MQTT topic filters with captures are `source::mqtt::topic`.)
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Edge;
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Level {
-    Exact(String),
-    /// `+` or `{name}`: one level, captured when named.
-    One(Option<String>),
-    /// `#`: the rest, possibly nothing.
-    Rest,
-}
-
-/// An MQTT topic filter. `{name}` is `+` with a capture: `plant/{line}/count`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TopicFilter {
-    levels: Vec<Level>,
-    text: String,
-}
-
-impl TopicFilter {
-    pub fn parse(text: &str) -> Result<TopicFilter, String> {
-        if text.is_empty() {
-            return Err("empty topic filter".into());
-        }
-        let parts: Vec<&str> = text.split('/').collect();
-        let mut levels = Vec::new();
-        for (i, part) in parts.iter().enumerate() {
-            let level = match *part {
-                "#" if i + 1 == parts.len() => Level::Rest,
-                "#" => return Err(format!("{text:?}: `#` must be the last level")),
-                "+" => Level::One(None),
-                p if p.starts_with('{') && p.ends_with('}') && p.len() > 2 => {
-                    let name = &p[1..p.len() - 1];
-                    if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                        return Err(format!(
-                            "{text:?}: capture name `{name}` may use letters, digits and _"
-                        ));
-                    }
-                    Level::One(Some(name.to_string()))
-                }
-                p if p.contains(['+', '#', '{', '}']) => {
-                    return Err(format!(
-                        "{text:?}: wildcards and captures must fill a whole level"
-                    ))
-                }
-                p => Level::Exact(p.to_string()),
-            };
-            levels.push(level);
-        }
-        Ok(TopicFilter {
-            levels,
-            text: text.to_string(),
-        })
-    }
-
-    /// The filter as the broker sees it (captures become `+`).
-    pub fn subscription(&self) -> String {
-        self.levels
-            .iter()
-            .map(|l| match l {
-                Level::Exact(s) => s.as_str(),
-                Level::One(_) => "+",
-                Level::Rest => "#",
-            })
-            .collect::<Vec<_>>()
-            .join("/")
-    }
-
-    pub fn capture_names(&self) -> impl Iterator<Item = &str> {
-        self.levels.iter().filter_map(|l| match l {
-            Level::One(Some(n)) => Some(n.as_str()),
-            _ => None,
-        })
-    }
-
-    /// Matches a topic; returns the captures.
-    pub fn matches(&self, topic: &str) -> Option<BTreeMap<String, String>> {
-        let mut captures = BTreeMap::new();
-        let mut parts = topic.split('/');
-        for level in &self.levels {
-            match level {
-                Level::Rest => return Some(captures),
-                Level::Exact(s) => {
-                    if parts.next()? != s {
-                        return None;
-                    }
-                }
-                Level::One(name) => {
-                    let part = parts.next()?;
-                    if let Some(n) = name {
-                        captures.insert(n.clone(), part.to_string());
-                    }
-                }
-            }
-        }
-        parts.next().is_none().then_some(captures)
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.text
-    }
-}
+use super::config::Edge;
 
 /// Edge detection on a boolean signal with debounce: a new level counts only once it has
 /// been stable for `debounce`. Shorter excursions (contact bounce) are ignored.
@@ -207,22 +106,6 @@ mod tests {
 
     fn t(ms: i64) -> jiff::Timestamp {
         jiff::Timestamp::from_millisecond(ms).unwrap()
-    }
-
-    #[test]
-    fn topic_filters_match_and_capture() {
-        let f = TopicFilter::parse("plant/{line}/+/count").unwrap();
-        assert_eq!(f.subscription(), "plant/+/+/count");
-        assert_eq!(f.matches("plant/l1/m2/count").unwrap()["line"], "l1");
-        assert!(f.matches("plant/l1/m2/count/x").is_none());
-        assert!(f.matches("plant/l1/count").is_none());
-        let rest = TopicFilter::parse("plant/#").unwrap();
-        assert!(rest.matches("plant").is_some());
-        assert!(rest.matches("plant/a/b").is_some());
-        assert!(rest.matches("other/a").is_none());
-        assert!(TopicFilter::parse("a/#/b").is_err());
-        assert!(TopicFilter::parse("a/b+").is_err());
-        assert!(TopicFilter::parse("a/{li-ne}").is_err());
     }
 
     #[test]

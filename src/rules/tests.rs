@@ -6,9 +6,11 @@ use std::time::Duration;
 use proptest::prelude::*;
 use serde_json::json;
 
+use super::config::RawRule;
 use super::*;
 use crate::config::document::Document;
-use crate::config::{SimulatorConfig, SimulatorMode, SourceConfig};
+use crate::source::simulator::config::{SimulatorConfig, SimulatorMode};
+use crate::source::SourceConfig;
 
 fn sim(id: &str, point: &str) -> SourceConfig {
     SourceConfig::Simulator(SimulatorConfig {

@@ -3,6 +3,7 @@
 //! drops an event. An event may carry an [`Ack`]: the pipeline hands it back to the
 //! source once what the event produced is durable (MQTT PUBACK after the outbox commit).
 
+pub mod config;
 pub mod modbus;
 pub mod mqtt;
 pub mod serial;
@@ -14,10 +15,10 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::SourceConfig;
 use crate::event::Event;
 use crate::outbox::{Delivery, Outbox};
 use crate::systemd::Heartbeat;
+pub use config::SourceConfig;
 
 /// Events buffered between the sources and the rules engine. When full, sources wait.
 pub const EVENT_CHANNEL_CAPACITY: usize = 1024;
@@ -237,6 +238,19 @@ pub fn spawn(
         }
     });
     health
+}
+
+/// A printable excerpt of a payload for logs: at most 80 characters, control bytes escaped.
+pub fn excerpt(payload: &[u8]) -> String {
+    let s: String = String::from_utf8_lossy(&payload[..payload.len().min(80)])
+        .chars()
+        .flat_map(char::escape_default)
+        .collect();
+    if payload.len() > 80 {
+        format!("{s}…")
+    } else {
+        s
+    }
 }
 
 #[cfg(test)]

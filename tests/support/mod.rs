@@ -545,11 +545,11 @@ pub fn write_config(dir: &std::path::Path, gateway_yaml: &str) {
     std::fs::write(dir.join("d365-client-secret"), format!("{TEST_SECRET}\n")).unwrap();
 }
 
-use mes_gateway::config::{self, Config};
 use mes_gateway::d365::client::D365Client;
 use mes_gateway::d365::Dispatcher;
 use mes_gateway::message::{FieldNames, Message};
 use mes_gateway::outbox::{NewMessage, Outbox, Record, State};
+use mes_gateway::settings::{self, Config};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -573,7 +573,7 @@ impl Gateway {
             d365_yaml(fake)
         );
         write_config(dir.path(), &yaml);
-        let config = config::load(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        let config = settings::load(dir.path()).unwrap_or_else(|e| panic!("{e}"));
         let outbox = Outbox::open(&config.storage.data_dir).unwrap();
         Gateway::spawn(outbox, config, dir)
     }

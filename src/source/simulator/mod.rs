@@ -10,9 +10,11 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
 use super::{SourceError, SourceEvent};
-use crate::config::{SimulatorConfig, SimulatorMode};
+pub mod config;
+
 use crate::event::{Event, Value};
 use crate::systemd::Heartbeat;
+use config::{SimulatorConfig, SimulatorMode};
 
 #[derive(Debug)]
 pub struct Simulator {

@@ -16,10 +16,12 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{SourceError, SourceEvent, SourceHealth};
-use crate::config::{Framer, SerialConfig, SerialMode};
+pub mod config;
+
+use super::excerpt;
 use crate::event::{Event, Value};
-use crate::source::mqtt::excerpt;
 use crate::systemd::Heartbeat;
+use config::{Framer, SerialConfig, SerialMode};
 
 const REOPEN_MIN: Duration = Duration::from_millis(200);
 const REOPEN_MAX: Duration = Duration::from_secs(30);

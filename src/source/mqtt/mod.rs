@@ -52,10 +52,14 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{Ack, AckTicket, SourceError, SourceEvent, SourceHealth};
-use crate::config::{MqttConfig, PayloadFormat};
+pub mod config;
+pub mod topic;
+
+use super::excerpt;
 use crate::event::{Event, Value};
 use crate::outbox::{Delivery, DeliveryId, Outbox};
 use crate::systemd::Heartbeat;
+use config::{MqttConfig, PayloadFormat};
 
 /// Requests this task puts in rumqttc's request channel besides the subscriptions: one
 /// barrier at a time, and room to spare.
@@ -126,19 +130,6 @@ pub fn decode(format: PayloadFormat, payload: &[u8]) -> Result<Value, String> {
             }
             Ok(Value::Text(t.to_string()))
         }
-    }
-}
-
-/// A printable excerpt of a payload for logs: at most 80 characters, control bytes escaped.
-pub fn excerpt(payload: &[u8]) -> String {
-    let s: String = String::from_utf8_lossy(&payload[..payload.len().min(80)])
-        .chars()
-        .flat_map(char::escape_default)
-        .collect();
-    if payload.len() > 80 {
-        format!("{s}…")
-    } else {
-        s
     }
 }
 

@@ -23,9 +23,11 @@ use tokio_modbus::slave::{Slave, SlaveContext};
 use tokio_util::sync::CancellationToken;
 
 use super::{SourceError, SourceEvent, SourceHealth};
-use crate::config::{ModbusConfig, ModbusTransport, PointKind, PointType, WordOrder};
+pub mod config;
+
 use crate::event::{Event, Value};
 use crate::systemd::Heartbeat;
+use config::{ModbusConfig, ModbusTransport, PointKind, PointType, WordOrder};
 
 const RECONNECT_MIN: Duration = Duration::from_millis(200);
 const RECONNECT_MAX: Duration = Duration::from_secs(30);
@@ -359,8 +361,8 @@ mod tests {
         address: u16,
         ty: PointType,
         poll_ms: u64,
-    ) -> crate::config::ModbusPoint {
-        crate::config::ModbusPoint {
+    ) -> config::ModbusPoint {
+        config::ModbusPoint {
             name: name.into(),
             unit,
             kind,

@@ -1,0 +1,51 @@
+//! Values written in YAML where any type fits (a rule's field values, a simulator's
+//! values), kept as written and turned into JSON.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+/// A YAML scalar: numbers and booleans keep their type, text may hold `{templates}`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum ScalarValue {
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Text(String),
+}
+
+impl ScalarValue {
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            ScalarValue::Bool(b) => serde_json::Value::Bool(*b),
+            ScalarValue::Int(i) => serde_json::Value::from(*i),
+            ScalarValue::Float(f) => serde_json::Number::from_f64(*f)
+                .map_or(serde_json::Value::Null, serde_json::Value::Number),
+            ScalarValue::Text(s) => serde_json::Value::String(s.clone()),
+        }
+    }
+}
+
+/// Any YAML value (a simulated value): a scalar, list or mapping, turned into JSON.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum YamlValue {
+    Scalar(ScalarValue),
+    List(Vec<YamlValue>),
+    Map(BTreeMap<String, YamlValue>),
+}
+
+impl YamlValue {
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            YamlValue::Scalar(s) => s.to_json(),
+            YamlValue::List(l) => {
+                serde_json::Value::Array(l.iter().map(YamlValue::to_json).collect())
+            }
+            YamlValue::Map(m) => {
+                serde_json::Value::Object(m.iter().map(|(k, v)| (k.clone(), v.to_json())).collect())
+            }
+        }
+    }
+}

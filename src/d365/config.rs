@@ -1,0 +1,273 @@
+//! The D365 connection (`d365`) and the dispatcher's settings (`dispatcher`): endpoint,
+//! credentials, timeouts, concurrency, retry and what to do with an ambiguous outcome.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::config::{FileCheck, Secret};
+use crate::message::FieldNames;
+
+/// D365's per-user concurrency limit: more requests in flight than this get 429s.
+pub const D365_CONCURRENCY_LIMIT: u32 = 52;
+
+#[derive(Debug, Clone)]
+pub struct D365Config {
+    pub base_url: reqwest::Url,
+    pub company: String,
+    pub message_queue: String,
+    pub client_id: String,
+    pub client_secret: Secret,
+    /// Where the secret came from, for log lines (`file /run/…` or `env VAR`).
+    pub secret_origin: String,
+    pub token_url: reqwest::Url,
+    pub token_api: TokenApi,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    pub field_names: FieldNames,
+}
+
+impl D365Config {
+    /// The SendMessage endpoint.
+    pub fn send_message_url(&self) -> reqwest::Url {
+        let mut url = self.base_url.clone();
+        url.set_path("/api/services/SysMessageServices/SysMessageService/SendMessage");
+        url
+    }
+
+    /// The D365 resource identifier: the base URL without a trailing slash.
+    pub fn resource(&self) -> String {
+        self.base_url.as_str().trim_end_matches('/').to_string()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DispatcherConfig {
+    /// Requests in flight across all orders (one per order at most).
+    pub max_in_flight: usize,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    /// HTTP 500 answers a message may get before it is `failed`.
+    pub max_attempts: u32,
+    /// Pause after a 429 without a usable `Retry-After`.
+    pub throttle_fallback: Duration,
+    /// Pause after a second 401 in a row (credentials or app registration wrong).
+    pub auth_pause: Duration,
+    pub ambiguous_default: AmbiguousPolicy,
+    pub ambiguous_per_type: BTreeMap<String, AmbiguousPolicy>,
+}
+
+impl DispatcherConfig {
+    pub fn ambiguous_policy(&self, message_type: &str) -> AmbiguousPolicy {
+        self.ambiguous_per_type
+            .get(message_type)
+            .copied()
+            .unwrap_or(self.ambiguous_default)
+    }
+}
+
+impl Default for DispatcherConfig {
+    fn default() -> Self {
+        DispatcherConfig {
+            max_in_flight: 4,
+            backoff_initial: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(300),
+            max_attempts: 3,
+            throttle_fallback: Duration::from_secs(30),
+            auth_pause: Duration::from_secs(300),
+            ambiguous_default: AmbiguousPolicy::Hold,
+            ambiguous_per_type: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawD365 {
+    pub base_url: String,
+    pub company: String,
+    pub message_queue: Option<String>,
+    pub tenant_id: Option<String>,
+    pub client_id: String,
+    pub client_secret_file: Option<String>,
+    pub client_secret_env: Option<String>,
+    pub token_url: Option<String>,
+    pub token_api: Option<TokenApi>,
+    pub connect_timeout: Option<String>,
+    pub request_timeout: Option<String>,
+    pub field_names: Option<FieldNames>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenApi {
+    /// Microsoft identity platform v2: `scope=<base url>/.default`.
+    V2,
+    /// Legacy v1 (ADAL-style): `resource=<base url>`.
+    V1,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDispatcher {
+    pub max_in_flight: Option<u32>,
+    pub backoff_initial: Option<String>,
+    pub backoff_max: Option<String>,
+    pub max_attempts: Option<u32>,
+    pub throttle_fallback: Option<String>,
+    pub auth_pause: Option<String>,
+    pub on_ambiguous: Option<RawAmbiguous>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAmbiguous {
+    pub default: Option<AmbiguousPolicy>,
+    #[serde(default)]
+    pub per_type: BTreeMap<String, AmbiguousPolicy>,
+}
+
+/// What to do when a request may or may not have reached D365 (timeout or reset after
+/// the request was written).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AmbiguousPolicy {
+    /// Mark the message `uncertain`, hold its order, alert: an operator decides.
+    Hold,
+    /// Send it again (accepting a possible duplicate in D365).
+    Resend,
+}
+
+/// Checks the `d365` section.
+pub fn read_d365(cx: &mut FileCheck<'_>) -> Option<D365Config> {
+    let raw: RawD365 = cx.parse("d365")?;
+    let before = cx.error_count();
+    let base_url = cx.https_url("d365.base_url", &raw.base_url);
+    cx.non_empty("d365.company", &raw.company);
+    cx.non_empty("d365.client_id", &raw.client_id);
+    let message_queue = raw
+        .message_queue
+        .unwrap_or_else(|| crate::message::DEFAULT_QUEUE.to_string());
+    cx.non_empty("d365.message_queue", &message_queue);
+    let token_api = raw.token_api.unwrap_or(TokenApi::V2);
+    let token_url = match (&raw.token_url, &raw.tenant_id) {
+        (Some(url), _) => cx.https_url("d365.token_url", url),
+        (None, Some(tenant)) if !tenant.trim().is_empty() => {
+            let path = match token_api {
+                TokenApi::V2 => "oauth2/v2.0/token",
+                TokenApi::V1 => "oauth2/token",
+            };
+            cx.https_url(
+                "d365.tenant_id",
+                &format!("https://login.microsoftonline.com/{}/{path}", tenant.trim()),
+            )
+        }
+        _ => {
+            cx.error(
+                "d365",
+                "set tenant_id (or token_url to override the token endpoint)",
+            );
+            None
+        }
+    };
+    let secret = match (&raw.client_secret_file, &raw.client_secret_env) {
+        (Some(_), Some(_)) => {
+            cx.error(
+                "d365.client_secret_env",
+                "set client_secret_file or client_secret_env, not both",
+            );
+            None
+        }
+        (None, None) => {
+            cx.error(
+                "d365",
+                "set client_secret_file (e.g. a systemd credential) or client_secret_env",
+            );
+            None
+        }
+        (Some(file), None) => cx.secret_file("d365.client_secret_file", file),
+        (None, Some(var)) => cx.secret_env("d365.client_secret_env", var),
+    };
+    let connect_timeout = cx.duration(
+        "d365.connect_timeout",
+        raw.connect_timeout,
+        Duration::from_secs(10),
+    );
+    let connect_timeout = cx.at_least(
+        "d365.connect_timeout",
+        connect_timeout,
+        Duration::from_millis(100),
+        "no connection could be made",
+    );
+    let request_timeout = cx.duration(
+        "d365.request_timeout",
+        raw.request_timeout,
+        Duration::from_secs(60),
+    );
+    let request_timeout = cx.at_least(
+        "d365.request_timeout",
+        request_timeout,
+        Duration::from_secs(1),
+        "every request would time out after it was written and be uncertain",
+    );
+    if cx.error_count() > before {
+        return None;
+    }
+    let secret = secret?;
+    Some(D365Config {
+        base_url: base_url?,
+        company: raw.company.trim().to_string(),
+        message_queue,
+        client_id: raw.client_id.trim().to_string(),
+        client_secret: secret.0,
+        secret_origin: secret.1,
+        token_url: token_url?,
+        token_api,
+        connect_timeout,
+        request_timeout,
+        field_names: raw.field_names.unwrap_or_default(),
+    })
+}
+
+/// Checks the `dispatcher` section; its defaults where it is not written or not valid.
+pub fn read_dispatcher(cx: &mut FileCheck<'_>) -> DispatcherConfig {
+    let d = DispatcherConfig::default();
+    let Some(raw) = cx.parse::<RawDispatcher>("dispatcher") else {
+        return d;
+    };
+    let max_in_flight = raw.max_in_flight.unwrap_or(d.max_in_flight as u32);
+    if !(1..=D365_CONCURRENCY_LIMIT).contains(&max_in_flight) {
+        cx.error("dispatcher.max_in_flight",
+            format!("{max_in_flight} is out of range: 1 to {D365_CONCURRENCY_LIMIT} (D365 answers 429 above {D365_CONCURRENCY_LIMIT} concurrent requests per user)"),
+        );
+    }
+    let backoff_initial = cx.duration(
+        "dispatcher.backoff_initial",
+        raw.backoff_initial,
+        d.backoff_initial,
+    );
+    let backoff_max = cx.duration("dispatcher.backoff_max", raw.backoff_max, d.backoff_max);
+    if let Err(e) = super::retry::Backoff::try_new(backoff_initial, backoff_max) {
+        cx.error("dispatcher.backoff_max", e.to_string());
+    }
+    let max_attempts = raw.max_attempts.unwrap_or(d.max_attempts);
+    if max_attempts == 0 {
+        cx.error("dispatcher.max_attempts", "must be at least 1");
+    }
+    let ambiguous = raw.on_ambiguous.unwrap_or_default();
+    DispatcherConfig {
+        max_in_flight: max_in_flight as usize,
+        backoff_initial,
+        backoff_max,
+        max_attempts,
+        throttle_fallback: cx.duration(
+            "dispatcher.throttle_fallback",
+            raw.throttle_fallback,
+            d.throttle_fallback,
+        ),
+        auth_pause: cx.duration("dispatcher.auth_pause", raw.auth_pause, d.auth_pause),
+        ambiguous_default: ambiguous.default.unwrap_or(d.ambiguous_default),
+        ambiguous_per_type: ambiguous.per_type,
+    }
+}

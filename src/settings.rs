@@ -1,0 +1,287 @@
+//! The gateway's configuration as a whole: `gateway.yaml` and `rules.d/*.yaml` in one
+//! directory. This module names the sections and hands each to the component that owns
+//! it (`d365::config`, `outbox::config`, `source::config`, `rules::config`); the shared
+//! reading and error collection is [`crate::config`]. It lives apart from `config` so
+//! that imports run one way: components use `config`'s helpers, and only this module
+//! knows the components.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::config::{ConfigError, ConfigErrors, ConfigFile, Errors, MAIN_FILE, RULES_DIR};
+use crate::d365::config::{read_d365, read_dispatcher, D365Config, DispatcherConfig};
+use crate::message::FieldNames;
+use crate::outbox::config::{read_storage, StorageConfig};
+use crate::rules::config::read_rule_file;
+use crate::source::config::{read_sources, SourceConfig};
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub dir: PathBuf,
+    /// `None`: no D365 connection configured; only `run --dry-run` can run.
+    pub d365: Option<D365Config>,
+    pub dispatcher: DispatcherConfig,
+    pub storage: StorageConfig,
+    pub sources: Vec<SourceConfig>,
+    pub rules: Vec<crate::rules::Rule>,
+    /// The plant's time zone, for dates in messages (`{today}`).
+    pub time_zone: jiff::tz::TimeZone,
+    /// How long shutdown may take before in-flight work is abandoned.
+    pub shutdown_grace: Duration,
+    /// Where the operator API (`/health`, `/metrics`) listens; `None`: off.
+    pub api_listen: Option<std::net::SocketAddr>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawApi {
+    /// `ip:port` for `/health` and `/metrics`; keep it on loopback or a management network.
+    pub listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPlant {
+    /// IANA time zone of the plant, for dates in messages; default: the system's.
+    pub time_zone: Option<String>,
+}
+
+/// Loads and validates the configuration in `dir`; reports every problem found.
+pub fn load(dir: &Path) -> Result<Config, ConfigErrors> {
+    let mut errors = Errors::default();
+    let main_file = dir.join(MAIN_FILE);
+    let main = if main_file.is_file() {
+        ConfigFile::read(&main_file, &mut errors)
+    } else {
+        errors.file(
+            &main_file,
+            format!("not found: the configuration directory must contain {MAIN_FILE}"),
+        );
+        None
+    };
+
+    let mut rule_files = Vec::new();
+    let rules_dir = dir.join(RULES_DIR);
+    if rules_dir.is_dir() {
+        match std::fs::read_dir(&rules_dir) {
+            Ok(entries) => {
+                let mut files: Vec<PathBuf> = entries
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| {
+                        matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
+                    })
+                    .collect();
+                // Sorted so rules apply in a defined order: file name, then position.
+                files.sort();
+                for file in files {
+                    if let Some(doc) = ConfigFile::read(&file, &mut errors) {
+                        rule_files.push(doc);
+                    }
+                }
+            }
+            Err(e) => errors.file(&rules_dir, format!("cannot list: {e}")),
+        }
+    }
+
+    let config = main.and_then(|main| validate(dir, &main, &rule_files, &mut errors));
+    match config {
+        Some(config) if errors.is_empty() => Ok(config),
+        _ => Err(ConfigErrors(errors.0)),
+    }
+}
+
+/// Reads only the `storage` section and the journal-name field names: enough for the
+/// outbox commands, which must work even where the D365 secret is readable by the
+/// service alone.
+pub fn load_storage(dir: &Path) -> Result<(StorageConfig, FieldNames), ConfigErrors> {
+    let mut errors = Errors::default();
+    let loaded = ConfigFile::read(&dir.join(MAIN_FILE), &mut errors).map(|file| {
+        let mut cx = file.check(&mut errors);
+        // The wire names of the journal fields, so edited content can be read back.
+        let names = cx
+            .node("d365.field_names")
+            .and_then(|_| cx.parse::<FieldNames>("d365.field_names"))
+            .unwrap_or_default();
+        (read_storage(&mut cx), names)
+    });
+    match loaded {
+        Some(s) if errors.is_empty() => Ok(s),
+        _ => Err(ConfigErrors(errors.0)),
+    }
+}
+
+const MAIN_SECTIONS: [&str; 7] = [
+    "d365",
+    "dispatcher",
+    "storage",
+    "sources",
+    "api",
+    "shutdown_grace",
+    "plant",
+];
+
+fn validate(
+    dir: &Path,
+    main: &ConfigFile,
+    rule_files: &[ConfigFile],
+    errors: &mut Errors,
+) -> Option<Config> {
+    let mut cx = main.check(errors);
+    let Some(entries) = main.root().entries() else {
+        cx.error("", "the top level must be a mapping of sections");
+        return None;
+    };
+    let mut d365 = None;
+    let mut dispatcher = DispatcherConfig::default();
+    let mut storage = None;
+    let mut sources = Vec::new();
+    let mut shutdown_grace = Duration::from_secs(10);
+    let mut time_zone = jiff::tz::TimeZone::system();
+    let mut api_listen = None;
+    let mut seen = HashSet::new();
+    for (name, _) in entries {
+        let name = name.as_str();
+        if !seen.insert(name.to_string()) {
+            cx.error(name, format!("duplicate section `{name}`"));
+            continue;
+        }
+        match name {
+            "d365" => d365 = read_d365(&mut cx),
+            "dispatcher" => dispatcher = read_dispatcher(&mut cx),
+            "storage" => storage = Some(read_storage(&mut cx)),
+            "sources" => sources = read_sources(&mut cx, "sources"),
+            "api" => {
+                if let Some(raw) = cx.parse::<RawApi>("api") {
+                    match raw
+                        .listen
+                        .as_deref()
+                        .map(str::parse::<std::net::SocketAddr>)
+                    {
+                        None => {}
+                        Some(Ok(addr)) => api_listen = Some(addr),
+                        Some(Err(_)) => cx.error(
+                            "api.listen",
+                            format!(
+                                "{:?}: expected ip:port, e.g. 127.0.0.1:9464",
+                                raw.listen.unwrap_or_default()
+                            ),
+                        ),
+                    }
+                }
+            }
+            "plant" => {
+                if let Some(raw) = cx.parse::<RawPlant>("plant") {
+                    if let Some(name) = raw.time_zone {
+                        match jiff::tz::TimeZone::get(&name) {
+                            Ok(tz) => time_zone = tz,
+                            Err(e) => cx.error("plant.time_zone", format!("unknown time zone {name:?} (use an IANA name such as Europe/Berlin): {e}")),
+                        }
+                    }
+                }
+            }
+            "shutdown_grace" => {
+                if let Some(raw) = cx.parse::<String>("shutdown_grace") {
+                    shutdown_grace = cx.duration("shutdown_grace", Some(raw), shutdown_grace);
+                }
+            }
+            other => cx.error(
+                other,
+                format!(
+                    "unknown section `{other}`, expected one of {}",
+                    MAIN_SECTIONS.join(", ")
+                ),
+            ),
+        }
+    }
+    let storage = storage.unwrap_or_else(|| read_storage(&mut cx));
+
+    let mut rules: Vec<crate::rules::Rule> = Vec::new();
+    for file in rule_files {
+        let compiled = read_rule_file(&mut file.check(errors), &sources);
+        for rule in compiled {
+            if let Some(first) = rules.iter().find(|r| r.name == rule.name) {
+                errors.0.push(ConfigError {
+                    file: file.path.clone(),
+                    mark: None,
+                    path: String::new(),
+                    message: format!(
+                        "rule name `{}` is used twice (first at {}); rule names must be unique",
+                        rule.name, first.origin
+                    ),
+                });
+            }
+            rules.push(rule);
+        }
+    }
+
+    Some(Config {
+        dir: dir.to_path_buf(),
+        d365,
+        dispatcher,
+        storage,
+        sources,
+        rules,
+        time_zone,
+        shutdown_grace,
+        api_listen,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_that_would_crash_or_stall_the_daemon_are_config_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("secret"), "s\n").unwrap();
+        let main = [
+            "d365:",
+            "  base_url: http://127.0.0.1:9",
+            "  company: USMF",
+            "  client_id: x",
+            "  token_url: http://127.0.0.1:9/t",
+            "  client_secret_file: secret",
+            "  request_timeout: 0s",
+            "storage:",
+            "  data_dir: data",
+            "  prune_interval: 0s",
+            "sources:",
+            "  - type: mqtt",
+            "    id: broker",
+            "    url: mqtt://127.0.0.1:1883",
+            "    client_id: x",
+            "    keep_alive: 500ms",
+            "    subscriptions: [{ topic: a/b, qos: 1 }]",
+            "  - type: modbus",
+            "    id: plc",
+            "    tcp: 127.0.0.1:502",
+            "    poll: 0ms",
+            "    points:",
+            "      - { name: c, unit: 1, kind: holding_register, address: 65535, type: u32 }",
+        ];
+        std::fs::write(dir.path().join(crate::config::MAIN_FILE), main.join("\n")).unwrap();
+        std::fs::create_dir_all(dir.path().join("rules.d")).unwrap();
+        std::fs::write(
+            dir.path().join("rules.d/r.yaml"),
+            "rules:\n  - name: r\n    line: l\n    when: { source: broker, topic: a/b, edge: rising, debounce: 99999999999999d }\n    count: impulse\n    aggregate: { interval: 36501d }\n    emit:\n      type: ProdProductionOrderReportFinished\n      fields: { ProductionOrderNumber: P1, ItemNumber: A, ReportedGoodQuantity: \"{quantity}\" }\n",
+        )
+        .unwrap();
+        let errors = load(dir.path()).unwrap_err().to_string();
+        for expected in [
+            "gateway.yaml:7:20: d365.request_timeout: must be at least 1s (every request would time out after it was written and be uncertain)",
+            "gateway.yaml:10:19: storage.prune_interval: must be at least 1s (pruning reads the whole outbox)",
+            "sources[0].keep_alive: must be 0 (off) or at least 1s: MQTT counts keep-alive in seconds",
+            "sources[1].poll: must be at least 10ms (a device cannot be polled or answer faster)",
+            "sources[1].points[0].address: the point runs past address 65535",
+            "debounce: duration \"99999999999999d\" is too long: at most 36500d (100 years)",
+            "aggregate.interval: duration \"36501d\" is too long: at most 36500d (100 years)",
+        ] {
+            assert!(errors.contains(expected), "missing {expected:?} in:\n{errors}");
+        }
+    }
+}
