@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -193,7 +193,6 @@ impl Components {
         let sources_cancel = CancellationToken::new();
         let core_cancel = CancellationToken::new();
         let fatal = CancellationToken::new();
-        let wake = Arc::new(Notify::new());
         let mut beats = Vec::new();
 
         let (events_tx, events_rx) = mpsc::channel(source::EVENT_CHANNEL_CAPACITY);
@@ -227,7 +226,6 @@ impl Components {
                 .as_ref()
                 .map(|d| d.field_names.clone())
                 .unwrap_or_default(),
-            wake: wake.clone(),
             print_messages: options.dry_run,
             stats: Arc::new(PipelineStats::default()),
             heartbeat: pipeline_hb,
@@ -249,9 +247,8 @@ impl Components {
                 outbox.clone(),
                 client,
                 config.dispatcher.clone(),
-                wake.clone(),
                 config.shutdown_grace,
-            )?
+            )
             .with_heartbeat(hb);
             live.dispatch = Some(dispatcher.stats());
             let cancel = core_cancel.clone();

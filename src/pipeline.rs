@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc;
 
 use crate::message::FieldNames;
 use std::collections::HashSet;
@@ -64,7 +64,6 @@ pub struct Pipeline {
     pub engine: Engine,
     pub outbox: Outbox,
     pub field_names: FieldNames,
-    pub wake: Arc<Notify>,
     /// Print each stored message (the `run --dry-run` mode).
     pub print_messages: bool,
     pub stats: Arc<PipelineStats>,
@@ -209,7 +208,6 @@ impl Pipeline {
                 );
             }
         }
-        self.wake.notify_one();
     }
 
     fn to_new_messages(&self, built: Vec<Built>) -> Vec<NewMessage> {

@@ -228,7 +228,6 @@ async fn server_error_three_times_fails_and_holds_only_its_order() {
     assert_eq!(gw.record(a1).server_errors, 3);
 
     gw.outbox.retry(a1, "operator", None).await.unwrap();
-    gw.wake();
     gw.wait_until("A drained", |o| {
         o.get(a2).unwrap().state == State::Delivered
     })
@@ -274,7 +273,6 @@ async fn timeout_after_the_request_was_written_is_uncertain_and_resolve_releases
     );
 
     gw.outbox.resolve_delivered(a1, "operator").await.unwrap();
-    gw.wake();
     gw.wait_until("A2 delivered", |o| {
         o.get(a2).unwrap().state == State::Delivered
     })
@@ -398,7 +396,6 @@ async fn lanes_are_served_round_robin_so_a_long_backlog_does_not_starve_an_order
     batch.push(new_report("B", 1));
     batch.push(new_report("C", 1));
     gw.outbox.append(batch).await.unwrap();
-    gw.wake();
     fake.wait_until("all 22", |r| r.len() == 22).await;
     gw.stop().await;
     let orders: Vec<String> = fake.received().iter().map(|r| r.order.clone()).collect();

@@ -20,7 +20,7 @@ use mes_gateway::source::SourceEvent;
 use mes_gateway::systemd::Heartbeats;
 use serde_json::{json, Value as Json};
 use support::{d365_yaml, FakeD365};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 struct Scenario {
@@ -53,7 +53,6 @@ impl Scenario {
         }
         let config = settings::load(&dir).unwrap_or_else(|e| panic!("{e}"));
         let outbox = Outbox::open(&config.storage.data_dir).unwrap();
-        let wake = Arc::new(Notify::new());
         let (tx, rx) = mpsc::channel(64);
         let pipeline = Pipeline {
             engine: Engine::new(
@@ -63,7 +62,6 @@ impl Scenario {
             ),
             outbox: outbox.clone(),
             field_names: Default::default(),
-            wake: wake.clone(),
             print_messages: false,
             stats: Default::default(),
             heartbeat: Heartbeats::default().register("pipeline"),
@@ -74,10 +72,8 @@ impl Scenario {
             outbox.clone(),
             client,
             config.dispatcher.clone(),
-            wake,
             Duration::from_secs(1),
-        )
-        .unwrap();
+        );
         let cancel = CancellationToken::new();
         tokio::spawn(dispatcher.run(cancel.clone()));
         Scenario {

@@ -310,13 +310,9 @@ fn exercise(config: &mes_gateway::settings::Config) {
     let _ = engine.flush_all(jiff::Timestamp::MAX);
     let _ = engine.flush_all(now);
 
-    let d = &config.dispatcher;
-    if let Ok(backoff) =
-        mes_gateway::d365::retry::Backoff::try_new(d.backoff_initial, d.backoff_max)
-    {
-        for attempt in [0, 1, 2, 31, 63, 64, 1000, u32::MAX] {
-            let _ = backoff.delay(attempt);
-        }
+    let backoff = &config.dispatcher.retry.backoff;
+    for attempt in [0, 1, 2, 31, 63, 64, 1000, u32::MAX] {
+        let _ = backoff.delay(attempt);
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -120,10 +120,8 @@ fn watchdog_pings_stop_while_the_dispatcher_is_stalled() {
             outbox,
             client,
             config.dispatcher.clone(),
-            Arc::default(),
             Duration::from_secs(1),
         )
-        .unwrap()
         .with_heartbeat(heartbeats.register("dispatcher"));
         let cancel = CancellationToken::new();
         let c = cancel.clone();

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::retry::{Backoff, RetryPolicy};
 use crate::config::{FileCheck, Secret};
 use crate::message::FieldNames;
 
@@ -46,38 +47,15 @@ impl D365Config {
 pub struct DispatcherConfig {
     /// Requests in flight across all orders (one per order at most).
     pub max_in_flight: usize,
-    pub backoff_initial: Duration,
-    pub backoff_max: Duration,
-    /// HTTP 500 answers a message may get before it is `failed`.
-    pub max_attempts: u32,
-    /// Pause after a 429 without a usable `Retry-After`.
-    pub throttle_fallback: Duration,
-    /// Pause after a second 401 in a row (credentials or app registration wrong).
-    pub auth_pause: Duration,
-    pub ambiguous_default: AmbiguousPolicy,
-    pub ambiguous_per_type: BTreeMap<String, AmbiguousPolicy>,
-}
-
-impl DispatcherConfig {
-    pub fn ambiguous_policy(&self, message_type: &str) -> AmbiguousPolicy {
-        self.ambiguous_per_type
-            .get(message_type)
-            .copied()
-            .unwrap_or(self.ambiguous_default)
-    }
+    /// How each outcome is answered.
+    pub retry: RetryPolicy,
 }
 
 impl Default for DispatcherConfig {
     fn default() -> Self {
         DispatcherConfig {
             max_in_flight: 4,
-            backoff_initial: Duration::from_secs(1),
-            backoff_max: Duration::from_secs(300),
-            max_attempts: 3,
-            throttle_fallback: Duration::from_secs(30),
-            auth_pause: Duration::from_secs(300),
-            ambiguous_default: AmbiguousPolicy::Hold,
-            ambiguous_per_type: BTreeMap::new(),
+            retry: RetryPolicy::default(),
         }
     }
 }
@@ -242,32 +220,38 @@ pub fn read_dispatcher(cx: &mut FileCheck<'_>) -> DispatcherConfig {
             format!("{max_in_flight} is out of range: 1 to {D365_CONCURRENCY_LIMIT} (D365 answers 429 above {D365_CONCURRENCY_LIMIT} concurrent requests per user)"),
         );
     }
+    let r = d.retry;
     let backoff_initial = cx.duration(
         "dispatcher.backoff_initial",
         raw.backoff_initial,
-        d.backoff_initial,
+        r.backoff.initial(),
     );
-    let backoff_max = cx.duration("dispatcher.backoff_max", raw.backoff_max, d.backoff_max);
-    if let Err(e) = super::retry::Backoff::try_new(backoff_initial, backoff_max) {
-        cx.error("dispatcher.backoff_max", e.to_string());
-    }
-    let max_attempts = raw.max_attempts.unwrap_or(d.max_attempts);
+    let backoff_max = cx.duration("dispatcher.backoff_max", raw.backoff_max, r.backoff.max());
+    let backoff = match Backoff::try_new(backoff_initial, backoff_max) {
+        Ok(b) => b,
+        Err(e) => {
+            cx.error("dispatcher.backoff_max", e.to_string());
+            r.backoff
+        }
+    };
+    let max_attempts = raw.max_attempts.unwrap_or(r.max_attempts);
     if max_attempts == 0 {
         cx.error("dispatcher.max_attempts", "must be at least 1");
     }
     let ambiguous = raw.on_ambiguous.unwrap_or_default();
     DispatcherConfig {
         max_in_flight: max_in_flight as usize,
-        backoff_initial,
-        backoff_max,
-        max_attempts,
-        throttle_fallback: cx.duration(
-            "dispatcher.throttle_fallback",
-            raw.throttle_fallback,
-            d.throttle_fallback,
-        ),
-        auth_pause: cx.duration("dispatcher.auth_pause", raw.auth_pause, d.auth_pause),
-        ambiguous_default: ambiguous.default.unwrap_or(d.ambiguous_default),
-        ambiguous_per_type: ambiguous.per_type,
+        retry: RetryPolicy {
+            backoff,
+            max_attempts,
+            throttle_fallback: cx.duration(
+                "dispatcher.throttle_fallback",
+                raw.throttle_fallback,
+                r.throttle_fallback,
+            ),
+            auth_pause: cx.duration("dispatcher.auth_pause", raw.auth_pause, r.auth_pause),
+            ambiguous_default: ambiguous.default.unwrap_or(r.ambiguous_default),
+            ambiguous_per_type: ambiguous.per_type,
+        },
     }
 }

@@ -21,6 +21,10 @@
 //!   was waiting. When the disk refuses a write, the outcomes stay in memory and the
 //!   write is retried; nothing is sent meanwhile.
 //!
+//! - The dispatcher wakes when the outbox changes (its change feed, [`Outbox::subscribe`]:
+//!   an append by the pipeline, an operator's retry), when a request finishes, when a
+//!   deadline falls, and on the heartbeat tick.
+//!
 //! Memory: the in-flight set (≤ `max_in_flight`), one backoff deadline per lane head that
 //! is waiting for a retry, and the held heads.
 
@@ -34,7 +38,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -43,7 +46,7 @@ use crate::outbox::{MessageId, Outbox, OutboxError, Record, Settle, Settlement, 
 use crate::systemd::Heartbeat;
 use client::D365Client;
 use config::{AmbiguousPolicy, DispatcherConfig};
-use retry::{Backoff, Context, Decision, Outcome};
+use retry::{Decision, Outcome, RetryPolicy, SendHistory};
 use token::Token;
 
 /// The outbox key of the dispatcher's saved pause.
@@ -95,9 +98,9 @@ impl DispatchStats {
 pub struct Dispatcher {
     outbox: Outbox,
     client: Arc<D365Client>,
-    config: DispatcherConfig,
-    backoff: Backoff,
-    wake: Arc<Notify>,
+    max_in_flight: usize,
+    /// Shared with every send task: the one copy of the `dispatcher` retry settings.
+    policy: Arc<RetryPolicy>,
     stats: Arc<DispatchStats>,
     /// How long in-flight requests may finish after cancellation before they are abandoned.
     drain_grace: Duration,
@@ -137,19 +140,17 @@ impl Dispatcher {
         outbox: Outbox,
         client: Arc<D365Client>,
         config: DispatcherConfig,
-        wake: Arc<Notify>,
         drain_grace: Duration,
-    ) -> Result<Dispatcher, retry::InvalidBackoff> {
-        Ok(Dispatcher {
-            backoff: Backoff::try_new(config.backoff_initial, config.backoff_max)?,
+    ) -> Dispatcher {
+        Dispatcher {
             outbox,
             client,
-            config,
-            wake,
+            max_in_flight: config.max_in_flight,
+            policy: Arc::new(config.retry),
             stats: Arc::default(),
             drain_grace,
             heartbeat: None,
-        })
+        }
     }
 
     pub fn with_heartbeat(mut self, heartbeat: Heartbeat) -> Dispatcher {
@@ -173,7 +174,7 @@ impl Dispatcher {
     async fn recover_interrupted(&self) -> Result<(), OutboxError> {
         let recovered = self
             .outbox
-            .recover_interrupted(|r| match self.config.ambiguous_policy(&r.message_type) {
+            .recover_interrupted(|r| match self.policy.ambiguous_for(&r.message_type) {
                 AmbiguousPolicy::Hold => Settle::Uncertain {
                     reason: "interrupted: the gateway stopped while the request may have been on the wire".into(),
                 },
@@ -198,6 +199,7 @@ impl Dispatcher {
         self.restore_deadlines(&mut lanes)?;
         let mut tasks: JoinSet<Finished> = JoinSet::new();
         let mut done = Vec::new();
+        let mut outbox_changes = self.outbox.subscribe();
         let mut heartbeat_ticks = tokio::time::interval(
             self.heartbeat
                 .as_ref()
@@ -254,11 +256,11 @@ impl Dispatcher {
                         Some(Err(e)) => {
                             self.stats.set_last_error(Some(e.to_string()));
                             let pause = if e.is_rejection() {
-                                tracing::error!(error = %e, pause_s = self.config.auth_pause.as_secs_f64(),
+                                tracing::error!(error = %e, pause_s = self.policy.auth_pause.as_secs_f64(),
                                     "D365 token endpoint refused the credentials: pausing all deliveries. Messages are kept; fix the client secret or app registration.");
-                                self.config.auth_pause
+                                self.policy.auth_pause
                             } else {
-                                let wait = self.backoff.delay(lanes.token_failures);
+                                let wait = self.policy.backoff.delay(lanes.token_failures);
                                 lanes.token_failures = lanes.token_failures.saturating_add(1);
                                 tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64,
                                     "Cannot get a D365 access token; nothing was sent, will try again.");
@@ -301,7 +303,7 @@ impl Dispatcher {
                         done.push(more);
                     }
                 }
-                _ = self.wake.notified() => self.recheck_held(&mut lanes),
+                Ok(()) = outbox_changes.changed() => self.recheck_held(&mut lanes),
                 _ = heartbeat_ticks.tick() => self.recheck_held(&mut lanes),
                 _ = sleep_until(next_wake), if next_wake.is_some() => {}
             }
@@ -432,10 +434,7 @@ impl Dispatcher {
         delivered: &HashSet<MessageId>,
         settling: &HashSet<MessageId>,
     ) -> Result<(Vec<LaneHead>, Option<Instant>), OutboxError> {
-        let free = self
-            .config
-            .max_in_flight
-            .saturating_sub(lanes.in_flight.len());
+        let free = self.max_in_flight.saturating_sub(lanes.in_flight.len());
         let mut next_wake: Option<Instant> = None;
         let mut picked = Vec::new();
         if free == 0 {
@@ -545,21 +544,14 @@ impl Dispatcher {
         for record in marked {
             let order = record.production_order.clone();
             let id = record.id;
-            let policy = self.policy_for(&record);
-            let handle = tasks.spawn(send_one(self.client.clone(), record, token.clone(), policy));
+            let handle = tasks.spawn(send_one(
+                self.client.clone(),
+                record,
+                token.clone(),
+                self.policy.clone(),
+            ));
             lanes.busy_orders.insert(order.clone());
             lanes.in_flight.insert(handle.id(), (id, order));
-        }
-    }
-
-    fn policy_for(&self, record: &Record) -> Context {
-        Context {
-            server_errors_before: record.server_errors,
-            token_refreshed: false,
-            ambiguous: self.config.ambiguous_policy(&record.message_type),
-            max_attempts: self.config.max_attempts,
-            throttle_fallback: self.config.throttle_fallback,
-            auth_pause: self.config.auth_pause,
         }
     }
 
@@ -617,7 +609,7 @@ impl Dispatcher {
                     Settle::Delivered
                 }
                 Decision::Retry { reason } => {
-                    let wait = self.backoff.delay(record.attempt_count);
+                    let wait = self.policy.backoff.delay(record.attempt_count);
                     tracing::info!(message_id = id, %order, attempt = record.attempt_count + 1, retry_in_ms = wait.as_millis() as u64, %reason, "Delivery failed; will retry.");
                     retries.push((id, wait));
                     self.stats.retried.fetch_add(1, Ordering::Relaxed);
@@ -702,18 +694,24 @@ async fn send_one(
     client: Arc<D365Client>,
     record: Record,
     mut token: Token,
-    mut ctx: Context,
+    policy: Arc<RetryPolicy>,
 ) -> Finished {
+    let mut token_refreshed = false;
     loop {
+        let history = SendHistory {
+            message_type: &record.message_type,
+            server_errors_before: record.server_errors,
+            token_refreshed,
+        };
         let outcome = client.send(&record, &token).await;
-        let decision = retry::decide(&outcome, &ctx);
+        let decision = retry::decide(&outcome, &history, &policy);
         if decision == Decision::RefreshToken {
             tracing::info!(
                 message_id = record.id,
                 "D365 answered 401: fetching a new token and sending once more."
             );
             client.tokens.invalidate(&token).await;
-            ctx.token_refreshed = true;
+            token_refreshed = true;
             match client.tokens.get().await {
                 Ok(fresh) => {
                     token = fresh;
@@ -724,7 +722,11 @@ async fn send_one(
                         rejected: e.is_rejection(),
                         detail: e.to_string(),
                     };
-                    let decision = retry::decide(&outcome, &ctx);
+                    let history = SendHistory {
+                        token_refreshed,
+                        ..history
+                    };
+                    let decision = retry::decide(&outcome, &history, &policy);
                     return Finished {
                         record,
                         outcome,
@@ -769,10 +771,8 @@ mod tests {
             outbox.clone(),
             client,
             config.dispatcher.clone(),
-            Arc::new(Notify::new()),
             Duration::from_secs(1),
-        )
-        .unwrap();
+        );
         let r = outbox
             .append(vec![NewMessage {
                 production_order: "P1".into(),

@@ -15,9 +15,52 @@
 //! | token endpoint unreachable                      | retry with backoff (nothing sent)      |
 //! | token endpoint refuses the credentials          | pause all lanes, alert                 |
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::config::AmbiguousPolicy;
+
+/// How the dispatcher answers outcomes: the `dispatcher` settings, read once and shared
+/// by the loop and every send task. The only copy of these values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryPolicy {
+    /// The wait before trying a message again (retries, unreachable token endpoint).
+    pub backoff: Backoff,
+    /// HTTP 500 answers a message may get before it is `failed`.
+    pub max_attempts: u32,
+    /// Pause after a 429 without a usable `Retry-After`.
+    pub throttle_fallback: Duration,
+    /// Pause after a second 401 in a row (credentials or app registration wrong).
+    pub auth_pause: Duration,
+    pub ambiguous_default: AmbiguousPolicy,
+    pub ambiguous_per_type: BTreeMap<String, AmbiguousPolicy>,
+}
+
+impl RetryPolicy {
+    /// What to do with a message of this type whose request may have reached D365.
+    pub fn ambiguous_for(&self, message_type: &str) -> AmbiguousPolicy {
+        self.ambiguous_per_type
+            .get(message_type)
+            .copied()
+            .unwrap_or(self.ambiguous_default)
+    }
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            backoff: Backoff {
+                initial: Duration::from_secs(1),
+                max: Duration::from_secs(300),
+            },
+            max_attempts: 3,
+            throttle_fallback: Duration::from_secs(30),
+            auth_pause: Duration::from_secs(300),
+            ambiguous_default: AmbiguousPolicy::Hold,
+            ambiguous_per_type: BTreeMap::new(),
+        }
+    }
+}
 
 /// What happened to one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,17 +94,15 @@ impl std::fmt::Display for Outcome {
     }
 }
 
-/// The facts about a message that the decision depends on.
+/// What the message went through before this outcome: the facts a decision depends on
+/// besides the policy.
 #[derive(Debug, Clone, Copy)]
-pub struct Context {
+pub struct SendHistory<'a> {
+    pub message_type: &'a str,
     /// HTTP 500 answers this message got before this one.
     pub server_errors_before: u32,
     /// This attempt already used a freshly fetched token after a 401.
     pub token_refreshed: bool,
-    pub ambiguous: AmbiguousPolicy,
-    pub max_attempts: u32,
-    pub throttle_fallback: Duration,
-    pub auth_pause: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,15 +137,15 @@ pub enum Decision {
 pub const MAX_THROTTLE_FACTOR: u32 = 10;
 
 /// Decides what follows an outcome. Pure: table-tested below.
-pub fn decide(outcome: &Outcome, ctx: &Context) -> Decision {
+pub fn decide(outcome: &Outcome, history: &SendHistory<'_>, policy: &RetryPolicy) -> Decision {
     match outcome {
         Outcome::Http { status, .. } if (200..300).contains(status) => Decision::Delivered,
         // Capped: a Retry-After of years (a broken proxy) must not stop every lane for
         // good; ten times the fallback is still far beyond D365's 5-minute window.
         Outcome::Http { status: 429, retry_after, .. } => Decision::Throttle {
             pause: retry_after
-                .unwrap_or(ctx.throttle_fallback)
-                .min(ctx.throttle_fallback.saturating_mul(MAX_THROTTLE_FACTOR)),
+                .unwrap_or(policy.throttle_fallback)
+                .min(policy.throttle_fallback.saturating_mul(MAX_THROTTLE_FACTOR)),
         },
         Outcome::Http { status: 408 | 502 | 503 | 504, .. } | Outcome::NotSent { .. } => Decision::Retry {
             reason: outcome.to_string(),
@@ -113,27 +154,27 @@ pub fn decide(outcome: &Outcome, ctx: &Context) -> Decision {
             reason: outcome.to_string(),
         },
         Outcome::Token { rejected: true, .. } => Decision::AuthPause {
-            pause: ctx.auth_pause,
+            pause: policy.auth_pause,
             reason: outcome.to_string(),
         },
-        Outcome::Http { status: 401, .. } if !ctx.token_refreshed => Decision::RefreshToken,
+        Outcome::Http { status: 401, .. } if !history.token_refreshed => Decision::RefreshToken,
         Outcome::Http { status: 401, .. } => Decision::AuthPause {
-            pause: ctx.auth_pause,
+            pause: policy.auth_pause,
             reason: "D365 answered 401 with a freshly fetched token: check the app registration in \
                      D365 (System administration > Setup > Microsoft Entra ID applications) and the \
                      client id and secret"
                 .into(),
         },
-        Outcome::Http { status: 500, .. } if ctx.server_errors_before + 1 < ctx.max_attempts => Decision::Retry {
+        Outcome::Http { status: 500, .. } if history.server_errors_before + 1 < policy.max_attempts => Decision::Retry {
             reason: outcome.to_string(),
         },
         Outcome::Http { status: 500, .. } => Decision::Failed {
-            reason: format!("{outcome} (attempt {} of {})", ctx.server_errors_before + 1, ctx.max_attempts),
+            reason: format!("{outcome} (attempt {} of {})", history.server_errors_before + 1, policy.max_attempts),
         },
         Outcome::Http { .. } => Decision::Failed {
             reason: outcome.to_string(),
         },
-        Outcome::Ambiguous { .. } => match ctx.ambiguous {
+        Outcome::Ambiguous { .. } => match policy.ambiguous_for(history.message_type) {
             AmbiguousPolicy::Hold => Decision::Uncertain {
                 reason: outcome.to_string(),
             },
@@ -191,6 +232,14 @@ impl Backoff {
         self.ceiling(attempt).mul_f64(unit.clamp(0.0, 1.0))
     }
 
+    pub fn initial(&self) -> Duration {
+        self.initial
+    }
+
+    pub fn max(&self) -> Duration {
+        self.max
+    }
+
     pub fn delay(&self, attempt: u32) -> Duration {
         self.delay_with(attempt, fastrand::f64())
     }
@@ -200,15 +249,18 @@ impl Backoff {
 mod tests {
     use super::*;
 
-    fn ctx() -> Context {
-        Context {
+    const TYPE: &str = "ProdProductionOrderStart";
+
+    fn first() -> SendHistory<'static> {
+        SendHistory {
+            message_type: TYPE,
             server_errors_before: 0,
             token_refreshed: false,
-            ambiguous: AmbiguousPolicy::Hold,
-            max_attempts: 3,
-            throttle_fallback: Duration::from_secs(30),
-            auth_pause: Duration::from_secs(300),
         }
+    }
+
+    fn policy() -> RetryPolicy {
+        RetryPolicy::default()
     }
 
     fn http(status: u16) -> Outcome {
@@ -233,82 +285,102 @@ mod tests {
 
     #[test]
     fn outcome_table() {
-        let table: &[(Outcome, Context, &str)] = &[
-            (http(200), ctx(), "delivered"),
-            (http(204), ctx(), "delivered"),
+        let resend_this_type = RetryPolicy {
+            ambiguous_per_type: [(TYPE.to_string(), AmbiguousPolicy::Resend)].into(),
+            ..policy()
+        };
+        let table: &[(Outcome, SendHistory<'_>, RetryPolicy, &str)] = &[
+            (http(200), first(), policy(), "delivered"),
+            (http(204), first(), policy(), "delivered"),
             (
                 Outcome::NotSent {
                     detail: "refused".into(),
                 },
-                ctx(),
+                first(),
+                policy(),
                 "retry",
             ),
-            (http(429), ctx(), "throttle"),
-            (http(408), ctx(), "retry"),
-            (http(502), ctx(), "retry"),
-            (http(503), ctx(), "retry"),
-            (http(504), ctx(), "retry"),
-            (http(401), ctx(), "refresh"),
+            (http(429), first(), policy(), "throttle"),
+            (http(408), first(), policy(), "retry"),
+            (http(502), first(), policy(), "retry"),
+            (http(503), first(), policy(), "retry"),
+            (http(504), first(), policy(), "retry"),
+            (http(401), first(), policy(), "refresh"),
             (
                 http(401),
-                Context {
+                SendHistory {
                     token_refreshed: true,
-                    ..ctx()
+                    ..first()
                 },
+                policy(),
                 "auth-pause",
             ),
-            (http(500), ctx(), "retry"),
+            (http(500), first(), policy(), "retry"),
             (
                 http(500),
-                Context {
+                SendHistory {
                     server_errors_before: 1,
-                    ..ctx()
+                    ..first()
                 },
+                policy(),
                 "retry",
             ),
             (
                 http(500),
-                Context {
+                SendHistory {
                     server_errors_before: 2,
-                    ..ctx()
+                    ..first()
                 },
+                policy(),
                 "failed",
             ),
             (
                 http(500),
-                Context {
+                first(),
+                RetryPolicy {
                     max_attempts: 1,
-                    ..ctx()
+                    ..policy()
                 },
                 "failed",
             ),
-            (http(400), ctx(), "failed"),
-            (http(404), ctx(), "failed"),
-            (http(403), ctx(), "failed"),
-            (http(301), ctx(), "failed"),
+            (http(400), first(), policy(), "failed"),
+            (http(404), first(), policy(), "failed"),
+            (http(403), first(), policy(), "failed"),
+            (http(301), first(), policy(), "failed"),
             (
                 Outcome::Ambiguous {
                     detail: "timeout".into(),
                 },
-                ctx(),
+                first(),
+                policy(),
                 "uncertain",
             ),
             (
                 Outcome::Ambiguous {
                     detail: "reset".into(),
                 },
-                Context {
-                    ambiguous: AmbiguousPolicy::Resend,
-                    ..ctx()
-                },
+                first(),
+                resend_this_type.clone(),
                 "retry",
+            ),
+            (
+                Outcome::Ambiguous {
+                    detail: "reset".into(),
+                },
+                SendHistory {
+                    message_type: "ProdProductionOrderEnd",
+                    ..first()
+                },
+                resend_this_type,
+                "uncertain",
             ),
             (
                 Outcome::Token {
                     rejected: false,
                     detail: "refused".into(),
                 },
-                ctx(),
+                first(),
+                policy(),
                 "retry",
             ),
             (
@@ -316,12 +388,17 @@ mod tests {
                     rejected: true,
                     detail: "AADSTS7000215".into(),
                 },
-                ctx(),
+                first(),
+                policy(),
                 "auth-pause",
             ),
         ];
-        for (outcome, c, expected) in table {
-            assert_eq!(kind(&decide(outcome, c)), *expected, "{outcome} with {c:?}");
+        for (outcome, history, policy, expected) in table {
+            assert_eq!(
+                kind(&decide(outcome, history, policy)),
+                *expected,
+                "{outcome} after {history:?} with {policy:?}"
+            );
         }
     }
 
@@ -333,13 +410,13 @@ mod tests {
             body: String::new(),
         };
         assert_eq!(
-            decide(&with, &ctx()),
+            decide(&with, &first(), &policy()),
             Decision::Throttle {
                 pause: Duration::from_secs(2)
             }
         );
         assert_eq!(
-            decide(&http(429), &ctx()),
+            decide(&http(429), &first(), &policy()),
             Decision::Throttle {
                 pause: Duration::from_secs(30)
             }
@@ -354,7 +431,7 @@ mod tests {
             body: String::new(),
         };
         assert_eq!(
-            decide(&huge, &ctx()),
+            decide(&huge, &first(), &policy()),
             Decision::Throttle {
                 pause: Duration::from_secs(300)
             }

@@ -550,7 +550,6 @@ use mes_gateway::d365::Dispatcher;
 use mes_gateway::message::{FieldNames, Message};
 use mes_gateway::outbox::{NewMessage, Outbox, Record, State};
 use mes_gateway::settings::{self, Config};
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 /// A dispatcher and its outbox in this process, delivering to a fake D365.
@@ -558,7 +557,6 @@ pub struct Gateway {
     pub outbox: Outbox,
     pub stats: Arc<mes_gateway::d365::DispatchStats>,
     pub config: Config,
-    wake: Arc<Notify>,
     cancel: CancellationToken,
     task: tokio::task::JoinHandle<()>,
     _dir: tempfile::TempDir,
@@ -581,16 +579,13 @@ impl Gateway {
     /// Starts a dispatcher on `outbox` with `config` (what a start of the gateway does).
     fn spawn(outbox: Outbox, config: Config, dir: tempfile::TempDir) -> Gateway {
         let client = Arc::new(D365Client::new(Arc::new(config.d365.clone().unwrap())).unwrap());
-        let wake = Arc::new(Notify::new());
         let cancel = CancellationToken::new();
         let dispatcher = Dispatcher::new(
             outbox.clone(),
             client,
             config.dispatcher.clone(),
-            wake.clone(),
             Duration::from_secs(5),
-        )
-        .unwrap();
+        );
         let stats = dispatcher.stats();
         let c = cancel.clone();
         let task = tokio::spawn(async move { dispatcher.run(c).await.expect("dispatcher") });
@@ -598,7 +593,6 @@ impl Gateway {
             outbox,
             stats,
             config,
-            wake,
             cancel,
             task,
             _dir: dir,
@@ -615,7 +609,6 @@ impl Gateway {
             origin: "test".into(),
         };
         let id = self.outbox.append(vec![new]).await.unwrap()[0].id;
-        self.wake.notify_one();
         id
     }
 
@@ -634,10 +627,6 @@ impl Gateway {
             "dispatcher error never contained {text:?}: {:?}",
             self.stats.last_error()
         );
-    }
-
-    pub fn wake(&self) {
-        self.wake.notify_one();
     }
 
     pub fn state(&self, id: u64) -> State {
