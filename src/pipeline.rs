@@ -10,6 +10,7 @@
 //! and retried; meanwhile the bounded event channel fills up and the sources wait.
 //! When the sources stop (shutdown, reload), what is still aggregated is reported.
 
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,10 +18,9 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use crate::message::FieldNames;
-use std::collections::HashSet;
 
 use crate::outbox::{Delivery, DeliveryId, Ingest, NewMessage, Outbox, Record};
-use crate::rules::state::EngineState;
+use crate::rules::state::{EngineState, OrderContext};
 use crate::rules::{Built, Engine};
 use crate::source::SourceEvent;
 use crate::systemd::Heartbeat;
@@ -41,6 +41,9 @@ pub struct PipelineStats {
     pub store_errors: AtomicU64,
     /// Redelivered upstream messages whose result was already stored.
     pub duplicates: AtomicU64,
+    /// Each line's order context as last committed, for `/health`: published by the
+    /// pipeline, so readers never parse the stored rules state.
+    pub lines: std::sync::RwLock<BTreeMap<String, OrderContext>>,
 }
 
 /// Loads the rules engine's saved state; a state that cannot be read is reported and
@@ -83,6 +86,7 @@ impl Pipeline {
     pub async fn run(mut self, mut events: mpsc::Receiver<SourceEvent>) {
         let mut batch = Vec::with_capacity(MAX_BATCH_EVENTS);
         let mut heartbeat_ticks = tokio::time::interval(self.heartbeat.period());
+        self.publish_lines();
         loop {
             self.heartbeat.beat();
             let timer = until(self.engine.next_deadline());
@@ -187,6 +191,7 @@ impl Pipeline {
         if messages.is_empty() && state.is_none() && deliveries.is_empty() {
             return;
         }
+        let state_changed = state.is_some();
         let records = self
             .store(Ingest::new(
                 messages,
@@ -194,6 +199,9 @@ impl Pipeline {
                 deliveries,
             ))
             .await;
+        if state_changed {
+            self.publish_lines();
+        }
         if records.is_empty() {
             return;
         }
@@ -207,6 +215,21 @@ impl Pipeline {
                     r.id, r.message_type, r.production_order, r.content
                 );
             }
+        }
+    }
+
+    /// Publishes the lines' order contexts when they differ from the published ones
+    /// (counting changes the state far more often than an order changes).
+    fn publish_lines(&self) {
+        let contexts = &self.engine.state().contexts;
+        let unchanged = self
+            .stats
+            .lines
+            .read()
+            .is_ok_and(|published| published.eq(contexts));
+        if !unchanged {
+            let mut published = self.stats.lines.write().unwrap_or_else(|p| p.into_inner());
+            published.clone_from(contexts);
         }
     }
 

@@ -147,13 +147,23 @@ async fn health_and_metrics_show_the_sources_and_the_outbox() {
         .replace("topic: plant/+/count", "topic: plant/#")
         + &format!("api:\n  listen: 127.0.0.1:{port}\n");
     std::fs::write(tmp.path().join("gateway.yaml"), yaml).unwrap();
+    std::fs::write(
+        tmp.path().join("rules.d/order.yaml"),
+        "rules:\n  - name: order\n    line: \"{capture.line}\"\n    when: { source: broker, topic: \"plant/{line}/order\" }\n    set_context: { order: \"{value}\", item: A0001 }\n",
+    )
+    .unwrap();
     let out = Output::new();
     let gw = started(tmp.path(), &out).await;
     out.wait_for("Operator API listening").await;
-    // The unmatched one first: once the report reaches D365 both have been through the rules.
+    // The order and the unmatched one first: once the report reaches D365 all three have
+    // been through the rules and committed.
     publish(
         broker.port,
-        &[("plant/l1/temperature", b"21.5"), ("plant/l1/count", b"5")],
+        &[
+            ("plant/l1/order", b"P000777"),
+            ("plant/l1/temperature", b"21.5"),
+            ("plant/l1/count", b"5"),
+        ],
     )
     .await;
     fake.wait_until("one report", |r| r.len() == 1).await;
@@ -170,9 +180,9 @@ async fn health_and_metrics_show_the_sources_and_the_outbox() {
     assert_eq!(health["sources"][0]["id"], "broker");
     assert_eq!(health["sources"][0]["connected"], true);
     assert_eq!(
-        health["lines"],
-        serde_json::json!({}),
-        "no rule here sets an order context"
+        (&health["lines"]["l1"]["order"], &health["lines"]["l1"]["item"]),
+        (&serde_json::json!("P000777"), &serde_json::json!("A0001")),
+        "the order context the pipeline committed: {health}"
     );
     let metrics = http
         .get(format!("http://127.0.0.1:{port}/metrics"))
@@ -187,7 +197,7 @@ async fn health_and_metrics_show_the_sources_and_the_outbox() {
         "{metrics}"
     );
     assert!(
-        metrics.contains("mes_gateway_source_events_total{source=\"broker\"} 2"),
+        metrics.contains("mes_gateway_source_events_total{source=\"broker\"} 3"),
         "{metrics}"
     );
     assert!(

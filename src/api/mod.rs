@@ -84,8 +84,12 @@ async fn health(State(state): State<ApiState>) -> impl IntoResponse {
         .iter()
         .map(|s| (s.to_string(), counts.get(s).copied().unwrap_or(0).into()))
         .collect();
-    // The order contexts as last saved with the rules engine's state.
-    let lines = crate::pipeline::load_engine_state(&state.outbox).contexts;
+    // The order contexts as the pipeline last committed them.
+    let lines = live
+        .pipeline
+        .as_ref()
+        .map(|p| p.lines.read().unwrap_or_else(|e| e.into_inner()).clone())
+        .unwrap_or_default();
     Json(
         serde_json::json!({ "status": status, "sources": sources, "outbox": outbox, "lines": lines }),
     )
