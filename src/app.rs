@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::api::{ApiState, Live};
+use crate::api::{ApiState, ComponentStats};
 use crate::config;
 use crate::d365::client::D365Client;
 use crate::d365::Dispatcher;
@@ -178,7 +178,7 @@ impl Components {
         heartbeats: &Heartbeats,
         api: &ApiState,
     ) -> anyhow::Result<Components> {
-        let mut live = Live::default();
+        let mut live = ComponentStats::default();
         let client = match (&config.d365, options.dry_run) {
             (_, true) => None,
             (Some(d365), false) => Some(Arc::new(

@@ -21,7 +21,7 @@ use crate::message::FieldNames;
 
 use crate::outbox::{Delivery, DeliveryId, Ingest, NewMessage, Outbox, Record};
 use crate::rules::state::{EngineState, OrderContext};
-use crate::rules::{Built, Engine};
+use crate::rules::{BuiltMessage, Engine};
 use crate::source::SourceEvent;
 use crate::systemd::Heartbeat;
 
@@ -97,7 +97,7 @@ impl Pipeline {
                     }
                     self.stats.events.fetch_add(n as u64, Ordering::Relaxed);
                     let stored = self.redeliveries_stored(&batch).await;
-                    self.apply_batch(&batch, &stored)
+                    self.process_batch(&batch, &stored)
                 }
                 _ = sleep(timer), if timer.is_some() => (self.engine.tick(jiff::Timestamp::now()), Vec::new()),
                 _ = heartbeat_ticks.tick() => continue,
@@ -154,11 +154,11 @@ impl Pipeline {
     /// Runs the rules over a batch, leaving out redeliveries of what is already stored
     /// (`stored`) or earlier in the batch. Returns what was built and the deliveries to
     /// record with it.
-    fn apply_batch(
+    fn process_batch(
         &mut self,
         batch: &[SourceEvent],
         stored: &HashSet<&DeliveryId>,
-    ) -> (Vec<Built>, Vec<Delivery>) {
+    ) -> (Vec<BuiltMessage>, Vec<Delivery>) {
         let mut built = Vec::new();
         let mut deliveries = Vec::new();
         let mut in_batch: HashSet<&DeliveryId> = HashSet::new();
@@ -176,13 +176,13 @@ impl Pipeline {
                 }
                 in_batch.insert(&d.id);
             }
-            built.extend(self.engine.apply(&e.event));
+            built.extend(self.engine.process(&e.event));
         }
         (built, deliveries)
     }
 
     /// Commits the built messages and the engine's state (if it changed) together.
-    async fn persist(&mut self, built: Vec<Built>, deliveries: Vec<Delivery>) {
+    async fn persist(&mut self, built: Vec<BuiltMessage>, deliveries: Vec<Delivery>) {
         let messages = self.to_new_messages(built);
         let state = self
             .engine
@@ -233,7 +233,7 @@ impl Pipeline {
         }
     }
 
-    fn to_new_messages(&self, built: Vec<Built>) -> Vec<NewMessage> {
+    fn to_new_messages(&self, built: Vec<BuiltMessage>) -> Vec<NewMessage> {
         let mut out = Vec::new();
         for b in built {
             match b.message.to_content(&self.field_names) {

@@ -298,7 +298,7 @@ fn exercise(config: &mes_gateway::settings::Config) {
                 value,
                 at: *at,
             };
-            for built in engine.apply(&event) {
+            for built in engine.process(&event) {
                 let _ = built.message.to_content(&Default::default());
             }
         }

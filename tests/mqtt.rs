@@ -180,7 +180,10 @@ async fn health_and_metrics_show_the_sources_and_the_outbox() {
     assert_eq!(health["sources"][0]["id"], "broker");
     assert_eq!(health["sources"][0]["connected"], true);
     assert_eq!(
-        (&health["lines"]["l1"]["order"], &health["lines"]["l1"]["item"]),
+        (
+            &health["lines"]["l1"]["order"],
+            &health["lines"]["l1"]["item"]
+        ),
         (&serde_json::json!("P000777"), &serde_json::json!("A0001")),
         "the order context the pipeline committed: {health}"
     );

@@ -22,7 +22,7 @@ use crate::source::SourceHealth;
 
 /// What the running components publish for the API.
 #[derive(Debug, Default)]
-pub struct Live {
+pub struct ComponentStats {
     pub sources: Vec<(String, Arc<SourceHealth>)>,
     pub dispatch: Option<Arc<DispatchStats>>,
     pub pipeline: Option<Arc<PipelineStats>>,
@@ -32,7 +32,7 @@ pub struct Live {
 #[derive(Debug, Clone)]
 pub struct ApiState {
     pub outbox: Outbox,
-    pub live: Arc<Mutex<Live>>,
+    pub live: Arc<Mutex<ComponentStats>>,
 }
 
 impl ApiState {
@@ -43,7 +43,7 @@ impl ApiState {
         }
     }
 
-    fn live(&self) -> std::sync::MutexGuard<'_, Live> {
+    fn live(&self) -> std::sync::MutexGuard<'_, ComponentStats> {
         self.live.lock().unwrap_or_else(|p| p.into_inner())
     }
 }

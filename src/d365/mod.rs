@@ -109,7 +109,7 @@ pub struct Dispatcher {
 }
 
 /// What a send task hands back.
-struct Finished {
+struct SendResult {
     record: Record,
     outcome: Outcome,
     decision: Decision,
@@ -197,7 +197,7 @@ impl Dispatcher {
         self.recover_interrupted().await?;
         let mut lanes = Lanes::default();
         self.restore_deadlines(&mut lanes)?;
-        let mut tasks: JoinSet<Finished> = JoinSet::new();
+        let mut tasks: JoinSet<SendResult> = JoinSet::new();
         let mut done = Vec::new();
         let mut outbox_changes = self.outbox.subscribe();
         let mut heartbeat_ticks = tokio::time::interval(
@@ -537,7 +537,7 @@ impl Dispatcher {
     fn start(
         &self,
         lanes: &mut Lanes,
-        tasks: &mut JoinSet<Finished>,
+        tasks: &mut JoinSet<SendResult>,
         marked: Vec<Record>,
         token: Token,
     ) {
@@ -560,7 +560,7 @@ impl Dispatcher {
     fn judge(
         &self,
         lanes: &mut Lanes,
-        done: Vec<Result<(tokio::task::Id, Finished), tokio::task::JoinError>>,
+        done: Vec<Result<(tokio::task::Id, SendResult), tokio::task::JoinError>>,
     ) -> Judged {
         let mut settlements = Vec::with_capacity(done.len());
         let mut pause: Option<Duration> = None;
@@ -592,7 +592,7 @@ impl Dispatcher {
                 }
             };
             lanes.in_flight.remove(&task);
-            let Finished {
+            let SendResult {
                 record,
                 outcome,
                 decision,
@@ -695,7 +695,7 @@ async fn send_one(
     record: Record,
     mut token: Token,
     policy: Arc<RetryPolicy>,
-) -> Finished {
+) -> SendResult {
     let mut token_refreshed = false;
     loop {
         let history = SendHistory {
@@ -727,7 +727,7 @@ async fn send_one(
                         ..history
                     };
                     let decision = retry::decide(&outcome, &history, &policy);
-                    return Finished {
+                    return SendResult {
                         record,
                         outcome,
                         decision,
@@ -735,7 +735,7 @@ async fn send_one(
                 }
             }
         }
-        return Finished {
+        return SendResult {
             record,
             outcome,
             decision,
@@ -786,7 +786,7 @@ mod tests {
         outbox.mark_sending(&[r.id]).await.unwrap();
 
         let mut lanes = Lanes::default();
-        let mut tasks: JoinSet<Finished> = JoinSet::new();
+        let mut tasks: JoinSet<SendResult> = JoinSet::new();
         let handle = tasks.spawn(async { panic!("a send task panicked (test)") });
         lanes.busy_orders.insert("P1".into());
         lanes.in_flight.insert(handle.id(), (r.id, "P1".into()));

@@ -1,7 +1,7 @@
 //! The rules engine: turns events into messages and keeps each line's order context.
 //!
 //! Rules are compiled when the configuration loads ([`Rule::compile`]); the engine itself
-//! is pure and synchronous: [`Engine::apply`] takes one event, [`Engine::tick`] the
+//! is pure and synchronous: [`Engine::process`] takes one event, [`Engine::tick`] the
 //! passing of time (debounce confirmations, `aggregate.interval` flushes). Neither
 //! parses anything.
 //!
@@ -109,7 +109,7 @@ impl Rule {
 
 /// A message built by a rule.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Built {
+pub struct BuiltMessage {
     pub message: Message,
     pub rule: String,
 }
@@ -219,7 +219,7 @@ impl Engine {
     }
 
     /// Applies one event to every rule, in order.
-    pub fn apply(&mut self, event: &Event) -> Vec<Built> {
+    pub fn process(&mut self, event: &Event) -> Vec<BuiltMessage> {
         let mut out = Vec::new();
         let mut taken = false;
         for i in 0..self.rules.len() {
@@ -341,7 +341,7 @@ impl Engine {
 
     /// Handles the passing of time: confirms debounced edges and flushes aggregates whose
     /// interval has passed.
-    pub fn tick(&mut self, now: jiff::Timestamp) -> Vec<Built> {
+    pub fn tick(&mut self, now: jiff::Timestamp) -> Vec<BuiltMessage> {
         let mut out = Vec::new();
         for i in 0..self.rules.len() {
             let Some((edge, debounce)) = self.rules[i].edge else {
@@ -410,7 +410,7 @@ impl Engine {
     }
 
     /// Reports everything still accumulated (at shutdown).
-    pub fn flush_all(&mut self, now: jiff::Timestamp) -> Vec<Built> {
+    pub fn flush_all(&mut self, now: jiff::Timestamp) -> Vec<BuiltMessage> {
         let mut out = Vec::new();
         let keys: Vec<String> = self.state.accumulators.keys().cloned().collect();
         for key in keys {
@@ -424,7 +424,7 @@ impl Engine {
     }
 
     /// Runs a rule's actions for one trigger: context, counting, emit.
-    fn fire(&mut self, i: usize, trigger: Trigger, out: &mut Vec<Built>) {
+    fn fire(&mut self, i: usize, trigger: Trigger, out: &mut Vec<BuiltMessage>) {
         let rule = self.rules[i].clone();
         let line = match &rule.line {
             None => None,
@@ -582,7 +582,7 @@ impl Engine {
         tracing::warn!(rule = %rule.name, origin = %rule.origin, source = %trigger.source, point = %trigger.point, problem = ?missing, "Rule could not build its message; event skipped.");
     }
 
-    fn flush_line(&mut self, line: &str, now: jiff::Timestamp, out: &mut Vec<Built>) {
+    fn flush_line(&mut self, line: &str, now: jiff::Timestamp, out: &mut Vec<BuiltMessage>) {
         let keys: Vec<String> = self
             .state
             .accumulators
@@ -595,7 +595,7 @@ impl Engine {
         }
     }
 
-    fn flush_accumulator(&mut self, key: &str, now: jiff::Timestamp, out: &mut Vec<Built>) {
+    fn flush_accumulator(&mut self, key: &str, now: jiff::Timestamp, out: &mut Vec<BuiltMessage>) {
         let Some(acc) = self.state.accumulators.remove(key) else {
             return;
         };
@@ -651,7 +651,7 @@ impl Engine {
         context: Option<&OrderContext>,
         line: &str,
         quantity: Option<f64>,
-    ) -> Option<Built> {
+    ) -> Option<BuiltMessage> {
         let mut scope = self.scope(rule, trigger, context, Some(line));
         scope.quantity = quantity;
         let result = (|| -> Result<Json, Missing> {
@@ -683,7 +683,7 @@ impl Engine {
         };
         match Message::from_json(&emit.message_type, content).and_then(|m| m.validate().map(|()| m))
         {
-            Ok(message) => Some(Built {
+            Ok(message) => Some(BuiltMessage {
                 message,
                 rule: rule.name.clone(),
             }),

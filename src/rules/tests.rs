@@ -72,7 +72,7 @@ fn ev(source: &str, point: &str, value: Value, ms: i64) -> Event {
     }
 }
 
-fn content(b: &Built) -> serde_json::Value {
+fn content(b: &BuiltMessage) -> serde_json::Value {
     serde_json::from_str(&b.message.to_content(&Default::default()).unwrap()).unwrap()
 }
 
@@ -98,16 +98,16 @@ fn counting(aggregate: &str) -> String {
     )
 }
 
-fn pulses(e: &mut Engine, n: usize, start_ms: i64) -> Vec<Built> {
+fn pulses(e: &mut Engine, n: usize, start_ms: i64) -> Vec<BuiltMessage> {
     let mut out = Vec::new();
     for i in 0..n as i64 {
-        out.extend(e.apply(&ev(
+        out.extend(e.process(&ev(
             "barrier",
             "impulse",
             Value::Bool(true),
             start_ms + i * 10,
         )));
-        out.extend(e.apply(&ev(
+        out.extend(e.process(&ev(
             "barrier",
             "impulse",
             Value::Bool(false),
@@ -117,7 +117,7 @@ fn pulses(e: &mut Engine, n: usize, start_ms: i64) -> Vec<Built> {
     out
 }
 
-fn quantities(built: &[Built]) -> Vec<f64> {
+fn quantities(built: &[BuiltMessage]) -> Vec<f64> {
     built
         .iter()
         .map(|b| {
@@ -133,7 +133,7 @@ fn no_order_no_message_events_are_unassigned() {
     let mut e = engine(&counting(""));
     assert!(pulses(&mut e, 3, 0).is_empty());
     assert_eq!(e.stats.unassigned.load(Ordering::Relaxed), 3);
-    e.apply(&ev("hmi", "order", Value::Text("P7;A1".into()), 100));
+    e.process(&ev("hmi", "order", Value::Text("P7;A1".into()), 100));
     let built = pulses(&mut e, 2, 200);
     assert_eq!(quantities(&built), vec![1.0, 1.0]);
     assert_eq!(content(&built[0])["ProductionOrderNumber"], "P7");
@@ -146,7 +146,7 @@ fn no_order_no_message_events_are_unassigned() {
 #[test]
 fn aggregates_flush_on_count_interval_order_change_and_shutdown() {
     let mut e = engine(&counting("aggregate: { every: 50, interval: 60s }"));
-    e.apply(&ev("hmi", "order", Value::Text("P1;A".into()), 0));
+    e.process(&ev("hmi", "order", Value::Text("P1;A".into()), 0));
     assert_eq!(quantities(&pulses(&mut e, 120, 1000)), vec![50.0, 50.0]);
     // 20 pieces are open since 1000 + 100 * 10 ms.
     let opened = t(1000 + 100 * 10);
@@ -158,7 +158,7 @@ fn aggregates_flush_on_count_interval_order_change_and_shutdown() {
     );
 
     pulses(&mut e, 7, 200_000);
-    let changed = e.apply(&ev("hmi", "order", Value::Text("P2;A".into()), 300_000));
+    let changed = e.process(&ev("hmi", "order", Value::Text("P2;A".into()), 300_000));
     assert_eq!(quantities(&changed), vec![7.0]);
     assert_eq!(
         content(&changed[0])["ProductionOrderNumber"],
@@ -176,7 +176,7 @@ fn aggregates_flush_on_count_interval_order_change_and_shutdown() {
 fn accumulators_survive_a_restart_through_the_saved_state() {
     let yaml = counting("aggregate: { every: 10 }");
     let mut e = engine(&yaml);
-    e.apply(&ev("hmi", "order", Value::Text("P1;A".into()), 0));
+    e.process(&ev("hmi", "order", Value::Text("P1;A".into()), 0));
     pulses(&mut e, 7, 1000);
     let saved = serde_json::to_vec(e.take_dirty_state().unwrap()).unwrap();
     let mut restarted = Engine::new(
@@ -201,10 +201,10 @@ fn counter_registers_count_deltas_across_wrap_and_reset() {
     fields: {{ ReportedGoodQuantity: '{{quantity}}' }}
 "
     ));
-    e.apply(&ev("hmi", "order", Value::Text("P1;A".into()), 0));
+    e.process(&ev("hmi", "order", Value::Text("P1;A".into()), 0));
     let mut q = Vec::new();
     for (i, v) in [65530.0, 65535.0, 65535.0, 4.0, 2.0].iter().enumerate() {
-        q.extend(quantities(&e.apply(&ev(
+        q.extend(quantities(&e.process(&ev(
             "plc",
             "counter",
             Value::Number(*v),
@@ -228,11 +228,11 @@ fn nan_and_infinity_as_text_are_not_counted_and_do_not_poison_the_counter() {
     fields: {{ ReportedGoodQuantity: '{{quantity}}' }}
 "
     ));
-    e.apply(&ev("hmi", "order", Value::Text("P1;A".into()), 0));
+    e.process(&ev("hmi", "order", Value::Text("P1;A".into()), 0));
     let mut q = Vec::new();
     let readings = ["100", "nan", "inf", "103", "-infinity", "104"];
     for (i, v) in readings.iter().enumerate() {
-        q.extend(quantities(&e.apply(&ev(
+        q.extend(quantities(&e.process(&ev(
             "plc",
             "counter",
             Value::Text((*v).into()),
@@ -261,17 +261,17 @@ fn json_fields_conditions_and_value_counting() {
     fields: {{ ItemNumber: '{{payload.material}}', ConsumptionBOMQuantity: '{{quantity}}' }}
 "
     ));
-    e.apply(&ev("hmi", "order", Value::Text("P1;A".into()), 0));
-    let light = e.apply(&ev(
+    e.process(&ev("hmi", "order", Value::Text("P1;A".into()), 0));
+    let light = e.process(&ev(
         "scale",
         "weight",
         Value::Json(json!({"w": {"net": 0.5}, "material": "M1"})),
         1,
     ));
     assert!(light.is_empty(), "below the threshold");
-    let not_json = e.apply(&ev("scale", "weight", Value::Text("12.5 kg".into()), 2));
+    let not_json = e.process(&ev("scale", "weight", Value::Text("12.5 kg".into()), 2));
     assert!(not_json.is_empty());
-    let b = e.apply(&ev(
+    let b = e.process(&ev(
         "scale",
         "weight",
         Value::Json(json!({"w": {"net": 12.5}, "material": "M1"})),
@@ -301,7 +301,7 @@ fn equals_and_changed_conditions() {
         .iter()
         .enumerate()
         .map(|(i, o)| {
-            e.apply(&ev("hmi", "order", Value::Text((*o).into()), i as i64))
+            e.process(&ev("hmi", "order", Value::Text((*o).into()), i as i64))
                 .len()
         })
         .collect();
@@ -311,10 +311,10 @@ fn equals_and_changed_conditions() {
         "first value is the baseline; then only changes"
     );
     assert!(e
-        .apply(&ev("barrier", "impulse", Value::Number(2.0), 10))
+        .process(&ev("barrier", "impulse", Value::Number(2.0), 10))
         .is_empty());
     assert_eq!(
-        e.apply(&ev("barrier", "impulse", Value::Text("3".into()), 11))
+        e.process(&ev("barrier", "impulse", Value::Text("3".into()), 11))
             .len(),
         1
     );
@@ -335,7 +335,7 @@ fn one_event_several_rules_in_configuration_order() {
   emit: { type: ProdProductionOrderEnd }
 ",
     );
-    let built = e.apply(&ev("hmi", "order", Value::Text("P5".into()), 0));
+    let built = e.process(&ev("hmi", "order", Value::Text("P5".into()), 0));
     let types: Vec<&str> = built.iter().map(|b| b.message.message_type()).collect();
     assert_eq!(
         types,
@@ -358,10 +358,10 @@ fn clear_context_flushes_and_then_events_are_unassigned() {
 ",
         counting("aggregate: { every: 100 }")
     ));
-    e.apply(&ev("hmi", "order", Value::Text("P1;A".into()), 0));
+    e.process(&ev("hmi", "order", Value::Text("P1;A".into()), 0));
     pulses(&mut e, 4, 100);
     assert_eq!(
-        quantities(&e.apply(&ev("hmi", "order", Value::Text("END".into()), 1000))),
+        quantities(&e.process(&ev("hmi", "order", Value::Text("END".into()), 1000))),
         vec![4.0]
     );
     assert!(pulses(&mut e, 1, 2000).is_empty());
@@ -439,7 +439,7 @@ proptest! {
                 while tk < *at { count += e.tick(t(tk)).len(); tk += every; }
                 next_tick = Some(tk);
             }
-            count += e.apply(&ev("barrier", "impulse", Value::Bool(*level), *at)).len();
+            count += e.process(&ev("barrier", "impulse", Value::Bool(*level), *at)).len();
         }
         count += e.tick(t(now + 1000)).len();
         prop_assert_eq!(expected_pulses(&events, debounce), real_pulses, "the generator makes bounces shorter than the debounce");
@@ -457,7 +457,7 @@ proptest! {
         let yaml = counting(&format!("aggregate: {{ every: {every} }}"));
         let mut e = engine(&yaml);
         let mut total = 0.0;
-        total += quantities(&e.apply(&ev("hmi", "order", Value::Text("P1;A".into()), 0))).iter().sum::<f64>();
+        total += quantities(&e.process(&ev("hmi", "order", Value::Text("P1;A".into()), 0))).iter().sum::<f64>();
         for i in 0..n {
             if restarts.contains(&i) {
                 let saved = serde_json::to_vec(e.state()).unwrap();
@@ -490,8 +490,8 @@ fn expected_pulses(events: &[(i64, bool)], debounce: i64) -> usize {
 #[test]
 fn events_no_rule_takes_are_counted() {
     let mut e = engine(&counting(""));
-    e.apply(&ev("scale", "weight", Value::Number(1.0), 0));
-    e.apply(&ev("scale", "weight", Value::Number(2.0), 1));
-    e.apply(&ev("hmi", "order", Value::Text("P1;A".into()), 2));
+    e.process(&ev("scale", "weight", Value::Number(1.0), 0));
+    e.process(&ev("scale", "weight", Value::Number(2.0), 1));
+    e.process(&ev("hmi", "order", Value::Text("P1;A".into()), 2));
     assert_eq!(e.stats.unmatched.load(Ordering::Relaxed), 2);
 }
