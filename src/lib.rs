@@ -3,28 +3,45 @@
 //! `JmgMES3P`), keeps every message in a durable outbox, and delivers it with retries,
 //! per production order in strict order.
 //!
-//! # Layout
+//! # Data flow
 //!
 //! ```text
-//!  source::* ──Event──▶ pipeline (rules::Engine) ──append+flush──▶ outbox ◀──lanes── d365::Dispatcher ──HTTPS──▶ D365
-//!  (one task each,      bounded channel                            (sled)             (token, retry decisions)
-//!   bounded channel)                                                  ▲
-//!                                                                     └── cli: outbox list/show/retry/cancel/resolve
+//!  source::* ──SourceEvent──▶ pipeline ──Ingest (messages + rules state + delivery ids)──▶ outbox (sled)
+//!  one task each,   bounded    │ rules::Engine                one write, one flush            │
+//!  acks upstream    channel    │ (pure, no I/O)                                               │ change feed
+//!  after the commit ◀──────────┘                                                              ▼
+//!                                          D365 ◀──HTTPS── d365::Dispatcher (lanes per order, RetryPolicy)
 //! ```
 //!
-//! - [`config`]: `gateway.yaml` + `rules.d/*.yaml`, parsed then validated; all errors at
-//!   once with file:line:column.
+//! # Who owns which state
+//!
+//! | state | owner | durable? |
+//! |---|---|---|
+//! | messages, their states and history; lanes per production order | [`outbox`] | yes (sled) |
+//! | upstream delivery identities (an MQTT publish already stored) | [`outbox`] (written by [`pipeline`]) | yes, with the messages it produced |
+//! | order context per line, counters, accumulators, pending edges | [`rules::Engine`] | yes, saved in the same write as the messages |
+//! | requests in flight, backoff deadlines, the 429/credentials pause | [`d365::Dispatcher`] | deadlines and pause yes, in-flight no (found `sending` → uncertain) |
+//! | the access token | [`d365::token`] | no |
+//! | a source's connection and unacknowledged receipts | each [`source`] | no: the broker keeps what was not acknowledged |
+//! | the configuration | [`settings::Config`], replaced on reload by [`app`] | files |
+//!
+//! # Modules
+//!
+//! - [`config`]: what every section shares: reading the files (serde-saphyr), positions,
+//!   every error at once as `file:line:column: path: message`, durations, secrets.
+//!   Each component owns its own section next to its code (`d365::config`,
+//!   `outbox::config`, `source::*::config`, `rules::config`); [`settings`] names the
+//!   sections and assembles [`settings::Config`]. Imports run one way (checked by
+//!   `tests/architecture.rs`).
 //! - [`message`]: the five `JmgMES3P` message types, their envelope and mandatory-field checks.
 //! - [`source`]: shop-floor inputs (MQTT, Modbus TCP/RTU, serial, simulator), one task each.
-//! - [`api`]: `/health` and `/metrics` for operators; [`systemd`]: notify and watchdog.
-//! - [`rules`]: turns events into messages and keeps each line's order context (state saved
-//!   atomically with the messages).
+//! - [`rules`]: rule syntax, compile step, and the engine that turns events into messages.
 //! - [`pipeline`]: events → rules → outbox, group commit; recognises redelivered upstream
 //!   messages (MQTT DUP) whose result is already stored, and hands acks back after the commit.
-//! - [`outbox`]: the durable per-order FIFO store and its state machine (lanes on disk,
-//!   delivery identities, one flush per batch of transitions); the only hand-off that
-//!   survives a restart.
+//! - [`outbox`]: the durable per-order FIFO store and its state machine; the only hand-off
+//!   that survives a restart.
 //! - [`d365`]: the dispatcher, the HTTP client, the token cache and the retry decisions.
+//! - [`api`]: `/health` and `/metrics`; [`systemd`]: notify and watchdog.
 //! - [`app`]: wiring, reload and ordered shutdown; [`cli`]: the commands; [`signal`]:
 //!   SIGTERM/SIGINT (stop) and SIGHUP (reload).
 

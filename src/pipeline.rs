@@ -1,14 +1,21 @@
 //! The stage between sources and the outbox: events in, rules applied, messages
-//! validated and committed together with the rules engine's state, the dispatcher woken.
+//! validated and committed together with the rules engine's state (the outbox's change
+//! feed then wakes the dispatcher).
 //!
-//! Events that arrive together are handled as one batch and one outbox commit (group
-//! commit). An event from an acknowledging source carries the identity of its upstream
-//! delivery: a redelivery (MQTT DUP = 1) whose result the outbox already holds, or that
-//! is in the same batch, is acknowledged and produces nothing; every delivery's identity
-//! is committed with what it produced (see `outbox::DeliveryId`). Acknowledgements go
-//! back to their sources only after the commit, in arrival order. If the disk refuses the commit (full, read-only), the batch is kept in memory
-//! and retried; meanwhile the bounded event channel fills up and the sources wait.
-//! When the sources stop (shutdown, reload), what is still aggregated is reported.
+//! # Invariants
+//!
+//! - Events that arrive together are handled as one batch and one outbox commit (group
+//!   commit): the messages, the engine's state and the upstream delivery identities in
+//!   one atomic write, so a crash keeps all of them or none.
+//! - An event from an acknowledging source carries the identity of its upstream
+//!   delivery: a redelivery (MQTT DUP = 1) whose result the outbox already holds, or that
+//!   is in the same batch, is acknowledged and produces nothing (see
+//!   `outbox::DeliveryId`).
+//! - Acknowledgements go back to their sources only after the commit, in arrival order.
+//! - If the disk refuses the commit (full, read-only), the batch is kept in memory and
+//!   retried with the same ids; meanwhile the bounded event channel fills up and the
+//!   sources wait (the watchdog is fed while waiting).
+//! - When the sources stop (shutdown, reload), what is still aggregated is reported.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};

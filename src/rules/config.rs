@@ -1,5 +1,5 @@
 //! The rule files' syntax (`rules.d/*.yaml`, see `config/RULES.md`): rules exactly as
-//! written, read one by one so every mistake is reported; [`super::compile`] checks and
+//! written, read one by one so every mistake is reported; [`super::Rule::compile`] checks and
 //! compiles them.
 
 use std::collections::BTreeMap;
