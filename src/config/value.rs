@@ -49,3 +49,26 @@ impl YamlValue {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::document::Document;
+
+    #[test]
+    fn order_numbers_with_leading_zeros_stay_text_where_any_value_fits() {
+        let doc = Document::parse(
+            "fields: { ProductionOrderNumber: 000123, Quantity: 12, Done: true, Weight: 1.5 }\n"
+                .into(),
+        )
+        .unwrap();
+        let fields: BTreeMap<String, ScalarValue> = doc.parse_at("fields").unwrap();
+        assert_eq!(
+            fields["ProductionOrderNumber"],
+            ScalarValue::Text("000123".into())
+        );
+        assert_eq!(fields["Quantity"], ScalarValue::Int(12));
+        assert_eq!(fields["Done"], ScalarValue::Bool(true));
+        assert_eq!(fields["Weight"], ScalarValue::Float(1.5));
+    }
+}
