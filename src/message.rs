@@ -42,7 +42,6 @@ pub struct Real(pub f64);
 
 impl Serialize for Real {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        const EXACT_INTEGER_LIMIT: f64 = 9_007_199_254_740_992.0; // 2^53
         if self.0.fract() == 0.0 && self.0.abs() < EXACT_INTEGER_LIMIT {
             // Exact: |value| < 2^53 with no fraction converts to i64 without loss.
             s.serialize_i64(self.0 as i64)
@@ -52,25 +51,85 @@ impl Serialize for Real {
     }
 }
 
-/// A number, or text holding one: values rendered from templates (a regex capture, a
-/// context field) arrive as text.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum NumberOrText {
-    Number(f64),
-    Text(String),
+/// A value as a user wrote it, for error texts: `true`, `"abc"`, `1.5`, `a list`.
+struct Shown<'a>(serde::de::Unexpected<'a>);
+
+impl fmt::Display for Shown<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use serde::de::Unexpected as U;
+        match self.0 {
+            U::Bool(b) => write!(f, "{b}"),
+            U::Unsigned(n) => write!(f, "{n}"),
+            U::Signed(n) => write!(f, "{n}"),
+            U::Float(n) => write!(f, "{n}"),
+            U::Str(s) => write!(f, "{s:?}"),
+            U::Unit | U::Option => f.write_str("null"),
+            U::Seq => f.write_str("a list"),
+            U::Map => f.write_str("an object"),
+            ref other => write!(f, "{other}"),
+        }
+    }
 }
 
+/// "expected WANTED, got VALUE": what D365's field table wants, in its words.
+fn wanted<E: serde::de::Error>(wanted: &str, got: serde::de::Unexpected<'_>) -> E {
+    E::custom(format!("expected {wanted}, got {}", Shown(got)))
+}
+
+/// A visitor for the D365 scalar types: numbers and text are offered to `parse`, every
+/// other value is refused in the field table's words.
+struct ScalarVisitor<T> {
+    wanted: &'static str,
+    from_f64: fn(f64) -> Option<T>,
+    from_str: fn(&str) -> Option<T>,
+}
+
+impl<'de, T> serde::de::Visitor<'de> for ScalarVisitor<T> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.wanted)
+    }
+    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<T, E> {
+        Err(wanted(self.wanted, serde::de::Unexpected::Bool(v)))
+    }
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<T, E> {
+        (self.from_f64)(v as f64)
+            .ok_or_else(|| wanted(self.wanted, serde::de::Unexpected::Signed(v)))
+    }
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<T, E> {
+        (self.from_f64)(v as f64)
+            .ok_or_else(|| wanted(self.wanted, serde::de::Unexpected::Unsigned(v)))
+    }
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<T, E> {
+        (self.from_f64)(v).ok_or_else(|| wanted(self.wanted, serde::de::Unexpected::Float(v)))
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<T, E> {
+        (self.from_str)(v.trim()).ok_or_else(|| wanted(self.wanted, serde::de::Unexpected::Str(v)))
+    }
+    fn visit_unit<E: serde::de::Error>(self) -> Result<T, E> {
+        Err(wanted(self.wanted, serde::de::Unexpected::Unit))
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, _: A) -> Result<T, A::Error> {
+        Err(wanted(self.wanted, serde::de::Unexpected::Seq))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, _: A) -> Result<T, A::Error> {
+        Err(wanted(self.wanted, serde::de::Unexpected::Map))
+    }
+}
+
+/// The largest integer a JSON number (f64) holds exactly: 2^53.
+const EXACT_INTEGER_LIMIT: f64 = 9_007_199_254_740_992.0;
+
+/// Values rendered from templates (a regex capture, a context field) arrive as text, so
+/// text holding a number is a number.
 impl<'de> Deserialize<'de> for Real {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        match NumberOrText::deserialize(d)? {
-            NumberOrText::Number(n) => Ok(Real(n)),
-            NumberOrText::Text(t) => t
-                .trim()
-                .parse()
-                .map(Real)
-                .map_err(|_| serde::de::Error::custom(format!("invalid number {t:?}"))),
-        }
+        d.deserialize_any(ScalarVisitor {
+            wanted: "a number (Real)",
+            from_f64: |n| n.is_finite().then_some(Real(n)),
+            from_str: |t| t.parse::<f64>().ok().filter(|n| n.is_finite()).map(Real),
+        })
     }
 }
 
@@ -81,18 +140,13 @@ pub struct Int(pub i64);
 
 impl<'de> Deserialize<'de> for Int {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let invalid = |what: String| serde::de::Error::custom(format!("invalid integer {what}"));
-        match NumberOrText::deserialize(d)? {
-            NumberOrText::Number(n) if n.fract() == 0.0 && n.abs() < 9_007_199_254_740_992.0 => {
-                Ok(Int(n as i64))
-            }
-            NumberOrText::Number(n) => Err(invalid(n.to_string())),
-            NumberOrText::Text(t) => t
-                .trim()
-                .parse()
-                .map(Int)
-                .map_err(|_| invalid(format!("{t:?}"))),
-        }
+        d.deserialize_any(ScalarVisitor {
+            wanted: "a whole number (Integer)",
+            from_f64: |n| {
+                (n.fract() == 0.0 && n.abs() < EXACT_INTEGER_LIMIT).then_some(Int(n as i64))
+            },
+            from_str: |t| t.parse().ok().map(Int),
+        })
     }
 }
 
@@ -102,27 +156,64 @@ impl From<f64> for Real {
     }
 }
 
-/// D365 `DateTime`: ISO 8601 in UTC with whole seconds, e.g. `2024-01-15T08:30:00Z`.
+/// D365 `DateTime`: ISO 8601 in UTC, e.g. `2024-01-15T08:30:00Z`. Any offset is accepted
+/// and converted to UTC (`2024-01-15T10:30:00+02:00` is sent as `2024-01-15T08:30:00Z`);
+/// milliseconds that were given are sent (`08:30:00.123Z`), finer digits are cut.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct DateTimeUtc(pub jiff::Timestamp);
 
+const DATE_TIME_WANTED: &str =
+    "a date-time with a zone like 2024-01-15T08:30:00Z or 2024-01-15T10:30:00+02:00";
+
 impl Serialize for DateTimeUtc {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&self.0.strftime("%Y-%m-%dT%H:%M:%SZ"))
+        let millis = self.0.subsec_millisecond();
+        if millis == 0 {
+            s.collect_str(&self.0.strftime("%Y-%m-%dT%H:%M:%SZ"))
+        } else {
+            s.collect_str(&format_args!(
+                "{}.{millis:03}Z",
+                self.0.strftime("%Y-%m-%dT%H:%M:%S")
+            ))
+        }
     }
 }
 
 impl<'de> Deserialize<'de> for DateTimeUtc {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        text.parse::<jiff::Timestamp>()
-            .map(DateTimeUtc)
-            .map_err(|e| serde::de::Error::custom(format!("invalid date-time {text:?}: {e}")))
+        d.deserialize_any(ScalarVisitor {
+            wanted: DATE_TIME_WANTED,
+            from_f64: |_| None,
+            from_str: |t| t.parse::<jiff::Timestamp>().ok().map(DateTimeUtc),
+        })
     }
 }
 
 /// D365 `Date`: `YYYY-MM-DD`.
-pub type Date = jiff::civil::Date;
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Date(pub jiff::civil::Date);
+
+impl Serialize for Date {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Date {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(ScalarVisitor {
+            wanted: "a date like 2024-01-15",
+            from_f64: |_| None,
+            // Only the plain form: a date-time here is a mistake, not a date.
+            from_str: |t| {
+                (t.len() == 10)
+                    .then(|| t.parse::<jiff::civil::Date>().ok())
+                    .flatten()
+                    .map(Date)
+            },
+        })
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NoYes {
@@ -673,13 +764,13 @@ impl Message {
                 .flatten()
                 .filter_map(|l| l.as_object_mut())
             {
-                for (model, wire) in names.pairs() {
-                    if model != wire {
-                        if let Some(v) = line.remove(wire) {
-                            line.insert(model.to_string(), v);
-                        }
-                    }
-                }
+                rename_keys(line, |key| {
+                    names
+                        .pairs()
+                        .into_iter()
+                        .find(|(model, wire)| model != wire && *wire == key)
+                        .map(|(model, _)| model.to_string())
+                });
             }
         }
         Message::from_json(message_type, content)
@@ -743,8 +834,9 @@ impl Message {
         }
     }
 
-    /// The `_messageContent` string: the message as JSON, with the journal-name fields
-    /// renamed as configured. Validates first.
+    /// The `_messageContent` string: the message as JSON, fields in the order of D365's
+    /// field tables (header first, then lines), with the journal-name fields renamed as
+    /// configured. Validates first.
     pub fn to_content(&self, names: &FieldNames) -> Result<String, MessageError> {
         self.validate()?;
         let mut value = match self {
@@ -765,18 +857,30 @@ impl Message {
                 .and_then(|v| v.as_array_mut())
             {
                 for line in lines.iter_mut().filter_map(|l| l.as_object_mut()) {
-                    for (from, to) in names.pairs() {
-                        if from != to {
-                            if let Some(v) = line.remove(from) {
-                                line.insert(to.to_string(), v);
-                            }
-                        }
-                    }
+                    rename_keys(line, |key| {
+                        names
+                            .pairs()
+                            .into_iter()
+                            .find(|(model, _)| *model == key)
+                            .map(|(_, wire)| wire.to_string())
+                    });
                 }
             }
         }
         Ok(value.to_string())
     }
+}
+
+/// Renames the keys `rename` names, keeping every field in its place: the content lists
+/// fields in the order of D365's field tables.
+fn rename_keys(
+    object: &mut serde_json::Map<String, serde_json::Value>,
+    rename: impl Fn(&str) -> Option<String>,
+) {
+    *object = std::mem::take(object)
+        .into_iter()
+        .map(|(key, value)| (rename(&key).unwrap_or(key), value))
+        .collect();
 }
 
 fn is_operation_priority(s: &str) -> bool {
@@ -837,16 +941,99 @@ mod tests {
     }
 
     #[test]
-    fn datetime_is_utc_whole_seconds() {
-        let m = Message::End(EndMessage {
-            production_order_number: "P1".into(),
-            executed_date_time: Some(DateTimeUtc("2024-01-15T08:30:00.123Z".parse().unwrap())),
-            use_time_and_attendance_cost: Some(NoYes::Yes),
-            ..Default::default()
-        });
+    fn date_times_are_utc_and_keep_the_milliseconds_given() {
+        let sent = |written: &str| {
+            let m = Message::from_json(
+                TYPE_END,
+                json!({"ProductionOrderNumber":"P1","ExecutedDateTime":written}),
+            )
+            .unwrap();
+            content(&m)["ExecutedDateTime"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(sent("2024-01-15T08:30:00.123Z"), "2024-01-15T08:30:00.123Z");
+        assert_eq!(sent("2024-01-15T08:30:00Z"), "2024-01-15T08:30:00Z");
         assert_eq!(
-            content(&m),
-            json!({"ProductionOrderNumber":"P1","ExecutedDateTime":"2024-01-15T08:30:00Z","UseTimeAndAttendanceCost":"Yes"})
+            sent("2024-01-15T10:30:00.5+02:00"),
+            "2024-01-15T08:30:00.500Z"
+        );
+        assert_eq!(
+            sent("2024-01-15T08:30:00.123456Z"),
+            "2024-01-15T08:30:00.123Z"
+        );
+    }
+
+    #[test]
+    fn content_lists_fields_in_the_order_of_the_field_tables() {
+        let m = Message::from_json(
+            TYPE_REPORT_FINISHED,
+            json!({"ReportFinishedLines":[{"ReportAsFinishedDate":"2024-01-15","JournalNameId":"Prod","ReportedGoodQuantity":10,"ItemNumber":"A0001","LineNumber":1}],"PrintLabel":"No","ProductionOrderNumber":"P000123"}),
+        )
+        .unwrap();
+        assert_eq!(
+            m.to_content(&FieldNames {
+                journal_name: "ProductionJournalNameId".into(),
+                ..FieldNames::default()
+            })
+            .unwrap(),
+            r#"{"ProductionOrderNumber":"P000123","PrintLabel":"No","ReportFinishedLines":[{"LineNumber":1,"ItemNumber":"A0001","ReportedGoodQuantity":10,"ReportAsFinishedDate":"2024-01-15","ProductionJournalNameId":"Prod"}]}"#
+        );
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_says_what_the_field_table_wants() {
+        let error = |message_type: &str, content: serde_json::Value| {
+            Message::from_json(message_type, content)
+                .unwrap_err()
+                .to_string()
+        };
+        let shape = |detail: &str| {
+            format!("{TYPE_REPORT_FINISHED}: content does not fit the message type: {detail}")
+        };
+        let line = |field: &str, value: serde_json::Value| {
+            error(
+                TYPE_REPORT_FINISHED,
+                json!({"ProductionOrderNumber":"P1","ReportFinishedLines":[{ field: value }]}),
+            )
+        };
+        assert_eq!(
+            line("ReportedGoodQuantity", json!(true)),
+            shape(
+                "ReportFinishedLines[0].ReportedGoodQuantity: expected a number (Real), got true"
+            )
+        );
+        assert_eq!(
+            line("ReportedGoodQuantity", json!("ten")),
+            shape("ReportFinishedLines[0].ReportedGoodQuantity: expected a number (Real), got \"ten\"")
+        );
+        assert_eq!(
+            line("FromOperationNumber", json!(1.5)),
+            shape("ReportFinishedLines[0].FromOperationNumber: expected a whole number (Integer), got 1.5")
+        );
+        assert_eq!(
+            line("ReportAsFinishedDate", json!("15.01.2024")),
+            shape("ReportFinishedLines[0].ReportAsFinishedDate: expected a date like 2024-01-15, got \"15.01.2024\"")
+        );
+        assert_eq!(
+            line("ExecutedDateTime", json!("2024-01-15 08:30")),
+            shape("ReportFinishedLines[0].ExecutedDateTime: expected a date-time with a zone like 2024-01-15T08:30:00Z or 2024-01-15T10:30:00+02:00, got \"2024-01-15 08:30\"")
+        );
+        assert_eq!(
+            line("ExecutedDateTime", json!("2024-01-15T08:30:00")),
+            shape("ReportFinishedLines[0].ExecutedDateTime: expected a date-time with a zone like 2024-01-15T08:30:00Z or 2024-01-15T10:30:00+02:00, got \"2024-01-15T08:30:00\""),
+            "a local time without a zone is ambiguous"
+        );
+        let text_number = Message::from_json(
+            TYPE_REPORT_FINISHED,
+            json!({"ProductionOrderNumber":"P1","ReportFinishedLines":[{"ReportedGoodQuantity":" 12.5 ","FromOperationNumber":"10"}]}),
+        )
+        .unwrap();
+        assert_eq!(
+            content(&text_number)["ReportFinishedLines"][0],
+            json!({"ReportedGoodQuantity":12.5,"FromOperationNumber":10}),
+            "text holding a number (a template's result) is a number"
         );
     }
 

@@ -15,6 +15,38 @@ use support::{report, FakeD365, Gateway, Reply};
 
 const FAST: &str = "  backoff_initial: 1s\n  backoff_max: 10s\n";
 
+/// What D365's MES page shows is the `_messageContent` string as sent: fields in the
+/// order of the field tables (whatever order they were given in), date-times in UTC with
+/// the milliseconds that were given.
+#[tokio::test]
+async fn content_arrives_in_field_table_order_with_its_milliseconds() {
+    let fake = FakeD365::start().await;
+    let gw = Gateway::start(&fake, FAST).await;
+    gw.enqueue(
+        TYPE_PICKING_LIST,
+        json!({"PickingListLines":[{"OperationNumber":10,"IsConsumptionEnded":"No","BOMUnitSymbol":"kg","ConsumptionBOMQuantity":2.5,"ItemNumber":"M0001"}],"JournalNameId":"PickList","ProductionOrderNumber":"P000123"}),
+    )
+    .await;
+    gw.enqueue(
+        TYPE_END,
+        json!({"AutoReportAsFinished":"No","ExecutedDateTime":"2024-01-15T10:30:00.123+02:00","ProductionOrderNumber":"P000123"}),
+    )
+    .await;
+    fake.wait_until("two messages", |r| r.len() == 2).await;
+    let raw: Vec<String> = fake
+        .received()
+        .iter()
+        .map(|r| r.envelope["_messageContent"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        raw,
+        [
+            r#"{"ProductionOrderNumber":"P000123","JournalNameId":"PickList","PickingListLines":[{"ItemNumber":"M0001","ConsumptionBOMQuantity":2.5,"BOMUnitSymbol":"kg","OperationNumber":10,"IsConsumptionEnded":"No"}]}"#,
+            r#"{"ProductionOrderNumber":"P000123","ExecutedDateTime":"2024-01-15T08:30:00.123Z","AutoReportAsFinished":"No"}"#,
+        ]
+    );
+}
+
 #[tokio::test]
 async fn each_message_type_arrives_with_the_official_envelope_and_content() {
     let fake = FakeD365::start().await;
