@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::ConfigErrors;
-use crate::message::{FieldNames, Message};
+use crate::message::{FieldNames, Message, MessageTypes};
 use crate::outbox::{MessageId, NewMessage, Outbox, OutboxError, Record, State};
 use crate::settings;
 
@@ -195,7 +195,12 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
                 .as_ref()
                 .map(|d| d.field_names.clone())
                 .unwrap_or_default();
-            let message = parse_send_input(&input, message_type.as_deref(), &names)?;
+            let types = config
+                .d365
+                .as_ref()
+                .map(|d| d.message_types.clone())
+                .unwrap_or_default();
+            let message = parse_send_input(&input, message_type.as_deref(), &names, &types)?;
             let content = message
                 .to_content(&names)
                 .map_err(|e| CliError::Usage(e.to_string()))?;
@@ -218,8 +223,8 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Lines { config } => {
-            let (storage, _) = settings::load_storage(&config.dir)?;
-            let outbox = Outbox::open(&storage.data_dir)?;
+            let settings = settings::load_storage(&config.dir)?;
+            let outbox = Outbox::open(&settings.storage.data_dir)?;
             let state = crate::pipeline::load_engine_state(&outbox);
             if state.contexts.is_empty() {
                 println!("no line has a production order");
@@ -249,9 +254,9 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Outbox { config, action } => {
-            let (storage, names) = settings::load_storage(&config.dir)?;
-            let outbox = Outbox::open(&storage.data_dir)?;
-            runtime()?.block_on(outbox_command(&outbox, &names, action))
+            let settings = settings::load_storage(&config.dir)?;
+            let outbox = Outbox::open(&settings.storage.data_dir)?;
+            runtime()?.block_on(outbox_command(&outbox, &settings, action))
         }
     }
 }
@@ -320,6 +325,7 @@ pub fn parse_send_input(
     input: &str,
     message_type: Option<&str>,
     names: &FieldNames,
+    types: &MessageTypes,
 ) -> Result<Message, CliError> {
     let value: serde_json::Value = serde_json::from_str(input)
         .map_err(|e| CliError::Usage(format!("input is not JSON: {e}")))?;
@@ -345,7 +351,14 @@ pub fn parse_send_input(
             (t, content)
         }
     };
+    // The type first: a typo must be named as one, not as content that does not fit.
+    types
+        .check(&message_type)
+        .map_err(|e| CliError::Usage(e.to_string()))?;
     let message = Message::from_wire_json(&message_type, content, names)
+        .map_err(|e| CliError::Usage(e.to_string()))?;
+    types
+        .check_message(&message)
         .map_err(|e| CliError::Usage(e.to_string()))?;
     message
         .validate()
@@ -355,7 +368,7 @@ pub fn parse_send_input(
 
 async fn outbox_command(
     outbox: &Outbox,
-    names: &FieldNames,
+    settings: &settings::OutboxSettings,
     action: OutboxCommand,
 ) -> Result<(), CliError> {
     match action {
@@ -422,7 +435,12 @@ async fn outbox_command(
                         CliError::Usage(format!("{}: not JSON: {e}", path.display()))
                     })?;
                     // Edited content is wire content: journal fields carry the configured names.
+                    let names = &settings.field_names;
                     let message = Message::from_wire_json(&current.message_type, value, names)
+                        .map_err(|e| CliError::Usage(e.to_string()))?;
+                    settings
+                        .message_types
+                        .check_message(&message)
                         .map_err(|e| CliError::Usage(e.to_string()))?;
                     if message.production_order() != current.production_order {
                         return Err(CliError::Usage(format!(

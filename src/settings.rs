@@ -12,8 +12,10 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::config::{ConfigError, ConfigErrors, ConfigFile, Errors, MAIN_FILE, RULES_DIR};
-use crate::d365::config::{read_d365, read_dispatcher, D365Config, DispatcherConfig};
-use crate::message::FieldNames;
+use crate::d365::config::{
+    check_type_keys, read_d365, read_dispatcher, read_message_types, D365Config, DispatcherConfig,
+};
+use crate::message::{FieldNames, MessageTypes};
 use crate::outbox::config::{read_storage, StorageConfig};
 use crate::rules::config::read_rule_file;
 use crate::source::config::{read_sources, SourceConfig};
@@ -94,19 +96,32 @@ pub fn load(dir: &Path) -> Result<Config, ConfigErrors> {
     }
 }
 
-/// Reads only the `storage` section and the journal-name field names: enough for the
-/// outbox commands, which must work even where the D365 secret is readable by the
-/// service alone.
-pub fn load_storage(dir: &Path) -> Result<(StorageConfig, FieldNames), ConfigErrors> {
+/// What the outbox commands need: the store, and how to read and check the content an
+/// operator edits.
+#[derive(Debug, Clone)]
+pub struct OutboxSettings {
+    pub storage: StorageConfig,
+    /// The wire names of the journal fields, so edited content can be read back.
+    pub field_names: FieldNames,
+    pub message_types: MessageTypes,
+}
+
+/// Reads only the `storage` section and what edited content is checked against: enough
+/// for the outbox commands, which must work even where the D365 secret is readable by
+/// the service alone.
+pub fn load_storage(dir: &Path) -> Result<OutboxSettings, ConfigErrors> {
     let mut errors = Errors::default();
     let loaded = ConfigFile::read(&dir.join(MAIN_FILE), &mut errors).map(|file| {
         let mut cx = file.check(&mut errors);
-        // The wire names of the journal fields, so edited content can be read back.
-        let names = cx
+        let field_names = cx
             .node("d365.field_names")
             .and_then(|_| cx.parse::<FieldNames>("d365.field_names"))
             .unwrap_or_default();
-        (read_storage(&mut cx), names)
+        OutboxSettings {
+            message_types: read_message_types(&mut cx),
+            field_names,
+            storage: read_storage(&mut cx),
+        }
     });
     match loaded {
         Some(s) if errors.is_empty() => Ok(s),
@@ -198,6 +213,21 @@ fn validate(
         }
     }
     let storage = storage.unwrap_or_else(|| read_storage(&mut cx));
+    // Maps keyed by message type take only types that may be queued (a typo there
+    // would silently fall back to the default). Not checked when the d365 section
+    // itself is wrong: its declared types are unknown then.
+    if d365.is_some() || cx.node("d365").is_none() {
+        let types = d365
+            .as_ref()
+            .map(|d| d.message_types.clone())
+            .unwrap_or_default();
+        check_type_keys(
+            &mut cx,
+            "dispatcher.on_ambiguous.per_type",
+            dispatcher.retry.ambiguous_per_type.keys(),
+            &types,
+        );
+    }
 
     let mut rules: Vec<crate::rules::Rule> = Vec::new();
     for file in rule_files {

@@ -429,3 +429,87 @@ async fn a_crash_mid_aggregation_reports_the_same_total_as_an_uninterrupted_run(
         "{crashed:?}"
     );
 }
+
+/// A typo in `_messageType` would be refused by D365 and then hold every later message of
+/// its order: `send` refuses it before the outbox, naming the nearest type. A type the
+/// plant declared passes, checked against its schema.
+#[tokio::test]
+async fn send_refuses_an_unknown_type_before_the_outbox_and_takes_declared_ones() {
+    let fake = FakeD365::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    write_config(
+        dir,
+        &format!(
+            "{}  custom_message_types:\n    - name: ZScrapReason\n      schema:\n        type: object\n        required: [Reason]\n        properties:\n          Reason: {{ type: string }}\n        additionalProperties: false\nstorage:\n  data_dir: data\n",
+            d365_yaml(&fake)
+        ),
+    );
+    let cfg = path_str(dir);
+    let send = |message_type: &'static str, content: &'static str| {
+        let file = dir.join(format!("{message_type}.json"));
+        std::fs::write(&file, content).unwrap();
+        async move { process::run(&["send", "-c", cfg, "--type", message_type, path_str(&file)]).await }
+    };
+
+    let (code, stdout, stderr) = send(
+        "ProdProductionOrderStrat",
+        r#"{"ProductionOrderNumber":"P1"}"#,
+    )
+    .await;
+    assert_eq!(code, 64, "{stdout}{stderr}");
+    assert!(
+        stderr.contains("unknown message type `ProdProductionOrderStrat` (did you mean ProdProductionOrderStart?); known types: ProdProductionOrderStart, ProdProductionOrderReportFinished, ProdProductionOrderPickingList, ProdProductionOrderRouteCard, ProdProductionOrderEnd, ZScrapReason"),
+        "{stderr}"
+    );
+    let (code, stdout, stderr) = send(
+        "ZScrapReason",
+        r#"{"ProductionOrderNumber":"P1","Reason":"Dust","Colour":"red"}"#,
+    )
+    .await;
+    assert_eq!(code, 64, "{stdout}{stderr}");
+    assert!(
+        stderr.contains("ZScrapReason: content does not fit the message type: unknown field `Colour` (the schema allows: Reason)"),
+        "{stderr}"
+    );
+    let (code, stdout, stderr) = send(
+        "ZScrapReason",
+        r#"{"ProductionOrderNumber":"P1","Reason":"Dust"}"#,
+    )
+    .await;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+
+    let outbox = mes_gateway::outbox::Outbox::open(&dir.join("data")).unwrap();
+    let types: Vec<String> = outbox
+        .list(None, None)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.message_type)
+        .collect();
+    assert_eq!(types, ["ZScrapReason"], "only the valid one was queued");
+}
+
+/// A map keyed by message type with a typo would silently fall back to the default.
+#[tokio::test]
+async fn a_message_type_key_with_a_typo_is_a_located_config_error() {
+    let fake = FakeD365::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    write_config(
+        dir,
+        &format!(
+            "{}dispatcher:\n  on_ambiguous:\n    default: hold\n    per_type:\n      ProdProductionOrderReportFinshed: resend\nstorage:\n  data_dir: data\n",
+            d365_yaml(&fake)
+        ),
+    );
+    let (code, stdout, stderr) = process::run(&["check", "-c", path_str(dir)]).await;
+    assert_eq!(code, 78, "{stdout}{stderr}");
+    let expected = format!(
+        "{}:12:41: dispatcher.on_ambiguous.per_type.ProdProductionOrderReportFinshed: unknown message type `ProdProductionOrderReportFinshed` (did you mean ProdProductionOrderReportFinished?)",
+        dir.join("gateway.yaml").display()
+    );
+    assert!(
+        stderr.contains(&expected),
+        "missing {expected:?} in:\n{stderr}"
+    );
+}

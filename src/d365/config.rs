@@ -7,8 +7,9 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::retry::{Backoff, RetryPolicy};
+use crate::config::value::YamlValue;
 use crate::config::{FileCheck, Secret};
-use crate::message::FieldNames;
+use crate::message::{ContentSchema, CustomType, FieldNames, MessageTypes, KNOWN_TYPES};
 
 /// D365's per-user concurrency limit: more requests in flight than this get 429s.
 pub const D365_CONCURRENCY_LIMIT: u32 = 52;
@@ -27,6 +28,8 @@ pub struct D365Config {
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
     pub field_names: FieldNames,
+    /// The documented message types and those the plant declared.
+    pub message_types: MessageTypes,
 }
 
 impl D365Config {
@@ -75,6 +78,17 @@ pub struct RawD365 {
     pub connect_timeout: Option<String>,
     pub request_timeout: Option<String>,
     pub field_names: Option<FieldNames>,
+    /// Read by [`read_message_types`].
+    pub custom_message_types: Option<Vec<RawCustomType>>,
+}
+
+/// A message type the plant added to the queue in D365.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCustomType {
+    pub name: String,
+    /// The shape of its content (a small part of JSON Schema); none: any content.
+    pub schema: Option<YamlValue>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -205,6 +219,7 @@ pub fn read_d365(cx: &mut FileCheck<'_>) -> Option<D365Config> {
         connect_timeout,
         request_timeout,
         field_names: raw.field_names.unwrap_or_default(),
+        message_types: read_message_types(cx),
     })
 }
 
@@ -253,5 +268,64 @@ pub fn read_dispatcher(cx: &mut FileCheck<'_>) -> DispatcherConfig {
             ambiguous_default: ambiguous.default.unwrap_or(r.ambiguous_default),
             ambiguous_per_type: ambiguous.per_type,
         },
+    }
+}
+
+/// Reads `d365.custom_message_types`: the types a plant added to the queue in D365.
+pub fn read_message_types(cx: &mut FileCheck<'_>) -> MessageTypes {
+    const PATH: &str = "d365.custom_message_types";
+    if cx.node(PATH).is_none() {
+        return MessageTypes::default();
+    }
+    let Some(raw) = cx.parse::<Vec<RawCustomType>>(PATH) else {
+        return MessageTypes::default();
+    };
+    let mut custom: Vec<CustomType> = Vec::new();
+    for (i, t) in raw.into_iter().enumerate() {
+        let path = format!("{PATH}[{i}]");
+        let name = t.name.trim().to_string();
+        if name.is_empty() {
+            cx.error(&format!("{path}.name"), "must not be empty");
+            continue;
+        }
+        if KNOWN_TYPES.contains(&name.as_str()) {
+            cx.error(
+                &format!("{path}.name"),
+                format!("{name} is a documented type; declare only types your D365 added"),
+            );
+            continue;
+        }
+        if custom.iter().any(|c| c.name == name) {
+            cx.error(&format!("{path}.name"), format!("{name} is declared twice"));
+            continue;
+        }
+        let schema = match t
+            .schema
+            .as_ref()
+            .map(|s| ContentSchema::from_json(&s.to_json()))
+        {
+            None => None,
+            Some(Ok(schema)) => Some(schema),
+            Some(Err(e)) => {
+                cx.error(&format!("{path}.schema"), e);
+                continue;
+            }
+        };
+        custom.push(CustomType { name, schema });
+    }
+    MessageTypes::new(custom)
+}
+
+/// Checks the message types named in a map keyed by message type (`path.<type>`).
+pub fn check_type_keys<'k>(
+    cx: &mut FileCheck<'_>,
+    path: &str,
+    keys: impl Iterator<Item = &'k String>,
+    types: &MessageTypes,
+) {
+    for key in keys {
+        if let Err(e) = types.check(key) {
+            cx.error(&format!("{path}.{key}"), e.to_string());
+        }
     }
 }

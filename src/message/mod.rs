@@ -13,6 +13,10 @@
 //! turned into its final wire content with [`Message::to_content`]: what the outbox keeps is
 //! exactly the string that will be posted.
 
+mod types;
+
+pub use types::{ContentSchema, CustomType, MessageTypes, UnknownType};
+
 use std::fmt;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
