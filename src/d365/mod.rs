@@ -12,6 +12,9 @@
 //!   predecessor's outcome is on disk.
 //! - What follows each outcome is decided by [`retry::decide`]; a 429 or a credentials
 //!   problem pauses every lane, since D365's limits and credentials are per user.
+//! - A 429 stops every request at once: the send task that reads it closes the
+//!   [`PauseGate`] before it reports back, and every task checks the gate right before it
+//!   writes, so a request prepared in the same turn does not go out inside the pause.
 //! - A `failed` or `uncertain` head holds its order; other orders keep flowing.
 //! - A send task that panics frees its lane: the message becomes `uncertain` (the request
 //!   may have been written).
@@ -101,6 +104,8 @@ pub struct Dispatcher {
     max_in_flight: usize,
     /// Shared with every send task: the one copy of the `dispatcher` retry settings.
     policy: Arc<RetryPolicy>,
+    /// Shared with every send task: no request is written while it is closed.
+    gate: Arc<PauseGate>,
     stats: Arc<DispatchStats>,
     /// How long in-flight requests may finish after cancellation before they are abandoned.
     drain_grace: Duration,
@@ -147,6 +152,7 @@ impl Dispatcher {
             client,
             max_in_flight: config.max_in_flight,
             policy: Arc::new(config.retry),
+            gate: Arc::default(),
             stats: Arc::default(),
             drain_grace,
             heartbeat: None,
@@ -549,6 +555,7 @@ impl Dispatcher {
                 record,
                 token.clone(),
                 self.policy.clone(),
+                self.gate.clone(),
             ));
             lanes.busy_orders.insert(order.clone());
             lanes.in_flight.insert(handle.id(), (id, order));
@@ -695,6 +702,7 @@ async fn send_one(
     record: Record,
     mut token: Token,
     policy: Arc<RetryPolicy>,
+    gate: Arc<PauseGate>,
 ) -> SendResult {
     let mut token_refreshed = false;
     loop {
@@ -703,8 +711,12 @@ async fn send_one(
             server_errors_before: record.server_errors,
             token_refreshed,
         };
+        gate.wait_open().await;
         let outcome = client.send(&record, &token).await;
         let decision = retry::decide(&outcome, &history, &policy);
+        if let Decision::Throttle { pause } | Decision::AuthPause { pause, .. } = &decision {
+            gate.close_for(*pause);
+        }
         if decision == Decision::RefreshToken {
             tracing::info!(
                 message_id = record.id,
@@ -743,6 +755,35 @@ async fn send_one(
     }
 }
 
+/// The pause of every lane as the send tasks see it (see the module doc): closed by the
+/// task that reads a 429 or a second 401, the moment it reads it; checked by every task
+/// right before it writes a request. The dispatcher's own pause keeps lanes from being
+/// picked; this closes the gap until the dispatcher hears of it.
+#[derive(Debug, Default)]
+pub struct PauseGate {
+    closed_until: std::sync::Mutex<Option<Instant>>,
+}
+
+impl PauseGate {
+    /// Closes the gate for `pause` from now (a longer pause already set stays).
+    pub fn close_for(&self, pause: Duration) {
+        let until = Instant::now().checked_add(pause);
+        let mut closed = self.closed_until.lock().unwrap_or_else(|p| p.into_inner());
+        *closed = (*closed).max(until);
+    }
+
+    /// Returns once the gate is open.
+    pub async fn wait_open(&self) {
+        loop {
+            let until = *self.closed_until.lock().unwrap_or_else(|p| p.into_inner());
+            match until {
+                Some(t) if t > Instant::now() => tokio::time::sleep_until(t).await,
+                _ => return,
+            }
+        }
+    }
+}
+
 async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
@@ -754,6 +795,100 @@ async fn sleep_until(deadline: Option<Instant>) {
 mod tests {
     use super::*;
     use crate::outbox::NewMessage;
+
+    /// A D365 stand-in over real HTTP: the first SendMessage gets a 429 without
+    /// Retry-After, every later one a 200; it notes when each request arrived.
+    async fn throttling_d365() -> (std::net::SocketAddr, Arc<std::sync::Mutex<Vec<Instant>>>) {
+        use axum::routing::post;
+        let arrivals: Arc<std::sync::Mutex<Vec<Instant>>> = Arc::default();
+        let seen = arrivals.clone();
+        let app = axum::Router::new()
+            .route(
+                "/token",
+                post(|| async { r#"{"access_token":"t","expires_in":3600}"# }),
+            )
+            .route(
+                "/api/services/SysMessageServices/SysMessageService/SendMessage",
+                post(move || {
+                    let seen = seen.clone();
+                    async move {
+                        let mut seen = seen.lock().unwrap();
+                        seen.push(Instant::now());
+                        if seen.len() == 1 {
+                            axum::http::StatusCode::TOO_MANY_REQUESTS
+                        } else {
+                            axum::http::StatusCode::OK
+                        }
+                    }
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (addr, arrivals)
+    }
+
+    /// A request prepared in the same turn as one that gets a 429 (its task runs only
+    /// after the 429 was read: a busy CPU) must not go out inside the pause: D365 counts
+    /// it against the same throttle. The task that reads the 429 closes the gate before it
+    /// reports back, so this holds whatever the dispatcher loop is doing meanwhile.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_prepared_before_a_429_is_read_waits_for_the_pause() {
+        let (addr, arrivals) = throttling_d365().await;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("gateway.yaml"),
+            format!("d365:\n  base_url: http://{addr}\n  company: USMF\n  client_id: x\n  token_url: http://{addr}/token\n  client_secret_file: secret\ndispatcher:\n  throttle_fallback: 400ms\nstorage:\n  data_dir: data\n"),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("secret"), "s\n").unwrap();
+        let config = crate::settings::load(dir.path()).unwrap();
+        let client = Arc::new(D365Client::new(Arc::new(config.d365.clone().unwrap())).unwrap());
+        let token = client.tokens.get().await.unwrap();
+        let policy = Arc::new(config.dispatcher.retry.clone());
+        let gate = Arc::new(PauseGate::default());
+        let record = |id: u64, order: &str| Record {
+            id,
+            production_order: order.into(),
+            message_type: "ProdProductionOrderStart".into(),
+            content: format!(r#"{{"ProductionOrderNumber":"{order}"}}"#),
+            state: State::Sending,
+            created_at: jiff::Timestamp::UNIX_EPOCH,
+            updated_at: jiff::Timestamp::UNIX_EPOCH,
+            attempt_count: 0,
+            server_errors: 0,
+            attempts: Vec::new(),
+            history: Vec::new(),
+            last_error: None,
+            retry_at: None,
+        };
+
+        let first = send_one(
+            client.clone(),
+            record(1, "P1"),
+            token.clone(),
+            policy.clone(),
+            gate.clone(),
+        )
+        .await;
+        let throttled_at = Instant::now();
+        assert_eq!(
+            first.decision,
+            Decision::Throttle {
+                pause: Duration::from_millis(400)
+            }
+        );
+        // Another lane's task, spawned in the same turn, runs only now.
+        let second = send_one(client, record(2, "P2"), token, policy, gate).await;
+        assert_eq!(second.decision, Decision::Delivered);
+        let arrivals = arrivals.lock().unwrap().clone();
+        assert_eq!(arrivals.len(), 2);
+        assert!(
+            arrivals[1] >= throttled_at + Duration::from_millis(350),
+            "the second request went out {:?} after the 429 was read, inside the 400 ms pause",
+            arrivals[1] - throttled_at
+        );
+    }
 
     #[tokio::test]
     async fn a_send_task_that_panics_frees_its_lane_and_leaves_the_message_uncertain() {
