@@ -513,3 +513,66 @@ async fn a_message_type_key_with_a_typo_is_a_located_config_error() {
         "missing {expected:?} in:\n{stderr}"
     );
 }
+
+/// A wrong client secret: the log says until when nothing is sent, what to fix and how
+/// to retry at once; fixing the file and reloading (SIGHUP) delivers at once, with no
+/// restart and nothing lost (the pause here is an hour).
+#[tokio::test]
+async fn a_wrong_secret_fixed_and_reloaded_delivers_at_once() {
+    let fake = FakeD365::start().await;
+    fake.require_secret(TEST_SECRET);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    write_config(
+        dir,
+        &format!(
+            "{}dispatcher:\n  auth_pause: 1h\nstorage:\n  data_dir: data\n",
+            d365_yaml(&fake)
+        ),
+    );
+    let secret_file = dir.join("d365-client-secret");
+    std::fs::write(&secret_file, "a-wrong-secret\n").unwrap();
+    let cfg = path_str(dir);
+    let msg = dir.join("start.json");
+    std::fs::write(&msg, r#"{"ProductionOrderNumber":"P7"}"#).unwrap();
+    let (code, stdout, stderr) = process::run(&[
+        "send",
+        "-c",
+        cfg,
+        "--type",
+        "ProdProductionOrderStart",
+        path_str(&msg),
+    ])
+    .await;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+
+    let out = Output::new();
+    let gw = process::start(&["run", "-c", cfg], &out);
+    out.wait_for("D365 refused the credentials").await;
+    let log = out.text();
+    for expected in [
+        "no message is sent until 20",
+        &format!(
+            "Fix the client secret (file {}) or the app registration in Microsoft Entra ID, then run `systemctl reload mes-gateway` (SIGHUP) to try again at once.",
+            secret_file.display()
+        ),
+        "AADSTS7000215",
+    ] {
+        assert!(log.contains(expected), "missing {expected:?} in:\n{log}");
+    }
+    assert!(
+        !log.contains("a-wrong-secret"),
+        "the secret never reaches the log"
+    );
+    assert!(fake.received().is_empty());
+
+    std::fs::write(&secret_file, format!("{TEST_SECRET}\n")).unwrap();
+    // SAFETY: kill(2) on our own child with a valid signal.
+    unsafe { libc::kill(gw.pid(), libc::SIGHUP) };
+    fake.wait_accepted_count(1).await;
+    out.wait_for("trying the configured ones now").await;
+    assert_eq!(gw.terminate().await, 0);
+    let received = fake.received();
+    assert_eq!(received.len(), 1, "sent once: nothing lost, nothing twice");
+    assert_eq!(received[0].order, "P7");
+}

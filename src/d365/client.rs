@@ -44,6 +44,12 @@ impl D365Client {
         })
     }
 
+    /// Where the client secret came from (`file /run/…` or `environment variable X`),
+    /// for log lines that tell an operator what to fix.
+    pub fn secret_origin(&self) -> &str {
+        &self.config.secret_origin
+    }
+
     pub fn envelope(&self, record: &Record) -> Envelope {
         Envelope {
             company_id: self.config.company.clone(),

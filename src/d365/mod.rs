@@ -59,6 +59,11 @@ const DISPATCHER_STATE: &str = "dispatcher";
 #[derive(serde::Serialize, serde::Deserialize)]
 struct SavedPause {
     until: jiff::Timestamp,
+    /// A credentials pause is not kept across a start: an operator restarts or reloads
+    /// after fixing the secret, and wants it tried at once (a wrong one pauses again
+    /// after one token request). A 429 pause is D365's and is kept.
+    #[serde(default)]
+    credentials: bool,
 }
 
 /// The wall-clock time `wait` from now (what survives a restart; tokio's clock does not).
@@ -221,7 +226,7 @@ impl Dispatcher {
             if let Some(pause) = judged.pause {
                 let until = Instant::now().checked_add(pause);
                 lanes.paused_until = lanes.paused_until.max(until);
-                self.save_pause(pause).await;
+                self.save_pause(pause, judged.credentials_pause).await;
             }
             let now = Instant::now();
             let mut next_wake = lanes.paused_until.filter(|t| *t > now);
@@ -262,8 +267,7 @@ impl Dispatcher {
                         Some(Err(e)) => {
                             self.stats.set_last_error(Some(e.to_string()));
                             let pause = if e.is_rejection() {
-                                tracing::error!(error = %e, pause_s = self.policy.auth_pause.as_secs_f64(),
-                                    "D365 token endpoint refused the credentials: pausing all deliveries. Messages are kept; fix the client secret or app registration.");
+                                self.log_credentials_pause(&e.to_string(), self.policy.auth_pause);
                                 self.policy.auth_pause
                             } else {
                                 let wait = self.policy.backoff.delay(lanes.token_failures);
@@ -273,7 +277,7 @@ impl Dispatcher {
                                 wait
                             };
                             lanes.paused_until = Instant::now().checked_add(pause);
-                            self.save_pause(pause).await;
+                            self.save_pause(pause, e.is_rejection()).await;
                             next_wake = lanes.paused_until;
                         }
                         None => {
@@ -364,12 +368,18 @@ impl Dispatcher {
             .outbox
             .load_state(DISPATCHER_STATE)?
             .and_then(|b| serde_json::from_slice::<SavedPause>(&b).ok());
-        if let Some(wait) = saved.and_then(|p| left(p.until)) {
-            tracing::info!(
-                pause_s = wait.as_secs_f64(),
-                "Deliveries stay paused (throttling or credentials) as before the restart."
-            );
-            lanes.paused_until = Instant::now().checked_add(wait);
+        match saved.and_then(|p| Some((left(p.until)?, p.credentials))) {
+            Some((_, true)) => tracing::info!(
+                "Deliveries were paused because D365 refused the credentials: trying the configured ones now."
+            ),
+            Some((wait, false)) => {
+                tracing::info!(
+                    pause_s = wait.as_secs_f64(),
+                    "Deliveries stay paused (D365 throttling) as before the restart."
+                );
+                lanes.paused_until = Instant::now().checked_add(wait);
+            }
+            None => {}
         }
         if !lanes.not_before.is_empty() {
             tracing::info!(
@@ -382,11 +392,11 @@ impl Dispatcher {
 
     /// Remembers a pause of every lane on disk (a failure to do so only costs an early
     /// retry after a restart).
-    async fn save_pause(&self, pause: Duration) {
+    async fn save_pause(&self, pause: Duration, credentials: bool) {
         let Some(until) = wall_clock_after(pause) else {
             return;
         };
-        let bytes = serde_json::to_vec(&SavedPause { until }).unwrap_or_default();
+        let bytes = serde_json::to_vec(&SavedPause { until, credentials }).unwrap_or_default();
         if let Err(e) = self.outbox.save_state(DISPATCHER_STATE, bytes).await {
             tracing::warn!(error = %e, "Cannot save the delivery pause; a restart would retry early.");
         }
@@ -571,6 +581,7 @@ impl Dispatcher {
     ) -> Judged {
         let mut settlements = Vec::with_capacity(done.len());
         let mut pause: Option<Duration> = None;
+        let mut credentials_pause = false;
         let mut retries = Vec::new();
         let mut delivered = HashSet::new();
         for joined in done {
@@ -639,7 +650,8 @@ impl Dispatcher {
                     }
                 }
                 Decision::AuthPause { pause: p, reason } => {
-                    tracing::error!(message_id = id, pause_s = p.as_secs_f64(), %reason, "D365 authentication failed: pausing all deliveries. Messages are kept.");
+                    self.log_credentials_pause(&reason, p);
+                    credentials_pause = true;
                     pause = pause.max(Some(p));
                     Settle::Retry { reason, at: None }
                 }
@@ -675,10 +687,28 @@ impl Dispatcher {
         lanes.busy_orders = lanes.in_flight.values().map(|(_, o)| o.clone()).collect();
         Judged {
             settlements,
+            credentials_pause,
             pause,
             retries,
             delivered,
         }
+    }
+
+    /// Says what happened, until when nothing is sent, what to fix, and how to try again
+    /// at once: an operator should not have to guess or wait out the pause.
+    fn log_credentials_pause(&self, reason: &str, pause: Duration) {
+        let until = wall_clock_after(pause)
+            .map(|t| t.round(jiff::Unit::Second).unwrap_or(t).to_string())
+            .unwrap_or_default();
+        tracing::error!(
+            %reason,
+            pause_s = pause.as_secs_f64(),
+            next_attempt = %until,
+            "D365 refused the credentials: no message is sent until {until} (messages are kept). \
+             Fix the client secret ({}) or the app registration in Microsoft Entra ID, then run \
+             `systemctl reload mes-gateway` (SIGHUP) to try again at once.",
+            self.client.secret_origin()
+        );
     }
 }
 
@@ -688,6 +718,8 @@ type LaneHead = (String, MessageId);
 /// What the requests that finished in one turn mean.
 struct Judged {
     settlements: Vec<Settlement>,
+    /// The pause is for credentials D365 refused (not kept across a start).
+    credentials_pause: bool,
     /// A pause for every lane (429, credentials).
     pause: Option<Duration>,
     /// Messages to try again after a backoff.

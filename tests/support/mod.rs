@@ -57,6 +57,8 @@ struct FakeState {
     valid_tokens: HashSet<String>,
     token_lifetime_s: u64,
     reject_credentials: bool,
+    /// Only this client secret gets a token (when set).
+    required_secret: Option<String>,
     response_delay: Duration,
     token_delay: Duration,
     /// TCP connections accepted so far (a client that reuses connections opens few).
@@ -181,6 +183,11 @@ impl FakeD365 {
     /// The token endpoint answers 401 invalid_client from now on.
     pub fn reject_credentials(&self) {
         self.state().reject_credentials = true;
+    }
+
+    /// Only `secret` gets a token from now on (as Entra ID checks the client secret).
+    pub fn require_secret(&self, secret: &str) {
+        self.state().required_secret = Some(secret.to_string());
     }
 
     /// Every SendMessage answer is delayed by this much (requests stay on the wire longer).
@@ -417,7 +424,12 @@ impl FakeD365 {
         self.changes.send_modify(|n| *n += 1);
         let mut st = self.state();
         st.token_requests.push(form.clone());
+        let wrong_secret = st
+            .required_secret
+            .as_ref()
+            .is_some_and(|s| form.get("client_secret") != Some(s));
         if st.reject_credentials
+            || wrong_secret
             || form.get("grant_type").map(String::as_str) != Some("client_credentials")
         {
             return (401, r#"{"error":"invalid_client","error_description":"AADSTS7000215: Invalid client secret provided.\r\nTrace ID: 1"}"#.into());
