@@ -92,7 +92,7 @@ pub fn load(dir: &Path) -> Result<Config, ConfigErrors> {
     let config = main.and_then(|main| validate(dir, &main, &rule_files, &mut errors));
     match config {
         Some(config) if errors.is_empty() => Ok(config),
-        _ => Err(ConfigErrors(errors.0)),
+        _ => Err(ConfigErrors::in_file_order(errors.0)),
     }
 }
 
@@ -125,7 +125,7 @@ pub fn load_storage(dir: &Path) -> Result<OutboxSettings, ConfigErrors> {
     });
     match loaded {
         Some(s) if errors.is_empty() => Ok(s),
-        _ => Err(ConfigErrors(errors.0)),
+        _ => Err(ConfigErrors::in_file_order(errors.0)),
     }
 }
 
@@ -313,5 +313,52 @@ mod tests {
         ] {
             assert!(errors.contains(expected), "missing {expected:?} in:\n{errors}");
         }
+    }
+
+    fn config_dir(rules: &str) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(crate::config::MAIN_FILE),
+            "storage:\n  data_dir: data\nsources:\n  - type: simulator\n    id: sim\n    interval: 1s\n",
+        )
+        .unwrap();
+        std::fs::create_dir_all(dir.path().join("rules.d")).unwrap();
+        std::fs::write(dir.path().join("rules.d/line1.yaml"), rules).unwrap();
+        dir
+    }
+
+    #[test]
+    fn three_mistakes_in_one_rule_are_all_reported_in_file_order() {
+        let dir = config_dir(
+            "rules:\n  - name: r\n    line: l1\n    when:\n      source: sim\n      edge: rissing\n    cuont: impulse\n    aggregate:\n      every: many\n    emit:\n      type: ProdProductionOrderStart\n",
+        );
+        let errors = load(dir.path()).unwrap_err();
+        let file = dir.path().join("rules.d/line1.yaml");
+        let lines: Vec<String> = errors.0.iter().map(|e| e.to_string()).collect();
+        assert_eq!(
+            lines,
+            [
+                format!("{}:6:13: rules[0].when.edge: unknown variant `rissing`, expected one of `rising`, `falling`, `both`", file.display()),
+                format!("{}:7:5: rules[0].cuont: unknown field `cuont`, expected one of `name`, `line`, `when`, `count`, `quantity`, `counter_max`, `aggregate`, `set_context`, `clear_context`, `emit`", file.display()),
+                format!("{}:9:14: rules[0].aggregate.every: invalid value \"many\": expected a number", file.display()),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_long_list_of_errors_is_capped_with_a_count() {
+        let rules: String = (0..60)
+            .map(|i| format!("  - name: r{i}\n    when: {{ source: sim }}\n    typo: 1\n"))
+            .collect();
+        let errors = load(config_dir(&format!("rules:\n{rules}")).path()).unwrap_err();
+        assert_eq!(errors.0.len(), 60);
+        let text = errors.to_string();
+        assert!(text.starts_with("60 configuration errors:\n"), "{text}");
+        assert_eq!(
+            text.lines().count(),
+            1 + crate::config::MAX_ERRORS_SHOWN + 1
+        );
+        assert!(text.ends_with("\n  … and 10 more"), "{text}");
+        assert!(text.contains("rules[49].typo") && !text.contains("rules[50].typo"));
     }
 }

@@ -18,6 +18,9 @@ use std::marker::PhantomData;
 use serde::de::{self, Deserialize as _, DeserializeOwned, DeserializeSeed, IgnoredAny, Visitor};
 use serde_saphyr::{MessageFormatter, Spanned, UserMessageFormatter};
 
+/// The most mistakes reported inside one section or list element.
+pub const MAX_ERRORS_PER_NODE: usize = 20;
+
 /// Where a node starts: 1-based line and column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Mark {
@@ -61,6 +64,8 @@ pub struct PathError {
 #[derive(Debug, Clone)]
 pub struct Node {
     pub mark: Mark,
+    /// Where its key starts, for a value in a mapping.
+    pub key_mark: Option<Mark>,
     pub shape: Shape,
 }
 
@@ -136,6 +141,7 @@ impl Document {
                 text,
                 root: Node {
                     mark: Mark::START,
+                    key_mark: None,
                     shape: Shape::Map(Vec::new()),
                 },
             });
@@ -180,17 +186,117 @@ impl Document {
     /// Deserializes the node at `path` into `T`; an error carries its full field path and
     /// position.
     pub fn parse_at<T: DeserializeOwned>(&self, path: &str) -> Result<T, PathError> {
+        self.parse_text_at(&self.text, path)
+    }
+
+    /// Like [`Document::parse_at`], but reports every mistake inside the node, in the
+    /// order found, not only the first (at most [`MAX_ERRORS_PER_NODE`]).
+    ///
+    /// serde stops at the first error, so after each one the offending entry (an unknown
+    /// key, or a key with a bad value) is blanked out of a copy of the text and the node
+    /// is read again. Blanking keeps every line and column, so positions stay true.
+    /// An error that only follows from a blanked entry (the field is now missing) ends
+    /// the search instead of being reported.
+    pub fn parse_all_at<T: DeserializeOwned>(&self, path: &str) -> Result<T, Vec<PathError>> {
+        let first = match self.parse_at::<T>(path) {
+            Ok(value) => return Ok(value),
+            Err(e) => e,
+        };
+        let mut text = self.text.clone();
+        let mut errors = vec![first];
+        let mut masked: Vec<String> = Vec::new();
+        while errors.len() < MAX_ERRORS_PER_NODE {
+            let Some(last) = errors.last() else { break };
+            let Some(entry) = entry_to_blank(path, last) else {
+                break;
+            };
+            if masked.contains(&entry) || !self.blank_entry(&mut text, &entry) {
+                break;
+            }
+            masked.push(entry);
+            match self.parse_text_at::<T>(&text, path) {
+                Ok(_) => break,
+                Err(next) => {
+                    let follows_from_blanking = masked.iter().any(|m| {
+                        m.starts_with(&next.path)
+                            || next
+                                .message
+                                .strip_prefix("missing field `")
+                                .and_then(|r| r.strip_suffix('`'))
+                                .is_some_and(|field| *m == join_path(&next.path, field))
+                    });
+                    if follows_from_blanking || errors.iter().any(|e| e.path == next.path) {
+                        break;
+                    }
+                    errors.push(next);
+                }
+            }
+        }
+        Err(errors)
+    }
+
+    /// Replaces the entry `key: value` at `path` with spaces in `text`. Only block-style
+    /// entries, and flow-style ones followed by a sibling on the same line, are blanked;
+    /// otherwise `false` and `text` is unchanged.
+    fn blank_entry(&self, text: &mut String, path: &str) -> bool {
+        let (parent, key) = match path.rsplit_once('.') {
+            Some((parent, key)) => (parent, key),
+            None => ("", path),
+        };
+        let Some(entries) = self.node(parent).and_then(Node::entries) else {
+            return false;
+        };
+        let Some(at) = entries.iter().position(|(k, _)| k == key) else {
+            return false;
+        };
+        let Some(start) = entries[at].1.key_mark else {
+            return false;
+        };
+        let next_on_same_line = entries
+            .get(at + 1)
+            .and_then(|(_, n)| n.key_mark)
+            .filter(|m| m.line == start.line);
+        let mut lines: Vec<String> = text.split('\n').map(str::to_string).collect();
+        let Some(first) = lines.get(start.line - 1) else {
+            return false;
+        };
+        let before: String = first.chars().take(start.column - 1).collect();
+        let flow = before.contains(['{', ',']);
+        match next_on_same_line {
+            Some(next) => blank(
+                &mut lines[start.line - 1],
+                start.column - 1,
+                next.column - 1,
+            ),
+            None if flow => return false,
+            None => {
+                blank(&mut lines[start.line - 1], start.column - 1, usize::MAX);
+                // A value's further lines are indented deeper than its key.
+                for line in lines.iter_mut().skip(start.line) {
+                    let trimmed = line.trim_start();
+                    let indent = line.len() - trimmed.len();
+                    if !trimmed.is_empty() && !trimmed.starts_with('#') && indent < start.column {
+                        break;
+                    }
+                    blank(line, 0, usize::MAX);
+                }
+            }
+        }
+        *text = lines.join("\n");
+        true
+    }
+
+    fn parse_text_at<T: DeserializeOwned>(&self, text: &str, path: &str) -> Result<T, PathError> {
         let segments = path_segments(path);
         let inner_path = RefCell::new(String::new());
-        let result =
-            serde_saphyr::with_deserializer_from_str_with_options(&self.text, options(), |de| {
-                At {
-                    segments: &segments,
-                    inner_path: &inner_path,
-                    target: PhantomData::<T>,
-                }
-                .deserialize(de)
-            });
+        let result = serde_saphyr::with_deserializer_from_str_with_options(text, options(), |de| {
+            At {
+                segments: &segments,
+                inner_path: &inner_path,
+                target: PhantomData::<T>,
+            }
+            .deserialize(de)
+        });
         result.map_err(|e| {
             let full = join_path(path, &inner_path.into_inner());
             let (message, mark) = describe(&e, &self.text);
@@ -231,6 +337,26 @@ impl Document {
 struct Repeated {
     key: String,
     mark: Mark,
+}
+
+/// The map entry to blank after `error` inside the node at `within`: the unknown key,
+/// or the key whose value is wrong. `None` where blanking cannot help (a missing or
+/// repeated field, an item of a list: blanking it would shift the indices after it).
+fn entry_to_blank(within: &str, error: &PathError) -> Option<String> {
+    let inside = error.path.len() > within.len() && error.path.starts_with(within);
+    let last_is_key = !error.path.ends_with(']');
+    let blankable = !error.message.starts_with("missing field")
+        && !error.message.starts_with("duplicate field");
+    (inside && last_is_key && blankable).then(|| error.path.clone())
+}
+
+/// Replaces the characters `from..to` of `line` with spaces.
+fn blank(line: &mut String, from: usize, to: usize) {
+    *line = line
+        .chars()
+        .enumerate()
+        .map(|(i, c)| if i >= from && i < to { ' ' } else { c })
+        .collect();
 }
 
 /// Joins a section path and a path inside it: `rules[0]` + `when.edge`.
@@ -333,8 +459,8 @@ fn scalar_wanted(ty: &str) -> &'static str {
         "u16" => "an integer from 0 to 65535",
         "u32" => "a non-negative 32-bit integer",
         "u64" | "u128" | "usize" => "a non-negative integer",
-        "f32" | "f64" => "a number",
-        "bool" => "true or false",
+        "f32" | "f64" | "floating point" => "a number",
+        "bool" | "boolean" => "true or false",
         "char" => "a single character",
         _ => "a value of another type",
     }
@@ -438,6 +564,7 @@ impl From<Spanned<Shape>> for Node {
     fn from(spanned: Spanned<Shape>) -> Node {
         Node {
             mark: Mark::of(spanned.referenced).unwrap_or(Mark::START),
+            key_mark: None,
             shape: spanned.value,
         }
     }
@@ -499,9 +626,11 @@ impl<'de> Visitor<'de> for ShapeVisitor {
     }
     fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Shape, A::Error> {
         let mut entries = Vec::new();
-        while let Some(key) = map.next_key::<String>()? {
+        while let Some(key) = map.next_key::<Spanned<String>>()? {
             let value = map.next_value::<Spanned<Shape>>()?;
-            entries.push((key, Node::from(value)));
+            let mut node = Node::from(value);
+            node.key_mark = Mark::of(key.referenced);
+            entries.push((key.value, node));
         }
         Ok(Shape::Map(entries))
     }
@@ -606,6 +735,58 @@ mod tests {
         assert_eq!((err.path.as_str(), err.mark.line), ("first.name", 3));
         let second: Inner = d.parse_at("second").unwrap();
         assert_eq!(second.name, "c");
+    }
+
+    #[test]
+    fn every_mistake_in_a_node_is_reported_not_only_the_first() {
+        #[derive(Debug, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)]
+        struct Rule {
+            name: String,
+            count: Option<u32>,
+            on: Option<bool>,
+            inner: Option<Inner>,
+        }
+        let d = doc("rules:\n  - name: a\n    count: many\n    cuont: 3\n    inner: { name: x, count: -1, on: true }\n    on: maybe\n");
+        let errors = d.parse_all_at::<Rule>("rules[0]").unwrap_err();
+        let found: Vec<(String, usize, String)> = errors
+            .into_iter()
+            .map(|e| (e.path, e.mark.line, e.message))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                (
+                    "rules[0].count".into(),
+                    3,
+                    "invalid value \"many\": expected a non-negative 32-bit integer".into()
+                ),
+                (
+                    "rules[0].cuont".into(),
+                    4,
+                    "unknown field `cuont`, expected one of `name`, `count`, `on`, `inner`".into()
+                ),
+                (
+                    "rules[0].inner.count".into(),
+                    5,
+                    "invalid value \"-1\": expected a non-negative 32-bit integer".into()
+                ),
+                (
+                    "rules[0].on".into(),
+                    6,
+                    "invalid value \"maybe\": expected true or false".into()
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_missing_field_caused_by_blanking_is_not_reported() {
+        let d = doc("items:\n  - name: [1]\n    count: 3\n");
+        let errors = d.parse_all_at::<Inner>("items[0]").unwrap_err();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].path, "items[0].name");
     }
 
     #[test]

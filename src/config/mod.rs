@@ -79,20 +79,43 @@ impl fmt::Display for ConfigError {
 #[derive(Debug, Clone, thiserror::Error)]
 pub struct ConfigErrors(pub Vec<ConfigError>);
 
+/// The most errors listed; the rest are counted ("… and 12 more"). A user fixes the
+/// first screenful, and more than this usually follows from one mistake.
+pub const MAX_ERRORS_SHOWN: usize = 50;
+
+impl ConfigErrors {
+    /// Orders the errors as a user reads the files: files in the order they were read,
+    /// each from top to bottom.
+    pub fn in_file_order(mut errors: Vec<ConfigError>) -> ConfigErrors {
+        let mut files: Vec<PathBuf> = Vec::new();
+        for e in &errors {
+            if !files.contains(&e.file) {
+                files.push(e.file.clone());
+            }
+        }
+        errors.sort_by_key(|e| {
+            (
+                files.iter().position(|f| *f == e.file),
+                e.mark.map(|m| (m.line, m.column)),
+            )
+        });
+        ConfigErrors(errors)
+    }
+}
+
 impl fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.0.len();
-        writeln!(
+        write!(
             f,
             "{n} configuration error{}:",
             if n == 1 { "" } else { "s" }
         )?;
-        for (i, e) in self.0.iter().enumerate() {
-            if i + 1 < n {
-                writeln!(f, "  {e}")?;
-            } else {
-                write!(f, "  {e}")?;
-            }
+        for e in self.0.iter().take(MAX_ERRORS_SHOWN) {
+            write!(f, "\n  {e}")?;
+        }
+        if n > MAX_ERRORS_SHOWN {
+            write!(f, "\n  … and {} more", n - MAX_ERRORS_SHOWN)?;
         }
         Ok(())
     }
@@ -214,17 +237,19 @@ impl<'a> FileCheck<'a> {
         none
     }
 
-    /// Deserializes the node at `path` into `T`, filing any error.
+    /// Deserializes the node at `path` into `T`, filing every error found in it.
     pub fn parse<T: DeserializeOwned>(&mut self, path: &str) -> Option<T> {
-        match self.file.yaml.parse_at::<T>(path) {
+        match self.file.yaml.parse_all_at::<T>(path) {
             Ok(v) => Some(v),
-            Err(e) => {
-                self.errors.0.push(ConfigError {
-                    file: self.file.path.clone(),
-                    mark: Some(e.mark),
-                    path: e.path,
-                    message: e.message,
-                });
+            Err(errors) => {
+                for e in errors {
+                    self.errors.0.push(ConfigError {
+                        file: self.file.path.clone(),
+                        mark: Some(e.mark),
+                        path: e.path,
+                        message: e.message,
+                    });
+                }
                 None
             }
         }
