@@ -430,21 +430,28 @@ async fn a_crash_mid_aggregation_reports_the_same_total_as_an_uninterrupted_run(
     );
 }
 
+/// A fake D365 and a configuration directory for it: the `d365` section, then `extra`
+/// (more of it, or other sections), then `storage`.
+async fn configured(extra: &str) -> (FakeD365, tempfile::TempDir) {
+    let fake = FakeD365::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    write_config(
+        tmp.path(),
+        &format!("{}{extra}storage:\n  data_dir: data\n", d365_yaml(&fake)),
+    );
+    (fake, tmp)
+}
+
 /// A typo in `_messageType` would be refused by D365 and then hold every later message of
 /// its order: `send` refuses it before the outbox, naming the nearest type. A type the
 /// plant declared passes, checked against its schema.
 #[tokio::test]
 async fn send_refuses_an_unknown_type_before_the_outbox_and_takes_declared_ones() {
-    let fake = FakeD365::start().await;
-    let tmp = tempfile::tempdir().unwrap();
+    let (_fake, tmp) = configured(
+        "  custom_message_types:\n    - name: ZScrapReason\n      schema:\n        type: object\n        required: [Reason]\n        properties:\n          Reason: { type: string }\n        additionalProperties: false\n",
+    )
+    .await;
     let dir = tmp.path();
-    write_config(
-        dir,
-        &format!(
-            "{}  custom_message_types:\n    - name: ZScrapReason\n      schema:\n        type: object\n        required: [Reason]\n        properties:\n          Reason: {{ type: string }}\n        additionalProperties: false\nstorage:\n  data_dir: data\n",
-            d365_yaml(&fake)
-        ),
-    );
     let cfg = path_str(dir);
     let send = |message_type: &'static str, content: &'static str| {
         let file = dir.join(format!("{message_type}.json"));
@@ -492,16 +499,11 @@ async fn send_refuses_an_unknown_type_before_the_outbox_and_takes_declared_ones(
 /// A map keyed by message type with a typo would silently fall back to the default.
 #[tokio::test]
 async fn a_message_type_key_with_a_typo_is_a_located_config_error() {
-    let fake = FakeD365::start().await;
-    let tmp = tempfile::tempdir().unwrap();
+    let (_fake, tmp) = configured(
+        "dispatcher:\n  on_ambiguous:\n    default: hold\n    per_type:\n      ProdProductionOrderReportFinshed: resend\n",
+    )
+    .await;
     let dir = tmp.path();
-    write_config(
-        dir,
-        &format!(
-            "{}dispatcher:\n  on_ambiguous:\n    default: hold\n    per_type:\n      ProdProductionOrderReportFinshed: resend\nstorage:\n  data_dir: data\n",
-            d365_yaml(&fake)
-        ),
-    );
     let (code, stdout, stderr) = process::run(&["check", "-c", path_str(dir)]).await;
     assert_eq!(code, 78, "{stdout}{stderr}");
     let expected = format!(
@@ -519,17 +521,9 @@ async fn a_message_type_key_with_a_typo_is_a_located_config_error() {
 /// restart and nothing lost (the pause here is an hour).
 #[tokio::test]
 async fn a_wrong_secret_fixed_and_reloaded_delivers_at_once() {
-    let fake = FakeD365::start().await;
+    let (fake, tmp) = configured("dispatcher:\n  auth_pause: 1h\n").await;
     fake.require_secret(TEST_SECRET);
-    let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    write_config(
-        dir,
-        &format!(
-            "{}dispatcher:\n  auth_pause: 1h\nstorage:\n  data_dir: data\n",
-            d365_yaml(&fake)
-        ),
-    );
     let secret_file = dir.join("d365-client-secret");
     std::fs::write(&secret_file, "a-wrong-secret\n").unwrap();
     let cfg = path_str(dir);

@@ -269,10 +269,18 @@ impl<'a> FileCheck<'a> {
         }
     }
 
-    /// Refuses a duration below `min` where a smaller one would stop the daemon or make
-    /// it spin (a zero interval, a zero timeout); returns `min` in its place after
+    /// A duration field that must not be below `min`, where a smaller one would stop the
+    /// daemon or make it spin (a zero interval, a zero timeout); `min` in its place after
     /// filing.
-    pub fn at_least(&mut self, path: &str, value: Duration, min: Duration, why: &str) -> Duration {
+    pub fn duration_at_least(
+        &mut self,
+        path: &str,
+        raw: Option<String>,
+        default: Duration,
+        min: Duration,
+        why: &str,
+    ) -> Duration {
+        let value = self.duration(path, raw, default);
         if value < min {
             self.error(
                 path,

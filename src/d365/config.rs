@@ -181,25 +181,17 @@ pub fn read_d365(cx: &mut FileCheck<'_>) -> Option<D365Config> {
         (Some(file), None) => cx.secret_file("d365.client_secret_file", file),
         (None, Some(var)) => cx.secret_env("d365.client_secret_env", var),
     };
-    let connect_timeout = cx.duration(
+    let connect_timeout = cx.duration_at_least(
         "d365.connect_timeout",
         raw.connect_timeout,
         Duration::from_secs(10),
-    );
-    let connect_timeout = cx.at_least(
-        "d365.connect_timeout",
-        connect_timeout,
         Duration::from_millis(100),
         "no connection could be made",
     );
-    let request_timeout = cx.duration(
+    let request_timeout = cx.duration_at_least(
         "d365.request_timeout",
         raw.request_timeout,
         Duration::from_secs(60),
-    );
-    let request_timeout = cx.at_least(
-        "d365.request_timeout",
-        request_timeout,
         Duration::from_secs(1),
         "every request would time out after it was written and be uncertain",
     );

@@ -881,20 +881,14 @@ mod tests {
         let client = Arc::new(D365Client::new(Arc::new(config.d365.clone().unwrap())).unwrap());
         let token = client.tokens.get().await.unwrap();
         let policy = Arc::new(config.dispatcher.retry.clone());
-        let record = |id: u64, order: &str| Record {
-            id,
-            production_order: order.into(),
-            message_type: "ProdProductionOrderStart".into(),
-            content: format!(r#"{{"ProductionOrderNumber":"{order}"}}"#),
-            state: State::Sending,
-            created_at: jiff::Timestamp::UNIX_EPOCH,
-            updated_at: jiff::Timestamp::UNIX_EPOCH,
-            attempt_count: 0,
-            server_errors: 0,
-            attempts: Vec::new(),
-            history: Vec::new(),
-            last_error: None,
-            retry_at: None,
+        let record = |id: u64, order: &str| {
+            let new = crate::outbox::NewMessage {
+                production_order: order.into(),
+                message_type: "ProdProductionOrderStart".into(),
+                content: format!(r#"{{"ProductionOrderNumber":"{order}"}}"#),
+                origin: "test".into(),
+            };
+            Record::new(id, &new, jiff::Timestamp::now())
         };
         let busy = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let spinners: Vec<_> = (0..2)

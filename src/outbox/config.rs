@@ -47,18 +47,12 @@ pub fn read_storage(cx: &mut FileCheck<'_>) -> StorageConfig {
             raw.retention,
             Duration::from_secs(7 * 86_400),
         ),
-        prune_interval: {
-            let d = cx.duration(
-                "storage.prune_interval",
-                raw.prune_interval,
-                Duration::from_secs(3600),
-            );
-            cx.at_least(
-                "storage.prune_interval",
-                d,
-                Duration::from_secs(1),
-                "pruning reads the whole outbox",
-            )
-        },
+        prune_interval: cx.duration_at_least(
+            "storage.prune_interval",
+            raw.prune_interval,
+            Duration::from_secs(3600),
+            Duration::from_secs(1),
+            "pruning reads the whole outbox",
+        ),
     }
 }

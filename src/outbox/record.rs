@@ -121,7 +121,7 @@ pub struct Record {
 }
 
 impl Record {
-    pub(super) fn new(id: MessageId, m: &NewMessage, now: jiff::Timestamp) -> Record {
+    pub(crate) fn new(id: MessageId, m: &NewMessage, now: jiff::Timestamp) -> Record {
         let mut r = Record {
             id,
             production_order: m.production_order.clone(),
