@@ -262,14 +262,7 @@ async fn outage(name: &str, per_order: u32) {
     let tmp = tempfile::tempdir().unwrap();
     let api_port = support::mqtt::free_port();
     config(tmp.path(), &fake, &broker, api_port);
-    // A connection D365 had already accepted is reset when it stops listening: nothing
-    // was read, so resending is right here (the count below would catch a doubled one).
-    let main = tmp.path().join("gateway.yaml");
-    let yaml = std::fs::read_to_string(&main).unwrap().replace(
-        "dispatcher:\n",
-        "dispatcher:\n  on_ambiguous:\n    default: resend\n",
-    );
-    std::fs::write(&main, yaml).unwrap();
+    support::mqtt::resend_when_ambiguous(tmp.path());
     let out = Output::new();
     let gw = process::start_logging(&["run", "-c", path_str(tmp.path())], &out, "info");
     out.wait_for("Subscribed.").await;

@@ -139,17 +139,7 @@ async fn a_broker_restart_in_the_middle_of_a_burst_loses_and_doubles_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_d365_outage_during_a_burst_delays_but_loses_and_doubles_nothing() {
     let (broker, fake, tmp) = setup().await;
-    // When D365 stops listening, a connection the kernel had already accepted for it is
-    // reset after the gateway wrote its request: an ambiguous outcome, which by default
-    // holds the order as uncertain (right, in a plant). Here the fake never read such a
-    // request, so resending is safe, and the duplicate count below would catch a
-    // request sent twice that the fake did read.
-    let main = tmp.path().join("gateway.yaml");
-    let yaml = std::fs::read_to_string(&main).unwrap().replace(
-        "dispatcher:\n",
-        "dispatcher:\n  on_ambiguous:\n    default: resend\n",
-    );
-    std::fs::write(&main, yaml).unwrap();
+    support::mqtt::resend_when_ambiguous(tmp.path());
     let out = Output::new();
     let n = (per_order() / 4).max(4);
     let total = ORDERS * n as usize;

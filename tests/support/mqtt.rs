@@ -448,3 +448,17 @@ pub fn count_burst(fake: &super::FakeD365, last: u64) -> BurstCount {
     }
     count
 }
+
+/// Makes a burst configuration resend when an outcome is ambiguous. When D365 stops
+/// listening, a connection the kernel had already accepted for it is reset after the
+/// gateway wrote its request: an ambiguous outcome, which by default holds the order as
+/// uncertain (right, in a plant). The fake never read such a request, so resending is
+/// safe there, and a burst count would catch a request sent twice that the fake did read.
+pub fn resend_when_ambiguous(dir: &std::path::Path) {
+    let main = dir.join("gateway.yaml");
+    let yaml = std::fs::read_to_string(&main).unwrap().replace(
+        "dispatcher:\n",
+        "dispatcher:\n  on_ambiguous:\n    default: resend\n",
+    );
+    std::fs::write(&main, yaml).unwrap();
+}
