@@ -112,7 +112,10 @@ fn copy_into(live: &Store, compacting: &Path) -> Result<(), OutboxError> {
             to.apply_batch(batch).map_err(storage)?;
         }
         // Ids of the new store start above every id handed out by the live one.
-        let floor = live.id_floor + live.db.generate_id().map_err(storage)? + 1;
+        let floor = live
+            .next_id
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .saturating_sub(1);
         copy.state
             .insert(ID_FLOOR, &floor.to_be_bytes())
             .map_err(storage)?;

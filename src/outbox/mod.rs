@@ -24,8 +24,11 @@
 //!                     accumulators and order contexts)
 //! ```
 //!
-//! Ids come from sled's `generate_id`, which is monotonic across restarts, so id order is
-//! append order. Per production order the outbox is a FIFO queue: the *lane* of an order is
+//! Ids are consecutive (1, 2, 3, … across restarts: operators type and read them aloud).
+//! The next id is kept in the state tree and written in the same transaction as the
+//! messages that took the ids before it, so id order is append order and no id is given
+//! twice, even after the newest messages were pruned. (sled's own `generate_id` jumped by
+//! 2,000,000 at every start of the store.) Per production order the outbox is a FIFO queue: the *lane* of an order is
 //! its non-terminal messages in id order, and only the head of a lane may be sent.
 //!
 //! # Invariants
@@ -74,7 +77,7 @@ pub use record::{Attempt, Change, MessageId, NewMessage, Record, State};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use record::{decode, encode};
@@ -206,6 +209,10 @@ pub struct Outbox {
     /// Bumped after every durable change, for whoever wants to watch the outbox
     /// (the dispatcher, the operator surface, tests) without polling.
     changes: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Above every id handed out by any store this handle opened: a batch that took its
+    /// ids and then hit a full disk is written after the store is reopened, and a reopened
+    /// store must not give those ids again (its saved next id is older).
+    ids_handed_out: Arc<AtomicU64>,
 }
 
 /// How long [`Outbox::reopen`] waits for operations still using the failed database.
@@ -223,9 +230,8 @@ struct Store {
     ingress: sled::Tree,
     done: sled::Tree,
     state: sled::Tree,
-    /// Every id of this store is above this (a compacted store continues the ids of the
-    /// store it replaced; see compact.rs).
-    id_floor: u64,
+    /// The id the next new message gets; see the module doc.
+    next_id: AtomicU64,
 }
 
 impl Store {
@@ -268,18 +274,32 @@ impl Store {
                 other => storage(other),
             })?;
         let state = db.open_tree("state").map_err(storage)?;
-        let id_floor = state
-            .get(compact::ID_FLOOR)
+        let saved_u64 = |name: &[u8]| -> Result<u64, OutboxError> {
+            Ok(state
+                .get(name)
+                .map_err(storage)?
+                .and_then(|v| v.as_ref().try_into().ok())
+                .map_or(0, u64::from_be_bytes))
+        };
+        // Every id of a compacted store is above its floor (compact.rs); a store written
+        // before NEXT_ID existed continues after its newest message.
+        let id_floor = saved_u64(compact::ID_FLOOR)?;
+        let saved_next = saved_u64(NEXT_ID)?;
+        let messages = db.open_tree("messages").map_err(storage)?;
+        let after_newest = messages
+            .last()
             .map_err(storage)?
-            .and_then(|v| v.as_ref().try_into().ok())
-            .map_or(0, u64::from_be_bytes);
+            .and_then(|(k, _)| k.as_ref().try_into().ok())
+            .map_or(0, u64::from_be_bytes)
+            + 1;
+        let next_id = saved_next.max(after_newest).max(id_floor + 1);
         let store = Store {
-            messages: db.open_tree("messages").map_err(storage)?,
+            messages,
             lanes: db.open_tree("lanes").map_err(storage)?,
             ingress: db.open_tree("ingress").map_err(storage)?,
             done: db.open_tree("done").map_err(storage)?,
             state,
-            id_floor,
+            next_id: AtomicU64::new(next_id),
             db,
         };
         if store.state.get(INDEXED).map_err(storage)?.is_none() {
@@ -338,6 +358,7 @@ impl Outbox {
             corrupt: Arc::new(corrupt),
             path,
             changes: Arc::new(tokio::sync::watch::channel(0).0),
+            ids_handed_out: Arc::default(),
         })
     }
 
@@ -401,6 +422,10 @@ impl Outbox {
             .and_then(|store| Ok((store.count_states()?, store)));
         match opened {
             Ok((counts, store)) => {
+                store.next_id.fetch_max(
+                    self.ids_handed_out.load(Ordering::Acquire),
+                    Ordering::AcqRel,
+                );
                 *self.counts.lock().unwrap_or_else(|p| p.into_inner()) = counts;
                 *slot = Some(Arc::new(store));
                 self.broken.store(false, Ordering::Release);
@@ -554,6 +579,7 @@ impl Outbox {
         if ingest.is_empty() {
             return Ok(Vec::new());
         }
+        let ids_handed_out = self.ids_handed_out.clone();
         let records = self
             .write_blocking(move |store| {
                 use sled::transaction::{ConflictableTransactionError, TransactionError};
@@ -562,19 +588,15 @@ impl Outbox {
                     Some(records) => records,
                     None => {
                         let now = jiff::Timestamp::now();
-                        // Ids are taken before the transaction: generate_id may flush, which
-                        // must not happen inside a transaction (it would wait for the
-                        // transaction itself). +1: sled ids start at 0 and 0 reads badly to
-                        // an operator.
+                        let n = ingest.messages.len() as u64;
+                        let first = store.next_id.fetch_add(n, Ordering::AcqRel);
+                        ids_handed_out.fetch_max(first + n, Ordering::AcqRel);
                         let records = ingest
                             .messages
                             .iter()
-                            .map(|m| {
-                                let id = store.id_floor + store.db.generate_id()? + 1;
-                                Ok(Record::new(id, m, now))
-                            })
-                            .collect::<Result<Vec<Record>, sled::Error>>()
-                            .map_err(storage)?;
+                            .zip(first..)
+                            .map(|(m, id)| Record::new(id, m, now))
+                            .collect();
                         ingest.prepared.get_or_init(|| records)
                     }
                 };
@@ -592,6 +614,16 @@ impl Outbox {
                         }
                         if let Some((owner, bytes)) = &ingest.state {
                             tx_state.insert(owner.as_bytes(), bytes.as_slice())?;
+                        }
+                        if let Some(last) = records.last() {
+                            // Never lowered: a batch that took its ids earlier may commit
+                            // after one that took later ids.
+                            let saved = tx_state
+                                .get(NEXT_ID)?
+                                .and_then(|v| v.as_ref().try_into().ok())
+                                .map_or(0, u64::from_be_bytes);
+                            let next = saved.max(last.id + 1);
+                            tx_state.insert(NEXT_ID, &next.to_be_bytes())?;
                         }
                         Ok::<(), ConflictableTransactionError<OutboxError>>(())
                     });
@@ -1007,6 +1039,8 @@ fn apply_settlement(r: &mut Record, s: &Settlement) {
 
 /// Set in the state tree once the lane and done indexes cover every record.
 const INDEXED: &[u8] = b"outbox.indexed";
+/// The id the next new message gets (u64 BE), written with every append.
+const NEXT_ID: &[u8] = b"outbox.next_id";
 
 fn state_byte(s: State) -> u8 {
     State::ALL.iter().position(|x| *x == s).unwrap_or(0) as u8

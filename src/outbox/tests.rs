@@ -544,3 +544,42 @@ async fn an_interrupted_compaction_is_finished_or_undone_at_open() {
     std::fs::rename(&compacting, &live).unwrap();
     reopen_and_check("before removing the old store");
 }
+
+/// Ids are what operators type and read aloud: 1, 2, 3 … across restarts, also when the
+/// newest messages were delivered and pruned, and across a compaction.
+#[tokio::test]
+async fn ids_are_consecutive_across_restarts_pruning_and_compaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = {
+        let outbox = Outbox::open(dir.path()).unwrap();
+        ids(&outbox.append(vec![msg("A", 1), msg("A", 2)]).await.unwrap())
+    };
+    assert_eq!(first, [1, 2]);
+    let outbox = Outbox::open(dir.path()).unwrap();
+    assert_eq!(ids(&outbox.append(vec![msg("A", 3)]).await.unwrap()), [3]);
+    // Deliver and prune everything: no message is left to say where the ids were.
+    outbox.mark_sending(&[1]).await.unwrap();
+    outbox
+        .settle(vec![settled(1, Settle::Delivered)])
+        .await
+        .unwrap();
+    for id in [2, 3] {
+        outbox.mark_sending(&[id]).await.unwrap();
+        outbox
+            .settle(vec![settled(id, Settle::Delivered)])
+            .await
+            .unwrap();
+    }
+    let future = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(60);
+    assert_eq!(outbox.prune(future).await.unwrap(), 3);
+    drop(outbox);
+    let outbox = Outbox::open(dir.path()).unwrap();
+    assert_eq!(ids(&outbox.append(vec![msg("B", 1)]).await.unwrap()), [4]);
+    outbox.compact().await.unwrap();
+    drop(outbox);
+    let outbox = Outbox::open(dir.path()).unwrap();
+    assert_eq!(
+        ids(&outbox.append(vec![msg("B", 2), msg("C", 1)]).await.unwrap()),
+        [5, 6]
+    );
+}
