@@ -1,0 +1,118 @@
+//! Power cut (issue 9, scenario 2): the data directory is an ext4 file system on a loop
+//! device. Under continuous MQTT load the power is cut at random moments: the gateway is
+//! frozen, the device is copied as it is (what was written to it survives; the page
+//! cache, everything not yet fsynced, is lost), the gateway is killed, and the machine
+//! "boots" from that copy. After each cut the messages left `sending` are settled as an
+//! operator would (resolved where the fake D365 has them). At the end every impulse the
+//! broker acknowledged to its publisher has reached D365 exactly once, per order in
+//! order: nothing acknowledged upstream was only in memory or in the page cache.
+//!
+//! Why not dm-flakey: this machine's kernel has no device-mapper. A copy of the loop
+//! device's backing file is the same crash image: it holds exactly the blocks the
+//! device received, including every fsync's, and none of the page cache above it.
+//!
+//! `POWER_CUTS` sets the number of cuts (default 3):
+//! `POWER_CUTS=20 cargo test --release --test power_cut -- --ignored --nocapture`.
+//!
+//! **It fails today, and is ignored in CI for that reason only**: sled 0.34 cannot
+//! recover its store from such a crash image. Opening it panics inside sled
+//! ("tried to serialize Uninitialized", while sled writes the snapshot after reading its
+//! log), and with its snapshots set aside it opens but has lost messages that were
+//! acknowledged upstream (6,744 of 9,000 delivered in one run). With the page cache
+//! written before the copy (`POWER_CUT_SYNC=1`: an OS crash after `sync`, not a power
+//! cut) the same test passes: 9,000 impulses once, in order. The storage engine, not the
+//! gateway's protocol, is what fails; this test is the reproducer for replacing it.
+
+mod support;
+
+use std::time::Duration;
+
+use support::disk::LoopDisk;
+use support::mqtt::{
+    burst_orders, count_burst, publish_burst, write_burst_config, Mosquitto, EXACT,
+};
+use support::process::{self, path_str, Output};
+use support::FakeD365;
+
+fn cuts() -> usize {
+    std::env::var("POWER_CUTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "sled 0.34 does not recover from a power cut (see the module doc): the reproducer for replacing it"]
+async fn power_cuts_under_load_lose_nothing_acknowledged_and_send_nothing_twice() {
+    let broker = Mosquitto::start_durable().await;
+    let fake = FakeD365::start().await;
+    // Answers take a moment, so cuts land while requests are on the wire.
+    fake.delay_responses(Duration::from_millis(5));
+    let mut disk = LoopDisk::create(256);
+    let data = disk.path().join("data");
+    let tmp = tempfile::tempdir().unwrap();
+    write_burst_config(tmp.path(), &fake, &broker.url(), "shutdown_grace: 5s\n");
+    let main = tmp.path().join("gateway.yaml");
+    let yaml = std::fs::read_to_string(&main)
+        .unwrap()
+        .replace("data_dir: data", &format!("data_dir: {}", data.display()));
+    std::fs::write(&main, yaml).unwrap();
+    let cfg = path_str(tmp.path()).to_string();
+    let out = Output::new();
+    let cuts = cuts();
+    let per_round = 20u32;
+    let rounds = (cuts as u32) * 3;
+
+    let mut rng = fastrand::Rng::with_seed(cuts as u64);
+    let (mut resolved, mut retried) = (0, 0);
+    let mut load = None;
+    for k in 0..cuts {
+        let gw = process::start_logging(&["run", "-c", &cfg], &out, "info");
+        out.wait_for_count("Subscribed.", k + 1).await;
+        if load.is_none() {
+            // The gateway's session exists now (what is published before it goes nowhere).
+            // Load: a burst of 20 impulses per order every 100 ms, for as long as the cuts
+            // go on; the broker queues what arrives while the gateway is down.
+            let port = broker.port;
+            load = Some(tokio::spawn(async move {
+                for round in 0..rounds {
+                    publish_burst(
+                        port,
+                        &burst_orders(),
+                        round * per_round + 1,
+                        (round + 1) * per_round,
+                    )
+                    .await;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }));
+        }
+        // A random moment while messages flow (the cut is the fault being injected; no
+        // test condition waits on this sleep).
+        tokio::time::sleep(Duration::from_millis(rng.u64(100..600))).await;
+        // SAFETY: kill(2) on our own child with a valid signal.
+        unsafe { libc::kill(gw.pid(), libc::SIGSTOP) };
+        disk.cut_power();
+        gw.kill9().await;
+        disk.power_back();
+        let (r, s) = support::settle_interrupted_in(&fake, tmp.path(), &data).await;
+        resolved += r;
+        retried += s;
+    }
+
+    // The last run drains everything.
+    let gw = process::start_logging(&["run", "-c", &cfg], &out, "info");
+    load.expect("load started").await.unwrap();
+    let total = burst_orders().len() * (rounds * per_round) as usize;
+    fake.wait_accepted_count(total).await;
+    assert_eq!(gw.terminate().await, 0);
+    let count = count_burst(&fake, u64::from(rounds * per_round));
+    println!(
+        "power cuts: {cuts} cuts, {total} MQTT impulses, {} messages delivered, {resolved} interrupted requests resolved, {retried} sent again; lost {}, duplicates {}, out of order {}",
+        fake.accepted().len(),
+        count.lost,
+        count.duplicates,
+        count.out_of_order.len()
+    );
+    assert_eq!(count, EXACT);
+}
