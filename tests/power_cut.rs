@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use support::disk::LoopDisk;
 use support::mqtt::{
-    burst_orders, count_burst, publish_burst, write_burst_config, Mosquitto, EXACT,
+    burst_orders, count_burst, spawn_steady_load, write_burst_config, Mosquitto, EXACT,
 };
 use support::process::{self, path_str, Output};
 use support::FakeD365;
@@ -70,22 +70,9 @@ async fn power_cuts_under_load_lose_nothing_acknowledged_and_send_nothing_twice(
         let gw = process::start_logging(&["run", "-c", &cfg], &out, "info");
         out.wait_for_count("Subscribed.", k + 1).await;
         if load.is_none() {
-            // The gateway's session exists now (what is published before it goes nowhere).
-            // Load: a burst of 20 impulses per order every 100 ms, for as long as the cuts
-            // go on; the broker queues what arrives while the gateway is down.
-            let port = broker.port;
-            load = Some(tokio::spawn(async move {
-                for round in 0..rounds {
-                    publish_burst(
-                        port,
-                        &burst_orders(),
-                        round * per_round + 1,
-                        (round + 1) * per_round,
-                    )
-                    .await;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }));
+            // The gateway's session exists now (what is published before it goes nowhere);
+            // the load goes on for as long as the cuts do.
+            load = Some(spawn_steady_load(broker.port, rounds, per_round));
         }
         // A random moment while messages flow (the cut is the fault being injected; no
         // test condition waits on this sleep).

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use mes_gateway::outbox::Outbox;
 use support::mqtt::{
-    burst_orders, count_burst, publish_burst, write_burst_config, Mosquitto, EXACT,
+    burst_orders, count_burst, spawn_steady_load, write_burst_config, Mosquitto, EXACT,
 };
 use support::plc::CounterPlc;
 use support::process::{self, path_str, Output};
@@ -81,22 +81,9 @@ async fn fifty_kills_under_load_lose_nothing_and_send_nothing_twice() {
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }
             }));
-            // The gateway's session exists now (what is published before it goes nowhere).
-            // Load: a burst of 20 impulses per order every 100 ms, for as long as the
-            // kills go on; the broker queues what arrives while the gateway is down.
-            let port = broker.port;
-            load = Some(tokio::spawn(async move {
-                for round in 0..rounds {
-                    publish_burst(
-                        port,
-                        &burst_orders(),
-                        round * per_round + 1,
-                        (round + 1) * per_round,
-                    )
-                    .await;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }));
+            // The gateway's session exists now (what is published before it goes nowhere);
+            // the load goes on for as long as the kills do.
+            load = Some(spawn_steady_load(broker.port, rounds, per_round));
         }
         // A random moment while messages flow (the kill is the fault being injected; no
         // test condition waits on this sleep).

@@ -462,3 +462,21 @@ pub fn resend_when_ambiguous(dir: &std::path::Path) {
     );
     std::fs::write(&main, yaml).unwrap();
 }
+
+/// Steady load for fault tests: a burst of `per_round` impulses on every burst order
+/// every 100 ms, `rounds` times (impulses `1..=rounds * per_round` per order). The broker
+/// queues what arrives while the gateway is down.
+pub fn spawn_steady_load(port: u16, rounds: u32, per_round: u32) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        for round in 0..rounds {
+            publish_burst(
+                port,
+                &burst_orders(),
+                round * per_round + 1,
+                (round + 1) * per_round,
+            )
+            .await;
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    })
+}
