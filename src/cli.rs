@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::ConfigErrors;
 use crate::message::{FieldNames, Message, MessageTypes};
-use crate::outbox::{MessageId, NewMessage, Outbox, OutboxError, Record, State};
+use crate::outbox::{MessageId, NewMessage, Outbox, OutboxError, Record, Sending, State};
 use crate::settings;
 
 #[derive(Debug, Parser)]
@@ -456,7 +456,7 @@ async fn outbox_command(
                     )
                 }
             };
-            let r = outbox.retry(id, &by.name(), new_content).await?;
+            let r = outbox.retry(id, &by.name(), new_content, Sending::Interrupted).await?;
             println!(
                 "message {} queued again (order {})",
                 r.id, r.production_order
@@ -467,7 +467,7 @@ async fn outbox_command(
             println!("message {} cancelled (order {})", r.id, r.production_order);
         }
         OutboxCommand::Resolve { id, by } => {
-            let r = outbox.resolve_delivered(id, &by.name()).await?;
+            let r = outbox.resolve_delivered(id, &by.name(), Sending::Interrupted).await?;
             println!(
                 "message {} resolved as delivered (order {})",
                 r.id, r.production_order

@@ -9,7 +9,7 @@ use std::time::Duration;
 use mes_gateway::message::{
     TYPE_END, TYPE_PICKING_LIST, TYPE_REPORT_FINISHED, TYPE_ROUTE_CARD, TYPE_START,
 };
-use mes_gateway::outbox::State;
+use mes_gateway::outbox::{Sending, State};
 use serde_json::json;
 use support::{report, FakeD365, Gateway, Reply};
 
@@ -259,7 +259,7 @@ async fn server_error_three_times_fails_and_holds_only_its_order() {
     );
     assert_eq!(gw.record(a1).server_errors, 3);
 
-    gw.outbox.retry(a1, "operator", None).await.unwrap();
+    gw.outbox.retry(a1, "operator", None, Sending::InFlight).await.unwrap();
     gw.wait_until("A drained", |o| {
         o.get(a2).unwrap().state == State::Delivered
     })
@@ -304,7 +304,7 @@ async fn timeout_after_the_request_was_written_is_uncertain_and_resolve_releases
         "never resent blindly"
     );
 
-    gw.outbox.resolve_delivered(a1, "operator").await.unwrap();
+    gw.outbox.resolve_delivered(a1, "operator", Sending::InFlight).await.unwrap();
     gw.wait_until("A2 delivered", |o| {
         o.get(a2).unwrap().state == State::Delivered
     })

@@ -213,6 +213,11 @@ pub struct Outbox {
     /// ids and then hit a full disk is written after the store is reopened, and a reopened
     /// store must not give those ids again (its saved next id is older).
     ids_handed_out: Arc<AtomicU64>,
+    /// Held while a record is read, checked against the state machine and written back
+    /// (operator actions, the dispatcher's marks and outcomes): the operator service acts
+    /// while the dispatcher runs, and a cancel that read `queued` must not overwrite the
+    /// `sending` mark the dispatcher wrote meanwhile (nor the other way round).
+    transitions: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// How long [`Outbox::reopen`] waits for operations still using the failed database.
@@ -372,6 +377,7 @@ impl Outbox {
             path,
             changes: Arc::new(tokio::sync::watch::channel(0).0),
             ids_handed_out: Arc::default(),
+            transitions: Arc::default(),
         })
     }
 
@@ -753,6 +759,7 @@ impl Outbox {
         outcomes: &[Settlement],
         mark: &[MessageId],
     ) -> Result<(Vec<Record>, Vec<Record>), OutboxError> {
+        let _transition = self.transitions.lock().await;
         let mut changed = Vec::with_capacity(outcomes.len() + mark.len());
         for s in outcomes {
             let mut r = match self.get(s.id) {
@@ -902,6 +909,46 @@ impl Outbox {
         Ok(out)
     }
 
+    /// One page of records matching `filter`, oldest or newest first, starting after the
+    /// id `after` (the previous page's cursor). Reads records in id order from the cursor
+    /// and stops at `limit` matches, so a page costs what it shows plus what the filter
+    /// skips — not the whole outbox. Returns the page and the cursor of the next one.
+    pub fn page(
+        &self,
+        filter: &ListFilter,
+        after: Option<MessageId>,
+        limit: usize,
+        newest_first: bool,
+    ) -> Result<(Vec<Record>, Option<MessageId>), OutboxError> {
+        let store = self.store()?;
+        let range = match (after, newest_first) {
+            (None, _) => store.messages.range::<[u8; 8], _>(..),
+            (Some(id), false) => store.messages.range(key(id.saturating_add(1))..),
+            (Some(id), true) => store.messages.range(..key(id)),
+        };
+        let mut items: Box<dyn Iterator<Item = _>> = if newest_first {
+            Box::new(range.rev())
+        } else {
+            Box::new(range)
+        };
+        let mut out = Vec::new();
+        for item in &mut items {
+            let (_, v) = item.map_err(storage)?;
+            let Ok(r) = decode(&v) else { continue };
+            if filter.matches(&r) {
+                out.push(r);
+                if out.len() == limit {
+                    break;
+                }
+            }
+        }
+        let next = match out.last() {
+            Some(last) if out.len() == limit => Some(last.id),
+            _ => None,
+        };
+        Ok((out, next))
+    }
+
     /// When the oldest message still waiting to be delivered was created (the heads of the
     /// lanes are the oldest of their orders).
     pub fn oldest_pending(&self) -> Option<jiff::Timestamp> {
@@ -966,54 +1013,127 @@ impl Outbox {
     }
 
     /// Operator: send a `failed` or `uncertain` message again, optionally with new content.
-    /// A message still `sending` here was interrupted by a crash (operator commands run
-    /// while the gateway is stopped): it is as uncertain as an `uncertain` one.
+    /// A `sending` message is retried only when `sending` is [`Sending::Interrupted`].
     pub async fn retry(
         &self,
         id: MessageId,
         by: &str,
         new_content: Option<String>,
+        sending: Sending,
     ) -> Result<Record, OutboxError> {
-        let mut r = self.get(id)?;
-        r.require("retry", &[State::Failed, State::Uncertain, State::Sending])?;
-        let old = r.state;
-        let detail = match new_content {
-            Some(content) if content != r.content => {
-                let detail = format!("content edited; previous content: {}", r.content);
-                r.content = content;
-                Some(detail)
-            }
-            _ => None,
-        };
-        r.server_errors = 0;
-        r.last_error = None;
-        r.retry_at = None;
-        let action = if detail.is_some() {
-            "edited and retried"
-        } else {
-            "retried"
-        };
-        r.change(State::Queued, by, action, detail);
-        self.write_one(r, old).await
+        let allowed = sending.allowing(&[State::Failed, State::Uncertain]);
+        self.transition(id, "retry", &allowed, |r| {
+            let detail = match new_content {
+                Some(content) if content != r.content => {
+                    let detail = format!("content edited; previous content: {}", r.content);
+                    r.content = content;
+                    Some(detail)
+                }
+                _ => None,
+            };
+            r.server_errors = 0;
+            r.last_error = None;
+            r.retry_at = None;
+            let action = if detail.is_some() {
+                "edited and retried"
+            } else {
+                "retried"
+            };
+            r.change(State::Queued, by, action, detail);
+        })
+        .await
     }
 
     /// Operator: never send this message. Releases the order's lane.
     pub async fn cancel(&self, id: MessageId, by: &str) -> Result<Record, OutboxError> {
-        let mut r = self.get(id)?;
-        r.require("cancel", &[State::Queued, State::Failed, State::Uncertain])?;
-        let old = r.state;
-        r.change(State::Cancelled, by, "cancelled", None);
-        self.write_one(r, old).await
+        let allowed = &[State::Queued, State::Failed, State::Uncertain];
+        self.transition(id, "cancel", allowed, |r| {
+            r.change(State::Cancelled, by, "cancelled", None)
+        })
+        .await
     }
 
-    /// Operator: an `uncertain` message (or one left `sending` by a crash) did reach
-    /// D365 (checked on the MES page).
-    pub async fn resolve_delivered(&self, id: MessageId, by: &str) -> Result<Record, OutboxError> {
+    /// Operator: an `uncertain` message (or one left `sending` by a crash, when `sending`
+    /// is [`Sending::Interrupted`]) did reach D365 (checked on the MES page).
+    pub async fn resolve_delivered(
+        &self,
+        id: MessageId,
+        by: &str,
+        sending: Sending,
+    ) -> Result<Record, OutboxError> {
+        let allowed = sending.allowing(&[State::Uncertain]);
+        self.transition(id, "resolve", &allowed, |r| {
+            r.change(State::Delivered, by, "resolved as delivered", None)
+        })
+        .await
+    }
+
+    /// Reads a record, checks the state machine allows `action` from its state, applies
+    /// `change` and writes it: all under the transition lock.
+    async fn transition(
+        &self,
+        id: MessageId,
+        action: &'static str,
+        allowed: &[State],
+        change: impl FnOnce(&mut Record),
+    ) -> Result<Record, OutboxError> {
+        let _transition = self.transitions.lock().await;
         let mut r = self.get(id)?;
-        r.require("resolve", &[State::Uncertain, State::Sending])?;
+        r.require(action, allowed)?;
         let old = r.state;
-        r.change(State::Delivered, by, "resolved as delivered", None);
+        change(&mut r);
         self.write_one(r, old).await
+    }
+}
+
+/// Which records a listing shows; every field set must match.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ListFilter {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<State>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order: Option<String>,
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub message_type: Option<String>,
+    /// Created at or after.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<jiff::Timestamp>,
+    /// Created before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<jiff::Timestamp>,
+}
+
+impl ListFilter {
+    pub fn matches(&self, r: &Record) -> bool {
+        self.state.is_none_or(|s| s == r.state)
+            && self.order.as_deref().is_none_or(|o| o == r.production_order)
+            && self
+                .message_type
+                .as_deref()
+                .is_none_or(|t| t == r.message_type)
+            && self.since.is_none_or(|t| r.created_at >= t)
+            && self.until.is_none_or(|t| r.created_at < t)
+    }
+}
+
+/// What a message found `sending` is, for an operator action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sending {
+    /// The gateway runs: its request is on the wire; only the dispatcher settles it.
+    InFlight,
+    /// The gateway is stopped: a crash interrupted its request, it is as uncertain as an
+    /// `uncertain` message.
+    Interrupted,
+}
+
+impl Sending {
+    /// `states`, plus `sending` when it means interrupted.
+    fn allowing(self, states: &[State]) -> Vec<State> {
+        let mut allowed = states.to_vec();
+        if self == Sending::Interrupted {
+            allowed.push(State::Sending);
+        }
+        allowed
     }
 }
 

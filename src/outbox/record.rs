@@ -170,7 +170,7 @@ impl Record {
     pub(super) fn require(
         &self,
         action: &'static str,
-        allowed: &'static [State],
+        allowed: &[State],
     ) -> Result<(), OutboxError> {
         if allowed.contains(&self.state) {
             return Ok(());

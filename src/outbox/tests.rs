@@ -119,6 +119,29 @@ async fn transitions_are_checked_against_the_state_machine() {
 }
 
 #[tokio::test]
+async fn a_message_on_the_wire_is_left_to_the_dispatcher_while_the_gateway_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(dir.path()).unwrap();
+    let r = outbox.append(vec![msg("A", 1)]).await.unwrap().remove(0);
+    outbox.mark_sending(&[r.id]).await.unwrap();
+    for refused in [
+        outbox.retry(r.id, "op", None, Sending::InFlight).await,
+        outbox.resolve_delivered(r.id, "op", Sending::InFlight).await,
+        outbox.cancel(r.id, "op").await,
+    ] {
+        let err = refused.unwrap_err().to_string();
+        assert!(err.starts_with(&format!("message {} is sending: cannot", r.id)), "{err}");
+    }
+    assert_eq!(outbox.get(r.id).unwrap().state, State::Sending);
+    // Stopped gateway: the same message was interrupted by a crash.
+    let resolved = outbox
+        .resolve_delivered(r.id, "op", Sending::Interrupted)
+        .await
+        .unwrap();
+    assert_eq!(resolved.state, State::Delivered);
+}
+
+#[tokio::test]
 async fn a_second_open_is_refused_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let _first = Outbox::open(dir.path()).unwrap();
@@ -132,11 +155,11 @@ async fn operator_actions_check_state_and_record_history() {
     let outbox = Outbox::open(dir.path()).unwrap();
     let r = outbox.append(vec![msg("A", 1)]).await.unwrap().remove(0);
     assert!(matches!(
-        outbox.resolve_delivered(r.id, "op").await,
+        outbox.resolve_delivered(r.id, "op", Sending::InFlight).await,
         Err(OutboxError::WrongState { .. })
     ));
     assert!(matches!(
-        outbox.retry(r.id, "op", None).await,
+        outbox.retry(r.id, "op", None, Sending::InFlight).await,
         Err(OutboxError::WrongState { .. })
     ));
 
@@ -153,7 +176,7 @@ async fn operator_actions_check_state_and_record_history() {
         .await
         .unwrap();
     let retried = outbox
-        .retry(r.id, "alice", Some("{\"x\":1}".into()))
+        .retry(r.id, "alice", Some("{\"x\":1}".into()), Sending::InFlight)
         .await
         .unwrap();
     assert_eq!(retried.state, State::Queued);
@@ -582,4 +605,27 @@ async fn ids_are_consecutive_across_restarts_pruning_and_compaction() {
         ids(&outbox.append(vec![msg("B", 2), msg("C", 1)]).await.unwrap()),
         [5, 6]
     );
+}
+
+#[tokio::test]
+async fn pages_walk_the_outbox_both_ways_with_a_filter() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(dir.path()).unwrap();
+    let all: Vec<NewMessage> = (0..10)
+        .map(|i| msg(if i % 2 == 0 { "A" } else { "B" }, i))
+        .collect();
+    let appended = ids(&outbox.append(all).await.unwrap());
+    let only_a = ListFilter {
+        order: Some("A".into()),
+        ..ListFilter::default()
+    };
+    let (first, next) = outbox.page(&only_a, None, 3, false).unwrap();
+    assert_eq!(ids(&first), [appended[0], appended[2], appended[4]]);
+    let (second, next) = outbox.page(&only_a, next, 3, false).unwrap();
+    assert_eq!(ids(&second), [appended[6], appended[8]]);
+    assert_eq!(next, None, "a short page is the last");
+    let (newest, next) = outbox.page(&ListFilter::default(), None, 4, true).unwrap();
+    assert_eq!(ids(&newest), [appended[9], appended[8], appended[7], appended[6]]);
+    let (older, _) = outbox.page(&ListFilter::default(), next, 2, true).unwrap();
+    assert_eq!(ids(&older), [appended[5], appended[4]]);
 }
