@@ -14,12 +14,15 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::api::{ApiState, ComponentStats};
+use crate::alert::{AlertWatch, Board};
+use crate::api::ApiState;
 use crate::config;
 use crate::d365::client::D365Client;
 use crate::d365::Dispatcher;
+use crate::live::{ComponentStats, Live};
+use crate::operator::{ContentChecks, Operator, Running};
 use crate::outbox::{Outbox, State};
-use crate::pipeline::{Pipeline, PipelineStats};
+use crate::pipeline::{LineCommand, Pipeline, PipelineStats};
 use crate::rules::Engine;
 use crate::settings::{self, Config};
 use crate::signal::Control;
@@ -85,14 +88,31 @@ pub async fn run(
         tokio::spawn(watchdog.run(watchdog_cancel.clone()));
     }
 
-    let api = ApiState::new(outbox.clone());
-    if let Some(addr) = config.api_listen {
+    let live = Live::default();
+    let alerts = Arc::new(Board::default());
+    let lines = Arc::new(std::sync::Mutex::new(None));
+    // The operator service's requests (reload) join the signals' on their own channel.
+    let (operator_tx, mut operator_rx) = mpsc::channel(4);
+    let operator = Operator::running(
+        outbox.clone(),
+        content_checks(&config),
+        Running {
+            started: jiff::Timestamp::now(),
+            live: live.clone(),
+            alerts: alerts.clone(),
+            lines: lines.clone(),
+            control: operator_tx,
+        },
+    );
+    let api = ApiState::new(operator.clone(), live.clone(), alerts.clone())
+        .with_token(config.api.token.clone(), config.api.token_for_reading());
+    if let Some(addr) = config.api.listen {
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
             format!("api.listen {addr}: cannot listen (another process on that port?)")
         })?;
-        tracing::info!(%addr, "Operator API listening: /health, /metrics.");
+        tracing::info!(%addr, token = config.api.token.is_some(), "Operator API listening: /health, /ready, /metrics, /api/v1, /console.");
         let cancel = watchdog_cancel.clone();
-        let router = crate::api::router(api.clone());
+        let router = crate::api::http_router(api.clone());
         tokio::spawn(async move {
             let shutdown = async move { cancel.cancelled().await };
             if let Err(e) = axum::serve(listener, router)
@@ -103,30 +123,64 @@ pub async fn run(
             }
         });
     }
+    // Production data does not depend on the socket: without it the gateway runs on and
+    // says why the CLI cannot reach it.
+    match crate::api::serve_socket(
+        &config.api.socket,
+        crate::api::socket_router(api.clone()),
+        watchdog_cancel.clone(),
+    )
+    .await
+    {
+        Ok(()) => tracing::info!(path = %config.api.socket.display(), "Operator socket listening."),
+        Err(e) => tracing::warn!(path = %config.api.socket.display(), error = %e,
+            "Cannot open the operator socket; the CLI cannot reach the running gateway (set api.socket to a writable place)."),
+    }
 
     let mut config = config;
     let result = loop {
-        let running = Components::start(&config, options, &outbox, &heartbeats, &api)?;
+        let running = Components::start(
+            &config,
+            options,
+            &outbox,
+            &heartbeats,
+            &live,
+            &alerts,
+            &lines,
+        )?;
         notifier.notify("READY=1");
         notifier.notify(&status_line(&outbox));
         let reload = loop {
-            tokio::select! {
-                c = control.recv() => match c {
-                    Some(Control::Reload) => match settings::load(&config.dir) {
-                        Ok(new) => break Some(new),
-                        Err(errors) => tracing::error!("Reload refused, the running configuration stays: {errors}"),
-                    },
-                    Some(Control::Shutdown) | None => break None,
+            let request = tokio::select! {
+                c = control.recv() => c,
+                c = operator_rx.recv() => c,
+                _ = running.fatal.cancelled() => None,
+            };
+            match request {
+                Some(Control::Reload { by, reply }) => match settings::load(&config.dir) {
+                    Ok(new) => break Some((new, by, reply)),
+                    Err(errors) => {
+                        tracing::error!(%by, "Reload refused, the running configuration stays: {errors}");
+                        if let Some(reply) = reply {
+                            let _ =
+                                reply.send(Err(errors.0.iter().map(|e| e.to_string()).collect()));
+                        }
+                    }
                 },
-                _ = running.fatal.cancelled() => break None,
+                Some(Control::Shutdown) | None => break None,
             }
         };
         match reload {
-            Some(new) => {
+            Some((new, by, reply)) => {
                 notifier.notify("RELOADING=1");
                 if new.storage.data_dir != config.storage.data_dir {
                     tracing::warn!(running = %config.storage.data_dir.display(), configured = %new.storage.data_dir.display(),
                         "storage.data_dir changed: it takes effect at the next restart.");
+                }
+                if new.api.listen != config.api.listen || new.api.socket != config.api.socket {
+                    tracing::warn!(
+                        "api.listen and api.socket changes take effect at the next restart."
+                    );
                 }
                 let fatal = running.stop(config.shutdown_grace).await;
                 if fatal {
@@ -135,11 +189,16 @@ pub async fn run(
                     ));
                 }
                 config = new;
-                tracing::info!(
-                    rules = config.rules.len(),
-                    sources = config.sources.len(),
-                    "Configuration reloaded."
+                operator.set_checks(content_checks(&config));
+                let summary = format!(
+                    "{} source(s), {} rule(s)",
+                    config.sources.len(),
+                    config.rules.len()
                 );
+                tracing::info!(%by, rules = config.rules.len(), sources = config.sources.len(), "Configuration reloaded.");
+                if let Some(reply) = reply {
+                    let _ = reply.send(Ok(summary));
+                }
             }
             None => {
                 notifier.notify("STOPPING=1");
@@ -159,6 +218,22 @@ pub async fn run(
     result
 }
 
+/// What operators' edits are checked against in `config`.
+fn content_checks(config: &Config) -> ContentChecks {
+    ContentChecks {
+        field_names: config
+            .d365
+            .as_ref()
+            .map(|d| d.field_names.clone())
+            .unwrap_or_default(),
+        message_types: config
+            .d365
+            .as_ref()
+            .map(|d| d.message_types.clone())
+            .unwrap_or_default(),
+    }
+}
+
 /// The tasks that run with one configuration.
 struct Components {
     tracker: TaskTracker,
@@ -176,7 +251,9 @@ impl Components {
         options: RunOptions,
         outbox: &Outbox,
         heartbeats: &Heartbeats,
-        api: &ApiState,
+        published: &Live,
+        alerts: &Arc<Board>,
+        lines: &Arc<std::sync::Mutex<Option<mpsc::Sender<LineCommand>>>>,
     ) -> anyhow::Result<Components> {
         let mut live = ComponentStats::default();
         let client = match (&config.d365, options.dry_run) {
@@ -232,7 +309,9 @@ impl Components {
         };
         live.pipeline = Some(pipeline.stats.clone());
         live.rules = Some(pipeline.engine.stats.clone());
-        let pipeline_done = tracker.spawn(pipeline.run(events_rx));
+        let (commands_tx, commands_rx) = mpsc::channel(crate::pipeline::COMMAND_CHANNEL_CAPACITY);
+        *lines.lock().unwrap_or_else(|p| p.into_inner()) = Some(commands_tx);
+        let pipeline_done = tracker.spawn(pipeline.run(events_rx, commands_rx));
 
         if let Some(client) = client {
             let d365 = config
@@ -267,7 +346,18 @@ impl Components {
             config.storage.clone(),
             core_cancel.clone(),
         ));
-        *api.live.lock().unwrap_or_else(|p| p.into_inner()) = live;
+        published.replace(live);
+        tracker.spawn(
+            AlertWatch {
+                config: config.alerts.clone(),
+                board: alerts.clone(),
+                outbox: outbox.clone(),
+                live: published.clone(),
+                data_dir: config.storage.data_dir.clone(),
+                delivering: !options.dry_run,
+            }
+            .run(core_cancel.clone()),
+        );
         tracing::info!(
             rules = config.rules.len(),
             sources = config.sources.len(),

@@ -456,7 +456,9 @@ async fn outbox_command(
                     )
                 }
             };
-            let r = outbox.retry(id, &by.name(), new_content, Sending::Interrupted).await?;
+            let r = outbox
+                .retry(id, &by.name(), new_content, Sending::Interrupted)
+                .await?;
             println!(
                 "message {} queued again (order {})",
                 r.id, r.production_order
@@ -467,7 +469,9 @@ async fn outbox_command(
             println!("message {} cancelled (order {})", r.id, r.production_order);
         }
         OutboxCommand::Resolve { id, by } => {
-            let r = outbox.resolve_delivered(id, &by.name(), Sending::Interrupted).await?;
+            let r = outbox
+                .resolve_delivered(id, &by.name(), Sending::Interrupted)
+                .await?;
             println!(
                 "message {} resolved as delivered (order {})",
                 r.id, r.production_order

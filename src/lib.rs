@@ -54,13 +54,16 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+pub mod alert;
 pub mod api;
 pub mod app;
 pub mod cli;
 pub mod config;
 pub mod d365;
 pub mod event;
+pub mod live;
 pub mod message;
+pub mod operator;
 pub mod outbox;
 pub mod pipeline;
 pub mod rules;

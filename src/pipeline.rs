@@ -69,6 +69,21 @@ pub fn load_engine_state(outbox: &Outbox) -> EngineState {
     }
 }
 
+/// An operator's change to a line's order context, applied by the pipeline (which owns
+/// the rules engine's state) between batches and answered once it is durable.
+#[derive(Debug)]
+pub struct LineCommand {
+    pub line: String,
+    /// `None` clears the line.
+    pub context: Option<OrderContext>,
+    pub by: String,
+    /// The previous context.
+    pub reply: tokio::sync::oneshot::Sender<Option<OrderContext>>,
+}
+
+/// How many operator commands may wait for the pipeline.
+pub const COMMAND_CHANNEL_CAPACITY: usize = 16;
+
 #[derive(Debug)]
 pub struct Pipeline {
     pub engine: Engine,
@@ -90,8 +105,13 @@ impl Pipeline {
     /// Runs until every event sender is gone (the sources have stopped) and the channel
     /// is drained, so nothing accepted from a source is lost at shutdown; then reports
     /// what is still aggregated.
-    pub async fn run(mut self, mut events: mpsc::Receiver<SourceEvent>) {
+    pub async fn run(
+        mut self,
+        mut events: mpsc::Receiver<SourceEvent>,
+        mut commands: mpsc::Receiver<LineCommand>,
+    ) {
         let mut batch = Vec::with_capacity(MAX_BATCH_EVENTS);
+        let mut commands_open = true;
         let mut heartbeat_ticks = tokio::time::interval(self.heartbeat.period());
         self.publish_lines();
         loop {
@@ -108,6 +128,17 @@ impl Pipeline {
                 }
                 _ = sleep(timer), if timer.is_some() => (self.engine.tick(jiff::Timestamp::now()), Vec::new()),
                 _ = heartbeat_ticks.tick() => continue,
+                command = commands.recv(), if commands_open => {
+                    let Some(c) = command else {
+                        commands_open = false;
+                        continue;
+                    };
+                    let (previous, built) = self.engine.set_line(&c.line, c.context, &c.by, jiff::Timestamp::now());
+                    self.persist(built, Vec::new()).await;
+                    // The operator may have given up waiting; the change stands.
+                    let _ = c.reply.send(previous);
+                    continue;
+                }
             };
             self.persist(built, deliveries).await;
             // Only now is what these events produced durable: acknowledge upstream, in order.

@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::alert::config::AlertConfig;
+use crate::api::config::ApiConfig;
 use crate::config::{ConfigError, ConfigErrors, ConfigFile, Errors, MAIN_FILE, RULES_DIR};
 use crate::d365::config::{
     check_type_keys, read_d365, read_dispatcher, read_message_types, D365Config, DispatcherConfig,
@@ -34,15 +36,9 @@ pub struct Config {
     pub time_zone: jiff::tz::TimeZone,
     /// How long shutdown may take before in-flight work is abandoned.
     pub shutdown_grace: Duration,
-    /// Where the operator API (`/health`, `/metrics`) listens; `None`: off.
-    pub api_listen: Option<std::net::SocketAddr>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawApi {
-    /// `ip:port` for `/health` and `/metrics`; keep it on loopback or a management network.
-    pub listen: Option<String>,
+    /// The operator service's doors: HTTP listener, token, Unix socket.
+    pub api: ApiConfig,
+    pub alerts: AlertConfig,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -104,6 +100,8 @@ pub struct OutboxSettings {
     /// The wire names of the journal fields, so edited content can be read back.
     pub field_names: FieldNames,
     pub message_types: MessageTypes,
+    /// Where the running daemon's operator socket is.
+    pub socket: PathBuf,
 }
 
 /// Reads only the `storage` section and what edited content is checked against: enough
@@ -121,6 +119,7 @@ pub fn load_storage(dir: &Path) -> Result<OutboxSettings, ConfigErrors> {
             message_types: read_message_types(&mut cx),
             field_names,
             storage: read_storage(&mut cx),
+            socket: crate::api::config::read_socket(&mut cx),
         }
     });
     match loaded {
@@ -129,12 +128,13 @@ pub fn load_storage(dir: &Path) -> Result<OutboxSettings, ConfigErrors> {
     }
 }
 
-const MAIN_SECTIONS: [&str; 7] = [
+const MAIN_SECTIONS: [&str; 8] = [
     "d365",
     "dispatcher",
     "storage",
     "sources",
     "api",
+    "alerts",
     "shutdown_grace",
     "plant",
 ];
@@ -156,7 +156,8 @@ fn validate(
     let mut sources = Vec::new();
     let mut shutdown_grace = Duration::from_secs(10);
     let mut time_zone = jiff::tz::TimeZone::system();
-    let mut api_listen = None;
+    let mut api = ApiConfig::default();
+    let mut alerts = AlertConfig::default();
     let mut seen = HashSet::new();
     for (name, _) in entries {
         let name = name.as_str();
@@ -169,25 +170,8 @@ fn validate(
             "dispatcher" => dispatcher = read_dispatcher(&mut cx),
             "storage" => storage = Some(read_storage(&mut cx)),
             "sources" => sources = read_sources(&mut cx, "sources"),
-            "api" => {
-                if let Some(raw) = cx.parse::<RawApi>("api") {
-                    match raw
-                        .listen
-                        .as_deref()
-                        .map(str::parse::<std::net::SocketAddr>)
-                    {
-                        None => {}
-                        Some(Ok(addr)) => api_listen = Some(addr),
-                        Some(Err(_)) => cx.error(
-                            "api.listen",
-                            format!(
-                                "{:?}: expected ip:port, e.g. 127.0.0.1:9464",
-                                raw.listen.unwrap_or_default()
-                            ),
-                        ),
-                    }
-                }
-            }
+            "api" => api = crate::api::config::read(&mut cx),
+            "alerts" => alerts = crate::alert::config::read(&mut cx),
             "plant" => {
                 if let Some(raw) = cx.parse::<RawPlant>("plant") {
                     if let Some(name) = raw.time_zone {
@@ -257,7 +241,8 @@ fn validate(
         rules,
         time_zone,
         shutdown_grace,
-        api_listen,
+        api,
+        alerts,
     })
 }
 

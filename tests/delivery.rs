@@ -259,7 +259,10 @@ async fn server_error_three_times_fails_and_holds_only_its_order() {
     );
     assert_eq!(gw.record(a1).server_errors, 3);
 
-    gw.outbox.retry(a1, "operator", None, Sending::InFlight).await.unwrap();
+    gw.outbox
+        .retry(a1, "operator", None, Sending::InFlight)
+        .await
+        .unwrap();
     gw.wait_until("A drained", |o| {
         o.get(a2).unwrap().state == State::Delivered
     })
@@ -304,7 +307,10 @@ async fn timeout_after_the_request_was_written_is_uncertain_and_resolve_releases
         "never resent blindly"
     );
 
-    gw.outbox.resolve_delivered(a1, "operator", Sending::InFlight).await.unwrap();
+    gw.outbox
+        .resolve_delivered(a1, "operator", Sending::InFlight)
+        .await
+        .unwrap();
     gw.wait_until("A2 delivered", |o| {
         o.get(a2).unwrap().state == State::Delivered
     })

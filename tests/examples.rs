@@ -66,7 +66,8 @@ impl Scenario {
             stats: Default::default(),
             heartbeat: Heartbeats::default().register("pipeline"),
         };
-        let pipeline = tokio::spawn(pipeline.run(rx));
+        // No operator here: the command channel is closed from the start.
+        let pipeline = tokio::spawn(pipeline.run(rx, mpsc::channel(1).1));
         let client = Arc::new(D365Client::new(Arc::new(config.d365.clone().unwrap())).unwrap());
         let dispatcher = Dispatcher::new(
             outbox.clone(),

@@ -1106,7 +1106,10 @@ pub struct ListFilter {
 impl ListFilter {
     pub fn matches(&self, r: &Record) -> bool {
         self.state.is_none_or(|s| s == r.state)
-            && self.order.as_deref().is_none_or(|o| o == r.production_order)
+            && self
+                .order
+                .as_deref()
+                .is_none_or(|o| o == r.production_order)
             && self
                 .message_type
                 .as_deref()

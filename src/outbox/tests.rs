@@ -126,11 +126,16 @@ async fn a_message_on_the_wire_is_left_to_the_dispatcher_while_the_gateway_runs(
     outbox.mark_sending(&[r.id]).await.unwrap();
     for refused in [
         outbox.retry(r.id, "op", None, Sending::InFlight).await,
-        outbox.resolve_delivered(r.id, "op", Sending::InFlight).await,
+        outbox
+            .resolve_delivered(r.id, "op", Sending::InFlight)
+            .await,
         outbox.cancel(r.id, "op").await,
     ] {
         let err = refused.unwrap_err().to_string();
-        assert!(err.starts_with(&format!("message {} is sending: cannot", r.id)), "{err}");
+        assert!(
+            err.starts_with(&format!("message {} is sending: cannot", r.id)),
+            "{err}"
+        );
     }
     assert_eq!(outbox.get(r.id).unwrap().state, State::Sending);
     // Stopped gateway: the same message was interrupted by a crash.
@@ -155,7 +160,9 @@ async fn operator_actions_check_state_and_record_history() {
     let outbox = Outbox::open(dir.path()).unwrap();
     let r = outbox.append(vec![msg("A", 1)]).await.unwrap().remove(0);
     assert!(matches!(
-        outbox.resolve_delivered(r.id, "op", Sending::InFlight).await,
+        outbox
+            .resolve_delivered(r.id, "op", Sending::InFlight)
+            .await,
         Err(OutboxError::WrongState { .. })
     ));
     assert!(matches!(
@@ -625,7 +632,10 @@ async fn pages_walk_the_outbox_both_ways_with_a_filter() {
     assert_eq!(ids(&second), [appended[6], appended[8]]);
     assert_eq!(next, None, "a short page is the last");
     let (newest, next) = outbox.page(&ListFilter::default(), None, 4, true).unwrap();
-    assert_eq!(ids(&newest), [appended[9], appended[8], appended[7], appended[6]]);
+    assert_eq!(
+        ids(&newest),
+        [appended[9], appended[8], appended[7], appended[6]]
+    );
     let (older, _) = outbox.page(&ListFilter::default(), next, 2, true).unwrap();
     assert_eq!(ids(&older), [appended[5], appended[4]]);
 }

@@ -419,6 +419,43 @@ impl Engine {
         out
     }
 
+    /// An operator sets (or, with `None`, clears) a line's order context. What the line
+    /// aggregated for the previous order is reported first, as when a rule changes it.
+    /// Returns the previous context and the messages that flushing built.
+    pub fn set_line(
+        &mut self,
+        line: &str,
+        context: Option<OrderContext>,
+        by: &str,
+        now: jiff::Timestamp,
+    ) -> (Option<OrderContext>, Vec<BuiltMessage>) {
+        let mut out = Vec::new();
+        let previous = self.state.contexts.get(line).cloned();
+        let order_changes = match (&previous, &context) {
+            (Some(old), Some(new)) => old.order != new.order || old.item != new.item,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        if order_changes {
+            self.flush_line(line, now, &mut out);
+        }
+        match context {
+            Some(ctx) => {
+                tracing::info!(%line, order = %ctx.order, item = ?ctx.item, %by, "Order context set by an operator.");
+                self.warned_unassigned.remove(line);
+                self.state.contexts.insert(line.to_string(), ctx);
+            }
+            None => {
+                if previous.is_some() {
+                    tracing::info!(%line, %by, "Order context cleared by an operator.");
+                }
+                self.state.contexts.remove(line);
+            }
+        }
+        self.dirty = true;
+        (previous, out)
+    }
+
     fn rule_index(&self, name: &str) -> Option<usize> {
         self.rules.iter().position(|r| r.name == name)
     }

@@ -160,6 +160,15 @@ impl SourceHealth {
     pub fn is_connected(&self) -> bool {
         self.connected.load(Ordering::Relaxed)
     }
+
+    /// When the current state (connected or down) began; `None` before the first attempt.
+    pub fn since(&self) -> Option<jiff::Timestamp> {
+        *self.since.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn last_event(&self) -> Option<jiff::Timestamp> {
+        *self.last_event.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// Hands an event to the pipeline. While the pipeline's channel is full (the disk refuses

@@ -73,21 +73,16 @@ pub enum PayloadFormat {
     Number,
 }
 
-/// Checks the MQTT source at `path` (`sources[i]`).
-pub fn read(cx: &mut FileCheck<'_>, path: &str) -> Option<MqttConfig> {
-    let raw: RawMqtt = cx.parse(path)?;
-    let before = cx.error_count();
-    let (tls, default_port, rest) = if let Some(r) = raw.url.strip_prefix("mqtts://") {
+/// Reads a broker URL (`mqtt://host[:port]`, `mqtts://host[:port]`) into (TLS, host, port).
+pub fn broker_url(cx: &mut FileCheck<'_>, field: &str, url: &str) -> Option<(bool, String, u16)> {
+    let (tls, default_port, rest) = if let Some(r) = url.strip_prefix("mqtts://") {
         (true, 8883, r)
-    } else if let Some(r) = raw.url.strip_prefix("mqtt://") {
+    } else if let Some(r) = url.strip_prefix("mqtt://") {
         (false, 1883, r)
     } else {
         cx.error(
-            &format!("{path}.url"),
-            format!(
-                "{:?}: expected mqtt://host[:port] or mqtts://host[:port]",
-                raw.url
-            ),
+            field,
+            format!("{url:?}: expected mqtt://host[:port] or mqtts://host[:port]"),
         );
         return None;
     };
@@ -96,18 +91,25 @@ pub fn read(cx: &mut FileCheck<'_>, path: &str) -> Option<MqttConfig> {
         Some((h, p)) => match p.parse::<u16>() {
             Ok(p) => (h.to_string(), p),
             Err(_) => {
-                cx.error(
-                    &format!("{path}.url"),
-                    format!("{:?}: invalid port {p:?}", raw.url),
-                );
-                (h.to_string(), default_port)
+                cx.error(field, format!("{url:?}: invalid port {p:?}"));
+                return None;
             }
         },
         None => (rest.to_string(), default_port),
     };
     if host.is_empty() {
-        cx.error(&format!("{path}.url"), format!("{:?}: no host", raw.url));
+        cx.error(field, format!("{url:?}: no host"));
+        return None;
     }
+    Some((tls, host, port))
+}
+
+/// Checks the MQTT source at `path` (`sources[i]`).
+pub fn read(cx: &mut FileCheck<'_>, path: &str) -> Option<MqttConfig> {
+    let raw: RawMqtt = cx.parse(path)?;
+    let before = cx.error_count();
+    // Not returned yet: the rest of the source is checked too.
+    let broker = broker_url(cx, &format!("{path}.url"), &raw.url);
     let password = raw
         .password_file
         .as_deref()
@@ -127,7 +129,8 @@ pub fn read(cx: &mut FileCheck<'_>, path: &str) -> Option<MqttConfig> {
     let ca_file = file("ca_file", &raw.ca_file);
     let client_cert_file = file("client_cert_file", &raw.client_cert_file);
     let client_key_file = file("client_key_file", &raw.client_key_file);
-    if !tls && (ca_file.is_some() || client_cert_file.is_some()) {
+    let plain = broker.as_ref().is_some_and(|(tls, _, _)| !tls);
+    if plain && (ca_file.is_some() || client_cert_file.is_some()) {
         cx.error(&format!("{path}.url"), "certificates need an mqtts:// URL");
     }
     if raw.subscriptions.is_empty() {
@@ -170,6 +173,7 @@ pub fn read(cx: &mut FileCheck<'_>, path: &str) -> Option<MqttConfig> {
     } else {
         keep_alive
     };
+    let (tls, host, port) = broker?;
     if cx.error_count() > before {
         return None;
     }

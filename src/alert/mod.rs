@@ -1,0 +1,363 @@
+//! Alerts: conditions an operator must hear about without watching a screen — a message
+//! `failed` or `uncertain`, D365 refusing the gateway a token, a source down too long,
+//! the oldest queued message too old, events on a line with no order, the data
+//! directory's disk nearly full.
+//!
+//! # Invariants
+//!
+//! - An alert is an *incident* with a key (`message/17`, `source_down/plc1`, …): it fires
+//!   once when its condition starts and clears once when it ends — never once per impulse
+//!   or per evaluation. The [`Board`] holds the open ones; it outlives reloads, so a
+//!   reload does not fire everything again.
+//! - Conditions are evaluated every `alerts.check_interval` from what the components
+//!   publish ([`crate::live`]) and the outbox's counts; the outbox is read only where its
+//!   counts say there is something (failed, uncertain).
+//! - Every firing and clearing is logged (WARN / INFO), counted in the metrics, and handed
+//!   to the notifiers: an MQTT topic (retained, QoS 1, one topic per alert key) and an
+//!   HTTP webhook (retried with backoff until the endpoint takes it, in order). A
+//!   notifier that cannot keep up loses the oldest notifications, with a count, never
+//!   blocks the evaluation.
+
+pub mod config;
+mod notify;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::live::Live;
+use crate::outbox::{ListFilter, Outbox, State};
+use config::AlertConfig;
+
+/// Most failed or uncertain messages each raised as its own alert; beyond it they are
+/// summed up in one (a plant with thousands held has one problem, not thousands).
+const MAX_MESSAGE_ALERTS: usize = 100;
+
+/// An open incident.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Alert {
+    /// Identifies the incident: `<kind>/<subject>`.
+    pub key: String,
+    pub kind: String,
+    /// One line for a person.
+    pub text: String,
+    pub since: jiff::Timestamp,
+}
+
+/// A firing or a clearing, as the notifiers send it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Notice {
+    pub alert: String,
+    pub kind: String,
+    /// `firing` or `cleared`.
+    pub state: String,
+    /// The line Teams and Slack incoming webhooks show.
+    pub text: String,
+    pub since: jiff::Timestamp,
+    pub at: jiff::Timestamp,
+}
+
+/// The open alerts and the counts of firings, shared by the evaluation, the operator
+/// service and the metrics.
+#[derive(Debug, Default)]
+pub struct Board {
+    open: Mutex<BTreeMap<String, Alert>>,
+    pub fired: AtomicU64,
+    pub cleared: AtomicU64,
+    /// Notifications lost because a notifier could not keep up.
+    pub dropped_notices: AtomicU64,
+    changes: tokio::sync::watch::Sender<u64>,
+}
+
+impl Board {
+    pub fn open_alerts(&self) -> Vec<Alert> {
+        self.lock().values().cloned().collect()
+    }
+
+    /// A receiver that sees a new value whenever an alert fires or clears.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Alert>> {
+        // Plain map updates without await: poisoning cannot leave it half-changed.
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes the open alerts of the kinds in `evaluated` exactly `now_open`: fires the new
+    /// ones, clears the gone ones, keeps the rest (with their first `since`). Returns the
+    /// notices.
+    fn reconcile(
+        &self,
+        evaluated: &[&str],
+        now_open: Vec<(String, String, String)>,
+    ) -> Vec<Notice> {
+        let now = jiff::Timestamp::now();
+        let mut open = self.lock();
+        let mut notices = Vec::new();
+        let wanted: BTreeMap<String, (String, String)> = now_open
+            .into_iter()
+            .map(|(key, kind, text)| (key, (kind, text)))
+            .collect();
+        let gone: Vec<String> = open
+            .iter()
+            .filter(|(k, a)| evaluated.contains(&a.kind.as_str()) && !wanted.contains_key(*k))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in gone {
+            if let Some(a) = open.remove(&key) {
+                tracing::info!(alert = %a.key, "Alert cleared: {}", a.text);
+                self.cleared.fetch_add(1, Ordering::Relaxed);
+                notices.push(Notice {
+                    alert: a.key,
+                    kind: a.kind,
+                    state: "cleared".into(),
+                    text: format!("cleared: {}", a.text),
+                    since: a.since,
+                    at: now,
+                });
+            }
+        }
+        for (key, (kind, text)) in wanted {
+            if open.contains_key(&key) {
+                continue;
+            }
+            tracing::warn!(alert = %key, "Alert: {text}");
+            self.fired.fetch_add(1, Ordering::Relaxed);
+            notices.push(Notice {
+                alert: key.clone(),
+                kind: kind.clone(),
+                state: "firing".into(),
+                text: text.clone(),
+                since: now,
+                at: now,
+            });
+            open.insert(
+                key.clone(),
+                Alert {
+                    key,
+                    kind,
+                    text,
+                    since: now,
+                },
+            );
+        }
+        drop(open);
+        if !notices.is_empty() {
+            self.changes.send_modify(|n| *n += 1);
+        }
+        notices
+    }
+}
+
+/// The kinds of alert, as they appear in keys, metrics and notices.
+pub const KINDS: [&str; 7] = [
+    "message_failed",
+    "message_uncertain",
+    "d365_token",
+    "source_down",
+    "oldest_queued",
+    "unassigned",
+    "disk_free",
+];
+
+/// Evaluates the conditions and sends what fires and clears to the notifiers.
+#[derive(Debug)]
+pub struct AlertWatch {
+    pub config: AlertConfig,
+    pub board: Arc<Board>,
+    pub outbox: Outbox,
+    pub live: Live,
+    pub data_dir: PathBuf,
+    /// Whether D365 is being delivered to (not a dry run): the token alert needs it.
+    pub delivering: bool,
+}
+
+/// What the watch remembers between evaluations.
+#[derive(Default)]
+struct Memory {
+    unassigned_seen: Option<u64>,
+    unassigned_last_rise: Option<tokio::time::Instant>,
+}
+
+impl AlertWatch {
+    pub async fn run(self, cancel: CancellationToken) {
+        let notifiers = notify::start(&self.config, &self.board, cancel.clone());
+        let mut ticks = tokio::time::interval(self.config.check_interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut memory = Memory::default();
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = ticks.tick() => {}
+            }
+            let notices = self.evaluate(&mut memory).await;
+            for n in notices {
+                for tx in &notifiers {
+                    send_dropping_oldest(tx, n.clone(), &self.board);
+                }
+            }
+        }
+    }
+
+    async fn evaluate(&self, memory: &mut Memory) -> Vec<Notice> {
+        let mut open = Vec::new();
+        self.held_messages(&mut open).await;
+        let now = jiff::Timestamp::now();
+        {
+            let live = self.live.get();
+            if self.delivering {
+                if let Some(e) = live.dispatch.as_ref().and_then(|d| d.last_error()) {
+                    open.push((
+                        "d365_token".to_string(),
+                        "d365_token".to_string(),
+                        format!("D365 gives the gateway no token, nothing is delivered: {e}"),
+                    ));
+                }
+            }
+            for (id, health) in &live.sources {
+                let down_for = health
+                    .since()
+                    .filter(|_| !health.is_connected())
+                    .map(|since| now.duration_since(since));
+                if down_for
+                    .is_some_and(|d| d.as_secs_f64() >= self.config.source_down_after.as_secs_f64())
+                {
+                    open.push((
+                        format!("source_down/{id}"),
+                        "source_down".into(),
+                        format!(
+                            "source {id} has been down for more than {}: {}",
+                            crate::config::format_duration(self.config.source_down_after),
+                            health.last_error().unwrap_or_else(|| "no detail".into())
+                        ),
+                    ));
+                }
+            }
+            if let Some(rules) = &live.rules {
+                let seen = rules.unassigned.load(Ordering::Relaxed);
+                let rose = memory.unassigned_seen.is_some_and(|before| seen > before);
+                memory.unassigned_seen = Some(seen);
+                let clock = tokio::time::Instant::now();
+                if rose {
+                    memory.unassigned_last_rise = Some(clock);
+                }
+                if memory
+                    .unassigned_last_rise
+                    .is_some_and(|t| clock.duration_since(t) < self.config.unassigned_quiet)
+                {
+                    open.push((
+                        "unassigned".into(),
+                        "unassigned".into(),
+                        format!("events arrive on a line with no production order ({seen} so far): set the line's order"),
+                    ));
+                }
+            }
+        }
+        if let Some(oldest) = self.outbox.oldest_pending() {
+            let age = now.duration_since(oldest);
+            if age.as_secs_f64() >= self.config.oldest_queued_after.as_secs_f64() {
+                open.push((
+                    "oldest_queued".into(),
+                    "oldest_queued".into(),
+                    format!(
+                        "the oldest message waiting for D365 was created {} ago (threshold {})",
+                        crate::config::format_duration(std::time::Duration::from_secs(
+                            age.as_secs().max(0) as u64
+                        )),
+                        crate::config::format_duration(self.config.oldest_queued_after)
+                    ),
+                ));
+            }
+        }
+        if let Some(free) = free_mib(&self.data_dir) {
+            if free < self.config.disk_free_below_mib {
+                open.push((
+                    "disk_free".into(),
+                    "disk_free".into(),
+                    format!(
+                        "{} MiB free under {} (threshold {} MiB)",
+                        free,
+                        self.data_dir.display(),
+                        self.config.disk_free_below_mib
+                    ),
+                ));
+            }
+        }
+        let mut evaluated: Vec<&str> = KINDS.to_vec();
+        if !self.delivering {
+            evaluated.retain(|k| *k != "d365_token");
+        }
+        self.board.reconcile(&evaluated, open)
+    }
+
+    /// Failed and uncertain messages, one alert each (up to `MAX_MESSAGE_ALERTS`).
+    async fn held_messages(&self, open: &mut Vec<(String, String, String)>) {
+        let counts = self.outbox.counts();
+        for (state, kind) in [
+            (State::Failed, "message_failed"),
+            (State::Uncertain, "message_uncertain"),
+        ] {
+            let n = counts.get(&state).copied().unwrap_or(0);
+            if n == 0 {
+                continue;
+            }
+            let filter = ListFilter {
+                state: Some(state),
+                ..ListFilter::default()
+            };
+            let outbox = self.outbox.clone();
+            let page = tokio::task::spawn_blocking(move || {
+                outbox.page(&filter, None, MAX_MESSAGE_ALERTS, false)
+            })
+            .await;
+            let records = match page {
+                Ok(Ok((records, _))) => records,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "Cannot read the outbox for alerts; trying again.");
+                    continue;
+                }
+                Err(_) => continue,
+            };
+            for r in &records {
+                open.push((
+                    format!("message/{}", r.id),
+                    kind.to_string(),
+                    format!(
+                        "message {} ({}, order {}) is {}: {}; the order's later messages wait",
+                        r.id,
+                        r.message_type,
+                        r.production_order,
+                        r.state,
+                        r.last_error.as_deref().unwrap_or("no detail")
+                    ),
+                ));
+            }
+            if n > records.len() {
+                open.push((
+                    format!("{kind}/more"),
+                    kind.to_string(),
+                    format!("{} more messages are {state}", n - records.len()),
+                ));
+            }
+        }
+    }
+}
+
+/// Queues a notice for one notifier; when its queue is full the oldest waiting notice is
+/// lost (counted), so the newest state of every alert gets out.
+fn send_dropping_oldest(tx: &Arc<notify::Queue>, notice: Notice, board: &Board) {
+    if tx.push(notice) {
+        board.dropped_notices.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!("An alert notifier cannot keep up; the oldest notice waiting was dropped.");
+    }
+}
+
+/// Free space of the file system holding `dir` for an unprivileged writer, in MiB.
+fn free_mib(dir: &std::path::Path) -> Option<u64> {
+    fs2::available_space(dir).ok().map(|b| b / (1024 * 1024))
+}

@@ -1,0 +1,820 @@
+//! The web console on the HTTP listener: server-rendered pages laid out like D365's
+//! "Manufacturing execution systems integration" page (messages in arrival order with
+//! state and production order, a detail pane with content, attempts and history, the
+//! actions Retry, Edit and retry, Cancel, Resolve), a lines page and a sources page.
+//! No build step and no framework: HTML from Rust strings, a few lines of script for
+//! the refresh.
+//!
+//! Login with the API token; a session cookie (`HttpOnly`, `SameSite=Strict`) carries
+//! the session, and each form carries the session's own anti-forgery token, checked on
+//! every POST. Every action goes through the same operator service as the API.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::{Form, Router};
+use serde::Deserialize;
+
+use super::ApiState;
+use crate::operator::OpError;
+use crate::outbox::{ListFilter, MessageId, Record, State as MessageState};
+use crate::rules::state::OrderContext;
+
+const COOKIE: &str = "mesgw_session";
+/// A session unused this long is gone.
+const SESSION_IDLE: Duration = Duration::from_secs(12 * 3600);
+/// How often the pages reload themselves (unless an edit is under way).
+const REFRESH_SECONDS: u32 = 10;
+const GRID_ROWS: usize = 200;
+
+#[derive(Debug, Clone)]
+struct Session {
+    csrf: String,
+    name: String,
+    last_used: Instant,
+}
+
+/// The console's logged-in sessions (in memory: a restart logs everyone out).
+#[derive(Debug, Default)]
+pub struct Sessions(Mutex<HashMap<String, Session>>);
+
+impl Sessions {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn create(&self, name: String) -> Option<String> {
+        let id = random_hex()?;
+        let csrf = random_hex()?;
+        let mut sessions = self.lock();
+        sessions.retain(|_, s| s.last_used.elapsed() < SESSION_IDLE);
+        sessions.insert(
+            id.clone(),
+            Session {
+                csrf,
+                name,
+                last_used: Instant::now(),
+            },
+        );
+        Some(id)
+    }
+
+    fn get(&self, headers: &HeaderMap) -> Option<(String, Session)> {
+        let id = cookie(headers, COOKIE)?;
+        let mut sessions = self.lock();
+        let s = sessions.get_mut(&id)?;
+        if s.last_used.elapsed() >= SESSION_IDLE {
+            sessions.remove(&id);
+            return None;
+        }
+        s.last_used = Instant::now();
+        Some((id, s.clone()))
+    }
+
+    fn end(&self, id: &str) {
+        self.lock().remove(id);
+    }
+}
+
+/// 32 random bytes from the system's generator, as hex.
+fn random_hex() -> Option<String> {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 32];
+    ring::rand::SystemRandom::new().fill(&mut bytes).ok()?;
+    Some(bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    }))
+}
+
+fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_string())
+}
+
+pub fn routes() -> Router<ApiState> {
+    Router::new()
+        .route("/", get(|| async { Redirect::to("/console/messages") }))
+        .route(
+            "/console",
+            get(|| async { Redirect::to("/console/messages") }),
+        )
+        .route("/console/login", get(login_page).post(login))
+        .route("/console/logout", post(logout))
+        .route("/console/messages", get(messages_page))
+        .route("/console/messages/{id}/{action}", post(message_action))
+        .route("/console/lines", get(lines_page).post(set_line))
+        .route("/console/lines/{line}/clear", post(clear_line))
+        .route("/console/sources", get(sources_page))
+}
+
+/// Escapes text for HTML content and attribute values.
+fn esc(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn time(t: jiff::Timestamp) -> String {
+    t.strftime("%Y-%m-%d %H:%M:%S").to_string()
+}
+
+const STYLE: &str = r#"
+body{font-family:"Segoe UI",system-ui,sans-serif;margin:0;background:#faf9f8;color:#201f1e;font-size:14px}
+header{background:#002050;color:#fff;padding:8px 16px;display:flex;gap:24px;align-items:center}
+header a{color:#fff;text-decoration:none}header a.here{border-bottom:2px solid #fff}
+header .who{margin-left:auto}
+main{padding:12px 16px}
+h1{font-size:20px;font-weight:600;margin:4px 0 12px}
+h2{font-size:16px;font-weight:600;margin:16px 0 8px}
+table{border-collapse:collapse;width:100%;background:#fff}
+th,td{border-bottom:1px solid #edebe9;padding:6px 8px;text-align:left;vertical-align:top}
+th{background:#f3f2f1;font-weight:600}
+tr.selected td{background:#deecf9}
+td.state-failed,td.state-uncertain{color:#a4262c;font-weight:600}
+td.state-delivered{color:#107c10}
+.panes{display:grid;grid-template-columns:minmax(0,3fr) minmax(0,2fr);gap:16px}
+.pane{background:#fff;border:1px solid #edebe9;padding:12px}
+pre{white-space:pre-wrap;word-break:break-all;background:#f3f2f1;padding:8px}
+textarea{width:100%;min-height:180px;font-family:monospace}
+.actions{display:flex;gap:8px;flex-wrap:wrap;margin:8px 0}
+button{background:#0078d4;color:#fff;border:0;padding:6px 14px;cursor:pointer}
+button.secondary{background:#fff;color:#201f1e;border:1px solid #8a8886}
+.note{background:#dff6dd;padding:8px;margin-bottom:8px}
+.error{background:#fde7e9;padding:8px;margin-bottom:8px}
+form.filters{display:flex;gap:8px;margin-bottom:8px;align-items:end}
+label{display:flex;flex-direction:column;font-size:12px;gap:2px}
+"#;
+
+/// Reloads the page every few seconds unless the operator is editing something.
+const SCRIPT: &str = r#"
+document.querySelectorAll('textarea,input[type=text]').forEach(function(e){e.addEventListener('input',function(){document.body.dataset.editing='1';});});
+setInterval(function(){if(!document.body.dataset.editing){location.reload();}},REFRESH_MS);
+"#;
+
+fn page(title: &str, here: &str, session: Option<&Session>, body: &str) -> Html<String> {
+    let nav = [
+        ("messages", "/console/messages", "Messages"),
+        ("lines", "/console/lines", "Lines"),
+        ("sources", "/console/sources", "Sources"),
+    ]
+    .iter()
+    .map(|(key, href, label)| {
+        let class = if *key == here { " class=\"here\"" } else { "" };
+        format!("<a href=\"{href}\"{class}>{label}</a>")
+    })
+    .collect::<String>();
+    let who = match session {
+        Some(s) => format!(
+            "<span class=\"who\">{}</span><form method=\"post\" action=\"/console/logout\">{}<button class=\"secondary\" type=\"submit\">Log out</button></form>",
+            esc(&s.name),
+            csrf_field(s)
+        ),
+        None => String::new(),
+    };
+    let script = if who.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "<script>{}</script>",
+            SCRIPT.replace("REFRESH_MS", &(REFRESH_SECONDS * 1000).to_string())
+        )
+    };
+    Html(format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title} — mes-gateway</title><style>{STYLE}</style></head>\
+         <body><header><strong>mes-gateway</strong>{nav}{who}</header><main><h1>{title}</h1>{body}</main>{script}</body></html>",
+        title = esc(title)
+    ))
+}
+
+fn to_login() -> Response {
+    Redirect::to("/console/login").into_response()
+}
+
+fn csrf_field(session: &Session) -> String {
+    format!(
+        "<input type=\"hidden\" name=\"csrf\" value=\"{}\">",
+        session.csrf
+    )
+}
+
+#[derive(Debug, Deserialize)]
+struct Notes {
+    note: Option<String>,
+    error: Option<String>,
+}
+
+fn notes(n: &Notes) -> String {
+    let mut out = String::new();
+    if let Some(note) = &n.note {
+        let _ = write!(out, "<div class=\"note\" id=\"note\">{}</div>", esc(note));
+    }
+    if let Some(error) = &n.error {
+        let _ = write!(
+            out,
+            "<div class=\"error\" id=\"error\">{}</div>",
+            esc(error)
+        );
+    }
+    out
+}
+
+/// Redirects to `path` with `key=text` in the query.
+fn redirect_with(path: &str, params: &[(&str, &str)]) -> Response {
+    let query = serde_urlencoded::to_string(params).unwrap_or_default();
+    Redirect::to(&format!("{path}?{query}")).into_response()
+}
+
+async fn login_page(State(state): State<ApiState>) -> Html<String> {
+    login_form(&state, None)
+}
+
+fn login_form(state: &ApiState, error: Option<&str>) -> Html<String> {
+    let body = if state.token.is_none() {
+        "<div class=\"error\">The console needs a token: set <code>api.token_file</code> in gateway.yaml and reload.</div>".to_string()
+    } else {
+        format!(
+            "{}<form method=\"post\" action=\"/console/login\" class=\"pane\" style=\"max-width:420px\">\
+             <label>Your name (recorded with your actions)<input type=\"text\" name=\"name\" id=\"name\" required></label><br>\
+             <label>API token<input type=\"password\" name=\"token\" id=\"token\" required></label><br>\
+             <button type=\"submit\" id=\"login\">Log in</button></form>",
+            error.map(|e| format!("<div class=\"error\">{}</div>", esc(e))).unwrap_or_default()
+        )
+    };
+    page("Log in", "", None, &body)
+}
+
+#[derive(Debug, Deserialize)]
+struct LoginForm {
+    name: String,
+    token: String,
+}
+
+async fn login(State(state): State<ApiState>, Form(form): Form<LoginForm>) -> Response {
+    if !state.token_matches(form.token.trim()) {
+        tracing::warn!(name = %form.name, "Console login refused: wrong token.");
+        return (
+            StatusCode::UNAUTHORIZED,
+            login_form(&state, Some("Wrong token.")),
+        )
+            .into_response();
+    }
+    let name: String = form
+        .name
+        .trim()
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(64)
+        .collect();
+    let name = if name.is_empty() {
+        "operator".to_string()
+    } else {
+        name
+    };
+    let Some(id) = state.sessions.create(name.clone()) else {
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the system's random generator failed",
+        )
+            .into_response();
+    };
+    tracing::info!(%name, "Console login.");
+    (
+        [(
+            header::SET_COOKIE,
+            format!("{COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict"),
+        )],
+        Redirect::to("/console/messages"),
+    )
+        .into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct CsrfForm {
+    csrf: String,
+}
+
+async fn logout(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Form(form): Form<CsrfForm>,
+) -> Response {
+    if let Some((id, session)) = state.sessions.get(&headers) {
+        if session.csrf == form.csrf {
+            state.sessions.end(&id);
+        }
+    }
+    (
+        [(header::SET_COOKIE, format!("{COOKIE}=; Path=/; Max-Age=0"))],
+        Redirect::to("/console/login"),
+    )
+        .into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct MessagesQuery {
+    state: Option<String>,
+    order: Option<String>,
+    id: Option<MessageId>,
+    note: Option<String>,
+    error: Option<String>,
+}
+
+async fn messages_page(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Query(q): Query<MessagesQuery>,
+) -> Response {
+    let Some((_, session)) = state.sessions.get(&headers) else {
+        return to_login();
+    };
+    let filter = ListFilter {
+        state: q.state.as_deref().and_then(|s| s.parse().ok()),
+        order: q.order.clone().filter(|o| !o.trim().is_empty()),
+        ..ListFilter::default()
+    };
+    // Newest first, as D365's page opens; the arrival order is the id order.
+    let page_result = state
+        .operator
+        .list(filter.clone(), None, GRID_ROWS, true)
+        .await;
+    let mut body = notes(&Notes {
+        note: q.note.clone(),
+        error: q.error.clone(),
+    });
+    let states: String = std::iter::once(("", "All states".to_string()))
+        .chain(
+            MessageState::ALL
+                .iter()
+                .map(|s| (s.as_str(), s.to_string())),
+        )
+        .map(|(value, label)| {
+            let selected = if q.state.as_deref().unwrap_or("") == value {
+                " selected"
+            } else {
+                ""
+            };
+            format!("<option value=\"{value}\"{selected}>{label}</option>")
+        })
+        .collect();
+    let _ = write!(
+        body,
+        "<form class=\"filters\" method=\"get\"><label>State<select name=\"state\">{states}</select></label>\
+         <label>Production order<input type=\"text\" name=\"order\" value=\"{}\"></label><button type=\"submit\">Filter</button></form>",
+        esc(q.order.as_deref().unwrap_or(""))
+    );
+    let page_data = match page_result {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = write!(body, "<div class=\"error\">{}</div>", esc(&e.to_string()));
+            return page(
+                "Manufacturing execution systems integration",
+                "messages",
+                Some(&session),
+                &body,
+            )
+            .into_response();
+        }
+    };
+    let counts: Vec<String> = page_data
+        .counts
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(s, n)| format!("{n} {s}"))
+        .collect();
+    let _ = write!(
+        body,
+        "<p id=\"counts\">Outbox: {}</p>",
+        esc(&if counts.is_empty() {
+            "empty".into()
+        } else {
+            counts.join(", ")
+        })
+    );
+    let link_query = |id: MessageId| {
+        serde_urlencoded::to_string([
+            ("state", q.state.as_deref().unwrap_or("")),
+            ("order", q.order.as_deref().unwrap_or("")),
+            ("id", &id.to_string()),
+        ])
+        .unwrap_or_default()
+    };
+    let mut grid = String::from(
+        "<table id=\"messages\"><thead><tr><th>Message ID</th><th>Production order</th><th>Message type</th><th>State</th><th>Created</th><th>Attempts</th><th>Last error</th></tr></thead><tbody>",
+    );
+    for r in &page_data.messages {
+        let selected = if q.id == Some(r.id) {
+            " class=\"selected\""
+        } else {
+            ""
+        };
+        let _ = write!(
+            grid,
+            "<tr{selected} data-id=\"{id}\"><td><a href=\"/console/messages?{link}\" id=\"open-{id}\">{id}</a></td><td>{order}</td><td>{ty}</td><td class=\"state-{st}\">{st}</td><td>{created}</td><td>{attempts}</td><td>{error}</td></tr>",
+            id = r.id,
+            link = esc(&link_query(r.id)),
+            order = esc(&r.production_order),
+            ty = esc(&r.message_type),
+            st = r.state,
+            created = time(r.created_at),
+            attempts = r.attempt_count,
+            error = esc(r.last_error.as_deref().unwrap_or("")),
+        );
+    }
+    grid.push_str("</tbody></table>");
+    if page_data.messages.is_empty() {
+        grid.push_str("<p>No messages.</p>");
+    }
+    let detail = match q.id {
+        None => "<p>Select a message to see its content, attempts and history.</p>".to_string(),
+        Some(id) => match state.operator.show(id).await {
+            Ok(r) => detail_pane(&r, &session, &link_query(id)),
+            Err(e) => format!("<div class=\"error\">{}</div>", esc(&e.to_string())),
+        },
+    };
+    let _ = write!(
+        body,
+        "<div class=\"panes\"><div class=\"pane\">{grid}</div><div class=\"pane\" id=\"detail\">{detail}</div></div>"
+    );
+    page(
+        "Manufacturing execution systems integration",
+        "messages",
+        Some(&session),
+        &body,
+    )
+    .into_response()
+}
+
+fn detail_pane(r: &Record, session: &Session, back: &str) -> String {
+    let content = serde_json::from_str::<serde_json::Value>(&r.content)
+        .ok()
+        .and_then(|v| serde_json::to_string_pretty(&v).ok())
+        .unwrap_or_else(|| r.content.clone());
+    let mut out = format!(
+        "<h2>Message {id}</h2><table><tr><th>Production order</th><td>{order}</td></tr><tr><th>Message type</th><td>{ty}</td></tr>\
+         <tr><th>State</th><td id=\"detail-state\" class=\"state-{st}\">{st}</td></tr><tr><th>Created</th><td>{created}</td></tr>\
+         <tr><th>Last error</th><td>{error}</td></tr></table>",
+        id = r.id,
+        order = esc(&r.production_order),
+        ty = esc(&r.message_type),
+        st = r.state,
+        created = time(r.created_at),
+        error = esc(r.last_error.as_deref().unwrap_or("")),
+    );
+    let form = |action: &str, label: &str, class: &str| {
+        format!(
+            "<form method=\"post\" action=\"/console/messages/{id}/{action}?{back}\">{csrf}<button type=\"submit\" class=\"{class}\" id=\"{action}\">{label}</button></form>",
+            id = r.id,
+            back = esc(back),
+            csrf = csrf_field(session),
+        )
+    };
+    let mut actions = String::new();
+    let held = matches!(r.state, MessageState::Failed | MessageState::Uncertain);
+    if held {
+        actions.push_str(&form("retry", "Retry", ""));
+    }
+    if matches!(
+        r.state,
+        MessageState::Queued | MessageState::Failed | MessageState::Uncertain
+    ) {
+        actions.push_str(&form("cancel", "Cancel", "secondary"));
+    }
+    if r.state == MessageState::Uncertain {
+        actions.push_str(&form("resolve", "Resolve (found in D365)", "secondary"));
+    }
+    let _ = write!(out, "<div class=\"actions\">{actions}</div>");
+    if held {
+        let _ = write!(
+            out,
+            "<h2>Edit and retry</h2><form method=\"post\" action=\"/console/messages/{id}/retry?{back}\">{csrf}\
+             <textarea name=\"content\" id=\"content\">{content}</textarea><div class=\"actions\"><button type=\"submit\" id=\"edit-retry\">Edit and retry</button></div></form>",
+            id = r.id,
+            back = esc(back),
+            csrf = csrf_field(session),
+            content = esc(&content),
+        );
+    } else {
+        let _ = write!(
+            out,
+            "<h2>Content</h2><pre id=\"content\">{}</pre>",
+            esc(&content)
+        );
+    }
+    out.push_str("<h2>Attempts</h2><table><tr><th>At</th><th>Outcome</th></tr>");
+    for a in &r.attempts {
+        let _ = write!(
+            out,
+            "<tr><td>{}</td><td>{}</td></tr>",
+            time(a.at),
+            esc(&a.outcome)
+        );
+    }
+    out.push_str("</table><h2>History</h2><table id=\"history\"><tr><th>At</th><th>By</th><th>Action</th><th>Detail</th></tr>");
+    for c in &r.history {
+        let _ = write!(
+            out,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            time(c.at),
+            esc(&c.by),
+            esc(&c.action),
+            esc(c.detail.as_deref().unwrap_or(""))
+        );
+    }
+    out.push_str("</table>");
+    out
+}
+
+#[derive(Debug, Deserialize)]
+struct ActionForm {
+    csrf: String,
+    content: Option<String>,
+}
+
+async fn message_action(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path((id, action)): Path<(MessageId, String)>,
+    Query(back): Query<HashMap<String, String>>,
+    Form(form): Form<ActionForm>,
+) -> Response {
+    let Some((_, session)) = state.sessions.get(&headers) else {
+        return to_login();
+    };
+    if session.csrf != form.csrf {
+        return (
+            StatusCode::FORBIDDEN,
+            "the form is stale or forged: reload the page",
+        )
+            .into_response();
+    }
+    let by = format!("console:{}", session.name);
+    let result = match action.as_str() {
+        "retry" => {
+            let content = match form
+                .content
+                .as_deref()
+                .map(serde_json::from_str::<serde_json::Value>)
+            {
+                None => Ok(None),
+                Some(Ok(v)) => Ok(Some(v)),
+                Some(Err(e)) => Err(OpError::Invalid {
+                    field: None,
+                    message: format!("the content is not JSON: {e}"),
+                }),
+            };
+            match content {
+                Ok(content) => state
+                    .operator
+                    .retry(id, content, &by)
+                    .await
+                    .map(|_| "queued again"),
+                Err(e) => Err(e),
+            }
+        }
+        "cancel" => state.operator.cancel(id, &by).await.map(|_| "cancelled"),
+        "resolve" => state
+            .operator
+            .resolve(id, &by)
+            .await
+            .map(|_| "resolved as delivered"),
+        _ => return StatusCode::NOT_FOUND.into_response(),
+    };
+    let id_text = id.to_string();
+    let mut params: Vec<(&str, &str)> = ["state", "order"]
+        .iter()
+        .filter_map(|k| back.get(*k).map(|v| (*k, v.as_str())))
+        .collect();
+    params.push(("id", &id_text));
+    let text = match &result {
+        Ok(done) => format!("Message {id} {done}."),
+        Err(e) => e.to_string(),
+    };
+    params.push((if result.is_ok() { "note" } else { "error" }, &text));
+    redirect_with("/console/messages", &params)
+}
+
+async fn lines_page(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Query(n): Query<Notes>,
+) -> Response {
+    let Some((_, session)) = state.sessions.get(&headers) else {
+        return to_login();
+    };
+    let mut body = notes(&n);
+    match state.operator.lines().await {
+        Err(e) => {
+            let _ = write!(body, "<div class=\"error\">{}</div>", esc(&e.to_string()));
+        }
+        Ok(view) => {
+            body.push_str("<table id=\"lines\"><tr><th>Line</th><th>Production order</th><th>Item</th><th>Operation</th><th>Resource</th><th>Since</th><th></th></tr>");
+            for (line, c) in &view.lines {
+                let _ = write!(
+                    body,
+                    "<tr><td>{l}</td><td>{o}</td><td>{i}</td><td>{op}</td><td>{r}</td><td>{s}</td><td><form method=\"post\" action=\"/console/lines/{lq}/clear\">{csrf}<button class=\"secondary\" type=\"submit\">Clear</button></form></td></tr>",
+                    l = esc(line),
+                    lq = esc(&serde_urlencoded::to_string([("", line)]).unwrap_or_default()[1..]),
+                    o = esc(&c.order),
+                    i = esc(c.item.as_deref().unwrap_or("")),
+                    op = esc(c.operation.as_deref().unwrap_or("")),
+                    r = esc(c.resource.as_deref().unwrap_or("")),
+                    s = c.since.map(time).unwrap_or_default(),
+                    csrf = csrf_field(&session),
+                );
+            }
+            if view.lines.is_empty() {
+                body.push_str("<tr><td colspan=\"7\">No line has a production order.</td></tr>");
+            }
+            body.push_str("</table>");
+            if !view.open_aggregates.is_empty() {
+                body.push_str("<h2>Counted, not yet reported</h2><table><tr><th>Rule</th><th>Line</th><th>Order</th><th>Quantity</th></tr>");
+                for a in &view.open_aggregates {
+                    let _ = write!(
+                        body,
+                        "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                        esc(&a.rule),
+                        esc(&a.line),
+                        esc(a.order.as_deref().unwrap_or("")),
+                        a.quantity
+                    );
+                }
+                body.push_str("</table>");
+            }
+        }
+    }
+    let _ = write!(
+        body,
+        "<h2>Set a line's order</h2><form method=\"post\" action=\"/console/lines\" class=\"filters\">{csrf}\
+         <label>Line<input type=\"text\" name=\"line\" id=\"line\" required></label>\
+         <label>Production order<input type=\"text\" name=\"order\" id=\"order\" required></label>\
+         <label>Item<input type=\"text\" name=\"item\"></label><label>Operation<input type=\"text\" name=\"operation\"></label>\
+         <label>Resource<input type=\"text\" name=\"resource\"></label><button type=\"submit\" id=\"set-line\">Set</button></form>",
+        csrf = csrf_field(&session)
+    );
+    page("Lines", "lines", Some(&session), &body).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct LineForm {
+    csrf: String,
+    line: String,
+    order: String,
+    item: Option<String>,
+    operation: Option<String>,
+    resource: Option<String>,
+}
+
+async fn set_line(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Form(form): Form<LineForm>,
+) -> Response {
+    let Some((_, session)) = state.sessions.get(&headers) else {
+        return to_login();
+    };
+    if session.csrf != form.csrf {
+        return (
+            StatusCode::FORBIDDEN,
+            "the form is stale or forged: reload the page",
+        )
+            .into_response();
+    }
+    let nonempty = |s: Option<String>| s.filter(|s| !s.trim().is_empty());
+    let context = OrderContext {
+        order: form.order.trim().to_string(),
+        item: nonempty(form.item),
+        operation: nonempty(form.operation),
+        resource: nonempty(form.resource),
+        since: None,
+    };
+    let line = form.line.trim().to_string();
+    match state
+        .operator
+        .set_line(
+            &line,
+            Some(context.clone()),
+            &format!("console:{}", session.name),
+        )
+        .await
+    {
+        Ok(_) => redirect_with(
+            "/console/lines",
+            &[(
+                "note",
+                &format!("Line {line} runs order {}.", context.order),
+            )],
+        ),
+        Err(e) => redirect_with("/console/lines", &[("error", &e.to_string())]),
+    }
+}
+
+async fn clear_line(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(line): Path<String>,
+    Form(form): Form<CsrfForm>,
+) -> Response {
+    let Some((_, session)) = state.sessions.get(&headers) else {
+        return to_login();
+    };
+    if session.csrf != form.csrf {
+        return (
+            StatusCode::FORBIDDEN,
+            "the form is stale or forged: reload the page",
+        )
+            .into_response();
+    }
+    match state
+        .operator
+        .set_line(&line, None, &format!("console:{}", session.name))
+        .await
+    {
+        Ok(_) => redirect_with(
+            "/console/lines",
+            &[("note", &format!("Line {line} cleared."))],
+        ),
+        Err(e) => redirect_with("/console/lines", &[("error", &e.to_string())]),
+    }
+}
+
+async fn sources_page(State(state): State<ApiState>, headers: HeaderMap) -> Response {
+    let Some((_, session)) = state.sessions.get(&headers) else {
+        return to_login();
+    };
+    let status = match state.operator.status().await {
+        Ok(s) => s,
+        Err(e) => {
+            let body = format!("<div class=\"error\">{}</div>", esc(&e.to_string()));
+            return page("Sources", "sources", Some(&session), &body).into_response();
+        }
+    };
+    let mut body = String::from("<table id=\"sources\"><tr><th>Source</th><th>State</th><th>Since</th><th>Last event</th><th>Events</th><th>Decode errors</th><th>Last error</th></tr>");
+    for s in &status.sources {
+        let _ = write!(
+            body,
+            "<tr><td>{}</td><td class=\"state-{cls}\">{st}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(&s.id),
+            s.since.map(time).unwrap_or_default(),
+            s.last_event.map(time).unwrap_or_default(),
+            s.events,
+            s.decode_errors,
+            esc(s.last_error.as_deref().unwrap_or("")),
+            cls = if s.connected { "delivered" } else { "failed" },
+            st = if s.connected { "connected" } else { "down" },
+        );
+    }
+    body.push_str("</table><h2>D365</h2>");
+    let _ = write!(
+        body,
+        "<p>{}</p>",
+        esc(&status.last_d365_error.map_or_else(
+            || "No problem reported.".to_string(),
+            |e| format!("Last error: {e}")
+        ))
+    );
+    body.push_str("<h2>Open alerts</h2><table id=\"alerts\"><tr><th>Since</th><th>Alert</th><th>What</th></tr>");
+    for a in &status.alerts {
+        let _ = write!(
+            body,
+            "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+            time(a.since),
+            esc(&a.key),
+            esc(&a.text)
+        );
+    }
+    if status.alerts.is_empty() {
+        body.push_str("<tr><td colspan=\"3\">None.</td></tr>");
+    }
+    body.push_str("</table>");
+    if let Some(up) = status.uptime_seconds {
+        let _ = write!(
+            body,
+            "<p>mes-gateway {} running for {}.</p>",
+            esc(&status.version),
+            crate::config::format_duration(Duration::from_secs(up.max(0) as u64))
+        );
+    }
+    page("Sources", "sources", Some(&session), &body).into_response()
+}
