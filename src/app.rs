@@ -125,15 +125,16 @@ pub async fn run(
     }
     // Production data does not depend on the socket: without it the gateway runs on and
     // says why the CLI cannot reach it.
+    let socket = config.api.socket_path(&config.storage.data_dir);
     match crate::api::serve_socket(
-        &config.api.socket,
+        &socket,
         crate::api::socket_router(api.clone()),
         watchdog_cancel.clone(),
     )
     .await
     {
-        Ok(()) => tracing::info!(path = %config.api.socket.display(), "Operator socket listening."),
-        Err(e) => tracing::warn!(path = %config.api.socket.display(), error = %e,
+        Ok(()) => tracing::info!(path = %socket.display(), "Operator socket listening."),
+        Err(e) => tracing::warn!(path = %socket.display(), error = %e,
             "Cannot open the operator socket; the CLI cannot reach the running gateway (set api.socket to a writable place)."),
     }
 

@@ -115,11 +115,15 @@ pub fn load_storage(dir: &Path) -> Result<OutboxSettings, ConfigErrors> {
             .node("d365.field_names")
             .and_then(|_| cx.parse::<FieldNames>("d365.field_names"))
             .unwrap_or_default();
+        let storage = read_storage(&mut cx);
         OutboxSettings {
             message_types: read_message_types(&mut cx),
             field_names,
-            storage: read_storage(&mut cx),
-            socket: crate::api::config::read_socket(&mut cx),
+            socket: crate::api::config::socket_path(
+                crate::api::config::read_socket(&mut cx).as_deref(),
+                &storage.data_dir,
+            ),
+            storage,
         }
     });
     match loaded {

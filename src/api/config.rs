@@ -2,46 +2,48 @@
 //! token HTTP clients must show.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
 use crate::config::{FileCheck, Secret};
 
-/// Where the CLI finds the running daemon unless `api.socket` says otherwise: systemd's
-/// `RuntimeDirectory=mes-gateway`.
-pub const DEFAULT_SOCKET: &str = "/run/mes-gateway/api.sock";
+/// The socket's name in the data directory, unless `api.socket` says otherwise. Not a
+/// fixed path under /run: the daemon and the CLI both find it from the configuration
+/// alone, two gateways on one PC never share it, and the data directory already has the
+/// service's owner and group.
+pub const SOCKET_FILE: &str = "api.sock";
 
 /// Shortest token accepted: a token an operator could guess is no protection.
 const MIN_TOKEN_CHARS: usize = 16;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ApiConfig {
     /// HTTP listener (`/health`, `/ready`, `/metrics`, `/api/v1`, `/console`); `None`: off.
     pub listen: Option<SocketAddr>,
     /// Bearer token for HTTP requests that change something (and every request when the
     /// listener is not on loopback); `None`: HTTP is read-only.
     pub token: Option<Secret>,
-    /// The Unix socket of the local CLI; file permissions are its authentication.
-    pub socket: PathBuf,
-}
-
-impl Default for ApiConfig {
-    fn default() -> Self {
-        ApiConfig {
-            listen: None,
-            token: None,
-            socket: PathBuf::from(DEFAULT_SOCKET),
-        }
-    }
+    /// The Unix socket of the local CLI (file permissions are its authentication);
+    /// `None`: `api.sock` in the data directory.
+    pub socket: Option<PathBuf>,
 }
 
 impl ApiConfig {
+    pub fn socket_path(&self, data_dir: &Path) -> PathBuf {
+        socket_path(self.socket.as_deref(), data_dir)
+    }
+
     /// Whether every request needs the token, not only those that change something: a
     /// listener other hosts can reach shows nothing to strangers.
     pub fn token_for_reading(&self) -> bool {
         self.listen.is_some_and(|a| !a.ip().is_loopback())
     }
+}
+
+/// `configured`, or `api.sock` in `data_dir`.
+pub fn socket_path(configured: Option<&Path>, data_dir: &Path) -> PathBuf {
+    configured.map_or_else(|| data_dir.join(SOCKET_FILE), Path::to_path_buf)
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -102,17 +104,15 @@ pub fn read(cx: &mut FileCheck<'_>) -> ApiConfig {
     }
 }
 
-/// Only where the socket is, for the CLI (which must not need the token file).
-pub fn read_socket(cx: &mut FileCheck<'_>) -> PathBuf {
-    match cx.node("api").and_then(|_| cx.parse::<RawApi>("api")) {
-        Some(raw) => socket(cx, &raw),
-        None => PathBuf::from(DEFAULT_SOCKET),
-    }
+/// Only where the socket is (`None`: the default), for the CLI, which must not need the
+/// token file.
+pub fn read_socket(cx: &mut FileCheck<'_>) -> Option<PathBuf> {
+    let raw = cx.node("api").and_then(|_| cx.parse::<RawApi>("api"))?;
+    socket(cx, &raw)
 }
 
-fn socket(cx: &mut FileCheck<'_>, raw: &RawApi) -> PathBuf {
+fn socket(cx: &mut FileCheck<'_>, raw: &RawApi) -> Option<PathBuf> {
     raw.socket
         .as_deref()
         .and_then(|s| cx.file_path("api.socket", s))
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
 }

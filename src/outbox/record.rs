@@ -54,7 +54,8 @@ impl State {
 
 impl fmt::Display for State {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        // `pad`, not `write_str`: tables align states with `{:<10}`.
+        f.pad(self.as_str())
     }
 }
 

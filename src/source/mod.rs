@@ -225,7 +225,7 @@ pub fn spawn(
     let task: std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), SourceError>> + Send>> =
         match config {
             SourceConfig::Simulator(c) => {
-                Box::pin(simulator::Simulator::new(c, hb).run(out, cancel))
+                Box::pin(simulator::Simulator::new(c, hb, h).run(out, cancel))
             }
             SourceConfig::Modbus(c) => {
                 Box::pin(modbus::ModbusSource::new(c, hb, h).run(out, cancel))

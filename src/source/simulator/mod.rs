@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use super::{SourceError, SourceEvent};
 pub mod config;
 
+use super::SourceHealth;
 use crate::event::{Event, Value};
 use crate::systemd::Heartbeat;
 use config::{SimulatorConfig, SimulatorMode};
@@ -20,6 +21,7 @@ use config::{SimulatorConfig, SimulatorMode};
 pub struct Simulator {
     config: SimulatorConfig,
     heartbeat: Heartbeat,
+    health: Arc<SourceHealth>,
 }
 
 impl Simulator {
@@ -59,8 +61,16 @@ impl Simulator {
         }
     }
 
-    pub fn new(config: SimulatorConfig, heartbeat: Heartbeat) -> Simulator {
-        Simulator { config, heartbeat }
+    pub fn new(
+        config: SimulatorConfig,
+        heartbeat: Heartbeat,
+        health: Arc<SourceHealth>,
+    ) -> Simulator {
+        Simulator {
+            config,
+            heartbeat,
+            health,
+        }
     }
 
     pub async fn run(
@@ -75,6 +85,8 @@ impl Simulator {
         // The first tick of an interval fires at once; skip it so the first impulse
         // comes one interval after start, like a real sensor.
         ticks.tick().await;
+        // Nothing to connect to: up from the start, so health and alerts see it as such.
+        self.health.set_connected(&source, true, None);
         tracing::info!(source = %source, point = %point, interval_ms = self.config.interval.as_millis() as u64, limit = ?self.config.limit, "Simulator source started.");
         let mut sent = 0u64;
         let started = jiff::Timestamp::now();
@@ -109,6 +121,7 @@ impl Simulator {
                     at: jiff::Timestamp::now(),
                 };
                 super::forward(&out, event.into(), &self.heartbeat, &source).await?;
+                self.health.event();
                 if stopped && !counter_stop_logged {
                     counter_stop_logged = true;
                     tracing::info!(source = %source, point = %point, "Simulated counter reached its stop value.");

@@ -1,0 +1,179 @@
+//! Readable tables and screens for the operator commands (`--json` prints the data as
+//! is instead).
+
+use anyhow::Context as _;
+
+use super::CliError;
+use crate::operator::{LinesView, MessagePage, Status};
+use crate::outbox::Record;
+
+fn time(t: jiff::Timestamp) -> String {
+    t.strftime("%Y-%m-%d %H:%M:%S").to_string()
+}
+
+fn age(seconds: i64) -> String {
+    crate::config::format_duration(std::time::Duration::from_secs(seconds.max(0) as u64))
+}
+
+fn shorten(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        return text.to_string();
+    }
+    let mut s: String = text.chars().take(max.saturating_sub(1)).collect();
+    s.push('…');
+    s
+}
+
+pub fn page(page: &MessagePage) {
+    println!(
+        "{:>8}  {:<10} {:<34} {:<14} {:>8}  {:<20} LAST ERROR",
+        "ID", "STATE", "TYPE", "ORDER", "ATTEMPTS", "CREATED"
+    );
+    for r in &page.messages {
+        println!(
+            "{:>8}  {:<10} {:<34} {:<14} {:>8}  {:<20} {}",
+            r.id,
+            r.state,
+            r.message_type,
+            r.production_order,
+            r.attempt_count,
+            time(r.created_at),
+            shorten(r.last_error.as_deref().unwrap_or(""), 60)
+        );
+    }
+    let summary: Vec<String> = page
+        .counts
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(s, n)| format!("{n} {s}"))
+        .collect();
+    println!(
+        "{} message(s) listed; outbox: {}",
+        page.messages.len(),
+        if summary.is_empty() {
+            "empty".into()
+        } else {
+            summary.join(", ")
+        }
+    );
+    if let Some(next) = page.next {
+        println!("more: add --after {next}");
+    }
+}
+
+pub fn record(r: &Record) -> Result<(), CliError> {
+    let mut value = serde_json::to_value(r).context("cannot print a record")?;
+    if let Ok(content) = serde_json::from_str::<serde_json::Value>(&r.content) {
+        value["content"] = content;
+    }
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&value).context("cannot print a record")?
+    );
+    Ok(())
+}
+
+pub fn lines(view: &LinesView) {
+    if view.lines.is_empty() {
+        println!("no line has a production order");
+    }
+    for (line, c) in &view.lines {
+        let since = c
+            .since
+            .map(|t| t.strftime("%Y-%m-%d %H:%M:%S UTC").to_string())
+            .unwrap_or_default();
+        println!(
+            "{line}: order {} item {} operation {} resource {} since {since}",
+            c.order,
+            c.item.as_deref().unwrap_or("-"),
+            c.operation.as_deref().unwrap_or("-"),
+            c.resource.as_deref().unwrap_or("-")
+        );
+    }
+    for acc in &view.open_aggregates {
+        println!(
+            "  open aggregate: rule {} line {} order {} quantity {}",
+            acc.rule,
+            acc.line,
+            acc.order.as_deref().unwrap_or("-"),
+            acc.quantity
+        );
+    }
+}
+
+pub fn status(s: &Status) {
+    match (s.running, s.uptime_seconds) {
+        (true, Some(up)) => println!("mes-gateway {} running for {}", s.version, age(up)),
+        _ => println!(
+            "mes-gateway {}: not running (read from the data directory)",
+            s.version
+        ),
+    }
+    if s.running {
+        println!("\nSOURCES");
+        if s.sources.is_empty() {
+            println!("  none configured");
+        }
+        for src in &s.sources {
+            let state = if src.connected { "connected" } else { "DOWN" };
+            let since = src.since.map(time).unwrap_or_default();
+            let last = src.last_event.map_or("no event yet".to_string(), |t| {
+                format!("last event {}", time(t))
+            });
+            let error = match (&src.last_error, src.connected) {
+                (Some(e), false) => format!("  ({})", shorten(e, 60)),
+                _ => String::new(),
+            };
+            println!(
+                "  {:<16} {:<10} since {since}  {last}  {} events{error}",
+                src.id, state, src.events
+            );
+        }
+    }
+    println!("\nOUTBOX");
+    let depth: Vec<String> = s.outbox.iter().map(|(k, n)| format!("{n} {k}")).collect();
+    println!("  {}", depth.join(", "));
+    match &s.oldest_queued {
+        Some(o) => println!(
+            "  oldest waiting: message {} ({}, order {}, {}) created {} ago",
+            o.id,
+            o.message_type,
+            o.production_order,
+            o.state,
+            age(o.age_seconds)
+        ),
+        None => println!("  nothing waiting for delivery"),
+    }
+    if s.running {
+        println!("\nD365");
+        println!(
+            "  {}",
+            s.last_d365_error
+                .as_deref()
+                .map_or("no problem reported".to_string(), |e| format!(
+                    "last error: {e}"
+                ))
+        );
+        println!("\nALERTS");
+        if s.alerts.is_empty() {
+            println!("  none open");
+        }
+        for a in &s.alerts {
+            println!("  {}  {}  {}", time(a.since), a.key, a.text);
+        }
+    }
+    println!("\nLINES");
+    if s.lines.is_empty() {
+        println!("  no line has a production order");
+    }
+    for (line, c) in &s.lines {
+        println!(
+            "  {line}: order {}{}",
+            c.order,
+            c.item
+                .as_deref()
+                .map(|i| format!(" item {i}"))
+                .unwrap_or_default()
+        );
+    }
+}
