@@ -244,6 +244,8 @@ struct Components {
     /// Cancelled when the dispatcher stops on an outbox error.
     fatal: CancellationToken,
     heartbeats: Vec<Heartbeat>,
+    /// The operator's way to the pipeline; emptied first when stopping.
+    lines: Arc<std::sync::Mutex<Option<mpsc::Sender<LineCommand>>>>,
 }
 
 impl Components {
@@ -371,6 +373,7 @@ impl Components {
             pipeline_done,
             fatal,
             heartbeats: beats,
+            lines: lines.clone(),
         })
     }
 
@@ -378,6 +381,9 @@ impl Components {
     /// whether the dispatcher had stopped on an outbox error.
     async fn stop(self, grace: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + grace;
+        // No new operator commands: the pipeline ends once it has handled the queued
+        // ones and what the sources emitted.
+        self.lines.lock().unwrap_or_else(|p| p.into_inner()).take();
         self.sources_cancel.cancel();
         if tokio::time::timeout_at(deadline, self.pipeline_done)
             .await

@@ -112,15 +112,19 @@ impl Pipeline {
     ) {
         let mut batch = Vec::with_capacity(MAX_BATCH_EVENTS);
         let mut commands_open = true;
+        // Runs until the sources are gone and no operator can send a command any more
+        // (without sources only the operator's commands arrive).
+        let mut events_open = true;
         let mut heartbeat_ticks = tokio::time::interval(self.heartbeat.period());
         self.publish_lines();
-        loop {
+        while events_open || commands_open {
             self.heartbeat.beat();
             let timer = until(self.engine.next_deadline());
             let (built, deliveries) = tokio::select! {
-                n = events.recv_many(&mut batch, MAX_BATCH_EVENTS) => {
+                n = events.recv_many(&mut batch, MAX_BATCH_EVENTS), if events_open => {
                     if n == 0 {
-                        break;
+                        events_open = false;
+                        continue;
                     }
                     self.stats.events.fetch_add(n as u64, Ordering::Relaxed);
                     let stored = self.redeliveries_stored(&batch).await;

@@ -13,15 +13,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use support::device::PtyPair;
-use support::mqtt::{
-    burst_orders, count_burst, free_port, publish_burst, write_burst_config, Mosquitto, EXACT,
-};
+use support::mqtt::{burst_orders, count_burst, free_port, publish_burst, Mosquitto, EXACT};
+use support::plant::{self, send_frame, PLC_ORDER, SERIAL_ORDER};
 use support::plc::CounterPlc;
 use support::process::{self, path_str, Output};
 use support::{pieces, FakeD365};
-
-const PLC_ORDER: &str = "PLC001";
-const SERIAL_ORDER: &str = "SER001";
 
 async fn health(api_port: u16) -> serde_json::Value {
     match reqwest::get(format!("http://127.0.0.1:{api_port}/health")).await {
@@ -60,15 +56,6 @@ async fn wait_health(
     );
 }
 
-/// One presence frame from the sensor; false when the port is not there.
-async fn send_frame(device: &Path) -> bool {
-    use tokio::io::AsyncWriteExt;
-    match tokio::fs::OpenOptions::new().write(true).open(device).await {
-        Ok(mut end) => end.write_all(b"\x01").await.is_ok() && end.flush().await.is_ok(),
-        Err(_) => false,
-    }
-}
-
 fn write_config(
     dir: &Path,
     fake: &FakeD365,
@@ -76,26 +63,13 @@ fn write_config(
     plc: std::net::SocketAddr,
     api_port: u16,
 ) {
-    write_burst_config(
+    plant::write_config(
         dir,
         fake,
-        &broker.url(),
-        &format!(
-            "{}  - type: serial\n    id: sensor\n    device: {}\n    baud: 9600\n    point: presence\n    framing: fixed\n    length: 1\n    mode: presence\napi:\n  listen: 127.0.0.1:{api_port}\n",
-            CounterPlc::gateway_yaml(plc),
-            dir.join("gateway-end").display()
-        ),
+        broker,
+        plc,
+        &format!("api:\n  listen: 127.0.0.1:{api_port}\n"),
     );
-    std::fs::write(
-        dir.join("rules.d/plc.yaml"),
-        CounterPlc::rules_yaml(PLC_ORDER),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("rules.d/sensor.yaml"),
-        format!("rules:\n  - name: sensor\n    line: sensor-line\n    when: {{ source: sensor, point: presence, edge: rising }}\n    count: impulse\n    emit:\n      type: ProdProductionOrderReportFinished\n      fields: {{ ProductionOrderNumber: {SERIAL_ORDER}, ItemNumber: A0001, ReportedGoodQuantity: \"{{quantity}}\" }}\n"),
-    )
-    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -120,8 +94,8 @@ async fn restarts_under_load(restart_broker: bool) {
     let dir = tmp.path();
     let api_port = free_port();
     write_config(dir, &fake, &broker, plc_addr, api_port);
-    let device = dir.join("device-end");
-    let pty = PtyPair::start(dir, "device-end", "gateway-end").await;
+    let device = dir.join(plant::DEVICE_END);
+    let pty = PtyPair::start(dir, plant::DEVICE_END, plant::GATEWAY_END).await;
 
     let out = Output::new();
     let gw = process::start_logging(
@@ -219,7 +193,7 @@ async fn restarts_under_load(restart_broker: bool) {
     .await;
     pty.stop().await;
     wait_health(api_port, "sensor", "closed", |s| s["connected"] == false).await;
-    let pty = PtyPair::start(dir, "device-end", "gateway-end").await;
+    let pty = PtyPair::start(dir, plant::DEVICE_END, plant::GATEWAY_END).await;
     wait_health(api_port, "sensor", "reopened", |s| s["connected"] == true).await;
     plugged.store(true, Ordering::Release);
 

@@ -97,7 +97,10 @@ impl From<crate::message::MessageError> for OpError {
     fn from(e: crate::message::MessageError) -> Self {
         use crate::message::MessageError as E;
         let field = match &e {
-            E::Missing { field, .. } | E::Invalid { field, .. } => Some(field.clone()),
+            // The field's name without the explanation some carry ("… (at least one line)").
+            E::Missing { field, .. } | E::Invalid { field, .. } => {
+                Some(field.split(" (").next().unwrap_or(field).to_string())
+            }
             E::Shape { .. } => None,
         };
         OpError::Invalid {

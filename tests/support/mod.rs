@@ -732,8 +732,10 @@ pub fn pieces(received: &[Received], order: &str) -> u32 {
 pub fn report(order: &str, quantity: u32) -> serde_json::Value {
     serde_json::json!({"ProductionOrderNumber": order, "ReportFinishedLines": [{"ItemNumber": "A0001", "ReportedGoodQuantity": quantity}]})
 }
+pub mod alerts;
 pub mod device;
 pub mod disk;
 pub mod mqtt;
+pub mod plant;
 pub mod plc;
 pub mod process;
