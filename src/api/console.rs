@@ -137,7 +137,7 @@ fn esc(text: &str) -> String {
 }
 
 fn time(t: jiff::Timestamp) -> String {
-    t.strftime("%Y-%m-%d %H:%M:%S").to_string()
+    t.strftime("%Y-%m-%d %H:%M:%S UTC").to_string()
 }
 
 const STYLE: &str = r#"

@@ -733,6 +733,7 @@ pub fn report(order: &str, quantity: u32) -> serde_json::Value {
     serde_json::json!({"ProductionOrderNumber": order, "ReportFinishedLines": [{"ItemNumber": "A0001", "ReportedGoodQuantity": quantity}]})
 }
 pub mod alerts;
+pub mod browser;
 pub mod device;
 pub mod disk;
 pub mod mqtt;

@@ -1,0 +1,164 @@
+//! The web console in a real headless Chromium against the real binary: log in with the
+//! API token, open a failed message, edit its content, retry it, see it delivered; set a
+//! line's order; see the sources. Screenshots of the three pages go to
+//! `target/console/`. Cross-site request forgery and a wrong token are refused.
+
+mod support;
+
+use std::path::PathBuf;
+
+use serde_json::{json, Value};
+use support::browser::Browser;
+use support::mqtt::free_port;
+use support::process::{self, path_str, Output};
+use support::{FakeD365, Reply};
+
+const TOKEN: &str = "console-token-0123456789abcdef";
+const ORDER: &str = "P000321";
+
+fn screenshots() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/console")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_fixes_a_failed_message_in_the_console_and_sees_it_delivered() {
+    let fake = FakeD365::start().await;
+    fake.script_order(
+        ORDER,
+        [Reply::Status(500), Reply::Status(500), Reply::Status(500)],
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let api_port = free_port();
+    support::write_config(
+        dir,
+        &format!(
+            "{}dispatcher:\n  backoff_initial: 100ms\n  backoff_max: 200ms\nstorage:\n  data_dir: data\nsources:\n  - type: simulator\n    id: light-barrier\n    interval: 1h\napi:\n  listen: 127.0.0.1:{api_port}\n  token_file: api-token\n",
+            support::d365_yaml(&fake)
+        ),
+    );
+    std::fs::write(dir.join("api-token"), TOKEN).unwrap();
+    let out = Output::new();
+    let gw = process::start(&["run", "-c", path_str(dir)], &out);
+    out.wait_for("Operator socket listening.").await;
+    let base = format!("http://127.0.0.1:{api_port}");
+    let http = reqwest::Client::new();
+    let sent: Value = http
+        .post(format!("{base}/api/v1/messages?type=ProdProductionOrderReportFinished"))
+        .bearer_auth(TOKEN)
+        .json(&json!({ "ProductionOrderNumber": ORDER, "ReportFinishedLines": [{ "ItemNumber": "A0001", "ReportedGoodQuantity": 1 }] }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = sent["id"].as_u64().expect("queued");
+
+    let browser = Browser::start().await;
+    // Not logged in: the console sends the browser to the login page.
+    browser.goto(&format!("{base}/console/messages")).await;
+    assert!(
+        browser.url().await.ends_with("/console/login"),
+        "{}",
+        browser.url().await
+    );
+    browser.fill("#name", "Alice").await;
+    browser.fill("#token", "not-the-token-0123456789").await;
+    browser.click("#login").await;
+    assert!(browser.text(".error").await.contains("Wrong token"));
+    browser.fill("#name", "Alice").await;
+    browser.fill("#token", TOKEN).await;
+    browser.click("#login").await;
+    // The click returns before the next page is there: wait for what only it has.
+    browser.find("#messages").await;
+    let after_login = browser.url().await;
+    assert!(after_login.ends_with("/console/messages"), "{after_login}");
+
+    // The message fails (500 three times); the grid shows it, the detail pane opens.
+    let detail = format!("{base}/console/messages?id={id}");
+    browser
+        .wait_text(&detail, "#detail-state", |s| s == "failed")
+        .await;
+    let row = browser.text(&format!("tr[data-id=\"{id}\"]")).await;
+    assert!(
+        row.contains(ORDER) && row.contains("failed") && row.contains("HTTP 500"),
+        "{row}"
+    );
+    browser
+        .screenshot(&screenshots().join("messages.png"))
+        .await;
+
+    // Edit and retry: the content as the operator fixed it is what D365 receives.
+    let fixed = json!({ "ProductionOrderNumber": ORDER, "ReportFinishedLines": [{ "ItemNumber": "A0001", "ReportedGoodQuantity": 4 }] });
+    browser.fill("#content", &fixed.to_string()).await;
+    browser.click("#edit-retry").await;
+    assert_eq!(
+        browser.text("#note").await,
+        format!("Message {id} queued again.")
+    );
+    browser
+        .wait_text(&detail, "#detail-state", |s| s == "delivered")
+        .await;
+    let history = browser.text("#history").await;
+    assert!(
+        history.contains("console:Alice") && history.contains("edited and retried"),
+        "{history}"
+    );
+    let delivered = fake.accepted();
+    assert_eq!(delivered.len(), 1);
+    assert_eq!(delivered[0].content, fixed);
+
+    // A form posted from elsewhere (right session cookie, no anti-forgery token) is refused.
+    let session = browser
+        .cookie("mesgw_session")
+        .await
+        .expect("session cookie");
+    let forged = http
+        .post(format!("{base}/console/messages/{id}/cancel"))
+        .header("cookie", format!("mesgw_session={session}"))
+        .form(&[("csrf", "forged")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), 403);
+
+    // Lines: set line1's order.
+    browser.goto(&format!("{base}/console/lines")).await;
+    browser.fill("#line", "line1").await;
+    browser.fill("#order", "P000999").await;
+    browser.click("#set-line").await;
+    assert_eq!(
+        browser.text("#note").await,
+        "Line line1 runs order P000999."
+    );
+    assert!(browser.text("#lines").await.contains("P000999"));
+    browser.screenshot(&screenshots().join("lines.png")).await;
+    let lines: Value = http
+        .get(format!("{base}/api/v1/lines"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(lines["lines"]["line1"]["order"], "P000999");
+
+    // Sources: the simulator is connected.
+    browser.goto(&format!("{base}/console/sources")).await;
+    let sources = browser.text("#sources").await;
+    assert!(
+        sources.contains("light-barrier") && sources.contains("connected"),
+        "{sources}"
+    );
+    browser.screenshot(&screenshots().join("sources.png")).await;
+    browser.close().await;
+    assert_eq!(gw.terminate().await, 0);
+    for page in ["messages", "lines", "sources"] {
+        let png = std::fs::read(screenshots().join(format!("{page}.png"))).unwrap();
+        assert!(
+            png.starts_with(b"\x89PNG") && png.len() > 10_000,
+            "{page}.png is an image"
+        );
+    }
+}
