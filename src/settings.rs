@@ -335,6 +335,45 @@ mod tests {
     }
 
     #[test]
+    fn an_api_reachable_from_other_hosts_needs_a_good_token_and_alerts_are_checked() {
+        let dir = config_dir("rules: []\n");
+        let main = dir.path().join(crate::config::MAIN_FILE);
+        let base = std::fs::read_to_string(&main).unwrap();
+        std::fs::write(dir.path().join("short-token"), "abc\n").unwrap();
+        std::fs::write(
+            &main,
+            format!("{base}api:\n  listen: 0.0.0.0:9464\nalerts:\n  source_down_after: 0s\n  mqtt: {{ url: mqtt://127.0.0.1:1883, topic: \"alerts/#\" }}\n  webhook: {{ url: ftp://x }}\n"),
+        )
+        .unwrap();
+        let errors = load(dir.path()).unwrap_err().to_string();
+        for expected in [
+            "api.listen: 0.0.0.0:9464 can be reached from other hosts: set api.token_file, or listen on 127.0.0.1",
+            "alerts.source_down_after: must be at least 1s (a blip is not an incident)",
+            "alerts.mqtt.topic: \"alerts/#\": a topic prefix without wildcards",
+            "alerts.webhook.url: \"ftp://x\": expected an http:// or https:// URL",
+        ] {
+            assert!(errors.contains(expected), "missing {expected:?} in:\n{errors}");
+        }
+        std::fs::write(
+            &main,
+            format!("{base}api:\n  listen: 0.0.0.0:9464\n  token_file: short-token\n"),
+        )
+        .unwrap();
+        let errors = load(dir.path()).unwrap_err().to_string();
+        assert!(
+            errors.contains("api.token_file: the token is shorter than 16 characters"),
+            "{errors}"
+        );
+        std::fs::write(&main, format!("{base}api:\n  listen: 127.0.0.1:9464\n")).unwrap();
+        let config = load(dir.path()).unwrap();
+        assert!(!config.api.token_for_reading());
+        assert_eq!(
+            config.api.socket_path(&config.storage.data_dir),
+            config.storage.data_dir.join("api.sock")
+        );
+    }
+
+    #[test]
     fn a_long_list_of_errors_is_capped_with_a_count() {
         let rules: String = (0..60)
             .map(|i| format!("  - name: r{i}\n    when: {{ source: sim }}\n    typo: 1\n"))

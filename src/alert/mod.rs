@@ -361,3 +361,6 @@ fn send_dropping_oldest(tx: &Arc<notify::Queue>, notice: Notice, board: &Board) 
 fn free_mib(dir: &std::path::Path) -> Option<u64> {
     fs2::available_space(dir).ok().map(|b| b / (1024 * 1024))
 }
+
+#[cfg(test)]
+mod tests;
