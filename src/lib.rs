@@ -41,7 +41,12 @@
 //! - [`outbox`]: the durable per-order FIFO store and its state machine; the only hand-off
 //!   that survives a restart.
 //! - [`d365`]: the dispatcher, the HTTP client, the token cache and the retry decisions.
-//! - [`api`]: `/health` and `/metrics`; [`systemd`]: notify and watchdog.
+//! - [`operator`]: every operator action (list, show, retry, edit, cancel, resolve, send,
+//!   lines, reload, status), checked against the state machine; [`api`]: its doors — a
+//!   Unix socket for the CLI, HTTP (`/api/v1` with a bearer token, `/health`, `/ready`,
+//!   `/metrics`) and the web console; [`alert`]: incidents fired and cleared once each
+//!   (log, metrics, MQTT, webhook); [`live`]: what running components publish about
+//!   themselves for those three; [`systemd`]: notify and watchdog.
 //! - [`app`]: wiring, reload and ordered shutdown; [`cli`]: the commands; [`signal`]:
 //!   SIGTERM/SIGINT (stop) and SIGHUP (reload).
 
