@@ -202,6 +202,7 @@ async fn backlog(name: &str, per_order: u32) {
                         message_type: "ProdProductionOrderReportFinished".into(),
                         content: support::report(o, q).to_string(),
                         origin: "bench".into(),
+                        line: None,
                     })
                 })
                 .collect();

@@ -21,6 +21,7 @@ fn message(i: u64) -> NewMessage {
             i % 50 + 1
         ),
         origin: "rule good-parts".into(),
+        line: None,
     }
 }
 

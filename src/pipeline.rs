@@ -284,6 +284,7 @@ impl Pipeline {
                     message_type: b.message.message_type().to_string(),
                     content,
                     origin: format!("rule {}", b.rule),
+                    line: Some(b.line),
                 }),
                 Err(e) => {
                     self.stats.invalid_messages.fetch_add(1, Ordering::Relaxed);

@@ -22,6 +22,7 @@ fn message(i: u32) -> NewMessage {
         message_type: "ProdProductionOrderReportFinished".into(),
         content: format!("{{\"ProductionOrderNumber\":\"{order}\",\"n\":{i}}}"),
         origin: "test".into(),
+        line: None,
     }
 }
 

@@ -450,6 +450,7 @@ fn new_report(order: &str, n: u32) -> mes_gateway::outbox::NewMessage {
         message_type: TYPE_REPORT_FINISHED.into(),
         content: report(order, n).to_string(),
         origin: "test".into(),
+        line: None,
     }
 }
 

@@ -25,6 +25,7 @@ fn impulse(n: u32) -> NewMessage {
         // Padded so the disk fills after a few thousand messages.
         content: format!("{{\"n\":{n},\"pad\":\"{}\"}}", "x".repeat(300)),
         origin: "test".into(),
+        line: None,
     }
 }
 

@@ -574,12 +574,34 @@ async fn reload_through_the_api_refuses_a_broken_rule_and_a_good_one_loses_nothi
         .is_err()
     {
         panic!(
-            "not drained: {} of {total}: {:?}\n{}",
+            "not drained: {} of {total}: {:?}",
             fake.accepted().len(),
             count_burst(&fake, u64::from(rounds * per_round)),
-            out.text()
         );
     }
+    // Messages remember the line whose events built them: listing by line finds them.
+    let (status, page) = http(
+        reqwest::Method::GET,
+        format!("http://127.0.0.1:{api_port}/api/v1/messages?line=P007&limit=5&newest=true"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{page}");
+    let listed = page["messages"].as_array().unwrap();
+    assert_eq!(listed.len(), 5);
+    assert!(
+        listed
+            .iter()
+            .all(|m| m["line"] == "P007" && m["production_order"] == "P007"),
+        "{page}"
+    );
+    assert!(
+        listed
+            .windows(2)
+            .all(|w| w[0]["id"].as_u64() > w[1]["id"].as_u64()),
+        "newest first"
+    );
     assert_eq!(gw.terminate().await, 0);
     assert_eq!(count_burst(&fake, u64::from(rounds * per_round)), EXACT);
     let items: std::collections::BTreeSet<String> = fake

@@ -73,6 +73,7 @@ async fn failed_messages_down_sources_and_an_old_queue_are_alerts_with_what_to_k
                     message_type: "ProdProductionOrderStart".into(),
                     content: format!("{{\"ProductionOrderNumber\":\"{order}\"}}"),
                     origin: "test".into(),
+                    line: None,
                 })
                 .collect(),
         )

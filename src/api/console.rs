@@ -336,6 +336,7 @@ async fn logout(
 struct MessagesQuery {
     state: Option<String>,
     order: Option<String>,
+    line: Option<String>,
     id: Option<MessageId>,
     note: Option<String>,
     error: Option<String>,
@@ -352,6 +353,7 @@ async fn messages_page(
     let filter = ListFilter {
         state: q.state.as_deref().and_then(|s| s.parse().ok()),
         order: q.order.clone().filter(|o| !o.trim().is_empty()),
+        line: q.line.clone().filter(|l| !l.trim().is_empty()),
         ..ListFilter::default()
     };
     // Newest first, as D365's page opens; the arrival order is the id order.
@@ -381,8 +383,10 @@ async fn messages_page(
     let _ = write!(
         body,
         "<form class=\"filters\" method=\"get\"><label>State<select name=\"state\">{states}</select></label>\
-         <label>Production order<input type=\"text\" name=\"order\" value=\"{}\"></label><button type=\"submit\">Filter</button></form>",
-        esc(q.order.as_deref().unwrap_or(""))
+         <label>Production order<input type=\"text\" name=\"order\" value=\"{}\"></label>\
+         <label>Line<input type=\"text\" name=\"line\" value=\"{}\"></label><button type=\"submit\">Filter</button></form>",
+        esc(q.order.as_deref().unwrap_or("")),
+        esc(q.line.as_deref().unwrap_or(""))
     );
     let page_data = match page_result {
         Ok(p) => p,
@@ -416,12 +420,13 @@ async fn messages_page(
         serde_urlencoded::to_string([
             ("state", q.state.as_deref().unwrap_or("")),
             ("order", q.order.as_deref().unwrap_or("")),
+            ("line", q.line.as_deref().unwrap_or("")),
             ("id", &id.to_string()),
         ])
         .unwrap_or_default()
     };
     let mut grid = String::from(
-        "<table id=\"messages\"><thead><tr><th>Message ID</th><th>Production order</th><th>Message type</th><th>State</th><th>Created</th><th>Attempts</th><th>Last error</th></tr></thead><tbody>",
+        "<table id=\"messages\"><thead><tr><th>Message ID</th><th>Production order</th><th>Message type</th><th>Line</th><th>State</th><th>Created</th><th>Attempts</th><th>Last error</th></tr></thead><tbody>",
     );
     for r in &page_data.messages {
         let selected = if q.id == Some(r.id) {
@@ -431,11 +436,12 @@ async fn messages_page(
         };
         let _ = write!(
             grid,
-            "<tr{selected} data-id=\"{id}\"><td><a href=\"/console/messages?{link}\" id=\"open-{id}\">{id}</a></td><td>{order}</td><td>{ty}</td><td class=\"state-{st}\">{st}</td><td>{created}</td><td>{attempts}</td><td>{error}</td></tr>",
+            "<tr{selected} data-id=\"{id}\"><td><a href=\"/console/messages?{link}\" id=\"open-{id}\">{id}</a></td><td>{order}</td><td>{ty}</td><td>{line}</td><td class=\"state-{st}\">{st}</td><td>{created}</td><td>{attempts}</td><td>{error}</td></tr>",
             id = r.id,
             link = esc(&link_query(r.id)),
             order = esc(&r.production_order),
             ty = esc(&r.message_type),
+            line = esc(r.line.as_deref().unwrap_or("")),
             st = r.state,
             created = time(r.created_at),
             attempts = r.attempt_count,
@@ -602,7 +608,7 @@ async fn message_action(
         _ => return StatusCode::NOT_FOUND.into_response(),
     };
     let id_text = id.to_string();
-    let mut params: Vec<(&str, &str)> = ["state", "order"]
+    let mut params: Vec<(&str, &str)> = ["state", "order", "line"]
         .iter()
         .filter_map(|k| back.get(*k).map(|v| (*k, v.as_str())))
         .collect();
@@ -635,7 +641,7 @@ async fn lines_page(
                     body,
                     "<tr><td>{l}</td><td>{o}</td><td>{i}</td><td>{op}</td><td>{r}</td><td>{s}</td><td><form method=\"post\" action=\"/console/lines/{lq}/clear\">{csrf}<button class=\"secondary\" type=\"submit\">Clear</button></form></td></tr>",
                     l = esc(line),
-                    lq = esc(&serde_urlencoded::to_string([("", line)]).unwrap_or_default()[1..]),
+                    lq = esc(&super::path_segment(line)),
                     o = esc(&c.order),
                     i = esc(c.item.as_deref().unwrap_or("")),
                     op = esc(c.operation.as_deref().unwrap_or("")),

@@ -426,6 +426,18 @@ async fn metrics(State(state): State<ApiState>) -> impl IntoResponse {
     )
 }
 
+/// `text` percent-encoded for one segment of a URL path (a line name in `/lines/LINE`).
+pub fn path_segment(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}
+
 /// The operator's name a request gives (`X-Operator`), for the history.
 pub fn operator_name(headers: &HeaderMap) -> Option<String> {
     headers

@@ -78,6 +78,7 @@ pub struct ListQuery {
     order: Option<String>,
     #[serde(rename = "type")]
     message_type: Option<String>,
+    line: Option<String>,
     since: Option<String>,
     until: Option<String>,
     cursor: Option<MessageId>,
@@ -125,6 +126,7 @@ async fn list(
         state,
         order: q.order.filter(|o| !o.is_empty()),
         message_type: q.message_type.filter(|t| !t.is_empty()),
+        line: q.line.filter(|l| !l.is_empty()),
         since: timestamp("since", q.since)?,
         until: timestamp("until", q.until)?,
     };

@@ -156,6 +156,9 @@ pub enum OutboxCommand {
         /// Only messages of this type.
         #[arg(long = "type")]
         message_type: Option<String>,
+        /// Only messages built from this line's events.
+        #[arg(long)]
+        line: Option<String>,
         /// Only messages created at or after this time (RFC 3339, e.g. 2026-12-01T06:00:00Z).
         #[arg(long)]
         since: Option<jiff::Timestamp>,
@@ -449,6 +452,7 @@ async fn outbox_command(service: &Service, action: OutboxCommand) -> Result<(), 
             state,
             order,
             message_type,
+            line,
             since,
             until,
             newest,
@@ -460,6 +464,7 @@ async fn outbox_command(service: &Service, action: OutboxCommand) -> Result<(), 
                 state,
                 order,
                 message_type,
+                line,
                 since,
                 until,
             };

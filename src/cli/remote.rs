@@ -92,6 +92,9 @@ impl Service {
                 if let Some(t) = filter.message_type {
                     query.push(("type", t));
                 }
+                if let Some(l) = filter.line {
+                    query.push(("line", l));
+                }
                 if let Some(t) = filter.since {
                     query.push(("since", t.to_string()));
                 }
@@ -193,7 +196,7 @@ impl Service {
         match self {
             Service::Local { operator, by } => operator.set_line(line, context, by).await,
             Service::Socket { .. } => {
-                let path = format!("/api/v1/lines/{}", percent_encode(line));
+                let path = format!("/api/v1/lines/{}", crate::api::path_segment(line));
                 let answer: serde_json::Value = match context {
                     Some(c) => {
                         let body = serde_json::json!({ "order": c.order, "item": c.item, "operation": c.operation, "resource": c.resource });
@@ -265,19 +268,6 @@ impl Service {
             _ => OpError::Internal(format!("HTTP {status}: {message}")),
         })
     }
-}
-
-/// Percent-encodes a path segment.
-fn percent_encode(segment: &str) -> String {
-    segment
-        .bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            other => format!("%{other:02X}"),
-        })
-        .collect()
 }
 
 /// One HTTP/1.1 request over the Unix socket at `socket`.

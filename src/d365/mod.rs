@@ -887,6 +887,7 @@ mod tests {
                 message_type: "ProdProductionOrderStart".into(),
                 content: format!(r#"{{"ProductionOrderNumber":"{order}"}}"#),
                 origin: "test".into(),
+                line: None,
             };
             Record::new(id, &new, jiff::Timestamp::now())
         };
@@ -964,6 +965,7 @@ mod tests {
                 message_type: "ProdProductionOrderStart".into(),
                 content: r#"{"ProductionOrderNumber":"P1"}"#.into(),
                 origin: "test".into(),
+                line: None,
             }])
             .await
             .unwrap()

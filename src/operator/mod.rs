@@ -279,6 +279,7 @@ impl Operator {
             message_type: message.message_type().to_string(),
             content: message.to_content(&checks.field_names)?,
             origin: by.to_string(),
+            line: None,
         };
         let mut records = self.outbox.append(vec![new]).await?;
         records

@@ -1095,6 +1095,8 @@ pub struct ListFilter {
     pub order: Option<String>,
     #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
     pub message_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub line: Option<String>,
     /// Created at or after.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since: Option<jiff::Timestamp>,
@@ -1114,6 +1116,10 @@ impl ListFilter {
                 .message_type
                 .as_deref()
                 .is_none_or(|t| t == r.message_type)
+            && self
+                .line
+                .as_deref()
+                .is_none_or(|l| r.line.as_deref() == Some(l))
             && self.since.is_none_or(|t| r.created_at >= t)
             && self.until.is_none_or(|t| r.created_at < t)
     }

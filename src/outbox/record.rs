@@ -78,6 +78,8 @@ pub struct NewMessage {
     pub content: String,
     /// Who or what created it (`rule good-parts`, `cli root`).
     pub origin: String,
+    /// The line whose events built it (`None` for a message queued by hand).
+    pub line: Option<String>,
 }
 
 /// One delivery attempt.
@@ -102,6 +104,9 @@ pub struct Record {
     pub id: MessageId,
     pub production_order: String,
     pub message_type: String,
+    /// The line whose events built it; not stored before the operator service existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub line: Option<String>,
     pub content: String,
     pub state: State,
     pub created_at: jiff::Timestamp,
@@ -127,6 +132,7 @@ impl Record {
             id,
             production_order: m.production_order.clone(),
             message_type: m.message_type.clone(),
+            line: m.line.clone(),
             content: m.content.clone(),
             state: State::Queued,
             created_at: now,

@@ -6,6 +6,7 @@ fn msg(order: &str, n: u32) -> NewMessage {
         message_type: "ProdProductionOrderStart".into(),
         content: format!("{{\"ProductionOrderNumber\":\"{order}\",\"n\":{n}}}"),
         origin: "test".into(),
+        line: None,
     }
 }
 

@@ -112,6 +112,8 @@ impl Rule {
 pub struct BuiltMessage {
     pub message: Message,
     pub rule: String,
+    /// The line whose events built it.
+    pub line: String,
 }
 
 /// Counters for the operator surface.
@@ -723,6 +725,7 @@ impl Engine {
             Ok(message) => Some(BuiltMessage {
                 message,
                 rule: rule.name.clone(),
+                line: line.to_string(),
             }),
             Err(e) => {
                 self.stats.build_errors.fetch_add(1, Ordering::Relaxed);

@@ -619,6 +619,7 @@ impl Gateway {
             message_type: m.message_type().to_string(),
             content: m.to_content(&FieldNames::default()).unwrap(),
             origin: "test".into(),
+            line: None,
         };
         let id = self.outbox.append(vec![new]).await.unwrap()[0].id;
         id
