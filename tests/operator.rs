@@ -300,6 +300,27 @@ async fn the_http_api_wants_its_token_and_answers_400_404_409_as_documented() {
     out.wait_for("Operator socket listening.").await;
     let base = format!("http://127.0.0.1:{api_port}/api/v1");
 
+    // Ready: no source to wait for, and no token problem (the token is fetched when
+    // there is something to send).
+    let ready = async {
+        loop {
+            let (status, body) = http(
+                reqwest::Method::GET,
+                format!("http://127.0.0.1:{api_port}/ready"),
+                None,
+                None,
+            )
+            .await;
+            if status == 200 {
+                return body;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let body = tokio::time::timeout(Duration::from_secs(30), ready)
+        .await
+        .expect("/ready says 200");
+    assert_eq!(body, json!({ "ready": true, "reasons": [] }));
     // Reading needs no token on loopback.
     let (status, body) = http(reqwest::Method::GET, format!("{base}/status"), None, None).await;
     assert_eq!(status, 200, "{body}");
