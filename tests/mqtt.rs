@@ -208,13 +208,21 @@ async fn health_and_metrics_show_the_sources_and_the_outbox() {
         "{metrics}"
     );
     assert!(
-        metrics.contains("mes_gateway_oldest_pending_age_seconds 0\n"),
+        metrics.contains("mes_gateway_oldest_pending_age_seconds 0.0\n"),
         "everything delivered: {metrics}"
     );
     assert!(
         metrics.contains("mes_gateway_unmatched_events_total 1"),
         "the other topic is counted: {metrics}"
     );
+    // The latency histogram saw the one delivery.
+    assert!(
+        metrics.contains("mes_gateway_outbox_messages{state=\"delivered\"} 1\n")
+            && metrics.contains("mes_gateway_delivery_latency_seconds_count 1\n")
+            && metrics.contains("mes_gateway_delivery_latency_seconds_bucket{le=\"+Inf\"} 1\n"),
+        "{metrics}"
+    );
+    assert!(metrics.ends_with("# EOF\n"), "OpenMetrics text: {metrics}");
     assert_eq!(gw.terminate().await, 0);
     broker.stop().await;
 }

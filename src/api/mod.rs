@@ -14,9 +14,9 @@
 
 pub mod config;
 pub mod console;
+mod metrics;
 pub mod v1;
 
-use std::fmt::Write as _;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -34,7 +34,6 @@ use crate::config::Secret;
 use crate::live::Live;
 use crate::operator::Operator;
 use crate::outbox::{Outbox, State as MessageState};
-use crate::source::SourceHealth;
 
 #[derive(Debug, Clone)]
 pub struct ApiState {
@@ -253,176 +252,10 @@ async fn ready(State(state): State<ApiState>) -> impl IntoResponse {
     )
 }
 
-/// Renders the metrics in the Prometheus text format.
-pub fn render_metrics(state: &ApiState) -> String {
-    let mut out = String::new();
-    let mut metric = |name: &str, help: &str, kind: &str, samples: Vec<(String, f64)>| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (labels, v) in samples {
-            let _ = writeln!(out, "{name}{labels} {v}");
-        }
-    };
-    let counts = state.outbox.counts();
-    metric(
-        "mes_gateway_outbox_messages",
-        "Messages in the outbox by state.",
-        "gauge",
-        MessageState::ALL
-            .iter()
-            .map(|s| {
-                (
-                    format!("{{state=\"{s}\"}}"),
-                    counts.get(s).copied().unwrap_or(0) as f64,
-                )
-            })
-            .collect(),
-    );
-    let oldest = state.outbox.oldest_pending().map_or(0.0, |t| {
-        jiff::Timestamp::now()
-            .duration_since(t)
-            .as_secs_f64()
-            .max(0.0)
-    });
-    metric(
-        "mes_gateway_oldest_pending_age_seconds",
-        "Age of the oldest message not yet delivered (0 when none).",
-        "gauge",
-        vec![(String::new(), oldest)],
-    );
-    let live = state.live.get();
-    let per_source = |f: &dyn Fn(&SourceHealth) -> f64| -> Vec<(String, f64)> {
-        live.sources
-            .iter()
-            .map(|(id, h)| (format!("{{source=\"{id}\"}}"), f(h)))
-            .collect()
-    };
-    metric(
-        "mes_gateway_source_connected",
-        "1 when the source is connected.",
-        "gauge",
-        per_source(&|h| f64::from(u8::from(h.is_connected()))),
-    );
-    metric(
-        "mes_gateway_source_events_total",
-        "Events received per source.",
-        "counter",
-        per_source(&|h| h.events.load(Ordering::Relaxed) as f64),
-    );
-    metric(
-        "mes_gateway_source_decode_errors_total",
-        "Undecodable inputs and device exceptions per source.",
-        "counter",
-        per_source(&|h| h.decode_errors.load(Ordering::Relaxed) as f64),
-    );
-    metric(
-        "mes_gateway_source_reconnects_total",
-        "Connections made per source.",
-        "counter",
-        per_source(&|h| h.reconnects.load(Ordering::Relaxed) as f64),
-    );
-    if let Some(d) = &live.dispatch {
-        let outcomes = [
-            ("delivered", &d.delivered),
-            ("retried", &d.retried),
-            ("failed", &d.failed),
-            ("uncertain", &d.uncertain),
-            ("throttled", &d.throttled),
-        ];
-        metric(
-            "mes_gateway_delivery_outcomes_total",
-            "Outcomes of requests to D365.",
-            "counter",
-            outcomes
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        format!("{{outcome=\"{k}\"}}"),
-                        v.load(Ordering::Relaxed) as f64,
-                    )
-                })
-                .collect(),
-        );
-    }
-    if let Some(p) = &live.pipeline {
-        metric(
-            "mes_gateway_messages_built_total",
-            "Messages built by rules and stored.",
-            "counter",
-            vec![(String::new(), p.messages.load(Ordering::Relaxed) as f64)],
-        );
-        metric(
-            "mes_gateway_store_errors_total",
-            "Failed attempts to store messages.",
-            "counter",
-            vec![(String::new(), p.store_errors.load(Ordering::Relaxed) as f64)],
-        );
-        metric(
-            "mes_gateway_redelivered_duplicates_total",
-            "Upstream redeliveries (MQTT DUP) of messages already stored: acknowledged, nothing produced.",
-            "counter",
-            vec![(String::new(), p.duplicates.load(Ordering::Relaxed) as f64)],
-        );
-    }
-    if let Some(r) = &live.rules {
-        metric(
-            "mes_gateway_unassigned_events_total",
-            "Events that needed an order on a line without one.",
-            "counter",
-            vec![(String::new(), r.unassigned.load(Ordering::Relaxed) as f64)],
-        );
-        metric(
-            "mes_gateway_unmatched_events_total",
-            "Events no rule takes.",
-            "counter",
-            vec![(String::new(), r.unmatched.load(Ordering::Relaxed) as f64)],
-        );
-        metric(
-            "mes_gateway_build_errors_total",
-            "Messages rules could not build.",
-            "counter",
-            vec![(String::new(), r.build_errors.load(Ordering::Relaxed) as f64)],
-        );
-    }
-    let open = state.alerts.open_alerts();
-    metric(
-        "mes_gateway_alerts_open",
-        "Open alerts by kind.",
-        "gauge",
-        crate::alert::KINDS
-            .iter()
-            .map(|k| {
-                (
-                    format!("{{kind=\"{k}\"}}"),
-                    open.iter().filter(|a| a.kind == *k).count() as f64,
-                )
-            })
-            .collect(),
-    );
-    metric(
-        "mes_gateway_alerts_fired_total",
-        "Alerts fired (each incident once).",
-        "counter",
-        vec![(
-            String::new(),
-            state.alerts.fired.load(Ordering::Relaxed) as f64,
-        )],
-    );
-    metric(
-        "mes_gateway_alert_notices_dropped_total",
-        "Alert notices a notifier could not keep up with.",
-        "counter",
-        vec![(
-            String::new(),
-            state.alerts.dropped_notices.load(Ordering::Relaxed) as f64,
-        )],
-    );
-    out
-}
-
 async fn metrics(State(state): State<ApiState>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        render_metrics(&state),
+        [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
+        metrics::render(&state),
     )
 }
 

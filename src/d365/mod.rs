@@ -77,7 +77,7 @@ const STORE_RETRY_MIN: Duration = Duration::from_millis(500);
 const STORE_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Counters the dispatcher keeps for the operator surface and for the watchdog.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct DispatchStats {
     pub delivered: AtomicU64,
     pub retried: AtomicU64,
@@ -87,6 +87,26 @@ pub struct DispatchStats {
     /// The last problem that stopped every lane (token endpoint, credentials), for the
     /// operator surface: such problems belong to no single message.
     last_error: std::sync::Mutex<Option<String>>,
+    /// Seconds from a message's creation to D365's acceptance (queueing, retries and
+    /// outages included).
+    pub delivery_latency: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Default for DispatchStats {
+    fn default() -> Self {
+        DispatchStats {
+            delivered: AtomicU64::default(),
+            retried: AtomicU64::default(),
+            failed: AtomicU64::default(),
+            uncertain: AtomicU64::default(),
+            throttled: AtomicU64::default(),
+            last_error: std::sync::Mutex::default(),
+            // 10 ms … about 3 days.
+            delivery_latency: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.01, 4.0, 14),
+            ),
+        }
+    }
 }
 
 impl DispatchStats {
@@ -623,6 +643,12 @@ impl Dispatcher {
                     lanes.not_before.remove(&id);
                     delivered.insert(id);
                     self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+                    self.stats.delivery_latency.observe(
+                        jiff::Timestamp::now()
+                            .duration_since(record.created_at)
+                            .as_secs_f64()
+                            .max(0.0),
+                    );
                     tracing::debug!(message_id = id, %order, "Delivered.");
                     Settle::Delivered
                 }

@@ -101,7 +101,13 @@ impl From<crate::message::MessageError> for OpError {
             E::Missing { field, .. } | E::Invalid { field, .. } => {
                 Some(field.split(" (").next().unwrap_or(field).to_string())
             }
-            E::Shape { .. } => None,
+            // serde's path to the value that does not fit, when it names one
+            // (`ReportFinishedLines[0].ReportedGoodQuantity: invalid type: …`).
+            E::Shape { detail, .. } => detail
+                .split_once(": ")
+                .map(|(path, _)| path)
+                .filter(|path| !path.is_empty() && !path.contains(' '))
+                .map(str::to_string),
         };
         OpError::Invalid {
             field,
@@ -469,4 +475,36 @@ pub fn parse_send_input(
 /// Per-state counts with every state present.
 pub fn state_counts(outbox: &Outbox) -> BTreeMap<String, usize> {
     views::counts(outbox)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_edit_names_the_field() {
+        let checks = ContentChecks::default();
+        let field = |content: serde_json::Value| match parse_send_input(
+            content,
+            Some("ProdProductionOrderReportFinished"),
+            &checks,
+        ) {
+            Err(OpError::Invalid { field, .. }) => field,
+            other => panic!("not refused: {other:?}"),
+        };
+        assert_eq!(
+            field(
+                serde_json::json!({ "ProductionOrderNumber": "P1", "ReportFinishedLines": [{ "ReportedGoodQuantity": "many" }] })
+            ),
+            Some("ReportFinishedLines[0].ReportedGoodQuantity".to_string())
+        );
+        assert_eq!(
+            field(serde_json::json!({ "ProductionOrderNumber": "P1", "ReportFinishedLines": [] })),
+            Some("ReportFinishedLines".to_string())
+        );
+        assert_eq!(
+            field(serde_json::json!({ "ReportFinishedLines": [{ "ReportedGoodQuantity": 1 }] })),
+            Some("ProductionOrderNumber".to_string())
+        );
+    }
 }

@@ -1,0 +1,212 @@
+//! `GET /metrics` in the OpenMetrics text format (prometheus-client). The values live in
+//! the components (atomics they update on their hot paths, the outbox's counts, the
+//! dispatcher's latency histogram); a registry is filled from them at each scrape, so
+//! no component depends on the metrics library's types except the histogram.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use super::ApiState;
+use crate::outbox::State as MessageState;
+
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+type Labels = Vec<(&'static str, String)>;
+
+/// A gauge with one label, one sample per value. (Help texts have no final period: the
+/// encoder adds one.)
+fn gauges(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    label: &'static str,
+    samples: impl IntoIterator<Item = (String, i64)>,
+) {
+    let family = Family::<Labels, Gauge>::default();
+    for (value, v) in samples {
+        family.get_or_create(&vec![(label, value)]).set(v);
+    }
+    registry.register(name, help, family);
+}
+
+/// A counter with one label; `name` without the `_total` the format adds.
+fn counters(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    label: &'static str,
+    samples: impl IntoIterator<Item = (String, u64)>,
+) {
+    let family = Family::<Labels, Counter>::default();
+    for (value, v) in samples {
+        family.get_or_create(&vec![(label, value)]).inc_by(v);
+    }
+    registry.register(name, help, family);
+}
+
+fn counter(registry: &mut Registry, name: &str, help: &str, value: &AtomicU64) {
+    let c = Counter::<u64>::default();
+    c.inc_by(value.load(Ordering::Relaxed));
+    registry.register(name, help, c);
+}
+
+pub fn render(state: &ApiState) -> String {
+    let mut registry = Registry::default();
+    let counts = state.outbox.counts();
+    gauges(
+        &mut registry,
+        "mes_gateway_outbox_messages",
+        "Messages in the outbox by state",
+        "state",
+        MessageState::ALL
+            .iter()
+            .map(|s| (s.to_string(), counts.get(s).copied().unwrap_or(0) as i64)),
+    );
+    let oldest = state.outbox.oldest_pending().map_or(0.0, |t| {
+        jiff::Timestamp::now()
+            .duration_since(t)
+            .as_secs_f64()
+            .max(0.0)
+    });
+    let g = Gauge::<f64, AtomicU64>::default();
+    g.set(oldest);
+    registry.register(
+        "mes_gateway_oldest_pending_age_seconds",
+        "Age of the oldest message not yet delivered (0 when none)",
+        g,
+    );
+    let live = state.live.get();
+    let sources = &live.sources;
+    gauges(
+        &mut registry,
+        "mes_gateway_source_connected",
+        "1 when the source is connected",
+        "source",
+        sources
+            .iter()
+            .map(|(id, h)| (id.clone(), i64::from(h.is_connected()))),
+    );
+    for (name, help, pick) in [
+        (
+            "mes_gateway_source_events",
+            "Events received per source",
+            (|h| &h.events) as fn(&crate::source::SourceHealth) -> &AtomicU64,
+        ),
+        (
+            "mes_gateway_source_decode_errors",
+            "Undecodable inputs and device exceptions per source",
+            |h| &h.decode_errors,
+        ),
+        (
+            "mes_gateway_source_reconnects",
+            "Connections made per source",
+            |h| &h.reconnects,
+        ),
+    ] {
+        counters(
+            &mut registry,
+            name,
+            help,
+            "source",
+            sources
+                .iter()
+                .map(|(id, h)| (id.clone(), pick(h).load(Ordering::Relaxed))),
+        );
+    }
+    if let Some(d) = &live.dispatch {
+        counters(
+            &mut registry,
+            "mes_gateway_delivery_outcomes",
+            "Outcomes of requests to D365",
+            "outcome",
+            [
+                ("delivered", &d.delivered),
+                ("retried", &d.retried),
+                ("failed", &d.failed),
+                ("uncertain", &d.uncertain),
+                ("throttled", &d.throttled),
+            ]
+            .map(|(k, v)| (k.to_string(), v.load(Ordering::Relaxed))),
+        );
+        registry.register(
+            "mes_gateway_delivery_latency_seconds",
+            "From a message's creation to D365's acceptance",
+            d.delivery_latency.clone(),
+        );
+    }
+    if let Some(p) = &live.pipeline {
+        counter(
+            &mut registry,
+            "mes_gateway_messages_built",
+            "Messages built by rules and stored",
+            &p.messages,
+        );
+        counter(
+            &mut registry,
+            "mes_gateway_store_errors",
+            "Failed attempts to store messages",
+            &p.store_errors,
+        );
+        counter(
+            &mut registry,
+            "mes_gateway_redelivered_duplicates",
+            "Upstream redeliveries (MQTT DUP) of messages already stored: acknowledged, nothing produced",
+            &p.duplicates,
+        );
+    }
+    if let Some(r) = &live.rules {
+        counter(
+            &mut registry,
+            "mes_gateway_unassigned_events",
+            "Events that needed an order on a line without one",
+            &r.unassigned,
+        );
+        counter(
+            &mut registry,
+            "mes_gateway_unmatched_events",
+            "Events no rule takes",
+            &r.unmatched,
+        );
+        counter(
+            &mut registry,
+            "mes_gateway_build_errors",
+            "Messages rules could not build",
+            &r.build_errors,
+        );
+    }
+    drop(live);
+    let open = state.alerts.open_alerts();
+    gauges(
+        &mut registry,
+        "mes_gateway_alerts_open",
+        "Open alerts by kind",
+        "kind",
+        crate::alert::KINDS.iter().map(|k| {
+            (
+                k.to_string(),
+                open.iter().filter(|a| a.kind == *k).count() as i64,
+            )
+        }),
+    );
+    counter(
+        &mut registry,
+        "mes_gateway_alerts_fired",
+        "Alerts fired (each incident once)",
+        &state.alerts.fired,
+    );
+    counter(
+        &mut registry,
+        "mes_gateway_alert_notices_dropped",
+        "Alert notices a notifier could not keep up with",
+        &state.alerts.dropped_notices,
+    );
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = encode(&mut out, &registry);
+    out
+}
