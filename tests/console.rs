@@ -9,9 +9,7 @@ use std::path::PathBuf;
 
 use serde_json::{json, Value};
 use support::browser::Browser;
-use support::mqtt::free_port;
-use support::process::{self, path_str, Output};
-use support::{FakeD365, Reply};
+use support::Operated;
 
 const TOKEN: &str = "console-token-0123456789abcdef";
 const ORDER: &str = "P000321";
@@ -22,25 +20,18 @@ fn screenshots() -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_fixes_a_failed_message_in_the_console_and_sees_it_delivered() {
-    let fake = FakeD365::start().await;
-    fake.script_order(
+    let Operated {
+        fake,
+        dir: _dir,
+        api_port,
+        out: _out,
+        gw,
+    } = Operated::start(
         ORDER,
-        [Reply::Status(500), Reply::Status(500), Reply::Status(500)],
-    );
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let api_port = free_port();
-    support::write_config(
-        dir,
-        &format!(
-            "{}dispatcher:\n  backoff_initial: 100ms\n  backoff_max: 200ms\nstorage:\n  data_dir: data\nsources:\n  - type: simulator\n    id: light-barrier\n    interval: 1h\napi:\n  listen: 127.0.0.1:{api_port}\n  token_file: api-token\n",
-            support::d365_yaml(&fake)
-        ),
-    );
-    std::fs::write(dir.join("api-token"), TOKEN).unwrap();
-    let out = Output::new();
-    let gw = process::start(&["run", "-c", path_str(dir)], &out);
-    out.wait_for("Operator socket listening.").await;
+        TOKEN,
+        "sources:\n  - type: simulator\n    id: light-barrier\n    interval: 1h\n",
+    )
+    .await;
     let base = format!("http://127.0.0.1:{api_port}");
     let http = reqwest::Client::new();
     let sent: Value = http

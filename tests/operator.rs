@@ -18,7 +18,7 @@ use support::mqtt::{
 use support::plant::{self, send_frame, PLC_ORDER, SERIAL_ORDER};
 use support::plc::CounterPlc;
 use support::process::{self, path_str, Output};
-use support::{pieces, FakeD365, Reply};
+use support::{pieces, FakeD365, Operated, Reply};
 
 const BAD_ORDER: &str = "PBAD01";
 const TOKEN: &str = "test-token-0123456789abcdef";
@@ -272,45 +272,37 @@ async fn http(
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
+/// A request with the token.
+async fn with_token(method: reqwest::Method, url: String, body: Option<Value>) -> (u16, Value) {
+    http(method, url, Some(TOKEN), body).await
+}
+
+/// A request without a token.
+async fn get(url: String) -> (u16, Value) {
+    http(reqwest::Method::GET, url, None, None).await
+}
+
 /// Every endpoint that changes something answers 401 without the token; with it, an
 /// edit that breaks a mandatory field is 400 with the field named, an action the state
 /// machine refuses is 409, an unknown message 404. A listener other hosts can reach
 /// wants the token for reading too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_http_api_wants_its_token_and_answers_400_404_409_as_documented() {
-    let fake = FakeD365::start().await;
-    fake.script_order(
-        BAD_ORDER,
-        [Reply::Status(500), Reply::Status(500), Reply::Status(500)],
-    );
-    let tmp = tempfile::tempdir().unwrap();
+    let Operated {
+        fake,
+        dir: tmp,
+        api_port,
+        out,
+        gw,
+    } = Operated::start(BAD_ORDER, TOKEN, "").await;
     let dir = tmp.path();
-    let api_port = free_port();
-    support::write_config(
-        dir,
-        &format!(
-            "{}dispatcher:\n  backoff_initial: 100ms\n  backoff_max: 200ms\nstorage:\n  data_dir: data\n{}",
-            support::d365_yaml(&fake),
-            api_yaml(api_port)
-        ),
-    );
-    write_token(dir);
-    let out = Output::new();
-    let gw = process::start(&["run", "-c", path_str(dir)], &out);
-    out.wait_for("Operator socket listening.").await;
     let base = format!("http://127.0.0.1:{api_port}/api/v1");
 
     // Ready: no source to wait for, and no token problem (the token is fetched when
     // there is something to send).
     let ready = async {
         loop {
-            let (status, body) = http(
-                reqwest::Method::GET,
-                format!("http://127.0.0.1:{api_port}/ready"),
-                None,
-                None,
-            )
-            .await;
+            let (status, body) = get(format!("http://127.0.0.1:{api_port}/ready")).await;
             if status == 200 {
                 return body;
             }
@@ -322,14 +314,13 @@ async fn the_http_api_wants_its_token_and_answers_400_404_409_as_documented() {
         .expect("/ready says 200");
     assert_eq!(body, json!({ "ready": true, "reasons": [] }));
     // Reading needs no token on loopback.
-    let (status, body) = http(reqwest::Method::GET, format!("{base}/status"), None, None).await;
+    let (status, body) = get(format!("{base}/status")).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["running"], true);
 
-    let (status, sent) = http(
+    let (status, sent) = with_token(
         reqwest::Method::POST,
         format!("{base}/messages?type=ProdProductionOrderReportFinished"),
-        Some(TOKEN),
         Some(report(BAD_ORDER, 1)),
     )
     .await;
@@ -375,13 +366,7 @@ async fn the_http_api_wants_its_token_and_answers_400_404_409_as_documented() {
         }
     }
 
-    let (status, _) = http(
-        reqwest::Method::GET,
-        format!("{base}/messages/999999"),
-        None,
-        None,
-    )
-    .await;
+    let (status, _) = get(format!("{base}/messages/999999")).await;
     assert_eq!(status, 404);
     fake.wait_until("three answers 500", |r| {
         r.iter().filter(|r| r.order == BAD_ORDER).count() >= 3
@@ -389,13 +374,7 @@ async fn the_http_api_wants_its_token_and_answers_400_404_409_as_documented() {
     .await;
     let failed = async {
         loop {
-            let (_, m) = http(
-                reqwest::Method::GET,
-                format!("{base}/messages/{id}"),
-                None,
-                None,
-            )
-            .await;
+            let (_, m) = get(format!("{base}/messages/{id}")).await;
             if m["state"] == "failed" {
                 return m;
             }
@@ -406,10 +385,9 @@ async fn the_http_api_wants_its_token_and_answers_400_404_409_as_documented() {
         .await
         .expect("the message failed");
 
-    let (status, answer) = http(
+    let (status, answer) = with_token(
         reqwest::Method::POST,
         format!("{base}/messages/{id}/retry"),
-        Some(TOKEN),
         Some(
             json!({ "content": { "ProductionOrderNumber": BAD_ORDER, "ReportFinishedLines": [] } }),
         ),
@@ -421,10 +399,9 @@ async fn the_http_api_wants_its_token_and_answers_400_404_409_as_documented() {
         answer["error"],
         "ProdProductionOrderReportFinished: ReportFinishedLines (at least one line) is mandatory"
     );
-    let (status, answer) = http(
+    let (status, answer) = with_token(
         reqwest::Method::POST,
         format!("{base}/messages/{id}/resolve"),
-        Some(TOKEN),
         None,
     )
     .await;
@@ -433,10 +410,9 @@ async fn the_http_api_wants_its_token_and_answers_400_404_409_as_documented() {
         answer["error"],
         format!("message {id} is failed: cannot resolve it (allowed from: uncertain)")
     );
-    let (status, answer) = http(
+    let (status, answer) = with_token(
         reqwest::Method::POST,
         format!("{base}/messages/{id}/cancel"),
-        Some(TOKEN),
         None,
     )
     .await;
@@ -446,19 +422,17 @@ async fn the_http_api_wants_its_token_and_answers_400_404_409_as_documented() {
         answer["history"].as_array().unwrap().last().unwrap()["by"],
         "api"
     );
-    let (status, answer) = http(
+    let (status, answer) = with_token(
         reqwest::Method::POST,
         format!("{base}/messages/{id}/cancel"),
-        Some(TOKEN),
         None,
     )
     .await;
     assert_eq!(status, 409, "{answer}");
 
-    let (status, answer) = http(
+    let (status, answer) = with_token(
         reqwest::Method::PUT,
         format!("{base}/lines/line1"),
-        Some(TOKEN),
         Some(json!({ "order": "" })),
     )
     .await;
@@ -467,15 +441,14 @@ async fn the_http_api_wants_its_token_and_answers_400_404_409_as_documented() {
         (400, json!("order")),
         "{answer}"
     );
-    let (status, answer) = http(
+    let (status, answer) = with_token(
         reqwest::Method::PUT,
         format!("{base}/lines/line1"),
-        Some(TOKEN),
         Some(json!({ "order": "P000777", "item": "A0001" })),
     )
     .await;
     assert_eq!(status, 200, "{answer}");
-    let (_, lines) = http(reqwest::Method::GET, format!("{base}/lines"), None, None).await;
+    let (_, lines) = get(format!("{base}/lines")).await;
     assert_eq!(lines["lines"]["line1"]["order"], "P000777");
     assert_eq!(gw.terminate().await, 0);
 
@@ -491,23 +464,11 @@ async fn the_http_api_wants_its_token_and_answers_400_404_409_as_documented() {
     let gw = process::start(&["run", "-c", path_str(dir)], &out);
     out.wait_for_count("Operator socket listening.", 2).await;
     let base = format!("http://127.0.0.1:{api_port}/api/v1");
-    let (status, _) = http(reqwest::Method::GET, format!("{base}/status"), None, None).await;
+    let (status, _) = get(format!("{base}/status")).await;
     assert_eq!(status, 401);
-    let (status, _) = http(
-        reqwest::Method::GET,
-        format!("http://127.0.0.1:{api_port}/metrics"),
-        None,
-        None,
-    )
-    .await;
+    let (status, _) = get(format!("http://127.0.0.1:{api_port}/metrics")).await;
     assert_eq!(status, 401);
-    let (status, body) = http(
-        reqwest::Method::GET,
-        format!("{base}/status"),
-        Some(TOKEN),
-        None,
-    )
-    .await;
+    let (status, body) = with_token(reqwest::Method::GET, format!("{base}/status"), None).await;
     assert_eq!(status, 200);
     assert_eq!(
         body["lines"]["line1"]["order"], "P000777",
@@ -535,10 +496,9 @@ async fn reload_through_the_api_refuses_a_broken_rule_and_a_good_one_loses_nothi
     let gw = process::start(&["run", "-c", &cfg], &out);
     out.wait_for("Subscribed.").await;
     let reload = || {
-        http(
+        with_token(
             reqwest::Method::POST,
             format!("http://127.0.0.1:{api_port}/api/v1/reload"),
-            Some(TOKEN),
             None,
         )
     };
@@ -601,12 +561,9 @@ async fn reload_through_the_api_refuses_a_broken_rule_and_a_good_one_loses_nothi
         );
     }
     // Messages remember the line whose events built them: listing by line finds them.
-    let (status, page) = http(
-        reqwest::Method::GET,
-        format!("http://127.0.0.1:{api_port}/api/v1/messages?line=P007&limit=5&newest=true"),
-        None,
-        None,
-    )
+    let (status, page) = get(format!(
+        "http://127.0.0.1:{api_port}/api/v1/messages?line=P007&limit=5&newest=true"
+    ))
     .await;
     assert_eq!(status, 200, "{page}");
     let listed = page["messages"].as_array().unwrap();

@@ -315,8 +315,8 @@ impl AlertWatch {
                 outbox.page(&filter, None, MAX_MESSAGE_ALERTS, false)
             })
             .await;
-            let records = match page {
-                Ok(Ok((records, _))) => records,
+            let (records, more) = match page {
+                Ok(Ok((records, next))) => (records, next.is_some()),
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "Cannot read the outbox for alerts; trying again.");
                     continue;
@@ -337,7 +337,9 @@ impl AlertWatch {
                     ),
                 ));
             }
-            if n > records.len() {
+            // Only when the page was full: the counts are read before the page, and a
+            // message retried in between would otherwise make a phantom "1 more".
+            if more && n > records.len() {
                 open.push((
                     format!("{kind}/more"),
                     kind.to_string(),

@@ -82,6 +82,36 @@ impl Sessions {
     }
 }
 
+/// A request from a logged-in browser; any other is sent to the login page.
+struct LoggedIn(Session);
+
+impl axum::extract::FromRequestParts<ApiState> for LoggedIn {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &ApiState,
+    ) -> Result<Self, Self::Rejection> {
+        match state.sessions.get(&parts.headers) {
+            Some((_, session)) => Ok(LoggedIn(session)),
+            None => Err(to_login()),
+        }
+    }
+}
+
+impl LoggedIn {
+    /// The refusal of a form that does not carry this session's anti-forgery token.
+    fn refusal(&self, csrf: &str) -> Option<Response> {
+        (self.0.csrf != csrf).then(|| {
+            (
+                StatusCode::FORBIDDEN,
+                "the form is stale or forged: reload the page",
+            )
+                .into_response()
+        })
+    }
+}
+
 /// 32 random bytes from the system's generator, as hex.
 fn random_hex() -> Option<String> {
     use ring::rand::SecureRandom;
@@ -344,12 +374,10 @@ struct MessagesQuery {
 
 async fn messages_page(
     State(state): State<ApiState>,
-    headers: HeaderMap,
+    logged_in: LoggedIn,
     Query(q): Query<MessagesQuery>,
 ) -> Response {
-    let Some((_, session)) = state.sessions.get(&headers) else {
-        return to_login();
-    };
+    let session = &logged_in.0;
     let filter = ListFilter {
         state: q.state.as_deref().and_then(|s| s.parse().ok()),
         order: q.order.clone().filter(|o| !o.trim().is_empty()),
@@ -395,7 +423,7 @@ async fn messages_page(
             return page(
                 "Manufacturing execution systems integration",
                 "messages",
-                Some(&session),
+                Some(session),
                 &body,
             )
             .into_response();
@@ -455,7 +483,7 @@ async fn messages_page(
     let detail = match q.id {
         None => "<p>Select a message to see its content, attempts and history.</p>".to_string(),
         Some(id) => match state.operator.show(id).await {
-            Ok(r) => detail_pane(&r, &session, &link_query(id)),
+            Ok(r) => detail_pane(&r, session, &link_query(id)),
             Err(e) => format!("<div class=\"error\">{}</div>", esc(&e.to_string())),
         },
     };
@@ -466,7 +494,7 @@ async fn messages_page(
     page(
         "Manufacturing execution systems integration",
         "messages",
-        Some(&session),
+        Some(session),
         &body,
     )
     .into_response()
@@ -560,20 +588,14 @@ struct ActionForm {
 
 async fn message_action(
     State(state): State<ApiState>,
-    headers: HeaderMap,
+    logged_in: LoggedIn,
     Path((id, action)): Path<(MessageId, String)>,
     Query(back): Query<HashMap<String, String>>,
     Form(form): Form<ActionForm>,
 ) -> Response {
-    let Some((_, session)) = state.sessions.get(&headers) else {
-        return to_login();
-    };
-    if session.csrf != form.csrf {
-        return (
-            StatusCode::FORBIDDEN,
-            "the form is stale or forged: reload the page",
-        )
-            .into_response();
+    let session = &logged_in.0;
+    if let Some(refused) = logged_in.refusal(&form.csrf) {
+        return refused;
     }
     let by = format!("console:{}", session.name);
     let result = match action.as_str() {
@@ -623,12 +645,10 @@ async fn message_action(
 
 async fn lines_page(
     State(state): State<ApiState>,
-    headers: HeaderMap,
+    logged_in: LoggedIn,
     Query(n): Query<Notes>,
 ) -> Response {
-    let Some((_, session)) = state.sessions.get(&headers) else {
-        return to_login();
-    };
+    let session = &logged_in.0;
     let mut body = notes(&n);
     match state.operator.lines().await {
         Err(e) => {
@@ -647,7 +667,7 @@ async fn lines_page(
                     op = esc(c.operation.as_deref().unwrap_or("")),
                     r = esc(c.resource.as_deref().unwrap_or("")),
                     s = c.since.map(time).unwrap_or_default(),
-                    csrf = csrf_field(&session),
+                    csrf = csrf_field(session),
                 );
             }
             if view.lines.is_empty() {
@@ -677,9 +697,9 @@ async fn lines_page(
          <label>Production order<input type=\"text\" name=\"order\" id=\"order\" required></label>\
          <label>Item<input type=\"text\" name=\"item\"></label><label>Operation<input type=\"text\" name=\"operation\"></label>\
          <label>Resource<input type=\"text\" name=\"resource\"></label><button type=\"submit\" id=\"set-line\">Set</button></form>",
-        csrf = csrf_field(&session)
+        csrf = csrf_field(session)
     );
-    page("Lines", "lines", Some(&session), &body).into_response()
+    page("Lines", "lines", Some(session), &body).into_response()
 }
 
 #[derive(Debug, Deserialize)]
@@ -694,18 +714,12 @@ struct LineForm {
 
 async fn set_line(
     State(state): State<ApiState>,
-    headers: HeaderMap,
+    logged_in: LoggedIn,
     Form(form): Form<LineForm>,
 ) -> Response {
-    let Some((_, session)) = state.sessions.get(&headers) else {
-        return to_login();
-    };
-    if session.csrf != form.csrf {
-        return (
-            StatusCode::FORBIDDEN,
-            "the form is stale or forged: reload the page",
-        )
-            .into_response();
+    let session = &logged_in.0;
+    if let Some(refused) = logged_in.refusal(&form.csrf) {
+        return refused;
     }
     let nonempty = |s: Option<String>| s.filter(|s| !s.trim().is_empty());
     let context = OrderContext {
@@ -738,19 +752,13 @@ async fn set_line(
 
 async fn clear_line(
     State(state): State<ApiState>,
-    headers: HeaderMap,
+    logged_in: LoggedIn,
     Path(line): Path<String>,
     Form(form): Form<CsrfForm>,
 ) -> Response {
-    let Some((_, session)) = state.sessions.get(&headers) else {
-        return to_login();
-    };
-    if session.csrf != form.csrf {
-        return (
-            StatusCode::FORBIDDEN,
-            "the form is stale or forged: reload the page",
-        )
-            .into_response();
+    let session = &logged_in.0;
+    if let Some(refused) = logged_in.refusal(&form.csrf) {
+        return refused;
     }
     match state
         .operator
@@ -765,15 +773,13 @@ async fn clear_line(
     }
 }
 
-async fn sources_page(State(state): State<ApiState>, headers: HeaderMap) -> Response {
-    let Some((_, session)) = state.sessions.get(&headers) else {
-        return to_login();
-    };
+async fn sources_page(State(state): State<ApiState>, logged_in: LoggedIn) -> Response {
+    let session = &logged_in.0;
     let status = match state.operator.status().await {
         Ok(s) => s,
         Err(e) => {
             let body = format!("<div class=\"error\">{}</div>", esc(&e.to_string()));
-            return page("Sources", "sources", Some(&session), &body).into_response();
+            return page("Sources", "sources", Some(session), &body).into_response();
         }
     };
     let mut body = String::from("<table id=\"sources\"><tr><th>Source</th><th>State</th><th>Since</th><th>Last event</th><th>Events</th><th>Decode errors</th><th>Last error</th></tr>");
@@ -822,5 +828,5 @@ async fn sources_page(State(state): State<ApiState>, headers: HeaderMap) -> Resp
             crate::config::format_duration(Duration::from_secs(up.max(0) as u64))
         );
     }
-    page("Sources", "sources", Some(&session), &body).into_response()
+    page("Sources", "sources", Some(session), &body).into_response()
 }

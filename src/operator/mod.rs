@@ -103,10 +103,19 @@ impl From<crate::message::MessageError> for OpError {
             }
             // serde's path to the value that does not fit, when it names one
             // (`ReportFinishedLines[0].ReportedGoodQuantity: invalid type: …`).
+            // or the field serde misses or does not know (`missing field `X``).
             E::Shape { detail, .. } => detail
                 .split_once(": ")
                 .map(|(path, _)| path)
                 .filter(|path| !path.is_empty() && !path.contains(' '))
+                .or_else(|| {
+                    ["missing field `", "unknown field `"]
+                        .iter()
+                        .find_map(|start| {
+                            let rest = &detail[detail.find(start)? + start.len()..];
+                            rest.split('`').next()
+                        })
+                })
                 .map(str::to_string),
         };
         OpError::Invalid {

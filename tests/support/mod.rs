@@ -741,3 +741,45 @@ pub mod mqtt;
 pub mod plant;
 pub mod plc;
 pub mod process;
+
+/// A running gateway binary for the operator tests: the fake D365 answers 500 three times
+/// to `failing_order` (so its first message fails), retries are fast, `sources` is
+/// appended to gateway.yaml (a `sources:` section or nothing), and the API listens on a
+/// free loopback port with `token` in `api-token`.
+pub struct Operated {
+    pub fake: FakeD365,
+    pub dir: tempfile::TempDir,
+    pub api_port: u16,
+    pub out: process::Output,
+    pub gw: process::Running,
+}
+
+impl Operated {
+    pub async fn start(failing_order: &str, token: &str, sources: &str) -> Operated {
+        let fake = FakeD365::start().await;
+        fake.script_order(
+            failing_order,
+            [Reply::Status(500), Reply::Status(500), Reply::Status(500)],
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let api_port = mqtt::free_port();
+        write_config(
+            dir.path(),
+            &format!(
+                "{}dispatcher:\n  backoff_initial: 100ms\n  backoff_max: 200ms\nstorage:\n  data_dir: data\n{sources}api:\n  listen: 127.0.0.1:{api_port}\n  token_file: api-token\n",
+                d365_yaml(&fake)
+            ),
+        );
+        std::fs::write(dir.path().join("api-token"), format!("{token}\n")).unwrap();
+        let out = process::Output::new();
+        let gw = process::start(&["run", "-c", process::path_str(dir.path())], &out);
+        out.wait_for("Operator socket listening.").await;
+        Operated {
+            fake,
+            dir,
+            api_port,
+            out,
+            gw,
+        }
+    }
+}
