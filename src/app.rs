@@ -280,7 +280,7 @@ impl Components {
             tracing::info!(source = %s.id(), "Starting source.");
             let hb = heartbeats.register(&format!("source {}", s.id()));
             beats.push(hb.clone());
-            let health = source::spawn(
+            let (health, intake) = source::spawn(
                 s.clone(),
                 events_tx.clone(),
                 sources_cancel.clone(),
@@ -288,6 +288,9 @@ impl Components {
                 hb,
                 outbox,
             );
+            if let Some(intake) = intake {
+                live.webhooks.insert(s.id().to_string(), intake);
+            }
             live.sources.push((s.id().to_string(), health));
         }
         // The pipeline ends when the last sender is gone: drop ours now.
@@ -344,9 +347,19 @@ impl Components {
         } else {
             tracing::info!("Dry run: messages are built, stored and printed; nothing is sent.");
         }
+        // Event ids are remembered as long as the longest window of a d365_events source.
+        let remember_events = config
+            .sources
+            .iter()
+            .filter_map(|s| match s {
+                source::config::SourceConfig::D365Events(c) => Some(c.remember),
+                _ => None,
+            })
+            .max();
         tracker.spawn(prune_loop(
             outbox.clone(),
             config.storage.clone(),
+            remember_events,
             core_cancel.clone(),
         ));
         published.replace(live);
@@ -414,6 +427,7 @@ impl Components {
 async fn prune_loop(
     outbox: Outbox,
     storage: crate::outbox::config::StorageConfig,
+    remember_events: Option<Duration>,
     cancel: CancellationToken,
 ) {
     let mut ticks = tokio::time::interval(storage.prune_interval);
@@ -434,6 +448,16 @@ async fn prune_loop(
                 "Pruned delivered and cancelled messages past retention."
             ),
             Err(e) => tracing::warn!(error = %e, "Pruning the outbox failed; will try again."),
+        }
+        if let Some(window) = remember_events {
+            let window =
+                jiff::SignedDuration::try_from(window).unwrap_or(jiff::SignedDuration::MAX);
+            let before = jiff::Timestamp::now()
+                .checked_sub(window)
+                .unwrap_or(jiff::Timestamp::MIN);
+            if let Err(e) = outbox.forget_events(before) {
+                tracing::warn!(error = %e, "Forgetting old D365 event ids failed; will try again.");
+            }
         }
         match outbox.compact_if_worthwhile().await {
             Ok(None) => {}

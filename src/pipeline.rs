@@ -16,6 +16,8 @@
 //!   retried with the same ids; meanwhile the bounded event channel fills up and the
 //!   sources wait (the watchdog is fed while waiting).
 //! - When the sources stop (shutdown, reload), what is still aggregated is reported.
+//! - An operator's change to a line's order context ([`LineCommand`]) is applied between
+//!   two batches, committed like a rule's, and answered once it is durable.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,7 +28,7 @@ use tokio::sync::mpsc;
 
 use crate::message::FieldNames;
 
-use crate::outbox::{Delivery, DeliveryId, Ingest, NewMessage, Outbox, Record};
+use crate::outbox::{Delivery, DeliveryId, Ingest, NewMessage, Outbox, Record, SeenEvent};
 use crate::rules::state::{EngineState, OrderContext};
 use crate::rules::{BuiltMessage, Engine};
 use crate::source::SourceEvent;
@@ -51,6 +53,30 @@ pub struct PipelineStats {
     /// Each line's order context as last committed, for `/health`: published by the
     /// pipeline, so readers never parse the stored rules state.
     pub lines: std::sync::RwLock<BTreeMap<String, OrderContext>>,
+}
+
+/// What one batch (or one tick, or one operator command) produced, committed together.
+#[derive(Default)]
+struct Batch {
+    built: Vec<BuiltMessage>,
+    deliveries: Vec<Delivery>,
+    seen: Vec<SeenEvent>,
+}
+
+impl Batch {
+    fn built(built: Vec<BuiltMessage>) -> Batch {
+        Batch {
+            built,
+            ..Batch::default()
+        }
+    }
+}
+
+/// What a batch's redeliveries already have in the outbox.
+#[derive(Default)]
+struct Stored<'a> {
+    deliveries: HashSet<&'a DeliveryId>,
+    events: HashSet<&'a SeenEvent>,
 }
 
 /// Loads the rules engine's saved state; a state that cannot be read is reported and
@@ -103,8 +129,9 @@ fn until(deadline: Option<jiff::Timestamp>) -> Option<Duration> {
 
 impl Pipeline {
     /// Runs until every event sender is gone (the sources have stopped) and the channel
-    /// is drained, so nothing accepted from a source is lost at shutdown; then reports
-    /// what is still aggregated.
+    /// is drained, so nothing accepted from a source is lost at shutdown, and until the
+    /// operator's command channel is closed (the app closes it first when stopping); then
+    /// reports what is still aggregated.
     pub async fn run(
         mut self,
         mut events: mpsc::Receiver<SourceEvent>,
@@ -120,7 +147,7 @@ impl Pipeline {
         while events_open || commands_open {
             self.heartbeat.beat();
             let timer = until(self.engine.next_deadline());
-            let (built, deliveries) = tokio::select! {
+            let produced = tokio::select! {
                 n = events.recv_many(&mut batch, MAX_BATCH_EVENTS), if events_open => {
                     if n == 0 {
                         events_open = false;
@@ -130,7 +157,7 @@ impl Pipeline {
                     let stored = self.redeliveries_stored(&batch).await;
                     self.process_batch(&batch, &stored)
                 }
-                _ = sleep(timer), if timer.is_some() => (self.engine.tick(jiff::Timestamp::now()), Vec::new()),
+                _ = sleep(timer), if timer.is_some() => Batch::built(self.engine.tick(jiff::Timestamp::now())),
                 _ = heartbeat_ticks.tick() => continue,
                 command = commands.recv(), if commands_open => {
                     let Some(c) = command else {
@@ -138,13 +165,13 @@ impl Pipeline {
                         continue;
                     };
                     let (previous, built) = self.engine.set_line(&c.line, c.context, &c.by, jiff::Timestamp::now());
-                    self.persist(built, Vec::new()).await;
+                    self.persist(Batch::built(built)).await;
                     // The operator may have given up waiting; the change stands.
                     let _ = c.reply.send(previous);
                     continue;
                 }
             };
-            self.persist(built, deliveries).await;
+            self.persist(produced).await;
             // Only now is what these events produced durable: acknowledge upstream, in order.
             for acked in batch.drain(..) {
                 if let Some(ack) = acked.ack {
@@ -159,34 +186,40 @@ impl Pipeline {
                 "Reporting aggregated quantities before stopping."
             );
         }
-        self.persist(rest, Vec::new()).await;
+        self.persist(Batch::built(rest)).await;
     }
 
     /// The redelivered publishes of a batch whose result the outbox already holds. Asks
     /// until the outbox can answer (it cannot while a failed disk is being reopened):
     /// guessing "not stored" would report a piece twice, and nothing can be stored
     /// meanwhile anyway.
-    async fn redeliveries_stored<'a>(&self, batch: &'a [SourceEvent]) -> HashSet<&'a DeliveryId> {
+    async fn redeliveries_stored<'a>(&self, batch: &'a [SourceEvent]) -> Stored<'a> {
         let mut wait = STORE_RETRY_MIN;
         'ask: loop {
-            let mut stored = HashSet::new();
-            for d in batch.iter().filter_map(|e| e.delivery.as_ref()) {
-                if !d.redelivered {
-                    continue;
-                }
-                match self.outbox.holds_delivery(&d.id) {
-                    Ok(true) => {
-                        stored.insert(&d.id);
+            let mut stored = Stored::default();
+            for e in batch {
+                let held = match (&e.delivery, &e.seen) {
+                    (Some(d), _) if d.redelivered => {
+                        self.outbox.holds_delivery(&d.id).map(|held| {
+                            if held {
+                                stored.deliveries.insert(&d.id);
+                            }
+                        })
                     }
-                    Ok(false) => {}
-                    Err(e) => {
-                        self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
-                        tracing::error!(error = %e, retry_in_ms = wait.as_millis() as u64,
-                            "Cannot check the outbox for a redelivered message; waiting for it. Sources wait meanwhile.");
-                        self.heartbeat.sleep_beating(wait).await;
-                        wait = (wait * 2).min(STORE_RETRY_MAX);
-                        continue 'ask;
-                    }
+                    (_, Some(seen)) => self.outbox.holds_event(seen).map(|held| {
+                        if held {
+                            stored.events.insert(seen);
+                        }
+                    }),
+                    _ => Ok(()),
+                };
+                if let Err(e) = held {
+                    self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(error = %e, retry_in_ms = wait.as_millis() as u64,
+                        "Cannot check the outbox for a redelivered message; waiting for it. Sources wait meanwhile.");
+                    self.heartbeat.sleep_beating(wait).await;
+                    wait = (wait * 2).min(STORE_RETRY_MAX);
+                    continue 'ask;
                 }
             }
             return stored;
@@ -196,18 +229,24 @@ impl Pipeline {
     /// Runs the rules over a batch, leaving out redeliveries of what is already stored
     /// (`stored`) or earlier in the batch. Returns what was built and the deliveries to
     /// record with it.
-    fn process_batch(
-        &mut self,
-        batch: &[SourceEvent],
-        stored: &HashSet<&DeliveryId>,
-    ) -> (Vec<BuiltMessage>, Vec<Delivery>) {
+    fn process_batch(&mut self, batch: &[SourceEvent], stored: &Stored<'_>) -> Batch {
         let mut built = Vec::new();
         let mut deliveries = Vec::new();
+        let mut seen = Vec::new();
         let mut in_batch: HashSet<&DeliveryId> = HashSet::new();
+        let mut events_in_batch: HashSet<&SeenEvent> = HashSet::new();
         for e in batch {
+            if let Some(s) = &e.seen {
+                if stored.events.contains(s) || !events_in_batch.insert(s) {
+                    self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(source = %s.source, event_id = %s.id, "Event already stored; acknowledged, nothing produced.");
+                    continue;
+                }
+                seen.push(s.clone());
+            }
             if let Some(d) = &e.delivery {
-                let duplicate =
-                    d.redelivered && (in_batch.contains(&d.id) || stored.contains(&d.id));
+                let duplicate = d.redelivered
+                    && (in_batch.contains(&d.id) || stored.deliveries.contains(&d.id));
                 // Recorded again even when it is a duplicate: the new receipt is what
                 // the source forgets once the broker confirms this acknowledgement.
                 deliveries.push(d.clone());
@@ -220,26 +259,37 @@ impl Pipeline {
             }
             built.extend(self.engine.process(&e.event));
         }
-        (built, deliveries)
+        Batch {
+            built,
+            deliveries,
+            seen,
+        }
     }
 
     /// Commits the built messages and the engine's state (if it changed) together.
-    async fn persist(&mut self, built: Vec<BuiltMessage>, deliveries: Vec<Delivery>) {
-        let messages = self.to_new_messages(built);
+    async fn persist(&mut self, produced: Batch) {
+        let messages = self.to_new_messages(produced.built);
         let state = self
             .engine
             .take_dirty_state()
             .map(|s| serde_json::to_vec(s).unwrap_or_default());
-        if messages.is_empty() && state.is_none() && deliveries.is_empty() {
+        if messages.is_empty()
+            && state.is_none()
+            && produced.deliveries.is_empty()
+            && produced.seen.is_empty()
+        {
             return;
         }
         let state_changed = state.is_some();
         let records = self
-            .store(Ingest::new(
-                messages,
-                state.map(|s| (RULES_STATE.to_string(), s)),
-                deliveries,
-            ))
+            .store(
+                Ingest::new(
+                    messages,
+                    state.map(|s| (RULES_STATE.to_string(), s)),
+                    produced.deliveries,
+                )
+                .with_seen(produced.seen),
+            )
             .await;
         if state_changed {
             self.publish_lines();

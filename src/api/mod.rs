@@ -100,7 +100,88 @@ pub fn http_router(state: ApiState) -> Router {
         .nest("/api/v1", api)
         .merge(probes)
         .merge(console::routes())
+        // Authenticated by the source's own webhook secret, not the API token: D365 is
+        // the caller, not an operator.
+        .route("/events/d365/{source}", axum::routing::post(d365_event))
         .with_state(state)
+}
+
+/// How long the webhook waits for an event to be durable before telling D365 to send
+/// it again.
+const WEBHOOK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// D365's HTTPS business-event endpoint: answers 200 once the event is durable (or was
+/// already), 400 for an unreadable event, 401 without the source's secret, 404 for a
+/// source that does not run here, 503 when it cannot be stored now (D365 retries).
+async fn d365_event(
+    State(state): State<ApiState>,
+    axum::extract::Path(source): axum::extract::Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    use crate::source::d365_events::{Delivery, Outcome};
+    let answer = |status: StatusCode, body: serde_json::Value| (status, Json(body)).into_response();
+    let (intake, starting) = {
+        let live = state.live.get();
+        (live.webhooks.get(&source).cloned(), live.pipeline.is_none())
+    };
+    let Some(intake) = intake else {
+        if starting {
+            return answer(
+                StatusCode::SERVICE_UNAVAILABLE,
+                serde_json::json!({ "error": "the gateway is starting or reloading; send it again" }),
+            );
+        }
+        return answer(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({ "error": format!("no d365_events source `{source}` runs here") }),
+        );
+    };
+    let presented = headers
+        .get("x-webhook-secret")
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| {
+            headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+        });
+    if !presented.is_some_and(|p| constant_time_eq(p.as_bytes(), intake.secret.expose().as_bytes()))
+    {
+        tracing::warn!(%source, "D365 business event refused: missing or wrong webhook secret.");
+        return answer(
+            StatusCode::UNAUTHORIZED,
+            serde_json::json!({ "error": "missing or wrong webhook secret (X-Webhook-Secret)" }),
+        );
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let unavailable = || {
+        answer(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({ "error": "the event could not be stored now; send it again" }),
+        )
+    };
+    if intake
+        .deliveries
+        .send(Delivery {
+            body: body.to_vec(),
+            answer: tx,
+        })
+        .await
+        .is_err()
+    {
+        return unavailable();
+    }
+    match tokio::time::timeout(WEBHOOK_WAIT, rx).await {
+        Ok(Ok(Outcome::Stored)) => {
+            answer(StatusCode::OK, serde_json::json!({ "status": "stored" }))
+        }
+        Ok(Ok(Outcome::Refused(reason))) => answer(
+            StatusCode::BAD_REQUEST,
+            serde_json::json!({ "error": reason }),
+        ),
+        _ => unavailable(),
+    }
 }
 
 /// The Unix socket's routes: the same handlers, no token.

@@ -32,6 +32,31 @@
 
 use std::sync::Arc;
 
+/// An event a source knows by its own id (a D365 business event's `EventId`), remembered
+/// for a window so a redelivery produces nothing. Kept in the same tree as the MQTT
+/// identities, under its own prefix:
+///
+/// ```text
+/// key   = "event\0" ++ len(source) as u32 BE ++ source ++ event id
+/// value = when it was recorded, whole seconds since 1970 (i64 BE)
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SeenEvent {
+    pub source: Arc<str>,
+    pub id: String,
+}
+
+pub(super) const SEEN_PREFIX: &[u8] = b"event\0";
+
+impl SeenEvent {
+    pub(super) fn key(&self) -> Vec<u8> {
+        let mut k = SEEN_PREFIX.to_vec();
+        k.extend_from_slice(&source_prefix(&self.source));
+        k.extend_from_slice(self.id.as_bytes());
+        k
+    }
+}
+
 /// What identifies one upstream delivery.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct DeliveryId {

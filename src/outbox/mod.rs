@@ -71,7 +71,7 @@ mod ingress;
 mod lanes;
 mod record;
 
-pub use ingress::{Delivery, DeliveryId};
+pub use ingress::{Delivery, DeliveryId, SeenEvent};
 pub use record::{Attempt, Change, MessageId, NewMessage, Record, State};
 
 use std::collections::BTreeMap;
@@ -117,6 +117,8 @@ pub struct Ingest {
     pub state: Option<(String, Vec<u8>)>,
     /// The upstream deliveries whose result this is, recorded so a redelivery is known.
     pub deliveries: Vec<Delivery>,
+    /// Events known by their source's own id whose result this is.
+    pub seen: Vec<SeenEvent>,
     /// The records (ids, timestamps) of the first attempt to commit this batch. A retry
     /// after a failed write uses the same ones, so whatever of a failed attempt did reach
     /// the disk is overwritten with itself, never stored a second time under new ids.
@@ -133,12 +135,21 @@ impl Ingest {
             messages,
             state,
             deliveries,
+            seen: Vec::new(),
             prepared: std::sync::OnceLock::new(),
         }
     }
 
+    pub fn with_seen(mut self, seen: Vec<SeenEvent>) -> Ingest {
+        self.seen = seen;
+        self
+    }
+
     fn is_empty(&self) -> bool {
-        self.messages.is_empty() && self.state.is_none() && self.deliveries.is_empty()
+        self.messages.is_empty()
+            && self.state.is_none()
+            && self.deliveries.is_empty()
+            && self.seen.is_empty()
     }
 }
 
@@ -631,6 +642,10 @@ impl Outbox {
                             tx_ingress
                                 .insert(d.id.key(), &ingress::value(d.id.digest, d.receipt)[..])?;
                         }
+                        let now = jiff::Timestamp::now().as_second().to_be_bytes();
+                        for e in &ingest.seen {
+                            tx_ingress.insert(e.key(), &now[..])?;
+                        }
                         if let Some((owner, bytes)) = &ingest.state {
                             tx_state.insert(owner.as_bytes(), bytes.as_slice())?;
                         }
@@ -660,6 +675,36 @@ impl Outbox {
         }
         self.changed();
         Ok(records)
+    }
+
+    /// Whether the outbox holds the result of this event (see [`SeenEvent`]).
+    pub fn holds_event(&self, event: &SeenEvent) -> Result<bool, OutboxError> {
+        Ok(self
+            .store()?
+            .ingress
+            .get(event.key())
+            .map_err(storage)?
+            .is_some())
+    }
+
+    /// Forgets event ids recorded before `before` (their redelivery window is over).
+    /// Returns how many. Not flushed, like [`Outbox::forget_deliveries`].
+    pub fn forget_events(&self, before: jiff::Timestamp) -> Result<usize, OutboxError> {
+        let store = self.store()?;
+        let mut n = 0;
+        for item in store.ingress.scan_prefix(ingress::SEEN_PREFIX) {
+            let (k, v) = item.map_err(storage)?;
+            let at = v
+                .as_ref()
+                .try_into()
+                .ok()
+                .map_or(i64::MIN, i64::from_be_bytes);
+            if at < before.as_second() {
+                store.ingress.remove(k).map_err(storage)?;
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     /// Whether the outbox holds the result of this upstream delivery.

@@ -640,3 +640,42 @@ async fn pages_walk_the_outbox_both_ways_with_a_filter() {
     let (older, _) = outbox.page(&ListFilter::default(), next, 2, true).unwrap();
     assert_eq!(ids(&older), [appended[5], appended[4]]);
 }
+
+#[tokio::test]
+async fn event_ids_are_remembered_with_what_they_produced_and_forgotten_after_their_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(dir.path()).unwrap();
+    let seen = SeenEvent {
+        source: "d365".into(),
+        id: "E-1".into(),
+    };
+    assert!(!outbox.holds_event(&seen).unwrap());
+    outbox
+        .commit(Ingest::new(vec![msg("A", 1)], None, Vec::new()).with_seen(vec![seen.clone()]))
+        .await
+        .unwrap();
+    drop(outbox);
+    let outbox = Outbox::open(dir.path()).unwrap();
+    assert!(
+        outbox.holds_event(&seen).unwrap(),
+        "durable across a reopen"
+    );
+    let other_source = SeenEvent {
+        source: "d365-b".into(),
+        id: "E-1".into(),
+    };
+    assert!(!outbox.holds_event(&other_source).unwrap());
+    assert_eq!(
+        outbox
+            .forget_events(jiff::Timestamp::now() - jiff::SignedDuration::from_secs(60))
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        outbox
+            .forget_events(jiff::Timestamp::now() + jiff::SignedDuration::from_secs(60))
+            .unwrap(),
+        1
+    );
+    assert!(!outbox.holds_event(&seen).unwrap());
+}

@@ -5,6 +5,7 @@ use std::collections::HashSet;
 
 use crate::config::{FileCheck, Node, Problems, Shape};
 
+use super::d365_events::config::D365EventsConfig;
 use super::modbus::config::ModbusConfig;
 use super::mqtt::config::MqttConfig;
 use super::serial::config::SerialConfig;
@@ -16,6 +17,7 @@ pub enum SourceConfig {
     Mqtt(MqttConfig),
     Modbus(ModbusConfig),
     Serial(SerialConfig),
+    D365Events(D365EventsConfig),
 }
 
 impl SourceConfig {
@@ -25,6 +27,7 @@ impl SourceConfig {
             SourceConfig::Mqtt(s) => &s.id,
             SourceConfig::Modbus(s) => &s.id,
             SourceConfig::Serial(s) => &s.id,
+            SourceConfig::D365Events(s) => &s.id,
         }
     }
 
@@ -36,6 +39,8 @@ impl SourceConfig {
             SourceConfig::Mqtt(_) => None,
             SourceConfig::Modbus(m) => Some(m.points.iter().map(|p| p.name.clone()).collect()),
             SourceConfig::Serial(s) => Some(vec![s.point.clone()]),
+            // Any business event id may come; the configured names are the usual ones.
+            SourceConfig::D365Events(_) => None,
         }
     }
 
@@ -45,7 +50,7 @@ impl SourceConfig {
     }
 }
 
-const SOURCE_TYPES: [&str; 4] = ["simulator", "mqtt", "modbus", "serial"];
+const SOURCE_TYPES: [&str; 5] = ["simulator", "mqtt", "modbus", "serial", "d365_events"];
 
 /// Checks the `sources` list.
 pub fn read_sources(cx: &mut FileCheck<'_>, path: &str) -> Vec<SourceConfig> {
@@ -87,6 +92,9 @@ pub fn read_sources(cx: &mut FileCheck<'_>, path: &str) -> Vec<SourceConfig> {
                 .parse(&path)
                 .and_then(|raw| checked(cx, &path, |p| super::serial::config::serial(raw, p)))
                 .map(SourceConfig::Serial),
+            "d365_events" => {
+                super::d365_events::config::read(cx, &path).map(SourceConfig::D365Events)
+            }
             other => {
                 cx.error(
                     &format!("{path}.type"),

@@ -4,6 +4,7 @@
 //! source once what the event produced is durable (MQTT PUBACK after the outbox commit).
 
 pub mod config;
+pub mod d365_events;
 pub mod modbus;
 pub mod mqtt;
 pub mod serial;
@@ -16,7 +17,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::event::Event;
-use crate::outbox::{Delivery, Outbox};
+use crate::outbox::{Delivery, Outbox, SeenEvent};
 use crate::systemd::Heartbeat;
 pub use config::SourceConfig;
 
@@ -63,6 +64,9 @@ pub struct SourceEvent {
     pub event: Event,
     pub ack: Option<Ack>,
     pub delivery: Option<Delivery>,
+    /// The event's own id at its source, for sources that redeliver by id (D365
+    /// business events): a second delivery of a stored one produces nothing.
+    pub seen: Option<SeenEvent>,
 }
 
 impl From<Event> for SourceEvent {
@@ -71,6 +75,7 @@ impl From<Event> for SourceEvent {
             event,
             ack: None,
             delivery: None,
+            seen: None,
         }
     }
 }
@@ -210,7 +215,8 @@ pub async fn pause(cancel: &CancellationToken, delay: std::time::Duration) -> bo
     }
 }
 
-/// Starts the task for one source.
+/// Starts the task for one source; returns its health and, for a `d365_events` source,
+/// the webhook's way into it.
 pub fn spawn(
     config: SourceConfig,
     out: mpsc::Sender<SourceEvent>,
@@ -218,8 +224,9 @@ pub fn spawn(
     tracker: &tokio_util::task::TaskTracker,
     heartbeat: Heartbeat,
     outbox: &Outbox,
-) -> Arc<SourceHealth> {
+) -> (Arc<SourceHealth>, Option<d365_events::Intake>) {
     let health = Arc::new(SourceHealth::default());
+    let mut intake = None;
     let id = config.id().to_string();
     let (hb, h) = (heartbeat.clone(), health.clone());
     let task: std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), SourceError>> + Send>> =
@@ -238,6 +245,11 @@ pub fn spawn(
                     .with_outbox(outbox.clone())
                     .run(out, cancel),
             ),
+            SourceConfig::D365Events(c) => {
+                let (source, way_in) = d365_events::D365EventsSource::new(c, hb, h);
+                intake = Some(way_in);
+                Box::pin(source.run(out, cancel))
+            }
         };
     tracker.spawn(async move {
         match task.await {
@@ -246,7 +258,7 @@ pub fn spawn(
             Err(e) => tracing::error!(source = %id, error = %e, "Source stopped."),
         }
     });
-    health
+    (health, intake)
 }
 
 /// A printable excerpt of a payload for logs: at most 80 characters, control bytes escaped.

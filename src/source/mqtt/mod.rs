@@ -377,6 +377,7 @@ impl MqttSource {
                     event,
                     ack: ticket.map(|t| Ack::new(acks_to.clone(), t)),
                     delivery,
+                    seen: None,
                 })
             }
             Err(reason) => {
