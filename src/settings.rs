@@ -201,6 +201,17 @@ fn validate(
         }
     }
     let storage = storage.unwrap_or_else(|| read_storage(&mut cx));
+    // D365 posts its business events to the webhook on the API listener.
+    if api.listen.is_none() {
+        for (i, source) in sources.iter().enumerate() {
+            if matches!(source, crate::source::config::SourceConfig::D365Events(_)) {
+                cx.error(
+                    &format!("sources[{i}]"),
+                    format!("d365_events source `{}` needs api.listen: D365 posts its events to /events/d365/{} there", source.id(), source.id()),
+                );
+            }
+        }
+    }
     // Maps keyed by message type take only types that may be queued (a typo there
     // would silently fall back to the default). Not checked when the d365 section
     // itself is wrong: its declared types are unknown then.
@@ -362,6 +373,24 @@ mod tests {
         let errors = load(dir.path()).unwrap_err().to_string();
         assert!(
             errors.contains("api.token_file: the token is shorter than 16 characters"),
+            "{errors}"
+        );
+        std::fs::write(
+            dir.path().join("hook-secret"),
+            "a-webhook-secret-0123456789\n",
+        )
+        .unwrap();
+        std::fs::write(
+            &main,
+            base.replace(
+                "sources:\n",
+                "sources:\n  - type: d365_events\n    id: d365\n    webhook_secret_file: hook-secret\n",
+            ),
+        )
+        .unwrap();
+        let errors = load(dir.path()).unwrap_err().to_string();
+        assert!(
+            errors.contains("sources[0]: d365_events source `d365` needs api.listen: D365 posts its events to /events/d365/d365 there"),
             "{errors}"
         );
         std::fs::write(&main, format!("{base}api:\n  listen: 127.0.0.1:9464\n")).unwrap();
