@@ -180,3 +180,74 @@ async fn business_events_drive_the_line_once_each_and_redeliveries_change_nothin
         "the secret never reaches the log"
     );
 }
+
+/// Load: 500 releases posted at once, each twice (D365's at-least-once), while a burst of
+/// 10,000 QoS 1 impulses fills the pipeline from MQTT. Every release produces exactly one
+/// Start, every impulse exactly one report, in order; no request is left unanswered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_events_and_redeliveries_during_an_mqtt_burst_is_stored_once_each() {
+    use support::mqtt::{
+        burst_orders, count_burst, publish_burst, write_burst_config, Mosquitto, EXACT,
+    };
+    let broker = Mosquitto::start_durable().await;
+    let fake = FakeD365::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let api_port = free_port();
+    write_burst_config(
+        dir,
+        &fake,
+        &broker.url(),
+        &format!("  - type: d365_events\n    id: d365\n    webhook_secret_file: webhook-secret\napi:\n  listen: 127.0.0.1:{api_port}\n"),
+    );
+    std::fs::write(dir.join("webhook-secret"), SECRET).unwrap();
+    std::fs::write(
+        dir.join("rules.d/orders.yaml"),
+        "rules:\n  - name: released\n    line: \"{payload.ProductionOrderNumber}\"\n    when: { source: d365, point: released }\n    emit:\n      type: ProdProductionOrderStart\n      fields: { ProductionOrderNumber: \"{payload.ProductionOrderNumber}\" }\n",
+    )
+    .unwrap();
+    let out = Output::new();
+    let gw = process::start(&["run", "-c", path_str(dir)], &out);
+    out.wait_for("Subscribed.").await;
+    out.wait_for("Gateway running.").await;
+
+    let burst = tokio::spawn(async move {
+        publish_burst(broker.port, &burst_orders(), 1, 200).await;
+        broker
+    });
+    // D365 posts several events at a time, not a thousand: 32 requests in flight.
+    let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(32));
+    let mut posts = tokio::task::JoinSet::new();
+    for copy in 0..2 {
+        for n in 0..500 {
+            let in_flight = in_flight.clone();
+            posts.spawn(async move {
+                let _slot = in_flight.acquire().await.unwrap();
+                let mut event = released(&format!("E-{n}"));
+                event["ProductionOrderNumber"] = format!("R{n:04}").into();
+                let (status, answer) = post(api_port, Some(SECRET), &event).await;
+                assert_eq!(status, 200, "copy {copy} of E-{n}: {answer}");
+            });
+        }
+    }
+    while let Some(done) = posts.join_next().await {
+        done.unwrap();
+    }
+    let _broker = burst.await.unwrap();
+    fake.wait_accepted_count(burst_orders().len() * 200 + 500)
+        .await;
+    assert_eq!(gw.terminate().await, 0);
+    assert_eq!(count_burst(&fake, 200), EXACT);
+    let starts: Vec<String> = fake
+        .accepted()
+        .into_iter()
+        .filter(|r| r.order.starts_with('R'))
+        .map(|r| r.order)
+        .collect();
+    let distinct: std::collections::BTreeSet<&String> = starts.iter().collect();
+    assert_eq!(
+        (starts.len(), distinct.len()),
+        (500, 500),
+        "one Start per release"
+    );
+}

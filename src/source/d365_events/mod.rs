@@ -19,7 +19,7 @@
 
 pub mod config;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
@@ -158,6 +158,11 @@ impl D365EventsSource {
         self.health.set_connected(&source, true, None);
         let (acks_tx, mut acks) = mpsc::channel::<AckTicket>(INTAKE_CAPACITY);
         let mut waiting: HashMap<AckTicket, oneshot::Sender<Outcome>> = HashMap::new();
+        // Parsed events waiting for room in the pipeline's channel. The loop never blocks
+        // on that channel: the pipeline may be waiting for this source to take its
+        // acknowledgements (a full ack channel) while the channel is full of other
+        // sources' events, and blocking here would deadlock both.
+        let mut ready: VecDeque<SourceEvent> = VecDeque::new();
         let mut next_ticket = 0u64;
         let mut heartbeat_ticks = tokio::time::interval(self.heartbeat.period());
         loop {
@@ -170,7 +175,16 @@ impl D365EventsSource {
                         let _ = answer.send(Outcome::Stored);
                     }
                 }
-                delivery = self.deliveries.recv() => {
+                permit = out.reserve(), if !ready.is_empty() => {
+                    let permit = permit.map_err(|_| SourceError::Closed { id: source.to_string() })?;
+                    if let Some(event) = ready.pop_front() {
+                        permit.send(event);
+                        self.health.event();
+                    }
+                }
+                // Back-pressure towards D365: while events wait for the pipeline, no new
+                // delivery is taken (the webhook's requests wait, then time out with 503).
+                delivery = self.deliveries.recv(), if ready.len() < INTAKE_CAPACITY => {
                     let Some(delivery) = delivery else { return Ok(()) };
                     let event = match parse(&delivery.body) {
                         Ok(e) => e,
@@ -186,7 +200,7 @@ impl D365EventsSource {
                     waiting.insert(ticket, delivery.answer);
                     let point = self.config.point_of(&event.business_event_id);
                     tracing::debug!(source = %source, %point, event_id = %event.id, "D365 business event received.");
-                    let source_event = SourceEvent {
+                    ready.push_back(SourceEvent {
                         event: Event {
                             source: source.clone(),
                             point: point.into(),
@@ -199,9 +213,7 @@ impl D365EventsSource {
                             source: source.clone(),
                             id: event.id,
                         }),
-                    };
-                    super::forward(&out, source_event, &self.heartbeat, &source).await?;
-                    self.health.event();
+                    });
                 }
             }
         }
