@@ -428,7 +428,11 @@ pub fn count_burst(fake: &super::FakeD365, last: u64) -> BurstCount {
     let mut per_order: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
     let burst: std::collections::HashSet<String> = burst_orders().into_iter().collect();
     // Other sources' messages in the same fake are not the burst's.
-    for r in fake.accepted().into_iter().filter(|r| burst.contains(&r.order)) {
+    for r in fake
+        .accepted()
+        .into_iter()
+        .filter(|r| burst.contains(&r.order))
+    {
         let q = r.content["ReportFinishedLines"][0]["ReportedGoodQuantity"]
             .as_u64()
             .expect("a quantity");
