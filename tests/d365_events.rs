@@ -181,11 +181,13 @@ async fn business_events_drive_the_line_once_each_and_redeliveries_change_nothin
     );
 }
 
-/// Load: 500 releases posted at once, each twice (D365's at-least-once), while a burst of
-/// 10,000 QoS 1 impulses fills the pipeline from MQTT. Every release produces exactly one
-/// Start, every impulse exactly one report, in order; no request is left unanswered.
+/// Load and a crash: 500 releases posted (each twice, as D365's at-least-once delivery
+/// may) during a 10,000-impulse QoS 1 burst from MQTT, the gateway killed with SIGKILL
+/// half-way and started again, and then every release posted once more (D365 sends again
+/// what was not answered, and may send again what was). Every release produces exactly
+/// one Start; every impulse one report, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_flood_of_events_and_redeliveries_during_an_mqtt_burst_is_stored_once_each() {
+async fn a_flood_of_events_and_redeliveries_with_a_kill_in_the_middle_is_stored_once_each() {
     use support::mqtt::{
         burst_orders, count_burst, publish_burst, write_burst_config, Mosquitto, EXACT,
     };
@@ -206,33 +208,64 @@ async fn a_flood_of_events_and_redeliveries_during_an_mqtt_burst_is_stored_once_
         "rules:\n  - name: released\n    line: \"{payload.ProductionOrderNumber}\"\n    when: { source: d365, point: released }\n    emit:\n      type: ProdProductionOrderStart\n      fields: { ProductionOrderNumber: \"{payload.ProductionOrderNumber}\" }\n",
     )
     .unwrap();
+    let cfg = path_str(dir).to_string();
     let out = Output::new();
-    let gw = process::start(&["run", "-c", path_str(dir)], &out);
+    let gw = process::start(&["run", "-c", &cfg], &out);
     out.wait_for("Subscribed.").await;
     out.wait_for("Gateway running.").await;
 
+    // D365 posts several events at a time, not hundreds: 32 requests in flight. Returns
+    // how many were answered 200 (a request the kill cuts off is not, and is sent again).
+    let post_all = |copies: usize| async move {
+        let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(32));
+        let mut posts = tokio::task::JoinSet::new();
+        for _ in 0..copies {
+            for n in 0..500 {
+                let in_flight = in_flight.clone();
+                posts.spawn(async move {
+                    let _slot = in_flight.acquire().await.unwrap();
+                    let mut event = released(&format!("E-{n}"));
+                    event["ProductionOrderNumber"] = format!("R{n:04}").into();
+                    let sent = reqwest::Client::new()
+                        .post(format!("http://127.0.0.1:{api_port}/events/d365/d365"))
+                        .header("X-Webhook-Secret", SECRET)
+                        .json(&event)
+                        .send()
+                        .await;
+                    sent.is_ok_and(|r| r.status() == 200)
+                });
+            }
+        }
+        let mut stored = 0;
+        while let Some(ok) = posts.join_next().await {
+            stored += usize::from(ok.unwrap());
+        }
+        stored
+    };
     let burst = tokio::spawn(async move {
         publish_burst(broker.port, &burst_orders(), 1, 200).await;
         broker
     });
-    // D365 posts several events at a time, not a thousand: 32 requests in flight.
-    let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(32));
-    let mut posts = tokio::task::JoinSet::new();
-    for copy in 0..2 {
-        for n in 0..500 {
-            let in_flight = in_flight.clone();
-            posts.spawn(async move {
-                let _slot = in_flight.acquire().await.unwrap();
-                let mut event = released(&format!("E-{n}"));
-                event["ProductionOrderNumber"] = format!("R{n:04}").into();
-                let (status, answer) = post(api_port, Some(SECRET), &event).await;
-                assert_eq!(status, 200, "copy {copy} of E-{n}: {answer}");
-            });
-        }
-    }
-    while let Some(done) = posts.join_next().await {
-        done.unwrap();
-    }
+    let first_round = tokio::spawn(post_all(2));
+    // Half-way through the releases (the kill is the fault injected; this waits on it).
+    fake.wait_until("half the releases", |r| {
+        r.iter().filter(|r| r.order.starts_with('R')).count() >= 250
+    })
+    .await;
+    gw.kill9().await;
+    let answered = first_round.await.unwrap();
+    assert!(
+        answered < 1000,
+        "the kill cut some requests off ({answered} answered)"
+    );
+    support::settle_interrupted(&fake, dir).await;
+    let gw = process::start(&["run", "-c", &cfg], &out);
+    out.wait_for_count("Gateway running.", 2).await;
+    assert_eq!(
+        post_all(1).await,
+        500,
+        "every release answered after the restart"
+    );
     let _broker = burst.await.unwrap();
     fake.wait_accepted_count(burst_orders().len() * 200 + 500)
         .await;
