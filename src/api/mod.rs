@@ -286,10 +286,7 @@ async fn health(State(state): State<ApiState>) -> impl IntoResponse {
     } else {
         "ok"
     };
-    let outbox: serde_json::Map<String, serde_json::Value> = MessageState::ALL
-        .iter()
-        .map(|s| (s.to_string(), counts.get(s).copied().unwrap_or(0).into()))
-        .collect();
+    let outbox = crate::operator::state_counts(&state.outbox);
     // The order contexts as the pipeline last committed them.
     let lines = live
         .pipeline
