@@ -33,7 +33,16 @@ const COMPLETE: &str = "COMPLETE";
 pub(super) const ID_FLOOR: &[u8] = b"outbox.id_floor";
 
 /// sled trees copied by compaction: all of them.
-const TREES: [&str; 5] = ["messages", "lanes", "ingress", "done", "state"];
+const TREES: [&str; 8] = [
+    "messages",
+    "lanes",
+    "ingress",
+    "done",
+    "state",
+    "contents",
+    "rejected",
+    "unmatched",
+];
 /// Entries per write batch while copying.
 const COPY_BATCH: usize = 10_000;
 

@@ -17,8 +17,10 @@
 //!   tree "ingress":   upstream deliveries whose result is stored (see ingress.rs)
 //!   tree "done":      one key per delivered or cancelled message:
 //!                     key = last change as whole seconds since 1970 (i64 BE, sign bit
-//!                     flipped) ++ id (u64 BE), value = the state (1 byte)
+//!                     flipped) ++ id (u64 BE), value = the state (1 byte) ++ the
+//!                     content digest (u64 BE, when the record has one)
 //!                     — what pruning and the counts at open read, without decoding records
+//!   tree "contents", "rejected", "unmatched": D365's verdicts (see verdict.rs)
 //!   tree "state":     key = owner name ("rules")
 //!                     value = opaque bytes of that owner (the rules engine's counters,
 //!                     accumulators and order contexts)
@@ -70,9 +72,11 @@ pub mod config;
 mod ingress;
 mod lanes;
 mod record;
+mod verdict;
 
 pub use ingress::{Delivery, DeliveryId, SeenEvent};
 pub use record::{Attempt, Change, MessageId, NewMessage, Record, State};
+pub use verdict::{D365Verdict, ProcessedEvent, Reconciled, UnmatchedEvent};
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -119,6 +123,8 @@ pub struct Ingest {
     pub deliveries: Vec<Delivery>,
     /// Events known by their source's own id whose result this is.
     pub seen: Vec<SeenEvent>,
+    /// D365's verdicts to record on the messages they name (see verdict.rs).
+    pub processed: Vec<ProcessedEvent>,
     /// The records (ids, timestamps) of the first attempt to commit this batch. A retry
     /// after a failed write uses the same ones, so whatever of a failed attempt did reach
     /// the disk is overwritten with itself, never stored a second time under new ids.
@@ -136,6 +142,7 @@ impl Ingest {
             state,
             deliveries,
             seen: Vec::new(),
+            processed: Vec::new(),
             prepared: std::sync::OnceLock::new(),
         }
     }
@@ -145,12 +152,26 @@ impl Ingest {
         self
     }
 
+    pub fn with_processed(mut self, processed: Vec<ProcessedEvent>) -> Ingest {
+        self.processed = processed;
+        self
+    }
+
     fn is_empty(&self) -> bool {
         self.messages.is_empty()
             && self.state.is_none()
             && self.deliveries.is_empty()
             && self.seen.is_empty()
+            && self.processed.is_empty()
     }
+}
+
+/// What a commit stored: the new records, in order, and what became of each processed
+/// event, in order.
+#[derive(Debug, Default)]
+pub struct Committed {
+    pub records: Vec<Record>,
+    pub reconciled: Vec<Reconciled>,
 }
 
 /// What became of one request: the dispatcher's decision, as a transition.
@@ -246,6 +267,9 @@ struct Store {
     ingress: sled::Tree,
     done: sled::Tree,
     state: sled::Tree,
+    contents: sled::Tree,
+    rejected: sled::Tree,
+    unmatched: sled::Tree,
     /// The id the next new message gets; see the module doc.
     next_id: AtomicU64,
 }
@@ -327,6 +351,9 @@ impl Store {
             lanes: db.open_tree("lanes").map_err(storage)?,
             ingress: db.open_tree("ingress").map_err(storage)?,
             done: db.open_tree("done").map_err(storage)?,
+            contents: db.open_tree("contents").map_err(storage)?,
+            rejected: db.open_tree("rejected").map_err(storage)?,
+            unmatched: db.open_tree("unmatched").map_err(storage)?,
             state,
             next_id: AtomicU64::new(next_id),
             db,
@@ -606,11 +633,24 @@ impl Outbox {
     /// [`Outbox::commit`] for a caller that keeps the batch to try again if the disk
     /// refuses it (no copy of the messages per attempt).
     pub async fn commit_shared(&self, ingest: Arc<Ingest>) -> Result<Vec<Record>, OutboxError> {
+        Ok(self.commit_reconciling(ingest).await?.records)
+    }
+
+    /// [`Outbox::commit_shared`], also applying D365's verdicts ([`Ingest::processed`])
+    /// in the same transaction, and saying what became of each.
+    pub async fn commit_reconciling(&self, ingest: Arc<Ingest>) -> Result<Committed, OutboxError> {
         if ingest.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Committed::default());
         }
+        // Verdicts change records the dispatcher and the operators change too; batches
+        // without one (nearly all) do not wait for them.
+        let _transition = if ingest.processed.is_empty() {
+            None
+        } else {
+            Some(self.transitions.lock().await)
+        };
         let ids_handed_out = self.ids_handed_out.clone();
-        let records = self
+        let (records, plan) = self
             .write_blocking(move |store| {
                 use sled::transaction::{ConflictableTransactionError, TransactionError};
                 use sled::Transactional;
@@ -631,12 +671,43 @@ impl Outbox {
                     }
                 };
                 let encoded = records.iter().map(encode).collect::<Result<Vec<_>, _>>()?;
-                let trees = (&store.messages, &store.lanes, &store.ingress, &store.state);
-                let result: Result<(), TransactionError<OutboxError>> =
-                    trees.transaction(|(tx_messages, tx_lanes, tx_ingress, tx_state)| {
+                let plan = if ingest.processed.is_empty() {
+                    verdict::Plan::default()
+                } else {
+                    verdict::plan(store, &ingest.processed)?
+                };
+                let updated = plan
+                    .updated
+                    .iter()
+                    .map(|(r, _)| encode(r))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let trees = (
+                    &store.messages,
+                    &store.lanes,
+                    &store.ingress,
+                    &store.state,
+                    &store.contents,
+                    &store.done,
+                    &store.rejected,
+                    &store.unmatched,
+                );
+                let result: Result<(), TransactionError<OutboxError>> = trees.transaction(
+                    |(
+                        tx_messages,
+                        tx_lanes,
+                        tx_ingress,
+                        tx_state,
+                        tx_contents,
+                        tx_done,
+                        tx_rejected,
+                        tx_unmatched,
+                    )| {
                         for (r, bytes) in records.iter().zip(&encoded) {
                             tx_messages.insert(&key(r.id), bytes.as_slice())?;
                             tx_lanes.insert(lanes::key(&r.production_order, r.id), &[])?;
+                            if let Some(digest) = r.content_digest {
+                                tx_contents.insert(&verdict::content_key(digest, r.id), &[])?;
+                            }
                         }
                         for d in &ingest.deliveries {
                             tx_ingress
@@ -645,6 +716,24 @@ impl Outbox {
                         let now = jiff::Timestamp::now().as_second().to_be_bytes();
                         for e in &ingest.seen {
                             tx_ingress.insert(e.key(), &now[..])?;
+                        }
+                        for ((r, old), bytes) in plan.updated.iter().zip(&updated) {
+                            tx_messages.insert(&key(r.id), bytes.as_slice())?;
+                            if r.state.is_terminal() && !old.is_terminal() {
+                                tx_done.insert(&done_key(r), done_value(r))?;
+                                tx_lanes.remove(lanes::key(&r.production_order, r.id))?;
+                            }
+                            if r.d365.as_ref().is_some_and(|v| v.failed) {
+                                tx_rejected.insert(&key(r.id), &[])?;
+                            } else {
+                                tx_rejected.remove(&key(r.id))?;
+                            }
+                        }
+                        for k in &plan.stale {
+                            tx_contents.remove(&k[..])?;
+                        }
+                        for (k, v) in &plan.unmatched {
+                            tx_unmatched.insert(k.as_slice(), v.as_slice())?;
                         }
                         if let Some((owner, bytes)) = &ingest.state {
                             tx_state.insert(owner.as_bytes(), bytes.as_slice())?;
@@ -660,21 +749,69 @@ impl Outbox {
                             tx_state.insert(NEXT_ID, &next.to_be_bytes())?;
                         }
                         Ok::<(), ConflictableTransactionError<OutboxError>>(())
-                    });
+                    },
+                );
                 match result {
                     Ok(()) => {}
                     Err(TransactionError::Abort(e)) => return Err(e),
                     Err(TransactionError::Storage(e)) => return Err(storage(e)),
                 }
                 store.db.flush().map_err(storage)?;
-                Ok(records.clone())
+                Ok((records.clone(), plan))
             })
             .await?;
         for _ in &records {
             self.count(None, Some(State::Queued));
         }
+        for (r, old) in &plan.updated {
+            if r.state != *old {
+                self.count(Some(*old), Some(r.state));
+            }
+        }
         self.changed();
-        Ok(records)
+        Ok(Committed {
+            records,
+            reconciled: plan.reconciled,
+        })
+    }
+
+    /// Messages whose latest verdict from D365 is Failed (D365 holds their order's later
+    /// messages): up to `limit` of them, oldest first, and how many there are.
+    pub fn rejected_in_d365(&self, limit: usize) -> Result<(Vec<Record>, usize), OutboxError> {
+        let store = self.store()?;
+        let mut records = Vec::new();
+        for item in store.rejected.iter().keys().take(limit) {
+            let k = item.map_err(storage)?;
+            let Some(id) = k.as_ref().try_into().ok().map(u64::from_be_bytes) else {
+                continue;
+            };
+            match store.get(id) {
+                Ok(r) => records.push(r),
+                Err(OutboxError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((records, store.rejected.len()))
+    }
+
+    /// D365 verdicts that matched no message, newest first (up to `limit`), and how many
+    /// are kept.
+    pub fn unmatched_verdicts(
+        &self,
+        limit: usize,
+    ) -> Result<(Vec<UnmatchedEvent>, usize), OutboxError> {
+        let store = self.store()?;
+        let mut kept = Vec::new();
+        for item in store.unmatched.iter().values().rev().take(limit) {
+            let v = item.map_err(storage)?;
+            match serde_json::from_slice(&v) {
+                Ok(e) => kept.push(e),
+                Err(e) => {
+                    tracing::warn!(error = %e, "A kept unmatched D365 event cannot be read; skipped.")
+                }
+            }
+        }
+        Ok((kept, store.unmatched.len()))
     }
 
     /// Whether the outbox holds the result of this event (see [`SeenEvent`]).
@@ -687,8 +824,8 @@ impl Outbox {
             .is_some())
     }
 
-    /// Forgets event ids recorded before `before` (their redelivery window is over).
-    /// Returns how many. Not flushed, like [`Outbox::forget_deliveries`].
+    /// Forgets event ids recorded before `before` (their redelivery window is over), and
+    /// the unmatched verdicts received before it. Returns how many ids. Not flushed, like [`Outbox::forget_deliveries`].
     pub fn forget_events(&self, before: jiff::Timestamp) -> Result<usize, OutboxError> {
         let store = self.store()?;
         let mut n = 0;
@@ -703,6 +840,11 @@ impl Outbox {
                 store.ingress.remove(k).map_err(storage)?;
                 n += 1;
             }
+        }
+        // Unmatched verdicts are kept as long as their ids are remembered.
+        for item in store.unmatched.range(..time_key(before).as_slice()) {
+            let (k, _) = item.map_err(storage)?;
+            store.unmatched.remove(k).map_err(storage)?;
         }
         Ok(n)
     }
@@ -762,10 +904,19 @@ impl Outbox {
                         .map_err(storage)?;
                 }
                 for (r, old) in &changed {
+                    // An operator's retry may have edited the content: index it again (the
+                    // old key turns stale and goes when a verdict meets it, or at pruning).
+                    if matches!(old, State::Failed | State::Uncertain) && r.state == State::Queued {
+                        if let Some(digest) = r.content_digest {
+                            this.contents
+                                .insert(verdict::content_key(digest, r.id), &[])
+                                .map_err(storage)?;
+                        }
+                    }
                     if r.state.is_terminal() {
                         if !old.is_terminal() {
                             this.done
-                                .insert(done_key(r), &[state_byte(r.state)])
+                                .insert(done_key(r), done_value(r))
                                 .map_err(storage)?;
                         }
                         this.lanes
@@ -1035,6 +1186,16 @@ impl Outbox {
                     };
                     this.messages.remove(key(id)).map_err(storage)?;
                     this.done.remove(&k).map_err(storage)?;
+                    this.rejected.remove(key(id)).map_err(storage)?;
+                    if let Some(digest) = v
+                        .get(1..9)
+                        .and_then(|b| b.try_into().ok())
+                        .map(u64::from_be_bytes)
+                    {
+                        this.contents
+                            .remove(verdict::content_key(digest, id))
+                            .map_err(storage)?;
+                    }
                     removed.push(state_from_byte(v.first().copied()));
                 }
                 if !removed.is_empty() {
@@ -1071,6 +1232,7 @@ impl Outbox {
             let detail = match new_content {
                 Some(content) if content != r.content => {
                     let detail = format!("content edited; previous content: {}", r.content);
+                    r.content_digest = Some(verdict::content_digest(&r.message_type, &content));
                     r.content = content;
                     Some(detail)
                 }
@@ -1242,6 +1404,15 @@ fn time_key(t: jiff::Timestamp) -> [u8; 8] {
     ((t.as_second() as u64) ^ (1 << 63)).to_be_bytes()
 }
 
+/// The done index's value: the state, and the content digest pruning removes with it.
+fn done_value(r: &Record) -> Vec<u8> {
+    let mut v = vec![state_byte(r.state)];
+    if let Some(digest) = r.content_digest {
+        v.extend_from_slice(&digest.to_be_bytes());
+    }
+    v
+}
+
 fn done_key(r: &Record) -> [u8; 16] {
     let mut k = [0u8; 16];
     k[..8].copy_from_slice(&time_key(r.updated_at));
@@ -1261,8 +1432,7 @@ fn build_indexes(
         let (k, v) = item.map_err(storage)?;
         match decode(&v) {
             Ok(r) if r.state.is_terminal() => {
-                done.insert(done_key(&r), &[state_byte(r.state)])
-                    .map_err(storage)?;
+                done.insert(done_key(&r), done_value(&r)).map_err(storage)?;
             }
             Ok(r) => {
                 lane_tree

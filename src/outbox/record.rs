@@ -124,6 +124,13 @@ pub struct Record {
     /// restart does not retry everything at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_at: Option<jiff::Timestamp>,
+    /// The content index's digest of `content` (see verdict.rs), kept so the index key can
+    /// be removed without reading the content again. `None` in records older than the index.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_digest: Option<u64>,
+    /// What D365 did with it, once its "message processed" event came back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub d365: Option<super::verdict::D365Verdict>,
 }
 
 impl Record {
@@ -143,6 +150,8 @@ impl Record {
             history: Vec::new(),
             last_error: None,
             retry_at: None,
+            content_digest: Some(super::verdict::content_digest(&m.message_type, &m.content)),
+            d365: None,
         };
         r.change(State::Queued, &m.origin, "created", None);
         r

@@ -679,3 +679,233 @@ async fn event_ids_are_remembered_with_what_they_produced_and_forgotten_after_th
     );
     assert!(!outbox.holds_event(&seen).unwrap());
 }
+
+fn processed(content: &str, state: &str, failed: bool, event_id: &str) -> ProcessedEvent {
+    ProcessedEvent {
+        source: "d365".into(),
+        queue: "JmgMES3P".into(),
+        message_type: "ProdProductionOrderStart".into(),
+        content: content.into(),
+        verdict: D365Verdict {
+            at: jiff::Timestamp::now(),
+            state: state.into(),
+            failed,
+            result: None,
+            infolog: failed.then(|| "Production order P1 is not released.".to_string()),
+            event_id: event_id.into(),
+            page_url: None,
+        },
+        payload: format!("{{\"EventId\":\"{event_id}\"}}"),
+    }
+}
+
+async fn reconcile(outbox: &Outbox, events: Vec<ProcessedEvent>) -> Vec<Reconciled> {
+    outbox
+        .commit_reconciling(Arc::new(Ingest::default().with_processed(events)))
+        .await
+        .unwrap()
+        .reconciled
+}
+
+#[tokio::test]
+async fn a_verdict_is_recorded_on_the_message_whose_content_d365_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(dir.path()).unwrap();
+    let recs = outbox.append(vec![msg("A", 1), msg("A", 2)]).await.unwrap();
+    outbox.mark_sending(&[recs[0].id]).await.unwrap();
+    outbox
+        .settle(vec![settled(recs[0].id, Settle::Delivered)])
+        .await
+        .unwrap();
+    // D365 reformats the JSON: spacing and key order do not matter.
+    let reported = "{ \"n\": 1, \"ProductionOrderNumber\": \"A\" }";
+    let result = reconcile(&outbox, vec![processed(reported, "Failed", true, "E1")]).await;
+    assert_eq!(
+        result,
+        [Reconciled::Matched {
+            id: recs[0].id,
+            failed: true,
+            resolved: false
+        }]
+    );
+    let r = outbox.get(recs[0].id).unwrap();
+    assert_eq!(
+        r.state,
+        State::Delivered,
+        "its gateway state does not change"
+    );
+    let v = r.d365.as_ref().unwrap();
+    assert!(v.failed);
+    assert_eq!(
+        v.infolog.as_deref(),
+        Some("Production order P1 is not released.")
+    );
+    assert_eq!(r.history.last().unwrap().action, "failed in D365");
+    let (rejected, n) = outbox.rejected_in_d365(10).unwrap();
+    assert_eq!((ids(&rejected), n), (vec![recs[0].id], 1));
+    assert!(outbox.get(recs[1].id).unwrap().d365.is_none());
+
+    // Reprocessed in D365: the failed one gets the new verdict, and leaves the list.
+    let result = reconcile(&outbox, vec![processed(reported, "Processed", false, "E2")]).await;
+    assert_eq!(
+        result,
+        [Reconciled::Matched {
+            id: recs[0].id,
+            failed: false,
+            resolved: false
+        }]
+    );
+    assert_eq!(outbox.rejected_in_d365(10).unwrap().1, 0);
+    drop(outbox);
+    let outbox = Outbox::open(dir.path()).unwrap();
+    assert_eq!(
+        outbox.get(recs[0].id).unwrap().d365.unwrap().state,
+        "Processed",
+        "durable"
+    );
+}
+
+#[tokio::test]
+async fn an_uncertain_message_d365_received_is_resolved_and_leaves_its_lane() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(dir.path()).unwrap();
+    let recs = outbox.append(vec![msg("A", 1), msg("A", 2)]).await.unwrap();
+    outbox.mark_sending(&[recs[0].id]).await.unwrap();
+    outbox
+        .settle(vec![settled(
+            recs[0].id,
+            Settle::Uncertain {
+                reason: "timed out".into(),
+            },
+        )])
+        .await
+        .unwrap();
+    assert_eq!(ids(&outbox.lane_heads(None, 10).unwrap()), [recs[0].id]);
+    let result = reconcile(
+        &outbox,
+        vec![processed(&recs[0].content, "Processed", false, "E1")],
+    )
+    .await;
+    assert_eq!(
+        result,
+        [Reconciled::Matched {
+            id: recs[0].id,
+            failed: false,
+            resolved: true
+        }]
+    );
+    let r = outbox.get(recs[0].id).unwrap();
+    assert_eq!(r.state, State::Delivered);
+    let last = r.history.last().unwrap();
+    assert_eq!(last.by, "d365");
+    assert!(last.action.starts_with("resolved as delivered"), "{last:?}");
+    assert_eq!(
+        ids(&outbox.lane_heads(None, 10).unwrap()),
+        [recs[1].id],
+        "the order's next message is free to go"
+    );
+    assert_eq!(
+        outbox.counts().get(&State::Uncertain).copied().unwrap_or(0),
+        0
+    );
+    assert_eq!(outbox.counts()[&State::Delivered], 1);
+    // Pruned with its content key: a later event for it matches nothing.
+    assert_eq!(
+        outbox
+            .prune(jiff::Timestamp::now() + jiff::SignedDuration::from_secs(5))
+            .await
+            .unwrap(),
+        1
+    );
+    let result = reconcile(
+        &outbox,
+        vec![processed(&recs[0].content, "Processed", false, "E2")],
+    )
+    .await;
+    assert!(
+        matches!(result[0], Reconciled::Unmatched { .. }),
+        "{result:?}"
+    );
+}
+
+#[tokio::test]
+async fn identical_messages_take_verdicts_in_order_and_unmatched_events_are_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(dir.path()).unwrap();
+    // The same content three times (three identical reports), on two orders' lanes.
+    let recs = outbox
+        .append(vec![msg("A", 1), msg("A", 1), msg("A", 1)])
+        .await
+        .unwrap();
+    let content = recs[0].content.clone();
+    // One batch: the first fails, then is processed on reprocessing, then the second.
+    let result = reconcile(
+        &outbox,
+        vec![
+            processed(&content, "Failed", true, "E1"),
+            processed(&content, "Processed", false, "E2"),
+            processed(&content, "Processed", false, "E3"),
+            processed("{\"other\":1}", "Processed", false, "E4"),
+        ],
+    )
+    .await;
+    let matched: Vec<_> = result
+        .iter()
+        .filter_map(|r| match r {
+            Reconciled::Matched { id, .. } => Some(*id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(matched, [recs[0].id, recs[0].id, recs[1].id]);
+    assert!(outbox.get(recs[2].id).unwrap().d365.is_none());
+    assert_eq!(
+        outbox.get(recs[0].id).unwrap().history.len(),
+        3,
+        "created, failed, processed"
+    );
+    let (kept, n) = outbox.unmatched_verdicts(10).unwrap();
+    assert_eq!(n, 1);
+    assert_eq!(kept[0].event_id, "E4");
+    assert_eq!(kept[0].payload["EventId"], "E4");
+    // Forgotten with the event ids.
+    outbox
+        .forget_events(jiff::Timestamp::now() + jiff::SignedDuration::from_secs(5))
+        .unwrap();
+    assert_eq!(outbox.unmatched_verdicts(10).unwrap().1, 0);
+}
+
+#[tokio::test]
+async fn an_edited_retry_is_matched_by_its_new_content() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(dir.path()).unwrap();
+    let recs = outbox.append(vec![msg("A", 1)]).await.unwrap();
+    outbox.mark_sending(&[recs[0].id]).await.unwrap();
+    outbox
+        .settle(vec![settled(
+            recs[0].id,
+            Settle::Failed {
+                reason: "HTTP 500".into(),
+            },
+        )])
+        .await
+        .unwrap();
+    let edited = "{\"ProductionOrderNumber\":\"A\",\"n\":7}".to_string();
+    outbox
+        .retry(recs[0].id, "test", Some(edited.clone()), Sending::InFlight)
+        .await
+        .unwrap();
+    let old = reconcile(
+        &outbox,
+        vec![processed(&recs[0].content, "Processed", false, "E1")],
+    )
+    .await;
+    assert!(
+        matches!(old[0], Reconciled::Unmatched { .. }),
+        "the old content is not the message any more"
+    );
+    let new = reconcile(&outbox, vec![processed(&edited, "Processed", false, "E2")]).await;
+    assert!(
+        matches!(new[0], Reconciled::Matched { id, .. } if id == recs[0].id),
+        "{new:?}"
+    );
+}

@@ -1,0 +1,332 @@
+//! What D365 did with the messages it received: its "message processor message
+//! processed" business events, matched to the messages the gateway sent (reconciliation).
+//!
+//! A 200 from SendMessage only means "queued" (d365-mes-api.md §1.2); D365 processes the
+//! message later and may mark it Failed, which holds every later message of its order
+//! inside D365. The event that says so carries the queue, the message type and the exact
+//! content D365 received, and nothing else that names the message: so the outbox keeps a
+//! content index and matches on it.
+//!
+//! # On disk
+//!
+//! ```text
+//! tree "contents":   key = digest(type, canonical content) as u64 BE ++ message id (u64 BE), no value
+//!                    — written with the message (commit) and after an edit; a key whose
+//!                    record is gone or whose content differs is stale and removed when met
+//! tree "rejected":   key = message id: messages whose latest verdict is Failed in D365
+//!                    (what the failed-message alert reads without scanning)
+//! tree "unmatched":  key = time key ++ source ++ "\0" ++ event id
+//!                    value = the event's JSON — events that match no message, kept for
+//!                    inspection and forgotten with the event ids (`remember`)
+//! ```
+//!
+//! # Invariants
+//!
+//! - A verdict is applied in the same transaction as the event's id is remembered: a
+//!   redelivered event is recognised and never applied twice.
+//! - Matching is exact: the index only finds candidates; a candidate counts when its
+//!   message type and content equal the event's (compared as canonical JSON — keys
+//!   sorted, no spacing — in case D365 reformats it).
+//! - Identical messages (the same content twice) get verdicts in order: D365 processes an
+//!   order's messages in the order received and holds the later ones while one is Failed,
+//!   so a verdict belongs to the oldest candidate still Failed in D365, else the oldest
+//!   with no verdict yet, else the newest (D365 processed it again).
+//! - An `uncertain` message D365 reports as received, in any state, did reach D365: it
+//!   becomes `delivered` (leaving its lane), and its history says why.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::{storage, Change, MessageId, OutboxError, Record, State, Store};
+
+/// D365's verdict on one message, as recorded on it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct D365Verdict {
+    /// When D365 processed it (the event's time).
+    pub at: jiff::Timestamp,
+    /// D365's message state as it came (`Processed`, `Failed`, `Cancelled`, …).
+    pub state: String,
+    /// Failed in D365: the order's later messages are held there.
+    pub failed: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<String>,
+    /// D365's infolog: why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub infolog: Option<String>,
+    /// The business event that said so.
+    pub event_id: String,
+    /// The message on D365's MES page, when the event gives it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page_url: Option<String>,
+}
+
+/// A "message processed" business event, as the outbox needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessedEvent {
+    pub source: Arc<str>,
+    pub queue: String,
+    pub message_type: String,
+    /// The `_messageContent` D365 received.
+    pub content: String,
+    pub verdict: D365Verdict,
+    /// The whole event as it came, kept when it matches nothing.
+    pub payload: String,
+}
+
+/// What became of one processed event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reconciled {
+    /// Recorded on the message; `resolved` when it was `uncertain` and is now delivered.
+    Matched {
+        id: super::MessageId,
+        failed: bool,
+        resolved: bool,
+    },
+    /// No message of the gateway has this type and content (or another queue): kept in
+    /// the unmatched list.
+    Unmatched { reason: String },
+}
+
+/// The content index's digest: 64-bit FNV-1a over type, a zero byte and content. Stable
+/// across builds (it is stored on disk).
+pub(super) fn digest(message_type: &str, content: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in message_type.bytes().chain([0u8]).chain(content.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+pub(super) fn content_key(digest: u64, id: super::MessageId) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..8].copy_from_slice(&digest.to_be_bytes());
+    k[8..].copy_from_slice(&id.to_be_bytes());
+    k
+}
+
+/// The index's digest of a message: over its type and its content in canonical form, so
+/// a content D365 reformats (spacing, key order) still finds its message.
+pub(super) fn content_digest(message_type: &str, content: &str) -> u64 {
+    match canonical(content) {
+        Some(c) => digest(message_type, &c),
+        None => digest(message_type, content),
+    }
+}
+
+/// Compact JSON with every object's keys sorted, or `None` when it is not JSON. (The
+/// gateway writes its fields in D365's documented order, not sorted.)
+pub(super) fn canonical(content: &str) -> Option<String> {
+    fn sorted(v: serde_json::Value) -> serde_json::Value {
+        match v {
+            serde_json::Value::Object(map) => {
+                let mut entries: Vec<_> = map.into_iter().collect();
+                entries.sort_by(|a, b| a.0.cmp(&b.0));
+                serde_json::Value::Object(
+                    entries.into_iter().map(|(k, v)| (k, sorted(v))).collect(),
+                )
+            }
+            serde_json::Value::Array(items) => {
+                serde_json::Value::Array(items.into_iter().map(sorted).collect())
+            }
+            other => other,
+        }
+    }
+    serde_json::from_str::<serde_json::Value>(content)
+        .ok()
+        .map(|v| sorted(v).to_string())
+}
+
+/// Whether a stored content is the one D365 reports.
+pub(super) fn same_content(stored: &str, reported: &str) -> bool {
+    stored == reported || canonical(stored).is_some_and(|c| Some(c) == canonical(reported))
+}
+
+pub(super) fn unmatched_key(at: jiff::Timestamp, source: &str, event_id: &str) -> Vec<u8> {
+    let mut k = super::time_key(at).to_vec();
+    k.extend_from_slice(source.as_bytes());
+    k.push(0);
+    k.extend_from_slice(event_id.as_bytes());
+    k
+}
+
+/// A processed event that matched no message, as kept for inspection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnmatchedEvent {
+    /// When the gateway received it.
+    pub received_at: jiff::Timestamp,
+    pub source: String,
+    pub event_id: String,
+    pub reason: String,
+    pub queue: String,
+    pub message_type: String,
+    pub state: String,
+    /// The event as it came.
+    pub payload: serde_json::Value,
+}
+
+/// What applying a batch of processed events changes, read before the transaction that
+/// writes it (under the outbox's transition lock, so nobody changes these records
+/// meanwhile).
+#[derive(Default)]
+pub(super) struct Plan {
+    /// Changed records and their state before.
+    pub updated: Vec<(Record, State)>,
+    /// Keys and values for the unmatched tree.
+    pub unmatched: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Content keys whose record is gone or holds another content now.
+    pub stale: Vec<[u8; 16]>,
+    pub reconciled: Vec<Reconciled>,
+}
+
+/// Who D365 is in a message's history.
+pub const D365: &str = "d365";
+
+pub(super) fn plan(store: &Store, events: &[ProcessedEvent]) -> Result<Plan, OutboxError> {
+    let mut plan = Plan::default();
+    // Records already changed by an earlier event of this batch, by id.
+    let mut working: BTreeMap<MessageId, (Record, State)> = BTreeMap::new();
+    let mut touched: BTreeSet<MessageId> = BTreeSet::new();
+    let now = jiff::Timestamp::now();
+    for e in events {
+        let digest = content_digest(&e.message_type, &e.content);
+        let mut candidates: Vec<MessageId> = Vec::new();
+        for item in store.contents.scan_prefix(digest.to_be_bytes()) {
+            let (k, _) = item.map_err(storage)?;
+            let Some(id) = k
+                .get(8..16)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_be_bytes)
+            else {
+                continue;
+            };
+            let record = match working.get(&id) {
+                Some((r, _)) => r.clone(),
+                None => match store.get(id) {
+                    Ok(r) => r,
+                    Err(OutboxError::NotFound(_)) => {
+                        plan.stale.push(content_key(digest, id));
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(message_id = id, error = %e, "A message the content index names cannot be read; not matched.");
+                        continue;
+                    }
+                },
+            };
+            if record.content_digest != Some(digest) {
+                plan.stale.push(content_key(digest, id));
+                continue;
+            }
+            if record.message_type == e.message_type && same_content(&record.content, &e.content) {
+                working.entry(id).or_insert_with(|| {
+                    let old = record.state;
+                    (record, old)
+                });
+                candidates.push(id);
+            }
+        }
+        let verdict_of = |id: &MessageId| working.get(id).and_then(|(r, _)| r.d365.as_ref());
+        let chosen = candidates
+            .iter()
+            .find(|id| verdict_of(id).is_some_and(|v| v.failed))
+            .or_else(|| candidates.iter().find(|id| verdict_of(id).is_none()))
+            .or_else(|| candidates.last())
+            .copied();
+        let Some(id) = chosen else {
+            let reason = "no message of the gateway has this type and content".to_string();
+            let kept = UnmatchedEvent {
+                received_at: now,
+                source: e.source.to_string(),
+                event_id: e.verdict.event_id.clone(),
+                reason: reason.clone(),
+                queue: e.queue.clone(),
+                message_type: e.message_type.clone(),
+                state: e.verdict.state.clone(),
+                payload: serde_json::from_str(&e.payload)
+                    .unwrap_or(serde_json::Value::String(e.payload.clone())),
+            };
+            let bytes = serde_json::to_vec(&kept).map_err(storage)?;
+            plan.unmatched
+                .push((unmatched_key(now, &e.source, &e.verdict.event_id), bytes));
+            plan.reconciled.push(Reconciled::Unmatched { reason });
+            continue;
+        };
+        // `chosen` came from `candidates`, every one of which is in `working`.
+        let Some((r, _)) = working.get_mut(&id) else {
+            continue;
+        };
+        let v = &e.verdict;
+        let detail = match (&v.infolog, &v.result) {
+            (Some(log), _) => Some(format!("{} (event {}): {log}", v.state, v.event_id)),
+            (None, Some(result)) => Some(format!("{} (event {}): {result}", v.state, v.event_id)),
+            (None, None) => Some(format!("{} (event {})", v.state, v.event_id)),
+        };
+        let resolved = r.state == State::Uncertain;
+        if resolved {
+            r.last_error = None;
+            r.change(
+                State::Delivered,
+                D365,
+                "resolved as delivered: D365 reports it received",
+                detail,
+            );
+        } else {
+            // The state stays; `updated_at` too (a delivered record's done key holds it).
+            let action = if v.failed {
+                "failed in D365"
+            } else {
+                "processed in D365"
+            };
+            r.history.push(Change {
+                at: now,
+                by: D365.to_string(),
+                action: action.to_string(),
+                detail,
+            });
+        }
+        r.d365 = Some(v.clone());
+        touched.insert(id);
+        plan.reconciled.push(Reconciled::Matched {
+            id,
+            failed: v.failed,
+            resolved,
+        });
+    }
+    plan.updated = working
+        .into_values()
+        .filter(|(r, _)| touched.contains(&r.id))
+        .collect();
+    Ok(plan)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digest_is_pinned_and_separates_type_from_content() {
+        // Pinned: the digest is stored on disk and must not change between versions.
+        assert_eq!(digest("A", "{}"), digest("A", "{}"));
+        assert_ne!(digest("AB", "{}"), digest("A", "B{}"));
+        assert_eq!(digest("", ""), 0xaf63_bd4c_8601_b7df);
+    }
+
+    #[test]
+    fn reformatted_json_is_the_same_content() {
+        assert!(same_content(
+            r#"{"b":1,"a":"x"}"#,
+            "{ \"a\": \"x\",\n \"b\": 1 }"
+        ));
+        assert!(!same_content(r#"{"b":1,"a":"x"}"#, r#"{"a":"x","b":2}"#));
+        assert!(same_content("not json", "not json"));
+        assert!(!same_content("not json", "not  json"));
+        assert_eq!(
+            content_digest("T", r#"{"b":[{"d":1,"c":2}], "a":1}"#),
+            content_digest("T", r#"{"a":1,"b":[{"c":2,"d":1}]}"#)
+        );
+        assert_ne!(content_digest("T", "{}"), content_digest("U", "{}"));
+    }
+}
