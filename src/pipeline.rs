@@ -28,7 +28,9 @@ use tokio::sync::mpsc;
 
 use crate::message::FieldNames;
 
-use crate::outbox::{Delivery, DeliveryId, Ingest, NewMessage, Outbox, Record, SeenEvent};
+use crate::outbox::{
+    Delivery, DeliveryId, Ingest, NewMessage, Outbox, ProcessedEvent, Reconciled, Record, SeenEvent,
+};
 use crate::rules::state::{EngineState, OrderContext};
 use crate::rules::{BuiltMessage, Engine};
 use crate::source::SourceEvent;
@@ -50,6 +52,12 @@ pub struct PipelineStats {
     pub store_errors: AtomicU64,
     /// Redelivered upstream messages whose result was already stored.
     pub duplicates: AtomicU64,
+    /// D365's verdicts ("message processed" events): recorded on a message as processed,
+    /// as failed, resolving an `uncertain` one, or matching no message.
+    pub verdicts_processed: AtomicU64,
+    pub verdicts_failed: AtomicU64,
+    pub verdicts_resolved: AtomicU64,
+    pub verdicts_unmatched: AtomicU64,
     /// Each line's order context as last committed, for `/health`: published by the
     /// pipeline, so readers never parse the stored rules state.
     pub lines: std::sync::RwLock<BTreeMap<String, OrderContext>>,
@@ -61,6 +69,7 @@ struct Batch {
     built: Vec<BuiltMessage>,
     deliveries: Vec<Delivery>,
     seen: Vec<SeenEvent>,
+    processed: Vec<ProcessedEvent>,
 }
 
 impl Batch {
@@ -233,6 +242,7 @@ impl Pipeline {
         let mut built = Vec::new();
         let mut deliveries = Vec::new();
         let mut seen = Vec::new();
+        let mut processed = Vec::new();
         let mut in_batch: HashSet<&DeliveryId> = HashSet::new();
         let mut events_in_batch: HashSet<&SeenEvent> = HashSet::new();
         for e in batch {
@@ -244,6 +254,7 @@ impl Pipeline {
                 }
                 seen.push(s.clone());
             }
+            processed.extend(e.processed.clone());
             if let Some(d) = &e.delivery {
                 let duplicate = d.redelivered
                     && (in_batch.contains(&d.id) || stored.deliveries.contains(&d.id));
@@ -263,6 +274,7 @@ impl Pipeline {
             built,
             deliveries,
             seen,
+            processed,
         }
     }
 
@@ -277,6 +289,7 @@ impl Pipeline {
             && state.is_none()
             && produced.deliveries.is_empty()
             && produced.seen.is_empty()
+            && produced.processed.is_empty()
         {
             return;
         }
@@ -288,7 +301,8 @@ impl Pipeline {
                     state.map(|s| (RULES_STATE.to_string(), s)),
                     produced.deliveries,
                 )
-                .with_seen(produced.seen),
+                .with_seen(produced.seen)
+                .with_processed(produced.processed),
             )
             .await;
         if state_changed {
@@ -345,12 +359,51 @@ impl Pipeline {
         out
     }
 
+    /// Reports what became of D365's verdicts (the outbox recorded them).
+    fn report_reconciled(&self, ingest: &Ingest, reconciled: &[Reconciled]) {
+        for (event, outcome) in ingest.processed.iter().zip(reconciled) {
+            let v = &event.verdict;
+            match outcome {
+                Reconciled::Matched {
+                    id,
+                    failed,
+                    resolved,
+                } => {
+                    if *resolved {
+                        self.stats.verdicts_resolved.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(message_id = id, d365_state = %v.state, event_id = %v.event_id, "Uncertain message resolved: D365 reports it received.");
+                    }
+                    if *failed {
+                        self.stats.verdicts_failed.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(message_id = id, message_type = %event.message_type, event_id = %v.event_id,
+                            infolog = v.infolog.as_deref().unwrap_or(""), "D365 failed to process a message; it holds the order's later messages until the message is fixed there.");
+                    } else {
+                        self.stats
+                            .verdicts_processed
+                            .fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(message_id = id, d365_state = %v.state, "D365 processed a message.");
+                    }
+                }
+                Reconciled::Unmatched { reason } => {
+                    self.stats
+                        .verdicts_unmatched
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(source = %event.source, event_id = %v.event_id, message_type = %event.message_type, d365_state = %v.state, %reason,
+                        "D365 verdict matches no message of the gateway; kept for inspection (mes-gateway outbox unmatched).");
+                }
+            }
+        }
+    }
+
     async fn store(&self, ingest: Ingest) -> Vec<Record> {
         let mut wait = STORE_RETRY_MIN;
         let ingest = Arc::new(ingest);
         loop {
-            match self.outbox.commit_shared(ingest.clone()).await {
-                Ok(records) => return records,
+            match self.outbox.commit_reconciling(ingest.clone()).await {
+                Ok(committed) => {
+                    self.report_reconciled(&ingest, &committed.reconciled);
+                    return committed.records;
+                }
                 Err(e) => {
                     self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
                     tracing::error!(error = %e, messages = ingest.messages.len(), retry_in_ms = wait.as_millis() as u64,

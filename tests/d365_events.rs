@@ -284,3 +284,209 @@ async fn a_flood_of_events_and_redeliveries_with_a_kill_in_the_middle_is_stored_
         "one Start per release"
     );
 }
+
+/// A "message processed" event as D365 sends it for one message the gateway posted.
+fn processed(event_id: &str, sent: &support::Received, state: &str, infolog: &str) -> Value {
+    json!({
+        "BusinessEventId": "SysMessageProcessorMessageProcessedBusinessEvent",
+        "ControlNumber": 5637150001u64,
+        "EventId": event_id,
+        "EventTime": "2026-12-02T04:00:00Z",
+        "MajorVersion": 0,
+        "MinorVersion": 0,
+        "MessageQueue": "JmgMES3P",
+        "MessageQueueLabel": "MES integration",
+        "MessageType": sent.envelope["_messageType"],
+        "MessageTypeLabel": "Report as finished",
+        "MessageContent": sent.envelope["_messageContent"],
+        "MessageState": state,
+        "MessageStateLabel": state,
+        "MessageProcessingResult": if state == "Failed" { "Failed" } else { "Success" },
+        "MessageInfolog": infolog,
+        "MessageProcessorMessagePageUrl": "https://d365.example/?mi=SysMessageProcessorMessage",
+        "MessageSourceCompanyId": "USMF"
+    })
+}
+
+/// Reconciliation (issue 12, part 4): a message D365 accepted and then failed in its
+/// batch job shows "failed in D365" with the infolog, in the API, the status and an alert;
+/// an `uncertain` message (the answer was lost) is resolved by the event that shows D365
+/// received it, and its order's next message goes out; an event about no message of the
+/// gateway is counted and kept; a reformatted content still matches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn d365_verdicts_show_on_their_messages_raise_the_alert_and_resolve_uncertain_ones() {
+    let fake = FakeD365::start().await;
+    // Order P-LOST: the first request is read, then the connection drops (no answer).
+    fake.script_order("P-LOST", [support::Reply::Drop]);
+    let webhook = support::alerts::Webhook::start(0).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let api_port = free_port();
+    write_config(
+        dir,
+        &format!(
+            "{}storage:\n  data_dir: data\nsources:\n  - type: d365_events\n    id: d365\n    webhook_secret_file: webhook-secret\napi:\n  listen: 127.0.0.1:{api_port}\n  token_file: api-token\nalerts:\n  check_interval: 200ms\n  webhook:\n    url: {}\n",
+            d365_yaml(&fake),
+            webhook.url
+        ),
+    );
+    std::fs::write(dir.join("webhook-secret"), SECRET).unwrap();
+    std::fs::write(dir.join("api-token"), "api-token-0123456789abcdef").unwrap();
+    let cfg = path_str(dir).to_string();
+    let out = Output::new();
+    let gw = process::start(&["run", "-c", &cfg], &out);
+    out.wait_for("Gateway running.").await;
+    let http = reqwest::Client::new();
+    let send = |order: &'static str, quantity: u32| {
+        let http = http.clone();
+        async move {
+            let answer: Value = http
+                .post(format!(
+                    "http://127.0.0.1:{api_port}/api/v1/messages?type=ProdProductionOrderReportFinished"
+                ))
+                .bearer_auth("api-token-0123456789abcdef")
+                .json(&support::report(order, quantity))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            answer["id"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("queued: {answer}"))
+        }
+    };
+
+    // Accepted by D365 (HTTP 200), then failed in its batch job.
+    let failing = send("P-BAD", 3).await;
+    fake.wait_until("P-BAD sent", |r| r.iter().any(|r| r.order == "P-BAD"))
+        .await;
+    let sent = fake
+        .accepted()
+        .into_iter()
+        .find(|r| r.order == "P-BAD")
+        .unwrap();
+    let infolog = "Production order P-BAD is not started. Update has been canceled.";
+    let (status, _) = post(
+        api_port,
+        Some(SECRET),
+        &processed("V-1", &sent, "Failed", infolog),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let record = get(api_port, &format!("/api/v1/messages/{failing}")).await;
+    assert_eq!(record["d365"]["failed"], true, "{record}");
+    assert_eq!(record["d365"]["state"], "Failed");
+    assert_eq!(record["d365"]["infolog"], infolog);
+    let alert = webhook
+        .received
+        .wait_for(&format!("message/{failing}"), "firing")
+        .await;
+    assert_eq!(alert["kind"], "message_failed");
+    assert!(alert["text"].as_str().unwrap().contains(infolog), "{alert}");
+    let status = get(api_port, "/api/v1/status").await;
+    assert_eq!(status["d365_verdicts"]["failed_in_d365"], 1, "{status}");
+
+    // Reprocessed in D365 after the fix: the alert clears.
+    let (status, _) = post(
+        api_port,
+        Some(SECRET),
+        &processed("V-2", &sent, "Processed", ""),
+    )
+    .await;
+    assert_eq!(status, 200);
+    webhook
+        .received
+        .wait_for(&format!("message/{failing}"), "cleared")
+        .await;
+    assert_eq!(
+        get(api_port, &format!("/api/v1/messages/{failing}")).await["d365"]["state"],
+        "Processed"
+    );
+
+    // The answer is lost: uncertain, holding P-LOST's next message.
+    let lost = send("P-LOST", 1).await;
+    let next = send("P-LOST", 2).await;
+    fake.wait_until("P-LOST's first request", |r| {
+        r.iter().any(|r| r.order == "P-LOST")
+    })
+    .await;
+    let sent = fake
+        .received()
+        .into_iter()
+        .find(|r| r.message_id == Some(lost))
+        .unwrap();
+    // D365 reformats nothing in practice; reformatted JSON matches all the same.
+    let mut reformatted = sent.clone();
+    reformatted.envelope["_messageContent"] =
+        serde_json::to_string_pretty(&sent.content).unwrap().into();
+    let (status, _) = post(
+        api_port,
+        Some(SECRET),
+        &processed("V-3", &reformatted, "Processed", ""),
+    )
+    .await;
+    assert_eq!(status, 200);
+    // Whether the event or the lost answer came first, the message is delivered and the
+    // order's next message goes out once.
+    fake.wait_until("P-LOST's next message", |r| {
+        r.iter()
+            .any(|r| r.message_id == Some(next) && r.status == Some(200))
+    })
+    .await;
+    let record = get(api_port, &format!("/api/v1/messages/{lost}")).await;
+    assert_eq!(record["state"], "delivered", "{record}");
+    assert_eq!(record["d365"]["state"], "Processed");
+    let history = record["history"].as_array().unwrap();
+    assert!(
+        history.iter().any(|c| c["action"]
+            .as_str()
+            .is_some_and(|a| a.contains("D365") && a.contains("received"))),
+        "{record}"
+    );
+    assert_eq!(
+        fake.received()
+            .iter()
+            .filter(|r| r.message_id == Some(lost))
+            .count(),
+        1,
+        "resolved, never sent again"
+    );
+
+    // An event about a message the gateway never sent: counted and kept.
+    let mut stranger = sent.clone();
+    stranger.envelope["_messageContent"] = "{\"ProductionOrderNumber\":\"P-OTHER\"}".into();
+    let (status, _) = post(
+        api_port,
+        Some(SECRET),
+        &processed("V-4", &stranger, "Processed", ""),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let kept = get(api_port, "/api/v1/d365/unmatched").await;
+    assert_eq!(kept["total"], 1, "{kept}");
+    assert_eq!(kept["events"][0]["event_id"], "V-4");
+    assert_eq!(
+        kept["events"][0]["payload"]["MessageContent"],
+        "{\"ProductionOrderNumber\":\"P-OTHER\"}"
+    );
+    let metrics = reqwest::get(format!("http://127.0.0.1:{api_port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "mes_gateway_d365_verdicts_total{verdict=\"failed\"} 1",
+        "mes_gateway_d365_verdicts_total{verdict=\"processed\"} 2",
+        "mes_gateway_d365_verdicts_total{verdict=\"unmatched\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
+    // The CLI shows the same, through the socket.
+    let (code, cli, err) = process::run(&["outbox", "-c", &cfg, "unmatched"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(cli.contains("V-4"), "{cli}");
+    assert_eq!(gw.terminate().await, 0);
+}

@@ -347,6 +347,39 @@ impl AlertWatch {
                 ));
             }
         }
+        // Delivered, then failed in D365's processing (its "message processed" event).
+        let outbox = self.outbox.clone();
+        match tokio::task::spawn_blocking(move || outbox.rejected_in_d365(MAX_MESSAGE_ALERTS)).await
+        {
+            Ok(Ok((records, n))) => {
+                for r in &records {
+                    let infolog = r
+                        .d365
+                        .as_ref()
+                        .and_then(|v| v.infolog.as_deref().or(v.result.as_deref()))
+                        .unwrap_or("no infolog");
+                    open.push((
+                        format!("message/{}", r.id),
+                        "message_failed".to_string(),
+                        format!(
+                            "message {} ({}, order {}) failed in D365: {infolog}; D365 holds the order's later messages until it is fixed or cancelled there",
+                            r.id, r.message_type, r.production_order
+                        ),
+                    ));
+                }
+                if n > records.len() {
+                    open.push((
+                        "message_failed/d365-more".into(),
+                        "message_failed".into(),
+                        format!("{} more messages failed in D365", n - records.len()),
+                    ));
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "Cannot read the outbox for alerts; trying again.")
+            }
+            Err(_) => {}
+        }
     }
 }
 

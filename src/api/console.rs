@@ -184,6 +184,8 @@ th{background:#f3f2f1;font-weight:600}
 tr.selected td{background:#deecf9}
 td.state-failed,td.state-uncertain{color:#a4262c;font-weight:600}
 td.state-delivered{color:#107c10}
+td.d365-failed{color:#a4262c;font-weight:600}
+td.d365-ok{color:#107c10}
 .panes{display:grid;grid-template-columns:minmax(0,3fr) minmax(0,2fr);gap:16px}
 .pane{background:#fff;border:1px solid #edebe9;padding:12px}
 pre{white-space:pre-wrap;word-break:break-all;background:#f3f2f1;padding:8px}
@@ -454,7 +456,7 @@ async fn messages_page(
         .unwrap_or_default()
     };
     let mut grid = String::from(
-        "<table id=\"messages\"><thead><tr><th>Message ID</th><th>Production order</th><th>Message type</th><th>Line</th><th>State</th><th>Created</th><th>Attempts</th><th>Last error</th></tr></thead><tbody>",
+        "<table id=\"messages\"><thead><tr><th>Message ID</th><th>Production order</th><th>Message type</th><th>Line</th><th>State</th><th>D365</th><th>Created</th><th>Attempts</th><th>Last error</th></tr></thead><tbody>",
     );
     for r in &page_data.messages {
         let selected = if q.id == Some(r.id) {
@@ -464,8 +466,9 @@ async fn messages_page(
         };
         let _ = write!(
             grid,
-            "<tr{selected} data-id=\"{id}\"><td><a href=\"/console/messages?{link}\" id=\"open-{id}\">{id}</a></td><td>{order}</td><td>{ty}</td><td>{line}</td><td class=\"state-{st}\">{st}</td><td>{created}</td><td>{attempts}</td><td>{error}</td></tr>",
+            "<tr{selected} data-id=\"{id}\"><td><a href=\"/console/messages?{link}\" id=\"open-{id}\">{id}</a></td><td>{order}</td><td>{ty}</td><td>{line}</td><td class=\"state-{st}\">{st}</td>{verdict}<td>{created}</td><td>{attempts}</td><td>{error}</td></tr>",
             id = r.id,
+            verdict = verdict_cell(r),
             link = esc(&link_query(r.id)),
             order = esc(&r.production_order),
             ty = esc(&r.message_type),
@@ -500,6 +503,18 @@ async fn messages_page(
     .into_response()
 }
 
+/// D365's verdict on a message as a table cell: what D365's processing made of it.
+fn verdict_cell(r: &Record) -> String {
+    match &r.d365 {
+        None => "<td class=\"d365-none\"></td>".to_string(),
+        Some(v) if v.failed => format!(
+            "<td class=\"d365-failed\" title=\"{title}\">failed in D365</td>",
+            title = esc(v.infolog.as_deref().or(v.result.as_deref()).unwrap_or(""))
+        ),
+        Some(v) => format!("<td class=\"d365-ok\">{}</td>", esc(&v.state)),
+    }
+}
+
 fn detail_pane(r: &Record, session: &Session, back: &str) -> String {
     let content = serde_json::from_str::<serde_json::Value>(&r.content)
         .ok()
@@ -516,6 +531,22 @@ fn detail_pane(r: &Record, session: &Session, back: &str) -> String {
         created = time(r.created_at),
         error = esc(r.last_error.as_deref().unwrap_or("")),
     );
+    if let Some(v) = &r.d365 {
+        let _ = write!(
+            out,
+            "<h2>In D365</h2><table id=\"d365\"><tr><th>D365 state</th>{cell}</tr><tr><th>Processed</th><td>{at}</td></tr>\
+             <tr><th>Result</th><td>{result}</td></tr><tr><th>Infolog</th><td id=\"d365-infolog\">{infolog}</td></tr><tr><th>Event</th><td>{event}</td></tr>{page}</table>",
+            cell = verdict_cell(r),
+            at = time(v.at),
+            result = esc(v.result.as_deref().unwrap_or("")),
+            infolog = esc(v.infolog.as_deref().unwrap_or("")),
+            event = esc(&v.event_id),
+            page = v.page_url.as_deref().map_or(String::new(), |u| format!(
+                "<tr><th>MES page</th><td><a href=\"{u}\" rel=\"noreferrer\">open in D365</a></td></tr>",
+                u = esc(u)
+            )),
+        );
+    }
     let form = |action: &str, label: &str, class: &str| {
         format!(
             "<form method=\"post\" action=\"/console/messages/{id}/{action}?{back}\">{csrf}<button type=\"submit\" class=\"{class}\" id=\"{action}\">{label}</button></form>",

@@ -158,6 +158,19 @@ pub fn render(state: &ApiState) -> String {
             "Upstream redeliveries (MQTT DUP) of messages already stored: acknowledged, nothing produced",
             &p.duplicates,
         );
+        counters(
+            &mut registry,
+            "mes_gateway_d365_verdicts",
+            "D365's \"message processed\" events: processed or failed in D365 (recorded on the message), resolved (an uncertain message D365 received), unmatched (kept for inspection)",
+            "verdict",
+            [
+                ("processed", &p.verdicts_processed),
+                ("failed", &p.verdicts_failed),
+                ("resolved", &p.verdicts_resolved),
+                ("unmatched", &p.verdicts_unmatched),
+            ]
+            .map(|(k, v)| (k.to_string(), v.load(Ordering::Relaxed))),
+        );
     }
     if let Some(r) = &live.rules {
         counter(

@@ -28,6 +28,7 @@ pub fn routes() -> Router<ApiState> {
             axum::routing::put(set_line).delete(clear_line),
         )
         .route("/alerts", get(alerts))
+        .route("/d365/unmatched", get(unmatched))
         .route("/reload", post(reload))
 }
 
@@ -65,6 +66,20 @@ fn who(door: Door, headers: &HeaderMap) -> String {
         (Door::Http, Some(n)) => format!("api:{n}"),
         (Door::Http, None) => "api".into(),
     }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitQuery {
+    limit: Option<usize>,
+}
+
+/// D365's "message processed" events that matched no message, newest first.
+async fn unmatched(
+    State(s): State<ApiState>,
+    Query(q): Query<LimitQuery>,
+) -> ApiResult<crate::operator::UnmatchedView> {
+    Ok(Json(s.operator.unmatched(q.limit.unwrap_or(100)).await?))
 }
 
 async fn status(State(s): State<ApiState>) -> ApiResult<crate::operator::Status> {

@@ -191,6 +191,15 @@ pub enum OutboxCommand {
     Cancel { id: MessageId },
     /// Mark an uncertain message as delivered (you found it on the D365 MES page).
     Resolve { id: MessageId },
+    /// D365's "message processed" events that matched no message of the gateway, newest
+    /// first (kept as long as event ids are remembered).
+    Unmatched {
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// The events as JSON, one per line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Rewrite the store to give back the disk a drained backlog used (gateway stopped;
     /// the running gateway does this by itself after pruning when it is worth it).
     /// Crash-safe.
@@ -507,6 +516,9 @@ async fn outbox_command(service: &Service, action: OutboxCommand) -> Result<(), 
                 "message {} resolved as delivered (order {})",
                 r.id, r.production_order
             );
+        }
+        OutboxCommand::Unmatched { limit, json } => {
+            print::unmatched(&service.unmatched(limit).await?, json)?
         }
         OutboxCommand::Compact => {
             return Err(CliError::Usage(

@@ -4,7 +4,7 @@
 use anyhow::Context as _;
 
 use super::CliError;
-use crate::operator::{LinesView, MessagePage, Status};
+use crate::operator::{LinesView, MessagePage, Status, UnmatchedView};
 use crate::outbox::Record;
 
 fn time(t: jiff::Timestamp) -> String {
@@ -154,6 +154,19 @@ pub fn status(s: &Status) {
                     "last error: {e}"
                 ))
         );
+        let v = &s.d365_verdicts;
+        if v.failed_in_d365 > 0 {
+            println!(
+                "  {} message(s) FAILED IN D365: D365 holds their orders' later messages (see the alerts, or: outbox list --state delivered)",
+                v.failed_in_d365
+            );
+        }
+        if v.unmatched > 0 {
+            println!(
+                "  {} D365 verdict(s) matched no message: mes-gateway outbox unmatched",
+                v.unmatched
+            );
+        }
         println!("\nALERTS");
         if s.alerts.is_empty() {
             println!("  none open");
@@ -176,4 +189,43 @@ pub fn status(s: &Status) {
                 .unwrap_or_default()
         );
     }
+}
+
+pub fn unmatched(view: &UnmatchedView, json: bool) -> Result<(), CliError> {
+    if json {
+        for e in &view.events {
+            println!(
+                "{}",
+                serde_json::to_string(e).context("cannot print an event")?
+            );
+        }
+        return Ok(());
+    }
+    if view.events.is_empty() {
+        println!("no D365 verdict is unmatched");
+        return Ok(());
+    }
+    println!(
+        "{:<20}  {:<12}  {:<34}  {:<10}  EVENT",
+        "RECEIVED", "SOURCE", "MESSAGE TYPE", "D365 STATE"
+    );
+    for e in &view.events {
+        println!(
+            "{:<20}  {:<12}  {:<34}  {:<10}  {}  ({})",
+            time(e.received_at),
+            shorten(&e.source, 12),
+            shorten(&e.message_type, 34),
+            shorten(&e.state, 10),
+            e.event_id,
+            e.reason
+        );
+    }
+    if view.total > view.events.len() {
+        println!(
+            "{} more: add --limit {}",
+            view.total - view.events.len(),
+            view.total
+        );
+    }
+    Ok(())
 }

@@ -8,7 +8,9 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use serde::de::DeserializeOwned;
 
-use crate::operator::{ContentChecks, LinesView, MessagePage, OpError, Operator, Status};
+use crate::operator::{
+    ContentChecks, LinesView, MessagePage, OpError, Operator, Status, UnmatchedView,
+};
 use crate::outbox::{ListFilter, MessageId, Outbox, OutboxError, Record};
 use crate::rules::state::OrderContext;
 use crate::settings::OutboxSettings;
@@ -216,6 +218,20 @@ impl Service {
             Service::Socket { .. } => {
                 let answer: serde_json::Value = self.call("POST", "/api/v1/reload", None).await?;
                 Ok(answer["reloaded"].as_str().unwrap_or_default().to_string())
+            }
+        }
+    }
+
+    pub async fn unmatched(&self, limit: usize) -> Result<UnmatchedView, OpError> {
+        match self {
+            Service::Local { operator, .. } => operator.unmatched(limit).await,
+            Service::Socket { .. } => {
+                self.call(
+                    "GET",
+                    &format!("/api/v1/d365/unmatched?limit={limit}"),
+                    None,
+                )
+                .await
             }
         }
     }

@@ -21,7 +21,7 @@
 
 mod views;
 
-pub use views::{LinesView, MessagePage, SourceStatus, Status};
+pub use views::{LinesView, MessagePage, SourceStatus, Status, UnmatchedView, VerdictCounts};
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -411,14 +411,32 @@ impl Operator {
     /// Everything `status` shows, in one read.
     pub async fn status(&self) -> Result<Status, OpError> {
         let outbox = self.outbox.clone();
-        let oldest = blocking(move || Ok(views::oldest_queued(&outbox))).await?;
+        let (oldest, verdicts) = blocking(move || {
+            let verdicts = VerdictCounts {
+                failed_in_d365: outbox.rejected_in_d365(0)?.1,
+                unmatched: outbox.unmatched_verdicts(0)?.1,
+            };
+            Ok((views::oldest_queued(&outbox), verdicts))
+        })
+        .await?;
         let lines = self.lines().await?;
         Ok(views::status(
             &self.outbox,
             self.running.as_ref(),
             oldest,
             lines,
+            verdicts,
         ))
+    }
+
+    /// D365's verdicts that matched no message (newest first, up to `limit`).
+    pub async fn unmatched(&self, limit: usize) -> Result<UnmatchedView, OpError> {
+        let outbox = self.outbox.clone();
+        blocking(move || {
+            let (events, total) = outbox.unmatched_verdicts(limit)?;
+            Ok(UnmatchedView { events, total })
+        })
+        .await
     }
 }
 

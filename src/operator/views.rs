@@ -87,6 +87,23 @@ pub struct Status {
     pub last_d365_error: Option<String>,
     pub alerts: Vec<Alert>,
     pub lines: BTreeMap<String, OrderContext>,
+    /// What D365's processing made of the messages (its "message processed" events).
+    #[serde(default)]
+    pub d365_verdicts: VerdictCounts,
+}
+
+/// D365's verdicts that need someone: messages D365 failed, events that matched nothing.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerdictCounts {
+    pub failed_in_d365: usize,
+    pub unmatched: usize,
+}
+
+/// D365's verdicts that matched no message, newest first, as kept.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UnmatchedView {
+    pub events: Vec<crate::outbox::UnmatchedEvent>,
+    pub total: usize,
 }
 
 pub(super) fn counts(outbox: &Outbox) -> BTreeMap<String, usize> {
@@ -119,6 +136,7 @@ pub(super) fn status(
     running: Option<&Running>,
     oldest_queued: Option<OldestQueued>,
     lines: LinesView,
+    d365_verdicts: VerdictCounts,
 ) -> Status {
     let now = jiff::Timestamp::now();
     let (sources, last_d365_error) = match running {
@@ -152,5 +170,6 @@ pub(super) fn status(
         last_d365_error,
         alerts: running.map(|r| r.alerts.open_alerts()).unwrap_or_default(),
         lines: lines.lines,
+        d365_verdicts,
     }
 }

@@ -1379,6 +1379,17 @@ fn apply_settlement(r: &mut Record, s: &Settlement) {
             r.last_error = Some(reason.clone());
             r.change(State::Failed, GATEWAY, "failed", Some(reason.clone()));
         }
+        // D365's verdict came back while the request still waited for its answer (D365
+        // processed it before the answer was lost): it arrived, it is not uncertain.
+        Settle::Uncertain { reason } if r.d365.is_some() => {
+            r.last_error = None;
+            r.change(
+                State::Delivered,
+                GATEWAY,
+                "delivered: D365 reported it received before its answer was lost",
+                Some(reason.clone()),
+            );
+        }
         Settle::Uncertain { reason } => {
             r.last_error = Some(reason.clone());
             r.change(State::Uncertain, GATEWAY, "uncertain", Some(reason.clone()));

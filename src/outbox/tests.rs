@@ -909,3 +909,40 @@ async fn an_edited_retry_is_matched_by_its_new_content() {
         "{new:?}"
     );
 }
+
+#[tokio::test]
+async fn a_verdict_that_comes_before_a_lost_answer_makes_the_message_delivered_not_uncertain() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(dir.path()).unwrap();
+    let recs = outbox.append(vec![msg("A", 1)]).await.unwrap();
+    outbox.mark_sending(&[recs[0].id]).await.unwrap();
+    let result = reconcile(
+        &outbox,
+        vec![processed(&recs[0].content, "Processed", false, "E1")],
+    )
+    .await;
+    assert_eq!(
+        result,
+        [Reconciled::Matched {
+            id: recs[0].id,
+            failed: false,
+            resolved: false
+        }]
+    );
+    assert_eq!(
+        outbox.get(recs[0].id).unwrap().state,
+        State::Sending,
+        "still the dispatcher's"
+    );
+    let settled = outbox
+        .settle(vec![settled(
+            recs[0].id,
+            Settle::Uncertain {
+                reason: "timed out".into(),
+            },
+        )])
+        .await
+        .unwrap();
+    assert_eq!(settled[0].state, State::Delivered);
+    assert!(outbox.lane_heads(None, 10).unwrap().is_empty());
+}

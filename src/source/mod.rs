@@ -67,6 +67,8 @@ pub struct SourceEvent {
     /// The event's own id at its source, for sources that redeliver by id (D365
     /// business events): a second delivery of a stored one produces nothing.
     pub seen: Option<SeenEvent>,
+    /// D365's verdict on a message the gateway sent, to reconcile with the outbox.
+    pub processed: Option<crate::outbox::ProcessedEvent>,
 }
 
 impl From<Event> for SourceEvent {
@@ -76,6 +78,7 @@ impl From<Event> for SourceEvent {
             ack: None,
             delivery: None,
             seen: None,
+            processed: None,
         }
     }
 }

@@ -33,7 +33,13 @@ pub struct D365EventsConfig {
     pub events: BTreeMap<String, String>,
     /// How long an event id is remembered: a redelivery within it produces nothing.
     pub remember: Duration,
+    /// The queue whose "message processed" verdicts are matched to the gateway's messages
+    /// (the `d365.queue` the gateway posts to); events about other queues are not.
+    pub queue: String,
 }
+
+/// The point whose events are D365's verdicts on messages (reconciled with the outbox).
+pub const VERDICT_POINT: &str = "message_processed";
 
 impl D365EventsConfig {
     /// The point of a business event: its configured name, or the id as it came.
@@ -55,6 +61,7 @@ struct RawD365Events {
     #[serde(default)]
     events: BTreeMap<String, String>,
     remember: Option<String>,
+    queue: Option<String>,
 }
 
 pub fn read(cx: &mut FileCheck<'_>, path: &str) -> Option<D365EventsConfig> {
@@ -91,5 +98,8 @@ pub fn read(cx: &mut FileCheck<'_>, path: &str) -> Option<D365EventsConfig> {
         webhook_secret: secret?,
         events,
         remember,
+        queue: raw
+            .queue
+            .unwrap_or_else(|| crate::message::DEFAULT_QUEUE.to_string()),
     })
 }

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Ack, AckTicket, SourceError, SourceEvent, SourceHealth};
 use crate::event::{Event, Value};
-use crate::outbox::SeenEvent;
+use crate::outbox::{D365Verdict, ProcessedEvent, SeenEvent};
 use crate::systemd::Heartbeat;
 use config::D365EventsConfig;
 
@@ -101,6 +101,65 @@ pub fn parse(body: &[u8]) -> Result<BusinessEvent, String> {
         at,
         payload,
     })
+}
+
+/// Reads D365's verdict from a "message processed" event: `None` when it is about another
+/// queue than `queue` (D365 reports on every queue the event is activated for).
+pub fn processed_event(
+    source: &Arc<str>,
+    event: &BusinessEvent,
+    queue: &str,
+) -> Result<Option<ProcessedEvent>, String> {
+    let object = event.payload.as_object().ok_or("not a JSON object")?;
+    // Enum fields may come as names, labels or numbers: text of any of them.
+    let text = |key: &str| -> Option<String> {
+        match object.get(key)? {
+            serde_json::Value::String(s) if !s.trim().is_empty() => Some(s.clone()),
+            serde_json::Value::Null => None,
+            serde_json::Value::String(_) => None,
+            other => Some(other.to_string()),
+        }
+    };
+    let message_queue = text("MessageQueue").ok_or("no `MessageQueue`")?;
+    if !message_queue.eq_ignore_ascii_case(queue) {
+        return Ok(None);
+    }
+    let message_type = text("MessageType").ok_or("no `MessageType`")?;
+    let content = match object.get("MessageContent") {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        _ => return Err("no `MessageContent` (the message D365 processed)".into()),
+    };
+    let state = text("MessageState")
+        .filter(|s| s.parse::<f64>().is_err())
+        .or_else(|| text("MessageStateLabel"))
+        .or_else(|| text("MessageState"))
+        .ok_or("no `MessageState`")?;
+    let failed = [
+        "MessageState",
+        "MessageStateLabel",
+        "MessageProcessingResult",
+        "MessageProcessingResultLabel",
+    ]
+    .iter()
+    .filter_map(|k| text(k))
+    .any(|v| v.eq_ignore_ascii_case("failed") || v.eq_ignore_ascii_case("error"));
+    let result = text("MessageProcessingResultLabel").or_else(|| text("MessageProcessingResult"));
+    Ok(Some(ProcessedEvent {
+        source: source.clone(),
+        queue: message_queue,
+        message_type,
+        content,
+        verdict: D365Verdict {
+            at: event.at.unwrap_or_else(jiff::Timestamp::now),
+            state,
+            failed,
+            result,
+            infolog: text("MessageInfolog"),
+            event_id: event.id.clone(),
+            page_url: text("MessageProcessorMessagePageUrl"),
+        },
+        payload: event.payload.to_string(),
+    }))
 }
 
 /// `/Date(1764240678000)/` (milliseconds since 1970) or ISO 8601.
@@ -199,6 +258,19 @@ impl D365EventsSource {
                     let ticket = AckTicket(next_ticket);
                     waiting.insert(ticket, delivery.answer);
                     let point = self.config.point_of(&event.business_event_id);
+                    let processed = if point == config::VERDICT_POINT {
+                        match processed_event(&source, &event, &self.config.queue) {
+                            Ok(p) => p,
+                            Err(reason) => {
+                                // Still stored and given to the rules; only not reconciled.
+                                self.health.decode_error();
+                                tracing::warn!(source = %source, event_id = %event.id, %reason, "D365 verdict event cannot be matched to a message.");
+                                None
+                            }
+                        }
+                    } else {
+                        None
+                    };
                     tracing::debug!(source = %source, %point, event_id = %event.id, "D365 business event received.");
                     ready.push_back(SourceEvent {
                         event: Event {
@@ -213,6 +285,7 @@ impl D365EventsSource {
                             source: source.clone(),
                             id: event.id,
                         }),
+                        processed,
                     });
                 }
             }

@@ -378,6 +378,7 @@ impl MqttSource {
                     ack: ticket.map(|t| Ack::new(acks_to.clone(), t)),
                     delivery,
                     seen: None,
+                    processed: None,
                 })
             }
             Err(reason) => {
