@@ -347,6 +347,29 @@ impl Components {
         } else {
             tracing::info!("Dry run: messages are built, stored and printed; nothing is sent.");
         }
+        // One publisher per broker that rules publish to (what a reload removed stops;
+        // its stored publications wait for a configuration that names it again).
+        let vias: std::collections::BTreeSet<&str> = config
+            .rules
+            .iter()
+            .filter_map(|r| r.publish.as_ref().map(|p| p.via.as_str()))
+            .collect();
+        for s in &config.sources {
+            if let source::config::SourceConfig::Mqtt(mqtt) = s {
+                if vias.contains(mqtt.id.as_str()) {
+                    let stats = Arc::new(crate::publish::PublishStats::default());
+                    live.publishers.push((mqtt.id.clone(), stats.clone()));
+                    tracker.spawn(
+                        crate::publish::Publisher {
+                            config: mqtt.clone(),
+                            outbox: outbox.clone(),
+                            stats,
+                        }
+                        .run(core_cancel.clone()),
+                    );
+                }
+            }
+        }
         // Event ids are remembered as long as the longest window of a d365_events source.
         let remember_events = config
             .sources

@@ -19,7 +19,9 @@
 //! |---|---|---|
 //! | messages, their states and history; lanes per production order | [`outbox`] | yes (sled) |
 //! | upstream delivery identities (an MQTT publish already stored) | [`outbox`] (written by [`pipeline`]) | yes, with the messages it produced |
-//! | order context per line, counters, accumulators, pending edges | [`rules::Engine`] | yes, saved in the same write as the messages |
+//! | order context per line, released orders per line, counters, accumulators, pending edges | [`rules::Engine`] | yes, saved in the same write as the messages |
+//! | D365's verdicts on messages, events matching none | [`outbox`] (written by [`pipeline`]) | yes, with the event's id |
+//! | rules' MQTT publications until the broker acknowledges them | [`outbox`], sent by [`publish`] | yes, with the batch that built them |
 //! | requests in flight, backoff deadlines, the 429/credentials pause | [`d365::Dispatcher`] | deadlines and pause yes, in-flight no (found `sending` → uncertain) |
 //! | the access token | [`d365::token`] | no |
 //! | a source's connection and unacknowledged receipts | each [`source`] | no: the broker keeps what was not acknowledged |
@@ -39,7 +41,8 @@
 //! - [`pipeline`]: events → rules → outbox, group commit; recognises redelivered upstream
 //!   messages (MQTT DUP) whose result is already stored, and hands acks back after the commit.
 //! - [`outbox`]: the durable per-order FIFO store and its state machine; the only hand-off
-//!   that survives a restart.
+//!   that survives a restart. It also matches D365's verdicts to the messages they name.
+//! - [`publish`]: rules' `publish` action, sent to MQTT at least once, in order.
 //! - [`d365`]: the dispatcher, the HTTP client, the token cache and the retry decisions.
 //! - [`operator`]: every operator action (list, show, retry, edit, cancel, resolve, send,
 //!   lines, reload, status), checked against the state machine; [`api`]: its doors — a
@@ -71,6 +74,7 @@ pub mod message;
 pub mod operator;
 pub mod outbox;
 pub mod pipeline;
+pub mod publish;
 pub mod rules;
 pub mod settings;
 pub mod signal;

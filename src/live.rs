@@ -15,6 +15,8 @@ pub struct ComponentStats {
     pub dispatch: Option<Arc<DispatchStats>>,
     pub pipeline: Option<Arc<PipelineStats>>,
     pub rules: Option<Arc<RuleStats>>,
+    /// The MQTT publisher of each broker rules publish to, by `mqtt` source id.
+    pub publishers: Vec<(String, Arc<crate::publish::PublishStats>)>,
     /// The webhook's way into each running `d365_events` source, by source id.
     pub webhooks: std::collections::BTreeMap<String, crate::source::d365_events::Intake>,
 }

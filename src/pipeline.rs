@@ -281,6 +281,7 @@ impl Pipeline {
     /// Commits the built messages and the engine's state (if it changed) together.
     async fn persist(&mut self, produced: Batch) {
         let messages = self.to_new_messages(produced.built);
+        let publications = self.engine.take_publications();
         let state = self
             .engine
             .take_dirty_state()
@@ -290,6 +291,7 @@ impl Pipeline {
             && produced.deliveries.is_empty()
             && produced.seen.is_empty()
             && produced.processed.is_empty()
+            && publications.is_empty()
         {
             return;
         }
@@ -302,7 +304,8 @@ impl Pipeline {
                     produced.deliveries,
                 )
                 .with_seen(produced.seen)
-                .with_processed(produced.processed),
+                .with_processed(produced.processed)
+                .with_publications(publications),
             )
             .await;
         if state_changed {

@@ -339,7 +339,7 @@ mod tests {
             lines,
             [
                 format!("{}:6:13: rules[0].when.edge: unknown variant `rissing`, expected one of `rising`, `falling`, `both`", file.display()),
-                format!("{}:7:5: rules[0].cuont: unknown field `cuont`, expected one of `name`, `line`, `when`, `count`, `quantity`, `counter_max`, `aggregate`, `set_context`, `clear_context`, `emit`", file.display()),
+                format!("{}:7:5: rules[0].cuont: unknown field `cuont`, expected one of `name`, `line`, `when`, `count`, `quantity`, `counter_max`, `aggregate`, `set_context`, `clear_context`, `release`, `withdraw`, `publish`, `emit`", file.display()),
                 format!("{}:9:14: rules[0].aggregate.every: invalid value \"many\": expected a number", file.display()),
             ]
         );

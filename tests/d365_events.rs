@@ -490,3 +490,137 @@ async fn d365_verdicts_show_on_their_messages_raise_the_alert_and_resolve_uncert
     assert!(cli.contains("V-4"), "{cli}");
     assert_eq!(gw.terminate().await, 0);
 }
+
+/// The plant learns its orders from D365 (issue 12, part 3), with a real mosquitto: a
+/// "production order released" event adds the order to line1's released list, sets
+/// line1's order and publishes it (retained, QoS 1) for the HMI; impulses on line1 then
+/// report against that order; a status change withdraws it from the list. The list is in
+/// `status`, the API and the CLI.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_sets_the_line_publishes_it_to_mqtt_and_impulses_report_against_it() {
+    let broker = support::mqtt::Mosquitto::start().await;
+    let hmi = support::alerts::subscribe(broker.port, "hmi/#").await;
+    let fake = FakeD365::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let api_port = free_port();
+    write_config(
+        dir,
+        &format!(
+            "{}storage:\n  data_dir: data\nsources:\n  - type: mqtt\n    id: plant\n    url: {}\n    client_id: gw-release-test\n    subscriptions:\n      - topic: line1/count\n  - type: d365_events\n    id: d365\n    webhook_secret_file: webhook-secret\napi:\n  listen: 127.0.0.1:{api_port}\n",
+            d365_yaml(&fake),
+            broker.url()
+        ),
+    );
+    std::fs::write(dir.join("webhook-secret"), SECRET).unwrap();
+    std::fs::create_dir_all(dir.join("rules.d")).unwrap();
+    std::fs::write(
+        dir.join("rules.d/orders.yaml"),
+        r#"rules:
+  - name: released
+    line: line1
+    when: { source: d365, point: released }
+    release: { order: "{payload.ProductionOrderNumber}", item: "{payload.ItemNumber}" }
+    set_context: { order: "{payload.ProductionOrderNumber}", item: "{payload.ItemNumber}" }
+    publish:
+      via: plant
+      topic: "hmi/{line}/order"
+      payload: { order: "{context.order}", item: "{context.item}", warehouse: "{payload.ProductionWarehouseId}" }
+      retain: true
+  - name: ended
+    line: line1
+    when: { source: d365, point: status_changed, field: ProductionOrderStatus, equals: Ended }
+    withdraw: "{payload.ProductionOrderNumber}"
+  - name: count
+    line: line1
+    when: { source: plant, topic: line1/count }
+    count: impulse
+    emit:
+      type: ProdProductionOrderReportFinished
+      fields: { ProductionOrderNumber: "{context.order}", ItemNumber: "{context.item}", ReportedGoodQuantity: "{quantity}" }
+"#,
+    )
+    .unwrap();
+    let cfg = path_str(dir).to_string();
+    let out = Output::new();
+    let gw = process::start(&["run", "-c", &cfg], &out);
+    out.wait_for("Subscribed.").await;
+    out.wait_for("Publisher connected to the MQTT broker.")
+        .await;
+
+    let (status, _) = post(api_port, Some(SECRET), &released("E-1")).await;
+    assert_eq!(status, 200);
+    let on_hmi = hmi.wait_for_topic("hmi/line1/order").await;
+    assert_eq!(on_hmi["order"], "P000555");
+    assert_eq!(on_hmi["item"], "A0007");
+    assert_eq!(on_hmi["warehouse"], "11");
+    assert_eq!(on_hmi["retained"], false, "live delivery to a subscriber");
+    // Retained: an HMI that connects later learns the order too.
+    let late = support::alerts::subscribe(broker.port, "hmi/line1/order").await;
+    assert_eq!(
+        late.wait_for_topic("hmi/line1/order").await["retained"],
+        true
+    );
+
+    let lines = get(api_port, "/api/v1/lines").await;
+    assert_eq!(lines["lines"]["line1"]["order"], "P000555");
+    assert_eq!(lines["released"]["line1"][0]["order"], "P000555", "{lines}");
+    assert_eq!(
+        get(api_port, "/api/v1/status").await["released"]["line1"][0]["item"],
+        "A0007"
+    );
+
+    // Impulses on line1 report against the released order.
+    support::mqtt::publish(
+        broker.port,
+        &[
+            ("line1/count", b"1"),
+            ("line1/count", b"1"),
+            ("line1/count", b"1"),
+        ],
+    )
+    .await;
+    fake.wait_until("three reports", |r| {
+        r.iter()
+            .filter(|r| r.order == "P000555" && r.status == Some(200))
+            .count()
+            == 3
+    })
+    .await;
+    assert_eq!(support::pieces(&fake.accepted(), "P000555"), 3);
+
+    // The status change withdraws it from the list; a redelivered release changes nothing.
+    let ended = json!({
+        "BusinessEventId": "ProductionOrderStatusChangedBusinessEvent",
+        "EventId": "E-2",
+        "EventTime": "2026-12-02T05:00:00Z",
+        "ProductionOrderNumber": "P000555",
+        "ProductionOrderStatus": "Ended"
+    });
+    assert_eq!(post(api_port, Some(SECRET), &ended).await.0, 200);
+    assert_eq!(post(api_port, Some(SECRET), &released("E-1")).await.0, 200);
+    let lines = get(api_port, "/api/v1/lines").await;
+    assert!(lines["released"]["line1"].is_null(), "{lines}");
+    let (code, cli, err) = process::run(&["lines", "-c", &cfg]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(cli.contains("line1: order P000555"), "{cli}");
+    assert_eq!(
+        hmi.all()
+            .iter()
+            .filter(|n| n["topic"] == "hmi/line1/order")
+            .count(),
+        1,
+        "published once: the redelivered release built nothing"
+    );
+    let metrics = reqwest::get(format!("http://127.0.0.1:{api_port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("mes_gateway_mqtt_published_total{via=\"plant\"} 1"),
+        "{metrics}"
+    );
+    assert_eq!(gw.terminate().await, 0);
+}

@@ -705,6 +705,35 @@ async fn lines_page(
                 body.push_str("<tr><td colspan=\"7\">No line has a production order.</td></tr>");
             }
             body.push_str("</table>");
+            if !view.released.is_empty() {
+                body.push_str("<h2>Released orders</h2><table id=\"released\"><tr><th>Line</th><th>Production order</th><th>Item</th><th>Released</th><th>By rule</th><th></th></tr>");
+                for (line, orders) in &view.released {
+                    for r in orders {
+                        let running = view.lines.get(line).is_some_and(|c| c.order == r.order);
+                        let action = if running {
+                            "running".to_string()
+                        } else {
+                            format!(
+                                "<form method=\"post\" action=\"/console/lines\">{csrf}<input type=\"hidden\" name=\"line\" value=\"{l}\"><input type=\"hidden\" name=\"order\" value=\"{o}\"><input type=\"hidden\" name=\"item\" value=\"{i}\"><button type=\"submit\" class=\"secondary\">Run on {l}</button></form>",
+                                csrf = csrf_field(session),
+                                l = esc(line),
+                                o = esc(&r.order),
+                                i = esc(r.item.as_deref().unwrap_or("")),
+                            )
+                        };
+                        let _ = write!(
+                            body,
+                            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{action}</td></tr>",
+                            esc(line),
+                            esc(&r.order),
+                            esc(r.item.as_deref().unwrap_or("")),
+                            time(r.at),
+                            esc(&r.rule),
+                        );
+                    }
+                }
+                body.push_str("</table>");
+            }
             if !view.open_aggregates.is_empty() {
                 body.push_str("<h2>Counted, not yet reported</h2><table><tr><th>Rule</th><th>Line</th><th>Order</th><th>Quantity</th></tr>");
                 for a in &view.open_aggregates {

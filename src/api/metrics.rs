@@ -172,6 +172,26 @@ pub fn render(state: &ApiState) -> String {
             .map(|(k, v)| (k.to_string(), v.load(Ordering::Relaxed))),
         );
     }
+    if !live.publishers.is_empty() {
+        counters(
+            &mut registry,
+            "mes_gateway_mqtt_published",
+            "Rules' publications acknowledged by the broker, per mqtt source",
+            "via",
+            live.publishers
+                .iter()
+                .map(|(via, p)| (via.clone(), p.published.load(Ordering::Relaxed))),
+        );
+        gauges(
+            &mut registry,
+            "mes_gateway_mqtt_publisher_connected",
+            "1 while the publisher is connected to the broker",
+            "via",
+            live.publishers
+                .iter()
+                .map(|(via, p)| (via.clone(), i64::from(p.connected.load(Ordering::Relaxed)))),
+        );
+    }
     if let Some(r) = &live.rules {
         counter(
             &mut registry,

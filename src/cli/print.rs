@@ -90,6 +90,22 @@ pub fn lines(view: &LinesView) {
             c.resource.as_deref().unwrap_or("-")
         );
     }
+    for (line, orders) in &view.released {
+        println!("{line}: released orders (oldest first):");
+        for r in orders {
+            println!(
+                "  {} item {} released {}{}",
+                r.order,
+                r.item.as_deref().unwrap_or("-"),
+                time(r.at),
+                if view.lines.get(line).is_some_and(|c| c.order == r.order) {
+                    "  (running)"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
     for acc in &view.open_aggregates {
         println!(
             "  open aggregate: rule {} line {} order {} quantity {}",
@@ -178,6 +194,10 @@ pub fn status(s: &Status) {
     println!("\nLINES");
     if s.lines.is_empty() {
         println!("  no line has a production order");
+    }
+    for (line, orders) in &s.released {
+        let list: Vec<&str> = orders.iter().map(|o| o.order.as_str()).collect();
+        println!("  {line}: released {}", list.join(", "));
     }
     for (line, c) in &s.lines {
         println!(

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::alert::Alert;
 use crate::outbox::{MessageId, Outbox, Record, State};
-use crate::rules::state::{EngineState, OrderContext};
+use crate::rules::state::{EngineState, OrderContext, ReleasedOrder};
 
 use super::Running;
 
@@ -32,12 +32,16 @@ pub struct OpenAggregate {
 pub struct LinesView {
     pub lines: BTreeMap<String, OrderContext>,
     pub open_aggregates: Vec<OpenAggregate>,
+    /// Per line, the orders D365 released for it (rules' `release`), oldest first.
+    #[serde(default)]
+    pub released: BTreeMap<String, Vec<ReleasedOrder>>,
 }
 
 impl LinesView {
     pub fn from_state(state: &EngineState) -> LinesView {
         LinesView {
             lines: state.contexts.clone(),
+            released: state.released.clone(),
             open_aggregates: state
                 .accumulators
                 .values()
@@ -87,6 +91,9 @@ pub struct Status {
     pub last_d365_error: Option<String>,
     pub alerts: Vec<Alert>,
     pub lines: BTreeMap<String, OrderContext>,
+    /// Per line, the orders released for it.
+    #[serde(default)]
+    pub released: BTreeMap<String, Vec<ReleasedOrder>>,
     /// What D365's processing made of the messages (its "message processed" events).
     #[serde(default)]
     pub d365_verdicts: VerdictCounts,
@@ -170,6 +177,7 @@ pub(super) fn status(
         last_d365_error,
         alerts: running.map(|r| r.alerts.open_alerts()).unwrap_or_default(),
         lines: lines.lines,
+        released: lines.released,
         d365_verdicts,
     }
 }

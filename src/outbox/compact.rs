@@ -33,7 +33,7 @@ const COMPLETE: &str = "COMPLETE";
 pub(super) const ID_FLOOR: &[u8] = b"outbox.id_floor";
 
 /// sled trees copied by compaction: all of them.
-const TREES: [&str; 8] = [
+const TREES: [&str; 9] = [
     "messages",
     "lanes",
     "ingress",
@@ -42,6 +42,7 @@ const TREES: [&str; 8] = [
     "contents",
     "rejected",
     "unmatched",
+    "publishes",
 ];
 /// Entries per write batch while copying.
 const COPY_BATCH: usize = 10_000;

@@ -21,6 +21,9 @@
 //!                     content digest (u64 BE, when the record has one)
 //!                     — what pruning and the counts at open read, without decoding records
 //!   tree "contents", "rejected", "unmatched": D365's verdicts (see verdict.rs)
+//!   tree "publishes": rules' MQTT publications not yet acknowledged by their broker:
+//!                     key = len(via) as u32 BE ++ via ++ sequence (u64 BE), value = JSON
+//!                     (see publish.rs; written with the batch that built them)
 //!   tree "state":     key = owner name ("rules")
 //!                     value = opaque bytes of that owner (the rules engine's counters,
 //!                     accumulators and order contexts)
@@ -125,6 +128,8 @@ pub struct Ingest {
     pub seen: Vec<SeenEvent>,
     /// D365's verdicts to record on the messages they name (see verdict.rs).
     pub processed: Vec<ProcessedEvent>,
+    /// MQTT messages rules built, for the publisher.
+    pub publications: Vec<Publication>,
     /// The records (ids, timestamps) of the first attempt to commit this batch. A retry
     /// after a failed write uses the same ones, so whatever of a failed attempt did reach
     /// the disk is overwritten with itself, never stored a second time under new ids.
@@ -143,6 +148,7 @@ impl Ingest {
             deliveries,
             seen: Vec::new(),
             processed: Vec::new(),
+            publications: Vec::new(),
             prepared: std::sync::OnceLock::new(),
         }
     }
@@ -157,13 +163,31 @@ impl Ingest {
         self
     }
 
+    pub fn with_publications(mut self, publications: Vec<Publication>) -> Ingest {
+        self.publications = publications;
+        self
+    }
+
     fn is_empty(&self) -> bool {
         self.messages.is_empty()
             && self.state.is_none()
             && self.deliveries.is_empty()
             && self.seen.is_empty()
             && self.processed.is_empty()
+            && self.publications.is_empty()
     }
+}
+
+/// One MQTT message a rule built (sent by `crate::publish`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Publication {
+    /// The `mqtt` source whose broker gets it.
+    pub via: String,
+    pub topic: String,
+    pub payload: String,
+    pub retain: bool,
+    /// The rule that built it.
+    pub rule: String,
 }
 
 /// What a commit stored: the new records, in order, and what became of each processed
@@ -270,6 +294,9 @@ struct Store {
     contents: sled::Tree,
     rejected: sled::Tree,
     unmatched: sled::Tree,
+    publishes: sled::Tree,
+    /// The sequence number of the next publication (above every stored one).
+    next_publication: AtomicU64,
     /// The id the next new message gets; see the module doc.
     next_id: AtomicU64,
 }
@@ -346,6 +373,7 @@ impl Store {
             .map_or(0, u64::from_be_bytes)
             + 1;
         let next_id = saved_next.max(after_newest).max(id_floor + 1);
+        let publishes = db.open_tree("publishes").map_err(storage)?;
         let store = Store {
             messages,
             lanes: db.open_tree("lanes").map_err(storage)?,
@@ -354,6 +382,8 @@ impl Store {
             contents: db.open_tree("contents").map_err(storage)?,
             rejected: db.open_tree("rejected").map_err(storage)?,
             unmatched: db.open_tree("unmatched").map_err(storage)?,
+            next_publication: AtomicU64::new(1 + max_publication(&publishes)?),
+            publishes,
             state,
             next_id: AtomicU64::new(next_id),
             db,
@@ -681,6 +711,19 @@ impl Outbox {
                     .iter()
                     .map(|(r, _)| encode(r))
                     .collect::<Result<Vec<_>, _>>()?;
+                // Numbered at each attempt: a retried batch rewrites its publications under
+                // new numbers only if the failed attempt wrote nothing (one transaction).
+                let publications = ingest
+                    .publications
+                    .iter()
+                    .map(|p| {
+                        let seq = store.next_publication.fetch_add(1, Ordering::AcqRel);
+                        Ok((
+                            publication_key(&p.via, seq),
+                            serde_json::to_vec(p).map_err(storage)?,
+                        ))
+                    })
+                    .collect::<Result<Vec<_>, OutboxError>>()?;
                 let trees = (
                     &store.messages,
                     &store.lanes,
@@ -690,6 +733,7 @@ impl Outbox {
                     &store.done,
                     &store.rejected,
                     &store.unmatched,
+                    &store.publishes,
                 );
                 let result: Result<(), TransactionError<OutboxError>> = trees.transaction(
                     |(
@@ -701,6 +745,7 @@ impl Outbox {
                         tx_done,
                         tx_rejected,
                         tx_unmatched,
+                        tx_publishes,
                     )| {
                         for (r, bytes) in records.iter().zip(&encoded) {
                             tx_messages.insert(&key(r.id), bytes.as_slice())?;
@@ -734,6 +779,9 @@ impl Outbox {
                         }
                         for (k, v) in &plan.unmatched {
                             tx_unmatched.insert(k.as_slice(), v.as_slice())?;
+                        }
+                        for (k, v) in &publications {
+                            tx_publishes.insert(k.as_slice(), v.as_slice())?;
                         }
                         if let Some((owner, bytes)) = &ingest.state {
                             tx_state.insert(owner.as_bytes(), bytes.as_slice())?;
@@ -773,6 +821,52 @@ impl Outbox {
             records,
             reconciled: plan.reconciled,
         })
+    }
+
+    /// Publications for the broker of `via` not yet acknowledged, in the order built,
+    /// after sequence `after` (up to `limit`).
+    pub fn pending_publications(
+        &self,
+        via: &str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<(u64, Publication)>, OutboxError> {
+        let store = self.store()?;
+        let prefix = ingress::source_prefix(via);
+        let start = publication_key(via, after.map_or(0, |a| a.saturating_add(1)));
+        let mut out = Vec::new();
+        for item in store.publishes.range(start..) {
+            let (k, v) = item.map_err(storage)?;
+            if !k.starts_with(&prefix) || out.len() >= limit {
+                break;
+            }
+            let Some(seq) = k[prefix.len()..].try_into().ok().map(u64::from_be_bytes) else {
+                continue;
+            };
+            match serde_json::from_slice(&v) {
+                Ok(p) => out.push((seq, p)),
+                Err(e) => {
+                    tracing::error!(via, seq, error = %e, "A stored publication cannot be read; it is removed.");
+                    store.publishes.remove(&k).map_err(storage)?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The broker acknowledged a publication. Not flushed: a crash before the next flush
+    /// publishes it again (at least once).
+    pub fn forget_publication(&self, via: &str, seq: u64) -> Result<(), OutboxError> {
+        self.store()?
+            .publishes
+            .remove(publication_key(via, seq))
+            .map_err(storage)?;
+        Ok(())
+    }
+
+    /// How many publications wait for their brokers, all brokers together.
+    pub fn publications_waiting(&self) -> usize {
+        self.store().map_or(0, |s| s.publishes.len())
     }
 
     /// Messages whose latest verdict from D365 is Failed (D365 holds their order's later
@@ -1413,6 +1507,29 @@ fn state_from_byte(b: Option<u8>) -> Option<State> {
 /// Seconds since 1970, ordered as bytes (sign bit flipped: times before 1970 sort first).
 fn time_key(t: jiff::Timestamp) -> [u8; 8] {
     ((t.as_second() as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+fn publication_key(via: &str, seq: u64) -> Vec<u8> {
+    let mut k = ingress::source_prefix(via);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// The highest publication sequence stored (0 when none): pending ones are few.
+fn max_publication(publishes: &sled::Tree) -> Result<u64, OutboxError> {
+    let mut max = 0;
+    for item in publishes.iter().keys() {
+        let k = item.map_err(storage)?;
+        if let Some(seq) = k
+            .len()
+            .checked_sub(8)
+            .and_then(|at| k[at..].try_into().ok())
+            .map(u64::from_be_bytes)
+        {
+            max = max.max(seq);
+        }
+    }
+    Ok(max)
 }
 
 /// The done index's value: the state, and the content digest pruning removes with it.

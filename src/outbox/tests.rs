@@ -946,3 +946,64 @@ async fn a_verdict_that_comes_before_a_lost_answer_makes_the_message_delivered_n
     assert_eq!(settled[0].state, State::Delivered);
     assert!(outbox.lane_heads(None, 10).unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn publications_are_stored_with_their_batch_in_order_per_broker_until_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let publication = |via: &str, n: u32| Publication {
+        via: via.into(),
+        topic: format!("hmi/{n}"),
+        payload: n.to_string(),
+        retain: false,
+        rule: "r".into(),
+    };
+    {
+        let outbox = Outbox::open(dir.path()).unwrap();
+        outbox
+            .commit(
+                Ingest::new(vec![msg("A", 1)], None, Vec::new()).with_publications(vec![
+                    publication("b1", 1),
+                    publication("b2", 2),
+                    publication("b1", 3),
+                ]),
+            )
+            .await
+            .unwrap();
+        assert_eq!(outbox.publications_waiting(), 3);
+    }
+    let outbox = Outbox::open(dir.path()).unwrap();
+    let b1 = outbox.pending_publications("b1", None, 10).unwrap();
+    let payloads: Vec<&str> = b1.iter().map(|(_, p)| p.payload.as_str()).collect();
+    assert_eq!(
+        payloads,
+        ["1", "3"],
+        "durable, in order, only this broker's"
+    );
+    let after_first = outbox
+        .pending_publications("b1", Some(b1[0].0), 10)
+        .unwrap();
+    assert_eq!(after_first.len(), 1);
+    assert_eq!(after_first[0].1.payload, "3");
+    outbox.forget_publication("b1", b1[0].0).unwrap();
+    // New ones are numbered after what is stored, also after a reopen.
+    outbox
+        .commit(Ingest::default().with_publications(vec![publication("b1", 4)]))
+        .await
+        .unwrap();
+    let b1: Vec<String> = outbox
+        .pending_publications("b1", None, 10)
+        .unwrap()
+        .into_iter()
+        .map(|(_, p)| p.payload)
+        .collect();
+    assert_eq!(b1, ["3", "4"]);
+    assert_eq!(
+        outbox.pending_publications("b2", None, 10).unwrap().len(),
+        1
+    );
+    assert_eq!(
+        outbox.pending_publications("b", None, 10).unwrap().len(),
+        0,
+        "no prefix mix-up"
+    );
+}

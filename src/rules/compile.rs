@@ -11,9 +11,11 @@ use crate::message::{
 use crate::source::mqtt::topic::TopicFilter;
 use crate::source::SourceConfig;
 
-use super::config::{CountMode, RawRule};
+use super::config::{CountMode, RawPayload, RawRule};
 use super::template::{Template, Var};
-use super::{Aggregate, Condition, Counting, Emit, Rule, SetContext};
+use super::{
+    Aggregate, Condition, Counting, Emit, Publish, PublishPayload, Release, Rule, SetContext,
+};
 
 /// A compile error: a field path inside the rule, and the message.
 pub type RuleError = (String, String);
@@ -264,6 +266,62 @@ impl Rule {
                     .and_then(|t| template("set_context.resource", t)),
             })
         });
+        let release = raw.release.as_ref().and_then(|r| {
+            Some(Release {
+                order: template("release.order", &r.order)?,
+                item: r.item.as_deref().and_then(|t| template("release.item", t)),
+            })
+        });
+        let withdraw = raw
+            .withdraw
+            .as_deref()
+            .and_then(|t| template("withdraw", t));
+        let publish = raw.publish.as_ref().and_then(|p| {
+            match sources.iter().find(|s| s.id() == p.via) {
+                None => err(
+                    "publish.via",
+                    format!(
+                        "unknown source `{}`: name the `mqtt` source whose broker gets the message",
+                        p.via
+                    ),
+                ),
+                Some(s) if !s.has_topics() => err(
+                    "publish.via",
+                    format!("source `{}` is not an MQTT source", p.via),
+                ),
+                Some(_) => {}
+            }
+            if p.topic.contains(['+', '#']) {
+                err(
+                    "publish.topic",
+                    "a topic to publish to has no wildcards (`+`, `#`)".into(),
+                );
+            }
+            let topic = template("publish.topic", &p.topic);
+            let payload = match &p.payload {
+                RawPayload::Text(t) => PublishPayload::Text(template("publish.payload", t)?),
+                RawPayload::Fields(fields) => PublishPayload::Fields(
+                    fields
+                        .iter()
+                        .filter_map(|(name, value)| {
+                            let t = match value {
+                                ScalarValue::Text(text) => {
+                                    template(&format!("publish.payload.{name}"), text)?
+                                }
+                                other => Template::constant(other.to_json()),
+                            };
+                            Some((name.clone(), t))
+                        })
+                        .collect(),
+                ),
+            };
+            Some(Publish {
+                via: p.via.clone(),
+                topic: topic?,
+                payload,
+                retain: p.retain,
+            })
+        });
         let emit = raw.emit.as_ref().map(|e| {
             let mut header = Vec::new();
             let mut line_fields = Vec::new();
@@ -318,7 +376,11 @@ impl Rule {
                 lines_key: key,
             }
         });
-        let needs_line = set_context.is_some() || raw.clear_context || emit.is_some();
+        let needs_line = set_context.is_some()
+            || raw.clear_context
+            || emit.is_some()
+            || release.is_some()
+            || withdraw.is_some();
         if needs_line && line.is_none() {
             err("line", "this rule uses a line's order context: set `line` (a name or a template such as \"{capture.line}\")".into());
         }
@@ -354,6 +416,9 @@ impl Rule {
             aggregate,
             set_context,
             clear_context: raw.clear_context,
+            release,
+            withdraw,
+            publish,
             emit,
         })
     }

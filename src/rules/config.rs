@@ -30,7 +30,39 @@ pub struct RawRule {
     pub set_context: Option<RawSetContext>,
     #[serde(default)]
     pub clear_context: bool,
+    /// Adds an order to the line's list of released orders.
+    pub release: Option<RawRelease>,
+    /// Removes an order (a template of its number) from the line's released list.
+    pub withdraw: Option<String>,
+    /// Publishes a message to MQTT (through an `mqtt` source's broker).
+    pub publish: Option<RawPublish>,
     pub emit: Option<RawEmit>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRelease {
+    pub order: String,
+    pub item: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPublish {
+    /// The `mqtt` source whose broker, credentials and TLS are used.
+    pub via: String,
+    pub topic: String,
+    /// A mapping (published as a JSON object, each value a template) or a text template.
+    pub payload: RawPayload,
+    #[serde(default)]
+    pub retain: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawPayload {
+    Fields(BTreeMap<String, ScalarValue>),
+    Text(String),
 }
 
 #[derive(Debug, Deserialize)]

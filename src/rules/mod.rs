@@ -34,11 +34,12 @@ use serde_json::Value as Json;
 
 use crate::event::{Event, Value};
 use crate::message::Message;
+use crate::outbox::Publication;
 use crate::source::mqtt::topic::TopicFilter;
 pub use compile::RuleError;
 pub use config::{CountMode, Edge};
 use matcher::counter_delta;
-use state::{Accumulator, EngineState, OrderContext, Trigger};
+use state::{Accumulator, EngineState, OrderContext, ReleasedOrder, Trigger};
 use template::{Missing, Scope, Template, Var};
 
 #[derive(Debug, Clone)]
@@ -79,6 +80,34 @@ pub struct Emit {
     pub lines_key: Option<&'static str>,
 }
 
+/// Adds an order to a line's released list.
+#[derive(Debug, Clone)]
+pub struct Release {
+    pub order: Template,
+    pub item: Option<Template>,
+}
+
+/// Publishes a message to MQTT.
+#[derive(Debug, Clone)]
+pub struct Publish {
+    /// The `mqtt` source whose broker gets it.
+    pub via: String,
+    pub topic: Template,
+    pub payload: PublishPayload,
+    pub retain: bool,
+}
+
+#[derive(Debug, Clone)]
+pub enum PublishPayload {
+    /// A JSON object, each field rendered.
+    Fields(Vec<(String, Template)>),
+    Text(Template),
+}
+
+/// Most orders kept in one line's released list: a line whose orders are never withdrawn
+/// must not grow the saved state without bound; the oldest goes first.
+pub const MAX_RELEASED_PER_LINE: usize = 200;
+
 /// A compiled rule.
 #[derive(Debug, Clone)]
 pub struct Rule {
@@ -98,6 +127,9 @@ pub struct Rule {
     pub aggregate: Option<Aggregate>,
     pub set_context: Option<SetContext>,
     pub clear_context: bool,
+    pub release: Option<Release>,
+    pub withdraw: Option<Template>,
+    pub publish: Option<Publish>,
     pub emit: Option<Emit>,
 }
 
@@ -137,6 +169,8 @@ pub struct Engine {
     warned_unassigned: std::collections::BTreeSet<String>,
     /// (source, point) pairs already reported as taken by no rule.
     reported_unmatched: std::collections::BTreeSet<(String, String)>,
+    /// Messages for MQTT built by `publish`, until the pipeline takes them.
+    publications: Vec<Publication>,
     pub stats: Arc<RuleStats>,
 }
 
@@ -203,12 +237,18 @@ impl Engine {
             time_zone,
             warned_unassigned: Default::default(),
             reported_unmatched: Default::default(),
+            publications: Vec::new(),
             stats: Arc::default(),
         }
     }
 
     pub fn state(&self) -> &EngineState {
         &self.state
+    }
+
+    /// The MQTT messages built since the last call, in the order built.
+    pub fn take_publications(&mut self) -> Vec<Publication> {
+        std::mem::take(&mut self.publications)
     }
 
     /// The state to persist, if it changed since the last call.
@@ -458,6 +498,97 @@ impl Engine {
         (previous, out)
     }
 
+    /// `release` and `withdraw`: the line's list of released orders.
+    fn release_and_withdraw(&mut self, rule: &Rule, trigger: &Trigger, line: &str) {
+        if rule.release.is_none() && rule.withdraw.is_none() {
+            return;
+        }
+        let context = self.state.contexts.get(line).cloned();
+        let scope = self.scope(rule, trigger, context.as_ref(), Some(line));
+        let released = rule.release.as_ref().map(|r| {
+            Ok::<_, Missing>(ReleasedOrder {
+                order: r.order.render_text(&scope)?,
+                item: r.item.as_ref().map(|t| t.render_text(&scope)).transpose()?,
+                at: trigger.at,
+                rule: rule.name.clone(),
+            })
+        });
+        let withdrawn = rule.withdraw.as_ref().map(|t| t.render_text(&scope));
+        match released {
+            Some(Ok(r)) if r.order.trim().is_empty() => self.build_error(
+                rule,
+                trigger,
+                &Missing::Other("release.order rendered empty".into()),
+            ),
+            Some(Ok(r)) => {
+                let list = self.state.released.entry(line.to_string()).or_default();
+                list.retain(|o| o.order != r.order);
+                tracing::info!(%line, order = %r.order, item = ?r.item, rule = %rule.name, "Order released for the line.");
+                list.push(r);
+                if list.len() > MAX_RELEASED_PER_LINE {
+                    let dropped = list.remove(0);
+                    tracing::warn!(%line, order = %dropped.order, kept = MAX_RELEASED_PER_LINE, "Too many released orders for one line; the oldest is no longer listed (withdraw finished orders with a rule).");
+                }
+                self.dirty = true;
+            }
+            Some(Err(m)) => self.build_error(rule, trigger, &m),
+            None => {}
+        }
+        match withdrawn {
+            Some(Ok(order)) => {
+                if let Some(list) = self.state.released.get_mut(line) {
+                    let before = list.len();
+                    list.retain(|o| o.order != order);
+                    if list.len() != before {
+                        tracing::info!(%line, %order, rule = %rule.name, "Order withdrawn from the line's released list.");
+                        self.dirty = true;
+                    }
+                    if list.is_empty() {
+                        self.state.released.remove(line);
+                    }
+                }
+            }
+            Some(Err(m)) => self.build_error(rule, trigger, &m),
+            None => {}
+        }
+    }
+
+    /// `publish`: renders the topic and payload; the pipeline stores the message with the
+    /// batch and the publisher sends it.
+    fn publish(&mut self, rule: &Rule, publish: &Publish, trigger: &Trigger, line: Option<&str>) {
+        let context = line.and_then(|l| self.state.contexts.get(l)).cloned();
+        let scope = self.scope(rule, trigger, context.as_ref(), line);
+        let built = (|| -> Result<Publication, Missing> {
+            let topic = publish.topic.render_text(&scope)?;
+            if topic.is_empty() || topic.contains(['+', '#']) {
+                return Err(Missing::Other(format!(
+                    "publish.topic rendered {topic:?}, not a topic to publish to"
+                )));
+            }
+            let payload = match &publish.payload {
+                PublishPayload::Text(t) => t.render_text(&scope)?,
+                PublishPayload::Fields(fields) => {
+                    let mut object = serde_json::Map::new();
+                    for (name, t) in fields {
+                        object.insert(name.clone(), t.render(&scope)?);
+                    }
+                    Json::Object(object).to_string()
+                }
+            };
+            Ok(Publication {
+                via: publish.via.clone(),
+                topic,
+                payload,
+                retain: publish.retain,
+                rule: rule.name.clone(),
+            })
+        })();
+        match built {
+            Ok(p) => self.publications.push(p),
+            Err(m) => self.build_error(rule, trigger, &m),
+        }
+    }
+
     fn rule_index(&self, name: &str) -> Option<usize> {
         self.rules.iter().position(|r| r.name == name)
     }
@@ -520,6 +651,12 @@ impl Engine {
                     self.dirty = true;
                 }
             }
+        }
+        if let Some(line) = &line {
+            self.release_and_withdraw(&rule, &trigger, line);
+        }
+        if let Some(publish) = &rule.publish {
+            self.publish(&rule, publish, &trigger, line.as_deref());
         }
 
         let quantity = match &rule.count {

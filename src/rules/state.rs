@@ -70,4 +70,19 @@ pub struct EngineState {
     pub counters: BTreeMap<String, f64>,
     /// Last matched value per rule and point, for `changed`.
     pub last_values: BTreeMap<String, serde_json::Value>,
+    /// Per line, the orders D365 released for it (rules' `release`), oldest first.
+    #[serde(default)]
+    pub released: BTreeMap<String, Vec<ReleasedOrder>>,
+}
+
+/// An order released for a line, waiting to be produced (or running).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleasedOrder {
+    pub order: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub item: Option<String>,
+    /// When the event that released it happened.
+    pub at: jiff::Timestamp,
+    /// The rule that added it.
+    pub rule: String,
 }

@@ -495,3 +495,178 @@ fn events_no_rule_takes_are_counted() {
     e.process(&ev("hmi", "order", Value::Text("P1;A".into()), 2));
     assert_eq!(e.stats.unmatched.load(Ordering::Relaxed), 2);
 }
+
+fn with_broker(mut sources: Vec<SourceConfig>) -> Vec<SourceConfig> {
+    sources.push(SourceConfig::Mqtt(
+        crate::source::mqtt::config::MqttConfig {
+            id: "broker".into(),
+            host: "127.0.0.1".into(),
+            port: 1883,
+            tls: false,
+            client_id: "gw".into(),
+            username: None,
+            password: None,
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
+            keep_alive: Duration::from_secs(30),
+            payload: Default::default(),
+            subscriptions: Vec::new(),
+        },
+    ));
+    sources
+}
+
+fn compile_with_broker(yaml: &str) -> Result<Vec<Rule>, Vec<RuleError>> {
+    let raws: Vec<RawRule> = Document::parse(yaml.to_string())
+        .unwrap()
+        .parse_at("")
+        .unwrap_or_else(|e| panic!("{}: {}", e.path, e.message));
+    let mut out = Vec::new();
+    let mut errors = Vec::new();
+    for raw in raws {
+        match Rule::compile(raw, "test".into(), &with_broker(sources())) {
+            Ok(r) => out.push(r),
+            Err(e) => errors.extend(e),
+        }
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(errors)
+    }
+}
+
+const RELEASE_RULES: &str = r#"
+- name: released
+  line: "{payload.line}"
+  when: { source: hmi, point: order }
+  release: { order: "{payload.order}", item: "{payload.item}" }
+  set_context: { order: "{payload.order}", item: "{payload.item}" }
+  publish:
+    via: broker
+    topic: "hmi/{line}/order"
+    payload: { order: "{context.order}", item: "{context.item}", qty: 5, event: "{payload}" }
+    retain: true
+- name: ended
+  line: "{payload.line}"
+  when: { source: scale, point: weight }
+  withdraw: "{payload.order}"
+  publish: { via: broker, topic: "hmi/{line}/ended", payload: "order {payload.order} ended" }
+"#;
+
+#[test]
+fn released_orders_are_listed_per_line_and_withdrawn_and_publications_are_built_in_order() {
+    let mut e = Engine::new(
+        compile_with_broker(RELEASE_RULES).unwrap(),
+        jiff::tz::TimeZone::UTC,
+        EngineState::default(),
+    );
+    let release = |order: &str, line: &str| {
+        Value::Json(json!({ "order": order, "item": "A7", "line": line }))
+    };
+    e.process(&ev("hmi", "order", release("P1", "line1"), 0));
+    e.process(&ev("hmi", "order", release("P2", "line1"), 1));
+    e.process(&ev("hmi", "order", release("P3", "line2"), 2));
+    // A second release of the same order moves it to the end, never twice.
+    e.process(&ev("hmi", "order", release("P1", "line1"), 3));
+    let listed = |e: &Engine, line: &str| -> Vec<String> {
+        e.state()
+            .released
+            .get(line)
+            .map_or(Vec::new(), |l| l.iter().map(|o| o.order.clone()).collect())
+    };
+    assert_eq!(listed(&e, "line1"), ["P2", "P1"]);
+    assert_eq!(listed(&e, "line2"), ["P3"]);
+    assert_eq!(e.state().released["line1"][0].item.as_deref(), Some("A7"));
+    e.process(&ev("scale", "weight", release("P2", "line1"), 4));
+    assert_eq!(listed(&e, "line1"), ["P1"]);
+    e.process(&ev("scale", "weight", release("P3", "line2"), 5));
+    assert!(
+        !e.state().released.contains_key("line2"),
+        "an empty list goes"
+    );
+
+    let published = e.take_publications();
+    assert!(e.take_publications().is_empty(), "taken once");
+    let topics: Vec<&str> = published.iter().map(|p| p.topic.as_str()).collect();
+    assert_eq!(
+        topics,
+        [
+            "hmi/line1/order",
+            "hmi/line1/order",
+            "hmi/line2/order",
+            "hmi/line1/order",
+            "hmi/line1/ended",
+            "hmi/line2/ended"
+        ]
+    );
+    let first: serde_json::Value = serde_json::from_str(&published[0].payload).unwrap();
+    assert_eq!(
+        first,
+        json!({ "order": "P1", "item": "A7", "qty": 5, "event": { "order": "P1", "item": "A7", "line": "line1" } }),
+        "the context the same rule just set, constants keep their type"
+    );
+    assert!(published[0].retain);
+    assert_eq!(published[4].payload, "order P2 ended");
+    assert!(!published[4].retain);
+    assert_eq!(published[4].via, "broker");
+}
+
+#[test]
+fn publish_and_release_mistakes_are_config_errors() {
+    let errors = compile_with_broker(
+        r#"
+- name: a
+  when: { source: hmi, point: order }
+  publish: { via: barrier, topic: "x/+/y", payload: "p" }
+- name: b
+  when: { source: hmi, point: order }
+  publish: { via: nowhere, topic: "x", payload: { a: "{nope}" } }
+- name: c
+  when: { source: hmi, point: order }
+  release: { order: "{payload.order}" }
+"#,
+    )
+    .unwrap_err();
+    let text: Vec<String> = errors.iter().map(|(p, m)| format!("{p}: {m}")).collect();
+    let has = |needle: &str| text.iter().any(|t| t.contains(needle));
+    assert!(
+        has("publish.via: source `barrier` is not an MQTT source"),
+        "{text:#?}"
+    );
+    assert!(
+        has("publish.topic: a topic to publish to has no wildcards"),
+        "{text:#?}"
+    );
+    assert!(has("publish.via: unknown source `nowhere`"), "{text:#?}");
+    assert!(has("publish.payload.a"), "{text:#?}");
+    assert!(
+        has("line: this rule uses a line's order context"),
+        "{text:#?}"
+    );
+}
+
+#[test]
+fn a_publication_whose_template_has_nothing_is_a_build_error_not_a_message() {
+    let mut e = Engine::new(
+        compile_with_broker(
+            r#"
+- name: p
+  when: { source: hmi, point: order }
+  publish: { via: broker, topic: "hmi/{payload.line}", payload: "x" }
+"#,
+        )
+        .unwrap(),
+        jiff::tz::TimeZone::UTC,
+        EngineState::default(),
+    );
+    e.process(&ev(
+        "hmi",
+        "order",
+        Value::Json(json!({ "order": "P1" })),
+        0,
+    ));
+    assert!(e.take_publications().is_empty());
+    assert_eq!(e.stats.build_errors.load(Ordering::Relaxed), 1);
+}

@@ -32,6 +32,21 @@ impl Received {
         self.notices.lock().unwrap().clone()
     }
 
+    /// Waits (60 s at most) until a message arrives on `topic`; returns it.
+    pub async fn wait_for_topic(&self, topic: &str) -> Value {
+        let mut rx = self.changes.subscribe();
+        let found = tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                if let Some(n) = self.all().into_iter().find(|n| n["topic"] == topic) {
+                    return n;
+                }
+                let _ = rx.changed().await;
+            }
+        })
+        .await;
+        found.unwrap_or_else(|_| panic!("nothing on {topic}; got {:#?}", self.all()))
+    }
+
     /// Waits (60 s at most) until a notice matches `alert` (a key prefix) in `state`;
     /// returns it.
     pub async fn wait_for(&self, alert_prefix: &str, state: &str) -> Value {

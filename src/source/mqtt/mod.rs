@@ -150,41 +150,10 @@ impl MqttSource {
     }
 
     fn options(&self) -> Result<MqttOptions, SourceError> {
-        let c = &self.config;
-        let mut options = MqttOptions::new(&c.client_id, &c.host, c.port);
-        options.set_keep_alive(c.keep_alive);
+        let mut options = connect_options(&self.config, &self.config.client_id)?;
         // A persistent session and manual acks: unacknowledged publishes come back.
         options.set_clean_session(false);
         options.set_manual_acks(true);
-        if let (Some(user), Some(password)) = (&c.username, &c.password) {
-            options.set_credentials(user, password.expose());
-        }
-        if c.tls {
-            let ca = match &c.ca_file {
-                Some(path) => std::fs::read(path).map_err(|e| SourceError::Setup {
-                    id: c.id.clone(),
-                    detail: format!("cannot read CA file {}: {e}", path.display()),
-                })?,
-                None => Vec::new(),
-            };
-            let client_auth = match (&c.client_cert_file, &c.client_key_file) {
-                (Some(cert), Some(key)) => {
-                    let read = |p: &std::path::Path| {
-                        std::fs::read(p).map_err(|e| SourceError::Setup {
-                            id: c.id.clone(),
-                            detail: format!("cannot read {}: {e}", p.display()),
-                        })
-                    };
-                    Some((read(cert)?, read(key)?))
-                }
-                _ => None,
-            };
-            options.set_transport(Transport::Tls(TlsConfiguration::Simple {
-                ca,
-                alpn: None,
-                client_auth,
-            }));
-        }
         Ok(options)
     }
 
@@ -621,6 +590,43 @@ async fn sleep_until(deadline: Option<Instant>) {
 }
 
 /// QoS from the configuration's 0/1/2.
+/// The broker connection of an `mqtt` source (address, keep-alive, credentials, TLS) under
+/// `client_id`; session and ack settings are the caller's.
+pub fn connect_options(c: &MqttConfig, client_id: &str) -> Result<MqttOptions, SourceError> {
+    let mut options = MqttOptions::new(client_id, &c.host, c.port);
+    options.set_keep_alive(c.keep_alive);
+    if let (Some(user), Some(password)) = (&c.username, &c.password) {
+        options.set_credentials(user, password.expose());
+    }
+    if c.tls {
+        let ca = match &c.ca_file {
+            Some(path) => std::fs::read(path).map_err(|e| SourceError::Setup {
+                id: c.id.clone(),
+                detail: format!("cannot read CA file {}: {e}", path.display()),
+            })?,
+            None => Vec::new(),
+        };
+        let client_auth = match (&c.client_cert_file, &c.client_key_file) {
+            (Some(cert), Some(key)) => {
+                let read = |p: &std::path::Path| {
+                    std::fs::read(p).map_err(|e| SourceError::Setup {
+                        id: c.id.clone(),
+                        detail: format!("cannot read {}: {e}", p.display()),
+                    })
+                };
+                Some((read(cert)?, read(key)?))
+            }
+            _ => None,
+        };
+        options.set_transport(Transport::Tls(TlsConfiguration::Simple {
+            ca,
+            alpn: None,
+            client_auth,
+        }));
+    }
+    Ok(options)
+}
+
 pub fn qos(n: u8) -> Option<QoS> {
     match n {
         0 => Some(QoS::AtMostOnce),
