@@ -201,14 +201,29 @@ fn validate(
         }
     }
     let storage = storage.unwrap_or_else(|| read_storage(&mut cx));
-    // D365 posts its business events to the webhook on the API listener.
-    if api.listen.is_none() {
-        for (i, source) in sources.iter().enumerate() {
-            if matches!(source, crate::source::config::SourceConfig::D365Events(_)) {
-                cx.error(
-                    &format!("sources[{i}]"),
-                    format!("d365_events source `{}` needs api.listen: D365 posts its events to /events/d365/{} there", source.id(), source.id()),
-                );
+    // D365 posts its business events to the webhook on the API listener; a Service Bus
+    // pull with an Entra token uses the d365 section's app registration.
+    for (i, source) in sources.iter_mut().enumerate() {
+        let crate::source::config::SourceConfig::D365Events(events) = source else {
+            continue;
+        };
+        if events.webhook_secret.is_some() && api.listen.is_none() {
+            cx.error(
+                &format!("sources[{i}]"),
+                format!("d365_events source `{}` has a webhook_secret_file but no api.listen: D365 posts its events to /events/d365/{} there", events.id, events.id),
+            );
+        }
+        if let Some(sb) = &mut events.service_bus {
+            if let crate::source::d365_events::config::ServiceBusAuth::Entra(credentials) =
+                &mut sb.auth
+            {
+                match &d365 {
+                    Some(d) => *credentials = Some(std::sync::Arc::new(d.clone())),
+                    None => cx.error(
+                        &format!("sources[{i}].service_bus"),
+                        "without sas_key_name and sas_key_file the gateway asks Entra for a token with the d365 section's app registration: add the d365 section, or a shared access key",
+                    ),
+                }
             }
         }
     }
@@ -346,6 +361,32 @@ mod tests {
     }
 
     #[test]
+    fn service_bus_mistakes_are_named_with_their_place() {
+        let dir = config_dir("rules: []\n");
+        let main = dir.path().join(crate::config::MAIN_FILE);
+        let base = std::fs::read_to_string(&main).unwrap();
+        std::fs::write(
+            &main,
+            base.replace(
+                "sources:\n",
+                "sources:\n  - type: d365_events\n    id: a\n  - type: d365_events\n    id: b\n    service_bus: { namespace: http://contoso.servicebus.windows.net, topic: t, sas_key_name: listen, wait: 300s, max_deliveries: 0 }\n",
+            ),
+        )
+        .unwrap();
+        let errors = load(dir.path()).unwrap_err().to_string();
+        for expected in [
+            "sources[0]: say how D365's events arrive: `service_bus`",
+            "sources[1].service_bus.namespace: \"http://contoso.servicebus.windows.net\" uses http: only https is allowed",
+            "sources[1].service_bus: name the entity: `queue`, or `topic` and `subscription`",
+            "sources[1].service_bus: set both sas_key_name and sas_key_file",
+            "sources[1].service_bus.wait: Service Bus waits at most 230s in one receive",
+            "sources[1].service_bus.max_deliveries: must be at least 1",
+        ] {
+            assert!(errors.contains(expected), "missing {expected:?} in:\n{errors}");
+        }
+    }
+
+    #[test]
     fn an_api_reachable_from_other_hosts_needs_a_good_token_and_alerts_are_checked() {
         let dir = config_dir("rules: []\n");
         let main = dir.path().join(crate::config::MAIN_FILE);
@@ -390,7 +431,7 @@ mod tests {
         .unwrap();
         let errors = load(dir.path()).unwrap_err().to_string();
         assert!(
-            errors.contains("sources[0]: d365_events source `d365` needs api.listen: D365 posts its events to /events/d365/d365 there"),
+            errors.contains("sources[0]: d365_events source `d365` has a webhook_secret_file but no api.listen: D365 posts its events to /events/d365/d365 there"),
             "{errors}"
         );
         std::fs::write(&main, format!("{base}api:\n  listen: 127.0.0.1:9464\n")).unwrap();

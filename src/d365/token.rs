@@ -126,6 +126,15 @@ impl TokenSource {
         }
     }
 
+    /// Tokens of the same app registration for another resource (Azure Service Bus:
+    /// `https://servicebus.azure.net`).
+    pub fn for_resource(http: reqwest::Client, config: &D365Config, resource: &str) -> TokenSource {
+        TokenSource {
+            resource: resource.trim_end_matches('/').to_string(),
+            ..TokenSource::new(http, config)
+        }
+    }
+
     /// Number of tokens fetched so far.
     pub fn fetches(&self) -> u64 {
         self.generation.load(Ordering::Relaxed)

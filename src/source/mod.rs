@@ -250,7 +250,7 @@ pub fn spawn(
             ),
             SourceConfig::D365Events(c) => {
                 let (source, way_in) = d365_events::D365EventsSource::new(c, hb, h);
-                intake = Some(way_in);
+                intake = way_in;
                 Box::pin(source.run(out, cancel))
             }
         };

@@ -741,6 +741,7 @@ pub mod mqtt;
 pub mod plant;
 pub mod plc;
 pub mod process;
+pub mod service_bus;
 
 /// A running gateway binary for the operator tests: the fake D365 answers 500 three times
 /// to `failing_order` (so its first message fails), retries are fast, `sources` is

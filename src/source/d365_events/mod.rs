@@ -18,6 +18,7 @@
 //!   (`field:` paths, `{payload.ProductionOrderNumber}` templates).
 
 pub mod config;
+pub mod service_bus;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -182,26 +183,29 @@ pub struct D365EventsSource {
     heartbeat: Heartbeat,
     health: Arc<SourceHealth>,
     deliveries: mpsc::Receiver<Delivery>,
+    /// Service Bus receivers hand their events in here too.
+    intake: mpsc::Sender<Delivery>,
 }
 
 impl D365EventsSource {
-    /// The source and the webhook's way into it.
+    /// The source and, when it has a webhook, the webhook's way into it.
     pub fn new(
         config: D365EventsConfig,
         heartbeat: Heartbeat,
         health: Arc<SourceHealth>,
-    ) -> (D365EventsSource, Intake) {
+    ) -> (D365EventsSource, Option<Intake>) {
         let (tx, rx) = mpsc::channel(INTAKE_CAPACITY);
-        let intake = Intake {
-            secret: config.webhook_secret.clone(),
-            deliveries: tx,
-        };
+        let intake = config.webhook_secret.clone().map(|secret| Intake {
+            secret,
+            deliveries: tx.clone(),
+        });
         (
             D365EventsSource {
                 config,
                 heartbeat,
                 health,
                 deliveries: rx,
+                intake: tx,
             },
             intake,
         )
@@ -213,8 +217,26 @@ impl D365EventsSource {
         cancel: CancellationToken,
     ) -> Result<(), SourceError> {
         let source: Arc<str> = self.config.id.as_str().into();
-        // Waiting for D365 is this source's normal state: it is up.
-        self.health.set_connected(&source, true, None);
+        match self.config.service_bus.clone() {
+            // Up once Service Bus answers.
+            Some(sb) => {
+                let receiver = service_bus::Receiver::new(
+                    sb,
+                    source.clone(),
+                    self.intake.clone(),
+                    self.health.clone(),
+                )
+                .map_err(|detail| SourceError::Setup {
+                    id: source.to_string(),
+                    detail,
+                })?;
+                tokio::spawn(receiver.run(cancel.clone()));
+            }
+            // Waiting for D365 to post is this source's normal state: it is up.
+            None => {
+                self.health.set_connected(&source, true, None);
+            }
+        }
         let (acks_tx, mut acks) = mpsc::channel::<AckTicket>(INTAKE_CAPACITY);
         let mut waiting: HashMap<AckTicket, oneshot::Sender<Outcome>> = HashMap::new();
         // Parsed events waiting for room in the pipeline's channel. The loop never blocks
