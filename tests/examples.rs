@@ -1,4 +1,4 @@
-//! The six worked examples in config/examples, driven through the gateway: events
+//! The seven worked examples in config/examples, driven through the gateway: events
 //! injected into the pipeline → rules → outbox → dispatcher → fake D365. The messages
 //! D365 receives are compared exactly.
 
@@ -45,7 +45,15 @@ impl Scenario {
             .join(example);
         std::fs::create_dir_all(dir.join("rules.d")).unwrap();
         // The examples have no d365 section (they run with --dry-run); add the fake's.
-        let yaml = std::fs::read_to_string(src.join("gateway.yaml")).unwrap() + &d365_yaml(&fake);
+        // Their credentials (systemd's directory) come from the test's directory.
+        std::fs::write(tmp.path().join("servicebus-key"), "c2VjcmV0LWtleQ==").unwrap();
+        let yaml = std::fs::read_to_string(src.join("gateway.yaml"))
+            .unwrap()
+            .replace(
+                "${CREDENTIALS_DIRECTORY:-/etc/mes-gateway}",
+                &tmp.path().display().to_string(),
+            )
+            + &d365_yaml(&fake);
         support::write_config(&dir, &yaml);
         for f in std::fs::read_dir(src.join("rules.d")).unwrap() {
             let f = f.unwrap();
@@ -308,4 +316,57 @@ async fn f_scale_weighings_become_material_consumption() {
         s.finish().await,
         vec![line("M0001", 12.5), line("M0002", 0.8)]
     );
+}
+
+#[tokio::test]
+async fn g_a_release_from_d365_runs_on_line1_goes_to_the_hmi_and_impulses_report_against_it() {
+    let s = Scenario::start("g-d365-order-events").await;
+    let released = json!({
+        "BusinessEventId": "ProductionOrderReleasedBusinessEvent",
+        "EventId": "E-1",
+        "EventTime": "/Date(1764240678000)/",
+        "ProductionOrderNumber": "P000555",
+        "ItemNumber": "A0007"
+    });
+    s.send("d365", "released", Value::Json(released), 0).await;
+    for n in 0..10 {
+        s.send("plant", "plant/line1/count", Value::Number(1.0), 1000 + n)
+            .await;
+    }
+    // Ended: off the list, the line is free (nothing counted is left to report).
+    let ended = json!({
+        "BusinessEventId": "ProductionOrderStatusChangedBusinessEvent",
+        "EventId": "E-2",
+        "ProductionOrderNumber": "P000555",
+        "ProductionOrderStatus": "Ended"
+    });
+    s.send("d365", "status_changed", Value::Json(ended), 2000)
+        .await;
+    let outbox = s.outbox.clone();
+    let today = s.today(0);
+    let received = s.finish().await;
+    assert_eq!(
+        received,
+        vec![
+            (
+                "ProdProductionOrderStart".into(),
+                json!({"ProductionOrderNumber":"P000555","StartedDate":today})
+            ),
+            (
+                "ProdProductionOrderReportFinished".into(),
+                json!({"ProductionOrderNumber":"P000555","ReportFinishedLines":[{"ItemNumber":"A0007","ReportedGoodQuantity":10,"ReportAsFinishedDate":today}]})
+            ),
+        ]
+    );
+    // The HMI's message waits for the broker in the outbox (no publisher runs here).
+    let published = outbox.pending_publications("plant", None, 10).unwrap();
+    assert_eq!(published.len(), 1);
+    assert_eq!(published[0].1.topic, "hmi/line1/order");
+    assert!(published[0].1.retain);
+    let hmi: Json = serde_json::from_str(&published[0].1.payload).unwrap();
+    assert_eq!(hmi["order"], "P000555");
+    assert_eq!(hmi["item"], "A0007");
+    let state = mes_gateway::pipeline::load_engine_state(&outbox);
+    assert!(state.released.is_empty(), "withdrawn when it ended");
+    assert!(state.contexts.is_empty(), "line1 is free");
 }
