@@ -1,6 +1,7 @@
 //! The web console in a real headless Chromium against the real binary: log in with the
 //! API token, open a failed message, edit its content, retry it, see it delivered; set a
-//! line's order; see the sources. Screenshots of the three pages go to
+//! line's order, also from the orders D365 released for it; see D365's verdict on a
+//! message; see the sources. Screenshots of the three pages go to
 //! `target/console/`. Cross-site request forgery and a wrong token are refused.
 
 mod support;
@@ -26,10 +27,11 @@ async fn an_operator_fixes_a_failed_message_in_the_console_and_sees_it_delivered
         api_port,
         out: _out,
         gw,
-    } = Operated::start(
+    } = Operated::start_with_rules(
         ORDER,
         TOKEN,
-        "sources:\n  - type: simulator\n    id: light-barrier\n    interval: 1h\n",
+        "sources:\n  - type: simulator\n    id: light-barrier\n    interval: 1h\n  - type: d365_events\n    id: d365\n    webhook_secret_file: webhook-secret\n",
+        Some("rules:\n  - name: released\n    line: line2\n    when: { source: d365, point: released }\n    release: { order: \"{payload.ProductionOrderNumber}\", item: \"{payload.ItemNumber}\" }\n"),
     )
     .await;
     let base = format!("http://127.0.0.1:{api_port}");
@@ -100,6 +102,33 @@ async fn an_operator_fixes_a_failed_message_in_the_console_and_sees_it_delivered
     assert_eq!(delivered.len(), 1);
     assert_eq!(delivered[0].content, fixed);
 
+    // D365 processes it and fails it in its batch job: the console shows its verdict.
+    let infolog = "Item A0001 is blocked for production.";
+    let verdict = json!({
+        "BusinessEventId": "SysMessageProcessorMessageProcessedBusinessEvent",
+        "EventId": "V-1",
+        "MessageQueue": "JmgMES3P",
+        "MessageType": "ProdProductionOrderReportFinished",
+        "MessageContent": delivered[0].envelope["_messageContent"],
+        "MessageState": "Failed",
+        "MessageInfolog": infolog
+    });
+    let posted = http
+        .post(format!("{base}/events/d365/d365"))
+        .header("X-Webhook-Secret", support::WEBHOOK_SECRET)
+        .json(&verdict)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(posted.status(), 200);
+    browser.goto(&detail).await;
+    assert_eq!(browser.text("#d365-infolog").await, infolog);
+    let row = browser.text(&format!("tr[data-id=\"{id}\"]")).await;
+    assert!(
+        row.contains("delivered") && row.contains("failed in D365"),
+        "{row}"
+    );
+
     // A form posted from elsewhere (right session cookie, no anti-forgery token) is refused.
     let session = browser
         .cookie("mesgw_session")
@@ -134,6 +163,40 @@ async fn an_operator_fixes_a_failed_message_in_the_console_and_sees_it_delivered
         .await
         .unwrap();
     assert_eq!(lines["lines"]["line1"]["order"], "P000999");
+
+    // D365 released an order for line2: listed, and one click runs it there.
+    let released = json!({
+        "BusinessEventId": "ProductionOrderReleasedBusinessEvent",
+        "EventId": "R-1",
+        "ProductionOrderNumber": "P000777",
+        "ItemNumber": "A0042"
+    });
+    let posted = http
+        .post(format!("{base}/events/d365/d365"))
+        .header("X-Webhook-Secret", support::WEBHOOK_SECRET)
+        .json(&released)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(posted.status(), 200);
+    browser.goto(&format!("{base}/console/lines")).await;
+    let list = browser.text("#released").await;
+    assert!(list.contains("P000777") && list.contains("A0042"), "{list}");
+    browser.click("#released button").await;
+    assert_eq!(
+        browser.text("#note").await,
+        "Line line2 runs order P000777."
+    );
+    assert!(browser.text("#released").await.contains("running"));
+    let lines: Value = http
+        .get(format!("{base}/api/v1/lines"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(lines["lines"]["line2"]["item"], "A0042");
 
     // Sources: the simulator is connected.
     browser.goto(&format!("{base}/console/sources")).await;

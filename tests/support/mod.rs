@@ -743,6 +743,9 @@ pub mod plc;
 pub mod process;
 pub mod service_bus;
 
+/// The webhook secret [`Operated::start_with_rules`] writes.
+pub const WEBHOOK_SECRET: &str = "webhook-secret-0123456789";
+
 /// A running gateway binary for the operator tests: the fake D365 answers 500 three times
 /// to `failing_order` (so its first message fails), retries are fast, `sources` is
 /// appended to gateway.yaml (a `sources:` section or nothing), and the API listens on a
@@ -757,6 +760,17 @@ pub struct Operated {
 
 impl Operated {
     pub async fn start(failing_order: &str, token: &str, sources: &str) -> Operated {
+        Operated::start_with_rules(failing_order, token, sources, None).await
+    }
+
+    /// [`Operated::start`] with `rules` in `rules.d/rules.yaml` and a webhook secret in
+    /// `webhook-secret` (for a `d365_events` source in `sources`).
+    pub async fn start_with_rules(
+        failing_order: &str,
+        token: &str,
+        sources: &str,
+        rules: Option<&str>,
+    ) -> Operated {
         let fake = FakeD365::start().await;
         fake.script_order(
             failing_order,
@@ -772,6 +786,11 @@ impl Operated {
             ),
         );
         std::fs::write(dir.path().join("api-token"), format!("{token}\n")).unwrap();
+        std::fs::write(dir.path().join("webhook-secret"), WEBHOOK_SECRET).unwrap();
+        if let Some(rules) = rules {
+            std::fs::create_dir_all(dir.path().join("rules.d")).unwrap();
+            std::fs::write(dir.path().join("rules.d/rules.yaml"), rules).unwrap();
+        }
         let out = process::Output::new();
         let gw = process::start(&["run", "-c", process::path_str(dir.path())], &out);
         out.wait_for("Operator socket listening.").await;
