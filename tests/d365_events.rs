@@ -624,3 +624,126 @@ async fn a_release_sets_the_line_publishes_it_to_mqtt_and_impulses_report_agains
     );
     assert_eq!(gw.terminate().await, 0);
 }
+
+/// Load and a crash on the verdict path: a 5,000-impulse QoS 1 burst over 50 orders is
+/// delivered, then D365's 5,000 "message processed" events are posted (each twice, 32 at
+/// a time) and the gateway is killed with SIGKILL half-way, started again, and every
+/// event posted once more. Each message ends with exactly one verdict recorded and none
+/// is unmatched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_verdicts_with_redeliveries_and_a_kill_records_each_once() {
+    use support::mqtt::{burst_orders, publish_burst, write_burst_config, Mosquitto};
+    let broker = Mosquitto::start_durable().await;
+    let fake = FakeD365::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let api_port = free_port();
+    write_burst_config(
+        dir,
+        &fake,
+        &broker.url(),
+        &format!("  - type: d365_events\n    id: d365\n    webhook_secret_file: webhook-secret\napi:\n  listen: 127.0.0.1:{api_port}\n"),
+    );
+    std::fs::write(dir.join("webhook-secret"), SECRET).unwrap();
+    let cfg = path_str(dir).to_string();
+    let out = Output::new();
+    let gw = process::start(&["run", "-c", &cfg], &out);
+    out.wait_for("Subscribed.").await;
+    let orders = burst_orders();
+    publish_burst(broker.port, &orders, 1, 100).await;
+    let total = orders.len() * 100;
+    fake.wait_accepted_count(total).await;
+    // What D365 received, in the order it received it (it processes each order's
+    // messages in that order).
+    let accepted = std::sync::Arc::new(fake.accepted());
+    assert_eq!(accepted.len(), total);
+
+    let post_all = |copies: usize| {
+        let accepted = accepted.clone();
+        async move {
+            let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(32));
+            let mut posts = tokio::task::JoinSet::new();
+            for _ in 0..copies {
+                for (n, sent) in accepted.iter().enumerate() {
+                    let in_flight = in_flight.clone();
+                    let event = processed(&format!("V-{n}"), sent, "Processed", "");
+                    posts.spawn(async move {
+                        let _slot = in_flight.acquire().await.unwrap();
+                        let sent = reqwest::Client::new()
+                            .post(format!("http://127.0.0.1:{api_port}/events/d365/d365"))
+                            .header("X-Webhook-Secret", SECRET)
+                            .json(&event)
+                            .send()
+                            .await;
+                        sent.is_ok_and(|r| r.status() == 200)
+                    });
+                }
+            }
+            let mut stored = 0;
+            while let Some(ok) = posts.join_next().await {
+                stored += usize::from(ok.unwrap());
+            }
+            stored
+        }
+    };
+    let first_round = tokio::spawn(post_all(2));
+    // Half-way through (the kill is the fault injected; this waits on the log for it).
+    out.wait_for_count("D365 business event received.", total / 2)
+        .await;
+    gw.kill9().await;
+    let answered = first_round.await.unwrap();
+    assert!(
+        answered < 2 * total,
+        "the kill cut some requests off ({answered} answered)"
+    );
+    let gw = process::start(&["run", "-c", &cfg], &out);
+    out.wait_for_count("Gateway running.", 2).await;
+    assert_eq!(
+        post_all(1).await,
+        total,
+        "every event answered after the restart"
+    );
+    assert_eq!(gw.terminate().await, 0);
+
+    let (code, listing, err) = process::run(&[
+        "outbox",
+        "-c",
+        &cfg,
+        "list",
+        "--json",
+        "--limit",
+        &(2 * total).to_string(),
+    ])
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let records: Vec<Value> = listing
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len(), total);
+    let mut without = Vec::new();
+    let mut applications = 0;
+    for r in &records {
+        assert_eq!(r["state"], "delivered", "{r}");
+        if r["d365"].is_null() {
+            without.push(r["id"].clone());
+        }
+        applications += r["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["by"] == "d365")
+            .count();
+    }
+    assert!(
+        without.is_empty(),
+        "messages without a verdict: {without:?}"
+    );
+    assert_eq!(applications, total, "one verdict per message, never two");
+    let (code, unmatched, err) = process::run(&["outbox", "-c", &cfg, "unmatched"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        unmatched.contains("no D365 verdict is unmatched"),
+        "{unmatched}"
+    );
+}

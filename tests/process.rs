@@ -301,6 +301,7 @@ async fn every_shipped_config_directory_validates() {
         // Example configs read their secrets from files next to them; provide them.
         std::fs::write(dir.join("d365-client-secret"), TEST_SECRET).unwrap();
         std::fs::write(dir.join("d365-webhook-secret"), TEST_SECRET).unwrap();
+        std::fs::write(dir.join("servicebus-key"), TEST_SECRET).unwrap();
         // The example reads ${CREDENTIALS_DIRECTORY:-/etc/mes-gateway}/d365-client-secret.
         let out = tokio::process::Command::new(process::BIN)
             .args(["check", "-c", path_str(&dir)])
