@@ -216,31 +216,38 @@ async fn a_flood_of_events_and_redeliveries_with_a_kill_in_the_middle_is_stored_
 
     // D365 posts several events at a time, not hundreds: 32 requests in flight. Returns
     // how many were answered 200 (a request the kill cuts off is not, and is sent again).
-    let post_all = |copies: usize| async move {
-        let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(32));
-        let mut posts = tokio::task::JoinSet::new();
-        for _ in 0..copies {
-            for n in 0..500 {
-                let in_flight = in_flight.clone();
-                posts.spawn(async move {
-                    let _slot = in_flight.acquire().await.unwrap();
-                    let mut event = released(&format!("E-{n}"));
-                    event["ProductionOrderNumber"] = format!("R{n:04}").into();
-                    let sent = reqwest::Client::new()
-                        .post(format!("http://127.0.0.1:{api_port}/events/d365/d365"))
-                        .header("X-Webhook-Secret", SECRET)
-                        .json(&event)
-                        .send()
-                        .await;
-                    sent.is_ok_and(|r| r.status() == 200)
-                });
+    // One client, as D365 keeps its connections (a client per request spends the test's
+    // CPU on TLS setup, not on the gateway).
+    let http = reqwest::Client::new();
+    let post_all = |copies: usize| {
+        let http = http.clone();
+        async move {
+            let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(32));
+            let mut posts = tokio::task::JoinSet::new();
+            for _ in 0..copies {
+                for n in 0..500 {
+                    let in_flight = in_flight.clone();
+                    let http = http.clone();
+                    posts.spawn(async move {
+                        let _slot = in_flight.acquire().await.unwrap();
+                        let mut event = released(&format!("E-{n}"));
+                        event["ProductionOrderNumber"] = format!("R{n:04}").into();
+                        let sent = http
+                            .post(format!("http://127.0.0.1:{api_port}/events/d365/d365"))
+                            .header("X-Webhook-Secret", SECRET)
+                            .json(&event)
+                            .send()
+                            .await;
+                        sent.is_ok_and(|r| r.status() == 200)
+                    });
+                }
             }
+            let mut stored = 0;
+            while let Some(ok) = posts.join_next().await {
+                stored += usize::from(ok.unwrap());
+            }
+            stored
         }
-        let mut stored = 0;
-        while let Some(ok) = posts.join_next().await {
-            stored += usize::from(ok.unwrap());
-        }
-        stored
     };
     let burst = tokio::spawn(async move {
         publish_burst(broker.port, &burst_orders(), 1, 200).await;
@@ -658,8 +665,10 @@ async fn a_flood_of_verdicts_with_redeliveries_and_a_kill_records_each_once() {
     let accepted = std::sync::Arc::new(fake.accepted());
     assert_eq!(accepted.len(), total);
 
+    let http = reqwest::Client::new();
     let post_all = |copies: usize| {
         let accepted = accepted.clone();
+        let http = http.clone();
         async move {
             let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(32));
             let mut posts = tokio::task::JoinSet::new();
@@ -667,9 +676,10 @@ async fn a_flood_of_verdicts_with_redeliveries_and_a_kill_records_each_once() {
                 for (n, sent) in accepted.iter().enumerate() {
                     let in_flight = in_flight.clone();
                     let event = processed(&format!("V-{n}"), sent, "Processed", "");
+                    let http = http.clone();
                     posts.spawn(async move {
                         let _slot = in_flight.acquire().await.unwrap();
-                        let sent = reqwest::Client::new()
+                        let sent = http
                             .post(format!("http://127.0.0.1:{api_port}/events/d365/d365"))
                             .header("X-Webhook-Secret", SECRET)
                             .json(&event)
@@ -705,21 +715,27 @@ async fn a_flood_of_verdicts_with_redeliveries_and_a_kill_records_each_once() {
     );
     assert_eq!(gw.terminate().await, 0);
 
-    let (code, listing, err) = process::run(&[
-        "outbox",
-        "-c",
-        &cfg,
-        "list",
-        "--json",
-        "--limit",
-        &(2 * total).to_string(),
-    ])
-    .await;
-    assert_eq!(code, 0, "{err}");
-    let records: Vec<Value> = listing
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    // Every record, a page (at most 1,000) at a time.
+    let mut records: Vec<Value> = Vec::new();
+    loop {
+        let after = records
+            .last()
+            .map(|r| r["id"].as_u64().unwrap().to_string());
+        let mut args = vec!["outbox", "-c", &cfg, "list", "--json", "--limit", "1000"];
+        if let Some(after) = &after {
+            args.extend(["--after", after.as_str()]);
+        }
+        let (code, listing, err) = process::run(&args).await;
+        assert_eq!(code, 0, "{err}");
+        let page: Vec<Value> = listing
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        if page.is_empty() {
+            break;
+        }
+        records.extend(page);
+    }
     assert_eq!(records.len(), total);
     let mut without = Vec::new();
     let mut applications = 0;
