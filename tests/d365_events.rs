@@ -43,6 +43,32 @@ async fn post(port: u16, secret: Option<&str>, body: &Value) -> (u16, Value) {
     )
 }
 
+/// Posts `events` to the webhook 32 at a time (D365 posts several at once, not hundreds)
+/// with one client (as D365 keeps its connections); how many were answered 200 (a request
+/// a kill cuts off is not).
+async fn post_events(http: reqwest::Client, port: u16, events: Vec<Value>) -> usize {
+    let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(32));
+    let mut posts = tokio::task::JoinSet::new();
+    for event in events {
+        let (in_flight, http) = (in_flight.clone(), http.clone());
+        posts.spawn(async move {
+            let _slot = in_flight.acquire().await.unwrap();
+            let sent = http
+                .post(format!("http://127.0.0.1:{port}/events/d365/d365"))
+                .header("X-Webhook-Secret", SECRET)
+                .json(&event)
+                .send()
+                .await;
+            sent.is_ok_and(|r| r.status() == 200)
+        });
+    }
+    let mut stored = 0;
+    while let Some(ok) = posts.join_next().await {
+        stored += usize::from(ok.unwrap());
+    }
+    stored
+}
+
 async fn get(port: u16, path: &str) -> Value {
     reqwest::get(format!("http://127.0.0.1:{port}{path}"))
         .await
@@ -214,40 +240,18 @@ async fn a_flood_of_events_and_redeliveries_with_a_kill_in_the_middle_is_stored_
     out.wait_for("Subscribed.").await;
     out.wait_for("Gateway running.").await;
 
-    // D365 posts several events at a time, not hundreds: 32 requests in flight. Returns
-    // how many were answered 200 (a request the kill cuts off is not, and is sent again).
-    // One client, as D365 keeps its connections (a client per request spends the test's
-    // CPU on TLS setup, not on the gateway).
+    // Every release, `copies` times; a request the kill cuts off is sent again later.
     let http = reqwest::Client::new();
     let post_all = |copies: usize| {
-        let http = http.clone();
-        async move {
-            let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(32));
-            let mut posts = tokio::task::JoinSet::new();
-            for _ in 0..copies {
-                for n in 0..500 {
-                    let in_flight = in_flight.clone();
-                    let http = http.clone();
-                    posts.spawn(async move {
-                        let _slot = in_flight.acquire().await.unwrap();
-                        let mut event = released(&format!("E-{n}"));
-                        event["ProductionOrderNumber"] = format!("R{n:04}").into();
-                        let sent = http
-                            .post(format!("http://127.0.0.1:{api_port}/events/d365/d365"))
-                            .header("X-Webhook-Secret", SECRET)
-                            .json(&event)
-                            .send()
-                            .await;
-                        sent.is_ok_and(|r| r.status() == 200)
-                    });
-                }
-            }
-            let mut stored = 0;
-            while let Some(ok) = posts.join_next().await {
-                stored += usize::from(ok.unwrap());
-            }
-            stored
-        }
+        let events: Vec<Value> = (0..copies)
+            .flat_map(|_| 0..500)
+            .map(|n| {
+                let mut event = released(&format!("E-{n}"));
+                event["ProductionOrderNumber"] = format!("R{n:04}").into();
+                event
+            })
+            .collect();
+        post_events(http.clone(), api_port, events)
     };
     let burst = tokio::spawn(async move {
         publish_burst(broker.port, &burst_orders(), 1, 200).await;
@@ -667,34 +671,11 @@ async fn a_flood_of_verdicts_with_redeliveries_and_a_kill_records_each_once() {
 
     let http = reqwest::Client::new();
     let post_all = |copies: usize| {
-        let accepted = accepted.clone();
-        let http = http.clone();
-        async move {
-            let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(32));
-            let mut posts = tokio::task::JoinSet::new();
-            for _ in 0..copies {
-                for (n, sent) in accepted.iter().enumerate() {
-                    let in_flight = in_flight.clone();
-                    let event = processed(&format!("V-{n}"), sent, "Processed", "");
-                    let http = http.clone();
-                    posts.spawn(async move {
-                        let _slot = in_flight.acquire().await.unwrap();
-                        let sent = http
-                            .post(format!("http://127.0.0.1:{api_port}/events/d365/d365"))
-                            .header("X-Webhook-Secret", SECRET)
-                            .json(&event)
-                            .send()
-                            .await;
-                        sent.is_ok_and(|r| r.status() == 200)
-                    });
-                }
-            }
-            let mut stored = 0;
-            while let Some(ok) = posts.join_next().await {
-                stored += usize::from(ok.unwrap());
-            }
-            stored
-        }
+        let events: Vec<Value> = (0..copies)
+            .flat_map(|_| accepted.iter().enumerate())
+            .map(|(n, sent)| processed(&format!("V-{n}"), sent, "Processed", ""))
+            .collect();
+        post_events(http.clone(), api_port, events)
     };
     let first_round = tokio::spawn(post_all(2));
     // Half-way through (the kill is the fault injected; this waits on the log for it).

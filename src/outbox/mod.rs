@@ -1271,11 +1271,7 @@ impl Outbox {
                 let mut removed = Vec::new();
                 for item in this.done.range(..end.as_slice()) {
                     let (k, v) = item.map_err(storage)?;
-                    let Some(id) = k
-                        .get(8..16)
-                        .and_then(|b| b.try_into().ok())
-                        .map(u64::from_be_bytes)
-                    else {
+                    let Some(id) = id_after_stamp(&k) else {
                         continue;
                     };
                     this.messages.remove(key(id)).map_err(storage)?;
@@ -1539,6 +1535,14 @@ fn done_value(r: &Record) -> Vec<u8> {
         v.extend_from_slice(&digest.to_be_bytes());
     }
     v
+}
+
+/// The message id in a 16-byte key that starts with 8 bytes of something else (a time in
+/// the done index, a digest in the content index).
+fn id_after_stamp(key: &[u8]) -> Option<MessageId> {
+    key.get(8..16)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
 }
 
 fn done_key(r: &Record) -> [u8; 16] {

@@ -699,6 +699,17 @@ fn processed(content: &str, state: &str, failed: bool, event_id: &str) -> Proces
     }
 }
 
+/// Marks a message sending and records its outcome, as the dispatcher does.
+async fn send_and_settle(outbox: &Outbox, id: MessageId, next: Settle) -> Record {
+    outbox.mark_sending(&[id]).await.unwrap();
+    outbox
+        .settle(vec![settled(id, next)])
+        .await
+        .unwrap()
+        .pop()
+        .unwrap()
+}
+
 async fn reconcile(outbox: &Outbox, events: Vec<ProcessedEvent>) -> Vec<Reconciled> {
     outbox
         .commit_reconciling(Arc::new(Ingest::default().with_processed(events)))
@@ -712,11 +723,7 @@ async fn a_verdict_is_recorded_on_the_message_whose_content_d365_reports() {
     let dir = tempfile::tempdir().unwrap();
     let outbox = Outbox::open(dir.path()).unwrap();
     let recs = outbox.append(vec![msg("A", 1), msg("A", 2)]).await.unwrap();
-    outbox.mark_sending(&[recs[0].id]).await.unwrap();
-    outbox
-        .settle(vec![settled(recs[0].id, Settle::Delivered)])
-        .await
-        .unwrap();
+    send_and_settle(&outbox, recs[0].id, Settle::Delivered).await;
     // D365 reformats the JSON: spacing and key order do not matter.
     let reported = "{ \"n\": 1, \"ProductionOrderNumber\": \"A\" }";
     let result = reconcile(&outbox, vec![processed(reported, "Failed", true, "E1")]).await;
@@ -770,16 +777,14 @@ async fn an_uncertain_message_d365_received_is_resolved_and_leaves_its_lane() {
     let dir = tempfile::tempdir().unwrap();
     let outbox = Outbox::open(dir.path()).unwrap();
     let recs = outbox.append(vec![msg("A", 1), msg("A", 2)]).await.unwrap();
-    outbox.mark_sending(&[recs[0].id]).await.unwrap();
-    outbox
-        .settle(vec![settled(
-            recs[0].id,
-            Settle::Uncertain {
-                reason: "timed out".into(),
-            },
-        )])
-        .await
-        .unwrap();
+    send_and_settle(
+        &outbox,
+        recs[0].id,
+        Settle::Uncertain {
+            reason: "timed out".into(),
+        },
+    )
+    .await;
     assert_eq!(ids(&outbox.lane_heads(None, 10).unwrap()), [recs[0].id]);
     let result = reconcile(
         &outbox,
@@ -879,16 +884,14 @@ async fn an_edited_retry_is_matched_by_its_new_content() {
     let dir = tempfile::tempdir().unwrap();
     let outbox = Outbox::open(dir.path()).unwrap();
     let recs = outbox.append(vec![msg("A", 1)]).await.unwrap();
-    outbox.mark_sending(&[recs[0].id]).await.unwrap();
-    outbox
-        .settle(vec![settled(
-            recs[0].id,
-            Settle::Failed {
-                reason: "HTTP 500".into(),
-            },
-        )])
-        .await
-        .unwrap();
+    send_and_settle(
+        &outbox,
+        recs[0].id,
+        Settle::Failed {
+            reason: "HTTP 500".into(),
+        },
+    )
+    .await;
     let edited = "{\"ProductionOrderNumber\":\"A\",\"n\":7}".to_string();
     outbox
         .retry(recs[0].id, "test", Some(edited.clone()), Sending::InFlight)

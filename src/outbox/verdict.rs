@@ -195,11 +195,7 @@ pub(super) fn plan(store: &Store, events: &[ProcessedEvent]) -> Result<Plan, Out
         let mut candidates: Vec<MessageId> = Vec::new();
         for item in store.contents.scan_prefix(digest.to_be_bytes()) {
             let (k, _) = item.map_err(storage)?;
-            let Some(id) = k
-                .get(8..16)
-                .and_then(|b| b.try_into().ok())
-                .map(u64::from_be_bytes)
-            else {
+            let Some(id) = super::id_after_stamp(&k) else {
                 continue;
             };
             let record = match working.get(&id) {

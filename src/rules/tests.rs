@@ -32,6 +32,10 @@ fn sources() -> Vec<SourceConfig> {
 }
 
 fn compile(yaml: &str) -> Result<Vec<Rule>, Vec<RuleError>> {
+    compile_for(yaml, &sources())
+}
+
+fn compile_for(yaml: &str, sources: &[SourceConfig]) -> Result<Vec<Rule>, Vec<RuleError>> {
     let raws: Vec<RawRule> = Document::parse(yaml.to_string())
         .unwrap()
         .parse_at("")
@@ -39,7 +43,7 @@ fn compile(yaml: &str) -> Result<Vec<Rule>, Vec<RuleError>> {
     let mut out = Vec::new();
     let mut errors = Vec::new();
     for raw in raws {
-        match Rule::compile(raw, "test".into(), &sources()) {
+        match Rule::compile(raw, "test".into(), sources) {
             Ok(r) => out.push(r),
             Err(e) => errors.extend(e),
         }
@@ -518,23 +522,7 @@ fn with_broker(mut sources: Vec<SourceConfig>) -> Vec<SourceConfig> {
 }
 
 fn compile_with_broker(yaml: &str) -> Result<Vec<Rule>, Vec<RuleError>> {
-    let raws: Vec<RawRule> = Document::parse(yaml.to_string())
-        .unwrap()
-        .parse_at("")
-        .unwrap_or_else(|e| panic!("{}: {}", e.path, e.message));
-    let mut out = Vec::new();
-    let mut errors = Vec::new();
-    for raw in raws {
-        match Rule::compile(raw, "test".into(), &with_broker(sources())) {
-            Ok(r) => out.push(r),
-            Err(e) => errors.extend(e),
-        }
-    }
-    if errors.is_empty() {
-        Ok(out)
-    } else {
-        Err(errors)
-    }
+    compile_for(yaml, &with_broker(sources()))
 }
 
 const RELEASE_RULES: &str = r#"
