@@ -259,6 +259,14 @@ impl Components {
         lines: &Arc<std::sync::Mutex<Option<mpsc::Sender<LineCommand>>>>,
     ) -> anyhow::Result<Components> {
         let mut live = ComponentStats::default();
+        // D365's verdicts arrive only through a d365_events source: without one, messages
+        // are stored without their content index entry (it costs on every message).
+        outbox.index_contents(
+            config
+                .sources
+                .iter()
+                .any(|s| matches!(s, source::config::SourceConfig::D365Events(_))),
+        );
         let client = match (&config.d365, options.dry_run) {
             (_, true) => None,
             (Some(d365), false) => Some(Arc::new(

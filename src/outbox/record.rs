@@ -125,7 +125,8 @@ pub struct Record {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_at: Option<jiff::Timestamp>,
     /// The content index's digest of `content` (see verdict.rs), kept so the index key can
-    /// be removed without reading the content again. `None` in records older than the index.
+    /// be removed without reading the content again. `None` when the message was stored
+    /// without an index entry (no `d365_events` source configured, or an older version).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content_digest: Option<u64>,
     /// What D365 did with it, once its "message processed" event came back.
@@ -150,7 +151,7 @@ impl Record {
             history: Vec::new(),
             last_error: None,
             retry_at: None,
-            content_digest: Some(super::verdict::content_digest(&m.message_type, &m.content)),
+            content_digest: None,
             d365: None,
         };
         r.change(State::Queued, &m.origin, "created", None);

@@ -710,6 +710,13 @@ async fn send_and_settle(outbox: &Outbox, id: MessageId, next: Settle) -> Record
         .unwrap()
 }
 
+/// An outbox that indexes contents, as with a d365_events source configured.
+fn indexing(dir: &std::path::Path) -> Outbox {
+    let outbox = Outbox::open(dir).unwrap();
+    outbox.index_contents(true);
+    outbox
+}
+
 async fn reconcile(outbox: &Outbox, events: Vec<ProcessedEvent>) -> Vec<Reconciled> {
     outbox
         .commit_reconciling(Arc::new(Ingest::default().with_processed(events)))
@@ -721,7 +728,7 @@ async fn reconcile(outbox: &Outbox, events: Vec<ProcessedEvent>) -> Vec<Reconcil
 #[tokio::test]
 async fn a_verdict_is_recorded_on_the_message_whose_content_d365_reports() {
     let dir = tempfile::tempdir().unwrap();
-    let outbox = Outbox::open(dir.path()).unwrap();
+    let outbox = indexing(dir.path());
     let recs = outbox.append(vec![msg("A", 1), msg("A", 2)]).await.unwrap();
     send_and_settle(&outbox, recs[0].id, Settle::Delivered).await;
     // D365 reformats the JSON: spacing and key order do not matter.
@@ -764,7 +771,7 @@ async fn a_verdict_is_recorded_on_the_message_whose_content_d365_reports() {
     );
     assert_eq!(outbox.rejected_in_d365(10).unwrap().1, 0);
     drop(outbox);
-    let outbox = Outbox::open(dir.path()).unwrap();
+    let outbox = indexing(dir.path());
     assert_eq!(
         outbox.get(recs[0].id).unwrap().d365.unwrap().state,
         "Processed",
@@ -775,7 +782,7 @@ async fn a_verdict_is_recorded_on_the_message_whose_content_d365_reports() {
 #[tokio::test]
 async fn an_uncertain_message_d365_received_is_resolved_and_leaves_its_lane() {
     let dir = tempfile::tempdir().unwrap();
-    let outbox = Outbox::open(dir.path()).unwrap();
+    let outbox = indexing(dir.path());
     let recs = outbox.append(vec![msg("A", 1), msg("A", 2)]).await.unwrap();
     send_and_settle(
         &outbox,
@@ -836,7 +843,7 @@ async fn an_uncertain_message_d365_received_is_resolved_and_leaves_its_lane() {
 #[tokio::test]
 async fn identical_messages_take_verdicts_in_order_and_unmatched_events_are_kept() {
     let dir = tempfile::tempdir().unwrap();
-    let outbox = Outbox::open(dir.path()).unwrap();
+    let outbox = indexing(dir.path());
     // The same content three times (three identical reports), on two orders' lanes.
     let recs = outbox
         .append(vec![msg("A", 1), msg("A", 1), msg("A", 1)])
@@ -882,7 +889,7 @@ async fn identical_messages_take_verdicts_in_order_and_unmatched_events_are_kept
 #[tokio::test]
 async fn an_edited_retry_is_matched_by_its_new_content() {
     let dir = tempfile::tempdir().unwrap();
-    let outbox = Outbox::open(dir.path()).unwrap();
+    let outbox = indexing(dir.path());
     let recs = outbox.append(vec![msg("A", 1)]).await.unwrap();
     send_and_settle(
         &outbox,
@@ -916,7 +923,7 @@ async fn an_edited_retry_is_matched_by_its_new_content() {
 #[tokio::test]
 async fn a_verdict_that_comes_before_a_lost_answer_makes_the_message_delivered_not_uncertain() {
     let dir = tempfile::tempdir().unwrap();
-    let outbox = Outbox::open(dir.path()).unwrap();
+    let outbox = indexing(dir.path());
     let recs = outbox.append(vec![msg("A", 1)]).await.unwrap();
     outbox.mark_sending(&[recs[0].id]).await.unwrap();
     let result = reconcile(
@@ -961,7 +968,7 @@ async fn publications_are_stored_with_their_batch_in_order_per_broker_until_ackn
         rule: "r".into(),
     };
     {
-        let outbox = Outbox::open(dir.path()).unwrap();
+        let outbox = indexing(dir.path());
         outbox
             .commit(
                 Ingest::new(vec![msg("A", 1)], None, Vec::new()).with_publications(vec![
@@ -974,7 +981,7 @@ async fn publications_are_stored_with_their_batch_in_order_per_broker_until_ackn
             .unwrap();
         assert_eq!(outbox.publications_waiting(), 3);
     }
-    let outbox = Outbox::open(dir.path()).unwrap();
+    let outbox = indexing(dir.path());
     let b1 = outbox.pending_publications("b1", None, 10).unwrap();
     let payloads: Vec<&str> = b1.iter().map(|(_, p)| p.payload.as_str()).collect();
     assert_eq!(
@@ -1008,5 +1015,35 @@ async fn publications_are_stored_with_their_batch_in_order_per_broker_until_ackn
         outbox.pending_publications("b", None, 10).unwrap().len(),
         0,
         "no prefix mix-up"
+    );
+}
+
+#[tokio::test]
+async fn without_the_index_nothing_is_matched_and_no_index_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(dir.path()).unwrap();
+    let recs = outbox.append(vec![msg("A", 1)]).await.unwrap();
+    assert_eq!(recs[0].content_digest, None);
+    send_and_settle(&outbox, recs[0].id, Settle::Delivered).await;
+    let result = reconcile(
+        &outbox,
+        vec![processed(&recs[0].content, "Processed", false, "E1")],
+    )
+    .await;
+    assert!(
+        matches!(result[0], Reconciled::Unmatched { .. }),
+        "{result:?}"
+    );
+    // Turned on: later messages are found.
+    outbox.index_contents(true);
+    let later = outbox.append(vec![msg("A", 2)]).await.unwrap();
+    let result = reconcile(
+        &outbox,
+        vec![processed(&later[0].content, "Processed", false, "E2")],
+    )
+    .await;
+    assert!(
+        matches!(result[0], Reconciled::Matched { id, .. } if id == later[0].id),
+        "{result:?}"
     );
 }
