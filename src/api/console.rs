@@ -187,7 +187,7 @@ td.state-delivered{color:#107c10}
 td.d365-failed{color:#a4262c;font-weight:600}
 td.d365-ok{color:#107c10}
 .panes{display:grid;grid-template-columns:minmax(0,3fr) minmax(0,2fr);gap:16px}
-.pane{background:#fff;border:1px solid #edebe9;padding:12px}
+.pane{background:#fff;border:1px solid #edebe9;padding:12px;overflow-x:auto}
 pre{white-space:pre-wrap;word-break:break-all;background:#f3f2f1;padding:8px}
 textarea{width:100%;min-height:180px;font-family:monospace}
 .actions{display:flex;gap:8px;flex-wrap:wrap;margin:8px 0}
@@ -466,12 +466,14 @@ async fn messages_page(
         };
         let _ = write!(
             grid,
-            "<tr{selected} data-id=\"{id}\"><td><a href=\"/console/messages?{link}\" id=\"open-{id}\">{id}</a></td><td>{order}</td><td>{ty}</td><td>{line}</td><td class=\"state-{st}\">{st}</td>{verdict}<td>{created}</td><td>{attempts}</td><td>{error}</td></tr>",
+            "<tr{selected} data-id=\"{id}\"><td><a href=\"/console/messages?{link}\" id=\"open-{id}\">{id}</a></td><td>{order}</td><td title=\"{ty}\">{short_ty}</td><td>{line}</td><td class=\"state-{st}\">{st}</td>{verdict}<td>{created}</td><td>{attempts}</td><td>{error}</td></tr>",
             id = r.id,
             verdict = verdict_cell(r),
             link = esc(&link_query(r.id)),
             order = esc(&r.production_order),
             ty = esc(&r.message_type),
+            // The grid is narrow: "ReportFinished" says it; the full name is the tooltip.
+            short_ty = esc(r.message_type.strip_prefix("ProdProductionOrder").unwrap_or(&r.message_type)),
             line = esc(r.line.as_deref().unwrap_or("")),
             st = r.state,
             created = time(r.created_at),
