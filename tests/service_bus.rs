@@ -245,3 +245,29 @@ async fn without_a_shared_key_the_gateway_uses_an_entra_token_for_service_bus() 
         "{scopes:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_subscription_is_read_like_a_queue() {
+    let fake = FakeD365::start().await;
+    let bus = FakeServiceBus::start_entity(
+        Duration::from_secs(1),
+        10,
+        "mes-events/subscriptions/gateway",
+    )
+    .await;
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = setup(&fake, &bus, tmp.path(), 10);
+    let gw_yaml = std::fs::read_to_string(tmp.path().join("gateway.yaml")).unwrap();
+    assert!(
+        gw_yaml.contains("topic: mes-events\n") && gw_yaml.contains("subscription: gateway\n"),
+        "{gw_yaml}"
+    );
+    let out = Output::new();
+    let gw = process::start(&["run", "-c", &cfg], &out);
+    bus.send("m1", &released("E-1", "P000555"));
+    bus.wait_until("m1 completed", |b| completed(b, "m1").is_some())
+        .await;
+    fake.wait_until("the start", |_| starts(&fake, "P000555") == 1)
+        .await;
+    assert_eq!(gw.terminate().await, 0);
+}

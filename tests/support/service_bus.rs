@@ -97,19 +97,31 @@ fn signed(headers: &HeaderMap) -> bool {
 
 impl FakeServiceBus {
     pub async fn start(lock_duration: Duration, max_delivery_count: u32) -> FakeServiceBus {
+        FakeServiceBus::start_entity(lock_duration, max_delivery_count, "mes-events").await
+    }
+
+    /// A fake serving `entity`: a queue name, or `<topic>/subscriptions/<subscription>`.
+    pub async fn start_entity(
+        lock_duration: Duration,
+        max_delivery_count: u32,
+        entity: &str,
+    ) -> FakeServiceBus {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let fake = FakeServiceBus {
             addr: listener.local_addr().unwrap(),
-            entity: "mes-events".into(),
+            entity: entity.into(),
             bus: Arc::default(),
             changes: Arc::new(watch::channel(0).0),
             lock_duration,
             max_delivery_count,
         };
         let app = axum::Router::new()
-            .route("/mes-events/messages/head", axum::routing::post(receive))
             .route(
-                "/mes-events/messages/{id}/{lock}",
+                &format!("/{entity}/messages/head"),
+                axum::routing::post(receive),
+            )
+            .route(
+                &format!("/{entity}/messages/{{id}}/{{lock}}"),
                 axum::routing::delete(complete).put(abandon),
             )
             .with_state(fake.clone());
@@ -125,18 +137,28 @@ impl FakeServiceBus {
     pub fn source_yaml(&self, dir: &std::path::Path, id: &str, max_deliveries: u32) -> String {
         std::fs::write(dir.join("servicebus-key"), KEY).unwrap();
         format!(
-            "  - type: d365_events\n    id: {id}\n    service_bus:\n      namespace: {}\n      queue: {}\n      sas_key_name: {KEY_NAME}\n      sas_key_file: servicebus-key\n      wait: 2s\n      max_deliveries: {max_deliveries}\n",
+            "  - type: d365_events\n    id: {id}\n    service_bus:\n      namespace: {}\n{}      sas_key_name: {KEY_NAME}\n      sas_key_file: servicebus-key\n      wait: 2s\n      max_deliveries: {max_deliveries}\n",
             self.namespace(),
-            self.entity
+            self.entity_yaml()
         )
+    }
+
+    /// `queue: …`, or `topic: …` and `subscription: …`.
+    fn entity_yaml(&self) -> String {
+        match self.entity.split_once("/subscriptions/") {
+            Some((topic, subscription)) => {
+                format!("      topic: {topic}\n      subscription: {subscription}\n")
+            }
+            None => format!("      queue: {}\n", self.entity),
+        }
     }
 
     /// The source section with an Entra token (the d365 section's app registration).
     pub fn entra_source_yaml(&self, id: &str) -> String {
         format!(
-            "  - type: d365_events\n    id: {id}\n    service_bus:\n      namespace: {}\n      queue: {}\n      wait: 2s\n",
+            "  - type: d365_events\n    id: {id}\n    service_bus:\n      namespace: {}\n{}      wait: 2s\n",
             self.namespace(),
-            self.entity
+            self.entity_yaml()
         )
     }
 
@@ -238,6 +260,13 @@ impl FakeServiceBus {
     }
 }
 
+/// Where the message `id` is that `lock` still holds.
+fn holding(bus: &Bus, id: &str, lock: &str) -> Option<usize> {
+    bus.queue
+        .iter()
+        .position(|m| m.id == id && m.lock.as_ref().is_some_and(|(t, _)| t == lock))
+}
+
 #[derive(serde::Deserialize)]
 struct ReceiveQuery {
     timeout: Option<u64>,
@@ -333,11 +362,7 @@ async fn complete(
         return (StatusCode::GONE, "lock lost").into_response();
     }
     fake.expire(&mut bus);
-    let Some(at) = bus
-        .queue
-        .iter()
-        .position(|m| m.id == id && m.lock.as_ref().is_some_and(|(t, _)| *t == lock))
-    else {
+    let Some(at) = holding(&bus, &id, &lock) else {
         return (StatusCode::GONE, "lock lost").into_response();
     };
     let m = bus.queue.remove(at).expect("found above");
@@ -356,12 +381,8 @@ async fn abandon(
         return StatusCode::UNAUTHORIZED.into_response();
     }
     let mut bus = fake.bus.lock().unwrap();
-    if let Some(m) = bus
-        .queue
-        .iter_mut()
-        .find(|m| m.id == id && m.lock.as_ref().is_some_and(|(t, _)| *t == lock))
-    {
-        m.lock = None;
+    if let Some(at) = holding(&bus, &id, &lock) {
+        bus.queue[at].lock = None;
     }
     fake.dead_letter_exhausted(&mut bus);
     drop(bus);
