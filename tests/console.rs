@@ -19,6 +19,28 @@ fn screenshots() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/console")
 }
 
+/// Posts one D365 business event to the webhook; it is stored when this returns.
+async fn post_event(http: &reqwest::Client, base: &str, event: &Value) {
+    let posted = http
+        .post(format!("{base}/events/d365/d365"))
+        .header("X-Webhook-Secret", support::WEBHOOK_SECRET)
+        .json(event)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(posted.status(), 200);
+}
+
+async fn api_lines(http: &reqwest::Client, base: &str) -> Value {
+    http.get(format!("{base}/api/v1/lines"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_fixes_a_failed_message_in_the_console_and_sees_it_delivered() {
     let Operated {
@@ -113,14 +135,7 @@ async fn an_operator_fixes_a_failed_message_in_the_console_and_sees_it_delivered
         "MessageState": "Failed",
         "MessageInfolog": infolog
     });
-    let posted = http
-        .post(format!("{base}/events/d365/d365"))
-        .header("X-Webhook-Secret", support::WEBHOOK_SECRET)
-        .json(&verdict)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(posted.status(), 200);
+    post_event(&http, &base, &verdict).await;
     browser.goto(&detail).await;
     assert_eq!(browser.text("#d365-infolog").await, infolog);
     let row = browser.text(&format!("tr[data-id=\"{id}\"]")).await;
@@ -154,14 +169,7 @@ async fn an_operator_fixes_a_failed_message_in_the_console_and_sees_it_delivered
     );
     assert!(browser.text("#lines").await.contains("P000999"));
     browser.screenshot(&screenshots().join("lines.png")).await;
-    let lines: Value = http
-        .get(format!("{base}/api/v1/lines"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let lines = api_lines(&http, &base).await;
     assert_eq!(lines["lines"]["line1"]["order"], "P000999");
 
     // D365 released an order for line2: listed, and one click runs it there.
@@ -171,14 +179,7 @@ async fn an_operator_fixes_a_failed_message_in_the_console_and_sees_it_delivered
         "ProductionOrderNumber": "P000777",
         "ItemNumber": "A0042"
     });
-    let posted = http
-        .post(format!("{base}/events/d365/d365"))
-        .header("X-Webhook-Secret", support::WEBHOOK_SECRET)
-        .json(&released)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(posted.status(), 200);
+    post_event(&http, &base, &released).await;
     browser.goto(&format!("{base}/console/lines")).await;
     let list = browser.text("#released").await;
     assert!(list.contains("P000777") && list.contains("A0042"), "{list}");
@@ -188,14 +189,7 @@ async fn an_operator_fixes_a_failed_message_in_the_console_and_sees_it_delivered
         "Line line2 runs order P000777."
     );
     assert!(browser.text("#released").await.contains("running"));
-    let lines: Value = http
-        .get(format!("{base}/api/v1/lines"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let lines = api_lines(&http, &base).await;
     assert_eq!(lines["lines"]["line2"]["item"], "A0042");
 
     // Sources: the simulator is connected.
