@@ -1,7 +1,8 @@
 //! Compaction: giving back the disk a drained backlog used.
 //!
-//! sled keeps its files at their high-water mark: after a week's outage of a million
-//! messages has been delivered and pruned, the store still takes gigabytes. Compaction
+//! The store file keeps its high-water mark (freed pages are reused, never given back):
+//! after a week's outage of a million messages has been delivered and pruned, it still
+//! takes most of a gigabyte. Compaction
 //! rewrites what is live into a fresh store and swaps the directories:
 //!
 //! ```text
@@ -21,6 +22,7 @@
 
 use std::path::{Path, PathBuf};
 
+use super::kv::{Span, T};
 use super::{storage, OutboxError, Store};
 
 /// The store being built.
@@ -32,18 +34,6 @@ const COMPLETE: &str = "COMPLETE";
 /// State-tree key: every id of this store is above this number.
 pub(super) const ID_FLOOR: &[u8] = b"outbox.id_floor";
 
-/// sled trees copied by compaction: all of them.
-const TREES: [&str; 9] = [
-    "messages",
-    "lanes",
-    "ingress",
-    "done",
-    "state",
-    "contents",
-    "rejected",
-    "unmatched",
-    "publishes",
-];
 /// Entries per write batch while copying.
 const COPY_BATCH: usize = 10_000;
 
@@ -104,32 +94,35 @@ fn copy_into(live: &Store, compacting: &Path) -> Result<(), OutboxError> {
     std::fs::create_dir_all(compacting).map_err(io)?;
     {
         let copy = Store::open(compacting, &mut Vec::new())?;
-        for name in TREES {
-            let from = live.db.open_tree(name).map_err(storage)?;
-            let to = copy.db.open_tree(name).map_err(storage)?;
-            let mut batch = sled::Batch::default();
-            let mut in_batch = 0;
-            for item in from.iter() {
-                let (k, v) = item.map_err(storage)?;
-                batch.insert(k, v);
-                in_batch += 1;
-                if in_batch == COPY_BATCH {
-                    to.apply_batch(std::mem::take(&mut batch))
-                        .map_err(storage)?;
-                    in_batch = 0;
+        let from = live.kv.read()?;
+        for table in T::ALL {
+            let mut batch: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity(COPY_BATCH);
+            let write = |batch: &mut Vec<(Vec<u8>, Vec<u8>)>| {
+                copy.kv.write(false, |tx| {
+                    for (k, v) in batch.drain(..) {
+                        tx.insert(table, &k, &v)?;
+                    }
+                    Ok(())
+                })
+            };
+            from.scan(table, Span::all(), false, |k, v| {
+                batch.push((k.to_vec(), v.to_vec()));
+                if batch.len() == COPY_BATCH {
+                    write(&mut batch)?;
                 }
-            }
-            to.apply_batch(batch).map_err(storage)?;
+                Ok(true)
+            })?;
+            write(&mut batch)?;
         }
         // Ids of the new store start above every id handed out by the live one.
         let floor = live
             .next_id
             .load(std::sync::atomic::Ordering::Relaxed)
             .saturating_sub(1);
-        copy.state
-            .insert(ID_FLOOR, &floor.to_be_bytes())
-            .map_err(storage)?;
-        copy.db.flush().map_err(storage)?;
+        // The one durable commit: it makes every batch before it durable too.
+        copy.kv.write(true, |tx| {
+            tx.insert(T::State, ID_FLOOR, &floor.to_be_bytes())
+        })?;
     }
     sync_dir(compacting).map_err(io)?;
     let marker = compacting.join(COMPLETE);

@@ -1,4 +1,4 @@
-//! The lane index on disk: one sled key per message that is not terminal, ordered by
+//! The lane index on disk: one key per message that is not terminal, ordered by
 //! production order and then by id, so the head of an order's lane is the first key under
 //! its prefix. Nothing of it is held in memory: a backlog of a million messages costs
 //! disk, not RAM.
@@ -7,6 +7,7 @@
 //! key = len(order) as u32 BE ++ order (UTF-8) ++ id as u64 BE      value = empty
 //! ```
 
+use super::kv::{Rx, Span, T};
 use super::{storage, MessageId, OutboxError};
 
 pub(super) fn key(order: &str, id: MessageId) -> Vec<u8> {
@@ -40,7 +41,7 @@ fn parse(key: &[u8]) -> Option<(String, MessageId)> {
 /// `skip(order)` is true are passed over without being counted (and without copying
 /// their order number: the dispatcher calls this on every turn).
 pub(super) fn heads(
-    tree: &sled::Tree,
+    rx: &Rx,
     after: Option<&str>,
     limit: usize,
     skip: impl Fn(&str) -> bool,
@@ -53,10 +54,10 @@ pub(super) fn heads(
         cursor.clear();
         cursor.extend_from_slice(from);
         while out.len() < limit {
-            let next = tree.range(cursor.as_slice()..).next();
-            let Some(item) = next else { break };
-            let (k, _) = item.map_err(storage)?;
-            if until.is_some_and(|u| k.as_ref() >= u) {
+            let Some((k, _)) = rx.first(T::Lanes, Span::from(&cursor), false)? else {
+                break;
+            };
+            if until.is_some_and(|u| k.as_slice() >= u) {
                 break;
             }
             match split(&k) {
@@ -102,32 +103,32 @@ fn split(key: &[u8]) -> Option<(&str, MessageId)> {
 }
 
 /// The id after `id` in `order`'s lane.
-pub(super) fn after(
-    tree: &sled::Tree,
-    order: &str,
-    id: MessageId,
-) -> Result<Option<MessageId>, OutboxError> {
+pub(super) fn after(rx: &Rx, order: &str, id: MessageId) -> Result<Option<MessageId>, OutboxError> {
     let start = key(order, id.saturating_add(1));
     let end = past(order);
-    match tree.range(start..end).next() {
-        Some(item) => {
-            let (k, _) = item.map_err(storage)?;
-            Ok(parse(&k).map(|(_, id)| id))
-        }
-        None => Ok(None),
-    }
+    Ok(rx
+        .first(T::Lanes, Span::between(&start, &end), false)?
+        .and_then(|(k, _)| parse(&k))
+        .map(|(_, id)| id))
 }
 
 /// The ids of one order's lane, in FIFO order.
-pub(super) fn lane(tree: &sled::Tree, order: &str) -> Result<Vec<MessageId>, OutboxError> {
-    tree.scan_prefix(prefix(order))
-        .map(|item| {
-            let (k, _) = item.map_err(storage)?;
-            parse(&k)
-                .map(|(_, id)| id)
-                .ok_or_else(|| storage("malformed lane key"))
-        })
-        .collect()
+pub(super) fn lane(rx: &Rx, order: &str) -> Result<Vec<MessageId>, OutboxError> {
+    let start = prefix(order);
+    let end = past(order);
+    let mut ids = Vec::new();
+    let mut malformed = false;
+    rx.scan(T::Lanes, Span::between(&start, &end), false, |k, _| {
+        match parse(k) {
+            Some((_, id)) => ids.push(id),
+            None => malformed = true,
+        }
+        Ok(!malformed)
+    })?;
+    if malformed {
+        return Err(storage("malformed lane key"));
+    }
+    Ok(ids)
 }
 
 #[cfg(test)]
@@ -137,11 +138,17 @@ mod tests {
     #[test]
     fn heads_go_round_robin_and_keys_round_trip() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::Config::new().path(dir.path()).open().unwrap();
-        let t = db.open_tree("lanes").unwrap();
-        for (order, id) in [("B", 2), ("A", 1), ("A", 3), ("C", 4), ("B", 5)] {
-            t.insert(key(order, id), &[]).unwrap();
-        }
+        let Ok(kv) = super::super::Kv::open(&dir.path().join("test.redb"), 1 << 20) else {
+            panic!("cannot open a store in a temporary directory");
+        };
+        kv.write(true, |tx| {
+            for (order, id) in [("B", 2), ("A", 1), ("A", 3), ("C", 4), ("B", 5)] {
+                tx.insert(T::Lanes, &key(order, id), &[])?;
+            }
+            Ok(())
+        })
+        .unwrap();
+        let t = kv.read().unwrap();
         assert_eq!(parse(&key("P-000123", 7)), Some(("P-000123".into(), 7)));
         let all = heads(&t, None, 10, |_| false).unwrap();
         assert_eq!(all, vec![("A".into(), 1), ("B".into(), 2), ("C".into(), 4)]);

@@ -73,7 +73,9 @@
 mod compact;
 pub mod config;
 mod ingress;
+mod kv;
 mod lanes;
+mod migrate;
 mod record;
 mod verdict;
 
@@ -87,6 +89,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use kv::{Kv, Span, T};
 use record::{decode, encode};
 
 #[derive(Debug, thiserror::Error)]
@@ -232,10 +235,10 @@ pub struct Settlement {
     pub next: Settle,
 }
 
-/// sled's page cache. sled counts serialized bytes; in memory a cached page takes several
-/// times that. Measured with the burst benchmark: 16 MiB gave 60 MiB RSS at 20,000
-/// messages, 8 MiB 52 MiB at the same speed, 4 MiB cost 30 % of the throughput.
-const CACHE_BYTES: u64 = 8 * 1024 * 1024;
+/// redb's page cache: reads of records and index pages, and the pages a write
+/// transaction changes. A fixed budget, whatever the backlog (see the README's
+/// Performance section for what it was measured at).
+const CACHE_BYTES: usize = 8 * 1024 * 1024;
 
 /// Compaction thresholds (see [`Outbox::compact_if_worthwhile`]). A record with its
 /// history takes well under 1 KiB in sled; the estimate errs on the large side so a store
@@ -288,18 +291,12 @@ const REOPEN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// process.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// One open sled database and its trees.
+/// The store file in the outbox directory.
+const STORE_FILE: &str = "outbox.redb";
+
+/// One open store.
 struct Store {
-    db: sled::Db,
-    messages: sled::Tree,
-    lanes: sled::Tree,
-    ingress: sled::Tree,
-    done: sled::Tree,
-    state: sled::Tree,
-    contents: sled::Tree,
-    rejected: sled::Tree,
-    unmatched: sled::Tree,
-    publishes: sled::Tree,
+    kv: Kv,
     /// The sequence number of the next publication (above every stored one).
     next_publication: AtomicU64,
     /// The id the next new message gets; see the module doc.
@@ -307,9 +304,8 @@ struct Store {
 }
 
 impl Store {
-    /// Opens the store; waits up to `LOCK_WAIT` for a lock that this process's last use of
-    /// the store may still hold (sled's background writes finish after the last handle is
-    /// dropped, so an immediate reopen can find the directory still locked).
+    /// Opens the store; waits up to `LOCK_WAIT` for a lock another handle of this process
+    /// may still hold (a reopen right after an operation that still had it).
     fn open(path: &Path, corrupt: &mut Vec<MessageId>) -> Result<Store, OutboxError> {
         let deadline = std::time::Instant::now() + LOCK_WAIT;
         loop {
@@ -323,93 +319,62 @@ impl Store {
     }
 
     fn open_once(path: &Path, corrupt: &mut Vec<MessageId>) -> Result<Store, OutboxError> {
-        remove_unfinished_snapshots(path)?;
-        let config = sled::Config::new()
-            .path(path)
-            // sled's default page cache is 1 GiB: on a plant PC the gateway must stay
-            // small whatever the backlog; records are read once per transition.
-            .cache_capacity(CACHE_BYTES);
-        // sled 0.34 panics while it recovers a store whose last writes a power cut tore
-        // ("tried to serialize Uninitialized", writing the snapshot after reading its
-        // log; reproduced by tests/power_cut.rs). The daemon never panics on its input:
-        // it says what happened and leaves the store as it is. Setting sled's snapshots
-        // aside lets it open, but it then lost acknowledged messages in that test, so
-        // the gateway does not do that by itself.
-        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()))
-            .map_err(|panic| OutboxError::Open {
+        migrate::from_sled(path, CACHE_BYTES)?;
+        let kv = Kv::open(&path.join(STORE_FILE), CACHE_BYTES).map_err(|e| match e {
+            kv::OpenError::Locked => OutboxError::Locked {
                 path: path.to_path_buf(),
-                cause: std::io::Error::other(format!(
-                    "sled cannot recover this store (after a power cut?): {}; it is left as it is",
-                    panic_text(&*panic)
-                )),
-            })?;
-        let db = opened.map_err(|e| match e {
-            sled::Error::Io(io)
-                if io.kind() == std::io::ErrorKind::WouldBlock
-                    || io.to_string().contains("lock") =>
-            {
-                OutboxError::Locked {
-                    path: path.to_path_buf(),
-                }
-            }
-            sled::Error::Io(cause) => OutboxError::Open {
+            },
+            kv::OpenError::Io(cause) => OutboxError::Open {
                 path: path.to_path_buf(),
                 cause,
             },
-            other => storage(other),
+            kv::OpenError::Other(why) => OutboxError::Open {
+                path: path.to_path_buf(),
+                cause: std::io::Error::other(why),
+            },
         })?;
-        let state = db.open_tree("state").map_err(storage)?;
+        let rx = kv.read()?;
         let saved_u64 = |name: &[u8]| -> Result<u64, OutboxError> {
-            Ok(state
-                .get(name)
-                .map_err(storage)?
-                .and_then(|v| v.as_ref().try_into().ok())
+            Ok(rx
+                .get(T::State, name)?
+                .and_then(|v| v.as_slice().try_into().ok())
                 .map_or(0, u64::from_be_bytes))
         };
         // Every id of a compacted store is above its floor (compact.rs); a store written
         // before NEXT_ID existed continues after its newest message.
         let id_floor = saved_u64(compact::ID_FLOOR)?;
         let saved_next = saved_u64(NEXT_ID)?;
-        let messages = db.open_tree("messages").map_err(storage)?;
-        let after_newest = messages
-            .last()
-            .map_err(storage)?
-            .and_then(|(k, _)| k.as_ref().try_into().ok())
+        let after_newest = rx
+            .first(T::Messages, Span::all(), true)?
+            .and_then(|(k, _)| k.as_slice().try_into().ok())
             .map_or(0, u64::from_be_bytes)
             + 1;
         let next_id = saved_next.max(after_newest).max(id_floor + 1);
-        let publishes = db.open_tree("publishes").map_err(storage)?;
+        let next_publication = AtomicU64::new(1 + max_publication(&rx)?);
+        let indexed = rx.get(T::State, INDEXED)?.is_some();
+        drop(rx);
         let store = Store {
-            messages,
-            lanes: db.open_tree("lanes").map_err(storage)?,
-            ingress: db.open_tree("ingress").map_err(storage)?,
-            done: db.open_tree("done").map_err(storage)?,
-            contents: db.open_tree("contents").map_err(storage)?,
-            rejected: db.open_tree("rejected").map_err(storage)?,
-            unmatched: db.open_tree("unmatched").map_err(storage)?,
-            next_publication: AtomicU64::new(1 + max_publication(&publishes)?),
-            publishes,
-            state,
+            kv,
+            next_publication,
             next_id: AtomicU64::new(next_id),
-            db,
         };
-        if store.state.get(INDEXED).map_err(storage)?.is_none() {
-            build_indexes(&store.messages, &store.lanes, &store.done, corrupt)?;
-            store.state.insert(INDEXED, &[1]).map_err(storage)?;
-            store.db.flush().map_err(storage)?;
+        if !indexed {
+            store.kv.write(true, |tx| {
+                build_indexes(tx, corrupt)?;
+                tx.insert(T::State, INDEXED, &[1])
+            })?;
         }
         Ok(store)
     }
 
     fn count_states(&self) -> Result<BTreeMap<State, usize>, OutboxError> {
-        count_states(&self.messages, &self.lanes, &self.done)
+        count_states(&self.kv.read()?)
     }
 
     fn get(&self, id: MessageId) -> Result<Record, OutboxError> {
         let bytes = self
-            .messages
-            .get(key(id))
-            .map_err(storage)?
+            .kv
+            .get(T::Messages, &key(id))?
             .ok_or(OutboxError::NotFound(id))?;
         decode(&bytes).map_err(|e| storage(format!("message {id}: {e}")))
     }
@@ -647,23 +612,15 @@ impl Outbox {
         let owner = owner.to_string();
         self.write_blocking(move |store| {
             store
-                .state
-                .insert(owner.as_bytes(), bytes)
-                .map_err(storage)?;
-            store.db.flush().map_err(storage)?;
-            Ok(())
+                .kv
+                .write(true, |tx| tx.insert(T::State, owner.as_bytes(), &bytes))
         })
         .await
     }
 
     /// The state an owner (such as the rules engine) saved with [`Outbox::commit`].
     pub fn load_state(&self, owner: &str) -> Result<Option<Vec<u8>>, OutboxError> {
-        Ok(self
-            .store()?
-            .state
-            .get(owner.as_bytes())
-            .map_err(storage)?
-            .map(|v| v.to_vec()))
+        self.store()?.kv.get(T::State, owner.as_bytes())
     }
 
     /// Stores new messages, their deliveries and an owner's state in one transaction; one
@@ -695,8 +652,6 @@ impl Outbox {
         let indexing = self.index_contents.load(Ordering::Acquire);
         let (records, plan) = self
             .write_blocking(move |store| {
-                use sled::transaction::{ConflictableTransactionError, TransactionError};
-                use sled::Transactional;
                 let records = match ingest.prepared.get() {
                     Some(records) => records,
                     None => {
@@ -744,96 +699,61 @@ impl Outbox {
                         ))
                     })
                     .collect::<Result<Vec<_>, OutboxError>>()?;
-                // Only the trees this batch writes take part: every tree in a sled
-                // transaction costs, and nearly every batch is messages and acks only.
-                let mut trees: Vec<&sled::Tree> =
-                    vec![&store.messages, &store.lanes, &store.ingress, &store.state];
-                let verdicts = !plan.updated.is_empty()
-                    || !plan.unmatched.is_empty()
-                    || !plan.stale.is_empty();
-                let indexed = records.iter().any(|r| r.content_digest.is_some());
-                let contents_at = join(&mut trees, indexed || verdicts, &store.contents);
-                let done_at = join(&mut trees, verdicts, &store.done);
-                let rejected_at = join(&mut trees, verdicts, &store.rejected);
-                let unmatched_at = join(&mut trees, verdicts, &store.unmatched);
-                let publishes_at = join(&mut trees, !publications.is_empty(), &store.publishes);
-                let result: Result<(), TransactionError<OutboxError>> =
-                    trees.as_slice().transaction(|txs| {
-                        // Always four or more: the first four are pushed above.
-                        let [tx_messages, tx_lanes, tx_ingress, tx_state, ..] = txs.as_slice()
-                        else {
-                            return Ok(());
-                        };
-                        let optional = |i: Option<usize>| i.and_then(|i| txs.get(i));
-                        for (r, bytes) in records.iter().zip(&encoded) {
-                            tx_messages.insert(&key(r.id), bytes.as_slice())?;
-                            tx_lanes.insert(lanes::key(&r.production_order, r.id), &[])?;
-                            if let (Some(digest), Some(tx_contents)) =
-                                (r.content_digest, optional(contents_at))
-                            {
-                                tx_contents.insert(&verdict::content_key(digest, r.id), &[])?;
-                            }
+                store.kv.write(true, |tx| {
+                    for (r, bytes) in records.iter().zip(&encoded) {
+                        tx.insert(T::Messages, &key(r.id), bytes)?;
+                        tx.insert(T::Lanes, &lanes::key(&r.production_order, r.id), &[])?;
+                        if let Some(digest) = r.content_digest {
+                            tx.insert(T::Contents, &verdict::content_key(digest, r.id), &[])?;
                         }
-                        for d in &ingest.deliveries {
-                            tx_ingress
-                                .insert(d.id.key(), &ingress::value(d.id.digest, d.receipt)[..])?;
+                    }
+                    for d in &ingest.deliveries {
+                        tx.insert(
+                            T::Ingress,
+                            &d.id.key(),
+                            &ingress::value(d.id.digest, d.receipt),
+                        )?;
+                    }
+                    let now = jiff::Timestamp::now().as_second().to_be_bytes();
+                    for e in &ingest.seen {
+                        tx.insert(T::Ingress, &e.key(), &now)?;
+                    }
+                    for ((r, old), bytes) in plan.updated.iter().zip(&updated) {
+                        tx.insert(T::Messages, &key(r.id), bytes)?;
+                        if r.state.is_terminal() && !old.is_terminal() {
+                            tx.insert(T::Done, &done_key(r), &done_value(r))?;
+                            tx.remove(T::Lanes, &lanes::key(&r.production_order, r.id))?;
                         }
-                        let now = jiff::Timestamp::now().as_second().to_be_bytes();
-                        for e in &ingest.seen {
-                            tx_ingress.insert(e.key(), &now[..])?;
+                        if r.d365.as_ref().is_some_and(|v| v.failed) {
+                            tx.insert(T::Rejected, &key(r.id), &[])?;
+                        } else {
+                            tx.remove(T::Rejected, &key(r.id))?;
                         }
-                        if let (Some(tx_done), Some(tx_rejected), Some(tx_unmatched)) = (
-                            optional(done_at),
-                            optional(rejected_at),
-                            optional(unmatched_at),
-                        ) {
-                            for ((r, old), bytes) in plan.updated.iter().zip(&updated) {
-                                tx_messages.insert(&key(r.id), bytes.as_slice())?;
-                                if r.state.is_terminal() && !old.is_terminal() {
-                                    tx_done.insert(&done_key(r), done_value(r))?;
-                                    tx_lanes.remove(lanes::key(&r.production_order, r.id))?;
-                                }
-                                if r.d365.as_ref().is_some_and(|v| v.failed) {
-                                    tx_rejected.insert(&key(r.id), &[])?;
-                                } else {
-                                    tx_rejected.remove(&key(r.id))?;
-                                }
-                            }
-                            for (k, v) in &plan.unmatched {
-                                tx_unmatched.insert(k.as_slice(), v.as_slice())?;
-                            }
-                        }
-                        if let Some(tx_contents) = optional(contents_at) {
-                            for k in &plan.stale {
-                                tx_contents.remove(&k[..])?;
-                            }
-                        }
-                        if let Some(tx_publishes) = optional(publishes_at) {
-                            for (k, v) in &publications {
-                                tx_publishes.insert(k.as_slice(), v.as_slice())?;
-                            }
-                        }
-                        if let Some((owner, bytes)) = &ingest.state {
-                            tx_state.insert(owner.as_bytes(), bytes.as_slice())?;
-                        }
-                        if let Some(last) = records.last() {
-                            // Never lowered: a batch that took its ids earlier may commit
-                            // after one that took later ids.
-                            let saved = tx_state
-                                .get(NEXT_ID)?
-                                .and_then(|v| v.as_ref().try_into().ok())
-                                .map_or(0, u64::from_be_bytes);
-                            let next = saved.max(last.id + 1);
-                            tx_state.insert(NEXT_ID, &next.to_be_bytes())?;
-                        }
-                        Ok::<(), ConflictableTransactionError<OutboxError>>(())
-                    });
-                match result {
-                    Ok(()) => {}
-                    Err(TransactionError::Abort(e)) => return Err(e),
-                    Err(TransactionError::Storage(e)) => return Err(storage(e)),
-                }
-                store.db.flush().map_err(storage)?;
+                    }
+                    for (k, v) in &plan.unmatched {
+                        tx.insert(T::Unmatched, k, v)?;
+                    }
+                    for k in &plan.stale {
+                        tx.remove(T::Contents, k)?;
+                    }
+                    for (k, v) in &publications {
+                        tx.insert(T::Publishes, k, v)?;
+                    }
+                    if let Some((owner, bytes)) = &ingest.state {
+                        tx.insert(T::State, owner.as_bytes(), bytes)?;
+                    }
+                    if let Some(last) = records.last() {
+                        // Never lowered: a batch that took its ids earlier may commit
+                        // after one that took later ids.
+                        let saved = tx
+                            .get(T::State, NEXT_ID)?
+                            .and_then(|v| v.as_slice().try_into().ok())
+                            .map_or(0, u64::from_be_bytes);
+                        let next = saved.max(last.id + 1);
+                        tx.insert(T::State, NEXT_ID, &next.to_be_bytes())?;
+                    }
+                    Ok(())
+                })?;
                 Ok((records.clone(), plan))
             })
             .await?;
@@ -863,22 +783,33 @@ impl Outbox {
         let store = self.store()?;
         let prefix = ingress::source_prefix(via);
         let start = publication_key(via, after.map_or(0, |a| a.saturating_add(1)));
+        let end = kv::prefix_end(&prefix);
+        let span = Span {
+            from: Some(&start),
+            to: end.as_deref(),
+        };
         let mut out = Vec::new();
-        for item in store.publishes.range(start..) {
-            let (k, v) = item.map_err(storage)?;
-            if !k.starts_with(&prefix) || out.len() >= limit {
-                break;
-            }
+        let mut unreadable = Vec::new();
+        store.kv.read()?.scan(T::Publishes, span, false, |k, v| {
             let Some(seq) = k[prefix.len()..].try_into().ok().map(u64::from_be_bytes) else {
-                continue;
+                return Ok(true);
             };
-            match serde_json::from_slice(&v) {
+            match serde_json::from_slice(v) {
                 Ok(p) => out.push((seq, p)),
                 Err(e) => {
                     tracing::error!(via, seq, error = %e, "A stored publication cannot be read; it is removed.");
-                    store.publishes.remove(&k).map_err(storage)?;
+                    unreadable.push(k.to_vec());
                 }
             }
+            Ok(out.len() < limit)
+        })?;
+        if !unreadable.is_empty() {
+            store.kv.write(false, |tx| {
+                for k in &unreadable {
+                    tx.remove(T::Publishes, k)?;
+                }
+                Ok(())
+            })?;
         }
         Ok(out)
     }
@@ -886,35 +817,40 @@ impl Outbox {
     /// The broker acknowledged a publication. Not flushed: a crash before the next flush
     /// publishes it again (at least once).
     pub fn forget_publication(&self, via: &str, seq: u64) -> Result<(), OutboxError> {
-        self.store()?
-            .publishes
-            .remove(publication_key(via, seq))
-            .map_err(storage)?;
-        Ok(())
+        self.store()?.kv.write(false, |tx| {
+            tx.remove(T::Publishes, &publication_key(via, seq))?;
+            Ok(())
+        })
     }
 
     /// How many publications wait for their brokers, all brokers together.
     pub fn publications_waiting(&self) -> usize {
-        self.store().map_or(0, |s| s.publishes.len())
+        self.store()
+            .and_then(|s| s.kv.read()?.len(T::Publishes))
+            .map_or(0, |n| n as usize)
     }
 
     /// Messages whose latest verdict from D365 is Failed (D365 holds their order's later
     /// messages): up to `limit` of them, oldest first, and how many there are.
     pub fn rejected_in_d365(&self, limit: usize) -> Result<(Vec<Record>, usize), OutboxError> {
         let store = self.store()?;
+        let rx = store.kv.read()?;
+        let mut ids = Vec::new();
+        rx.scan(T::Rejected, Span::all(), false, |k, _| {
+            if let Some(id) = k.try_into().ok().map(u64::from_be_bytes) {
+                ids.push(id);
+            }
+            Ok(ids.len() < limit)
+        })?;
         let mut records = Vec::new();
-        for item in store.rejected.iter().keys().take(limit) {
-            let k = item.map_err(storage)?;
-            let Some(id) = k.as_ref().try_into().ok().map(u64::from_be_bytes) else {
-                continue;
-            };
+        for id in ids {
             match store.get(id) {
                 Ok(r) => records.push(r),
                 Err(OutboxError::NotFound(_)) => {}
                 Err(e) => return Err(e),
             }
         }
-        Ok((records, store.rejected.len()))
+        Ok((records, rx.len(T::Rejected)? as usize))
     }
 
     /// D365 verdicts that matched no message, newest first (up to `limit`), and how many
@@ -923,62 +859,62 @@ impl Outbox {
         &self,
         limit: usize,
     ) -> Result<(Vec<UnmatchedEvent>, usize), OutboxError> {
-        let store = self.store()?;
+        let rx = self.store()?.kv.read()?;
         let mut kept = Vec::new();
-        for item in store.unmatched.iter().values().rev().take(limit) {
-            let v = item.map_err(storage)?;
-            match serde_json::from_slice(&v) {
-                Ok(e) => kept.push(e),
-                Err(e) => {
-                    tracing::warn!(error = %e, "A kept unmatched D365 event cannot be read; skipped.")
+        if limit > 0 {
+            rx.scan(T::Unmatched, Span::all(), true, |_, v| {
+                match serde_json::from_slice(v) {
+                    Ok(e) => kept.push(e),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "A kept unmatched D365 event cannot be read; skipped.")
+                    }
                 }
-            }
+                Ok(kept.len() < limit)
+            })?;
         }
-        Ok((kept, store.unmatched.len()))
+        Ok((kept, rx.len(T::Unmatched)? as usize))
     }
 
     /// Whether the outbox holds the result of this event (see [`SeenEvent`]).
     pub fn holds_event(&self, event: &SeenEvent) -> Result<bool, OutboxError> {
-        Ok(self
-            .store()?
-            .ingress
-            .get(event.key())
-            .map_err(storage)?
-            .is_some())
+        Ok(self.store()?.kv.get(T::Ingress, &event.key())?.is_some())
     }
 
     /// Forgets event ids recorded before `before` (their redelivery window is over), and
     /// the unmatched verdicts received before it. Returns how many ids. Not flushed, like [`Outbox::forget_deliveries`].
     pub fn forget_events(&self, before: jiff::Timestamp) -> Result<usize, OutboxError> {
-        let store = self.store()?;
-        let mut n = 0;
-        for item in store.ingress.scan_prefix(ingress::SEEN_PREFIX) {
-            let (k, v) = item.map_err(storage)?;
-            let at = v
-                .as_ref()
-                .try_into()
-                .ok()
-                .map_or(i64::MIN, i64::from_be_bytes);
-            if at < before.as_second() {
-                store.ingress.remove(k).map_err(storage)?;
-                n += 1;
+        let seen_end = kv::prefix_end(ingress::SEEN_PREFIX);
+        let seen = Span {
+            from: Some(ingress::SEEN_PREFIX),
+            to: seen_end.as_deref(),
+        };
+        let before_key = time_key(before);
+        self.store()?.kv.write(false, |tx| {
+            let mut old = Vec::new();
+            tx.scan(T::Ingress, seen, false, |k, v| {
+                let at = v.try_into().ok().map_or(i64::MIN, i64::from_be_bytes);
+                if at < before.as_second() {
+                    old.push(k.to_vec());
+                }
+                Ok(true)
+            })?;
+            for k in &old {
+                tx.remove(T::Ingress, k)?;
             }
-        }
-        // Unmatched verdicts are kept as long as their ids are remembered.
-        for item in store.unmatched.range(..time_key(before).as_slice()) {
-            let (k, _) = item.map_err(storage)?;
-            store.unmatched.remove(k).map_err(storage)?;
-        }
-        Ok(n)
+            // Unmatched verdicts are kept as long as their ids are remembered.
+            for (k, _) in tx.collect(T::Unmatched, Span::to(&before_key), usize::MAX)? {
+                tx.remove(T::Unmatched, &k)?;
+            }
+            Ok(old.len())
+        })
     }
 
     /// Whether the outbox holds the result of this upstream delivery.
     pub fn holds_delivery(&self, id: &DeliveryId) -> Result<bool, OutboxError> {
         Ok(self
             .store()?
-            .ingress
-            .get(id.key())
-            .map_err(storage)?
+            .kv
+            .get(T::Ingress, &id.key())?
             .and_then(|v| ingress::digest_of(&v))
             == Some(id.digest))
     }
@@ -988,29 +924,35 @@ impl Outbox {
     /// id. Not flushed: forgetting is made durable by the next flush; until then a crash
     /// merely keeps them a little longer.
     pub fn forget_deliveries(&self, deliveries: &[Delivery]) -> Result<(), OutboxError> {
-        let store = self.store()?;
-        for d in deliveries {
-            let expected = ingress::value(d.id.digest, d.receipt);
-            // Err(CompareAndSwapError) means a newer recording is there: keep it.
-            let _ = store
-                .ingress
-                .compare_and_swap(d.id.key(), Some(&expected[..]), None::<&[u8]>)
-                .map_err(storage)?;
-        }
-        Ok(())
+        self.store()?.kv.write(false, |tx| {
+            for d in deliveries {
+                let k = d.id.key();
+                // A different value is a newer recording of the same packet id: keep it.
+                let expected = ingress::value(d.id.digest, d.receipt);
+                if tx.get(T::Ingress, &k)?.as_deref() == Some(&expected[..]) {
+                    tx.remove(T::Ingress, &k)?;
+                }
+            }
+            Ok(())
+        })
     }
 
     /// Forgets every delivery of a source whose broker lost the session: nothing of it
     /// will be redelivered. Not flushed (see [`Outbox::forget_deliveries`]).
     pub fn forget_source(&self, source: &str) -> Result<usize, OutboxError> {
-        let store = self.store()?;
-        let mut n = 0;
-        for item in store.ingress.scan_prefix(ingress::source_prefix(source)) {
-            let (k, _) = item.map_err(storage)?;
-            store.ingress.remove(k).map_err(storage)?;
-            n += 1;
-        }
-        Ok(n)
+        let prefix = ingress::source_prefix(source);
+        let end = kv::prefix_end(&prefix);
+        let span = Span {
+            from: Some(&prefix),
+            to: end.as_deref(),
+        };
+        self.store()?.kv.write(false, |tx| {
+            let keys = tx.collect(T::Ingress, span, usize::MAX)?;
+            for (k, _) in &keys {
+                tx.remove(T::Ingress, k)?;
+            }
+            Ok(keys.len())
+        })
     }
 
     /// Writes changed records and their lane keys; one flush. `old` is each record's
@@ -1021,33 +963,32 @@ impl Outbox {
         }
         let changed = self
             .write_blocking(move |this| {
-                for (r, _) in &changed {
-                    this.messages
-                        .insert(key(r.id), encode(r)?)
-                        .map_err(storage)?;
-                }
-                for (r, old) in &changed {
-                    // An operator's retry may have edited the content: index it again (the
-                    // old key turns stale and goes when a verdict meets it, or at pruning).
-                    if matches!(old, State::Failed | State::Uncertain) && r.state == State::Queued {
-                        if let Some(digest) = r.content_digest {
-                            this.contents
-                                .insert(verdict::content_key(digest, r.id), &[])
-                                .map_err(storage)?;
+                let encoded = changed
+                    .iter()
+                    .map(|(r, _)| encode(r))
+                    .collect::<Result<Vec<_>, _>>()?;
+                this.kv.write(true, |tx| {
+                    for ((r, old), bytes) in changed.iter().zip(&encoded) {
+                        tx.insert(T::Messages, &key(r.id), bytes)?;
+                        // An operator's retry may have edited the content: index it again
+                        // (the old key turns stale and goes when a verdict meets it, or at
+                        // pruning).
+                        if matches!(old, State::Failed | State::Uncertain)
+                            && r.state == State::Queued
+                        {
+                            if let Some(digest) = r.content_digest {
+                                tx.insert(T::Contents, &verdict::content_key(digest, r.id), &[])?;
+                            }
+                        }
+                        if r.state.is_terminal() {
+                            if !old.is_terminal() {
+                                tx.insert(T::Done, &done_key(r), &done_value(r))?;
+                            }
+                            tx.remove(T::Lanes, &lanes::key(&r.production_order, r.id))?;
                         }
                     }
-                    if r.state.is_terminal() {
-                        if !old.is_terminal() {
-                            this.done
-                                .insert(done_key(r), done_value(r))
-                                .map_err(storage)?;
-                        }
-                        this.lanes
-                            .remove(lanes::key(&r.production_order, r.id))
-                            .map_err(storage)?;
-                    }
-                }
-                this.db.flush().map_err(storage)?;
+                    Ok(())
+                })?;
                 Ok(changed)
             })
             .await?;
@@ -1132,7 +1073,7 @@ impl Outbox {
         order: &str,
         id: MessageId,
     ) -> Result<Option<MessageId>, OutboxError> {
-        lanes::after(&self.store()?.lanes, order, id)
+        lanes::after(&self.store()?.kv.read()?, order, id)
     }
 
     /// The (order, id) of the first message of up to `limit` lanes, round-robin from the
@@ -1144,7 +1085,7 @@ impl Outbox {
         limit: usize,
         skip: impl Fn(&str) -> bool,
     ) -> Result<Vec<(String, MessageId)>, OutboxError> {
-        lanes::heads(&self.store()?.lanes, after, limit, skip)
+        lanes::heads(&self.store()?.kv.read()?, after, limit, skip)
     }
 
     /// Messages left `sending` by a crash or a kill: settles each with what `decide`
@@ -1184,15 +1125,17 @@ impl Outbox {
         loop {
             let mut out = Vec::new();
             let mut stale = false;
-            for (order, id) in lanes::heads(&store.lanes, after, limit, |_| false)? {
+            let heads = lanes::heads(&store.kv.read()?, after, limit, |_| false)?;
+            for (order, id) in heads {
                 match store.get(id) {
                     Ok(r) if !r.state.is_terminal() => out.push(r),
-                    // A crash between writing a terminal record and removing its lane key.
+                    // A crash between writing a terminal record and removing its lane key
+                    // (a store written by the engine before redb, whose writes were not
+                    // atomic; today's writes are).
                     Ok(_) | Err(OutboxError::NotFound(_)) => {
                         store
-                            .lanes
-                            .remove(lanes::key(&order, id))
-                            .map_err(storage)?;
+                            .kv
+                            .write(true, |tx| tx.remove(T::Lanes, &lanes::key(&order, id)))?;
                         stale = true;
                     }
                     Err(e) => return Err(e),
@@ -1206,7 +1149,7 @@ impl Outbox {
 
     /// The ids of an order's lane (messages not yet delivered or cancelled), FIFO.
     pub fn lane(&self, order: &str) -> Result<Vec<MessageId>, OutboxError> {
-        lanes::lane(&self.store()?.lanes, order)
+        lanes::lane(&self.store()?.kv.read()?, order)
     }
 
     /// All records in id order, optionally filtered.
@@ -1216,15 +1159,19 @@ impl Outbox {
         order: Option<&str>,
     ) -> Result<Vec<Record>, OutboxError> {
         let mut out = Vec::new();
-        for item in self.store()?.messages.iter() {
-            let (_, v) = item.map_err(storage)?;
-            let Ok(r) = decode(&v) else { continue };
-            if state.is_some_and(|s| s != r.state) || order.is_some_and(|o| o != r.production_order)
-            {
-                continue;
-            }
-            out.push(r);
-        }
+        self.store()?
+            .kv
+            .read()?
+            .scan(T::Messages, Span::all(), false, |_, v| {
+                if let Ok(r) = decode(v) {
+                    if state.is_none_or(|s| s == r.state)
+                        && order.is_none_or(|o| o == r.production_order)
+                    {
+                        out.push(r);
+                    }
+                }
+                Ok(true)
+            })?;
         Ok(out)
     }
 
@@ -1240,26 +1187,31 @@ impl Outbox {
         newest_first: bool,
     ) -> Result<(Vec<Record>, Option<MessageId>), OutboxError> {
         let store = self.store()?;
-        let range = match (after, newest_first) {
-            (None, _) => store.messages.range::<[u8; 8], _>(..),
-            (Some(id), false) => store.messages.range(key(id.saturating_add(1))..),
-            (Some(id), true) => store.messages.range(..key(id)),
-        };
-        let mut items: Box<dyn Iterator<Item = _>> = if newest_first {
-            Box::new(range.rev())
-        } else {
-            Box::new(range)
+        let bound = after.map(|id| {
+            if newest_first {
+                key(id)
+            } else {
+                key(id.saturating_add(1))
+            }
+        });
+        let span = match (&bound, newest_first) {
+            (None, _) => Span::all(),
+            (Some(b), false) => Span::from(b),
+            (Some(b), true) => Span::to(b),
         };
         let mut out = Vec::new();
-        for item in &mut items {
-            let (_, v) = item.map_err(storage)?;
-            let Ok(r) = decode(&v) else { continue };
-            if filter.matches(&r) {
-                out.push(r);
-                if out.len() == limit {
-                    break;
-                }
-            }
+        if limit > 0 {
+            store
+                .kv
+                .read()?
+                .scan(T::Messages, span, newest_first, |_, v| {
+                    if let Ok(r) = decode(v) {
+                        if filter.matches(&r) {
+                            out.push(r);
+                        }
+                    }
+                    Ok(out.len() < limit)
+                })?;
         }
         let next = match out.last() {
             Some(last) if out.len() == limit => Some(last.id),
@@ -1298,27 +1250,32 @@ impl Outbox {
             .write_blocking(move |this| {
                 let end = time_key(before);
                 let mut removed = Vec::new();
-                for item in this.done.range(..end.as_slice()) {
-                    let (k, v) = item.map_err(storage)?;
-                    let Some(id) = id_after_stamp(&k) else {
-                        continue;
-                    };
-                    this.messages.remove(key(id)).map_err(storage)?;
-                    this.done.remove(&k).map_err(storage)?;
-                    this.rejected.remove(key(id)).map_err(storage)?;
-                    if let Some(digest) = v
-                        .get(1..9)
-                        .and_then(|b| b.try_into().ok())
-                        .map(u64::from_be_bytes)
-                    {
-                        this.contents
-                            .remove(verdict::content_key(digest, id))
-                            .map_err(storage)?;
+                // In slices, so pruning a week's deliveries holds neither much memory nor
+                // the write lock for long.
+                loop {
+                    let slice = this.kv.write(true, |tx| {
+                        let done = tx.collect(T::Done, Span::to(&end), PRUNE_SLICE)?;
+                        for (k, v) in &done {
+                            let Some(id) = id_after_stamp(k) else {
+                                continue;
+                            };
+                            tx.remove(T::Messages, &key(id))?;
+                            tx.remove(T::Done, k)?;
+                            tx.remove(T::Rejected, &key(id))?;
+                            if let Some(digest) = v
+                                .get(1..9)
+                                .and_then(|b| b.try_into().ok())
+                                .map(u64::from_be_bytes)
+                            {
+                                tx.remove(T::Contents, &verdict::content_key(digest, id))?;
+                            }
+                            removed.push(state_from_byte(v.first().copied()));
+                        }
+                        Ok(done.len())
+                    })?;
+                    if slice < PRUNE_SLICE {
+                        break;
                     }
-                    removed.push(state_from_byte(v.first().copied()));
-                }
-                if !removed.is_empty() {
-                    this.db.flush().map_err(storage)?;
                 }
                 Ok(removed)
             })
@@ -1516,6 +1473,9 @@ fn apply_settlement(r: &mut Record, s: &Settlement) {
     }
 }
 
+/// Records removed per transaction by [`Outbox::prune`].
+const PRUNE_SLICE: usize = 10_000;
+
 /// Set in the state tree once the lane and done indexes cover every record.
 const INDEXED: &[u8] = b"outbox.indexed";
 /// The id the next new message gets (u64 BE), written with every append.
@@ -1534,14 +1494,6 @@ fn time_key(t: jiff::Timestamp) -> [u8; 8] {
     ((t.as_second() as u64) ^ (1 << 63)).to_be_bytes()
 }
 
-/// Adds `tree` to a transaction's trees when it is `used`; its position.
-fn join<'t>(trees: &mut Vec<&'t sled::Tree>, used: bool, tree: &'t sled::Tree) -> Option<usize> {
-    used.then(|| {
-        trees.push(tree);
-        trees.len() - 1
-    })
-}
-
 fn publication_key(via: &str, seq: u64) -> Vec<u8> {
     let mut k = ingress::source_prefix(via);
     k.extend_from_slice(&seq.to_be_bytes());
@@ -1549,10 +1501,9 @@ fn publication_key(via: &str, seq: u64) -> Vec<u8> {
 }
 
 /// The highest publication sequence stored (0 when none): pending ones are few.
-fn max_publication(publishes: &sled::Tree) -> Result<u64, OutboxError> {
+fn max_publication(rx: &kv::Rx) -> Result<u64, OutboxError> {
     let mut max = 0;
-    for item in publishes.iter().keys() {
-        let k = item.map_err(storage)?;
+    rx.scan(T::Publishes, Span::all(), false, |k, _| {
         if let Some(seq) = k
             .len()
             .checked_sub(8)
@@ -1561,7 +1512,8 @@ fn max_publication(publishes: &sled::Tree) -> Result<u64, OutboxError> {
         {
             max = max.max(seq);
         }
-    }
+        Ok(true)
+    })?;
     Ok(max)
 }
 
@@ -1591,119 +1543,63 @@ fn done_key(r: &Record) -> [u8; 16] {
 
 /// One pass over a store written before the indexes existed (version 0.1 kept lanes in
 /// memory): every record gets its lane key or its done key.
-fn build_indexes(
-    messages: &sled::Tree,
-    lane_tree: &sled::Tree,
-    done: &sled::Tree,
-    corrupt: &mut Vec<MessageId>,
-) -> Result<(), OutboxError> {
-    for item in messages.iter() {
-        let (k, v) = item.map_err(storage)?;
-        match decode(&v) {
-            Ok(r) if r.state.is_terminal() => {
-                done.insert(done_key(&r), done_value(&r)).map_err(storage)?;
-            }
-            Ok(r) => {
-                lane_tree
-                    .insert(lanes::key(&r.production_order, r.id), &[])
-                    .map_err(storage)?;
-            }
+fn build_indexes(tx: &mut kv::Tx<'_>, corrupt: &mut Vec<MessageId>) -> Result<(), OutboxError> {
+    let mut lane_keys = Vec::new();
+    let mut done_keys = Vec::new();
+    tx.scan(T::Messages, Span::all(), false, |k, v| {
+        match decode(v) {
+            Ok(r) if r.state.is_terminal() => done_keys.push((done_key(&r), done_value(&r))),
+            Ok(r) => lane_keys.push(lanes::key(&r.production_order, r.id)),
             Err(e) => {
-                let id = k.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0);
+                let id = k.try_into().map(u64::from_be_bytes).unwrap_or(0);
                 tracing::error!(message_id = id, error = %e, "Outbox record cannot be decoded; it is kept on disk and skipped.");
                 corrupt.push(id);
             }
         }
+        Ok(true)
+    })?;
+    for k in &lane_keys {
+        tx.insert(T::Lanes, k, &[])?;
     }
-    Ok(())
-}
-
-/// sled 0.34 writes a snapshot as `snap.<lsn>.generating`, syncs it, then renames it; but at
-/// open it reads every `snap.*` file, the unfinished one included. A snapshot write that
-/// failed (a full disk: sled tries one at every open) leaves that file behind, empty or
-/// torn, and every later open then fails with "Read corrupted data" — even after space is
-/// freed. Such a file is garbage by construction (the rename is the commit), so it is
-/// removed before opening, under the same lock sled takes, so never under a running sled.
-/// A panic's message.
-fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic without a message".into())
-}
-
-fn remove_unfinished_snapshots(path: &Path) -> Result<(), OutboxError> {
-    let open_error = |cause| OutboxError::Open {
-        path: path.to_path_buf(),
-        cause,
-    };
-    let unfinished: Vec<PathBuf> = std::fs::read_dir(path)
-        .map_err(open_error)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("snap.") && n.ends_with(".generating"))
-        })
-        .collect();
-    if unfinished.is_empty() {
-        return Ok(());
-    }
-    let db_file = match std::fs::File::open(path.join("db")) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(open_error(e)),
-    };
-    // The very lock sled takes (fs2, sled's own dependency); released when `db_file` is
-    // closed, before sled opens.
-    if fs2::FileExt::try_lock_exclusive(&db_file).is_err() {
-        return Err(OutboxError::Locked {
-            path: path.to_path_buf(),
-        });
-    }
-    for file in unfinished {
-        tracing::warn!(file = %file.display(), "Removing an unfinished sled snapshot (left by a failed write, e.g. a full disk).");
-        std::fs::remove_file(&file).map_err(open_error)?;
+    for (k, v) in &done_keys {
+        tx.insert(T::Done, k, v)?;
     }
     Ok(())
 }
 
 /// Messages per state from the indexes: every lane member behind its head is queued (only
 /// heads are ever sent), so only heads are read; terminal ones come from the done index.
-fn count_states(
-    messages: &sled::Tree,
-    lane_tree: &sled::Tree,
-    done: &sled::Tree,
-) -> Result<BTreeMap<State, usize>, OutboxError> {
+fn count_states(rx: &kv::Rx) -> Result<BTreeMap<State, usize>, OutboxError> {
     let mut counts = BTreeMap::new();
     let mut last_order: Option<Vec<u8>> = None;
-    for item in lane_tree.iter() {
-        let (k, _) = item.map_err(storage)?;
-        let Some((order, id)) = lanes::split_key(&k) else {
-            continue;
+    let mut heads = Vec::new();
+    rx.scan(T::Lanes, Span::all(), false, |k, _| {
+        let Some((order, id)) = lanes::split_key(k) else {
+            return Ok(true);
         };
-        let state = if last_order.as_deref() == Some(order) {
-            State::Queued
+        if last_order.as_deref() == Some(order) {
+            *counts.entry(State::Queued).or_default() += 1;
         } else {
             last_order = Some(order.to_vec());
-            match messages.get(key(id)).map_err(storage)?.map(|v| decode(&v)) {
-                Some(Ok(r)) => r.state,
-                Some(Err(e)) => {
-                    tracing::error!(message_id = id, error = %e, "Outbox record cannot be decoded; its order is held until it is cancelled.");
-                    continue;
-                }
-                None => continue,
+            heads.push(id);
+        }
+        Ok(true)
+    })?;
+    for id in heads {
+        match rx.get(T::Messages, &key(id))?.map(|v| decode(&v)) {
+            Some(Ok(r)) => *counts.entry(r.state).or_default() += 1,
+            Some(Err(e)) => {
+                tracing::error!(message_id = id, error = %e, "Outbox record cannot be decoded; its order is held until it is cancelled.");
             }
-        };
-        *counts.entry(state).or_default() += 1;
+            None => {}
+        }
     }
-    for item in done.iter() {
-        let (_, v) = item.map_err(storage)?;
+    rx.scan(T::Done, Span::all(), false, |_, v| {
         if let Some(s) = state_from_byte(v.first().copied()) {
             *counts.entry(s).or_default() += 1;
         }
-    }
+        Ok(true)
+    })?;
     Ok(counts)
 }
 

@@ -379,11 +379,17 @@ async fn a_store_without_indexes_gets_them_built_at_the_first_open() {
             .unwrap();
         // As version 0.1 left a store: records only, no lane or done keys.
         let store = outbox.store().unwrap();
-        for tree in ["lanes", "done"] {
-            store.db.drop_tree(tree).unwrap();
-        }
-        store.state.remove(INDEXED).unwrap();
-        store.db.flush().unwrap();
+        store
+            .kv
+            .write(true, |tx| {
+                for table in [kv::T::Lanes, kv::T::Done] {
+                    for (k, _) in tx.collect(table, kv::Span::all(), usize::MAX)? {
+                        tx.remove(table, &k)?;
+                    }
+                }
+                tx.remove(kv::T::State, INDEXED)
+            })
+            .unwrap();
         ids(&recs)
     };
     let outbox = Outbox::open(dir.path()).unwrap();

@@ -193,11 +193,21 @@ pub(super) fn plan(store: &Store, events: &[ProcessedEvent]) -> Result<Plan, Out
     for e in events {
         let digest = content_digest(&e.message_type, &e.content);
         let mut candidates: Vec<MessageId> = Vec::new();
-        for item in store.contents.scan_prefix(digest.to_be_bytes()) {
-            let (k, _) = item.map_err(storage)?;
-            let Some(id) = super::id_after_stamp(&k) else {
-                continue;
-            };
+        let from = digest.to_be_bytes();
+        let to = super::kv::prefix_end(&from);
+        let span = super::kv::Span {
+            from: Some(&from),
+            to: to.as_deref(),
+        };
+        let mut indexed = Vec::new();
+        store
+            .kv
+            .read()?
+            .scan(super::kv::T::Contents, span, false, |k, _| {
+                indexed.extend(super::id_after_stamp(k));
+                Ok(true)
+            })?;
+        for id in indexed {
             let record = match working.get(&id) {
                 Some((r, _)) => r.clone(),
                 None => match store.get(id) {

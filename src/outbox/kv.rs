@@ -1,0 +1,359 @@
+//! The storage engine under the outbox: one redb file, one table per concern, byte keys and
+//! byte values. Only this file (and the one-time migration from the old engine,
+//! migrate.rs) knows redb; the rest of the outbox reads and writes through [`Kv`].
+//!
+//! Why redb (it replaced sled 0.34 in 0.4): a commit is a copy-on-write B-tree whose new
+//! root is published by one header write, checksummed, after one fsync. A power cut at any
+//! moment leaves the previous commit or the new one, never a torn store (sled panicked
+//! while recovering such a store and lost acknowledged messages when forced open; see
+//! tests/power_cut.rs). Its page cache is a fixed budget, so memory does not grow with the
+//! backlog, and it has no background threads.
+//!
+//! Every write goes through [`Kv::write`]: one transaction, committed with one fsync
+//! (`durable`) or without (`!durable`: bookkeeping that may be lost in a crash, made
+//! durable by the next durable commit).
+
+use std::ops::Bound;
+use std::path::Path;
+
+use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+
+use super::{storage, OutboxError};
+
+/// The tables. Their names are the file format; never rename one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum T {
+    Messages,
+    Lanes,
+    Ingress,
+    Done,
+    State,
+    Contents,
+    Rejected,
+    Unmatched,
+    Publishes,
+}
+
+impl T {
+    pub(super) const ALL: [T; 9] = [
+        T::Messages,
+        T::Lanes,
+        T::Ingress,
+        T::Done,
+        T::State,
+        T::Contents,
+        T::Rejected,
+        T::Unmatched,
+        T::Publishes,
+    ];
+
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            T::Messages => "messages",
+            T::Lanes => "lanes",
+            T::Ingress => "ingress",
+            T::Done => "done",
+            T::State => "state",
+            T::Contents => "contents",
+            T::Rejected => "rejected",
+            T::Unmatched => "unmatched",
+            T::Publishes => "publishes",
+        }
+    }
+
+    fn def(self) -> TableDefinition<'static, &'static [u8], &'static [u8]> {
+        TableDefinition::new(self.name())
+    }
+}
+
+/// Keys from `from` (inclusive) to `to` (exclusive); `None` is open-ended.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Span<'k> {
+    pub from: Option<&'k [u8]>,
+    pub to: Option<&'k [u8]>,
+}
+
+impl<'k> Span<'k> {
+    pub fn all() -> Span<'static> {
+        Span::default()
+    }
+
+    pub fn from(from: &'k [u8]) -> Span<'k> {
+        Span {
+            from: Some(from),
+            to: None,
+        }
+    }
+
+    pub fn to(to: &'k [u8]) -> Span<'k> {
+        Span {
+            from: None,
+            to: Some(to),
+        }
+    }
+
+    pub fn between(from: &'k [u8], to: &'k [u8]) -> Span<'k> {
+        Span {
+            from: Some(from),
+            to: Some(to),
+        }
+    }
+
+    fn bounds(self) -> (Bound<&'k [u8]>, Bound<&'k [u8]>) {
+        (
+            self.from.map_or(Bound::Unbounded, Bound::Included),
+            self.to.map_or(Bound::Unbounded, Bound::Excluded),
+        )
+    }
+}
+
+/// The first key after every key that starts with `prefix` (`None`: no such key, the
+/// prefix is all 0xff).
+pub(super) fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+/// Walks `table`'s keys in `span` (backwards when `rev`), calling `visit` until it says
+/// stop (`false`).
+fn walk<Tbl: ReadableTable<&'static [u8], &'static [u8]>>(
+    table: &Tbl,
+    span: Span<'_>,
+    rev: bool,
+    mut visit: impl FnMut(&[u8], &[u8]) -> Result<bool, OutboxError>,
+) -> Result<(), OutboxError> {
+    let range = table.range::<&[u8]>(span.bounds()).map_err(storage)?;
+    type Item<'a> = Result<
+        (
+            redb::AccessGuard<'a, &'static [u8]>,
+            redb::AccessGuard<'a, &'static [u8]>,
+        ),
+        redb::StorageError,
+    >;
+    let mut step = |item: Item<'_>| -> Result<bool, OutboxError> {
+        let (k, v) = item.map_err(storage)?;
+        visit(k.value(), v.value())
+    };
+    if rev {
+        for item in range.rev() {
+            if !step(item)? {
+                break;
+            }
+        }
+    } else {
+        for item in range {
+            if !step(item)? {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The open store file.
+pub(super) struct Kv {
+    db: redb::Database,
+}
+
+/// Why a store could not be opened.
+pub(super) enum OpenError {
+    /// Another process (or handle) has it open.
+    Locked,
+    Io(std::io::Error),
+    Other(String),
+}
+
+impl Kv {
+    /// Opens (or creates) the store file. A store a crash interrupted is repaired first
+    /// (redb checks the last commit's checksums and falls back to the one before).
+    pub(super) fn open(file: &Path, cache_bytes: usize) -> Result<Kv, OpenError> {
+        let db = redb::Builder::new()
+            .set_cache_size(cache_bytes)
+            .set_repair_callback(|session| {
+                // Called repeatedly while a repair runs; one line per tenth is plenty.
+                let tenth = (session.progress() * 10.0) as u32;
+                tracing::warn!(
+                    progress = format!("{}%", tenth * 10),
+                    "Repairing the outbox after an unclean stop (power cut or kill)."
+                );
+            })
+            .create(file)
+            .map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => OpenError::Locked,
+                redb::DatabaseError::Storage(redb::StorageError::Io(io)) => OpenError::Io(io),
+                other => OpenError::Other(other.to_string()),
+            })?;
+        let kv = Kv { db };
+        // Every table exists from the start, so reads never meet a missing one.
+        kv.write(true, |tx| {
+            for t in T::ALL {
+                tx.table(t)?;
+            }
+            Ok(())
+        })
+        .map_err(|e| OpenError::Other(e.to_string()))?;
+        Ok(kv)
+    }
+
+    /// A consistent view of the last commit (any number at once, alongside a write).
+    pub(super) fn read(&self) -> Result<Rx, OutboxError> {
+        Ok(Rx {
+            txn: self.db.begin_read().map_err(storage)?,
+        })
+    }
+
+    /// One value, read on its own.
+    pub(super) fn get(&self, t: T, key: &[u8]) -> Result<Option<Vec<u8>>, OutboxError> {
+        self.read()?.get(t, key)
+    }
+
+    /// Runs `f` in one write transaction (writes wait for each other) and commits it when
+    /// `f` succeeds; `durable`: on disk when this returns (one fsync).
+    pub(super) fn write<R>(
+        &self,
+        durable: bool,
+        f: impl FnOnce(&mut Tx<'_>) -> Result<R, OutboxError>,
+    ) -> Result<R, OutboxError> {
+        let mut txn = self.db.begin_write().map_err(storage)?;
+        if !durable {
+            txn.set_durability(redb::Durability::None)
+                .map_err(storage)?;
+        }
+        let result = {
+            let mut tx = Tx {
+                txn: &txn,
+                open: Default::default(),
+            };
+            f(&mut tx)
+        };
+        match result {
+            Ok(r) => {
+                txn.commit().map_err(storage)?;
+                Ok(r)
+            }
+            Err(e) => {
+                txn.abort().map_err(storage)?;
+                Err(e)
+            }
+        }
+    }
+}
+
+/// A read transaction.
+pub(super) struct Rx {
+    txn: redb::ReadTransaction,
+}
+
+impl Rx {
+    fn table(
+        &self,
+        t: T,
+    ) -> Result<redb::ReadOnlyTable<&'static [u8], &'static [u8]>, OutboxError> {
+        self.txn.open_table(t.def()).map_err(storage)
+    }
+
+    pub(super) fn get(&self, t: T, key: &[u8]) -> Result<Option<Vec<u8>>, OutboxError> {
+        Ok(self
+            .table(t)?
+            .get(key)
+            .map_err(storage)?
+            .map(|v| v.value().to_vec()))
+    }
+
+    pub(super) fn scan(
+        &self,
+        t: T,
+        span: Span<'_>,
+        rev: bool,
+        visit: impl FnMut(&[u8], &[u8]) -> Result<bool, OutboxError>,
+    ) -> Result<(), OutboxError> {
+        walk(&self.table(t)?, span, rev, visit)
+    }
+
+    /// The first entry in `span` (the last when `rev`).
+    pub(super) fn first(
+        &self,
+        t: T,
+        span: Span<'_>,
+        rev: bool,
+    ) -> Result<Option<(Vec<u8>, Vec<u8>)>, OutboxError> {
+        let mut found = None;
+        self.scan(t, span, rev, |k, v| {
+            found = Some((k.to_vec(), v.to_vec()));
+            Ok(false)
+        })?;
+        Ok(found)
+    }
+
+    pub(super) fn len(&self, t: T) -> Result<u64, OutboxError> {
+        self.table(t)?.len().map_err(storage)
+    }
+}
+
+type Table<'txn> = redb::Table<'txn, &'static [u8], &'static [u8]>;
+
+/// A write transaction's tables, each opened at its first use and kept open.
+pub(super) struct Tx<'txn> {
+    txn: &'txn redb::WriteTransaction,
+    open: [Option<Table<'txn>>; 9],
+}
+
+impl<'txn> Tx<'txn> {
+    fn table(&mut self, t: T) -> Result<&mut Table<'txn>, OutboxError> {
+        let slot = &mut self.open[t as usize];
+        match slot {
+            Some(table) => Ok(table),
+            None => Ok(slot.insert(self.txn.open_table(t.def()).map_err(storage)?)),
+        }
+    }
+
+    pub(super) fn insert(&mut self, t: T, key: &[u8], value: &[u8]) -> Result<(), OutboxError> {
+        self.table(t)?.insert(key, value).map_err(storage)?;
+        Ok(())
+    }
+
+    /// Removes a key; whether it was there.
+    pub(super) fn remove(&mut self, t: T, key: &[u8]) -> Result<bool, OutboxError> {
+        Ok(self.table(t)?.remove(key).map_err(storage)?.is_some())
+    }
+
+    pub(super) fn get(&mut self, t: T, key: &[u8]) -> Result<Option<Vec<u8>>, OutboxError> {
+        Ok(self
+            .table(t)?
+            .get(key)
+            .map_err(storage)?
+            .map(|v| v.value().to_vec()))
+    }
+
+    /// Walks keys as [`Rx::scan`] does, seeing this transaction's own writes.
+    pub(super) fn scan(
+        &mut self,
+        t: T,
+        span: Span<'_>,
+        rev: bool,
+        visit: impl FnMut(&[u8], &[u8]) -> Result<bool, OutboxError>,
+    ) -> Result<(), OutboxError> {
+        walk(&*self.table(t)?, span, rev, visit)
+    }
+
+    /// Copies up to `limit` keys (and values) in `span`, for a caller that removes them.
+    pub(super) fn collect(
+        &mut self,
+        t: T,
+        span: Span<'_>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, OutboxError> {
+        let mut out = Vec::new();
+        self.scan(t, span, false, |k, v| {
+            out.push((k.to_vec(), v.to_vec()));
+            Ok(out.len() < limit)
+        })?;
+        Ok(out)
+    }
+}
