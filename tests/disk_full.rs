@@ -198,24 +198,19 @@ async fn a_full_disk_stops_intake_without_loss_and_the_gateway_resumes_by_itself
     publish_burst(broker.port, &orders, 61, 100).await;
     out.wait_for_count("No space left on device", 2).await;
     gw.kill9().await;
-    // Started on a disk without a free byte: sled cannot open its store.
+    // Started on a disk without a free byte: the store opens (its file reuses the pages
+    // freed inside it; a repair after the kill needs no new space) and the gateway runs,
+    // saying the disk is full, instead of failing into a restart loop.
     disk.fill_completely();
-    let refused = Output::new();
-    let gw = process::start_with_env(&args, &refused, "info", &env);
-    let code = gw.child_exit_code().await;
-    assert_ne!(code, 0, "cannot start on a full disk");
+    let full_start = Output::new();
+    let gw = process::start_with_env(&args, &full_start, "info", &env);
+    full_start.wait_for("Gateway running.").await;
+    full_start.wait_for("0 MiB free").await;
+    gw.kill9().await;
     assert!(
-        refused
-            .text()
-            .contains("cannot open the outbox: No space left on device (os error 28)"),
-        "says why: {}",
-        refused.text()
-    );
-    assert_eq!(
-        refused.text().matches("No space left").count(),
-        1,
-        "once: {}",
-        refused.text()
+        !full_start.text().contains("panicked"),
+        "no panic on a full disk: {}",
+        full_start.text()
     );
 
     disk.free();

@@ -156,6 +156,9 @@ fn walk<Tbl: ReadableTable<&'static [u8], &'static [u8]>>(
     Ok(())
 }
 
+/// A key and its value, copied out of the store.
+pub(super) type Entry = (Vec<u8>, Vec<u8>);
+
 /// The open store file.
 pub(super) struct Kv {
     db: redb::Database,
@@ -282,7 +285,7 @@ impl Rx {
         t: T,
         span: Span<'_>,
         rev: bool,
-    ) -> Result<Option<(Vec<u8>, Vec<u8>)>, OutboxError> {
+    ) -> Result<Option<Entry>, OutboxError> {
         let mut found = None;
         self.scan(t, span, rev, |k, v| {
             found = Some((k.to_vec(), v.to_vec()));
@@ -348,7 +351,7 @@ impl<'txn> Tx<'txn> {
         t: T,
         span: Span<'_>,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, OutboxError> {
+    ) -> Result<Vec<Entry>, OutboxError> {
         let mut out = Vec::new();
         self.scan(t, span, false, |k, v| {
             out.push((k.to_vec(), v.to_vec()));

@@ -708,10 +708,12 @@ pub async fn settle_interrupted_in(
         .iter()
         .filter_map(|r| r.message_id)
         .collect();
-    let sending = Outbox::open(data_dir)
-        .unwrap()
-        .list(Some(State::Sending), None)
-        .unwrap();
+    let outbox = Outbox::open(data_dir).unwrap();
+    // Left `sending` by a kill, or already marked `uncertain` by a gateway that started
+    // after it: both are settled against what the fake received.
+    let mut sending = outbox.list(Some(State::Sending), None).unwrap();
+    sending.extend(outbox.list(Some(State::Uncertain), None).unwrap());
+    drop(outbox);
     process::settle_doubtful(&accepted, process::path_str(config_dir), &sending).await
 }
 
