@@ -6,7 +6,7 @@
 //! # Data flow
 //!
 //! ```text
-//!  source::* ──SourceEvent──▶ pipeline ──Ingest (messages + rules state + delivery ids)──▶ outbox (sled)
+//!  source::* ──SourceEvent──▶ pipeline ──Ingest (messages + rules state + delivery ids)──▶ outbox (redb)
 //!  one task each,   bounded    │ rules::Engine                one write, one flush            │
 //!  acks upstream    channel    │ (pure, no I/O)                                               │ change feed
 //!  after the commit ◀──────────┘                                                              ▼
@@ -17,7 +17,7 @@
 //!
 //! | state | owner | durable? |
 //! |---|---|---|
-//! | messages, their states and history; lanes per production order | [`outbox`] | yes (sled) |
+//! | messages, their states and history; lanes per production order | [`outbox`] | yes (redb) |
 //! | upstream delivery identities (an MQTT publish already stored) | [`outbox`] (written by [`pipeline`]) | yes, with the messages it produced |
 //! | order context per line, released orders per line, counters, accumulators, pending edges | [`rules::Engine`] | yes, saved in the same write as the messages |
 //! | D365's verdicts on messages, events matching none | [`outbox`] (written by [`pipeline`]) | yes, with the event's id |

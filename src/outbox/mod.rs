@@ -10,7 +10,7 @@
 //! # On disk
 //!
 //! ```text
-//! sled database in <data_dir>/outbox
+//! redb store <data_dir>/outbox/outbox.redb (kv.rs), one table per concern:
 //!   tree "messages":  key = message id (u64, big-endian)
 //!                     value = format version (1 byte) ++ JSON of Record
 //!   tree "lanes":     one key per message that is not terminal: order ++ id (see lanes.rs)
@@ -32,17 +32,18 @@
 //! Ids are consecutive (1, 2, 3, … across restarts: operators type and read them aloud).
 //! The next id is kept in the state tree and written in the same transaction as the
 //! messages that took the ids before it, so id order is append order and no id is given
-//! twice, even after the newest messages were pruned. (sled's own `generate_id` jumped by
-//! 2,000,000 at every start of the store.) Per production order the outbox is a FIFO queue: the *lane* of an order is
+//! twice, even after the newest messages were pruned. Per production order the outbox is a FIFO queue: the *lane* of an order is
 //! its non-terminal messages in id order, and only the head of a lane may be sent.
 //!
 //! # Invariants
 //!
 //! - [`Outbox::commit`] writes new messages, their lane keys, the upstream deliveries they
-//!   came from and the rules engine's state in one sled transaction: after a crash all or
+//!   came from and the rules engine's state in one transaction: after a crash all or
 //!   none are there, so a counted piece is never lost between the engine and the outbox,
 //!   nor reported twice, and a redelivered publish is recognised.
-//! - Every call that writes returns only after `flush()`, i.e. when the data is on disk.
+//! - Every call that writes returns only after its transaction is committed durably (one
+//!   fsync), i.e. when the data is on disk. The exceptions say so ("not flushed"): they
+//!   forget bookkeeping, and a crash merely keeps it a little longer.
 //! - A message is marked `sending` on disk *before* its request goes out
 //!   ([`Outbox::mark_sending`]), and its outcome is on disk ([`Outbox::settle`]) before the
 //!   next message of its lane may be marked. A message found `sending` when the gateway
@@ -52,23 +53,25 @@
 //!   only after [`Outbox::recover_interrupted`]: so a head found `sending` when marked was
 //!   marked by a write of this process that failed after part of it reached the disk, and
 //!   its request never left. Marking it again hands it back unchanged.
-//! - A failed write makes sled refuse every later one; the outbox then reopens the database
-//!   (recovering what was flushed) and the caller's retry writes the same records again: a
+//! - After a failed write (a full disk) the store refuses every later one until it is
+//!   reopened; the outbox then reopens it (what was committed is there) and the caller's
+//!   retry writes the same records again: a
 //!   retried [`Outbox::commit_shared`] reuses the ids of its first attempt.
 //! - States: `queued → sending → delivered | queued (retry) | failed | uncertain`;
 //!   operators move `failed | uncertain → queued` (retry), `queued | failed | uncertain →
 //!   cancelled`, and `uncertain → delivered` (resolve). Every change of state is recorded in
 //!   the message's history; a transition from a state that does not allow it is refused.
 //! - A message's lane key exists exactly while the message is not terminal. A terminal
-//!   record's key is written first and its lane key removed after; a crash in between
-//!   leaves a stale lane key, which [`Outbox::lane_heads`] removes when it meets it.
+//!   record and the removal of its lane key are one transaction; a store written by the
+//!   engine before (sled, not atomic across trees) may hold a stale lane key, which
+//!   [`Outbox::lane_heads`] removes when it meets it.
 //! - A message's done key exists exactly while the message is terminal (written with the
 //!   record in the same write, removed with it by pruning). A store written before this
 //!   index existed gets it (and its lane keys) built once, at the first open.
 //! - Opening reads keys, not records: lane keys, the head of each lane, the done index.
 //!   A record that cannot be decoded is reported when it is read.
 //! - Memory: per-state counts and nothing that grows with the backlog.
-//! - sled types never leave this module.
+//! - redb types never leave kv.rs (and sled's, kept to migrate an old store, migrate.rs).
 
 mod compact;
 pub mod config;
@@ -241,7 +244,7 @@ pub struct Settlement {
 const CACHE_BYTES: usize = 8 * 1024 * 1024;
 
 /// Compaction thresholds (see [`Outbox::compact_if_worthwhile`]). A record with its
-/// history takes well under 1 KiB in sled; the estimate errs on the large side so a store
+/// history takes well under 1 KiB in the store; the estimate errs on the large side so a store
 /// full of live messages is never rewritten for nothing.
 const COMPACT_MIN: u64 = 64 * 1024 * 1024;
 const COMPACT_RATIO: u64 = 4;
@@ -256,9 +259,9 @@ pub const GATEWAY: &str = "gateway";
 pub struct Outbox {
     /// `None` only after a failed [`Outbox::replace_store`] (then `broken` is set).
     store: Arc<RwLock<Option<Arc<Store>>>>,
-    /// A write failed. sled 0.34 then keeps the I/O error and refuses every later write
-    /// (measured with a full tmpfs: freeing space does not help), so the next operation
-    /// reopens the database, which recovers everything that was flushed.
+    /// A write failed. redb then refuses every later write ("previous I/O error") until
+    /// the file is reopened, so the next operation reopens it, which recovers everything
+    /// that was committed.
     broken: Arc<AtomicBool>,
     reopening: Arc<Mutex<()>>,
     counts: Arc<Mutex<BTreeMap<State, usize>>>,
@@ -279,7 +282,7 @@ pub struct Outbox {
     transitions: Arc<tokio::sync::Mutex<()>>,
     /// Whether new messages get a content index entry (see verdict.rs). Only D365's
     /// verdicts use it, and the index costs a tree write per message (about 15 % of the
-    /// CPU per message and 15 MiB of sled's cache in the burst benchmark), so it is kept
+    /// CPU per message and 15 MiB of cache in the burst benchmark, measured on sled), so it is kept
     /// only while a `d365_events` source can deliver verdicts.
     index_contents: Arc<AtomicBool>,
 }
@@ -449,7 +452,7 @@ impl Outbox {
     /// operation held back (they wait on the store lock). Operations that started before
     /// still hold the store: this waits up to `REOPEN_WAIT` for them, or gives up with the
     /// store unchanged. `prepare` runs on the store before it is closed (when there is
-    /// one), `while_closed` after (sled locks its directory, so the old store must be gone
+    /// one), `while_closed` after (the store file is locked while open, so the old store must be gone
     /// before the new one opens). If the new one cannot be opened the outbox is left
     /// broken and the next operation tries again. Callers hold `reopening`.
     fn replace_store<T>(
@@ -521,7 +524,7 @@ impl Outbox {
     }
 
     /// Rewrites the store into a fresh one when it takes far more disk than what it holds
-    /// (sled keeps its high-water mark after a drained backlog): more than `COMPACT_MIN`
+    /// (the file keeps its high-water mark after a drained backlog): more than `COMPACT_MIN`
     /// and more than `COMPACT_RATIO` times an estimate of the live data, and only once the
     /// backlog is gone (at most `COMPACT_MAX_RECORDS` records: copying them holds every
     /// other operation back for well under a second). Returns the disk
