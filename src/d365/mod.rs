@@ -72,6 +72,8 @@ fn wall_clock_after(wait: Duration) -> Option<jiff::Timestamp> {
     jiff::Timestamp::now().checked_add(wait).ok()
 }
 
+/// The longest a finished request waits for others to share its write (see the run loop).
+const LINGER_MAX: Duration = Duration::from_millis(5);
 /// Waits between attempts to write outcomes the disk refused.
 const STORE_RETRY_MIN: Duration = Duration::from_millis(500);
 const STORE_RETRY_MAX: Duration = Duration::from_secs(30);
@@ -237,6 +239,8 @@ impl Dispatcher {
                 .map_or(crate::systemd::DEFAULT_HEARTBEAT_PERIOD, Heartbeat::period),
         );
 
+        // How long the last turn that wrote something took to write.
+        let mut last_write = Duration::ZERO;
         loop {
             self.beat();
             // One turn = one write and one flush: the outcomes of every request that has
@@ -308,9 +312,14 @@ impl Dispatcher {
                 }
             }
             let ids: Vec<MessageId> = picked.iter().map(|(_, id)| *id).collect();
+            let write_started = Instant::now();
+            let writes = !judged.settlements.is_empty() || !ids.is_empty();
             let Some(marked) = self.write_turn(judged.settlements, &ids, &cancel).await else {
                 break;
             };
+            if writes {
+                last_write = write_started.elapsed();
+            }
             if marked.len() < picked.len() {
                 self.unmarked(&mut lanes, &picked, &marked);
             }
@@ -331,6 +340,17 @@ impl Dispatcher {
                     done.push(joined);
                     while let Some(more) = tasks.try_join_next_with_id() {
                         done.push(more);
+                    }
+                    // Group commit: requests that finish within about one write's time
+                    // go into the same write as this one, instead of each group of
+                    // lanes taking its own (measured: the lanes otherwise split into two
+                    // groups that alternate, two writes per message's wait).
+                    let linger_until = Instant::now() + last_write.min(LINGER_MAX);
+                    while !tasks.is_empty() {
+                        match tokio::time::timeout_at(linger_until, tasks.join_next_with_id()).await {
+                            Ok(Some(more)) => done.push(more),
+                            _ => break,
+                        }
                     }
                 }
                 Ok(()) = outbox_changes.changed() => self.recheck_held(&mut lanes),
