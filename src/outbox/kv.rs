@@ -2,7 +2,7 @@
 //! byte values. Only this file (and the one-time migration from the old engine,
 //! migrate.rs) knows redb; the rest of the outbox reads and writes through [`Kv`].
 //!
-//! Why redb (it replaced sled 0.34 in 0.4): a commit is a copy-on-write B-tree whose new
+//! Why redb (it replaced sled 0.34 in December 2026): a commit is a copy-on-write B-tree whose new
 //! root is published by one header write, checksummed, after one fsync. A power cut at any
 //! moment leaves the previous commit or the new one, never a torn store (sled panicked
 //! while recovering such a store and lost acknowledged messages when forced open; see
@@ -120,6 +120,14 @@ pub(super) fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
     None
 }
 
+/// A copy of the value under `key` in `table`.
+fn copy_of<Tbl: ReadableTable<&'static [u8], &'static [u8]>>(
+    table: &Tbl,
+    key: &[u8],
+) -> Result<Option<Vec<u8>>, OutboxError> {
+    Ok(table.get(key).map_err(storage)?.map(|v| v.value().to_vec()))
+}
+
 /// Walks `table`'s keys in `span` (backwards when `rev`), calling `visit` until it says
 /// stop (`false`).
 fn walk<Tbl: ReadableTable<&'static [u8], &'static [u8]>>(
@@ -170,6 +178,25 @@ pub(super) enum OpenError {
     Locked,
     Io(std::io::Error),
     Other(String),
+}
+
+impl OpenError {
+    /// The outbox's error for the store file `file` in the outbox directory `dir`.
+    pub(super) fn at(self, dir: &Path, file: &Path) -> OutboxError {
+        match self {
+            OpenError::Locked => OutboxError::Locked {
+                path: dir.to_path_buf(),
+            },
+            OpenError::Io(cause) => OutboxError::Open {
+                path: file.to_path_buf(),
+                cause,
+            },
+            OpenError::Other(why) => OutboxError::Open {
+                path: file.to_path_buf(),
+                cause: std::io::Error::other(why),
+            },
+        }
+    }
 }
 
 impl Kv {
@@ -262,11 +289,7 @@ impl Rx {
     }
 
     pub(super) fn get(&self, t: T, key: &[u8]) -> Result<Option<Vec<u8>>, OutboxError> {
-        Ok(self
-            .table(t)?
-            .get(key)
-            .map_err(storage)?
-            .map(|v| v.value().to_vec()))
+        copy_of(&self.table(t)?, key)
     }
 
     pub(super) fn scan(
@@ -327,11 +350,7 @@ impl<'txn> Tx<'txn> {
     }
 
     pub(super) fn get(&mut self, t: T, key: &[u8]) -> Result<Option<Vec<u8>>, OutboxError> {
-        Ok(self
-            .table(t)?
-            .get(key)
-            .map_err(storage)?
-            .map(|v| v.value().to_vec()))
+        copy_of(&*self.table(t)?, key)
     }
 
     /// Walks keys as [`Rx::scan`] does, seeing this transaction's own writes.

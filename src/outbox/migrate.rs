@@ -1,6 +1,6 @@
-//! The one-time move of an outbox written by gateway 0.3 or older (sled 0.34) into the
-//! redb store: a plant that upgrades with messages still queued keeps every one of them,
-//! with its id, state and history, and the rules engine's counters.
+//! The one-time move of an outbox written by an earlier build (sled 0.34, before December
+//! 2026) into the redb store: a plant that upgrades with messages still queued keeps every
+//! one of them, with its id, state and history, and the rules engine's counters.
 //!
 //! ```text
 //! 1. <outbox>/outbox.redb.migrating  built from every sled tree (same names, same keys
@@ -101,19 +101,7 @@ fn copy(dir: &Path, into: &Path, cache_bytes: usize) -> Result<u64, OutboxError>
         },
         other => unreadable(other.to_string()),
     })?;
-    let new = Kv::open(into, cache_bytes).map_err(|e| match e {
-        super::kv::OpenError::Locked => OutboxError::Locked {
-            path: dir.to_path_buf(),
-        },
-        super::kv::OpenError::Io(cause) => OutboxError::Open {
-            path: into.to_path_buf(),
-            cause,
-        },
-        super::kv::OpenError::Other(why) => OutboxError::Open {
-            path: into.to_path_buf(),
-            cause: std::io::Error::other(why),
-        },
-    })?;
+    let new = Kv::open(into, cache_bytes).map_err(|e| e.at(dir, into))?;
     let mut copied = 0u64;
     for table in T::ALL {
         let tree = old.open_tree(table.name()).map_err(storage)?;

@@ -323,19 +323,8 @@ impl Store {
 
     fn open_once(path: &Path, corrupt: &mut Vec<MessageId>) -> Result<Store, OutboxError> {
         migrate::from_sled(path, CACHE_BYTES)?;
-        let kv = Kv::open(&path.join(STORE_FILE), CACHE_BYTES).map_err(|e| match e {
-            kv::OpenError::Locked => OutboxError::Locked {
-                path: path.to_path_buf(),
-            },
-            kv::OpenError::Io(cause) => OutboxError::Open {
-                path: path.to_path_buf(),
-                cause,
-            },
-            kv::OpenError::Other(why) => OutboxError::Open {
-                path: path.to_path_buf(),
-                cause: std::io::Error::other(why),
-            },
-        })?;
+        let file = path.join(STORE_FILE);
+        let kv = Kv::open(&file, CACHE_BYTES).map_err(|e| e.at(path, &file))?;
         let rx = kv.read()?;
         let saved_u64 = |name: &[u8]| -> Result<u64, OutboxError> {
             Ok(rx

@@ -1054,7 +1054,7 @@ async fn without_the_index_nothing_is_matched_and_no_index_is_written() {
     );
 }
 
-/// An outbox written by gateway 0.3 (sled) is moved into redb at the first open, with every
+/// An outbox written by an earlier build (sled) is moved into redb at the first open, with every
 /// record, lane, count, delivery and the rules state; sled's files are gone afterwards.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_store_of_the_old_format_is_migrated_whole_at_the_first_open() {
@@ -1064,7 +1064,7 @@ async fn a_store_of_the_old_format_is_migrated_whole_at_the_first_open() {
     let before = snapshot(&outbox);
     let next_before = outbox.append(vec![msg("C", 1)]).await.unwrap()[0].id;
     let before_last = snapshot(&outbox);
-    // The same trees, keys and values in a sled store, as 0.3 left them.
+    // The same trees, keys and values in a sled store, as earlier builds left them.
     let old = tempfile::tempdir().unwrap();
     let old_dir = old.path().join("outbox");
     {
