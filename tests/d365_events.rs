@@ -392,7 +392,7 @@ async fn d365_verdicts_show_on_their_messages_raise_the_alert_and_resolve_uncert
     assert_eq!(record["d365"]["infolog"], infolog);
     let alert = webhook
         .received
-        .wait_for(&format!("message/{failing}"), "firing")
+        .wait_for(&format!("message/{failing}/d365"), "firing")
         .await;
     assert_eq!(alert["kind"], "message_failed");
     assert!(alert["text"].as_str().unwrap().contains(infolog), "{alert}");
@@ -409,7 +409,7 @@ async fn d365_verdicts_show_on_their_messages_raise_the_alert_and_resolve_uncert
     assert_eq!(status, 200);
     webhook
         .received
-        .wait_for(&format!("message/{failing}"), "cleared")
+        .wait_for(&format!("message/{failing}/d365"), "cleared")
         .await;
     assert_eq!(
         get(api_port, &format!("/api/v1/messages/{failing}")).await["d365"]["state"],

@@ -359,7 +359,9 @@ impl AlertWatch {
                         .and_then(|v| v.infolog.as_deref().or(v.result.as_deref()))
                         .unwrap_or("no infolog");
                     open.push((
-                        format!("message/{}", r.id),
+                        // Its own key: a message the gateway holds as failed may also
+                        // carry a Failed verdict, and one key would show only one alert.
+                        format!("message/{}/d365", r.id),
                         "message_failed".to_string(),
                         format!(
                             "message {} ({}, order {}) failed in D365: {infolog}; D365 holds the order's later messages until it is fixed or cancelled there",
