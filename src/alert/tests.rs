@@ -64,6 +64,7 @@ fn watch(outbox: Outbox, live: Live, config: AlertConfig) -> AlertWatch {
 async fn failed_messages_down_sources_and_an_old_queue_are_alerts_with_what_to_know() {
     let dir = tempfile::tempdir().unwrap();
     let outbox = Outbox::open(dir.path()).unwrap();
+    outbox.index_contents(true);
     let records = outbox
         .append(
             ["P1", "P2"]
@@ -89,6 +90,30 @@ async fn failed_messages_down_sources_and_an_old_queue_are_alerts_with_what_to_k
                 reason: "HTTP 400: order not found".into(),
             },
         }])
+        .await
+        .unwrap();
+    // D365 reports the same message failed too (it received it after all): a second
+    // alert with its own key, not one hiding the other.
+    let verdict = crate::outbox::ProcessedEvent {
+        source: "d365".into(),
+        queue: "JmgMES3P".into(),
+        message_type: records[0].message_type.clone(),
+        content: records[0].content.clone(),
+        verdict: crate::outbox::D365Verdict {
+            at: jiff::Timestamp::now(),
+            state: "Failed".into(),
+            failed: true,
+            result: None,
+            infolog: Some("Production order P1 is not released.".into()),
+            event_id: "E-1".into(),
+            page_url: None,
+        },
+        payload: "{}".into(),
+    };
+    outbox
+        .commit_reconciling(Arc::new(
+            crate::outbox::Ingest::default().with_processed(vec![verdict]),
+        ))
         .await
         .unwrap();
     let live = Live::default();
@@ -121,8 +146,12 @@ async fn failed_messages_down_sources_and_an_old_queue_are_alerts_with_what_to_k
         texts["source_down/plc"].contains("source plc has been down")
             && texts["source_down/plc"].ends_with("connection refused")
     );
+    assert_eq!(
+        texts.get(format!("message/{}/d365", records[0].id).as_str()).copied(),
+        Some(format!("message {} (ProdProductionOrderStart, order P1) failed in D365: Production order P1 is not released.; D365 holds the order's later messages until it is fixed or cancelled there", records[0].id).as_str())
+    );
     assert!(texts["oldest_queued"].starts_with("the oldest message waiting for D365 was created"));
-    assert_eq!(notices.len(), 3, "{texts:#?}");
+    assert_eq!(notices.len(), 4, "{texts:#?}");
 
     plc.set_connected("plc", true, None);
     let notices = w.evaluate(&mut Memory::default()).await;
