@@ -364,12 +364,16 @@ impl Store {
     }
 
     fn get(&self, id: MessageId) -> Result<Record, OutboxError> {
-        let bytes = self
-            .kv
-            .get(T::Messages, &key(id))?
-            .ok_or(OutboxError::NotFound(id))?;
-        decode(&bytes).map_err(|e| storage(format!("message {id}: {e}")))
+        record_in(&self.kv.read()?, id)
     }
+}
+
+/// A record as `rx` sees it (one read transaction for several records).
+fn record_in(rx: &kv::Rx, id: MessageId) -> Result<Record, OutboxError> {
+    let bytes = rx
+        .get(T::Messages, &key(id))?
+        .ok_or(OutboxError::NotFound(id))?;
+    decode(&bytes).map_err(|e| storage(format!("message {id}: {e}")))
 }
 
 impl fmt::Debug for Outbox {
@@ -1013,8 +1017,36 @@ impl Outbox {
     ) -> Result<(Vec<Record>, Vec<Record>), OutboxError> {
         let _transition = self.transitions.lock().await;
         let mut changed = Vec::with_capacity(outcomes.len() + mark.len());
+        let mut already_marked = Vec::new();
+        // One read transaction for every record of the turn (the transition lock keeps
+        // them as read); dropped before the write, which may have to reopen the store.
+        {
+            let store = self.store()?;
+            let rx = store.kv.read()?;
+            self.plan_turn(&rx, outcomes, mark, &mut changed, &mut already_marked)?;
+        }
+        let settled = changed
+            .iter()
+            .filter(|(_, old)| *old == State::Sending)
+            .count();
+        let mut written = self.write(changed).await?;
+        let mut marked = written.split_off(settled.min(written.len()));
+        marked.append(&mut already_marked);
+        Ok((written, marked))
+    }
+
+    /// What a turn changes: the settled records (first, from `sending`), then the newly
+    /// marked ones (from `queued`); heads found already marked go to `already_marked`.
+    fn plan_turn(
+        &self,
+        rx: &kv::Rx,
+        outcomes: &[Settlement],
+        mark: &[MessageId],
+        changed: &mut Vec<(Record, State)>,
+        already_marked: &mut Vec<Record>,
+    ) -> Result<(), OutboxError> {
         for s in outcomes {
-            let mut r = match self.get(s.id) {
+            let mut r = match record_in(rx, s.id) {
                 Ok(r) if r.state == State::Sending => r,
                 // Someone else settled it meanwhile (an operator, or a retried write that
                 // did reach the disk): the record says what happened; keep it.
@@ -1034,10 +1066,8 @@ impl Outbox {
             apply_settlement(&mut r, s);
             changed.push((r, State::Sending));
         }
-        let settled = changed.len();
-        let mut already_marked = Vec::new();
         for &id in mark {
-            let mut r = self.get(id)?;
+            let mut r = record_in(rx, id)?;
             match r.state {
                 State::Queued => {}
                 // Marked by an earlier call whose write failed after this record reached
@@ -1053,10 +1083,7 @@ impl Outbox {
             r.updated_at = jiff::Timestamp::now();
             changed.push((r, State::Queued));
         }
-        let mut written = self.write(changed).await?;
-        let mut marked = written.split_off(settled.min(written.len()));
-        marked.append(&mut already_marked);
-        Ok((written, marked))
+        Ok(())
     }
 
     /// The id of the message after `id` in `order`'s lane.
@@ -1117,9 +1144,10 @@ impl Outbox {
         loop {
             let mut out = Vec::new();
             let mut stale = false;
-            let heads = lanes::heads(&store.kv.read()?, after, limit, |_| false)?;
+            let rx = store.kv.read()?;
+            let heads = lanes::heads(&rx, after, limit, |_| false)?;
             for (order, id) in heads {
-                match store.get(id) {
+                match record_in(&rx, id) {
                     Ok(r) if !r.state.is_terminal() => out.push(r),
                     // A crash between writing a terminal record and removing its lane key
                     // (a store written by the engine before redb, whose writes were not
