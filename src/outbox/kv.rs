@@ -107,9 +107,31 @@ impl<'k> Span<'k> {
     }
 }
 
+/// Every key that starts with a prefix: owns the bounds a [`Span`] borrows.
+pub(super) struct Prefix {
+    start: Vec<u8>,
+    end: Option<Vec<u8>>,
+}
+
+impl Prefix {
+    pub fn new(prefix: &[u8]) -> Prefix {
+        Prefix {
+            start: prefix.to_vec(),
+            end: prefix_end(prefix),
+        }
+    }
+
+    pub fn span(&self) -> Span<'_> {
+        Span {
+            from: Some(&self.start),
+            to: self.end.as_deref(),
+        }
+    }
+}
+
 /// The first key after every key that starts with `prefix` (`None`: no such key, the
 /// prefix is all 0xff).
-pub(super) fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
     let mut end = prefix.to_vec();
     while let Some(last) = end.pop() {
         if last < 0xff {

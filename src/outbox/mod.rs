@@ -779,10 +779,10 @@ impl Outbox {
         let store = self.store()?;
         let prefix = ingress::source_prefix(via);
         let start = publication_key(via, after.map_or(0, |a| a.saturating_add(1)));
-        let end = kv::prefix_end(&prefix);
+        let of_via = kv::Prefix::new(&prefix);
         let span = Span {
             from: Some(&start),
-            to: end.as_deref(),
+            ..of_via.span()
         };
         let mut out = Vec::new();
         let mut unreadable = Vec::new();
@@ -879,15 +879,11 @@ impl Outbox {
     /// Forgets event ids recorded before `before` (their redelivery window is over), and
     /// the unmatched verdicts received before it. Returns how many ids. Not flushed, like [`Outbox::forget_deliveries`].
     pub fn forget_events(&self, before: jiff::Timestamp) -> Result<usize, OutboxError> {
-        let seen_end = kv::prefix_end(ingress::SEEN_PREFIX);
-        let seen = Span {
-            from: Some(ingress::SEEN_PREFIX),
-            to: seen_end.as_deref(),
-        };
+        let seen = kv::Prefix::new(ingress::SEEN_PREFIX);
         let before_key = time_key(before);
         self.store()?.kv.write(false, |tx| {
             let mut old = Vec::new();
-            tx.scan(T::Ingress, seen, false, |k, v| {
+            tx.scan(T::Ingress, seen.span(), false, |k, v| {
                 let at = v.try_into().ok().map_or(i64::MIN, i64::from_be_bytes);
                 if at < before.as_second() {
                     old.push(k.to_vec());
@@ -936,14 +932,9 @@ impl Outbox {
     /// Forgets every delivery of a source whose broker lost the session: nothing of it
     /// will be redelivered. Not flushed (see [`Outbox::forget_deliveries`]).
     pub fn forget_source(&self, source: &str) -> Result<usize, OutboxError> {
-        let prefix = ingress::source_prefix(source);
-        let end = kv::prefix_end(&prefix);
-        let span = Span {
-            from: Some(&prefix),
-            to: end.as_deref(),
-        };
+        let of_source = kv::Prefix::new(&ingress::source_prefix(source));
         self.store()?.kv.write(false, |tx| {
-            let keys = tx.collect(T::Ingress, span, usize::MAX)?;
+            let keys = tx.collect(T::Ingress, of_source.span(), usize::MAX)?;
             for (k, _) in &keys {
                 tx.remove(T::Ingress, k)?;
             }

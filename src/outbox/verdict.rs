@@ -193,20 +193,17 @@ pub(super) fn plan(store: &Store, events: &[ProcessedEvent]) -> Result<Plan, Out
     for e in events {
         let digest = content_digest(&e.message_type, &e.content);
         let mut candidates: Vec<MessageId> = Vec::new();
-        let from = digest.to_be_bytes();
-        let to = super::kv::prefix_end(&from);
-        let span = super::kv::Span {
-            from: Some(&from),
-            to: to.as_deref(),
-        };
+        let under_digest = super::kv::Prefix::new(&digest.to_be_bytes());
         let mut indexed = Vec::new();
-        store
-            .kv
-            .read()?
-            .scan(super::kv::T::Contents, span, false, |k, _| {
+        store.kv.read()?.scan(
+            super::kv::T::Contents,
+            under_digest.span(),
+            false,
+            |k, _| {
                 indexed.extend(super::id_after_stamp(k));
                 Ok(true)
-            })?;
+            },
+        )?;
         for id in indexed {
             let record = match working.get(&id) {
                 Some((r, _)) => r.clone(),
