@@ -566,7 +566,7 @@ impl Dispatcher {
 
     /// Chooses the lane heads to send now, round-robin; returns them and when the next
     /// backoff deadline falls. `delivered` are heads whose delivery is being recorded in
-    /// this turn: their successors may go out in the same write. Works on lane keys only
+    /// this turn: their successors may go out in the same write. Works on the lane index only
     /// (no record is read): [`Outbox::settle_and_mark`] marks only what is still queued,
     /// and [`Dispatcher::unmarked`] looks at the rest.
     fn pick(
@@ -597,7 +597,7 @@ impl Dispatcher {
                 break;
             }
             let id = if delivered.contains(&id) {
-                match self.outbox.next_in_lane(&order, id)? {
+                match self.outbox.next_in_lane(id)? {
                     Some(next) => next,
                     None => continue,
                 }
@@ -623,7 +623,7 @@ impl Dispatcher {
     }
 
     /// Heads that were picked but not marked: held (failed or uncertain, reported once),
-    /// settled in this very turn, or a lane key a crash left behind (removed).
+    /// settled in this very turn, or a lane member a crash left behind (removed).
     fn unmarked(&self, lanes: &mut Lanes, picked: &[LaneHead], marked: &[Record]) {
         let marked: HashSet<MessageId> = marked.iter().map(|r| r.id).collect();
         let mut stale = false;
@@ -641,7 +641,7 @@ impl Dispatcher {
             }
         }
         if stale {
-            // Reading the heads removes lane keys of messages that are no longer in a lane.
+            // Reading the heads takes terminal messages out of their lanes.
             let _ = self.outbox.lane_heads(None, usize::MAX);
         }
     }

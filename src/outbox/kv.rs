@@ -24,6 +24,7 @@ use super::{storage, OutboxError};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum T {
     Messages,
+    /// The lane index before December 2026; emptied at the first open (lanes.rs).
     Lanes,
     Ingress,
     Done,
@@ -32,10 +33,12 @@ pub(super) enum T {
     Rejected,
     Unmatched,
     Publishes,
+    LaneEnds,
+    LaneLinks,
 }
 
 impl T {
-    pub(super) const ALL: [T; 9] = [
+    pub(super) const ALL: [T; 11] = [
         T::Messages,
         T::Lanes,
         T::Ingress,
@@ -45,6 +48,8 @@ impl T {
         T::Rejected,
         T::Unmatched,
         T::Publishes,
+        T::LaneEnds,
+        T::LaneLinks,
     ];
 
     pub(super) fn name(self) -> &'static str {
@@ -58,6 +63,8 @@ impl T {
             T::Rejected => "rejected",
             T::Unmatched => "unmatched",
             T::Publishes => "publishes",
+            T::LaneEnds => "lane_ends",
+            T::LaneLinks => "lane_links",
         }
     }
 
@@ -88,13 +95,6 @@ impl<'k> Span<'k> {
     pub fn to(to: &'k [u8]) -> Span<'k> {
         Span {
             from: None,
-            to: Some(to),
-        }
-    }
-
-    pub fn between(from: &'k [u8], to: &'k [u8]) -> Span<'k> {
-        Span {
-            from: Some(from),
             to: Some(to),
         }
     }
@@ -349,7 +349,7 @@ type Table<'txn> = redb::Table<'txn, &'static [u8], &'static [u8]>;
 /// A write transaction's tables, each opened at its first use and kept open.
 pub(super) struct Tx<'txn> {
     txn: &'txn redb::WriteTransaction,
-    open: [Option<Table<'txn>>; 9],
+    open: [Option<Table<'txn>>; T::ALL.len()],
 }
 
 impl<'txn> Tx<'txn> {

@@ -1,38 +1,155 @@
-//! The lane index on disk: one key per message that is not terminal, ordered by
-//! production order and then by id, so the head of an order's lane is the first key under
-//! its prefix. Nothing of it is held in memory: a backlog of a million messages costs
-//! disk, not RAM.
+//! The lanes on disk: per production order, its messages that are not terminal, in id
+//! order, as a doubly linked list. Nothing of it is held in memory: a backlog of a million
+//! messages costs disk, not RAM.
 //!
 //! ```text
-//! key = len(order) as u32 BE ++ order (UTF-8) ++ id as u64 BE      value = empty
+//! table "lane_ends":  key = order (UTF-8)       value = head id (u64 BE) ++ tail id (u64 BE)
+//! table "lane_links": key = id (u64 BE)         value = previous id ++ next id (u64 BE;
+//!                                                       0 = none: ids start at 1)
 //! ```
+//!
+//! Why a list and not one key per (order, id), as before December 2026: the dispatcher
+//! settles and marks one head in each of dozens of orders per write. Keyed by order, those
+//! keys sit in one B-tree leaf per order, so every write touched one page per order (half
+//! the pages of a write, and the fsync's cost grows with them). Keyed by id, the heads of
+//! a burst lie within a few hundred ids of each other: a few leaves; the ends of all orders
+//! fit in one or two.
+//!
+//! Invariants (kept by [`append`] and [`remove`], each inside the caller's transaction):
+//! an order has an ends entry exactly while its lane is not empty; following `next` from
+//! the head visits the lane's ids in increasing order and ends at the tail; `prev` mirrors
+//! `next`. The table "lanes" holds the old layout; [`convert_legacy`] moves it once.
 
-use super::kv::{Rx, Span, T};
+use super::kv::{Rx, Span, Tx, T};
 use super::{storage, MessageId, OutboxError};
 
-pub(super) fn key(order: &str, id: MessageId) -> Vec<u8> {
-    let mut k = prefix(order);
-    k.extend_from_slice(&id.to_be_bytes());
-    k
+const NONE: MessageId = 0;
+
+fn pair(a: MessageId, b: MessageId) -> [u8; 16] {
+    let mut v = [0u8; 16];
+    v[..8].copy_from_slice(&a.to_be_bytes());
+    v[8..].copy_from_slice(&b.to_be_bytes());
+    v
 }
 
-fn prefix(order: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(4 + order.len() + 8);
-    // An order number longer than 4 GiB cannot come from a parsed message.
-    k.extend_from_slice(&(order.len() as u32).to_be_bytes());
-    k.extend_from_slice(order.as_bytes());
-    k
+fn unpair(v: &[u8]) -> Option<(MessageId, MessageId)> {
+    let a = u64::from_be_bytes(v.get(..8)?.try_into().ok()?);
+    let b = u64::from_be_bytes(v.get(8..16)?.try_into().ok()?);
+    (v.len() == 16).then_some((a, b))
 }
 
-/// The first key after every key of `order`'s lane.
-fn past(order: &str) -> Vec<u8> {
-    let mut k = prefix(order);
-    k.extend_from_slice(&[0xff; 9]);
-    k
+fn broken(what: String) -> OutboxError {
+    storage(format!("lane index is damaged: {what}"))
 }
 
-fn parse(key: &[u8]) -> Option<(String, MessageId)> {
-    split(key).map(|(order, id)| (order.to_string(), id))
+/// (head, tail) of an order's lane, `None` when it is empty.
+fn ends_in(tx: &mut Tx<'_>, order: &str) -> Result<Option<(MessageId, MessageId)>, OutboxError> {
+    match tx.get(T::LaneEnds, order.as_bytes())? {
+        None => Ok(None),
+        Some(v) => unpair(&v)
+            .map(Some)
+            .ok_or_else(|| broken(format!("ends of order {order:?}"))),
+    }
+}
+
+/// (previous, next) of a lane member, `None` when `id` is in no lane.
+fn link_in(tx: &mut Tx<'_>, id: MessageId) -> Result<Option<(MessageId, MessageId)>, OutboxError> {
+    match tx.get(T::LaneLinks, &id.to_be_bytes())? {
+        None => Ok(None),
+        Some(v) => unpair(&v)
+            .map(Some)
+            .ok_or_else(|| broken(format!("links of message {id}"))),
+    }
+}
+
+fn set_link(
+    tx: &mut Tx<'_>,
+    id: MessageId,
+    prev: MessageId,
+    next: MessageId,
+) -> Result<(), OutboxError> {
+    tx.insert(T::LaneLinks, &id.to_be_bytes(), &pair(prev, next))
+}
+
+fn set_ends(
+    tx: &mut Tx<'_>,
+    order: &str,
+    head: MessageId,
+    tail: MessageId,
+) -> Result<(), OutboxError> {
+    tx.insert(T::LaneEnds, order.as_bytes(), &pair(head, tail))
+}
+
+/// Adds `id` to `order`'s lane at its place by id. Nearly always the tail: ids are handed
+/// out in append order, and a batch that took its ids earlier than one committed before it
+/// lands a few places from the end (the walk back is that short). Adding a member twice
+/// changes nothing.
+pub(super) fn append(tx: &mut Tx<'_>, order: &str, id: MessageId) -> Result<(), OutboxError> {
+    if id == NONE {
+        return Err(storage("message id 0 cannot join a lane"));
+    }
+    if link_in(tx, id)?.is_some() {
+        return Ok(());
+    }
+    let Some((head, tail)) = ends_in(tx, order)? else {
+        set_link(tx, id, NONE, NONE)?;
+        return set_ends(tx, order, id, id);
+    };
+    // The member `id` goes after: the last one with a smaller id.
+    let mut before = tail;
+    while before != NONE && before > id {
+        before = link_in(tx, before)?
+            .ok_or_else(|| broken(format!("message {before} of order {order:?} has no links")))?
+            .0;
+    }
+    let after = if before == NONE {
+        head
+    } else {
+        let (prev, next) = link_in(tx, before)?
+            .ok_or_else(|| broken(format!("message {before} of order {order:?} has no links")))?;
+        set_link(tx, before, prev, id)?;
+        next
+    };
+    set_link(tx, id, before, after)?;
+    if after != NONE {
+        let (_, next) = link_in(tx, after)?
+            .ok_or_else(|| broken(format!("message {after} of order {order:?} has no links")))?;
+        set_link(tx, after, id, next)?;
+    }
+    let head = if before == NONE { id } else { head };
+    let tail = if after == NONE { id } else { tail };
+    set_ends(tx, order, head, tail)
+}
+
+/// Takes `id` out of `order`'s lane, wherever it is; whether it was there.
+pub(super) fn remove(tx: &mut Tx<'_>, order: &str, id: MessageId) -> Result<bool, OutboxError> {
+    let Some((prev, next)) = link_in(tx, id)? else {
+        return Ok(false);
+    };
+    let Some((head, tail)) = ends_in(tx, order)? else {
+        return Err(broken(format!(
+            "message {id} is linked but order {order:?} has no lane"
+        )));
+    };
+    tx.remove(T::LaneLinks, &id.to_be_bytes())?;
+    if prev != NONE {
+        let (pp, _) = link_in(tx, prev)?
+            .ok_or_else(|| broken(format!("message {prev} of order {order:?} has no links")))?;
+        set_link(tx, prev, pp, next)?;
+    }
+    if next != NONE {
+        let (_, nn) = link_in(tx, next)?
+            .ok_or_else(|| broken(format!("message {next} of order {order:?} has no links")))?;
+        set_link(tx, next, prev, nn)?;
+    }
+    let head = if head == id { next } else { head };
+    let tail = if tail == id { prev } else { tail };
+    if head == NONE {
+        tx.remove(T::LaneEnds, order.as_bytes())?;
+    } else {
+        set_ends(tx, order, head, tail)?;
+    }
+    Ok(true)
 }
 
 /// The head (first id) of each lane, at most `limit` of them, starting with the first
@@ -47,52 +164,105 @@ pub(super) fn heads(
     skip: impl Fn(&str) -> bool,
 ) -> Result<Vec<(String, MessageId)>, OutboxError> {
     let mut out: Vec<(String, MessageId)> = Vec::new();
-    let start = after.map(past).unwrap_or_default();
-    let mut cursor = Vec::with_capacity(64);
-    // First pass from `start` to the end, then from the beginning up to `start`.
-    for (from, until) in [(start.as_slice(), None), (&[][..], Some(start.as_slice()))] {
-        cursor.clear();
-        cursor.extend_from_slice(from);
-        while out.len() < limit {
-            let Some((k, _)) = rx.first(T::Lanes, Span::from(&cursor), false)? else {
-                break;
-            };
-            if until.is_some_and(|u| k.as_slice() >= u) {
-                break;
+    // The first key after `after`'s: `after` followed by a zero byte.
+    let start = after
+        .map(|o| {
+            let mut k = o.as_bytes().to_vec();
+            k.push(0);
+            k
+        })
+        .unwrap_or_default();
+    // First from `start` to the end, then from the beginning up to `start`.
+    for span in [Span::from(&start), Span::to(&start)] {
+        rx.scan(T::LaneEnds, span, false, |k, v| {
+            if out.len() >= limit {
+                return Ok(false);
             }
-            match split(&k) {
-                Some((order, id)) => {
-                    // Past every key of this order: its prefix, then 0xff… (ids are u64).
-                    cursor.clear();
-                    cursor.extend_from_slice(&k[..k.len() - 8]);
-                    cursor.extend_from_slice(&[0xff; 9]);
-                    if skip(order) || out.iter().any(|(o, _)| o == order) {
-                        continue;
-                    }
-                    out.push((order.to_string(), id));
-                }
-                None => {
-                    // Not written by this module; skip it rather than stop every lane.
-                    cursor.clear();
-                    cursor.extend_from_slice(&k);
-                    cursor.push(0);
+            // A key or value not written by this module is passed over rather than
+            // stopping every lane.
+            if let (Ok(order), Some((head, _))) = (std::str::from_utf8(k), unpair(v)) {
+                if !skip(order) {
+                    out.push((order.to_string(), head));
                 }
             }
-        }
+            Ok(true)
+        })?;
     }
     Ok(out)
 }
 
-/// The order (as bytes) and id of a lane key, for a pass over every key.
-pub(super) fn split_key(key: &[u8]) -> Option<(&[u8], MessageId)> {
-    let len = u32::from_be_bytes(key.get(..4)?.try_into().ok()?) as usize;
-    let order = key.get(4..4 + len)?;
-    let id = u64::from_be_bytes(key.get(4 + len..)?.try_into().ok()?);
-    Some((order, id))
+/// The id after `id` in its lane.
+pub(super) fn after(rx: &Rx, id: MessageId) -> Result<Option<MessageId>, OutboxError> {
+    Ok(rx
+        .get(T::LaneLinks, &id.to_be_bytes())?
+        .as_deref()
+        .and_then(unpair)
+        .map(|(_, next)| next)
+        .filter(|next| *next != NONE))
 }
 
-/// Order and id of a lane key, borrowing the order from the key.
-fn split(key: &[u8]) -> Option<(&str, MessageId)> {
+/// The ids of one order's lane, in FIFO order.
+pub(super) fn lane(rx: &Rx, order: &str) -> Result<Vec<MessageId>, OutboxError> {
+    let Some(v) = rx.get(T::LaneEnds, order.as_bytes())? else {
+        return Ok(Vec::new());
+    };
+    let (head, _) = unpair(&v).ok_or_else(|| broken(format!("ends of order {order:?}")))?;
+    let mut ids = Vec::new();
+    let mut id = head;
+    while id != NONE {
+        // Ids only grow along a lane: a smaller one would be a cycle.
+        if ids.last().is_some_and(|last| *last >= id) {
+            return Err(broken(format!(
+                "order {order:?} loops back to message {id}"
+            )));
+        }
+        ids.push(id);
+        id = rx
+            .get(T::LaneLinks, &id.to_be_bytes())?
+            .as_deref()
+            .and_then(unpair)
+            .ok_or_else(|| broken(format!("message {id} of order {order:?} has no links")))?
+            .1;
+    }
+    Ok(ids)
+}
+
+/// (lanes, members of all lanes): what the counts at open need, without walking a lane.
+pub(super) fn sizes(rx: &Rx) -> Result<(u64, u64), OutboxError> {
+    Ok((rx.len(T::LaneEnds)?, rx.len(T::LaneLinks)?))
+}
+
+/// The head of every lane, for the counts at open.
+pub(super) fn all_heads(rx: &Rx) -> Result<Vec<MessageId>, OutboxError> {
+    Ok(heads(rx, None, usize::MAX, |_| false)?
+        .into_iter()
+        .map(|(_, id)| id)
+        .collect())
+}
+
+/// Moves a lane index of the layout before December 2026 (table "lanes", one key per
+/// member: len(order) as u32 BE ++ order ++ id as u64 BE) into the lists; returns how many
+/// members it moved. The old keys come sorted by order, then id: each is a plain append.
+pub(super) fn convert_legacy(tx: &mut Tx<'_>) -> Result<u64, OutboxError> {
+    let old = tx.collect(T::Lanes, Span::all(), usize::MAX)?;
+    let mut moved = 0;
+    for (k, _) in &old {
+        match split_legacy(k) {
+            Some((order, id)) => {
+                append(tx, order, id)?;
+                moved += 1;
+            }
+            None => {
+                tracing::error!(key = ?k, "Malformed key in the old lane index; dropped (its message keeps its record and state).")
+            }
+        }
+        tx.remove(T::Lanes, k)?;
+    }
+    Ok(moved)
+}
+
+/// Order and id of a key of the old layout.
+fn split_legacy(key: &[u8]) -> Option<(&str, MessageId)> {
     let len = u32::from_be_bytes(key.get(..4)?.try_into().ok()?) as usize;
     let order = std::str::from_utf8(key.get(4..4 + len)?).ok()?;
     if key.len() != 4 + len + 8 {
@@ -102,54 +272,38 @@ fn split(key: &[u8]) -> Option<(&str, MessageId)> {
     Some((order, id))
 }
 
-/// The id after `id` in `order`'s lane.
-pub(super) fn after(rx: &Rx, order: &str, id: MessageId) -> Result<Option<MessageId>, OutboxError> {
-    let start = key(order, id.saturating_add(1));
-    let end = past(order);
-    Ok(rx
-        .first(T::Lanes, Span::between(&start, &end), false)?
-        .and_then(|(k, _)| parse(&k))
-        .map(|(_, id)| id))
-}
-
-/// The ids of one order's lane, in FIFO order.
-pub(super) fn lane(rx: &Rx, order: &str) -> Result<Vec<MessageId>, OutboxError> {
-    let start = prefix(order);
-    let end = past(order);
-    let mut ids = Vec::new();
-    let mut malformed = false;
-    rx.scan(T::Lanes, Span::between(&start, &end), false, |k, _| {
-        match parse(k) {
-            Some((_, id)) => ids.push(id),
-            None => malformed = true,
-        }
-        Ok(!malformed)
-    })?;
-    if malformed {
-        return Err(storage("malformed lane key"));
-    }
-    Ok(ids)
+/// A key of the old layout, for tests that build an old store.
+#[cfg(test)]
+pub(super) fn legacy_key(order: &str, id: MessageId) -> Vec<u8> {
+    let mut k = (order.len() as u32).to_be_bytes().to_vec();
+    k.extend_from_slice(order.as_bytes());
+    k.extend_from_slice(&id.to_be_bytes());
+    k
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn heads_go_round_robin_and_keys_round_trip() {
+    fn store() -> (tempfile::TempDir, super::super::Kv) {
         let dir = tempfile::tempdir().unwrap();
         let Ok(kv) = super::super::Kv::open(&dir.path().join("test.redb"), 1 << 20) else {
             panic!("cannot open a store in a temporary directory");
         };
+        (dir, kv)
+    }
+
+    #[test]
+    fn heads_go_round_robin() {
+        let (_dir, kv) = store();
         kv.write(true, |tx| {
             for (order, id) in [("B", 2), ("A", 1), ("A", 3), ("C", 4), ("B", 5)] {
-                tx.insert(T::Lanes, &key(order, id), &[])?;
+                append(tx, order, id)?;
             }
             Ok(())
         })
         .unwrap();
         let t = kv.read().unwrap();
-        assert_eq!(parse(&key("P-000123", 7)), Some(("P-000123".into(), 7)));
         let all = heads(&t, None, 10, |_| false).unwrap();
         assert_eq!(all, vec![("A".into(), 1), ("B".into(), 2), ("C".into(), 4)]);
         assert_eq!(
@@ -167,5 +321,73 @@ mod tests {
             "skipped lanes are passed over"
         );
         assert_eq!(lane(&t, "A").unwrap(), vec![1, 3]);
+        assert_eq!(after(&t, 2).unwrap(), Some(5));
+        assert_eq!(after(&t, 5).unwrap(), None);
+        assert_eq!(sizes(&t).unwrap(), (3, 5));
+    }
+
+    #[test]
+    fn members_join_in_id_order_and_leave_from_anywhere() {
+        let (_dir, kv) = store();
+        // 7 commits before 5 and 6 (a batch that took its ids earlier commits later).
+        kv.write(true, |tx| {
+            for id in [1, 2, 7, 5, 6, 3] {
+                append(tx, "A", id)?;
+            }
+            append(tx, "A", 7)
+        })
+        .unwrap();
+        assert_eq!(
+            lane(&kv.read().unwrap(), "A").unwrap(),
+            vec![1, 2, 3, 5, 6, 7]
+        );
+        // Head, middle, tail; then one that is not there.
+        kv.write(true, |tx| {
+            assert!(remove(tx, "A", 1)?);
+            assert!(remove(tx, "A", 5)?);
+            assert!(remove(tx, "A", 7)?);
+            assert!(!remove(tx, "A", 7)?);
+            Ok(())
+        })
+        .unwrap();
+        let t = kv.read().unwrap();
+        assert_eq!(lane(&t, "A").unwrap(), vec![2, 3, 6]);
+        assert_eq!(
+            heads(&t, None, 10, |_| false).unwrap(),
+            vec![("A".into(), 2)]
+        );
+        assert_eq!(after(&t, 3).unwrap(), Some(6));
+        drop(t);
+        kv.write(true, |tx| {
+            for id in [3, 6, 2] {
+                remove(tx, "A", id)?;
+            }
+            Ok(())
+        })
+        .unwrap();
+        let t = kv.read().unwrap();
+        assert_eq!(
+            sizes(&t).unwrap(),
+            (0, 0),
+            "an emptied lane leaves nothing behind"
+        );
+        assert!(heads(&t, None, 10, |_| false).unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_old_layout_is_converted_whole() {
+        let (_dir, kv) = store();
+        kv.write(true, |tx| {
+            for (order, id) in [("P-2", 4), ("P-1", 1), ("P-1", 3), ("P-2", 9)] {
+                tx.insert(T::Lanes, &legacy_key(order, id), &[])?;
+            }
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(kv.write(true, convert_legacy).unwrap(), 4);
+        let t = kv.read().unwrap();
+        assert_eq!(lane(&t, "P-1").unwrap(), vec![1, 3]);
+        assert_eq!(lane(&t, "P-2").unwrap(), vec![4, 9]);
+        assert_eq!(t.len(T::Lanes).unwrap(), 0);
     }
 }

@@ -13,7 +13,9 @@
 //! redb store <data_dir>/outbox/outbox.redb (kv.rs), one table per concern:
 //!   tree "messages":  key = message id (u64, big-endian)
 //!                     value = format version (1 byte) ++ JSON of Record
-//!   tree "lanes":     one key per message that is not terminal: order ++ id (see lanes.rs)
+//!   tree "lane_ends", "lane_links": the messages that are not terminal, per order a
+//!                     linked list in id order (see lanes.rs; tree "lanes" held the
+//!                     layout before December 2026 and is converted at the first open)
 //!   tree "ingress":   upstream deliveries whose result is stored (see ingress.rs)
 //!   tree "done":      one key per delivered or cancelled message:
 //!                     key = last change as whole seconds since 1970 (i64 BE, sign bit
@@ -37,7 +39,7 @@
 //!
 //! # Invariants
 //!
-//! - [`Outbox::commit`] writes new messages, their lane keys, the upstream deliveries they
+//! - [`Outbox::commit`] writes new messages, their lane links, the upstream deliveries they
 //!   came from and the rules engine's state in one transaction: after a crash all or
 //!   none are there, so a counted piece is never lost between the engine and the outbox,
 //!   nor reported twice, and a redelivered publish is recognised.
@@ -61,14 +63,14 @@
 //!   operators move `failed | uncertain → queued` (retry), `queued | failed | uncertain →
 //!   cancelled`, and `uncertain → delivered` (resolve). Every change of state is recorded in
 //!   the message's history; a transition from a state that does not allow it is refused.
-//! - A message's lane key exists exactly while the message is not terminal. A terminal
-//!   record and the removal of its lane key are one transaction; a store written by the
-//!   engine before (sled, not atomic across trees) may hold a stale lane key, which
+//! - A message is in its order's lane exactly while it is not terminal. A terminal
+//!   record and its removal from the lane are one transaction; a store written by the
+//!   engine before (sled, not atomic across trees) may hold a stale lane member, which
 //!   [`Outbox::lane_heads`] removes when it meets it.
 //! - A message's done key exists exactly while the message is terminal (written with the
 //!   record in the same write, removed with it by pruning). A store written before this
-//!   index existed gets it (and its lane keys) built once, at the first open.
-//! - Opening reads keys, not records: lane keys, the head of each lane, the done index.
+//!   index existed gets it (and its lanes) built once, at the first open.
+//! - Opening reads keys, not records: lane sizes, the head of each lane, the done index.
 //!   A record that cannot be decoded is reported when it is read.
 //! - Memory: per-state counts and nothing that grows with the backlog.
 //! - redb types never leave kv.rs (and sled's, kept to migrate an old store, migrate.rs).
@@ -355,6 +357,18 @@ impl Store {
                 build_indexes(tx, corrupt)?;
                 tx.insert(T::State, INDEXED, &[1])
             })?;
+        }
+        if store
+            .kv
+            .read()?
+            .first(T::Lanes, Span::all(), false)?
+            .is_some()
+        {
+            tracing::info!(
+                "Converting the outbox's lane index to the layout of December 2026 (once)."
+            );
+            let moved = store.kv.write(true, lanes::convert_legacy)?;
+            tracing::info!(messages = moved, "Converted the lane index.");
         }
         Ok(store)
     }
@@ -698,7 +712,7 @@ impl Outbox {
                 store.kv.write(true, |tx| {
                     for (r, bytes) in records.iter().zip(&encoded) {
                         tx.insert(T::Messages, &key(r.id), bytes)?;
-                        tx.insert(T::Lanes, &lanes::key(&r.production_order, r.id), &[])?;
+                        lanes::append(tx, &r.production_order, r.id)?;
                         if let Some(digest) = r.content_digest {
                             tx.insert(T::Contents, &verdict::content_key(digest, r.id), &[])?;
                         }
@@ -718,7 +732,7 @@ impl Outbox {
                         tx.insert(T::Messages, &key(r.id), bytes)?;
                         if r.state.is_terminal() && !old.is_terminal() {
                             tx.insert(T::Done, &done_key(r), &done_value(r))?;
-                            tx.remove(T::Lanes, &lanes::key(&r.production_order, r.id))?;
+                            lanes::remove(tx, &r.production_order, r.id)?;
                         }
                         if r.d365.as_ref().is_some_and(|v| v.failed) {
                             tx.insert(T::Rejected, &key(r.id), &[])?;
@@ -942,7 +956,7 @@ impl Outbox {
         })
     }
 
-    /// Writes changed records and their lane keys; one flush. `old` is each record's
+    /// Writes changed records and their lanes; one flush. `old` is each record's
     /// state before the change.
     async fn write(&self, changed: Vec<(Record, State)>) -> Result<Vec<Record>, OutboxError> {
         if changed.is_empty() {
@@ -971,7 +985,7 @@ impl Outbox {
                             if !old.is_terminal() {
                                 tx.insert(T::Done, &done_key(r), &done_value(r))?;
                             }
-                            tx.remove(T::Lanes, &lanes::key(&r.production_order, r.id))?;
+                            lanes::remove(tx, &r.production_order, r.id)?;
                         }
                     }
                     Ok(())
@@ -1077,13 +1091,9 @@ impl Outbox {
         Ok(())
     }
 
-    /// The id of the message after `id` in `order`'s lane.
-    pub fn next_in_lane(
-        &self,
-        order: &str,
-        id: MessageId,
-    ) -> Result<Option<MessageId>, OutboxError> {
-        lanes::after(&self.store()?.kv.read()?, order, id)
+    /// The id of the message after `id` in its lane.
+    pub fn next_in_lane(&self, id: MessageId) -> Result<Option<MessageId>, OutboxError> {
+        lanes::after(&self.store()?.kv.read()?, id)
     }
 
     /// The (order, id) of the first message of up to `limit` lanes, round-robin from the
@@ -1140,13 +1150,11 @@ impl Outbox {
             for (order, id) in heads {
                 match record_in(&rx, id) {
                     Ok(r) if !r.state.is_terminal() => out.push(r),
-                    // A crash between writing a terminal record and removing its lane key
+                    // A crash between writing a terminal record and taking it out of its lane
                     // (a store written by the engine before redb, whose writes were not
                     // atomic; today's writes are).
                     Ok(_) | Err(OutboxError::NotFound(_)) => {
-                        store
-                            .kv
-                            .write(true, |tx| tx.remove(T::Lanes, &lanes::key(&order, id)))?;
+                        store.kv.write(true, |tx| lanes::remove(tx, &order, id))?;
                         stale = true;
                     }
                     Err(e) => return Err(e),
@@ -1553,14 +1561,14 @@ fn done_key(r: &Record) -> [u8; 16] {
 }
 
 /// One pass over a store written before the indexes existed (version 0.1 kept lanes in
-/// memory): every record gets its lane key or its done key.
+/// memory): every record joins its lane or gets its done key.
 fn build_indexes(tx: &mut kv::Tx<'_>, corrupt: &mut Vec<MessageId>) -> Result<(), OutboxError> {
-    let mut lane_keys = Vec::new();
+    let mut lane_members = Vec::new();
     let mut done_keys = Vec::new();
     tx.scan(T::Messages, Span::all(), false, |k, v| {
         match decode(v) {
             Ok(r) if r.state.is_terminal() => done_keys.push((done_key(&r), done_value(&r))),
-            Ok(r) => lane_keys.push(lanes::key(&r.production_order, r.id)),
+            Ok(r) => lane_members.push((r.production_order, r.id)),
             Err(e) => {
                 let id = k.try_into().map(u64::from_be_bytes).unwrap_or(0);
                 tracing::error!(message_id = id, error = %e, "Outbox record cannot be decoded; it is kept on disk and skipped.");
@@ -1569,8 +1577,8 @@ fn build_indexes(tx: &mut kv::Tx<'_>, corrupt: &mut Vec<MessageId>) -> Result<()
         }
         Ok(true)
     })?;
-    for k in &lane_keys {
-        tx.insert(T::Lanes, k, &[])?;
+    for (order, id) in &lane_members {
+        lanes::append(tx, order, *id)?;
     }
     for (k, v) in &done_keys {
         tx.insert(T::Done, k, v)?;
@@ -1582,21 +1590,12 @@ fn build_indexes(tx: &mut kv::Tx<'_>, corrupt: &mut Vec<MessageId>) -> Result<()
 /// heads are ever sent), so only heads are read; terminal ones come from the done index.
 fn count_states(rx: &kv::Rx) -> Result<BTreeMap<State, usize>, OutboxError> {
     let mut counts = BTreeMap::new();
-    let mut last_order: Option<Vec<u8>> = None;
-    let mut heads = Vec::new();
-    rx.scan(T::Lanes, Span::all(), false, |k, _| {
-        let Some((order, id)) = lanes::split_key(k) else {
-            return Ok(true);
-        };
-        if last_order.as_deref() == Some(order) {
-            *counts.entry(State::Queued).or_default() += 1;
-        } else {
-            last_order = Some(order.to_vec());
-            heads.push(id);
-        }
-        Ok(true)
-    })?;
-    for id in heads {
+    let (lanes, members) = lanes::sizes(rx)?;
+    let behind_heads = members.saturating_sub(lanes) as usize;
+    if behind_heads > 0 {
+        counts.insert(State::Queued, behind_heads);
+    }
+    for id in lanes::all_heads(rx)? {
         match rx.get(T::Messages, &key(id))?.map(|v| decode(&v)) {
             Some(Ok(r)) => *counts.entry(r.state).or_default() += 1,
             Some(Err(e)) => {

@@ -382,7 +382,7 @@ async fn a_store_without_indexes_gets_them_built_at_the_first_open() {
         store
             .kv
             .write(true, |tx| {
-                for table in [kv::T::Lanes, kv::T::Done] {
+                for table in [kv::T::LaneEnds, kv::T::LaneLinks, kv::T::Done] {
                     for (k, _) in tx.collect(table, kv::Span::all(), usize::MAX)? {
                         tx.remove(table, &k)?;
                     }
@@ -1054,8 +1054,9 @@ async fn without_the_index_nothing_is_matched_and_no_index_is_written() {
     );
 }
 
-/// An outbox written by an earlier build (sled) is moved into redb at the first open, with every
-/// record, lane, count, delivery and the rules state; sled's files are gone afterwards.
+/// An outbox written by an earlier build (sled, one lane key per member) is moved into redb
+/// at the first open, with every record, lane, count, delivery and the rules state; sled's
+/// files are gone afterwards.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_store_of_the_old_format_is_migrated_whole_at_the_first_open() {
     let written = tempfile::tempdir().unwrap();
@@ -1070,7 +1071,20 @@ async fn a_store_of_the_old_format_is_migrated_whole_at_the_first_open() {
     {
         let sled_db = sled::Config::new().path(&old_dir).open().unwrap();
         let rx = outbox.store().unwrap().kv.read().unwrap();
+        // Their lane index had one key per member (order ++ id); the lists came later.
+        let legacy_lanes = sled_db.open_tree(kv::T::Lanes.name()).unwrap();
+        for order in ["A", "B", "C"] {
+            for id in outbox.lane(order).unwrap() {
+                legacy_lanes
+                    .insert(lanes::legacy_key(order, id), &[])
+                    .unwrap();
+            }
+        }
+        assert!(!legacy_lanes.is_empty());
         for table in kv::T::ALL {
+            if matches!(table, kv::T::LaneEnds | kv::T::LaneLinks) {
+                continue;
+            }
             let tree = sled_db.open_tree(table.name()).unwrap();
             rx.scan(table, kv::Span::all(), false, |k, v| {
                 tree.insert(k, v).unwrap();
