@@ -35,10 +35,11 @@ pub(super) enum T {
     Publishes,
     LaneEnds,
     LaneLinks,
+    Sending,
 }
 
 impl T {
-    pub(super) const ALL: [T; 11] = [
+    pub(super) const ALL: [T; 12] = [
         T::Messages,
         T::Lanes,
         T::Ingress,
@@ -50,6 +51,7 @@ impl T {
         T::Publishes,
         T::LaneEnds,
         T::LaneLinks,
+        T::Sending,
     ];
 
     pub(super) fn name(self) -> &'static str {
@@ -65,6 +67,7 @@ impl T {
             T::Publishes => "publishes",
             T::LaneEnds => "lane_ends",
             T::LaneLinks => "lane_links",
+            T::Sending => "sending",
         }
     }
 

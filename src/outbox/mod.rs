@@ -16,6 +16,9 @@
 //!   tree "lane_ends", "lane_links": the messages that are not terminal, per order a
 //!                     linked list in id order (see lanes.rs; tree "lanes" held the
 //!                     layout before December 2026 and is converted at the first open)
+//!   tree "sending":   key = id of a message marked `sending`, value = when (i128 BE,
+//!                     nanoseconds since 1970): the mark lives here, not in the record
+//!                     (see "The sending mark" below)
 //!   tree "ingress":   upstream deliveries whose result is stored (see ingress.rs)
 //!   tree "done":      one key per delivered or cancelled message:
 //!                     key = last change as whole seconds since 1970 (i64 BE, sign bit
@@ -36,6 +39,17 @@
 //! messages that took the ids before it, so id order is append order and no id is given
 //! twice, even after the newest messages were pruned. Per production order the outbox is a FIFO queue: the *lane* of an order is
 //! its non-terminal messages in id order, and only the head of a lane may be sent.
+//!
+//! # The sending mark
+//!
+//! Marking a message `sending` writes one small key in the "sending" tree instead of
+//! rewriting its record: the record stays `queued` on disk, and every read of a record
+//! ([`record_in`], the scans) lays the mark over it (state `sending`, `updated_at` the
+//! mark's time). Any later write of the record (its outcome) removes the mark in the same
+//! transaction. Why: the dispatcher marks one head in each of dozens of orders per write;
+//! those records lie in dozens of B-tree leaves, each rewritten and flushed for a change
+//! of one field, while the marks (at most one per lane) share one leaf. Measured in
+//! README → Performance.
 //!
 //! # Invariants
 //!
@@ -387,7 +401,55 @@ fn record_in(rx: &kv::Rx, id: MessageId) -> Result<Record, OutboxError> {
     let bytes = rx
         .get(T::Messages, &key(id))?
         .ok_or(OutboxError::NotFound(id))?;
-    decode(&bytes).map_err(|e| storage(format!("message {id}: {e}")))
+    let mut r = decode(&bytes).map_err(|e| storage(format!("message {id}: {e}")))?;
+    if let Some(mark) = rx.get(T::Sending, &key(id))? {
+        lay_mark(&mut r, &mark);
+    }
+    Ok(r)
+}
+
+/// The sending mark's value: when the message was marked.
+fn mark_value(at: jiff::Timestamp) -> [u8; 16] {
+    at.as_nanosecond().to_be_bytes()
+}
+
+/// A record as read, with its sending mark (see the module doc) laid over it.
+fn lay_mark(r: &mut Record, mark: &[u8]) {
+    // Only a queued record can carry a mark; anything else was written after it (and the
+    // write removed it), so the record is the truth.
+    if r.state != State::Queued {
+        return;
+    }
+    r.state = State::Sending;
+    if let Some(at) = mark
+        .try_into()
+        .ok()
+        .map(i128::from_be_bytes)
+        .and_then(|ns| jiff::Timestamp::from_nanosecond(ns).ok())
+    {
+        r.updated_at = at;
+    }
+}
+
+/// Every sending mark (at most one per lane: only heads are marked), for a scan over records.
+fn marks(rx: &kv::Rx) -> Result<std::collections::HashMap<MessageId, Vec<u8>>, OutboxError> {
+    let mut out = std::collections::HashMap::new();
+    rx.scan(T::Sending, Span::all(), false, |k, v| {
+        if let Ok(id) = k.try_into().map(u64::from_be_bytes) {
+            out.insert(id, v.to_vec());
+        }
+        Ok(true)
+    })?;
+    Ok(out)
+}
+
+/// A record met in a scan over the messages tree, with its sending mark laid over it.
+fn scanned(v: &[u8], marks: &std::collections::HashMap<MessageId, Vec<u8>>) -> Option<Record> {
+    let mut r = decode(v).ok()?;
+    if let Some(mark) = marks.get(&r.id) {
+        lay_mark(&mut r, mark);
+    }
+    Some(r)
 }
 
 impl fmt::Debug for Outbox {
@@ -730,6 +792,9 @@ impl Outbox {
                     }
                     for ((r, old), bytes) in plan.updated.iter().zip(&updated) {
                         tx.insert(T::Messages, &key(r.id), bytes)?;
+                        if *old == State::Sending {
+                            tx.remove(T::Sending, &key(r.id))?;
+                        }
                         if r.state.is_terminal() && !old.is_terminal() {
                             tx.insert(T::Done, &done_key(r), &done_value(r))?;
                             lanes::remove(tx, &r.production_order, r.id)?;
@@ -964,13 +1029,25 @@ impl Outbox {
         }
         let changed = self
             .write_blocking(move |this| {
+                // A mark writes no record (see the module doc): nothing to encode.
                 let encoded = changed
                     .iter()
-                    .map(|(r, _)| encode(r))
+                    .map(|(r, old)| match (old, r.state) {
+                        (State::Queued, State::Sending) => Ok(Vec::new()),
+                        _ => encode(r),
+                    })
                     .collect::<Result<Vec<_>, _>>()?;
                 this.kv.write(true, |tx| {
                     for ((r, old), bytes) in changed.iter().zip(&encoded) {
+                        if *old == State::Queued && r.state == State::Sending {
+                            // The mark alone (see the module doc).
+                            tx.insert(T::Sending, &key(r.id), &mark_value(r.updated_at))?;
+                            continue;
+                        }
                         tx.insert(T::Messages, &key(r.id), bytes)?;
+                        if *old == State::Sending {
+                            tx.remove(T::Sending, &key(r.id))?;
+                        }
                         // An operator's retry may have edited the content: index it again
                         // (the old key turns stale and goes when a verdict meets it, or at
                         // pruning).
@@ -1178,19 +1255,18 @@ impl Outbox {
         order: Option<&str>,
     ) -> Result<Vec<Record>, OutboxError> {
         let mut out = Vec::new();
-        self.store()?
-            .kv
-            .read()?
-            .scan(T::Messages, Span::all(), false, |_, v| {
-                if let Ok(r) = decode(v) {
-                    if state.is_none_or(|s| s == r.state)
-                        && order.is_none_or(|o| o == r.production_order)
-                    {
-                        out.push(r);
-                    }
+        let rx = self.store()?.kv.read()?;
+        let marks = marks(&rx)?;
+        rx.scan(T::Messages, Span::all(), false, |_, v| {
+            if let Some(r) = scanned(v, &marks) {
+                if state.is_none_or(|s| s == r.state)
+                    && order.is_none_or(|o| o == r.production_order)
+                {
+                    out.push(r);
                 }
-                Ok(true)
-            })?;
+            }
+            Ok(true)
+        })?;
         Ok(out)
     }
 
@@ -1220,17 +1296,16 @@ impl Outbox {
         };
         let mut out = Vec::new();
         if limit > 0 {
-            store
-                .kv
-                .read()?
-                .scan(T::Messages, span, newest_first, |_, v| {
-                    if let Ok(r) = decode(v) {
-                        if filter.matches(&r) {
-                            out.push(r);
-                        }
+            let rx = store.kv.read()?;
+            let marks = marks(&rx)?;
+            rx.scan(T::Messages, span, newest_first, |_, v| {
+                if let Some(r) = scanned(v, &marks) {
+                    if filter.matches(&r) {
+                        out.push(r);
                     }
-                    Ok(out.len() < limit)
-                })?;
+                }
+                Ok(out.len() < limit)
+            })?;
         }
         let next = match out.last() {
             Some(last) if out.len() == limit => Some(last.id),
@@ -1596,12 +1671,12 @@ fn count_states(rx: &kv::Rx) -> Result<BTreeMap<State, usize>, OutboxError> {
         counts.insert(State::Queued, behind_heads);
     }
     for id in lanes::all_heads(rx)? {
-        match rx.get(T::Messages, &key(id))?.map(|v| decode(&v)) {
-            Some(Ok(r)) => *counts.entry(r.state).or_default() += 1,
-            Some(Err(e)) => {
+        match record_in(rx, id) {
+            Ok(r) => *counts.entry(r.state).or_default() += 1,
+            Err(OutboxError::NotFound(_)) => {}
+            Err(e) => {
                 tracing::error!(message_id = id, error = %e, "Outbox record cannot be decoded; its order is held until it is cancelled.");
             }
-            None => {}
         }
     }
     rx.scan(T::Done, Span::all(), false, |_, v| {

@@ -228,6 +228,79 @@ async fn interrupted_sends_are_recovered_by_the_callers_decision() {
     assert_eq!(outbox.get(recs[1].id).unwrap().state, State::Queued);
 }
 
+/// The sending mark is kept apart from the record (module doc): every way of reading a
+/// record shows it, it survives a restart, and the outcome's write takes it away.
+#[tokio::test]
+async fn a_sending_mark_shows_in_every_read_survives_reopen_and_goes_with_the_outcome() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = {
+        let outbox = Outbox::open(dir.path()).unwrap();
+        let recs = outbox.append(vec![msg("A", 1), msg("B", 1)]).await.unwrap();
+        let before = jiff::Timestamp::now();
+        let marked = outbox.mark_sending(&[recs[0].id]).await.unwrap();
+        assert_eq!(ids(&marked), [recs[0].id]);
+        assert_eq!(marked[0].state, State::Sending);
+        let got = outbox.get(recs[0].id).unwrap();
+        assert_eq!(got.state, State::Sending);
+        assert!(
+            got.updated_at >= before,
+            "the mark's time is the record's updated_at"
+        );
+        assert_eq!(
+            ids(&outbox.list(Some(State::Sending), None).unwrap()),
+            [recs[0].id]
+        );
+        assert_eq!(
+            ids(&outbox.list(Some(State::Queued), None).unwrap()),
+            [recs[1].id]
+        );
+        let (page, _) = outbox
+            .page(&ListFilter::default(), None, 10, false)
+            .unwrap();
+        assert_eq!(page[0].state, State::Sending);
+        assert_eq!(outbox.counts()[&State::Sending], 1);
+        (got, recs[1].clone())
+    };
+    // A crash or a stop while it was on the wire.
+    let outbox = Outbox::open(dir.path()).unwrap();
+    assert_eq!(outbox.counts()[&State::Sending], 1, "counted at open");
+    assert_eq!(outbox.counts()[&State::Queued], 1);
+    let heads = outbox.lane_heads(None, 10).unwrap();
+    assert_eq!(
+        heads.iter().map(|r| r.state).collect::<Vec<_>>(),
+        [State::Sending, State::Queued]
+    );
+    assert_eq!(heads[0].updated_at, a.updated_at);
+    outbox
+        .settle(vec![settled(a.id, Settle::Delivered)])
+        .await
+        .unwrap();
+    let delivered = outbox.get(a.id).unwrap();
+    assert_eq!(delivered.state, State::Delivered);
+    let store = outbox.store().unwrap();
+    assert_eq!(
+        store.kv.read().unwrap().len(kv::T::Sending).unwrap(),
+        0,
+        "the outcome's write removed the mark"
+    );
+    drop(store);
+    // Marking again after a requeue: the mark is new, the record's history intact.
+    outbox.mark_sending(&[b.id]).await.unwrap();
+    outbox
+        .settle(vec![settled(
+            b.id,
+            Settle::Requeue {
+                reason: "resend".into(),
+            },
+        )])
+        .await
+        .unwrap();
+    let requeued = outbox.get(b.id).unwrap();
+    assert_eq!(requeued.state, State::Queued);
+    assert_eq!(requeued.attempt_count, 1);
+    assert_eq!(outbox.list(Some(State::Sending), None).unwrap().len(), 0);
+}
+
 #[tokio::test]
 async fn prune_removes_only_old_terminal_messages() {
     let dir = tempfile::tempdir().unwrap();
