@@ -240,25 +240,24 @@ pub(super) fn all_heads(rx: &Rx) -> Result<Vec<MessageId>, OutboxError> {
         .collect())
 }
 
-/// Moves a lane index of the layout before December 2026 (table "lanes", one key per
-/// member: len(order) as u32 BE ++ order ++ id as u64 BE) into the lists; returns how many
-/// members it moved. The old keys come sorted by order, then id: each is a plain append.
-pub(super) fn convert_legacy(tx: &mut Tx<'_>) -> Result<u64, OutboxError> {
-    let old = tx.collect(T::Lanes, Span::all(), usize::MAX)?;
-    let mut moved = 0;
+/// Moves up to `limit` keys of a lane index of the layout before December 2026 (table
+/// "lanes", one key per member: len(order) as u32 BE ++ order ++ id as u64 BE) into the
+/// lists; returns how many keys it took (0: none left). Each slice is whole in itself
+/// (a member joins its list at its place by id whatever was moved before), so a crash
+/// between slices leaves a store the next open finishes converting; and memory stays
+/// bounded by the slice, not by the backlog.
+pub(super) fn convert_legacy(tx: &mut Tx<'_>, limit: usize) -> Result<usize, OutboxError> {
+    let old = tx.collect(T::Lanes, Span::all(), limit)?;
     for (k, _) in &old {
         match split_legacy(k) {
-            Some((order, id)) => {
-                append(tx, order, id)?;
-                moved += 1;
-            }
+            Some((order, id)) => append(tx, order, id)?,
             None => {
                 tracing::error!(key = ?k, "Malformed key in the old lane index; dropped (its message keeps its record and state).")
             }
         }
         tx.remove(T::Lanes, k)?;
     }
-    Ok(moved)
+    Ok(old.len())
 }
 
 /// Order and id of a key of the old layout.
@@ -384,7 +383,10 @@ mod tests {
             Ok(())
         })
         .unwrap();
-        assert_eq!(kv.write(true, convert_legacy).unwrap(), 4);
+        // In slices smaller than the index, as a big store is converted.
+        assert_eq!(kv.write(true, |tx| convert_legacy(tx, 3)).unwrap(), 3);
+        assert_eq!(kv.write(true, |tx| convert_legacy(tx, 3)).unwrap(), 1);
+        assert_eq!(kv.write(true, |tx| convert_legacy(tx, 3)).unwrap(), 0);
         let t = kv.read().unwrap();
         assert_eq!(lane(&t, "P-1").unwrap(), vec![1, 3]);
         assert_eq!(lane(&t, "P-2").unwrap(), vec![4, 9]);

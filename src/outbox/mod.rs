@@ -372,16 +372,23 @@ impl Store {
                 tx.insert(T::State, INDEXED, &[1])
             })?;
         }
-        if store
-            .kv
-            .read()?
-            .first(T::Lanes, Span::all(), false)?
-            .is_some()
-        {
+        let old_lanes = store.kv.read()?.len(T::Lanes)?;
+        if old_lanes > 0 {
             tracing::info!(
+                messages = old_lanes,
                 "Converting the outbox's lane index to the layout of December 2026 (once)."
             );
-            let moved = store.kv.write(true, lanes::convert_legacy)?;
+            let mut moved = 0;
+            loop {
+                let slice = store
+                    .kv
+                    .write(true, |tx| lanes::convert_legacy(tx, CONVERT_SLICE))?;
+                if slice == 0 {
+                    break;
+                }
+                moved += slice;
+                tracing::info!(done = moved, of = old_lanes, "Converting the lane index.");
+            }
             tracing::info!(messages = moved, "Converted the lane index.");
         }
         Ok(store)
@@ -1569,6 +1576,8 @@ fn apply_settlement(r: &mut Record, s: &Settlement) {
 
 /// Records removed per transaction by [`Outbox::prune`].
 const PRUNE_SLICE: usize = 10_000;
+/// Keys of the old lane index converted per transaction at the first open.
+const CONVERT_SLICE: usize = 50_000;
 
 /// Set in the state tree once the lane and done indexes cover every record.
 const INDEXED: &[u8] = b"outbox.indexed";
