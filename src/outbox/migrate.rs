@@ -99,6 +99,11 @@ fn copy(dir: &Path, into: &Path, cache_bytes: usize) -> Result<u64, OutboxError>
         sled::Error::Io(io) if io.to_string().contains("lock") => OutboxError::Locked {
             path: dir.to_path_buf(),
         },
+        // Its Display adds an empty "backtrace ()"; an operator needs what and where.
+        sled::Error::Corruption { at, .. } => unreadable(match at {
+            Some(at) => format!("corrupted data at {at:?}"),
+            None => "corrupted data".into(),
+        }),
         other => unreadable(other.to_string()),
     })?;
     let new = Kv::open(into, cache_bytes).map_err(|e| e.at(dir, into))?;

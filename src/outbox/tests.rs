@@ -1202,3 +1202,62 @@ async fn a_store_of_the_old_format_is_migrated_whole_at_the_first_open() {
         before_last.0.len() + 1
     );
 }
+
+/// An old-format store that sled itself cannot read (torn by a power cut under an earlier
+/// build) is refused with the reason, and left exactly as it was: nothing is migrated
+/// half, nothing of it is deleted.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_old_format_store_sled_cannot_read_is_refused_and_left_untouched() {
+    let old = tempfile::tempdir().unwrap();
+    let dir = old.path().join("outbox");
+    {
+        let sled_db = sled::Config::new().path(&dir).open().unwrap();
+        let messages = sled_db.open_tree(kv::T::Messages.name()).unwrap();
+        for id in 1u64..=2_000 {
+            messages.insert(id.to_be_bytes(), vec![1u8; 400]).unwrap();
+        }
+        sled_db.flush().unwrap();
+    }
+    // Tear it: garble its configuration file, which sled checks before anything else.
+    let conf = dir.join("conf");
+    let mut bytes = std::fs::read(&conf).unwrap();
+    for b in &mut bytes {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&conf, &bytes).unwrap();
+    let files = |dir: &std::path::Path| {
+        let mut all: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().is_file())
+            .map(|e| {
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    std::fs::read(e.path()).unwrap(),
+                )
+            })
+            .collect();
+        all.sort();
+        all
+    };
+    let before = files(&dir);
+
+    let Err(e) = Outbox::open(old.path()) else {
+        panic!("a torn old store was opened");
+    };
+    let text = e.to_string();
+    assert!(
+        text.contains("the outbox in the old format (sled) cannot be read: corrupted data; it is left as it is"),
+        "{text}"
+    );
+    let after: Vec<_> = files(&dir)
+        .into_iter()
+        .filter(|(name, _)| name != "outbox.redb.migrating")
+        .collect();
+    assert_eq!(
+        after.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>(),
+        before.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>(),
+        "no file of the old store is removed and no new store appears"
+    );
+    assert!(after == before, "the old store's files are unchanged");
+}
