@@ -62,6 +62,35 @@ fn link_in(tx: &mut Tx<'_>, id: MessageId) -> Result<Option<(MessageId, MessageI
     }
 }
 
+/// (previous, next) of a member of `order`'s lane, which must be there.
+fn linked(
+    tx: &mut Tx<'_>,
+    order: &str,
+    id: MessageId,
+) -> Result<(MessageId, MessageId), OutboxError> {
+    link_in(tx, id)?.ok_or_else(|| broken(format!("message {id} of order {order:?} has no links")))
+}
+
+fn set_next(
+    tx: &mut Tx<'_>,
+    order: &str,
+    id: MessageId,
+    next: MessageId,
+) -> Result<(), OutboxError> {
+    let (prev, _) = linked(tx, order, id)?;
+    set_link(tx, id, prev, next)
+}
+
+fn set_prev(
+    tx: &mut Tx<'_>,
+    order: &str,
+    id: MessageId,
+    prev: MessageId,
+) -> Result<(), OutboxError> {
+    let (_, next) = linked(tx, order, id)?;
+    set_link(tx, id, prev, next)
+}
+
 fn set_link(
     tx: &mut Tx<'_>,
     id: MessageId,
@@ -98,23 +127,19 @@ pub(super) fn append(tx: &mut Tx<'_>, order: &str, id: MessageId) -> Result<(), 
     // The member `id` goes after: the last one with a smaller id.
     let mut before = tail;
     while before != NONE && before > id {
-        before = link_in(tx, before)?
-            .ok_or_else(|| broken(format!("message {before} of order {order:?} has no links")))?
-            .0;
+        before = linked(tx, order, before)?.0;
     }
     let after = if before == NONE {
         head
     } else {
-        let (prev, next) = link_in(tx, before)?
-            .ok_or_else(|| broken(format!("message {before} of order {order:?} has no links")))?;
-        set_link(tx, before, prev, id)?;
-        next
+        linked(tx, order, before)?.1
     };
+    if before != NONE {
+        set_next(tx, order, before, id)?;
+    }
     set_link(tx, id, before, after)?;
     if after != NONE {
-        let (_, next) = link_in(tx, after)?
-            .ok_or_else(|| broken(format!("message {after} of order {order:?} has no links")))?;
-        set_link(tx, after, id, next)?;
+        set_prev(tx, order, after, id)?;
     }
     let head = if before == NONE { id } else { head };
     let tail = if after == NONE { id } else { tail };
@@ -133,14 +158,10 @@ pub(super) fn remove(tx: &mut Tx<'_>, order: &str, id: MessageId) -> Result<bool
     };
     tx.remove(T::LaneLinks, &id.to_be_bytes())?;
     if prev != NONE {
-        let (pp, _) = link_in(tx, prev)?
-            .ok_or_else(|| broken(format!("message {prev} of order {order:?} has no links")))?;
-        set_link(tx, prev, pp, next)?;
+        set_next(tx, order, prev, next)?;
     }
     if next != NONE {
-        let (_, nn) = link_in(tx, next)?
-            .ok_or_else(|| broken(format!("message {next} of order {order:?} has no links")))?;
-        set_link(tx, next, prev, nn)?;
+        set_prev(tx, order, next, prev)?;
     }
     let head = if head == id { next } else { head };
     let tail = if tail == id { prev } else { tail };
@@ -371,6 +392,93 @@ mod tests {
             "an emptied lane leaves nothing behind"
         );
         assert!(heads(&t, None, 10, |_| false).unwrap().is_empty());
+    }
+
+    /// Random joins (mostly in id order, some late) and leaves (heads mostly, some from
+    /// the middle) over several orders and transactions, checked against a plain model
+    /// after every transaction: lanes, heads, successors and sizes.
+    #[test]
+    fn lanes_match_a_model_under_random_joins_and_leaves() {
+        let (_dir, kv) = store();
+        let mut model: std::collections::BTreeMap<String, std::collections::BTreeSet<MessageId>> =
+            Default::default();
+        // xorshift: deterministic, no extra crate.
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut rand = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let orders = ["P-1", "P-2", "P-3", "P-4", "P-5"];
+        let mut next_id = 1;
+        for _round in 0..200 {
+            kv.write(true, |tx| {
+                for _ in 0..rand(20) {
+                    if rand(3) > 0 {
+                        // Join: a batch of ids, committed in order or (1 in 5) reversed.
+                        let order = orders[rand(orders.len() as u64) as usize];
+                        let n = 1 + rand(4);
+                        let mut ids: Vec<MessageId> = (next_id..next_id + n).collect();
+                        next_id += n;
+                        if rand(5) == 0 {
+                            ids.reverse();
+                        }
+                        for id in ids {
+                            append(tx, order, id)?;
+                            model.entry(order.to_string()).or_default().insert(id);
+                        }
+                    } else {
+                        // Leave: the head, or (1 in 4) any member.
+                        let order = orders[rand(orders.len() as u64) as usize];
+                        let Some(members) = model.get_mut(order) else {
+                            continue;
+                        };
+                        let pick = if rand(4) == 0 {
+                            rand(members.len() as u64) as usize
+                        } else {
+                            0
+                        };
+                        let Some(&id) = members.iter().nth(pick) else {
+                            continue;
+                        };
+                        assert!(remove(tx, order, id)?);
+                        members.remove(&id);
+                        if members.is_empty() {
+                            model.remove(order);
+                        }
+                    }
+                }
+                Ok(())
+            })
+            .unwrap();
+            let t = kv.read().unwrap();
+            for order in orders {
+                let want: Vec<MessageId> = model
+                    .get(order)
+                    .map(|m| m.iter().copied().collect())
+                    .unwrap_or_default();
+                assert_eq!(lane(&t, order).unwrap(), want, "lane of {order}");
+                for pair in want.windows(2) {
+                    assert_eq!(after(&t, pair[0]).unwrap(), Some(pair[1]));
+                }
+                if let Some(last) = want.last() {
+                    assert_eq!(after(&t, *last).unwrap(), None);
+                }
+            }
+            let heads = heads(&t, None, usize::MAX, |_| false).unwrap();
+            let want_heads: Vec<(String, MessageId)> = model
+                .iter()
+                .filter_map(|(o, m)| m.first().map(|id| (o.clone(), *id)))
+                .collect();
+            assert_eq!(heads, want_heads);
+            let members: usize = model.values().map(|m| m.len()).sum();
+            assert_eq!(sizes(&t).unwrap(), (model.len() as u64, members as u64));
+        }
+        assert!(
+            next_id > 1_000,
+            "the run joined enough members to mean something"
+        );
     }
 
     #[test]
