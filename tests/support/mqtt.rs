@@ -76,6 +76,11 @@ pub fn make_ca(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
 }
 
 impl Mosquitto {
+    /// The broker's process id (0 once it has exited), for the benchmark's CPU accounting.
+    pub fn pid(&self) -> i32 {
+        self.child.id().map_or(0, |id| id as i32)
+    }
+
     pub async fn start() -> Mosquitto {
         Mosquitto::start_on(free_port()).await
     }
