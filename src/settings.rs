@@ -387,6 +387,39 @@ mod tests {
     }
 
     #[test]
+    fn alert_certificates_are_checked_like_a_sources() {
+        let dir = config_dir("rules: []\n");
+        let main = dir.path().join(crate::config::MAIN_FILE);
+        let base = std::fs::read_to_string(&main).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), "not read at load\n").unwrap();
+        std::fs::write(
+            &main,
+            format!("{base}alerts:\n  mqtt:\n    url: mqtt://127.0.0.1:1883\n    topic: alerts/gw\n    ca_file: ca.pem\n    client_cert_file: missing.pem\n"),
+        )
+        .unwrap();
+        let errors = load(dir.path()).unwrap_err().to_string();
+        for expected in [
+            "alerts.mqtt.url: certificates need an mqtts:// URL",
+            "alerts.mqtt: client_cert_file and client_key_file go together",
+            "missing.pem not found",
+        ] {
+            assert!(
+                errors.contains(expected),
+                "missing {expected:?} in:\n{errors}"
+            );
+        }
+        std::fs::write(
+            &main,
+            format!("{base}alerts:\n  mqtt:\n    url: mqtts://127.0.0.1:8883\n    topic: alerts/gw\n    ca_file: ca.pem\n"),
+        )
+        .unwrap();
+        let config = load(dir.path()).unwrap();
+        let mqtt = config.alerts.mqtt.expect("an MQTT alert publisher");
+        assert!(mqtt.tls);
+        assert_eq!(mqtt.tls_files.ca_file, Some(dir.path().join("ca.pem")));
+    }
+
+    #[test]
     fn an_api_reachable_from_other_hosts_needs_a_good_token_and_alerts_are_checked() {
         let dir = config_dir("rules: []\n");
         let main = dir.path().join(crate::config::MAIN_FILE);

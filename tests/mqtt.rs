@@ -324,3 +324,38 @@ async fn a_clean_stop_disconnects_from_the_broker() {
     );
     drop(broker);
 }
+
+/// Alerts go to a broker that takes TLS only (`mqtts://` with the plant's CA): the
+/// publisher verifies the broker, and a watcher over TLS sees the alert fire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_are_published_to_a_broker_over_tls() {
+    let certs = tempfile::tempdir().unwrap();
+    let (broker, ca) = Mosquitto::start_tls(certs.path()).await;
+    let watcher = support::alerts::subscribe_tls(broker.port, "alerts/gw/#", &ca).await;
+    let fake = FakeD365::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    // The source's broker is down (nothing listens there): its alert fires after 1 s.
+    let dead = support::mqtt::free_port();
+    support::mqtt::write_burst_config(
+        tmp.path(),
+        &fake,
+        &format!("mqtt://127.0.0.1:{dead}"),
+        &format!(
+            "alerts:\n  check_interval: 200ms\n  source_down_after: 1s\n  mqtt:\n    url: mqtts://127.0.0.1:{}\n    ca_file: {}\n    topic: alerts/gw\n",
+            broker.port,
+            ca.display()
+        ),
+    );
+    let log = Output::new();
+    let gw = process::start(&["run", "-c", path_str(tmp.path())], &log);
+    let notice = watcher.wait_for("source_down/broker", "firing").await;
+    assert_eq!(notice["topic"], "alerts/gw/source_down/broker");
+    assert!(
+        log.text()
+            .contains("Alert publisher connected to the MQTT broker."),
+        "{}",
+        log.text()
+    );
+    assert_eq!(gw.terminate().await, 0);
+    broker.stop().await;
+}

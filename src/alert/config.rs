@@ -49,6 +49,7 @@ pub struct AlertMqtt {
     pub topic: String,
     pub username: Option<String>,
     pub password: Option<Secret>,
+    pub tls_files: crate::source::mqtt::config::TlsFiles,
 }
 
 /// Each alert is POSTed as JSON (`text` holds a line Teams and Slack incoming webhooks
@@ -75,13 +76,16 @@ struct RawAlerts {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawAlertMqtt {
-    /// `mqtt://host[:port]`.
+    /// `mqtt://host[:port]` or `mqtts://host[:port]`.
     url: String,
     client_id: Option<String>,
     /// Prefix of the alert topics.
     topic: String,
     username: Option<String>,
     password_file: Option<String>,
+    ca_file: Option<String>,
+    client_cert_file: Option<String>,
+    client_key_file: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -97,14 +101,16 @@ pub fn read(cx: &mut FileCheck<'_>) -> AlertConfig {
         return defaults;
     };
     let mqtt = raw.mqtt.and_then(|m| {
-        let (tls, host, port) =
-            crate::source::mqtt::config::broker_url(cx, "alerts.mqtt.url", &m.url)?;
-        if tls {
-            cx.error(
-                "alerts.mqtt.url",
-                "alerts are published over plain MQTT (mqtt://) only; use a local broker or bridge",
-            );
-        }
+        let broker = crate::source::mqtt::config::broker_url(cx, "alerts.mqtt.url", &m.url);
+        let tls_files = crate::source::mqtt::config::tls_files(
+            cx,
+            "alerts.mqtt",
+            broker.as_ref().map(|(tls, _, _)| *tls),
+            m.ca_file.as_deref(),
+            m.client_cert_file.as_deref(),
+            m.client_key_file.as_deref(),
+        );
+        let (tls, host, port) = broker?;
         if m.topic.is_empty() || m.topic.contains(['+', '#']) {
             cx.error(
                 "alerts.mqtt.topic",
@@ -129,6 +135,7 @@ pub fn read(cx: &mut FileCheck<'_>) -> AlertConfig {
             topic: m.topic.trim_end_matches('/').to_string(),
             username: m.username,
             password,
+            tls_files,
         })
     });
     let webhook = raw.webhook.and_then(|w| {

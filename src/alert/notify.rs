@@ -87,6 +87,18 @@ async fn mqtt_notifier(config: AlertMqtt, queue: Arc<Queue>, cancel: Cancellatio
     if let (Some(user), Some(password)) = (&config.username, &config.password) {
         options.set_credentials(user, password.expose());
     }
+    if config.tls {
+        match crate::source::mqtt::tls_transport(&config.tls_files) {
+            Ok(transport) => {
+                options.set_transport(transport);
+            }
+            Err(e) => {
+                // Checked at load (the files existed); gone or unreadable since.
+                tracing::error!(error = %e, "Alert publisher cannot set up TLS; alerts are not published over MQTT until the configuration is reloaded.");
+                return;
+            }
+        }
+    }
     let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 64);
     // The event loop is what talks to the broker (and reconnects): it runs on its own so
     // a publish waiting for room in its queue never stops it.

@@ -114,9 +114,28 @@ impl Webhook {
 /// Subscribes to `topic` (QoS 1) on the broker at `port`; each publish's JSON payload
 /// is recorded, with `"retained"` set from the retain flag.
 pub async fn subscribe(port: u16, topic: &str) -> Received {
-    let received = Received::new();
+    subscribe_with(watcher_options(port), topic).await
+}
+
+/// The same over TLS, trusting the CA in `ca_file`.
+pub async fn subscribe_tls(port: u16, topic: &str, ca_file: &std::path::Path) -> Received {
+    let mut options = watcher_options(port);
+    options.set_transport(rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Simple {
+        ca: std::fs::read(ca_file).unwrap(),
+        alpn: None,
+        client_auth: None,
+    }));
+    subscribe_with(options, topic).await
+}
+
+fn watcher_options(port: u16) -> MqttOptions {
     let mut options = MqttOptions::new(format!("alert-watcher-{port}"), "127.0.0.1", port);
     options.set_keep_alive(Duration::from_secs(30));
+    options
+}
+
+async fn subscribe_with(options: MqttOptions, topic: &str) -> Received {
+    let received = Received::new();
     let (client, mut eventloop) = AsyncClient::new(options, 16);
     client.subscribe(topic, QoS::AtLeastOnce).await.unwrap();
     let sink = received.clone();

@@ -20,12 +20,54 @@ pub struct MqttConfig {
     pub client_id: String,
     pub username: Option<String>,
     pub password: Option<Secret>,
-    pub ca_file: Option<PathBuf>,
-    pub client_cert_file: Option<PathBuf>,
-    pub client_key_file: Option<PathBuf>,
+    pub tls_files: TlsFiles,
     pub keep_alive: Duration,
     pub payload: PayloadFormat,
     pub subscriptions: Vec<Subscription>,
+}
+
+/// Certificates of a connection over TLS (`mqtts://`): the CA that signed the broker's
+/// certificate (the system's roots when absent), and a client certificate with its key
+/// for brokers that authenticate clients by certificate.
+#[derive(Debug, Clone, Default)]
+pub struct TlsFiles {
+    pub ca_file: Option<PathBuf>,
+    pub client_cert_file: Option<PathBuf>,
+    pub client_key_file: Option<PathBuf>,
+}
+
+/// The certificate files of a broker connection at `path` (a source, or the alert
+/// publisher): each must exist, the client certificate and key go together, and any of
+/// them needs an mqtts:// URL (`tls`: what the URL said, `None` when it was unreadable).
+pub fn tls_files(
+    cx: &mut FileCheck<'_>,
+    path: &str,
+    tls: Option<bool>,
+    ca_file: Option<&str>,
+    client_cert_file: Option<&str>,
+    client_key_file: Option<&str>,
+) -> TlsFiles {
+    let mut file = |key: &str, written: Option<&str>| -> Option<PathBuf> {
+        let field = format!("{path}.{key}");
+        let p = cx.file_path(&field, written?)?;
+        if !p.is_file() {
+            cx.error(&field, format!("{} not found", p.display()));
+        }
+        Some(p)
+    };
+    let files = TlsFiles {
+        ca_file: file("ca_file", ca_file),
+        client_cert_file: file("client_cert_file", client_cert_file),
+        client_key_file: file("client_key_file", client_key_file),
+    };
+    if files.client_cert_file.is_some() != files.client_key_file.is_some() {
+        cx.error(path, "client_cert_file and client_key_file go together");
+    }
+    let any = files.ca_file.is_some() || files.client_cert_file.is_some();
+    if tls == Some(false) && any {
+        cx.error(&format!("{path}.url"), "certificates need an mqtts:// URL");
+    }
+    files
 }
 
 #[derive(Debug, Clone)]
@@ -118,21 +160,14 @@ pub fn read(cx: &mut FileCheck<'_>, path: &str) -> Option<MqttConfig> {
     if password.is_some() != raw.username.is_some() {
         cx.error(path, "username and password_file go together");
     }
-    let mut file = |key: &str, written: &Option<String>| -> Option<PathBuf> {
-        let field = format!("{path}.{key}");
-        let p = cx.file_path(&field, written.as_deref()?)?;
-        if !p.is_file() {
-            cx.error(&field, format!("{} not found", p.display()));
-        }
-        Some(p)
-    };
-    let ca_file = file("ca_file", &raw.ca_file);
-    let client_cert_file = file("client_cert_file", &raw.client_cert_file);
-    let client_key_file = file("client_key_file", &raw.client_key_file);
-    let plain = broker.as_ref().is_some_and(|(tls, _, _)| !tls);
-    if plain && (ca_file.is_some() || client_cert_file.is_some()) {
-        cx.error(&format!("{path}.url"), "certificates need an mqtts:// URL");
-    }
+    let tls_files = tls_files(
+        cx,
+        path,
+        broker.as_ref().map(|(tls, _, _)| *tls),
+        raw.ca_file.as_deref(),
+        raw.client_cert_file.as_deref(),
+        raw.client_key_file.as_deref(),
+    );
     if raw.subscriptions.is_empty() {
         cx.error(
             &format!("{path}.subscriptions"),
@@ -187,9 +222,7 @@ pub fn read(cx: &mut FileCheck<'_>, path: &str) -> Option<MqttConfig> {
         tls,
         username: raw.username,
         password,
-        ca_file,
-        client_cert_file,
-        client_key_file,
+        tls_files,
         keep_alive,
         payload: raw.payload.unwrap_or_default(),
         subscriptions,

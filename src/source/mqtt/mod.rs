@@ -599,32 +599,37 @@ pub fn connect_options(c: &MqttConfig, client_id: &str) -> Result<MqttOptions, S
         options.set_credentials(user, password.expose());
     }
     if c.tls {
-        let ca = match &c.ca_file {
-            Some(path) => std::fs::read(path).map_err(|e| SourceError::Setup {
+        options.set_transport(tls_transport(&c.tls_files).map_err(|detail| {
+            SourceError::Setup {
                 id: c.id.clone(),
-                detail: format!("cannot read CA file {}: {e}", path.display()),
-            })?,
-            None => Vec::new(),
-        };
-        let client_auth = match (&c.client_cert_file, &c.client_key_file) {
-            (Some(cert), Some(key)) => {
-                let read = |p: &std::path::Path| {
-                    std::fs::read(p).map_err(|e| SourceError::Setup {
-                        id: c.id.clone(),
-                        detail: format!("cannot read {}: {e}", p.display()),
-                    })
-                };
-                Some((read(cert)?, read(key)?))
+                detail,
             }
-            _ => None,
-        };
-        options.set_transport(Transport::Tls(TlsConfiguration::Simple {
-            ca,
-            alpn: None,
-            client_auth,
-        }));
+        })?);
     }
     Ok(options)
+}
+
+/// A TLS transport with these certificates (read now: a renewed file is used at the next
+/// connect after a reload). No CA file means the system's roots.
+pub fn tls_transport(files: &config::TlsFiles) -> Result<Transport, String> {
+    let read = |what: &str, p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| format!("cannot read {what} {}: {e}", p.display()))
+    };
+    let ca = match &files.ca_file {
+        Some(path) => read("CA file", path)?,
+        None => Vec::new(),
+    };
+    let client_auth = match (&files.client_cert_file, &files.client_key_file) {
+        (Some(cert), Some(key)) => {
+            Some((read("client certificate", cert)?, read("client key", key)?))
+        }
+        _ => None,
+    };
+    Ok(Transport::Tls(TlsConfiguration::Simple {
+        ca,
+        alpn: None,
+        client_auth,
+    }))
 }
 
 pub fn qos(n: u8) -> Option<QoS> {
