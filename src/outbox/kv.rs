@@ -36,10 +36,11 @@ pub(super) enum T {
     LaneEnds,
     LaneLinks,
     Sending,
+    Delivered,
 }
 
 impl T {
-    pub(super) const ALL: [T; 12] = [
+    pub(super) const ALL: [T; 13] = [
         T::Messages,
         T::Lanes,
         T::Ingress,
@@ -52,6 +53,7 @@ impl T {
         T::LaneEnds,
         T::LaneLinks,
         T::Sending,
+        T::Delivered,
     ];
 
     pub(super) fn name(self) -> &'static str {
@@ -68,6 +70,7 @@ impl T {
             T::LaneEnds => "lane_ends",
             T::LaneLinks => "lane_links",
             T::Sending => "sending",
+            T::Delivered => "delivered",
         }
     }
 

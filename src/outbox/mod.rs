@@ -19,6 +19,10 @@
 //!   tree "sending":   key = id of a message marked `sending`, value = when (i128 BE,
 //!                     nanoseconds since 1970): the mark lives here, not in the record
 //!                     (see "The sending mark" below)
+//!   tree "delivered": key = id of a message the dispatcher delivered, value = when (i128
+//!                     BE, nanoseconds since 1970) ++ the attempt's outcome (UTF-8): the
+//!                     delivery lives here, not in the record, until the record is
+//!                     written again or pruned (see "The sending mark" below)
 //!   tree "ingress":   upstream deliveries whose result is stored (see ingress.rs)
 //!   tree "done":      one key per delivered or cancelled message:
 //!                     key = last change as whole seconds since 1970 (i64 BE, sign bit
@@ -50,6 +54,13 @@
 //! those records lie in dozens of B-tree leaves, each rewritten and flushed for a change
 //! of one field, while the marks (at most one per lane) share one leaf. Measured in
 //! README → Performance.
+//!
+//! A delivery by the dispatcher (an answer 2xx, not counted as a server error) is kept the
+//! same way: the "delivered" tree holds its time and outcome, and a read replays it over
+//! the record with [`deliver_at`], the very function that computed the record the
+//! dispatcher was given. A later full write of the record (D365's verdict) includes it and
+//! removes the key; pruning removes both. Its keys are small and lie in a few leaves,
+//! where each record would have had a leaf of its own.
 //!
 //! # Invariants
 //!
@@ -102,7 +113,7 @@ pub use ingress::{Delivery, DeliveryId, SeenEvent};
 pub use record::{Attempt, Change, MessageId, NewMessage, Record, State};
 pub use verdict::{D365Verdict, ProcessedEvent, Reconciled, UnmatchedEvent};
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -409,10 +420,56 @@ fn record_in(rx: &kv::Rx, id: MessageId) -> Result<Record, OutboxError> {
         .get(T::Messages, &key(id))?
         .ok_or(OutboxError::NotFound(id))?;
     let mut r = decode(&bytes).map_err(|e| storage(format!("message {id}: {e}")))?;
-    if let Some(mark) = rx.get(T::Sending, &key(id))? {
-        lay_mark(&mut r, &mark);
-    }
+    lay_over(rx, &mut r)?;
     Ok(r)
+}
+
+/// Lays a record's delivery or sending mark (module doc) over it as read from the messages
+/// tree.
+fn lay_over(rx: &kv::Rx, r: &mut Record) -> Result<(), OutboxError> {
+    if let Some(delivery) = rx.get(T::Delivered, &key(r.id))? {
+        lay_delivery(r, &delivery);
+    } else if let Some(mark) = rx.get(T::Sending, &key(r.id))? {
+        lay_mark(r, &mark);
+    }
+    Ok(())
+}
+
+/// The delivered tree's value: when, and the attempt's outcome.
+fn delivery_value(at: jiff::Timestamp, outcome: &str) -> Vec<u8> {
+    let mut v = at.as_nanosecond().to_be_bytes().to_vec();
+    v.extend_from_slice(outcome.as_bytes());
+    v
+}
+
+fn lay_delivery(r: &mut Record, v: &[u8]) {
+    // A record written after the delivery removed its key; a terminal one is the truth.
+    if r.state.is_terminal() {
+        return;
+    }
+    let at = v
+        .get(..16)
+        .and_then(|b| b.try_into().ok())
+        .map(i128::from_be_bytes)
+        .and_then(|ns| jiff::Timestamp::from_nanosecond(ns).ok());
+    let Some(at) = at else {
+        tracing::error!(
+            message_id = r.id,
+            "Outbox delivery record cannot be decoded; the message is shown as stored before it."
+        );
+        return;
+    };
+    deliver_at(r, &String::from_utf8_lossy(&v[16..]), at);
+}
+
+/// The dispatcher's delivery of `r` at `at` with this attempt outcome: computed once when
+/// it is recorded and again at each read (the delivered tree), so it must depend on
+/// nothing else.
+fn deliver_at(r: &mut Record, outcome: &str, at: jiff::Timestamp) {
+    r.record_attempt_at(outcome, at);
+    r.retry_at = None;
+    r.last_error = None;
+    r.change_at(State::Delivered, GATEWAY, "delivered", None, at);
 }
 
 /// The sending mark's value: when the message was marked.
@@ -438,25 +495,13 @@ fn lay_mark(r: &mut Record, mark: &[u8]) {
     }
 }
 
-/// Every sending mark (at most one per lane: only heads are marked), for a scan over records.
-fn marks(rx: &kv::Rx) -> Result<std::collections::HashMap<MessageId, Vec<u8>>, OutboxError> {
-    let mut out = std::collections::HashMap::new();
-    rx.scan(T::Sending, Span::all(), false, |k, v| {
-        if let Ok(id) = k.try_into().map(u64::from_be_bytes) {
-            out.insert(id, v.to_vec());
-        }
-        Ok(true)
-    })?;
-    Ok(out)
-}
-
-/// A record met in a scan over the messages tree, with its sending mark laid over it.
-fn scanned(v: &[u8], marks: &std::collections::HashMap<MessageId, Vec<u8>>) -> Option<Record> {
-    let mut r = decode(v).ok()?;
-    if let Some(mark) = marks.get(&r.id) {
-        lay_mark(&mut r, mark);
-    }
-    Some(r)
+/// A record met in a scan over the messages tree, with what is laid over it.
+fn scanned(rx: &kv::Rx, v: &[u8]) -> Result<Option<Record>, OutboxError> {
+    let Ok(mut r) = decode(v) else {
+        return Ok(None);
+    };
+    lay_over(rx, &mut r)?;
+    Ok(Some(r))
 }
 
 impl fmt::Debug for Outbox {
@@ -802,6 +847,9 @@ impl Outbox {
                         if *old == State::Sending {
                             tx.remove(T::Sending, &key(r.id))?;
                         }
+                        if *old == State::Delivered {
+                            tx.remove(T::Delivered, &key(r.id))?;
+                        }
                         if r.state.is_terminal() && !old.is_terminal() {
                             tx.insert(T::Done, &done_key(r), &done_value(r))?;
                             lanes::remove(tx, &r.production_order, r.id)?;
@@ -1031,16 +1079,27 @@ impl Outbox {
     /// Writes changed records and their lanes; one flush. `old` is each record's
     /// state before the change.
     async fn write(&self, changed: Vec<(Record, State)>) -> Result<Vec<Record>, OutboxError> {
+        self.write_turn(changed, HashMap::new()).await
+    }
+
+    /// [`Outbox::write`], where the records in `deliveries` are written as their delivered
+    /// tree value (module doc) instead.
+    async fn write_turn(
+        &self,
+        changed: Vec<(Record, State)>,
+        deliveries: HashMap<MessageId, Vec<u8>>,
+    ) -> Result<Vec<Record>, OutboxError> {
         if changed.is_empty() {
             return Ok(Vec::new());
         }
         let changed = self
             .write_blocking(move |this| {
-                // A mark writes no record (see the module doc): nothing to encode.
+                // A mark or a delivery writes no record (module doc): nothing to encode.
                 let encoded = changed
                     .iter()
                     .map(|(r, old)| match (old, r.state) {
                         (State::Queued, State::Sending) => Ok(Vec::new()),
+                        _ if deliveries.contains_key(&r.id) => Ok(Vec::new()),
                         _ => encode(r),
                     })
                     .collect::<Result<Vec<_>, _>>()?;
@@ -1051,7 +1110,15 @@ impl Outbox {
                             tx.insert(T::Sending, &key(r.id), &mark_value(r.updated_at))?;
                             continue;
                         }
-                        tx.insert(T::Messages, &key(r.id), bytes)?;
+                        match deliveries.get(&r.id) {
+                            Some(delivery) => tx.insert(T::Delivered, &key(r.id), delivery)?,
+                            None => {
+                                tx.insert(T::Messages, &key(r.id), bytes)?;
+                                if *old == State::Delivered {
+                                    tx.remove(T::Delivered, &key(r.id))?;
+                                }
+                            }
+                        }
                         if *old == State::Sending {
                             tx.remove(T::Sending, &key(r.id))?;
                         }
@@ -1107,18 +1174,26 @@ impl Outbox {
         let _transition = self.transitions.lock().await;
         let mut changed = Vec::with_capacity(outcomes.len() + mark.len());
         let mut already_marked = Vec::new();
+        let mut deliveries = HashMap::new();
         // One read transaction for every record of the turn (the transition lock keeps
         // them as read); dropped before the write, which may have to reopen the store.
         {
             let store = self.store()?;
             let rx = store.kv.read()?;
-            self.plan_turn(&rx, outcomes, mark, &mut changed, &mut already_marked)?;
+            self.plan_turn(
+                &rx,
+                outcomes,
+                mark,
+                &mut changed,
+                &mut already_marked,
+                &mut deliveries,
+            )?;
         }
         let settled = changed
             .iter()
             .filter(|(_, old)| *old == State::Sending)
             .count();
-        let mut written = self.write(changed).await?;
+        let mut written = self.write_turn(changed, deliveries).await?;
         let mut marked = written.split_off(settled.min(written.len()));
         marked.append(&mut already_marked);
         Ok((written, marked))
@@ -1133,7 +1208,9 @@ impl Outbox {
         mark: &[MessageId],
         changed: &mut Vec<(Record, State)>,
         already_marked: &mut Vec<Record>,
+        deliveries: &mut HashMap<MessageId, Vec<u8>>,
     ) -> Result<(), OutboxError> {
+        let now = jiff::Timestamp::now();
         for s in outcomes {
             let mut r = match record_in(rx, s.id) {
                 Ok(r) if r.state == State::Sending => r,
@@ -1152,7 +1229,14 @@ impl Outbox {
                 }
                 Err(e) => return Err(e),
             };
-            apply_settlement(&mut r, s);
+            match (&s.next, &s.attempt) {
+                // The common case, kept as a small key (module doc).
+                (Settle::Delivered, Some(outcome)) if !s.server_error => {
+                    deliver_at(&mut r, outcome, now);
+                    deliveries.insert(r.id, delivery_value(now, outcome));
+                }
+                _ => apply_settlement(&mut r, s),
+            }
             changed.push((r, State::Sending));
         }
         for &id in mark {
@@ -1263,9 +1347,8 @@ impl Outbox {
     ) -> Result<Vec<Record>, OutboxError> {
         let mut out = Vec::new();
         let rx = self.store()?.kv.read()?;
-        let marks = marks(&rx)?;
         rx.scan(T::Messages, Span::all(), false, |_, v| {
-            if let Some(r) = scanned(v, &marks) {
+            if let Some(r) = scanned(&rx, v)? {
                 if state.is_none_or(|s| s == r.state)
                     && order.is_none_or(|o| o == r.production_order)
                 {
@@ -1304,9 +1387,8 @@ impl Outbox {
         let mut out = Vec::new();
         if limit > 0 {
             let rx = store.kv.read()?;
-            let marks = marks(&rx)?;
             rx.scan(T::Messages, span, newest_first, |_, v| {
-                if let Some(r) = scanned(v, &marks) {
+                if let Some(r) = scanned(&rx, v)? {
                     if filter.matches(&r) {
                         out.push(r);
                     }
@@ -1361,6 +1443,7 @@ impl Outbox {
                                 continue;
                             };
                             tx.remove(T::Messages, &key(id))?;
+                            tx.remove(T::Delivered, &key(id))?;
                             tx.remove(T::Done, k)?;
                             tx.remove(T::Rejected, &key(id))?;
                             if let Some(digest) = v
@@ -1649,8 +1732,23 @@ fn done_key(r: &Record) -> [u8; 16] {
 fn build_indexes(tx: &mut kv::Tx<'_>, corrupt: &mut Vec<MessageId>) -> Result<(), OutboxError> {
     let mut lane_members = Vec::new();
     let mut done_keys = Vec::new();
+    // Deliveries kept apart from their records (module doc): none in a store of that
+    // version, but the rebuild must not depend on it.
+    let mut deliveries = HashMap::new();
+    tx.scan(T::Delivered, Span::all(), false, |k, v| {
+        if let Ok(id) = k.try_into().map(u64::from_be_bytes) {
+            deliveries.insert(id, v.to_vec());
+        }
+        Ok(true)
+    })?;
     tx.scan(T::Messages, Span::all(), false, |k, v| {
-        match decode(v) {
+        let decoded = decode(v).map(|mut r| {
+            if let Some(delivery) = deliveries.get(&r.id) {
+                lay_delivery(&mut r, delivery);
+            }
+            r
+        });
+        match decoded {
             Ok(r) if r.state.is_terminal() => done_keys.push((done_key(&r), done_value(&r))),
             Ok(r) => lane_members.push((r.production_order, r.id)),
             Err(e) => {

@@ -159,9 +159,13 @@ impl Record {
     }
 
     pub(super) fn record_attempt(&mut self, outcome: impl Into<String>) {
+        self.record_attempt_at(outcome, jiff::Timestamp::now());
+    }
+
+    pub(super) fn record_attempt_at(&mut self, outcome: impl Into<String>, at: jiff::Timestamp) {
         self.attempt_count += 1;
         self.attempts.push(Attempt {
-            at: jiff::Timestamp::now(),
+            at,
             outcome: outcome.into(),
         });
         if self.attempts.len() > MAX_ATTEMPTS_KEPT {
@@ -172,7 +176,17 @@ impl Record {
 
     /// Moves to `state` and records who did it and why in the history.
     pub(super) fn change(&mut self, state: State, by: &str, action: &str, detail: Option<String>) {
-        let now = jiff::Timestamp::now();
+        self.change_at(state, by, action, detail, jiff::Timestamp::now());
+    }
+
+    pub(super) fn change_at(
+        &mut self,
+        state: State,
+        by: &str,
+        action: &str,
+        detail: Option<String>,
+        now: jiff::Timestamp,
+    ) {
         self.state = state;
         self.updated_at = now;
         self.history.push(Change {

@@ -301,6 +301,111 @@ async fn a_sending_mark_shows_in_every_read_survives_reopen_and_goes_with_the_ou
     assert_eq!(outbox.list(Some(State::Sending), None).unwrap().len(), 0);
 }
 
+/// A delivery by the dispatcher is kept apart from the record (module doc): every read
+/// gives exactly the record the dispatcher was handed, also after a restart; a verdict's
+/// full write takes the key away and keeps the delivery; pruning removes both.
+#[tokio::test]
+async fn a_delivery_kept_apart_reads_as_the_record_it_made_until_written_or_pruned() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = indexing(dir.path());
+    let recs = outbox
+        .append(vec![msg("A", 1), msg("A", 2), msg("B", 1)])
+        .await
+        .unwrap();
+    outbox
+        .mark_sending(&[recs[0].id, recs[2].id])
+        .await
+        .unwrap();
+    let (settled_now, marked) = outbox
+        .settle_and_mark(
+            &[
+                settled(recs[0].id, Settle::Delivered),
+                Settlement {
+                    id: recs[2].id,
+                    attempt: Some("HTTP 500".into()),
+                    server_error: true,
+                    next: Settle::Retry {
+                        reason: "server error".into(),
+                        at: None,
+                    },
+                },
+            ],
+            &[recs[1].id],
+        )
+        .await
+        .unwrap();
+    let delivered = settled_now[0].clone();
+    assert_eq!(delivered.state, State::Delivered);
+    assert_eq!(delivered.attempts.last().unwrap().outcome, "HTTP 200");
+    assert_eq!(delivered.history.last().unwrap().action, "delivered");
+    assert_eq!(
+        ids(&marked),
+        [recs[1].id],
+        "its successor went out in the same write"
+    );
+    let delivered_keys = |o: &Outbox| {
+        o.store()
+            .unwrap()
+            .kv
+            .read()
+            .unwrap()
+            .len(kv::T::Delivered)
+            .unwrap()
+    };
+    assert_eq!(
+        delivered_keys(&outbox),
+        1,
+        "only the 2xx delivery is kept apart"
+    );
+    assert_eq!(outbox.get(recs[0].id).unwrap(), delivered);
+    assert_eq!(
+        outbox.list(Some(State::Delivered), None).unwrap(),
+        vec![delivered.clone()]
+    );
+    let (page, _) = outbox
+        .page(&ListFilter::default(), None, 10, false)
+        .unwrap();
+    assert_eq!(page[0], delivered);
+    assert_eq!(outbox.get(recs[2].id).unwrap().server_errors, 1);
+    drop(outbox);
+
+    let outbox = indexing(dir.path());
+    assert_eq!(
+        outbox.get(recs[0].id).unwrap(),
+        delivered,
+        "after a restart"
+    );
+    assert_eq!(outbox.counts()[&State::Delivered], 1);
+    // D365's verdict rewrites the record whole: the key goes, the delivery stays.
+    reconcile(
+        &outbox,
+        vec![processed(&recs[0].content, "Processed", false, "ev-1")],
+    )
+    .await;
+    let with_verdict = outbox.get(recs[0].id).unwrap();
+    assert!(with_verdict.d365.is_some(), "{with_verdict:?}");
+    assert_eq!(with_verdict.state, State::Delivered);
+    assert_eq!(with_verdict.attempts, delivered.attempts);
+    assert_eq!(
+        with_verdict.history[..delivered.history.len()],
+        delivered.history[..]
+    );
+    assert_eq!(delivered_keys(&outbox), 0);
+    // Delivered again (the second one) and pruned: nothing of it is left.
+    outbox
+        .settle(vec![settled(recs[1].id, Settle::Delivered)])
+        .await
+        .unwrap();
+    assert_eq!(delivered_keys(&outbox), 1);
+    let future = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(60);
+    assert_eq!(outbox.prune(future).await.unwrap(), 2);
+    assert_eq!(delivered_keys(&outbox), 0);
+    assert!(matches!(
+        outbox.get(recs[1].id),
+        Err(OutboxError::NotFound(_))
+    ));
+}
+
 #[tokio::test]
 async fn prune_removes_only_old_terminal_messages() {
     let dir = tempfile::tempdir().unwrap();
