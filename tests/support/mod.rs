@@ -386,7 +386,7 @@ impl FakeD365 {
                 at: Instant::now(),
                 message_id,
                 authorization: authorization.clone(),
-                envelope: envelope.clone(),
+                envelope,
                 content,
                 order,
                 status,
