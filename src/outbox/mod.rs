@@ -18,11 +18,11 @@
 //!                     layout before December 2026 and is converted at the first open)
 //!   tree "sending":   key = id of a message marked `sending`, value = when (i128 BE,
 //!                     nanoseconds since 1970): the mark lives here, not in the record
-//!                     (see "The sending mark" below)
+//!                     (see "Marks and deliveries" below)
 //!   tree "delivered": key = id of a message the dispatcher delivered, value = when (i128
 //!                     BE, nanoseconds since 1970) ++ the attempt's outcome (UTF-8): the
 //!                     delivery lives here, not in the record, until the record is
-//!                     written again or pruned (see "The sending mark" below)
+//!                     written again or pruned (see "Marks and deliveries" below)
 //!   tree "ingress":   upstream deliveries whose result is stored (see ingress.rs)
 //!   tree "done":      one key per delivered or cancelled message:
 //!                     key = last change as whole seconds since 1970 (i64 BE, sign bit
@@ -44,7 +44,7 @@
 //! twice, even after the newest messages were pruned. Per production order the outbox is a FIFO queue: the *lane* of an order is
 //! its non-terminal messages in id order, and only the head of a lane may be sent.
 //!
-//! # The sending mark
+//! # Marks and deliveries
 //!
 //! Marking a message `sending` writes one small key in the "sending" tree instead of
 //! rewriting its record: the record stays `queued` on disk, and every read of a record
@@ -88,6 +88,11 @@
 //!   operators move `failed | uncertain → queued` (retry), `queued | failed | uncertain →
 //!   cancelled`, and `uncertain → delivered` (resolve). Every change of state is recorded in
 //!   the message's history; a transition from a state that does not allow it is refused.
+//! - A record on disk may be older than what a read shows: a "sending" or "delivered" key
+//!   holds its newer state, laid over it by every read. Every full write of a record
+//!   removes its keys in the same transaction, and a key is never laid over a record
+//!   whose stored state it does not follow (a mark only over `queued`, a delivery only
+//!   over a record that is not terminal).
 //! - A message is in its order's lane exactly while it is not terminal. A terminal
 //!   record and its removal from the lane are one transaction; a store written by the
 //!   engine before (sled, not atomic across trees) may hold a stale lane member, which
