@@ -48,7 +48,7 @@
 //!
 //! Marking a message `sending` writes one small key in the "sending" tree instead of
 //! rewriting its record: the record stays `queued` on disk, and every read of a record
-//! ([`record_in`], the scans) lays the mark over it (state `sending`, `updated_at` the
+//! (`record_in`, the scans) lays the mark over it (state `sending`, `updated_at` the
 //! mark's time). Any later write of the record (its outcome) removes the mark in the same
 //! transaction. Why: the dispatcher marks one head in each of dozens of orders per write;
 //! those records lie in dozens of B-tree leaves, each rewritten and flushed for a change
@@ -57,7 +57,7 @@
 //!
 //! A delivery by the dispatcher (an answer 2xx, not counted as a server error) is kept the
 //! same way: the "delivered" tree holds its time and outcome, and a read replays it over
-//! the record with [`deliver_at`], the very function that computed the record the
+//! the record with `deliver_at`, the very function that computed the record the
 //! dispatcher was given. A later full write of the record (D365's verdict) includes it and
 //! removes the key; pruning removes both. Its keys are small and lie in a few leaves,
 //! where each record would have had a leaf of its own.
