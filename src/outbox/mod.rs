@@ -440,9 +440,20 @@ fn lay_over(rx: &kv::Rx, r: &mut Record) -> Result<(), OutboxError> {
     Ok(())
 }
 
+/// A time in the sending and delivered trees: nanoseconds since 1970, i128 BE.
+fn stamp(at: jiff::Timestamp) -> [u8; 16] {
+    at.as_nanosecond().to_be_bytes()
+}
+
+/// The time at the start of a sending or delivered value.
+fn unstamp(v: &[u8]) -> Option<jiff::Timestamp> {
+    let ns = i128::from_be_bytes(v.get(..16)?.try_into().ok()?);
+    jiff::Timestamp::from_nanosecond(ns).ok()
+}
+
 /// The delivered tree's value: when, and the attempt's outcome.
 fn delivery_value(at: jiff::Timestamp, outcome: &str) -> Vec<u8> {
-    let mut v = at.as_nanosecond().to_be_bytes().to_vec();
+    let mut v = stamp(at).to_vec();
     v.extend_from_slice(outcome.as_bytes());
     v
 }
@@ -452,12 +463,7 @@ fn lay_delivery(r: &mut Record, v: &[u8]) {
     if r.state.is_terminal() {
         return;
     }
-    let at = v
-        .get(..16)
-        .and_then(|b| b.try_into().ok())
-        .map(i128::from_be_bytes)
-        .and_then(|ns| jiff::Timestamp::from_nanosecond(ns).ok());
-    let Some(at) = at else {
+    let Some(at) = unstamp(v) else {
         tracing::error!(
             message_id = r.id,
             "Outbox delivery record cannot be decoded; the message is shown as stored before it."
@@ -477,11 +483,6 @@ fn deliver_at(r: &mut Record, outcome: &str, at: jiff::Timestamp) {
     r.change_at(State::Delivered, GATEWAY, "delivered", None, at);
 }
 
-/// The sending mark's value: when the message was marked.
-fn mark_value(at: jiff::Timestamp) -> [u8; 16] {
-    at.as_nanosecond().to_be_bytes()
-}
-
 /// A record as read, with its sending mark (see the module doc) laid over it.
 fn lay_mark(r: &mut Record, mark: &[u8]) {
     // Only a queued record can carry a mark; anything else was written after it (and the
@@ -490,12 +491,7 @@ fn lay_mark(r: &mut Record, mark: &[u8]) {
         return;
     }
     r.state = State::Sending;
-    if let Some(at) = mark
-        .try_into()
-        .ok()
-        .map(i128::from_be_bytes)
-        .and_then(|ns| jiff::Timestamp::from_nanosecond(ns).ok())
-    {
+    if let Some(at) = unstamp(mark) {
         r.updated_at = at;
     }
 }
@@ -1112,7 +1108,7 @@ impl Outbox {
                     for ((r, old), bytes) in changed.iter().zip(&encoded) {
                         if *old == State::Queued && r.state == State::Sending {
                             // The mark alone (see the module doc).
-                            tx.insert(T::Sending, &key(r.id), &mark_value(r.updated_at))?;
+                            tx.insert(T::Sending, &key(r.id), &stamp(r.updated_at))?;
                             continue;
                         }
                         match deliveries.get(&r.id) {
