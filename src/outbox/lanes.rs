@@ -129,14 +129,14 @@ pub(super) fn append(tx: &mut Tx<'_>, order: &str, id: MessageId) -> Result<(), 
     while before != NONE && before > id {
         before = linked(tx, order, before)?.0;
     }
+    // The links of `before` are read once: this runs for every message appended.
     let after = if before == NONE {
         head
     } else {
-        linked(tx, order, before)?.1
+        let (prev, next) = linked(tx, order, before)?;
+        set_link(tx, before, prev, id)?;
+        next
     };
-    if before != NONE {
-        set_next(tx, order, before, id)?;
-    }
     set_link(tx, id, before, after)?;
     if after != NONE {
         set_prev(tx, order, after, id)?;
