@@ -399,8 +399,8 @@ fn print_json(value: &impl serde::Serialize) -> Result<(), CliError> {
 
 /// Threads for blocking work: the outbox's writes (the pipeline and the dispatcher write
 /// concurrently, nothing else for long). Bounded because every extra thread that
-/// allocates can get its own malloc arena: with tokio's default (up to 512) the burst
-/// benchmark's RSS was a third higher.
+/// allocates keeps memory of its own (with glibc's malloc and tokio's default of up to 512
+/// threads the burst benchmark's RSS was a third higher; jemalloc keeps a cache per thread).
 const BLOCKING_THREADS: usize = 2;
 
 fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
