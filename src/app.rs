@@ -232,6 +232,7 @@ fn content_checks(config: &Config) -> ContentChecks {
             .as_ref()
             .map(|d| d.message_types.clone())
             .unwrap_or_default(),
+        lines: ContentChecks::lines_of(&config.rules),
     }
 }
 

@@ -158,21 +158,30 @@ async fn an_operator_fixes_a_failed_message_in_the_console_and_sees_it_delivered
         .unwrap();
     assert_eq!(forged.status(), 403);
 
-    // Lines: set line1's order.
+    // Lines: a line no rule reads (a typo) is refused with the lines the rules read.
     browser.goto(&format!("{base}/console/lines")).await;
     browser.fill("#line", "line1").await;
     browser.fill("#order", "P000999").await;
     browser.click("#set-line").await;
     assert_eq!(
+        browser.text("#error").await,
+        "no rule reads line \"line1\": an order set there would never be reported (the rules read these lines: line2)"
+    );
+    assert!(api_lines(&http, &base).await["lines"]["line1"].is_null());
+    // Set line2's order.
+    browser.fill("#line", "line2").await;
+    browser.fill("#order", "P000999").await;
+    browser.click("#set-line").await;
+    assert_eq!(
         browser.text("#note").await,
-        "Line line1 runs order P000999."
+        "Line line2 runs order P000999."
     );
     assert!(browser.text("#lines").await.contains("P000999"));
     browser.screenshot(&screenshots().join("lines.png")).await;
     let lines = api_lines(&http, &base).await;
-    assert_eq!(lines["lines"]["line1"]["order"], "P000999");
+    assert_eq!(lines["lines"]["line2"]["order"], "P000999");
 
-    // D365 released an order for line2: listed, and one click runs it there.
+    // D365 released another order for line2: listed, and one click runs it there.
     let released = json!({
         "BusinessEventId": "ProductionOrderReleasedBusinessEvent",
         "EventId": "R-1",

@@ -615,6 +615,22 @@ async fn a_release_sets_the_line_publishes_it_to_mqtt_and_impulses_report_agains
     let (code, cli, err) = process::run(&["lines", "-c", &cfg]).await;
     assert_eq!(code, 0, "{err}");
     assert!(cli.contains("line1: order P000555"), "{cli}");
+    // A line no rule reads (a typo) is refused, naming the lines the rules read; the
+    // line's order stays.
+    let (code, cli, err) =
+        process::run(&["lines", "-c", &cfg, "set", "lin1", "--order", "P000556"]).await;
+    assert_ne!(code, 0, "{cli}");
+    assert!(
+        err.contains(
+            "no rule reads line \"lin1\": an order set there would never be reported (the rules read these lines: line1)"
+        ),
+        "{err}"
+    );
+    let (_, cli, _) = process::run(&["lines", "-c", &cfg]).await;
+    assert!(
+        cli.contains("line1: order P000555") && !cli.contains("lin1:"),
+        "{cli}"
+    );
     assert_eq!(
         hmi.all()
             .iter()

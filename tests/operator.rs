@@ -294,7 +294,13 @@ async fn the_http_api_wants_its_token_and_answers_400_404_409_as_documented() {
         api_port,
         out,
         gw,
-    } = Operated::start(BAD_ORDER, TOKEN, "").await;
+    } = Operated::start_with_rules(
+        BAD_ORDER,
+        TOKEN,
+        "sources:\n  - type: simulator\n    id: barrier\n    interval: 1h\n",
+        Some("rules:\n  - name: good\n    line: line1\n    when: { source: barrier, point: impulse, edge: rising }\n    count: impulse\n    emit:\n      type: ProdProductionOrderReportFinished\n      fields: { ItemNumber: A0001, ReportedGoodQuantity: \"{quantity}\" }\n"),
+    )
+    .await;
     let dir = tmp.path();
     let base = format!("http://127.0.0.1:{api_port}/api/v1");
 
@@ -440,6 +446,22 @@ async fn the_http_api_wants_its_token_and_answers_400_404_409_as_documented() {
         (status, answer["field"].clone()),
         (400, json!("order")),
         "{answer}"
+    );
+    // A line no rule reads (a typo) is refused, naming the lines the rules read.
+    let (status, answer) = with_token(
+        reqwest::Method::PUT,
+        format!("{base}/lines/lin1"),
+        Some(json!({ "order": "P000777" })),
+    )
+    .await;
+    assert_eq!(
+        (status, answer["field"].clone()),
+        (400, json!("line")),
+        "{answer}"
+    );
+    assert_eq!(
+        answer["error"],
+        "no rule reads line \"lin1\": an order set there would never be reported (the rules read these lines: line1)"
     );
     let (status, answer) = with_token(
         reqwest::Method::PUT,

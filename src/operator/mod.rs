@@ -23,7 +23,7 @@ mod views;
 
 pub use views::{LinesView, MessagePage, SourceStatus, Status, UnmatchedView, VerdictCounts};
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::{mpsc, oneshot};
@@ -130,6 +130,20 @@ impl From<crate::message::MessageError> for OpError {
 pub struct ContentChecks {
     pub field_names: FieldNames,
     pub message_types: MessageTypes,
+    /// The lines the rules read an order context from, when that is known: `None` when a
+    /// rule's line is a template (any name may be in use) or the rules were not read.
+    pub lines: Option<BTreeSet<String>>,
+}
+
+impl ContentChecks {
+    /// The lines `rules` use, as [`ContentChecks::lines`] wants them.
+    pub fn lines_of(rules: &[crate::rules::Rule]) -> Option<BTreeSet<String>> {
+        rules
+            .iter()
+            .filter_map(|r| r.line.as_ref())
+            .map(|t| t.literal())
+            .collect()
+    }
 }
 
 /// What only the running daemon has.
@@ -335,6 +349,27 @@ impl Operator {
             }
             None => None,
         };
+        // A typo in a line name would set an order no rule ever reads, and the line's
+        // pieces would go on being reported for its old order: refused where the rules'
+        // lines are known. Clearing is always allowed (it removes a stale context).
+        if let (Some(_), Some(known)) = (&context, &self.checks().lines) {
+            if !known.contains(line) {
+                let used = if known.is_empty() {
+                    "no rule reads a line's order".to_string()
+                } else {
+                    format!(
+                        "the rules read these lines: {}",
+                        known.iter().cloned().collect::<Vec<_>>().join(", ")
+                    )
+                };
+                return Err(OpError::Invalid {
+                    field: Some("line".into()),
+                    message: format!(
+                        "no rule reads line {line:?}: an order set there would never be reported ({used})"
+                    ),
+                });
+            }
+        }
         match &self.running {
             Some(running) => {
                 let sender = running

@@ -179,6 +179,23 @@ impl Template {
         })
     }
 
+    /// The text this template always renders to, when it has no variable.
+    pub fn literal(&self) -> Option<String> {
+        if let Some(c) = &self.constant {
+            return Some(match c {
+                Json::String(s) => s.clone(),
+                other => other.to_string(),
+            });
+        }
+        self.parts
+            .iter()
+            .map(|p| match p {
+                Part::Text(t) => Some(t.as_str()),
+                Part::Var(_) => None,
+            })
+            .collect()
+    }
+
     pub fn uses(&self, var: &Var) -> bool {
         self.vars().any(|v| v == var)
     }
@@ -384,5 +401,23 @@ mod tests {
             .contains("unclosed"));
         assert!(Template::parse("a}").is_err());
         assert!(Template::parse("{payload.}").is_err());
+    }
+
+    #[test]
+    fn a_template_without_variables_is_a_literal_and_one_with_a_variable_is_not() {
+        assert_eq!(
+            Template::parse("line1").unwrap().literal().as_deref(),
+            Some("line1")
+        );
+        assert_eq!(Template::parse("").unwrap().literal().as_deref(), Some(""));
+        assert_eq!(
+            Template::constant(Json::from(7)).literal().as_deref(),
+            Some("7")
+        );
+        assert_eq!(
+            Template::parse("hall-{capture.line}").unwrap().literal(),
+            None
+        );
+        assert_eq!(Template::parse("{capture.line}").unwrap().literal(), None);
     }
 }
