@@ -587,26 +587,22 @@ impl Dispatcher {
         // sendable ones.
         let scan = free + lanes.not_before.len() + lanes.held.len();
         let busy = &lanes.busy_orders;
-        let heads = self
-            .outbox
-            .lane_head_ids(lanes.last_served.as_deref(), scan, |order| {
-                busy.contains(order)
-            })?;
+        // A head whose delivery this turn records comes back as the message after it,
+        // which may go out in the same write.
+        let heads = self.outbox.lane_head_ids(
+            lanes.last_served.as_deref(),
+            scan,
+            |order| busy.contains(order),
+            |id| delivered.contains(&id),
+        )?;
         for (order, id) in heads {
             if picked.len() >= free {
                 break;
             }
-            let id = if delivered.contains(&id) {
-                match self.outbox.next_in_lane(id)? {
-                    Some(next) => next,
-                    None => continue,
-                }
-            } else if settling.contains(&id) {
+            if settling.contains(&id) {
                 // Retried, failed or uncertain in this turn: not again right away.
                 continue;
-            } else {
-                id
-            };
+            }
             if lanes.held.contains(&id) {
                 continue;
             }

@@ -1260,21 +1260,28 @@ impl Outbox {
         Ok(())
     }
 
-    /// The id of the message after `id` in its lane.
-    pub fn next_in_lane(&self, id: MessageId) -> Result<Option<MessageId>, OutboxError> {
-        lanes::after(&self.store()?.kv.read()?, id)
-    }
-
     /// The (order, id) of the first message of up to `limit` lanes, round-robin from the
     /// order after `after`, without reading the records: what a dispatcher needs each turn.
     /// Lanes for which `skip(order)` holds (busy ones) are passed over and not counted.
+    /// A head for which `moved_on(id)` holds (its delivery is being recorded) stands for
+    /// the message after it, and its lane is left out when there is none; all in one read.
     pub fn lane_head_ids(
         &self,
         after: Option<&str>,
         limit: usize,
         skip: impl Fn(&str) -> bool,
+        moved_on: impl Fn(MessageId) -> bool,
     ) -> Result<Vec<(String, MessageId)>, OutboxError> {
-        lanes::heads(&self.store()?.kv.read()?, after, limit, skip)
+        let rx = self.store()?.kv.read()?;
+        let mut out = Vec::new();
+        for (order, id) in lanes::heads(&rx, after, limit, skip)? {
+            if !moved_on(id) {
+                out.push((order, id));
+            } else if let Some(next) = lanes::after(&rx, id)? {
+                out.push((order, next));
+            }
+        }
+        Ok(out)
     }
 
     /// Messages left `sending` by a crash or a kill: settles each with what `decide`
