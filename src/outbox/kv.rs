@@ -263,6 +263,7 @@ impl Kv {
     pub(super) fn read(&self) -> Result<Rx, OutboxError> {
         Ok(Rx {
             txn: self.db.begin_read().map_err(storage)?,
+            open: Default::default(),
         })
     }
 
@@ -303,21 +304,27 @@ impl Kv {
     }
 }
 
-/// A read transaction.
+/// A read transaction, and its tables, each opened at its first use and kept open: a
+/// dispatcher turn reads three tables per record, and opening one is a search of its own.
 pub(super) struct Rx {
     txn: redb::ReadTransaction,
+    open: [std::cell::OnceCell<ReadTable>; T::ALL.len()],
 }
 
+type ReadTable = redb::ReadOnlyTable<&'static [u8], &'static [u8]>;
+
 impl Rx {
-    fn table(
-        &self,
-        t: T,
-    ) -> Result<redb::ReadOnlyTable<&'static [u8], &'static [u8]>, OutboxError> {
-        self.txn.open_table(t.def()).map_err(storage)
+    fn table(&self, t: T) -> Result<&ReadTable, OutboxError> {
+        let slot = &self.open[t as usize];
+        if let Some(table) = slot.get() {
+            return Ok(table);
+        }
+        let table = self.txn.open_table(t.def()).map_err(storage)?;
+        Ok(slot.get_or_init(|| table))
     }
 
     pub(super) fn get(&self, t: T, key: &[u8]) -> Result<Option<Vec<u8>>, OutboxError> {
-        copy_of(&self.table(t)?, key)
+        copy_of(self.table(t)?, key)
     }
 
     pub(super) fn scan(
@@ -327,7 +334,7 @@ impl Rx {
         rev: bool,
         visit: impl FnMut(&[u8], &[u8]) -> Result<bool, OutboxError>,
     ) -> Result<(), OutboxError> {
-        walk(&self.table(t)?, span, rev, visit)
+        walk(self.table(t)?, span, rev, visit)
     }
 
     /// The first entry in `span` (the last when `rev`).
