@@ -5,6 +5,7 @@
 //! the CPU they take per message.
 //!
 //!     cargo bench --bench outbox            # full run, prints a table
+//!     cargo bench --bench outbox -- turns   # only the sections named so (appends, reopen, turns)
 //!
 //! Under `cargo test --all-targets` (no `--bench` argument) it runs a few records only,
 //! so CI checks that the benchmark still works without spending minutes on it.
@@ -60,133 +61,141 @@ fn main() {
     } else {
         (20, 100)
     };
+    // `cargo bench --bench outbox -- turns` runs only the sections whose name contains "turns".
+    let only = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let section = |name: &str| only.as_deref().is_none_or(|o| name.contains(o));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("runtime");
 
-    println!("durable appends (one flush per batch), {per_size} records per batch size:");
-    println!("{:>10} {:>14}", "batch", "records/s");
-    for batch in [1u64, 10, 100, 1000] {
+    if section("appends") {
+        println!("durable appends (one flush per batch), {per_size} records per batch size:");
+        println!("{:>10} {:>14}", "batch", "records/s");
+        for batch in [1u64, 10, 100, 1000] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let outbox = Outbox::open(dir.path()).expect("open");
+            let start = Instant::now();
+            let mut i = 0;
+            rt.block_on(async {
+                while i < per_size {
+                    let n = batch.min(per_size - i);
+                    outbox
+                        .append((i..i + n).map(message).collect())
+                        .await
+                        .expect("append");
+                    i += n;
+                }
+            });
+            let rate = per_size as f64 / start.elapsed().as_secs_f64();
+            println!("{batch:>10} {rate:>14.0}");
+        }
+    }
+    if section("reopen") {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let outbox = Outbox::open(dir.path()).expect("open");
+            rt.block_on(async {
+                for chunk in (0..backlog).collect::<Vec<_>>().chunks(1000) {
+                    outbox
+                        .append(chunk.iter().copied().map(message).collect())
+                        .await
+                        .expect("append");
+                }
+            });
+        }
+        let rss_before = rss_kib();
+        let start = Instant::now();
+        let outbox = Outbox::open(dir.path()).expect("reopen");
+        let open_time = start.elapsed();
+        let rss_after = rss_kib();
+        println!(
+            "reopen with a backlog of {backlog} queued records: {:.2} s, RSS +{} MiB, {} lanes, store {} MiB on disk",
+            open_time.as_secs_f64(),
+            rss_after.saturating_sub(rss_before) / 1024,
+            outbox.lane_heads(None, usize::MAX).unwrap().len(),
+            outbox.disk_bytes() / (1024 * 1024)
+        );
+    }
+    if section("turns") {
+        // The dispatcher's turns, as in a burst's drain: 50 orders whose messages interleave by
+        // id, half of the lanes per turn (they settle into two alternating groups), each turn
+        // recording the deliveries of the group before and marking the heads after them.
+        let orders = 50u64;
+        let per_order = if full { 400 } else { 4 };
         let dir = tempfile::tempdir().expect("tempdir");
         let outbox = Outbox::open(dir.path()).expect("open");
+        let burst = |i: u64| NewMessage {
+            production_order: format!("P{:06}", i % orders),
+            ..message(i)
+        };
+        rt.block_on(async {
+            for chunk in (0..orders * per_order).collect::<Vec<_>>().chunks(1000) {
+                outbox
+                    .append(chunk.iter().copied().map(burst).collect())
+                    .await
+                    .expect("append");
+            }
+        });
+        let group = (orders / 2) as usize;
+        let cpu0 = cpu_seconds();
         let start = Instant::now();
-        let mut i = 0;
+        let (mut turns, mut delivered) = (0u64, 0usize);
+        // Each group's requests in flight: id → order.
+        let mut sent: Vec<std::collections::HashMap<u64, String>> = vec![Default::default(); 2];
+        let mut last: Option<String> = None;
         rt.block_on(async {
-            while i < per_size {
-                let n = batch.min(per_size - i);
-                outbox
-                    .append((i..i + n).map(message).collect())
-                    .await
-                    .expect("append");
-                i += n;
+            loop {
+                let g = (turns % 2) as usize;
+                let finished = std::mem::take(&mut sent[g]);
+                let busy: std::collections::HashSet<&str> =
+                    sent[1 - g].values().map(String::as_str).collect();
+                let heads = outbox
+                    .lane_head_ids(
+                        last.as_deref(),
+                        group,
+                        |order| busy.contains(order),
+                        |id| finished.contains_key(&id),
+                    )
+                    .expect("heads");
+                if let Some((order, _)) = heads.last() {
+                    last = Some(order.clone());
+                }
+                let outcomes: Vec<Settlement> = finished
+                    .keys()
+                    .map(|&id| Settlement {
+                        id,
+                        attempt: Some("HTTP 200".into()),
+                        server_error: false,
+                        next: Settle::Delivered,
+                    })
+                    .collect();
+                let ids: Vec<u64> = heads.iter().map(|(_, id)| *id).collect();
+                let (settled, marked) =
+                    outbox.settle_and_mark(&outcomes, &ids).await.expect("turn");
+                delivered += settled.len();
+                sent[g] = marked
+                    .iter()
+                    .map(|r| (r.id, r.production_order.clone()))
+                    .collect();
+                turns += 1;
+                if sent.iter().all(|s| s.is_empty()) {
+                    break;
+                }
             }
         });
-        let rate = per_size as f64 / start.elapsed().as_secs_f64();
-        println!("{batch:>10} {rate:>14.0}");
+        let (cpu, wall) = (cpu_seconds() - cpu0, start.elapsed().as_secs_f64());
+        assert_eq!(
+            delivered as u64,
+            orders * per_order,
+            "every message delivered once"
+        );
+        println!(
+            "dispatcher turns without HTTP, {} messages over {orders} orders, {group} lanes per turn: {turns} turns, {:.2} ms per turn, {:.0} msg/s, {:.1} µs of CPU per message",
+            orders * per_order,
+            wall * 1e3 / turns as f64,
+            delivered as f64 / wall,
+            cpu * 1e6 / delivered as f64
+        );
     }
-
-    let dir = tempfile::tempdir().expect("tempdir");
-    {
-        let outbox = Outbox::open(dir.path()).expect("open");
-        rt.block_on(async {
-            for chunk in (0..backlog).collect::<Vec<_>>().chunks(1000) {
-                outbox
-                    .append(chunk.iter().copied().map(message).collect())
-                    .await
-                    .expect("append");
-            }
-        });
-    }
-    let rss_before = rss_kib();
-    let start = Instant::now();
-    let outbox = Outbox::open(dir.path()).expect("reopen");
-    let open_time = start.elapsed();
-    let rss_after = rss_kib();
-    println!(
-        "reopen with a backlog of {backlog} queued records: {:.2} s, RSS +{} MiB, {} lanes, store {} MiB on disk",
-        open_time.as_secs_f64(),
-        rss_after.saturating_sub(rss_before) / 1024,
-        outbox.lane_heads(None, usize::MAX).unwrap().len(),
-        outbox.disk_bytes() / (1024 * 1024)
-    );
-
-    // The dispatcher's turns, as in a burst's drain: 50 orders whose messages interleave by
-    // id, half of the lanes per turn (they settle into two alternating groups), each turn
-    // recording the deliveries of the group before and marking the heads after them.
-    let orders = 50u64;
-    let per_order = if full { 400 } else { 4 };
-    let dir = tempfile::tempdir().expect("tempdir");
-    let outbox = Outbox::open(dir.path()).expect("open");
-    let burst = |i: u64| NewMessage {
-        production_order: format!("P{:06}", i % orders),
-        ..message(i)
-    };
-    rt.block_on(async {
-        for chunk in (0..orders * per_order).collect::<Vec<_>>().chunks(1000) {
-            outbox
-                .append(chunk.iter().copied().map(burst).collect())
-                .await
-                .expect("append");
-        }
-    });
-    let group = (orders / 2) as usize;
-    let cpu0 = cpu_seconds();
-    let start = Instant::now();
-    let (mut turns, mut delivered) = (0u64, 0usize);
-    // Each group's requests in flight: id → order.
-    let mut sent: Vec<std::collections::HashMap<u64, String>> = vec![Default::default(); 2];
-    let mut last: Option<String> = None;
-    rt.block_on(async {
-        loop {
-            let g = (turns % 2) as usize;
-            let finished = std::mem::take(&mut sent[g]);
-            let busy: std::collections::HashSet<&str> =
-                sent[1 - g].values().map(String::as_str).collect();
-            let heads = outbox
-                .lane_head_ids(
-                    last.as_deref(),
-                    group,
-                    |order| busy.contains(order),
-                    |id| finished.contains_key(&id),
-                )
-                .expect("heads");
-            if let Some((order, _)) = heads.last() {
-                last = Some(order.clone());
-            }
-            let outcomes: Vec<Settlement> = finished
-                .keys()
-                .map(|&id| Settlement {
-                    id,
-                    attempt: Some("HTTP 200".into()),
-                    server_error: false,
-                    next: Settle::Delivered,
-                })
-                .collect();
-            let ids: Vec<u64> = heads.iter().map(|(_, id)| *id).collect();
-            let (settled, marked) = outbox.settle_and_mark(&outcomes, &ids).await.expect("turn");
-            delivered += settled.len();
-            sent[g] = marked
-                .iter()
-                .map(|r| (r.id, r.production_order.clone()))
-                .collect();
-            turns += 1;
-            if sent.iter().all(|s| s.is_empty()) {
-                break;
-            }
-        }
-    });
-    let (cpu, wall) = (cpu_seconds() - cpu0, start.elapsed().as_secs_f64());
-    assert_eq!(
-        delivered as u64,
-        orders * per_order,
-        "every message delivered once"
-    );
-    println!(
-        "dispatcher turns without HTTP, {} messages over {orders} orders, {group} lanes per turn: {turns} turns, {:.2} ms per turn, {:.0} msg/s, {:.1} µs of CPU per message",
-        orders * per_order,
-        wall * 1e3 / turns as f64,
-        delivered as f64 / wall,
-        cpu * 1e6 / delivered as f64
-    );
 }
