@@ -12,7 +12,7 @@
 
 use std::time::Instant;
 
-use mes_gateway::outbox::{NewMessage, Outbox, Settle, Settlement};
+use mes_gateway::outbox::{NewMessage, Outbox, Settlement};
 
 fn message(i: u64) -> NewMessage {
     // About 350 bytes stored, like a typical ReportFinished message with its history.
@@ -163,12 +163,7 @@ fn main() {
                 }
                 let outcomes: Vec<Settlement> = finished
                     .keys()
-                    .map(|&id| Settlement {
-                        id,
-                        attempt: Some("HTTP 200".into()),
-                        server_error: false,
-                        next: Settle::Delivered,
-                    })
+                    .map(|&id| Settlement::delivered(id, "HTTP 200"))
                     .collect();
                 let ids: Vec<u64> = heads.iter().map(|(_, id)| *id).collect();
                 let (settled, marked) =

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
-use mes_gateway::outbox::{MessageId, NewMessage, Outbox, Record, Settle, Settlement, State};
+use mes_gateway::outbox::{MessageId, NewMessage, Outbox, Record, Settlement, State};
 use support::process::{self, path_str, Output};
 use support::{d365_yaml, write_config, FakeD365};
 
@@ -45,12 +45,7 @@ async fn drained_store(data: &Path, total: u32, live: u32) {
         outbox.mark_sending(&done).await.unwrap();
         let settled = done
             .iter()
-            .map(|&id| Settlement {
-                id,
-                attempt: Some("HTTP 200".into()),
-                server_error: false,
-                next: Settle::Delivered,
-            })
+            .map(|&id| Settlement::delivered(id, "HTTP 200"))
             .collect();
         outbox.settle(settled).await.unwrap();
         n += batch;

@@ -270,6 +270,18 @@ pub struct Settlement {
     pub next: Settle,
 }
 
+impl Settlement {
+    /// A request D365 accepted (2xx), with `attempt` as the attempt list shows it.
+    pub fn delivered(id: MessageId, attempt: impl Into<String>) -> Settlement {
+        Settlement {
+            id,
+            attempt: Some(attempt.into()),
+            server_error: false,
+            next: Settle::Delivered,
+        }
+    }
+}
+
 /// redb's page cache: reads of records and index pages, and the pages a write
 /// transaction changes. A fixed budget, whatever the backlog (see the README's
 /// Performance section for what it was measured at).
