@@ -182,10 +182,7 @@ impl Template {
     /// The text this template always renders to, when it has no variable.
     pub fn literal(&self) -> Option<String> {
         if let Some(c) = &self.constant {
-            return Some(match c {
-                Json::String(s) => s.clone(),
-                other => other.to_string(),
-            });
+            return Some(into_text(c.clone()));
         }
         self.parts
             .iter()
@@ -222,10 +219,15 @@ impl Template {
 
     /// Renders to text (for line names and context fields).
     pub fn render_text(&self, scope: &Scope<'_>) -> Result<String, Missing> {
-        Ok(match self.render(scope)? {
-            Json::String(s) => s,
-            other => other.to_string(),
-        })
+        Ok(into_text(self.render(scope)?))
+    }
+}
+
+/// A rendered value as text: a string as it is, anything else as JSON.
+fn into_text(value: Json) -> String {
+    match value {
+        Json::String(s) => s,
+        other => other.to_string(),
     }
 }
 
