@@ -43,6 +43,18 @@ fn cpu_seconds() -> f64 {
     }
 }
 
+/// Appends messages `0..n` made by `make`, 1,000 per commit.
+fn queue(rt: &tokio::runtime::Runtime, outbox: &Outbox, n: u64, make: impl Fn(u64) -> NewMessage) {
+    rt.block_on(async {
+        for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
+            outbox
+                .append(chunk.iter().copied().map(&make).collect())
+                .await
+                .expect("append");
+        }
+    });
+}
+
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -95,14 +107,7 @@ fn main() {
         let dir = tempfile::tempdir().expect("tempdir");
         {
             let outbox = Outbox::open(dir.path()).expect("open");
-            rt.block_on(async {
-                for chunk in (0..backlog).collect::<Vec<_>>().chunks(1000) {
-                    outbox
-                        .append(chunk.iter().copied().map(message).collect())
-                        .await
-                        .expect("append");
-                }
-            });
+            queue(&rt, &outbox, backlog, message);
         }
         let rss_before = rss_kib();
         let start = Instant::now();
@@ -129,14 +134,7 @@ fn main() {
             production_order: format!("P{:06}", i % orders),
             ..message(i)
         };
-        rt.block_on(async {
-            for chunk in (0..orders * per_order).collect::<Vec<_>>().chunks(1000) {
-                outbox
-                    .append(chunk.iter().copied().map(burst).collect())
-                    .await
-                    .expect("append");
-            }
-        });
+        queue(&rt, &outbox, orders * per_order, burst);
         let group = (orders / 2) as usize;
         let cpu0 = cpu_seconds();
         let start = Instant::now();
