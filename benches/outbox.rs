@@ -12,7 +12,7 @@
 
 use std::time::Instant;
 
-use mes_gateway::outbox::{NewMessage, Outbox, Settlement};
+use mes_gateway::outbox::{NewMessage, Outbox, Record, Settlement};
 
 fn message(i: u64) -> NewMessage {
     // About 350 bytes stored, like a typical ReportFinished message with its history.
@@ -139,15 +139,17 @@ fn main() {
         let cpu0 = cpu_seconds();
         let start = Instant::now();
         let (mut turns, mut delivered) = (0u64, 0usize);
-        // Each group's requests in flight: id → order.
-        let mut sent: Vec<std::collections::HashMap<u64, String>> = vec![Default::default(); 2];
+        // Each group's requests in flight: id → the record as marked and sent.
+        let mut sent: Vec<std::collections::HashMap<u64, Record>> = vec![Default::default(); 2];
         let mut last: Option<String> = None;
         rt.block_on(async {
             loop {
                 let g = (turns % 2) as usize;
                 let finished = std::mem::take(&mut sent[g]);
-                let busy: std::collections::HashSet<&str> =
-                    sent[1 - g].values().map(String::as_str).collect();
+                let busy: std::collections::HashSet<&str> = sent[1 - g]
+                    .values()
+                    .map(|r| r.production_order.as_str())
+                    .collect();
                 let heads = outbox
                     .lane_head_ids(
                         last.as_deref(),
@@ -159,18 +161,16 @@ fn main() {
                 if let Some((order, _)) = heads.last() {
                     last = Some(order.clone());
                 }
-                let outcomes: Vec<Settlement> = finished
-                    .keys()
-                    .map(|&id| Settlement::delivered(id, "HTTP 200"))
-                    .collect();
                 let ids: Vec<u64> = heads.iter().map(|(_, id)| *id).collect();
+                // As the dispatcher does: each outcome carries the record it was sent as.
+                let outcomes: Vec<Settlement> = finished
+                    .into_values()
+                    .map(|r| Settlement::delivered(r.id, "HTTP 200").with_record_as_sent(r))
+                    .collect();
                 let (settled, marked) =
                     outbox.settle_and_mark(&outcomes, &ids).await.expect("turn");
                 delivered += settled.len();
-                sent[g] = marked
-                    .iter()
-                    .map(|r| (r.id, r.production_order.clone()))
-                    .collect();
+                sent[g] = marked.into_iter().map(|r| (r.id, r)).collect();
                 turns += 1;
                 if sent.iter().all(|s| s.is_empty()) {
                     break;

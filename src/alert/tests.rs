@@ -89,6 +89,7 @@ async fn failed_messages_down_sources_and_an_old_queue_are_alerts_with_what_to_k
             next: Settle::Failed {
                 reason: "HTTP 400: order not found".into(),
             },
+            as_sent: None,
         }])
         .await
         .unwrap();

@@ -726,6 +726,7 @@ impl Dispatcher {
                                 "the send task failed ({e}); the request may have been written"
                             ),
                         },
+                        as_sent: None,
                     });
                     continue;
                 }
@@ -809,6 +810,7 @@ impl Dispatcher {
                 attempt: Some(outcome.to_string()),
                 server_error: matches!(outcome, Outcome::Http { status: 500, .. }),
                 next,
+                as_sent: Some(Box::new(record)),
             });
         }
         lanes.busy_orders = lanes.in_flight.values().map(|(_, o)| o.clone()).collect();

@@ -20,6 +20,7 @@ fn settled(id: MessageId, next: Settle) -> Settlement {
         attempt: Some("HTTP 200".into()),
         server_error: false,
         next,
+        as_sent: None,
     }
 }
 
@@ -109,6 +110,7 @@ async fn transitions_are_checked_against_the_state_machine() {
                 reason: "HTTP 500".into(),
                 at: None,
             },
+            as_sent: None,
         }])
         .await
         .unwrap()
@@ -180,6 +182,7 @@ async fn operator_actions_check_state_and_record_history() {
             next: Settle::Failed {
                 reason: "HTTP 500".into(),
             },
+            as_sent: None,
         }])
         .await
         .unwrap();
@@ -328,6 +331,7 @@ async fn a_delivery_kept_apart_reads_as_the_record_it_made_until_written_or_prun
                         reason: "server error".into(),
                         at: None,
                     },
+                    as_sent: None,
                 },
             ],
             &[recs[1].id],
@@ -505,6 +509,7 @@ async fn counts_and_pruning_come_from_the_indexes_and_survive_reopen() {
                     next: Settle::Failed {
                         reason: "HTTP 400".into(),
                     },
+                    as_sent: None,
                 },
             ])
             .await
@@ -1365,4 +1370,55 @@ async fn an_old_format_store_sled_cannot_read_is_refused_and_left_untouched() {
         "no file of the old store is removed and no new store appears"
     );
     assert!(after == before, "the old store's files are unchanged");
+}
+
+#[tokio::test]
+async fn an_outcome_carrying_its_record_as_sent_is_settled_from_it_only_while_its_mark_is_unchanged(
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(dir.path()).unwrap();
+    let recs = outbox.append(vec![msg("A", 1)]).await.unwrap();
+    let id = recs[0].id;
+    let first = outbox.mark_sending(&[id]).await.unwrap().remove(0);
+    let retry = |as_sent: Record| Settlement {
+        id,
+        attempt: Some("HTTP 500".into()),
+        server_error: true,
+        next: Settle::Retry {
+            reason: "server error".into(),
+            at: None,
+        },
+        as_sent: Some(Box::new(as_sent)),
+    };
+    // Fresh: settled from the record given, which is what the store holds.
+    let settled_now = outbox.settle(vec![retry(first.clone())]).await.unwrap();
+    assert_eq!(settled_now[0].state, State::Queued);
+    assert_eq!(outbox.get(id).unwrap(), settled_now[0]);
+    assert_eq!(outbox.get(id).unwrap().attempts.len(), 1);
+
+    // Marked again: the first record is stale (it lacks the attempt just recorded). An
+    // outcome that carries it anyway is settled from the store, and nothing is lost.
+    let second = outbox.mark_sending(&[id]).await.unwrap().remove(0);
+    assert_ne!(second.updated_at, first.updated_at);
+    let failed = Settlement {
+        next: Settle::Failed {
+            reason: "HTTP 400".into(),
+        },
+        server_error: false,
+        attempt: Some("HTTP 400".into()),
+        ..retry(first)
+    };
+    let settled_now = outbox.settle(vec![failed]).await.unwrap();
+    let stored = outbox.get(id).unwrap();
+    assert_eq!(stored.state, State::Failed);
+    assert_eq!(
+        stored
+            .attempts
+            .iter()
+            .map(|a| a.outcome.as_str())
+            .collect::<Vec<_>>(),
+        ["HTTP 500", "HTTP 400"],
+        "the attempt recorded after the stale record was taken is kept"
+    );
+    assert_eq!(settled_now[0], stored);
 }
