@@ -146,6 +146,54 @@ pub(super) fn append(tx: &mut Tx<'_>, order: &str, id: MessageId) -> Result<(), 
     set_ends(tx, order, head, tail)
 }
 
+/// Adds many members as [`append`] adds each, with each order's ends read and written once
+/// and the members after its tail chained without a search (an ingest batch: new ids).
+/// Why: one by one, a member cost three reads and three writes (its links, the ends, the
+/// tail's links); a batch of 256 messages over 50 orders now costs about one write per
+/// member and four per order.
+pub(super) fn append_all<'o>(
+    tx: &mut Tx<'_>,
+    members: impl IntoIterator<Item = (&'o str, MessageId)>,
+) -> Result<(), OutboxError> {
+    let mut by_order: std::collections::BTreeMap<&str, Vec<MessageId>> = Default::default();
+    for (order, id) in members {
+        by_order.entry(order).or_default().push(id);
+    }
+    for (order, mut ids) in by_order {
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.first() == Some(&NONE) {
+            return Err(storage("message id 0 cannot join a lane"));
+        }
+        let tail = ends_in(tx, order)?.map_or(NONE, |(_, tail)| tail);
+        // At or before the tail (a batch that took its ids before one committed earlier,
+        // or a member added twice): one by one, as append places and recognises them.
+        let after_tail = ids.partition_point(|&id| id <= tail);
+        for &id in &ids[..after_tail] {
+            append(tx, order, id)?;
+        }
+        let fresh = &ids[after_tail..];
+        let (Some(&first), Some(&last)) = (fresh.first(), fresh.last()) else {
+            continue;
+        };
+        // The tail is the lane's largest id, so none of these is in the lane yet.
+        let (head, tail) = match ends_in(tx, order)? {
+            Some((head, tail)) => {
+                set_next(tx, order, tail, first)?;
+                (head, tail)
+            }
+            None => (first, NONE),
+        };
+        for (i, &id) in fresh.iter().enumerate() {
+            let prev = if i == 0 { tail } else { fresh[i - 1] };
+            let next = fresh.get(i + 1).copied().unwrap_or(NONE);
+            set_link(tx, id, prev, next)?;
+        }
+        set_ends(tx, order, head, last)?;
+    }
+    Ok(())
+}
+
 /// Takes `id` out of `order`'s lane, wherever it is; whether it was there.
 pub(super) fn remove(tx: &mut Tx<'_>, order: &str, id: MessageId) -> Result<bool, OutboxError> {
     let Some((prev, next)) = link_in(tx, id)? else {
@@ -394,8 +442,9 @@ mod tests {
         assert!(heads(&t, None, 10, |_| false).unwrap().is_empty());
     }
 
-    /// Random joins (mostly in id order, some late) and leaves (heads mostly, some from
-    /// the middle) over several orders and transactions, checked against a plain model
+    /// Random joins (mostly in id order, some late; one by one or as ingest batches with
+    /// members already there) and leaves (heads mostly, some from the middle) over several
+    /// orders and transactions, checked against a plain model
     /// after every transaction: lanes, heads, successors and sizes.
     #[test]
     fn lanes_match_a_model_under_random_joins_and_leaves() {
@@ -412,6 +461,7 @@ mod tests {
         };
         let orders = ["P-1", "P-2", "P-3", "P-4", "P-5"];
         let mut next_id = 1;
+        let mut held_back: Vec<(&str, MessageId)> = Vec::new();
         for _round in 0..200 {
             kv.write(true, |tx| {
                 for _ in 0..rand(20) {
@@ -424,8 +474,40 @@ mod tests {
                         if rand(5) == 0 {
                             ids.reverse();
                         }
+                        match rand(4) {
+                            // One by one.
+                            0 => {
+                                for &id in &ids {
+                                    append(tx, order, id)?;
+                                }
+                            }
+                            // Held back, to join later with the next batch (behind the
+                            // tail by then): not in the model yet.
+                            1 => {
+                                held_back.extend(ids.iter().map(|&id| (order, id)));
+                                continue;
+                            }
+                            // As an ingest batch: with what was held back, and one member
+                            // already in the lane added again.
+                            _ => {
+                                let again = model
+                                    .get(order)
+                                    .and_then(|m| m.iter().nth(rand(m.len() as u64) as usize))
+                                    .map(|&id| (order, id));
+                                let batch: Vec<(&str, MessageId)> = ids
+                                    .iter()
+                                    .map(|&id| (order, id))
+                                    .chain(held_back.drain(..))
+                                    .chain(again)
+                                    .collect();
+                                append_all(tx, batch.iter().copied())?;
+                                for (o, id) in batch {
+                                    model.entry(o.to_string()).or_default().insert(id);
+                                }
+                                continue;
+                            }
+                        }
                         for id in ids {
-                            append(tx, order, id)?;
                             model.entry(order.to_string()).or_default().insert(id);
                         }
                     } else {

@@ -861,9 +861,12 @@ impl Outbox {
                     })
                     .collect::<Result<Vec<_>, OutboxError>>()?;
                 store.kv.write(true, |tx| {
+                    lanes::append_all(
+                        tx,
+                        records.iter().map(|r| (r.production_order.as_str(), r.id)),
+                    )?;
                     for (r, bytes) in records.iter().zip(&encoded) {
                         tx.insert(T::Messages, &key(r.id), bytes)?;
-                        lanes::append(tx, &r.production_order, r.id)?;
                         if let Some(digest) = r.content_digest {
                             tx.insert(T::Contents, &verdict::content_key(digest, r.id), &[])?;
                         }
