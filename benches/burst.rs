@@ -8,6 +8,8 @@
 //! duplicates, the gateway's CPU seconds and peak RSS. Durability is what the product
 //! promises: every append, `sending` mark and outcome flushed before it counts.
 
+#[path = "measure.rs"]
+mod measure;
 #[path = "../tests/support/mod.rs"]
 #[allow(unused_imports)]
 mod support;
@@ -15,6 +17,7 @@ mod support;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use measure::rss_mib;
 use support::mqtt::{
     burst_orders, count_burst, publish_burst, write_burst_config, Mosquitto, EXACT,
 };
@@ -34,36 +37,6 @@ fn config(dir: &Path, fake: &FakeD365, broker: &Mosquitto, api_port: u16) {
         &broker.url(),
         &format!("api:\n  listen: 127.0.0.1:{api_port}\n"),
     );
-}
-
-/// CPU seconds (user + system) of a process so far.
-fn cpu_seconds(pid: i32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks: f64 = fields
-        .get(11..13)
-        .map(|f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum())
-        .unwrap_or(0.0);
-    // SAFETY: sysconf has no memory effects.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    ticks / hz
-}
-
-/// (current RSS, peak RSS) in MiB.
-fn rss_mib(pid: i32) -> (f64, f64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kib = |key: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(key))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (kib("VmRSS:") / 1024.0, kib("VmHWM:") / 1024.0)
 }
 
 async fn queued(api_port: u16) -> u64 {
@@ -111,9 +84,9 @@ async fn scenario(name: &str, run: Run) {
     out.wait_for("Subscribed.").await;
     let pid = gw.pid();
     let total = ORDERS * run.per_order as usize;
-    let cpu0 = cpu_seconds(pid);
-    let harness0 = cpu_seconds(std::process::id() as i32);
-    let broker0 = cpu_seconds(broker.pid());
+    let cpu0 = measure::cpu_seconds(pid);
+    let harness0 = measure::cpu_seconds(std::process::id() as i32);
+    let broker0 = measure::cpu_seconds(broker.pid());
     let started = Instant::now();
     publish_burst(broker.port, &orders(), 1, run.per_order).await;
     let published = started.elapsed();
@@ -126,10 +99,10 @@ async fn scenario(name: &str, run: Run) {
         fake.wait_accepted_count(total).await;
     }
     let elapsed = started.elapsed();
-    let cpu = cpu_seconds(pid) - cpu0;
+    let cpu = measure::cpu_seconds(pid) - cpu0;
     // The rest of the machine's work: the publishers and the fake D365 (this process), the broker.
-    let harness = cpu_seconds(std::process::id() as i32) - harness0;
-    let broker_cpu = cpu_seconds(broker.pid()) - broker0;
+    let harness = measure::cpu_seconds(std::process::id() as i32) - harness0;
+    let broker_cpu = measure::cpu_seconds(broker.pid()) - broker0;
     let (rss, peak) = rss_mib(pid);
     let exit = gw.terminate().await;
     let rate = total as f64 / elapsed.as_secs_f64();
@@ -240,10 +213,10 @@ async fn backlog(name: &str, per_order: u32) {
     let open = started.elapsed();
     let pid = gw.pid();
     let (rss_open, _) = rss_mib(pid);
-    let cpu0 = cpu_seconds(pid);
+    let cpu0 = measure::cpu_seconds(pid);
     fake.wait_accepted_count(total).await;
     let drain = started.elapsed() - open;
-    let cpu = cpu_seconds(pid) - cpu0;
+    let cpu = measure::cpu_seconds(pid) - cpu0;
     let (_, peak) = rss_mib(pid);
     let count = count_burst(&fake, u64::from(per_order));
     assert_eq!(
@@ -289,7 +262,7 @@ async fn outage(name: &str, per_order: u32) {
     out.wait_for("Subscribed.").await;
     let pid = gw.pid();
     let total = ORDERS * per_order as usize;
-    let cpu0 = cpu_seconds(pid);
+    let cpu0 = measure::cpu_seconds(pid);
     let started = Instant::now();
     fake.unavailable(true);
     publish_burst(broker.port, &orders(), 1, per_order / 2).await;
@@ -305,7 +278,7 @@ async fn outage(name: &str, per_order: u32) {
     fake.accept_connections().await;
     fake.wait_accepted_count(total).await;
     let drain = back.elapsed();
-    let cpu = cpu_seconds(pid) - cpu0;
+    let cpu = measure::cpu_seconds(pid) - cpu0;
     let (_, peak) = rss_mib(pid);
     let exit = gw.terminate().await;
     let count = count_burst(&fake, u64::from(per_order));

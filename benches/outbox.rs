@@ -12,6 +12,9 @@
 
 use std::time::Instant;
 
+#[path = "measure.rs"]
+mod measure;
+
 use mes_gateway::outbox::{NewMessage, Outbox, Record, Settlement};
 
 fn message(i: u64) -> NewMessage {
@@ -29,20 +32,6 @@ fn message(i: u64) -> NewMessage {
     }
 }
 
-/// CPU seconds (user + system) this process has used.
-fn cpu_seconds() -> f64 {
-    let mut usage = std::mem::MaybeUninit::<libc::rusage>::uninit();
-    // SAFETY: getrusage fills the struct it is given; it is read only when it succeeded.
-    unsafe {
-        if libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) != 0 {
-            return 0.0;
-        }
-        let u = usage.assume_init();
-        let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-        secs(u.ru_utime) + secs(u.ru_stime)
-    }
-}
-
 /// Appends messages `0..n` made by `make`, 1,000 per commit.
 fn queue(rt: &tokio::runtime::Runtime, outbox: &Outbox, n: u64, make: impl Fn(u64) -> NewMessage) {
     rt.block_on(async {
@@ -53,17 +42,6 @@ fn queue(rt: &tokio::runtime::Runtime, outbox: &Outbox, n: u64, make: impl Fn(u6
                 .expect("append");
         }
     });
-}
-
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 fn main() {
@@ -109,15 +87,15 @@ fn main() {
             let outbox = Outbox::open(dir.path()).expect("open");
             queue(&rt, &outbox, backlog, message);
         }
-        let rss_before = rss_kib();
+        let rss_before = measure::rss_mib(std::process::id() as i32).0;
         let start = Instant::now();
         let outbox = Outbox::open(dir.path()).expect("reopen");
         let open_time = start.elapsed();
-        let rss_after = rss_kib();
+        let rss_after = measure::rss_mib(std::process::id() as i32).0;
         println!(
-            "reopen with a backlog of {backlog} queued records: {:.2} s, RSS +{} MiB, {} lanes, store {} MiB on disk",
+            "reopen with a backlog of {backlog} queued records: {:.2} s, RSS +{:.0} MiB, {} lanes, store {} MiB on disk",
             open_time.as_secs_f64(),
-            rss_after.saturating_sub(rss_before) / 1024,
+            (rss_after - rss_before).max(0.0),
             outbox.lane_heads(None, usize::MAX).unwrap().len(),
             outbox.disk_bytes() / (1024 * 1024)
         );
@@ -136,7 +114,7 @@ fn main() {
         };
         queue(&rt, &outbox, orders * per_order, burst);
         let group = (orders / 2) as usize;
-        let cpu0 = cpu_seconds();
+        let cpu0 = measure::cpu_seconds(std::process::id() as i32);
         let start = Instant::now();
         let (mut turns, mut delivered) = (0u64, 0usize);
         // Each group's requests in flight: id → the record as marked and sent.
@@ -177,7 +155,10 @@ fn main() {
                 }
             }
         });
-        let (cpu, wall) = (cpu_seconds() - cpu0, start.elapsed().as_secs_f64());
+        let (cpu, wall) = (
+            measure::cpu_seconds(std::process::id() as i32) - cpu0,
+            start.elapsed().as_secs_f64(),
+        );
         assert_eq!(
             delivered as u64,
             orders * per_order,
