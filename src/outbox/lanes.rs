@@ -15,10 +15,11 @@
 //! a burst lie within a few hundred ids of each other: a few leaves; the ends of all orders
 //! fit in one or two.
 //!
-//! Invariants (kept by [`append`] and [`remove`], each inside the caller's transaction):
-//! an order has an ends entry exactly while its lane is not empty; following `next` from
-//! the head visits the lane's ids in increasing order and ends at the tail; `prev` mirrors
-//! `next`. The table "lanes" holds the old layout; [`convert_legacy`] moves it once.
+//! Invariants (kept by [`append`], [`append_all`] and [`remove`], each inside the caller's
+//! transaction): an order has an ends entry exactly while its lane is not empty; following
+//! `next` from the head visits the lane's ids in increasing order and ends at the tail;
+//! `prev` mirrors `next`. The table "lanes" holds the old layout; [`convert_legacy`] moves
+//! it once.
 
 use super::kv::{Rx, Span, Tx, T};
 use super::{storage, MessageId, OutboxError};
@@ -444,8 +445,8 @@ mod tests {
 
     /// Random joins (mostly in id order, some late; one by one or as ingest batches with
     /// members already there) and leaves (heads mostly, some from the middle) over several
-    /// orders and transactions, checked against a plain model
-    /// after every transaction: lanes, heads, successors and sizes.
+    /// orders and transactions, checked against a plain model after every transaction:
+    /// lanes, heads, successors and sizes.
     #[test]
     fn lanes_match_a_model_under_random_joins_and_leaves() {
         let (_dir, kv) = store();
