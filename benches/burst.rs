@@ -47,6 +47,34 @@ async fn queued(api_port: u16) -> u64 {
     v["outbox"]["queued"].as_u64().unwrap_or(0)
 }
 
+/// The gateway's durable writes of one kind (`ingest` or `delivery`) from its /metrics:
+/// how many, how many messages each on average, and their mean duration (a transaction
+/// and its fsync: the disk's flush latency bounds the delivery).
+async fn writes(api_port: u16, kind: &str) -> String {
+    let Ok(resp) = reqwest::get(format!("http://127.0.0.1:{api_port}/metrics")).await else {
+        return format!("{kind} writes: no /metrics");
+    };
+    let text = resp.text().await.unwrap_or_default();
+    let value = |name: &str| -> f64 {
+        let prefix = format!("{name}{{kind=\"{kind}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let count = value("mes_gateway_outbox_write_seconds_count");
+    let seconds = value("mes_gateway_outbox_write_seconds_sum");
+    let messages = value("mes_gateway_outbox_written_messages_total");
+    if count == 0.0 {
+        return format!("no {kind} writes");
+    }
+    format!(
+        "{count:.0} {kind} writes of {:.0} msgs, {:.2} ms each",
+        messages / count,
+        seconds * 1e3 / count
+    )
+}
+
 struct Run {
     per_order: u32,
     answer_delay: Duration,
@@ -104,11 +132,13 @@ async fn scenario(name: &str, run: Run) {
     let harness = measure::cpu_seconds(std::process::id() as i32) - harness0;
     let broker_cpu = measure::cpu_seconds(broker.pid()) - broker0;
     let (rss, peak) = rss_mib(pid);
+    let ingest_writes = writes(api_port, "ingest").await;
+    let delivery_writes = writes(api_port, "delivery").await;
     let exit = gw.terminate().await;
     let rate = total as f64 / elapsed.as_secs_f64();
     if run.d365_down {
         println!(
-            "{name:<44} {total:>7} msgs  ingest {rate:>8.0} msg/s into the outbox (D365 down)  cpu {cpu:>5.1} s ({:.0} µs/msg)  rss {rss:>5.1} MiB peak {peak:>5.1} MiB  exit {exit}",
+            "{name:<44} {total:>7} msgs  ingest {rate:>8.0} msg/s into the outbox (D365 down)  cpu {cpu:>5.1} s ({:.0} µs/msg)  rss {rss:>5.1} MiB peak {peak:>5.1} MiB  {ingest_writes}  exit {exit}",
             cpu * 1e6 / total as f64
         );
         return;
@@ -141,7 +171,7 @@ async fn scenario(name: &str, run: Run) {
         )
     };
     println!(
-        "{name:<44} {total:>7} msgs  e2e {rate:>8.0} msg/s (published in {:.2} s)  lost {lost} dup {dups} disorder {disorder}  cpu {cpu:>5.1} s ({:.0} µs/msg; publishers + fake D365 {:.0}, broker {:.0})  rss {rss:>5.1} MiB peak {peak:>5.1} MiB  {} connections{bound}",
+        "{name:<44} {total:>7} msgs  e2e {rate:>8.0} msg/s (published in {:.2} s)  lost {lost} dup {dups} disorder {disorder}  cpu {cpu:>5.1} s ({:.0} µs/msg; publishers + fake D365 {:.0}, broker {:.0})  rss {rss:>5.1} MiB peak {peak:>5.1} MiB  {} connections  {ingest_writes}; {delivery_writes}{bound}",
         published.as_secs_f64(),
         cpu * 1e6 / total as f64,
         harness * 1e6 / total as f64,

@@ -4,6 +4,7 @@
 mod support;
 
 use std::path::Path;
+use std::time::Duration;
 
 use support::mqtt::{publish, Mosquitto, Proxy};
 use support::process::{self, path_str, Output};
@@ -187,14 +188,28 @@ async fn health_and_metrics_show_the_sources_and_the_outbox() {
         (&serde_json::json!("P000777"), &serde_json::json!("A0001")),
         "the order context the pipeline committed: {health}"
     );
-    let metrics = http
-        .get(format!("http://127.0.0.1:{port}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    // The fake has read the request; its outcome is written once the answer is back.
+    let scrape = || async {
+        http.get(format!("http://127.0.0.1:{port}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let delivered = "mes_gateway_outbox_messages{state=\"delivered\"} 1\n";
+    let metrics = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let metrics = scrape().await;
+            if metrics.contains(delivered) {
+                return metrics;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the delivery is recorded");
     assert!(
         metrics.contains("mes_gateway_source_connected{source=\"broker\"} 1"),
         "{metrics}"
@@ -222,6 +237,23 @@ async fn health_and_metrics_show_the_sources_and_the_outbox() {
             && metrics.contains("mes_gateway_delivery_latency_seconds_bucket{le=\"+Inf\"} 1\n"),
         "{metrics}"
     );
+    // The outbox's durable writes: the one message stored (in one or more ingest writes:
+    // the other events commit their acknowledgements), then marked and settled in two
+    // delivery writes.
+    for expected in [
+        "mes_gateway_outbox_written_messages_total{kind=\"ingest\"} 1\n",
+        "mes_gateway_outbox_written_messages_total{kind=\"delivery\"} 2\n",
+        "mes_gateway_outbox_write_seconds_count{kind=\"delivery\"} 2\n",
+        "mes_gateway_outbox_write_seconds_bucket{le=\"+Inf\",kind=\"delivery\"} 2\n",
+    ] {
+        assert!(metrics.contains(expected), "{expected}: {metrics}");
+    }
+    let ingest_writes: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("mes_gateway_outbox_write_seconds_count{kind=\"ingest\"} "))
+        .and_then(|v| v.parse().ok())
+        .expect("an ingest write count");
+    assert!(ingest_writes >= 1, "{metrics}");
     assert!(metrics.ends_with("# EOF\n"), "OpenMetrics text: {metrics}");
     assert_eq!(gw.terminate().await, 0);
     broker.stop().await;

@@ -1,7 +1,8 @@
 //! `GET /metrics` in the OpenMetrics text format (prometheus-client). The values live in
 //! the components (atomics they update on their hot paths, the outbox's counts, the
-//! dispatcher's latency histogram); a registry is filled from them at each scrape, so
-//! no component depends on the metrics library's types except the histogram.
+//! dispatcher's latency histogram, the outbox's write histograms); a registry is filled
+//! from them at each scrape, so no component depends on the metrics library's types
+//! except the histograms.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -12,7 +13,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use super::ApiState;
-use crate::outbox::State as MessageState;
+use crate::outbox::{State as MessageState, WriteKind};
 
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -79,6 +80,19 @@ pub fn render(state: &ApiState) -> String {
         "mes_gateway_oldest_pending_age_seconds",
         "Age of the oldest message not yet delivered (0 when none)",
         g,
+    );
+    let writes = state.outbox.write_stats();
+    registry.register(
+        "mes_gateway_outbox_write_seconds",
+        "Durable writes of the outbox (one transaction and one fsync each): new messages (ingest), the dispatcher's outcomes and marks (delivery)",
+        writes.seconds(),
+    );
+    counters(
+        &mut registry,
+        "mes_gateway_outbox_written_messages",
+        "Messages in the outbox's durable writes: new ones (ingest), settled plus marked (delivery)",
+        "kind",
+        WriteKind::ALL.map(|k| (k.as_str().to_string(), writes.messages(k))),
     );
     let live = state.live.get();
     let sources = &live.sources;

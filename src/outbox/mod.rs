@@ -113,10 +113,12 @@ mod lanes;
 mod migrate;
 mod record;
 mod verdict;
+mod writes;
 
 pub use ingress::{Delivery, DeliveryId, SeenEvent};
 pub use record::{Attempt, Change, MessageId, NewMessage, Record, State};
 pub use verdict::{D365Verdict, ProcessedEvent, Reconciled, UnmatchedEvent};
+pub use writes::{WriteKind, WriteStats};
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -340,6 +342,8 @@ pub struct Outbox {
     /// CPU per message and 15 MiB of cache in the burst benchmark, measured on sled), so it is kept
     /// only while a `d365_events` source can deliver verdicts.
     index_contents: Arc<AtomicBool>,
+    /// How long the durable writes take (for /metrics; see writes.rs).
+    writes: Arc<WriteStats>,
 }
 
 /// How long [`Outbox::reopen`] waits for operations still using the failed database.
@@ -578,7 +582,13 @@ impl Outbox {
             ids_handed_out: Arc::default(),
             transitions: Arc::default(),
             index_contents: Arc::default(),
+            writes: Arc::default(),
         })
+    }
+
+    /// How long the durable writes of new messages and of the dispatcher's turns take.
+    pub fn write_stats(&self) -> Arc<WriteStats> {
+        self.writes.clone()
     }
 
     /// The open database; reopens it first if a write failed. Blocking when it reopens.
@@ -811,6 +821,7 @@ impl Outbox {
         };
         let ids_handed_out = self.ids_handed_out.clone();
         let indexing = self.index_contents.load(Ordering::Acquire);
+        let writes = self.writes.clone();
         let (records, plan) = self
             .write_blocking(move |store| {
                 let records = match ingest.prepared.get() {
@@ -860,6 +871,7 @@ impl Outbox {
                         ))
                     })
                     .collect::<Result<Vec<_>, OutboxError>>()?;
+                let started = std::time::Instant::now();
                 store.kv.write(true, |tx| {
                     lanes::append_all(
                         tx,
@@ -924,6 +936,7 @@ impl Outbox {
                     }
                     Ok(())
                 })?;
+                writes.record(WriteKind::Ingest, records.len(), started.elapsed());
                 Ok((records.clone(), plan))
             })
             .await?;
@@ -1132,6 +1145,7 @@ impl Outbox {
         if changed.is_empty() {
             return Ok(Vec::new());
         }
+        let writes = self.writes.clone();
         let changed = self
             .write_blocking(move |this| {
                 // A mark or a delivery writes no record (module doc): nothing to encode.
@@ -1143,6 +1157,7 @@ impl Outbox {
                         _ => encode(r),
                     })
                     .collect::<Result<Vec<_>, _>>()?;
+                let started = std::time::Instant::now();
                 this.kv.write(true, |tx| {
                     for ((r, old), bytes) in changed.iter().zip(&encoded) {
                         if *old == State::Queued && r.state == State::Sending {
@@ -1181,6 +1196,7 @@ impl Outbox {
                     }
                     Ok(())
                 })?;
+                writes.record(WriteKind::Delivery, changed.len(), started.elapsed());
                 Ok(changed)
             })
             .await?;
