@@ -254,6 +254,29 @@ async fn health_and_metrics_show_the_sources_and_the_outbox() {
         .and_then(|v| v.parse().ok())
         .expect("an ingest write count");
     assert!(ingest_writes >= 1, "{metrics}");
+    // `status` shows the same writes with their recent mean duration.
+    let cfg = path_str(tmp.path());
+    let (code, text, err) = process::run(&["status", "--json", "-c", cfg]).await;
+    assert_eq!(code, 0, "{err}");
+    let status: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let delivery = &status["outbox_writes"]["delivery"];
+    assert_eq!(
+        (&delivery["writes"], &delivery["messages"]),
+        (&serde_json::json!(2), &serde_json::json!(2)),
+        "{status}"
+    );
+    assert!(
+        delivery["recent_ms"].as_f64().is_some_and(|ms| ms > 0.0),
+        "{status}"
+    );
+    assert_eq!(status["outbox_writes"]["ingest"]["messages"], 1, "{status}");
+    let (code, text, err) = process::run(&["status", "-c", cfg]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        text.contains("durable writes (transaction and fsync): delivery ")
+            && text.contains("(2 so far, 1 messages each on average)"),
+        "{text}"
+    );
     assert!(metrics.ends_with("# EOF\n"), "OpenMetrics text: {metrics}");
     assert_eq!(gw.terminate().await, 0);
     broker.stop().await;

@@ -117,6 +117,23 @@ pub fn lines(view: &LinesView) {
     }
 }
 
+/// A delivery write this slow (recent mean) is worth a line in `status`: an SSD flushes in
+/// about a millisecond, an SD card or a worn eMMC in tens.
+const SLOW_DELIVERY_WRITE_MS: f64 = 10.0;
+
+/// One kind of the outbox's durable writes, for `status`.
+fn writes(kind: &str, w: &crate::outbox::WriteSummary) -> String {
+    if w.writes == 0 {
+        return format!("{kind} none yet");
+    }
+    format!(
+        "{kind} {:.1} ms each lately ({} so far, {:.0} messages each on average)",
+        w.recent_ms,
+        w.writes,
+        w.messages as f64 / w.writes as f64
+    )
+}
+
 pub fn status(s: &Status) {
     match (s.running, s.uptime_seconds) {
         (true, Some(up)) => println!("mes-gateway {} running for {}", s.version, age(up)),
@@ -159,6 +176,19 @@ pub fn status(s: &Status) {
             age(o.age_seconds)
         ),
         None => println!("  nothing waiting for delivery"),
+    }
+    if let Some(w) = &s.outbox_writes {
+        println!(
+            "  durable writes (transaction and fsync): {}; {}",
+            writes("delivery", &w.delivery),
+            writes("ingest", &w.ingest)
+        );
+        if w.delivery.writes > 0 && w.delivery.recent_ms >= SLOW_DELIVERY_WRITE_MS {
+            println!(
+                "  the disk is slow to flush: an order's backlog drains at most about {:.0} messages/s (one delivery write each); put the data directory on a faster disk (an SSD)",
+                1000.0 / w.delivery.recent_ms
+            );
+        }
     }
     if s.running {
         println!("\nD365");

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::alert::Alert;
-use crate::outbox::{MessageId, Outbox, Record, State};
+use crate::outbox::{MessageId, Outbox, Record, State, WriteKind, WriteSummary};
 use crate::rules::state::{EngineState, OrderContext, ReleasedOrder};
 
 use super::Running;
@@ -97,6 +97,16 @@ pub struct Status {
     /// What D365's processing made of the messages (its "message processed" events).
     #[serde(default)]
     pub d365_verdicts: VerdictCounts,
+    /// The outbox's durable writes since the start (a running gateway only).
+    #[serde(default)]
+    pub outbox_writes: Option<OutboxWrites>,
+}
+
+/// The outbox's two kinds of durable writes (see `outbox/writes.rs`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct OutboxWrites {
+    pub ingest: WriteSummary,
+    pub delivery: WriteSummary,
 }
 
 /// D365's verdicts that need someone: messages D365 failed, events that matched nothing.
@@ -179,5 +189,12 @@ pub(super) fn status(
         lines: lines.lines,
         released: lines.released,
         d365_verdicts,
+        outbox_writes: running.map(|_| {
+            let stats = outbox.write_stats();
+            OutboxWrites {
+                ingest: stats.summary(WriteKind::Ingest),
+                delivery: stats.summary(WriteKind::Delivery),
+            }
+        }),
     }
 }

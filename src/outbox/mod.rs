@@ -118,7 +118,7 @@ mod writes;
 pub use ingress::{Delivery, DeliveryId, SeenEvent};
 pub use record::{Attempt, Change, MessageId, NewMessage, Record, State};
 pub use verdict::{D365Verdict, ProcessedEvent, Reconciled, UnmatchedEvent};
-pub use writes::{WriteKind, WriteStats};
+pub use writes::{WriteKind, WriteStats, WriteSummary};
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;

@@ -55,6 +55,24 @@ pub struct WriteStats {
     seconds: WriteSeconds,
     /// Messages written: new ones for `ingest`, settled plus marked for `delivery`.
     messages: [AtomicU64; 2],
+    /// Writes done.
+    writes: [AtomicU64; 2],
+    /// The recent mean duration in seconds (f64 bits): an exponentially weighted mean over
+    /// about the last [`RECENT_WEIGHT`]⁻¹ writes, so `status` shows a disk that got slow
+    /// today, not the mean since the start months ago.
+    recent_seconds: [AtomicU64; 2],
+}
+
+/// The weight of the newest write in the recent mean (about the last 20 writes count).
+const RECENT_WEIGHT: f64 = 0.05;
+
+/// One kind's figures, as `status` shows them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct WriteSummary {
+    pub writes: u64,
+    pub messages: u64,
+    /// Recent mean duration of a write (transaction and fsync), in milliseconds.
+    pub recent_ms: f64,
 }
 
 impl Default for WriteStats {
@@ -67,6 +85,8 @@ impl Default for WriteStats {
         WriteStats {
             seconds,
             messages: Default::default(),
+            writes: Default::default(),
+            recent_seconds: Default::default(),
         }
     }
 }
@@ -81,11 +101,56 @@ impl WriteStats {
         self.messages[kind as usize].load(Ordering::Relaxed)
     }
 
+    /// Writes of `kind` so far, their messages and their recent mean duration.
+    pub fn summary(&self, kind: WriteKind) -> WriteSummary {
+        let i = kind as usize;
+        WriteSummary {
+            writes: self.writes[i].load(Ordering::Relaxed),
+            messages: self.messages[i].load(Ordering::Relaxed),
+            recent_ms: f64::from_bits(self.recent_seconds[i].load(Ordering::Relaxed)) * 1e3,
+        }
+    }
+
     /// Counts one committed write of `messages` messages that took `took`.
     pub(super) fn record(&self, kind: WriteKind, messages: usize, took: Duration) {
-        self.seconds
-            .get_or_create(&kind.labels())
-            .observe(took.as_secs_f64());
-        self.messages[kind as usize].fetch_add(messages as u64, Ordering::Relaxed);
+        let i = kind as usize;
+        let seconds = took.as_secs_f64();
+        self.seconds.get_or_create(&kind.labels()).observe(seconds);
+        self.messages[i].fetch_add(messages as u64, Ordering::Relaxed);
+        let first = self.writes[i].fetch_add(1, Ordering::Relaxed) == 0;
+        // Load and store, not a compare-and-swap loop: two writes of one kind that finish
+        // at the same moment may lose one's share of an estimate, which is harmless.
+        let before = f64::from_bits(self.recent_seconds[i].load(Ordering::Relaxed));
+        let recent = if first {
+            seconds
+        } else {
+            before + RECENT_WEIGHT * (seconds - before)
+        };
+        self.recent_seconds[i].store(recent.to_bits(), Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_recent_mean_follows_the_latest_writes_and_the_counts_add_up() {
+        let stats = WriteStats::default();
+        assert_eq!(stats.summary(WriteKind::Delivery), WriteSummary::default());
+        for _ in 0..100 {
+            stats.record(WriteKind::Delivery, 98, Duration::from_millis(1));
+        }
+        let fast = stats.summary(WriteKind::Delivery);
+        assert_eq!((fast.writes, fast.messages), (100, 9_800));
+        assert!((fast.recent_ms - 1.0).abs() < 1e-9, "{fast:?}");
+        // The disk gets slow: after 60 writes of 20 ms the recent mean is near 20 ms,
+        // where the mean since the start (about 8 ms) would still hide it.
+        for _ in 0..60 {
+            stats.record(WriteKind::Delivery, 98, Duration::from_millis(20));
+        }
+        let slow = stats.summary(WriteKind::Delivery);
+        assert!(slow.recent_ms > 18.0 && slow.recent_ms < 20.0, "{slow:?}");
+        assert_eq!(stats.summary(WriteKind::Ingest), WriteSummary::default());
     }
 }
