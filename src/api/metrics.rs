@@ -92,7 +92,7 @@ pub fn render(state: &ApiState) -> String {
         "mes_gateway_outbox_written_messages",
         "Messages in the outbox's durable writes: new ones (ingest), settled plus marked (delivery)",
         "kind",
-        WriteKind::ALL.map(|k| (k.as_str().to_string(), writes.messages(k))),
+        WriteKind::ALL.map(|k| (k.as_str().to_string(), writes.summary(k).messages)),
     );
     let live = state.live.get();
     let sources = &live.sources;

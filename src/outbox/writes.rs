@@ -1,5 +1,5 @@
 //! How long the outbox's durable writes take, and how many messages each carries, for
-//! `/metrics`. Every write is one transaction and one fsync, so the disk's flush latency
+//! `/metrics` and `status`. Every write is one transaction and one fsync, so the disk's flush latency
 //! bounds how fast a lane can move (one write per message and lane, README →
 //! Performance): on a plant PC with slow storage (an SD card, a worn eMMC) delivery is
 //! slower, and these figures say why.
@@ -17,7 +17,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 /// Which writes a figure is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WriteKind {
-    // The index of the kind's message counter.
+    // The index of the kind in the per-kind counters below.
     Ingest = 0,
     Delivery = 1,
 }
@@ -95,10 +95,6 @@ impl WriteStats {
     /// The histograms, to register with a metrics registry (shares the values).
     pub fn seconds(&self) -> WriteSeconds {
         self.seconds.clone()
-    }
-
-    pub fn messages(&self, kind: WriteKind) -> u64 {
-        self.messages[kind as usize].load(Ordering::Relaxed)
     }
 
     /// Writes of `kind` so far, their messages and their recent mean duration.
