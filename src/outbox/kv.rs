@@ -304,6 +304,36 @@ impl Kv {
     }
 }
 
+/// Point reads, wherever they come from: a read transaction ([`Rx`]) or a write
+/// transaction that sees its own writes ([`Reading`]). What reads a record and what lies
+/// over it is written once against this.
+pub(super) trait Get {
+    fn get(&self, t: T, key: &[u8]) -> Result<Option<Vec<u8>>, OutboxError>;
+}
+
+impl Get for Rx {
+    fn get(&self, t: T, key: &[u8]) -> Result<Option<Vec<u8>>, OutboxError> {
+        Rx::get(self, t, key)
+    }
+}
+
+/// A write transaction lent for reading through a shared reference (see [`Get`]).
+pub(super) struct Reading<'a, 'txn>(std::cell::RefCell<&'a mut Tx<'txn>>);
+
+impl<'a, 'txn> Reading<'a, 'txn> {
+    pub(super) fn new(tx: &'a mut Tx<'txn>) -> Self {
+        Reading(std::cell::RefCell::new(tx))
+    }
+}
+
+impl Get for Reading<'_, '_> {
+    fn get(&self, t: T, key: &[u8]) -> Result<Option<Vec<u8>>, OutboxError> {
+        // A point read borrows only for its own duration and calls nothing back, so the
+        // borrow can never be taken twice.
+        self.0.borrow_mut().get(t, key)
+    }
+}
+
 /// A read transaction, and its tables, each opened at its first use and kept open: a
 /// dispatcher turn reads three tables per record, and opening one is a search of its own.
 pub(super) struct Rx {

@@ -261,6 +261,11 @@ pub(super) fn heads(
     Ok(out)
 }
 
+/// The first id of `order`'s lane, as `tx` sees it.
+pub(super) fn head(tx: &mut Tx<'_>, order: &str) -> Result<Option<MessageId>, OutboxError> {
+    Ok(ends_in(tx, order)?.map(|(head, _)| head))
+}
+
 /// The id after `id` in its lane.
 pub(super) fn after(rx: &Rx, id: MessageId) -> Result<Option<MessageId>, OutboxError> {
     Ok(rx

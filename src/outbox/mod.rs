@@ -5,7 +5,9 @@
 //! The outbox owns the state machine: callers never write a record, they ask for a
 //! transition ([`Outbox::commit`], [`Outbox::mark_sending`], [`Outbox::settle`], the
 //! operator actions), and each call is one write and one flush whatever the number of
-//! messages in it (group commit: batching is what makes it fast).
+//! messages in it (group commit: batching is what makes it fast). The dispatcher's turn
+//! may also be written while its answers come in ([`Outbox::begin_turn`], turn.rs): still
+//! one transaction and one flush, with the same promises.
 //!
 //! # On disk
 //!
@@ -112,11 +114,13 @@ mod kv;
 mod lanes;
 mod migrate;
 mod record;
+mod turn;
 mod verdict;
 mod writes;
 
 pub use ingress::{Delivery, DeliveryId, SeenEvent};
 pub use record::{Attempt, Change, MessageId, NewMessage, Record, State};
+pub use turn::{OpenTurn, TURN_IDLE_MAX};
 pub use verdict::{D365Verdict, ProcessedEvent, Reconciled, UnmatchedEvent};
 pub use writes::{WriteKind, WriteStats, WriteSummary};
 
@@ -150,6 +154,8 @@ pub enum OutboxError {
         action: &'static str,
         allowed: String,
     },
+    #[error("the dispatcher's open turn got no step for {}s and was rolled back", TURN_IDLE_MAX.as_secs())]
+    TurnAbandoned,
 }
 
 fn storage(e: impl fmt::Display) -> OutboxError {
@@ -272,7 +278,7 @@ pub struct Settlement {
     pub next: Settle,
     /// The record as [`Outbox::settle_and_mark`] marked it and the request was built from,
     /// when the caller still has it: spares reading and decoding it again (see
-    /// `Outbox::plan_turn`). `None`: read from the store.
+    /// `plan_settlements`). `None`: read from the store.
     pub as_sent: Option<Box<Record>>,
 }
 
@@ -447,7 +453,7 @@ impl Store {
 }
 
 /// A record as `rx` sees it (one read transaction for several records).
-fn record_in(rx: &kv::Rx, id: MessageId) -> Result<Record, OutboxError> {
+fn record_in(rx: &impl kv::Get, id: MessageId) -> Result<Record, OutboxError> {
     let bytes = rx
         .get(T::Messages, &key(id))?
         .ok_or(OutboxError::NotFound(id))?;
@@ -456,13 +462,132 @@ fn record_in(rx: &kv::Rx, id: MessageId) -> Result<Record, OutboxError> {
     Ok(r)
 }
 
+/// What recording `outcomes` changes: each settled record (from `sending`) into
+/// `changed`, a delivery kept as a small key (module doc) also into `deliveries`.
+fn plan_settlements(
+    rx: &impl kv::Get,
+    outcomes: &[Settlement],
+    changed: &mut Vec<(Record, State)>,
+    deliveries: &mut HashMap<MessageId, Vec<u8>>,
+) -> Result<(), OutboxError> {
+    let now = jiff::Timestamp::now();
+    for s in outcomes {
+        let found = match &s.as_sent {
+            Some(sent) if sent.id == s.id && still_as_marked(rx, sent)? => Ok(Record::clone(sent)),
+            _ => record_in(rx, s.id),
+        };
+        let mut r = match found {
+            Ok(r) if r.state == State::Sending => r,
+            // Someone else settled it meanwhile (an operator, or a retried write that
+            // did reach the disk): the record says what happened; keep it.
+            Ok(r) => {
+                tracing::warn!(message_id = r.id, state = %r.state, "Outcome of a request not recorded: the message is no longer sending.");
+                continue;
+            }
+            Err(OutboxError::NotFound(id)) => {
+                tracing::warn!(
+                    message_id = id,
+                    "Outcome of a request not recorded: the message is gone."
+                );
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        match (&s.next, &s.attempt) {
+            // The common case, kept as a small key (module doc).
+            (Settle::Delivered, Some(outcome)) if !s.server_error => {
+                deliver_at(&mut r, outcome, now);
+                deliveries.insert(r.id, delivery_value(now, outcome));
+            }
+            _ => apply_settlement(&mut r, s),
+        }
+        changed.push((r, State::Sending));
+    }
+    Ok(())
+}
+
+/// What marking `mark` `sending` changes: each record still queued, into `changed`;
+/// heads found already marked go to `already_marked`.
+/// `read_ahead` holds records already read in this transaction (see turn.rs).
+fn plan_marks(
+    rx: &impl kv::Get,
+    mark: &[MessageId],
+    read_ahead: &mut HashMap<MessageId, Record>,
+    changed: &mut Vec<(Record, State)>,
+    already_marked: &mut Vec<Record>,
+) -> Result<(), OutboxError> {
+    for &id in mark {
+        let mut r = match read_ahead.remove(&id) {
+            Some(r) => r,
+            None => record_in(rx, id)?,
+        };
+        match r.state {
+            State::Queued => {}
+            // Marked by an earlier call whose write failed after this record reached
+            // the disk (the caller retries the same marks): its request never left,
+            // since requests leave only after a mark succeeds.
+            State::Sending => {
+                already_marked.push(r);
+                continue;
+            }
+            _ => continue,
+        }
+        r.state = State::Sending;
+        r.updated_at = jiff::Timestamp::now();
+        changed.push((r, State::Queued));
+    }
+    Ok(())
+}
+
+/// Writes a turn's planned changes into `tx`: marks and deliveries as small keys, every
+/// other change as the record, with the indexes that follow a state.
+fn apply_changes(
+    tx: &mut kv::Tx<'_>,
+    changed: &[(Record, State)],
+    deliveries: &HashMap<MessageId, Vec<u8>>,
+) -> Result<(), OutboxError> {
+    for (r, old) in changed {
+        if *old == State::Queued && r.state == State::Sending {
+            // The mark alone (see the module doc).
+            tx.insert(T::Sending, &key(r.id), &stamp(r.updated_at))?;
+            continue;
+        }
+        match deliveries.get(&r.id) {
+            Some(delivery) => tx.insert(T::Delivered, &key(r.id), delivery)?,
+            None => {
+                tx.insert(T::Messages, &key(r.id), &encode(r)?)?;
+                if *old == State::Delivered {
+                    tx.remove(T::Delivered, &key(r.id))?;
+                }
+            }
+        }
+        if *old == State::Sending {
+            tx.remove(T::Sending, &key(r.id))?;
+        }
+        // An operator's retry may have edited the content: index it again (the old key
+        // turns stale and goes when a verdict meets it, or at pruning).
+        if matches!(old, State::Failed | State::Uncertain) && r.state == State::Queued {
+            if let Some(digest) = r.content_digest {
+                tx.insert(T::Contents, &verdict::content_key(digest, r.id), &[])?;
+            }
+        }
+        if r.state.is_terminal() {
+            if !old.is_terminal() {
+                tx.insert(T::Done, &done_key(r), &done_value(r))?;
+            }
+            lanes::remove(tx, &r.production_order, r.id)?;
+        }
+    }
+    Ok(())
+}
+
 /// Whether `sent`, a record as [`Outbox::settle_and_mark`] marked it, is what a read
 /// would give now: its mark is still in the store with the same time. Sound because every
 /// write of a record removes its mark in the same transaction, a mark is only written over
 /// a record stored `queued` (and none with a delivery), and a record marked again gets a
 /// mark of a later time: so an unchanged mark means an unchanged record, and the turn
 /// spares reading and decoding it (most of a settlement's cost besides the write).
-fn still_as_marked(rx: &kv::Rx, sent: &Record) -> Result<bool, OutboxError> {
+fn still_as_marked(rx: &impl kv::Get, sent: &Record) -> Result<bool, OutboxError> {
     Ok(sent.state == State::Sending
         && rx
             .get(T::Sending, &key(sent.id))?
@@ -471,7 +596,7 @@ fn still_as_marked(rx: &kv::Rx, sent: &Record) -> Result<bool, OutboxError> {
 
 /// Lays a record's delivery or sending mark (module doc) over it as read from the messages
 /// tree.
-fn lay_over(rx: &kv::Rx, r: &mut Record) -> Result<(), OutboxError> {
+fn lay_over(rx: &impl kv::Get, r: &mut Record) -> Result<(), OutboxError> {
     if let Some(delivery) = rx.get(T::Delivered, &key(r.id))? {
         lay_delivery(r, &delivery);
     } else if let Some(mark) = rx.get(T::Sending, &key(r.id))? {
@@ -674,16 +799,21 @@ impl Outbox {
         f: impl FnOnce(&Store) -> Result<T, OutboxError> + Send + 'static,
     ) -> Result<T, OutboxError> {
         let this = self.clone();
-        run_blocking(move || {
-            let store = this.store()?;
-            let result = f(&store);
-            drop(store);
-            if matches!(result, Err(OutboxError::Storage(_))) {
-                this.broken.store(true, Ordering::Release);
-            }
-            result
-        })
-        .await
+        run_blocking(move || this.write_here(f)).await
+    }
+
+    /// [`Outbox::write_blocking`]'s work, on the calling (blocking) thread.
+    fn write_here<T>(
+        &self,
+        f: impl FnOnce(&Store) -> Result<T, OutboxError>,
+    ) -> Result<T, OutboxError> {
+        let store = self.store()?;
+        let result = f(&store);
+        drop(store);
+        if matches!(result, Err(OutboxError::Storage(_))) {
+            self.broken.store(true, Ordering::Release);
+        }
+        result
     }
 
     /// Disk use of the store, in bytes.
@@ -1148,63 +1278,23 @@ impl Outbox {
         let writes = self.writes.clone();
         let changed = self
             .write_blocking(move |this| {
-                // A mark or a delivery writes no record (module doc): nothing to encode.
-                let encoded = changed
-                    .iter()
-                    .map(|(r, old)| match (old, r.state) {
-                        (State::Queued, State::Sending) => Ok(Vec::new()),
-                        _ if deliveries.contains_key(&r.id) => Ok(Vec::new()),
-                        _ => encode(r),
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
                 let started = std::time::Instant::now();
-                this.kv.write(true, |tx| {
-                    for ((r, old), bytes) in changed.iter().zip(&encoded) {
-                        if *old == State::Queued && r.state == State::Sending {
-                            // The mark alone (see the module doc).
-                            tx.insert(T::Sending, &key(r.id), &stamp(r.updated_at))?;
-                            continue;
-                        }
-                        match deliveries.get(&r.id) {
-                            Some(delivery) => tx.insert(T::Delivered, &key(r.id), delivery)?,
-                            None => {
-                                tx.insert(T::Messages, &key(r.id), bytes)?;
-                                if *old == State::Delivered {
-                                    tx.remove(T::Delivered, &key(r.id))?;
-                                }
-                            }
-                        }
-                        if *old == State::Sending {
-                            tx.remove(T::Sending, &key(r.id))?;
-                        }
-                        // An operator's retry may have edited the content: index it again
-                        // (the old key turns stale and goes when a verdict meets it, or at
-                        // pruning).
-                        if matches!(old, State::Failed | State::Uncertain)
-                            && r.state == State::Queued
-                        {
-                            if let Some(digest) = r.content_digest {
-                                tx.insert(T::Contents, &verdict::content_key(digest, r.id), &[])?;
-                            }
-                        }
-                        if r.state.is_terminal() {
-                            if !old.is_terminal() {
-                                tx.insert(T::Done, &done_key(r), &done_value(r))?;
-                            }
-                            lanes::remove(tx, &r.production_order, r.id)?;
-                        }
-                    }
-                    Ok(())
-                })?;
+                this.kv
+                    .write(true, |tx| apply_changes(tx, &changed, &deliveries))?;
                 writes.record(WriteKind::Delivery, changed.len(), started.elapsed());
                 Ok(changed)
             })
             .await?;
+        Ok(self.written(changed))
+    }
+
+    /// Counts and announces a turn's committed changes; the records as they now are.
+    fn written(&self, changed: Vec<(Record, State)>) -> Vec<Record> {
         for (r, old) in &changed {
             self.count(Some(*old), Some(r.state));
         }
         self.changed();
-        Ok(changed.into_iter().map(|(r, _)| r).collect())
+        changed.into_iter().map(|(r, _)| r).collect()
     }
 
     /// Marks queued messages `sending`, one write and one flush for all: call it right
@@ -1236,13 +1326,13 @@ impl Outbox {
         {
             let store = self.store()?;
             let rx = store.kv.read()?;
-            self.plan_turn(
+            plan_settlements(&rx, outcomes, &mut changed, &mut deliveries)?;
+            plan_marks(
                 &rx,
-                outcomes,
                 mark,
+                &mut HashMap::new(),
                 &mut changed,
                 &mut already_marked,
-                &mut deliveries,
             )?;
         }
         let settled = changed
@@ -1253,72 +1343,6 @@ impl Outbox {
         let mut marked = written.split_off(settled.min(written.len()));
         marked.append(&mut already_marked);
         Ok((written, marked))
-    }
-
-    /// What a turn changes: the settled records (first, from `sending`), then the newly
-    /// marked ones (from `queued`); heads found already marked go to `already_marked`.
-    fn plan_turn(
-        &self,
-        rx: &kv::Rx,
-        outcomes: &[Settlement],
-        mark: &[MessageId],
-        changed: &mut Vec<(Record, State)>,
-        already_marked: &mut Vec<Record>,
-        deliveries: &mut HashMap<MessageId, Vec<u8>>,
-    ) -> Result<(), OutboxError> {
-        let now = jiff::Timestamp::now();
-        for s in outcomes {
-            let found = match &s.as_sent {
-                Some(sent) if sent.id == s.id && still_as_marked(rx, sent)? => {
-                    Ok(Record::clone(sent))
-                }
-                _ => record_in(rx, s.id),
-            };
-            let mut r = match found {
-                Ok(r) if r.state == State::Sending => r,
-                // Someone else settled it meanwhile (an operator, or a retried write that
-                // did reach the disk): the record says what happened; keep it.
-                Ok(r) => {
-                    tracing::warn!(message_id = r.id, state = %r.state, "Outcome of a request not recorded: the message is no longer sending.");
-                    continue;
-                }
-                Err(OutboxError::NotFound(id)) => {
-                    tracing::warn!(
-                        message_id = id,
-                        "Outcome of a request not recorded: the message is gone."
-                    );
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            match (&s.next, &s.attempt) {
-                // The common case, kept as a small key (module doc).
-                (Settle::Delivered, Some(outcome)) if !s.server_error => {
-                    deliver_at(&mut r, outcome, now);
-                    deliveries.insert(r.id, delivery_value(now, outcome));
-                }
-                _ => apply_settlement(&mut r, s),
-            }
-            changed.push((r, State::Sending));
-        }
-        for &id in mark {
-            let mut r = record_in(rx, id)?;
-            match r.state {
-                State::Queued => {}
-                // Marked by an earlier call whose write failed after this record reached
-                // the disk (the caller retries the same marks): its request never left,
-                // since requests leave only after a mark succeeds.
-                State::Sending => {
-                    already_marked.push(r);
-                    continue;
-                }
-                _ => continue,
-            }
-            r.state = State::Sending;
-            r.updated_at = jiff::Timestamp::now();
-            changed.push((r, State::Queued));
-        }
-        Ok(())
     }
 
     /// The (order, id) of the first message of up to `limit` lanes, round-robin from the

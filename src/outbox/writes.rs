@@ -6,7 +6,8 @@
 //!
 //! Two kinds, the two writes every message goes through: `ingest` (new messages with the
 //! upstream deliveries they came from) and `delivery` (the dispatcher's outcomes and
-//! `sending` marks, one write per turn).
+//! `sending` marks, one write per turn). A delivery write filled while its answers came in
+//! (turn.rs) is timed from its last step to its commit: the part its lanes waited for.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
