@@ -45,7 +45,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::outbox::{MessageId, Outbox, OutboxError, Record, Settle, Settlement, State};
+use crate::outbox::{MessageId, OpenTurn, Outbox, OutboxError, Record, Settle, Settlement, State};
 use crate::systemd::Heartbeat;
 use client::D365Client;
 use config::{AmbiguousPolicy, DispatcherConfig};
@@ -307,13 +307,20 @@ impl Dispatcher {
 
         // How long the last turn that wrote something took to write (see below).
         let mut last_write = Duration::ZERO;
+        // The next turn's write, open while the answers it records come in
+        // (outbox/turn.rs), with what was judged into it so far.
+        let mut turn: Option<OpenTurn> = None;
+        let mut in_turn = InTurn::default();
         loop {
             self.beat();
             // One turn = one write and one flush: the outcomes of every request that has
             // finished, and the `sending` marks of every head that may go out now
             // (including the successors of the messages just delivered).
-            let judged = self.judge(&mut lanes, std::mem::take(&mut done));
+            let mut judged = self.judge(&mut lanes, std::mem::take(&mut done));
+            judged.absorb(std::mem::take(&mut in_turn.judged));
             if let Some(pause) = judged.pause {
+                // Saving the pause is a write of its own: none while a turn is open.
+                drop(turn.take());
                 let until = Instant::now().checked_add(pause);
                 lanes.paused_until = lanes.paused_until.max(until);
                 self.save_pause(pause, judged.credentials_pause).await;
@@ -324,8 +331,12 @@ impl Dispatcher {
             let mut token = None;
             if next_wake.is_none() {
                 lanes.paused_until = None;
-                let settling: HashSet<MessageId> =
-                    judged.settlements.iter().map(|s| s.id).collect();
+                let settling: HashSet<MessageId> = judged
+                    .settlements
+                    .iter()
+                    .chain(in_turn.outcomes.iter().flat_map(|chunk| chunk.iter()))
+                    .map(|s| s.id)
+                    .collect();
                 let (p, wake_at) = match self.pick(&mut lanes, now, &judged.delivered, &settling) {
                     Ok(picked) => {
                         if std::mem::take(&mut lanes.unreadable) {
@@ -345,6 +356,10 @@ impl Dispatcher {
                 };
                 next_wake = wake_at;
                 if !p.is_empty() {
+                    if self.client.tokens.cached().is_none() {
+                        // Fetching a token may take long; ingest must not wait for it.
+                        drop(turn.take());
+                    }
                     match self.token(&cancel).await {
                         Some(Ok(t)) => {
                             if lanes.token_failures > 0 || self.stats.last_error().is_some() {
@@ -371,7 +386,9 @@ impl Dispatcher {
                             next_wake = lanes.paused_until;
                         }
                         None => {
-                            self.outbox.settle(judged.settlements).await?;
+                            drop(turn.take());
+                            let outcomes = in_turn.all_with(judged.settlements);
+                            self.outbox.settle(outcomes).await?;
                             break;
                         }
                     }
@@ -379,8 +396,11 @@ impl Dispatcher {
             }
             let ids: Vec<MessageId> = picked.iter().map(|(_, id)| *id).collect();
             let write_started = Instant::now();
-            let writes = !judged.settlements.is_empty() || !ids.is_empty();
-            let Some(marked) = self.write_turn(judged.settlements, &ids, &cancel).await else {
+            let writes = !judged.settlements.is_empty() || turn.is_some() || !ids.is_empty();
+            let Some(marked) = self
+                .write_turn(turn.take(), &mut in_turn, judged.settlements, ids, &cancel)
+                .await
+            else {
                 break;
             };
             if writes {
@@ -417,6 +437,13 @@ impl Dispatcher {
                     while let Some(more) = tasks.try_join_next_with_id() {
                         lanes.batches.collect(more, &mut seen, &mut done);
                     }
+                    // The turn that records these outcomes opens now and takes them as
+                    // they come (outbox/turn.rs): only the marks and the commit are left
+                    // for after the last of them.
+                    if turn.is_none() && in_turn.outcomes.is_empty() {
+                        turn = self.outbox.begin_turn();
+                    }
+                    self.judge_into(&mut lanes, &mut done, turn.as_ref(), &mut in_turn);
                     // Group commit: the requests that went out together with one that has
                     // finished are waited for (briefly) so their outcomes share its write.
                     // Measured with 50 lanes and a fast D365: without it the lanes split
@@ -425,16 +452,22 @@ impl Dispatcher {
                     // for, and only while a write costs much against a round trip: with
                     // a slow D365 (answers after 50 ms) waiting added itself to every
                     // round trip (89 % of the in-flight bound instead of 94 %), where
-                    // small writes as answers come cost little.
+                    // small writes as answers come cost little. Up to twice the last
+                    // write: what is left of a write once its turn is filled while
+                    // answers come is short against the spread of a group's answers,
+                    // and a group split in two pays a second commit.
                     let linger = if last_write * 10 > round_trip {
-                        last_write.min(LINGER_MAX)
+                        (last_write * 2).min(LINGER_MAX)
                     } else {
                         Duration::ZERO
                     };
                     let linger_until = Instant::now() + linger;
                     while lanes.batches.waiting(&seen) {
                         match tokio::time::timeout_at(linger_until, tasks.join_next_with_id()).await {
-                            Ok(Some(more)) => lanes.batches.collect(more, &mut seen, &mut done),
+                            Ok(Some(more)) => {
+                                lanes.batches.collect(more, &mut seen, &mut done);
+                                self.judge_into(&mut lanes, &mut done, turn.as_ref(), &mut in_turn);
+                            }
                             _ => break,
                         }
                     }
@@ -533,14 +566,37 @@ impl Dispatcher {
     /// goes out meanwhile), and the watchdog keeps being fed: waiting for the disk is not a
     /// hang. `None` when cancelled while waiting; the requests' messages then stay
     /// `sending` and are judged at the next start.
+    /// Writes a turn: the outcomes given to the open turn (if any) and `settlements`,
+    /// and the `sending` marks of `marks`; returns the marked records once on disk, or
+    /// `None` when cancelled while the store cannot be written.
     async fn write_turn(
         &self,
+        turn: Option<OpenTurn>,
+        in_turn: &mut InTurn,
         settlements: Vec<Settlement>,
-        marks: &[MessageId],
+        marks: Vec<MessageId>,
         cancel: &CancellationToken,
     ) -> Option<Vec<Record>> {
+        let settlements = match turn {
+            Some(turn) => {
+                let last = Arc::new(settlements);
+                match turn.finish(last.clone(), marks.clone()).await {
+                    Ok((_, marked)) => {
+                        in_turn.outcomes.clear();
+                        return Some(marked);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "Cannot record the outcomes as they came in; writing them again.")
+                    }
+                }
+                Arc::try_unwrap(last).unwrap_or_else(|shared| (*shared).clone())
+            }
+            None => settlements,
+        };
+        // Rolled back or never opened: every outcome, the ordinary way.
+        let settlements = in_turn.all_with(settlements);
         let mut wait = STORE_RETRY_MIN;
-        let mut marks = marks;
+        let mut marks = &marks[..];
         loop {
             match self.outbox.settle_and_mark(&settlements, marks).await {
                 Ok((_, marked)) => return Some(marked),
@@ -697,6 +753,28 @@ impl Dispatcher {
         started
     }
 
+    /// Judges finished sends into the open turn, which applies their outcomes while the
+    /// others come in; without one they stay in `done` for the next turn.
+    fn judge_into(
+        &self,
+        lanes: &mut Lanes,
+        done: &mut Vec<Joined>,
+        turn: Option<&OpenTurn>,
+        in_turn: &mut InTurn,
+    ) {
+        let Some(turn) = turn else {
+            return;
+        };
+        if done.len() < TURN_STEP {
+            return;
+        }
+        let mut judged = self.judge(lanes, std::mem::take(done));
+        let outcomes = Arc::new(std::mem::take(&mut judged.settlements));
+        turn.settle(outcomes.clone());
+        in_turn.outcomes.push(outcomes);
+        in_turn.judged.absorb(judged);
+    }
+
     /// Turns finished sends into settlements (written by the caller, with the next marks);
     /// frees their lanes in memory.
     fn judge(&self, lanes: &mut Lanes, done: Vec<Joined>) -> Judged {
@@ -731,7 +809,10 @@ impl Dispatcher {
                     continue;
                 }
             };
-            lanes.in_flight.remove(&task);
+            // One request in flight per order (pick passes busy orders over).
+            if let Some((_, order)) = lanes.in_flight.remove(&task) {
+                lanes.busy_orders.remove(&order);
+            }
             let SendResult {
                 record,
                 outcome,
@@ -813,7 +894,6 @@ impl Dispatcher {
                 as_sent: Some(Box::new(record)),
             });
         }
-        lanes.busy_orders = lanes.in_flight.values().map(|(_, o)| o.clone()).collect();
         Judged {
             settlements,
             credentials_pause,
@@ -845,6 +925,7 @@ impl Dispatcher {
 type LaneHead = (String, MessageId);
 
 /// What the requests that finished in one turn mean.
+#[derive(Default)]
 struct Judged {
     settlements: Vec<Settlement>,
     /// The pause is for credentials D365 refused (not kept across a start).
@@ -855,6 +936,41 @@ struct Judged {
     retries: Vec<(MessageId, Duration)>,
     /// Messages delivered in this turn.
     delivered: HashSet<MessageId>,
+}
+
+impl Judged {
+    /// Adds what `other` judged, but not its settlements (the caller keeps those).
+    fn absorb(&mut self, other: Judged) {
+        self.credentials_pause |= other.credentials_pause;
+        self.pause = self.pause.max(other.pause);
+        self.retries.extend(other.retries);
+        self.delivered.extend(other.delivered);
+    }
+}
+
+/// How many answers are judged into the open turn at once: each step wakes its writer
+/// thread, which costs CPU; the last answers go with the turn's end.
+const TURN_STEP: usize = 16;
+
+/// What was judged into the open turn while its answers came in.
+#[derive(Default)]
+struct InTurn {
+    /// The outcomes given to the turn, as given.
+    outcomes: Vec<Arc<Vec<Settlement>>>,
+    /// The rest of the judgement (no settlements), for the turn's end.
+    judged: Judged,
+}
+
+impl InTurn {
+    /// Every outcome given to the turn, then `more`: to write them another way.
+    fn all_with(&mut self, more: Vec<Settlement>) -> Vec<Settlement> {
+        let mut all: Vec<Settlement> = std::mem::take(&mut self.outcomes)
+            .iter()
+            .flat_map(|chunk| chunk.iter().cloned())
+            .collect();
+        all.extend(more);
+        all
+    }
 }
 
 /// Sends one message; after a first 401 fetches a new token and sends once more.

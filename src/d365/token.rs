@@ -140,6 +140,16 @@ impl TokenSource {
         self.generation.load(Ordering::Relaxed)
     }
 
+    /// The cached token while it is valid, without waiting or fetching: whether
+    /// [`TokenSource::get`] would answer at once.
+    pub fn cached(&self) -> Option<Token> {
+        let cache = self.cache.try_lock().ok()?;
+        cache
+            .as_ref()
+            .filter(|c| Instant::now() < c.refresh_at)
+            .map(|c| c.token.clone())
+    }
+
     /// A valid token, from the cache or freshly fetched.
     pub async fn get(&self) -> Result<Token, TokenError> {
         let mut cache = self.cache.lock().await;
