@@ -370,6 +370,8 @@ impl Dispatcher {
                             token = Some(t);
                         }
                         Some(Err(e)) => {
+                            // Saving the pause below is a write of its own.
+                            drop(turn.take());
                             self.stats.set_last_error(Some(e.to_string()));
                             let pause = if e.is_rejection() {
                                 self.log_credentials_pause(&e.to_string(), self.policy.auth_pause);
@@ -561,14 +563,13 @@ impl Dispatcher {
         }
     }
 
-    /// Writes a turn (outcomes and marks). When the disk refuses it (full, read-only), the
-    /// outcomes are kept and written again with backoff, the marks are dropped (nothing
-    /// goes out meanwhile), and the watchdog keeps being fed: waiting for the disk is not a
-    /// hang. `None` when cancelled while waiting; the requests' messages then stay
-    /// `sending` and are judged at the next start.
-    /// Writes a turn: the outcomes given to the open turn (if any) and `settlements`,
-    /// and the `sending` marks of `marks`; returns the marked records once on disk, or
-    /// `None` when cancelled while the store cannot be written.
+    /// Writes a turn: the outcomes given to the open turn (if any) and `settlements`, and
+    /// the `sending` marks of `marks`; returns the marked records once on disk. Through
+    /// the open turn when it commits, else every outcome the ordinary way. When the disk
+    /// refuses it (full, read-only), the outcomes are kept and written again with backoff,
+    /// the marks are dropped (nothing goes out meanwhile), and the watchdog keeps being
+    /// fed: waiting for the disk is not a hang. `None` when cancelled while waiting; the
+    /// requests' messages then stay `sending` and are judged at the next start.
     async fn write_turn(
         &self,
         turn: Option<OpenTurn>,
