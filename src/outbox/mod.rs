@@ -1262,7 +1262,8 @@ impl Outbox {
     /// Writes changed records and their lanes; one flush. `old` is each record's
     /// state before the change.
     async fn write(&self, changed: Vec<(Record, State)>) -> Result<Vec<Record>, OutboxError> {
-        self.write_turn(changed, HashMap::new()).await
+        let changed = self.write_turn(changed, HashMap::new()).await?;
+        Ok(self.counted(changed))
     }
 
     /// [`Outbox::write`], where the records in `deliveries` are written as their delivered
@@ -1271,7 +1272,7 @@ impl Outbox {
         &self,
         changed: Vec<(Record, State)>,
         deliveries: HashMap<MessageId, Vec<u8>>,
-    ) -> Result<Vec<Record>, OutboxError> {
+    ) -> Result<Vec<(Record, State)>, OutboxError> {
         if changed.is_empty() {
             return Ok(Vec::new());
         }
@@ -1285,16 +1286,36 @@ impl Outbox {
                 Ok(changed)
             })
             .await?;
-        Ok(self.written(changed))
+        Ok(changed)
     }
 
-    /// Counts and announces a turn's committed changes; the records as they now are.
-    fn written(&self, changed: Vec<(Record, State)>) -> Vec<Record> {
+    /// Counts and announces committed changes; the records as they now are.
+    fn counted(&self, changed: Vec<(Record, State)>) -> Vec<Record> {
         for (r, old) in &changed {
             self.count(Some(*old), Some(r.state));
         }
-        self.changed();
+        if !changed.is_empty() {
+            self.changed();
+        }
         changed.into_iter().map(|(r, _)| r).collect()
+    }
+
+    /// A turn's committed changes (outcomes first, from `sending`, then marks, from
+    /// `queued`), counted; returns (settled, marked), with the heads the turn found
+    /// `already_marked` among the marked.
+    fn written(
+        &self,
+        changed: Vec<(Record, State)>,
+        mut already_marked: Vec<Record>,
+    ) -> (Vec<Record>, Vec<Record>) {
+        let settled = changed
+            .iter()
+            .filter(|(_, old)| *old == State::Sending)
+            .count();
+        let mut written = self.counted(changed);
+        let mut marked = written.split_off(settled);
+        marked.append(&mut already_marked);
+        (written, marked)
     }
 
     /// Marks queued messages `sending`, one write and one flush for all: call it right
@@ -1335,14 +1356,8 @@ impl Outbox {
                 &mut already_marked,
             )?;
         }
-        let settled = changed
-            .iter()
-            .filter(|(_, old)| *old == State::Sending)
-            .count();
-        let mut written = self.write_turn(changed, deliveries).await?;
-        let mut marked = written.split_off(settled.min(written.len()));
-        marked.append(&mut already_marked);
-        Ok((written, marked))
+        let changed = self.write_turn(changed, deliveries).await?;
+        Ok(self.written(changed, already_marked))
     }
 
     /// The (order, id) of the first message of up to `limit` lanes, round-robin from the

@@ -57,9 +57,9 @@ pub struct OpenTurn {
     opened: tokio::sync::oneshot::Receiver<()>,
 }
 
-/// What a committed turn changed: every record with its state before, the first
-/// `settled` of them outcomes, then the marks; and heads found already marked.
-type Written = (Vec<(Record, State)>, usize, Vec<Record>);
+/// What a committed turn changed: every record with its state before (outcomes, then
+/// marks), and heads found already marked.
+type Written = (Vec<(Record, State)>, Vec<Record>);
 
 impl Outbox {
     /// Opens a turn, or `None` when an operator action holds the transition lock right
@@ -92,7 +92,6 @@ impl Outbox {
         self.write_here(move |store| {
             let mut changed: Vec<(Record, State)> = Vec::new();
             let mut already_marked = Vec::new();
-            let mut settled = 0;
             let mut read_ahead = HashMap::new();
             let mut last_step = std::time::Instant::now();
             store.kv.write(true, |tx| loop {
@@ -112,7 +111,6 @@ impl Outbox {
                 {
                     let reading = Reading::new(tx);
                     plan_settlements(&reading, &outcomes, &mut step_changes, &mut deliveries)?;
-                    settled += step_changes.len();
                     if let Some(mark) = &mark {
                         plan_marks(
                             &reading,
@@ -134,7 +132,7 @@ impl Outbox {
             })?;
             // What the lanes waited for: the last step and the commit.
             writes.record(WriteKind::Delivery, changed.len(), last_step.elapsed());
-            Ok((changed, settled, already_marked))
+            Ok((changed, already_marked))
         })
     }
 }
@@ -185,13 +183,10 @@ impl OpenTurn {
     ) -> Result<(Vec<Record>, Vec<Record>), OutboxError> {
         let _ = self.steps.send(Step::Finish { outcomes, mark });
         drop(self.steps);
-        let (changed, settled, already_marked) = self
+        let (changed, already_marked) = self
             .written
             .await
             .map_err(|e| OutboxError::Storage(format!("turn writer failed: {e}")))??;
-        let mut written = self.outbox.written(changed);
-        let mut marked = written.split_off(settled.min(written.len()));
-        marked.extend(already_marked);
-        Ok((written, marked))
+        Ok(self.outbox.written(changed, already_marked))
     }
 }
