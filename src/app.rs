@@ -104,24 +104,30 @@ pub async fn run(
             control: operator_tx,
         },
     );
+    for w in &config.warnings {
+        tracing::warn!("Configuration: {w}");
+    }
+    let tls = crate::api::tls::TlsSlot::new(match &config.api.tls {
+        Some(files) => Some(crate::api::tls::server_config(files).with_context(|| "api.tls")?),
+        None => None,
+    });
     let api = ApiState::new(operator.clone(), live.clone(), alerts.clone())
-        .with_token(config.api.token.clone(), config.api.token_for_reading());
+        .configured(&config.api, tls.clone());
     if let Some(addr) = config.api.listen {
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
             format!("api.listen {addr}: cannot listen (another process on that port?)")
         })?;
-        tracing::info!(%addr, token = config.api.token.is_some(), "Operator API listening: /health, /ready, /metrics, /api/v1, /console.");
-        let cancel = watchdog_cancel.clone();
-        let router = crate::api::http_router(api.clone());
-        tokio::spawn(async move {
-            let shutdown = async move { cancel.cancelled().await };
-            if let Err(e) = axum::serve(listener, router)
-                .with_graceful_shutdown(shutdown)
-                .await
-            {
-                tracing::error!(error = %e, "Operator API stopped.");
-            }
-        });
+        let scheme = if tls.is_on() { "https" } else { "http" };
+        tracing::info!(%addr, scheme, token = config.api.token.is_some(), max_connections = config.api.limits.max_connections,
+            "Operator API listening: /health, /ready, /metrics, /api/v1, /console.");
+        tokio::spawn(crate::api::serve::serve_tcp(
+            listener,
+            crate::api::http_router(api.clone()),
+            tls.clone(),
+            config.api.limits,
+            api.listeners.clone(),
+            watchdog_cancel.clone(),
+        ));
     }
     // Production data does not depend on the socket: without it the gateway runs on and
     // says why the CLI cannot reach it.
@@ -129,6 +135,8 @@ pub async fn run(
     match crate::api::serve_socket(
         &socket,
         crate::api::socket_router(api.clone()),
+        config.api.limits,
+        api.listeners.clone(),
         watchdog_cancel.clone(),
     )
     .await
@@ -178,11 +186,22 @@ pub async fn run(
                     tracing::warn!(running = %config.storage.data_dir.display(), configured = %new.storage.data_dir.display(),
                         "storage.data_dir changed: it takes effect at the next restart.");
                 }
-                if new.api.listen != config.api.listen || new.api.socket != config.api.socket {
+                if new.api.listen != config.api.listen
+                    || new.api.socket != config.api.socket
+                    || new.api.tls.is_some() != config.api.tls.is_some()
+                    || new.api.limits != config.api.limits
+                    || new.api.sessions != config.api.sessions
+                {
                     tracing::warn!(
-                        "api.listen and api.socket changes take effect at the next restart."
+                        "api.listen, api.socket, turning api.tls on or off, the listener's limits and session times take effect at the next restart."
                     );
                 }
+                for w in &new.warnings {
+                    tracing::warn!("Configuration: {w}");
+                }
+                let mut reread = api.rotate(&new.api);
+                reread.extend(secrets_reread(&new));
+                tracing::info!(%by, secrets = %reread.join("; "), "Secrets re-read on reload.");
                 let fatal = running.stop(config.shutdown_grace).await;
                 if fatal {
                     break Err(anyhow::anyhow!(
@@ -217,6 +236,31 @@ pub async fn run(
     watchdog_cancel.cancel();
     tracing::info!("Gateway stopped.");
     result
+}
+
+/// The secrets other than the API's that a reload reads again (the components that use
+/// them start anew with the new configuration), named for the log: never their values.
+fn secrets_reread(config: &Config) -> Vec<String> {
+    let mut said = Vec::new();
+    if let Some(d) = &config.d365 {
+        said.push(format!("D365 client secret from {}", d.secret_origin));
+    }
+    for source in &config.sources {
+        if let source::config::SourceConfig::D365Events(events) = source {
+            if events.webhook_secret.is_some() {
+                said.push(format!("webhook secret of d365_events `{}`", events.id));
+            }
+            if let Some(sb) = &events.service_bus {
+                if matches!(
+                    sb.auth,
+                    crate::source::d365_events::config::ServiceBusAuth::Sas { .. }
+                ) {
+                    said.push(format!("Service Bus key of d365_events `{}`", events.id));
+                }
+            }
+        }
+    }
+    said
 }
 
 /// What operators' edits are checked against in `config`.

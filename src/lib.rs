@@ -80,3 +80,4 @@ pub mod settings;
 pub mod signal;
 pub mod source;
 pub mod systemd;
+pub mod text;

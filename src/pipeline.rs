@@ -249,7 +249,7 @@ impl Pipeline {
             if let Some(s) = &e.seen {
                 if stored.events.contains(s) || !events_in_batch.insert(s) {
                     self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(source = %s.source, event_id = %s.id, "Event already stored; acknowledged, nothing produced.");
+                    tracing::debug!(source = %s.source, event_id = %crate::text::for_log(&s.id), "Event already stored; acknowledged, nothing produced.");
                     continue;
                 }
                 seen.push(s.clone());
@@ -374,24 +374,24 @@ impl Pipeline {
                 } => {
                     if *resolved {
                         self.stats.verdicts_resolved.fetch_add(1, Ordering::Relaxed);
-                        tracing::info!(message_id = id, d365_state = %v.state, event_id = %v.event_id, "Uncertain message resolved: D365 reports it received.");
+                        tracing::info!(message_id = id, d365_state = %crate::text::for_log(&v.state), event_id = %crate::text::for_log(&v.event_id), "Uncertain message resolved: D365 reports it received.");
                     }
                     if *failed {
                         self.stats.verdicts_failed.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(message_id = id, message_type = %event.message_type, event_id = %v.event_id,
+                        tracing::warn!(message_id = id, message_type = %crate::text::for_log(&event.message_type), event_id = %crate::text::for_log(&v.event_id),
                             infolog = v.infolog.as_deref().unwrap_or(""), "D365 failed to process a message; it holds the order's later messages until the message is fixed there.");
                     } else {
                         self.stats
                             .verdicts_processed
                             .fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(message_id = id, d365_state = %v.state, "D365 processed a message.");
+                        tracing::debug!(message_id = id, d365_state = %crate::text::for_log(&v.state), "D365 processed a message.");
                     }
                 }
                 Reconciled::Unmatched { reason } => {
                     self.stats
                         .verdicts_unmatched
                         .fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(source = %event.source, event_id = %v.event_id, message_type = %event.message_type, d365_state = %v.state, %reason,
+                    tracing::warn!(source = %event.source, event_id = %crate::text::for_log(&v.event_id), message_type = %crate::text::for_log(&event.message_type), d365_state = %crate::text::for_log(&v.state), reason = %crate::text::for_log(reason),
                         "D365 verdict matches no message of the gateway; kept for inspection (mes-gateway outbox unmatched).");
                 }
             }

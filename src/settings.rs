@@ -39,6 +39,8 @@ pub struct Config {
     /// The operator service's doors: HTTP listener, token, Unix socket.
     pub api: ApiConfig,
     pub alerts: AlertConfig,
+    /// What works but should be changed (`check` prints it; `run` logs it at every start).
+    pub warnings: Vec<ConfigError>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -87,7 +89,10 @@ pub fn load(dir: &Path) -> Result<Config, ConfigErrors> {
 
     let config = main.and_then(|main| validate(dir, &main, &rule_files, &mut errors));
     match config {
-        Some(config) if errors.is_empty() => Ok(config),
+        Some(mut config) if errors.is_empty() => {
+            config.warnings = ConfigErrors::in_file_order(errors.1).0;
+            Ok(config)
+        }
         _ => Err(ConfigErrors::in_file_order(errors.0)),
     }
 }
@@ -207,11 +212,25 @@ fn validate(
         let crate::source::config::SourceConfig::D365Events(events) = source else {
             continue;
         };
-        if events.webhook_secret.is_some() && api.listen.is_none() {
-            cx.error(
-                &format!("sources[{i}]"),
-                format!("d365_events source `{}` has a webhook_secret_file but no api.listen: D365 posts its events to /events/d365/{} there", events.id, events.id),
-            );
+        if let Some(secret) = &events.webhook_secret {
+            let at = format!("sources[{i}].webhook_secret_file");
+            match api.listen {
+                None => cx.error(
+                    &format!("sources[{i}]"),
+                    format!("d365_events source `{}` has a webhook_secret_file but no api.listen: D365 posts its events to /events/d365/{} there", events.id, events.id),
+                ),
+                Some(addr) if !addr.ip().is_loopback() && api.tls.is_none() => cx.error(
+                    &at,
+                    format!("D365 would post its events and this secret in clear text to {addr}: set api.tls (or listen on loopback behind a TLS proxy)"),
+                ),
+                Some(_) => {}
+            }
+            if secret.expose().chars().count() < crate::api::config::MIN_SECRET_CHARS {
+                cx.error(
+                    &at,
+                    format!("the secret is shorter than {} characters; generate one, e.g. `openssl rand -hex 32`", crate::api::config::MIN_SECRET_CHARS),
+                );
+            }
         }
         if let Some(sb) = &mut events.service_bus {
             if let crate::source::d365_events::config::ServiceBusAuth::Entra(credentials) =
@@ -273,6 +292,7 @@ fn validate(
         shutdown_grace,
         api,
         alerts,
+        warnings: Vec::new(),
     })
 }
 
@@ -435,7 +455,8 @@ mod tests {
             "api.listen: 0.0.0.0:9464 can be reached from other hosts: set api.token_file, or listen on 127.0.0.1",
             "alerts.source_down_after: must be at least 1s (a blip is not an incident)",
             "alerts.mqtt.topic: \"alerts/#\": a topic prefix without wildcards",
-            "alerts.webhook.url: \"ftp://x\": expected an http:// or https:// URL",
+            "alerts.webhook.url: expected an http:// or https:// URL, found ftp://x/…",
+            "api.listen: 0.0.0.0:9464 can be reached from other hosts, and the token, the console's cookie and webhook secrets would cross the network in clear text: set api.tls",
         ] {
             assert!(errors.contains(expected), "missing {expected:?} in:\n{errors}");
         }
@@ -467,12 +488,84 @@ mod tests {
             errors.contains("sources[0]: d365_events source `d365` has a webhook_secret_file but no api.listen: D365 posts its events to /events/d365/d365 there"),
             "{errors}"
         );
+        // A short webhook secret, and one D365 would post in clear text to the LAN.
+        std::fs::write(dir.path().join("short-secret"), "0123456789\n").unwrap();
+        std::fs::write(dir.path().join("long-token"), "0123456789abcdef0123\n").unwrap();
+        std::fs::write(
+            &main,
+            base.replace(
+                "sources:\n",
+                "sources:\n  - type: d365_events\n    id: d365\n    webhook_secret_file: short-secret\n",
+            ) + "api:\n  listen: 0.0.0.0:9464\n  token_file: long-token\n  insecure_plain_http: true\n",
+        )
+        .unwrap();
+        let errors = load(dir.path()).unwrap_err().to_string();
+        for expected in [
+            "sources[0].webhook_secret_file: D365 would post its events and this secret in clear text to 0.0.0.0:9464: set api.tls",
+            "sources[0].webhook_secret_file: the secret is shorter than 16 characters",
+        ] {
+            assert!(errors.contains(expected), "missing {expected:?} in:\n{errors}");
+        }
+        assert_eq!(
+            errors.matches("api.listen").count(),
+            0,
+            "plain HTTP was chosen: {errors}"
+        );
         std::fs::write(&main, format!("{base}api:\n  listen: 127.0.0.1:9464\n")).unwrap();
         let config = load(dir.path()).unwrap();
         assert!(!config.api.token_for_reading());
         assert_eq!(
             config.api.socket_path(&config.storage.data_dir),
             config.storage.data_dir.join("api.sock")
+        );
+    }
+
+    /// Plain HTTP beyond loopback by choice, and a token file others can read, are
+    /// allowed and said as warnings naming the file; a file only its owner reads is not.
+    #[test]
+    fn readable_secret_files_and_plain_http_by_choice_are_warned_about() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = config_dir("rules: []\n");
+        let main = dir.path().join(crate::config::MAIN_FILE);
+        let base = std::fs::read_to_string(&main).unwrap();
+        let token = dir.path().join("api-token");
+        std::fs::write(&token, "0123456789abcdef0123\n").unwrap();
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::write(
+            &main,
+            format!("{base}api:\n  listen: 0.0.0.0:9464\n  token_file: api-token\n  insecure_plain_http: true\n"),
+        )
+        .unwrap();
+        let config = load(dir.path()).unwrap();
+        let warnings: Vec<String> = config.warnings.iter().map(|w| w.to_string()).collect();
+        let text = warnings.join("\n");
+        assert!(
+            text.contains(&format!(
+                "api.token_file: {} is readable by every user (mode 0644)",
+                token.display()
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains("api.insecure_plain_http: 0.0.0.0:9464 serves plain HTTP to other hosts"),
+            "{text}"
+        );
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let config = load(dir.path()).unwrap();
+        assert!(
+            config.warnings[0]
+                .to_string()
+                .contains("readable by its group (mode 0640)"),
+            "{:?}",
+            config.warnings
+        );
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let config = load(dir.path()).unwrap();
+        assert_eq!(
+            config.warnings.len(),
+            1,
+            "only the plain HTTP one: {:?}",
+            config.warnings
         );
     }
 

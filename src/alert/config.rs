@@ -144,7 +144,11 @@ pub fn read(cx: &mut FileCheck<'_>) -> AlertConfig {
             _ => {
                 cx.error(
                     "alerts.webhook.url",
-                    format!("{:?}: expected an http:// or https:// URL", w.url),
+                    // Not repeated in full: a Teams or Slack webhook's URL is its credential.
+                    format!(
+                        "expected an http:// or https:// URL, found {}",
+                        crate::text::url_origin(&w.url)
+                    ),
                 );
                 return None;
             }

@@ -174,12 +174,14 @@ async fn webhook_notifier(config: AlertWebhook, queue: Arc<Queue>, cancel: Cance
         let failure = match request.send().await {
             Ok(r) if r.status().is_success() => None,
             Ok(r) => Some(format!("HTTP {}", r.status())),
-            Err(e) => Some(e.to_string()),
+            // reqwest names the URL in its errors; for Teams or Slack the URL is the
+            // credential, so it never reaches the log.
+            Err(e) => Some(crate::d365::token::error_chain(&e.without_url())),
         };
         match failure {
             None => wait = RETRY_MIN,
             Some(why) => {
-                tracing::warn!(url = %config.url, error = %why, retry_in_s = wait.as_secs(), alert = %notice.alert,
+                tracing::warn!(url = %crate::text::url_origin(config.url.as_str()), error = %why, retry_in_s = wait.as_secs(), alert = %notice.alert,
                     "Alert webhook did not take the notice; retrying.");
                 queue.put_back(notice);
                 if !crate::source::pause(&cancel, wait).await {

@@ -5,9 +5,15 @@
 //! No build step and no framework: HTML from Rust strings, a few lines of script for
 //! the refresh.
 //!
-//! Login with the API token; a session cookie (`HttpOnly`, `SameSite=Strict`) carries
-//! the session, and each form carries the session's own anti-forgery token, checked on
-//! every POST. Every action goes through the same operator service as the API.
+//! Login with the API token; a session cookie (`HttpOnly`, `SameSite=Strict`, `Secure`
+//! under TLS) carries the session, and each form carries the session's own anti-forgery
+//! token, checked on every POST in constant time. A session ends after `session_idle`
+//! without an operator's action (the page's own reload is not one) and `session_lifetime`
+//! after login whatever happens; a token rotation ends them all. Failed logins are
+//! throttled per client address ([`LoginThrottle`]). The page's script and style are
+//! files of their own, so the Content-Security-Policy allows no inline script; a link
+//! from D365's data is rendered only when it is `https:`. Every action goes through the
+//! same operator service as the API.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -21,64 +27,218 @@ use axum::routing::{get, post};
 use axum::{Form, Router};
 use serde::Deserialize;
 
+use super::config::SessionTimes;
+use super::serve::Peer;
 use super::ApiState;
 use crate::operator::OpError;
 use crate::outbox::{ListFilter, MessageId, Record, State as MessageState};
 use crate::rules::state::OrderContext;
 
 const COOKIE: &str = "mesgw_session";
-/// A session unused this long is gone.
-const SESSION_IDLE: Duration = Duration::from_secs(12 * 3600);
 /// How often the pages reload themselves (unless an edit is under way).
 const REFRESH_SECONDS: u32 = 10;
+/// The query parameter the page's self-reload adds: such a request does not count as
+/// the operator's activity.
+const REFRESH_PARAM: &str = "refresh";
 const GRID_ROWS: usize = 200;
+/// The most sessions kept at once; a new login beyond it ends the least recently used.
+const MAX_SESSIONS: usize = 256;
 
 #[derive(Debug, Clone)]
 struct Session {
     csrf: String,
     name: String,
+    created: Instant,
     last_used: Instant,
 }
 
 /// The console's logged-in sessions (in memory: a restart logs everyone out).
 #[derive(Debug, Default)]
-pub struct Sessions(Mutex<HashMap<String, Session>>);
+pub struct Sessions {
+    times: SessionTimes,
+    open: Mutex<HashMap<String, Session>>,
+}
 
 impl Sessions {
+    pub fn new(times: SessionTimes) -> Sessions {
+        Sessions {
+            times,
+            open: Mutex::default(),
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn alive(&self, s: &Session, now: Instant) -> bool {
+        now.duration_since(s.last_used) < self.times.idle
+            && now.duration_since(s.created) < self.times.lifetime
     }
 
     fn create(&self, name: String) -> Option<String> {
+        self.create_at(name, Instant::now())
+    }
+
+    fn create_at(&self, name: String, now: Instant) -> Option<String> {
         let id = random_hex()?;
         let csrf = random_hex()?;
         let mut sessions = self.lock();
-        sessions.retain(|_, s| s.last_used.elapsed() < SESSION_IDLE);
+        sessions.retain(|_, s| self.alive(s, now));
+        if sessions.len() >= MAX_SESSIONS {
+            if let Some(oldest) = sessions
+                .iter()
+                .min_by_key(|(_, s)| s.last_used)
+                .map(|(id, _)| id.clone())
+            {
+                sessions.remove(&oldest);
+            }
+        }
         sessions.insert(
             id.clone(),
             Session {
                 csrf,
                 name,
-                last_used: Instant::now(),
+                created: now,
+                last_used: now,
             },
         );
         Some(id)
     }
 
-    fn get(&self, headers: &HeaderMap) -> Option<(String, Session)> {
+    /// The session of `headers`' cookie if it is still alive; `activity`: the operator
+    /// did something (not the page's self-reload), which resets the idle clock.
+    fn get(&self, headers: &HeaderMap, activity: bool) -> Option<(String, Session)> {
+        self.get_at(headers, activity, Instant::now())
+    }
+
+    fn get_at(
+        &self,
+        headers: &HeaderMap,
+        activity: bool,
+        now: Instant,
+    ) -> Option<(String, Session)> {
         let id = cookie(headers, COOKIE)?;
         let mut sessions = self.lock();
-        let s = sessions.get_mut(&id)?;
-        if s.last_used.elapsed() >= SESSION_IDLE {
+        let s = sessions.get(&id)?;
+        if !self.alive(s, now) {
             sessions.remove(&id);
             return None;
         }
-        s.last_used = Instant::now();
+        let s = sessions.get_mut(&id)?;
+        if activity {
+            s.last_used = now;
+        }
         Some((id, s.clone()))
     }
 
     fn end(&self, id: &str) {
         self.lock().remove(id);
+    }
+
+    /// Ends every session (the token they were made with changed); how many.
+    pub fn end_all(&self) -> usize {
+        let mut sessions = self.lock();
+        let n = sessions.len();
+        sessions.clear();
+        n
+    }
+}
+
+/// Failed logins per client address: after [`LOGIN_FREE_FAILURES`] failures, each
+/// further attempt from that address waits out a pause that doubles up to
+/// [`LOGIN_MAX_PAUSE`] (refused with 429 meanwhile, the token not even compared). Logged
+/// once per address and pause, counted always.
+#[derive(Debug, Default)]
+pub struct LoginThrottle {
+    addresses: Mutex<HashMap<std::net::IpAddr, Failures>>,
+    pub failures: std::sync::atomic::AtomicU64,
+    pub throttled: std::sync::atomic::AtomicU64,
+}
+
+/// Wrong tokens allowed from one address before it is slowed down.
+pub const LOGIN_FREE_FAILURES: u32 = 5;
+/// The first pause after the free failures; doubles with each further failure.
+pub const LOGIN_FIRST_PAUSE: Duration = Duration::from_secs(2);
+pub const LOGIN_MAX_PAUSE: Duration = Duration::from_secs(300);
+/// Addresses tracked at once; beyond it the one that failed longest ago is forgotten.
+const MAX_TRACKED_ADDRESSES: usize = 4096;
+
+#[derive(Debug, Clone, Copy)]
+struct Failures {
+    count: u32,
+    last: Instant,
+    /// No attempt before this.
+    until: Option<Instant>,
+    /// This pause was logged already.
+    logged: bool,
+}
+
+/// What the throttle says of a login attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attempt {
+    Allowed,
+    /// Wait this long.
+    Wait(Duration),
+}
+
+impl LoginThrottle {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<std::net::IpAddr, Failures>> {
+        self.addresses.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn check(&self, ip: std::net::IpAddr, now: Instant) -> Attempt {
+        let mut map = self.lock();
+        let Some(f) = map.get_mut(&ip) else {
+            return Attempt::Allowed;
+        };
+        // A quiet hour forgets an address's failures.
+        if now.duration_since(f.last) > LOGIN_MAX_PAUSE * 12 {
+            map.remove(&ip);
+            return Attempt::Allowed;
+        }
+        match f.until {
+            Some(until) if until > now => {
+                self.throttled
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if !f.logged {
+                    f.logged = true;
+                    tracing::warn!(client = %ip, failures = f.count, wait_s = until.duration_since(now).as_secs_f64().ceil(),
+                        "Console logins from this address are paused after repeated wrong tokens (logged once per pause).");
+                }
+                Attempt::Wait(until.duration_since(now))
+            }
+            _ => Attempt::Allowed,
+        }
+    }
+
+    pub fn failed(&self, ip: std::net::IpAddr, now: Instant) {
+        self.failures
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut map = self.lock();
+        if map.len() >= MAX_TRACKED_ADDRESSES && !map.contains_key(&ip) {
+            if let Some(oldest) = map.iter().min_by_key(|(_, f)| f.last).map(|(a, _)| *a) {
+                map.remove(&oldest);
+            }
+        }
+        let f = map.entry(ip).or_insert(Failures {
+            count: 0,
+            last: now,
+            until: None,
+            logged: false,
+        });
+        f.count += 1;
+        f.last = now;
+        if f.count >= LOGIN_FREE_FAILURES {
+            let doublings = (f.count - LOGIN_FREE_FAILURES).min(16);
+            let pause = (LOGIN_FIRST_PAUSE * 2u32.pow(doublings)).min(LOGIN_MAX_PAUSE);
+            f.until = Some(now + pause);
+            f.logged = false;
+        }
+    }
+
+    pub fn succeeded(&self, ip: std::net::IpAddr) {
+        self.lock().remove(&ip);
     }
 }
 
@@ -92,7 +252,11 @@ impl axum::extract::FromRequestParts<ApiState> for LoggedIn {
         parts: &mut axum::http::request::Parts,
         state: &ApiState,
     ) -> Result<Self, Self::Rejection> {
-        match state.sessions.get(&parts.headers) {
+        let refresh = parts.uri.query().is_some_and(|q| {
+            q.split('&')
+                .any(|kv| kv.strip_prefix(REFRESH_PARAM) == Some("=1"))
+        });
+        match state.sessions.get(&parts.headers, !refresh) {
             Some((_, session)) => Ok(LoggedIn(session)),
             None => Err(to_login()),
         }
@@ -102,7 +266,7 @@ impl axum::extract::FromRequestParts<ApiState> for LoggedIn {
 impl LoggedIn {
     /// The refusal of a form that does not carry this session's anti-forgery token.
     fn refusal(&self, csrf: &str) -> Option<Response> {
-        (self.0.csrf != csrf).then(|| {
+        (!super::constant_time_eq(self.0.csrf.as_bytes(), csrf.as_bytes())).then(|| {
             (
                 StatusCode::FORBIDDEN,
                 "the form is stale or forged: reload the page",
@@ -148,6 +312,30 @@ pub fn routes() -> Router<ApiState> {
         .route("/console/lines", get(lines_page).post(set_line))
         .route("/console/lines/{line}/clear", post(clear_line))
         .route("/console/sources", get(sources_page))
+        .route("/console/static/console.css", get(stylesheet))
+        .route("/console/static/console.js", get(script))
+}
+
+async fn stylesheet() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/css; charset=utf-8"),
+            (header::CACHE_CONTROL, "max-age=3600"),
+        ],
+        STYLE,
+    )
+        .into_response()
+}
+
+async fn script() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (header::CACHE_CONTROL, "max-age=3600"),
+        ],
+        SCRIPT.replace("REFRESH_MS", &(REFRESH_SECONDS * 1000).to_string()),
+    )
+        .into_response()
 }
 
 /// Escapes text for HTML content and attribute values.
@@ -196,13 +384,20 @@ button.secondary{background:#fff;color:#201f1e;border:1px solid #8a8886}
 .note{background:#dff6dd;padding:8px;margin-bottom:8px}
 .error{background:#fde7e9;padding:8px;margin-bottom:8px}
 form.filters{display:flex;gap:8px;margin-bottom:8px;align-items:end}
+form.login{max-width:420px}
 label{display:flex;flex-direction:column;font-size:12px;gap:2px}
 "#;
 
-/// Reloads the page every few seconds unless the operator is editing something.
+/// Reloads the page every few seconds unless the operator is editing something. The
+/// reload asks with `refresh=1`, which does not count as the operator's activity, and
+/// takes it off the address bar again, so a bookmark or a click is a real visit.
 const SCRIPT: &str = r#"
+(function(){
+var u=new URL(location.href);
+if(u.searchParams.has('refresh')){u.searchParams.delete('refresh');history.replaceState(null,'',u.toString());}
 document.querySelectorAll('textarea,input[type=text]').forEach(function(e){e.addEventListener('input',function(){document.body.dataset.editing='1';});});
-setInterval(function(){if(!document.body.dataset.editing){location.reload();}},REFRESH_MS);
+setInterval(function(){if(!document.body.dataset.editing){var r=new URL(location.href);r.searchParams.set('refresh','1');location.replace(r.toString());}},REFRESH_MS);
+})();
 "#;
 
 fn page(title: &str, here: &str, session: Option<&Session>, body: &str) -> Html<String> {
@@ -226,15 +421,12 @@ fn page(title: &str, here: &str, session: Option<&Session>, body: &str) -> Html<
         None => String::new(),
     };
     let script = if who.is_empty() {
-        String::new()
+        ""
     } else {
-        format!(
-            "<script>{}</script>",
-            SCRIPT.replace("REFRESH_MS", &(REFRESH_SECONDS * 1000).to_string())
-        )
+        "<script src=\"/console/static/console.js\"></script>"
     };
     Html(format!(
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title} — mes-gateway</title><style>{STYLE}</style></head>\
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title} — mes-gateway</title><link rel=\"stylesheet\" href=\"/console/static/console.css\"></head>\
          <body><header><strong>mes-gateway</strong>{nav}{who}</header><main><h1>{title}</h1>{body}</main>{script}</body></html>",
         title = esc(title)
     ))
@@ -283,11 +475,11 @@ async fn login_page(State(state): State<ApiState>) -> Html<String> {
 }
 
 fn login_form(state: &ApiState, error: Option<&str>) -> Html<String> {
-    let body = if state.token.is_none() {
+    let body = if !state.has_token() {
         "<div class=\"error\">The console needs a token: set <code>api.token_file</code> in gateway.yaml and reload.</div>".to_string()
     } else {
         format!(
-            "{}<form method=\"post\" action=\"/console/login\" class=\"pane\" style=\"max-width:420px\">\
+            "{}<form method=\"post\" action=\"/console/login\" class=\"pane login\">\
              <label>Your name (recorded with your actions)<input type=\"text\" name=\"name\" id=\"name\" required></label><br>\
              <label>API token<input type=\"password\" name=\"token\" id=\"token\" required></label><br>\
              <button type=\"submit\" id=\"login\">Log in</button></form>",
@@ -303,15 +495,45 @@ struct LoginForm {
     token: String,
 }
 
-async fn login(State(state): State<ApiState>, Form(form): Form<LoginForm>) -> Response {
+async fn login(
+    State(state): State<ApiState>,
+    peer: Option<axum::Extension<Peer>>,
+    Form(form): Form<LoginForm>,
+) -> Response {
+    // Throttled per address; the Unix socket serves no console, so a request without a
+    // TCP peer is an in-process one (tests) and shares one slot.
+    let ip = match peer.map(|p| p.0) {
+        Some(Peer::Tcp(addr)) => addr.ip(),
+        _ => std::net::IpAddr::from([0u8, 0, 0, 0]),
+    };
+    let now = Instant::now();
+    if let Attempt::Wait(wait) = state.logins.check(ip, now) {
+        let secs = wait.as_secs().max(1);
+        let mut refused = (
+            StatusCode::TOO_MANY_REQUESTS,
+            login_form(
+                &state,
+                Some(&format!(
+                    "Too many wrong tokens from your address: try again in {secs} s."
+                )),
+            ),
+        )
+            .into_response();
+        if let Ok(v) = header::HeaderValue::from_str(&secs.to_string()) {
+            refused.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        return refused;
+    }
     if !state.token_matches(form.token.trim()) {
-        tracing::warn!(name = %form.name, "Console login refused: wrong token.");
+        state.logins.failed(ip, now);
+        tracing::warn!(name = %crate::text::for_log(&form.name), client = %ip, "Console login refused: wrong token.");
         return (
             StatusCode::UNAUTHORIZED,
             login_form(&state, Some("Wrong token.")),
         )
             .into_response();
     }
+    state.logins.succeeded(ip);
     let name: String = form
         .name
         .trim()
@@ -331,11 +553,12 @@ async fn login(State(state): State<ApiState>, Form(form): Form<LoginForm>) -> Re
         )
             .into_response();
     };
-    tracing::info!(%name, "Console login.");
+    tracing::info!(name = %crate::text::for_log(&name), client = %ip, "Console login.");
+    let secure = if state.tls.is_on() { "; Secure" } else { "" };
     (
         [(
             header::SET_COOKIE,
-            format!("{COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict"),
+            format!("{COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict{secure}"),
         )],
         Redirect::to("/console/messages"),
     )
@@ -352,8 +575,8 @@ async fn logout(
     headers: HeaderMap,
     Form(form): Form<CsrfForm>,
 ) -> Response {
-    if let Some((id, session)) = state.sessions.get(&headers) {
-        if session.csrf == form.csrf {
+    if let Some((id, session)) = state.sessions.get(&headers, true) {
+        if super::constant_time_eq(session.csrf.as_bytes(), form.csrf.as_bytes()) {
             state.sessions.end(&id);
         }
     }
@@ -543,10 +766,7 @@ fn detail_pane(r: &Record, session: &Session, back: &str) -> String {
             result = esc(v.result.as_deref().unwrap_or("")),
             infolog = esc(v.infolog.as_deref().unwrap_or("")),
             event = esc(&v.event_id),
-            page = v.page_url.as_deref().map_or(String::new(), |u| format!(
-                "<tr><th>MES page</th><td><a href=\"{u}\" rel=\"noreferrer\">open in D365</a></td></tr>",
-                u = esc(u)
-            )),
+            page = v.page_url.as_deref().map_or(String::new(), page_link),
         );
     }
     let form = |action: &str, label: &str, class: &str| {
@@ -611,6 +831,23 @@ fn detail_pane(r: &Record, session: &Session, back: &str) -> String {
     }
     out.push_str("</table>");
     out
+}
+
+/// D365's MES page for a message: a link only when the event gave an `https:` URL;
+/// anything else (a forged `javascript:` one) is shown as text, never followed.
+fn page_link(url: &str) -> String {
+    let https = reqwest::Url::parse(url).is_ok_and(|u| u.scheme() == "https");
+    if https {
+        format!(
+            "<tr><th>MES page</th><td><a id=\"d365-page\" href=\"{u}\" rel=\"noreferrer noopener\">open in D365</a></td></tr>",
+            u = esc(url)
+        )
+    } else {
+        format!(
+            "<tr><th>MES page</th><td id=\"d365-page-refused\">not a link (only https is followed): {}</td></tr>",
+            esc(&crate::text::bounded(url, 200))
+        )
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -252,6 +252,62 @@ pub fn render(state: &ApiState) -> String {
         "Alert notices a notifier could not keep up with",
         &state.alerts.dropped_notices,
     );
+    let doors = [
+        ("http", &state.listeners.http),
+        ("socket", &state.listeners.socket),
+    ];
+    let load = |f: fn(&crate::api::serve::ConnectionStats) -> &AtomicU64| {
+        doors
+            .iter()
+            .map(move |(door, s)| (door.to_string(), f(s).load(Ordering::Relaxed)))
+            .collect::<Vec<_>>()
+    };
+    gauges(
+        &mut registry,
+        "mes_gateway_api_connections_open",
+        "Open connections on the operator service's doors",
+        "door",
+        load(|s| &s.open).into_iter().map(|(d, v)| (d, v as i64)),
+    );
+    counters(
+        &mut registry,
+        "mes_gateway_api_connections_accepted",
+        "Connections accepted by the operator service",
+        "door",
+        load(|s| &s.accepted),
+    );
+    counters(
+        &mut registry,
+        "mes_gateway_api_connections_refused",
+        "Connections closed at once because api.max_connections were open",
+        "door",
+        load(|s| &s.refused),
+    );
+    counters(
+        &mut registry,
+        "mes_gateway_api_connections_timed_out",
+        "Connections the server closed: headers, TLS handshake or idle deadline passed",
+        "door",
+        load(|s| &s.timed_out),
+    );
+    counter(
+        &mut registry,
+        "mes_gateway_api_tls_handshake_failures",
+        "TLS handshakes on the operator listener that failed",
+        &state.listeners.http.tls_failures,
+    );
+    counter(
+        &mut registry,
+        "mes_gateway_console_login_failures",
+        "Console logins refused for a wrong token",
+        &state.logins.failures,
+    );
+    counter(
+        &mut registry,
+        "mes_gateway_console_login_throttled",
+        "Console login attempts refused while their address was paused after wrong tokens",
+        &state.logins.throttled,
+    );
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = encode(&mut out, &registry);

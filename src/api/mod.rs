@@ -1,28 +1,39 @@
-//! The operator service's doors: an HTTP listener (`api.listen`) and a Unix socket
+//! The operator service's doors: an HTTP(S) listener (`api.listen`) and a Unix socket
 //! (`api.socket`), both serving the same `/api/v1` handlers ([`v1`]), plus `/health`,
-//! `/ready`, `/metrics` and the web console ([`console`]) on HTTP.
+//! `/ready`, `/metrics` and the web console ([`console`]) on HTTP. Both are served by
+//! [`serve`]: connection cap, header/idle deadlines, TLS ([`tls`]).
 //!
 //! # Who may do what
 //!
 //! - Unix socket: file permissions are the authentication (mode 0660, the service's
 //!   group); every request is allowed.
 //! - HTTP: every request that changes something needs `Authorization: Bearer <token>`
-//!   (`api.token_file`); when the listener is not on loopback every request does. Without
-//!   a token configured, HTTP is read-only. The console logs in with the same token and
-//!   keeps a session cookie (`HttpOnly`, `SameSite=Strict`); its forms carry a per-session
-//!   token against cross-site request forgery.
+//!   (`api.token_file`). A read needs it too unless the caller is on this machine: the
+//!   peer's address is loopback *and* the request was not forwarded by a proxy
+//!   (`Forwarded`, `X-Forwarded-For`, `X-Real-IP`) — decided per request, not by the
+//!   listen address, so a TLS proxy in front opens nothing. On a listener other hosts
+//!   can reach every request needs it. Without a token configured, HTTP is read-only.
+//!   The console logs in with the same token and keeps a session cookie (`HttpOnly`,
+//!   `SameSite=Strict`, `Secure` under TLS); its forms carry a per-session token against
+//!   cross-site request forgery.
+//! - Secrets rotate: a reload reads the token again ([`ApiState::rotate`]); the old one
+//!   is refused from then on and the console sessions made with it end.
+//! - Every HTTP answer carries headers against framing, sniffing and referrer leaks
+//!   (and HSTS under TLS); request bodies are read only within a size and a deadline.
 
 pub mod config;
 pub mod console;
 mod metrics;
+pub mod serve;
+pub mod tls;
 pub mod v1;
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -34,6 +45,23 @@ use crate::config::Secret;
 use crate::live::Live;
 use crate::operator::Operator;
 use crate::outbox::{Outbox, State as MessageState};
+use config::{ApiConfig, Limits};
+use serve::{ListenerStats, Peer};
+
+/// The largest request body on `/api/v1` and the console: an edited message's content
+/// with its lines, with room to spare.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+/// The largest D365 business event the webhook takes: Service Bus's own limit for a
+/// message (256 KiB, standard tier), which every business event D365 sends fits.
+pub const MAX_EVENT_BYTES: usize = 256 * 1024;
+
+/// The credentials HTTP callers must show; replaced whole on reload.
+#[derive(Debug, Default)]
+struct Credentials {
+    token: Option<Arc<Secret>>,
+    /// Every request needs the token (the listener is not on loopback).
+    token_for_reading: bool,
+}
 
 #[derive(Debug, Clone)]
 pub struct ApiState {
@@ -41,10 +69,13 @@ pub struct ApiState {
     pub outbox: Outbox,
     pub live: Live,
     pub alerts: Arc<Board>,
-    pub token: Option<Arc<Secret>>,
-    /// Every request needs the token (the listener is not on loopback).
-    pub token_for_reading: bool,
+    credentials: Arc<RwLock<Credentials>>,
     pub sessions: Arc<console::Sessions>,
+    pub logins: Arc<console::LoginThrottle>,
+    /// The HTTPS listener's certificate (empty: plain HTTP).
+    pub tls: tls::TlsSlot,
+    pub limits: Limits,
+    pub listeners: Arc<ListenerStats>,
 }
 
 impl ApiState {
@@ -54,28 +85,131 @@ impl ApiState {
             operator,
             live,
             alerts,
-            token: None,
-            token_for_reading: false,
+            credentials: Arc::default(),
             sessions: Arc::default(),
+            logins: Arc::default(),
+            tls: tls::TlsSlot::default(),
+            limits: Limits::default(),
+            listeners: Arc::default(),
         }
     }
 
-    pub fn with_token(mut self, token: Option<Secret>, token_for_reading: bool) -> ApiState {
-        self.token = token.map(Arc::new);
-        self.token_for_reading = token_for_reading;
+    pub fn with_token(self, token: Option<Secret>, token_for_reading: bool) -> ApiState {
+        *self.credentials.write().unwrap_or_else(|p| p.into_inner()) = Credentials {
+            token: token.map(Arc::new),
+            token_for_reading,
+        };
         self
+    }
+
+    /// The state for `config`: its token, limits and session times, and its certificate
+    /// already loaded in `tls`.
+    pub fn configured(self, config: &ApiConfig, tls: tls::TlsSlot) -> ApiState {
+        let mut state = self.with_token(config.token.clone(), config.token_for_reading());
+        state.limits = config.limits;
+        state.tls = tls;
+        state.sessions = Arc::new(console::Sessions::new(config.sessions));
+        state
+    }
+
+    fn credentials(&self) -> std::sync::RwLockReadGuard<'_, Credentials> {
+        // Replaced whole; a panic elsewhere cannot leave it half-written.
+        self.credentials.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn has_token(&self) -> bool {
+        self.credentials().token.is_some()
     }
 
     /// Whether `presented` is the configured token (in time independent of where they
     /// differ).
     pub fn token_matches(&self, presented: &str) -> bool {
-        self.token
+        self.credentials()
+            .token
             .as_ref()
             .is_some_and(|t| constant_time_eq(t.expose().as_bytes(), presented.as_bytes()))
     }
+
+    /// Takes the secrets of a reloaded `config`: the token (a changed one ends every
+    /// console session) and the certificate. Returns what was re-read, for the log; a
+    /// certificate that cannot be loaded keeps the running one and says why.
+    pub fn rotate(&self, config: &ApiConfig) -> Vec<String> {
+        let mut said = Vec::new();
+        {
+            let mut credentials = self.credentials.write().unwrap_or_else(|p| p.into_inner());
+            let changed = credentials.token.as_deref().map(Secret::expose)
+                != config.token.as_ref().map(Secret::expose);
+            if changed {
+                let ended = self.sessions.end_all();
+                said.push(format!(
+                    "api.token_file: {} (old token refused from now on; {ended} console session(s) ended)",
+                    if config.token.is_some() { "changed" } else { "removed" }
+                ));
+            } else if config.token.is_some() {
+                said.push("api.token_file: unchanged".into());
+            }
+            *credentials = Credentials {
+                token: config.token.clone().map(Arc::new),
+                token_for_reading: config.token_for_reading(),
+            };
+        }
+        if let Some(files) = &config.tls {
+            if self.tls.is_on() {
+                match self.tls.reload(files) {
+                    Ok(()) => said.push(format!(
+                        "api.tls: certificate {} re-read (new connections use it)",
+                        files.cert.display()
+                    )),
+                    Err(e) => {
+                        tracing::error!(error = %e, "The new TLS certificate cannot be used; the running one stays.");
+                        said.push(format!("api.tls: NOT re-read ({e})"));
+                    }
+                }
+            }
+        }
+        said
+    }
+
+    /// Whether a read by this request needs the token.
+    fn reading_needs_token(&self, request: &Request) -> bool {
+        self.credentials().token_for_reading || !Caller::of(request).is_local()
+    }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+/// Who sent a request, as far as the operator service trusts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    pub peer: Option<Peer>,
+    /// A proxy says it forwards the request for someone else.
+    pub forwarded: bool,
+}
+
+impl Caller {
+    pub fn of(request: &Request) -> Caller {
+        Caller::from_parts(
+            request.extensions().get::<Peer>().copied(),
+            request.headers(),
+        )
+    }
+
+    pub fn from_parts(peer: Option<Peer>, headers: &HeaderMap) -> Caller {
+        Caller {
+            peer,
+            forwarded: ["forwarded", "x-forwarded-for", "x-real-ip"]
+                .iter()
+                .any(|h| headers.contains_key(*h)),
+        }
+    }
+
+    /// On this machine, asking for itself. A request with no known peer (an in-process
+    /// test) is not local.
+    pub fn is_local(self) -> bool {
+        !self.forwarded && self.peer.is_some_and(Peer::is_local)
+    }
+}
+
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    // The length is not secret (every token is at least 16 characters); the content is.
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
@@ -100,24 +234,71 @@ pub fn http_router(state: ApiState) -> Router {
         .nest("/api/v1", api)
         .merge(probes)
         .merge(console::routes())
-        // Authenticated by the source's own webhook secret, not the API token: D365 is
-        // the caller, not an operator.
+        // Bodies are read whole, within the limits, before any handler sees them...
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            bounded_body,
+        ))
+        // ... except the webhook's, read only after its secret was checked.
         .route("/events/d365/{source}", axum::routing::post(d365_event))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            security_headers,
+        ))
         .with_state(state)
+}
+
+/// Reads the request's body within `MAX_BODY_BYTES` and the body deadline (413/408
+/// otherwise), so no handler waits on a slow or endless upload.
+async fn bounded_body(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+    let (parts, body) = request.into_parts();
+    match serve::read_body(body, MAX_BODY_BYTES, state.limits.body_timeout).await {
+        Ok(bytes) => {
+            next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+                .await
+        }
+        Err(refused) => refused,
+    }
+}
+
+/// The Content-Security-Policy of every answer: scripts and styles only from the
+/// console's own files (no inline script can run, whatever a D365 field holds), forms
+/// only to itself, never in a frame.
+pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+
+async fn security_headers(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+    let mut response = next.run(request).await;
+    let headers = response.headers_mut();
+    for (name, value) in [
+        (header::CONTENT_SECURITY_POLICY, CONTENT_SECURITY_POLICY),
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::REFERRER_POLICY, "no-referrer"),
+    ] {
+        headers.insert(name, HeaderValue::from_static(value));
+    }
+    if state.tls.is_on() {
+        headers.insert(
+            header::STRICT_TRANSPORT_SECURITY,
+            HeaderValue::from_static("max-age=31536000"),
+        );
+    }
+    response
 }
 
 /// How long the webhook waits for an event to be durable before telling D365 to send
 /// it again.
 const WEBHOOK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// D365's HTTPS business-event endpoint: answers 200 once the event is durable (or was
-/// already), 400 for an unreadable event, 401 without the source's secret, 404 for a
-/// source that does not run here, 503 when it cannot be stored now (D365 retries).
+/// D365's business-event endpoint: answers 200 once the event is durable (or was
+/// already), 400 for an unreadable event, 401 without the source's secret (checked from
+/// the headers before a byte of the body is read), 404 for a source that does not run
+/// here, 413 for a body over [`MAX_EVENT_BYTES`], 503 when it cannot be stored now
+/// (D365 retries).
 async fn d365_event(
     State(state): State<ApiState>,
     axum::extract::Path(source): axum::extract::Path<String>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
+    request: Request,
 ) -> Response {
     use crate::source::d365_events::{Delivery, Outcome};
     let answer = |status: StatusCode, body: serde_json::Value| (status, Json(body)).into_response();
@@ -134,9 +315,10 @@ async fn d365_event(
         }
         return answer(
             StatusCode::NOT_FOUND,
-            serde_json::json!({ "error": format!("no d365_events source `{source}` runs here") }),
+            serde_json::json!({ "error": "no d365_events source of that name runs here" }),
         );
     };
+    let headers = request.headers();
     let presented = headers
         .get("x-webhook-secret")
         .and_then(|v| v.to_str().ok())
@@ -148,12 +330,28 @@ async fn d365_event(
         });
     if !presented.is_some_and(|p| constant_time_eq(p.as_bytes(), intake.secret.expose().as_bytes()))
     {
-        tracing::warn!(%source, "D365 business event refused: missing or wrong webhook secret.");
-        return answer(
+        let peer = request.extensions().get::<Peer>().copied();
+        tracing::warn!(source = %crate::text::for_log(&source), ?peer, "D365 business event refused: missing or wrong webhook secret; its body was not read.");
+        let mut refused = answer(
             StatusCode::UNAUTHORIZED,
             serde_json::json!({ "error": "missing or wrong webhook secret (X-Webhook-Secret)" }),
         );
+        // The body was not read: the connection cannot carry another request.
+        refused
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return refused;
     }
+    let body = match serve::read_body(
+        request.into_body(),
+        MAX_EVENT_BYTES,
+        state.limits.body_timeout,
+    )
+    .await
+    {
+        Ok(body) => body,
+        Err(refused) => return refused,
+    };
     let (tx, rx) = tokio::sync::oneshot::channel();
     let unavailable = || {
         answer(
@@ -189,13 +387,17 @@ pub fn socket_router(state: ApiState) -> Router {
     Router::new()
         .nest("/api/v1", v1::routes().layer(axum::Extension(Door::Socket)))
         .route("/health", get(health))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            bounded_body,
+        ))
         .with_state(state)
 }
 
 /// Refuses a request without the bearer token where one is needed.
 async fn bearer(State(state): State<ApiState>, request: Request, next: Next) -> Response {
     let changes = !matches!(*request.method(), Method::GET | Method::HEAD);
-    if !changes && !state.token_for_reading {
+    if !changes && !state.reading_needs_token(&request) {
         return next.run(request).await;
     }
     let presented = request
@@ -206,7 +408,7 @@ async fn bearer(State(state): State<ApiState>, request: Request, next: Next) -> 
     match presented {
         Some(t) if state.token_matches(t) => next.run(request).await,
         _ => {
-            let why = if state.token.is_none() {
+            let why = if !state.has_token() {
                 "this HTTP listener is read-only: set api.token_file to allow actions (the CLI on the Unix socket needs no token)"
             } else {
                 "missing or wrong bearer token (Authorization: Bearer <api.token_file>)"
@@ -230,6 +432,8 @@ async fn bearer(State(state): State<ApiState>, request: Request, next: Next) -> 
 pub async fn serve_socket(
     path: &Path,
     router: Router,
+    limits: Limits,
+    stats: Arc<ListenerStats>,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
@@ -249,13 +453,7 @@ pub async fn serve_socket(
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
     let owned = path.to_path_buf();
     tokio::spawn(async move {
-        let shutdown = async move { cancel.cancelled().await };
-        if let Err(e) = axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown)
-            .await
-        {
-            tracing::error!(error = %e, "Operator socket stopped.");
-        }
+        serve::serve_unix(listener, router, limits, stats, cancel).await;
         let _ = std::fs::remove_file(&owned);
     });
     Ok(())

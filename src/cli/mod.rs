@@ -431,6 +431,9 @@ fn check(dir: &Path) -> Result<(), CliError> {
         None => println!("  no d365 section: only `run --dry-run` will run"),
     }
     println!("  outbox in {}", config.storage.data_dir.display());
+    for w in &config.warnings {
+        println!("warning: {w}");
+    }
     Ok(())
 }
 

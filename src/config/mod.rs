@@ -121,9 +121,12 @@ impl fmt::Display for ConfigErrors {
     }
 }
 
-/// Every problem found so far, in the order found.
+/// Every problem found so far, in the order found, and the warnings: things that work
+/// but that a security review would flag (a secret file others can read, plain HTTP
+/// beyond loopback by choice). `check` prints the warnings; `run` logs them at every
+/// start and reload.
 #[derive(Debug, Default)]
-pub struct Errors(pub Vec<ConfigError>);
+pub struct Errors(pub Vec<ConfigError>, pub Vec<ConfigError>);
 
 impl Errors {
     /// A problem with a whole file (missing, unreadable).
@@ -214,6 +217,16 @@ impl<'a> FileCheck<'a> {
     /// How many problems have been found so far (in every file).
     pub fn error_count(&self) -> usize {
         self.errors.0.len()
+    }
+
+    /// Files a warning at a field path: the configuration stays valid.
+    pub fn warn(&mut self, path: &str, message: impl Into<String>) {
+        self.errors.1.push(ConfigError {
+            file: self.file.path.clone(),
+            mark: Some(self.file.yaml.locate(path)),
+            path: path.to_string(),
+            message: message.into(),
+        });
     }
 
     /// Files a problem at a field path (positioned at the field, or at its parent when
@@ -345,10 +358,22 @@ impl<'a> FileCheck<'a> {
                 self.error(path, format!("{} is empty", file.display()));
                 None
             }
-            Ok(s) => Some((
-                Secret(s.trim().to_string()),
-                format!("file {}", file.display()),
-            )),
+            Ok(s) => {
+                if let Some(mode) = readable_by_others(&file) {
+                    self.warn(
+                        path,
+                        format!(
+                            "{} is readable by {} (mode {mode:04o}): make it 0600, owned by the service's user, or hand it over with systemd's LoadCredential=",
+                            file.display(),
+                            if mode & 0o004 != 0 { "every user" } else { "its group" }
+                        ),
+                    );
+                }
+                Some((
+                    Secret(s.trim().to_string()),
+                    format!("file {}", file.display()),
+                ))
+            }
             Err(e) => {
                 self.error(
                     path,
@@ -375,6 +400,20 @@ impl<'a> FileCheck<'a> {
             }
         }
     }
+}
+
+/// The file's permission bits when its group or others may read it. A file in systemd's
+/// credentials directory is exempt: systemd makes that copy and its directory private to
+/// the service, whatever the bits say.
+fn readable_by_others(file: &Path) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY").filter(|d| !d.is_empty()) {
+        if file.starts_with(Path::new(&dir)) {
+            return None;
+        }
+    }
+    let mode = std::fs::metadata(file).ok()?.permissions().mode() & 0o777;
+    (mode & 0o044 != 0).then_some(mode)
 }
 
 /// Problems found by a check that knows only its own part, as (path inside, message).

@@ -464,11 +464,12 @@ impl Operator {
         ))
     }
 
-    /// D365's verdicts that matched no message (newest first, up to `limit`).
+    /// D365's verdicts that matched no message (newest first, up to `limit`, at most
+    /// [`MAX_PAGE`]).
     pub async fn unmatched(&self, limit: usize) -> Result<UnmatchedView, OpError> {
         let outbox = self.outbox.clone();
         blocking(move || {
-            let (events, total) = outbox.unmatched_verdicts(limit)?;
+            let (events, total) = outbox.unmatched_verdicts(limit.min(MAX_PAGE))?;
             Ok(UnmatchedView { events, total })
         })
         .await

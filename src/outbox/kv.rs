@@ -418,6 +418,11 @@ impl<'txn> Tx<'txn> {
         copy_of(&*self.table(t)?, key)
     }
 
+    /// How many keys the table holds, this transaction's writes included.
+    pub(super) fn len(&mut self, t: T) -> Result<u64, OutboxError> {
+        self.table(t)?.len().map_err(storage)
+    }
+
     /// Walks keys as [`Rx::scan`] does, seeing this transaction's own writes.
     pub(super) fn scan(
         &mut self,

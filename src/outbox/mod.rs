@@ -1045,6 +1045,15 @@ impl Outbox {
                     for (k, v) in &plan.unmatched {
                         tx.insert(T::Unmatched, k, v)?;
                     }
+                    if !plan.unmatched.is_empty() {
+                        let over = tx.len(T::Unmatched)?.saturating_sub(verdict::MAX_UNMATCHED);
+                        if over > 0 {
+                            // Keys begin with the time received: the first are the oldest.
+                            for (k, _) in tx.collect(T::Unmatched, Span::all(), over as usize)? {
+                                tx.remove(T::Unmatched, &k)?;
+                            }
+                        }
+                    }
                     for k in &plan.stale {
                         tx.remove(T::Contents, k)?;
                     }

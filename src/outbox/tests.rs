@@ -1029,6 +1029,73 @@ async fn an_uncertain_message_d365_received_is_resolved_and_leaves_its_lane() {
     );
 }
 
+/// A forged (or foreign) event that names the content of a message the gateway never
+/// sent changes nothing: D365 cannot have processed it. It is kept as unmatched, with
+/// the reason naming the message.
+#[tokio::test]
+async fn a_verdict_never_changes_a_message_that_was_never_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = indexing(dir.path());
+    let recs = outbox.append(vec![msg("A", 1)]).await.unwrap();
+    let result = reconcile(
+        &outbox,
+        vec![processed(&recs[0].content, "Failed", true, "FORGED")],
+    )
+    .await;
+    let Reconciled::Unmatched { reason } = &result[0] else {
+        panic!("{result:?}");
+    };
+    assert!(reason.contains("never sent"), "{reason}");
+    assert!(reason.contains(&recs[0].id.to_string()), "{reason}");
+    let r = outbox.get(recs[0].id).unwrap();
+    assert!(r.d365.is_none(), "{r:?}");
+    assert_eq!(r.state, State::Queued);
+    assert_eq!(r.history.len(), 1, "only its creation");
+    assert_eq!(outbox.unmatched_verdicts(10).unwrap().1, 1);
+    // Once sent, the same event applies.
+    send_and_settle(&outbox, recs[0].id, Settle::Delivered).await;
+    let result = reconcile(
+        &outbox,
+        vec![processed(&recs[0].content, "Failed", true, "E2")],
+    )
+    .await;
+    assert!(
+        matches!(result[0], Reconciled::Matched { id, failed: true, .. } if id == recs[0].id),
+        "{result:?}"
+    );
+}
+
+/// The unmatched list keeps the newest `MAX_UNMATCHED` events: a flood of events that
+/// match nothing cannot fill the disk.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_unmatched_list_is_capped_and_keeps_the_newest() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = indexing(dir.path());
+    let total = super::verdict::MAX_UNMATCHED as usize + 25;
+    for chunk in (0..total).collect::<Vec<_>>().chunks(2_000) {
+        let events = chunk
+            .iter()
+            .map(|i| {
+                processed(
+                    &format!("{{\"n\":{i}}}"),
+                    "Processed",
+                    false,
+                    &format!("U{i:06}"),
+                )
+            })
+            .collect();
+        reconcile(&outbox, events).await;
+    }
+    let (newest, kept) = outbox.unmatched_verdicts(1).unwrap();
+    assert_eq!(kept as u64, super::verdict::MAX_UNMATCHED);
+    assert_eq!(newest[0].event_id, format!("U{:06}", total - 1));
+    let (all, _) = outbox.unmatched_verdicts(usize::MAX).unwrap();
+    assert!(
+        all.iter().all(|e| e.event_id.as_str() >= "U000025"),
+        "the 25 oldest are gone"
+    );
+}
+
 #[tokio::test]
 async fn identical_messages_take_verdicts_in_order_and_unmatched_events_are_kept() {
     let dir = tempfile::tempdir().unwrap();
@@ -1039,6 +1106,9 @@ async fn identical_messages_take_verdicts_in_order_and_unmatched_events_are_kept
         .await
         .unwrap();
     let content = recs[0].content.clone();
+    // The first two went out; the third never did.
+    send_and_settle(&outbox, recs[0].id, Settle::Delivered).await;
+    send_and_settle(&outbox, recs[1].id, Settle::Delivered).await;
     // One batch: the first fails, then is processed on reprocessing, then the second.
     let result = reconcile(
         &outbox,
@@ -1061,8 +1131,8 @@ async fn identical_messages_take_verdicts_in_order_and_unmatched_events_are_kept
     assert!(outbox.get(recs[2].id).unwrap().d365.is_none());
     assert_eq!(
         outbox.get(recs[0].id).unwrap().history.len(),
-        3,
-        "created, failed, processed"
+        4,
+        "created, delivered, failed, processed"
     );
     let (kept, n) = outbox.unmatched_verdicts(10).unwrap();
     assert_eq!(n, 1);
@@ -1226,6 +1296,7 @@ async fn without_the_index_nothing_is_matched_and_no_index_is_written() {
     // Turned on: later messages are found.
     outbox.index_contents(true);
     let later = outbox.append(vec![msg("A", 2)]).await.unwrap();
+    send_and_settle(&outbox, later[0].id, Settle::Delivered).await;
     let result = reconcile(
         &outbox,
         vec![processed(&later[0].content, "Processed", false, "E2")],

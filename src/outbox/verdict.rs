@@ -33,6 +33,9 @@
 //!   with no verdict yet, else the newest (D365 processed it again).
 //! - An `uncertain` message D365 reports as received, in any state, did reach D365: it
 //!   becomes `delivered` (leaving its lane), and its history says why.
+//! - A verdict only changes a message that could have reached D365 (sent at least
+//!   once); an event naming only never-sent messages is kept as unmatched, with a warning.
+//! - The unmatched list keeps at most [`MAX_UNMATCHED`] events, the newest.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -181,8 +184,21 @@ pub(super) struct Plan {
     pub reconciled: Vec<Reconciled>,
 }
 
+/// The most unmatched events kept: each may hold up to a whole event (256 KiB), and a
+/// flood of forged or foreign events must not fill the disk. The oldest go first.
+pub const MAX_UNMATCHED: u64 = 10_000;
+
 /// Who D365 is in a message's history.
 pub const D365: &str = "d365";
+
+/// Whether D365 can have received `record`: it was sent at least once (a request may
+/// have left), or D365 already said so. A verdict may change nothing else: an event
+/// naming a queued message's content is forged or belongs to another sender.
+fn could_have_reached_d365(record: &Record) -> bool {
+    record.attempt_count > 0
+        || record.d365.is_some()
+        || matches!(record.state, State::Sending | State::Uncertain)
+}
 
 pub(super) fn plan(store: &Store, events: &[ProcessedEvent]) -> Result<Plan, OutboxError> {
     let mut plan = Plan::default();
@@ -193,6 +209,8 @@ pub(super) fn plan(store: &Store, events: &[ProcessedEvent]) -> Result<Plan, Out
     for e in events {
         let digest = content_digest(&e.message_type, &e.content);
         let mut candidates: Vec<MessageId> = Vec::new();
+        // Same content, but never sent: D365 cannot be speaking of these.
+        let mut never_sent: Vec<MessageId> = Vec::new();
         let under_digest = super::kv::Prefix::new(&digest.to_be_bytes());
         let mut indexed = Vec::new();
         store.kv.read()?.scan(
@@ -224,6 +242,10 @@ pub(super) fn plan(store: &Store, events: &[ProcessedEvent]) -> Result<Plan, Out
                 continue;
             }
             if record.message_type == e.message_type && same_content(&record.content, &e.content) {
+                if !could_have_reached_d365(&record) {
+                    never_sent.push(id);
+                    continue;
+                }
                 working.entry(id).or_insert_with(|| {
                     let old = record.state;
                     (record, old)
@@ -239,7 +261,20 @@ pub(super) fn plan(store: &Store, events: &[ProcessedEvent]) -> Result<Plan, Out
             .or_else(|| candidates.last())
             .copied();
         let Some(id) = chosen else {
-            let reason = "no message of the gateway has this type and content".to_string();
+            let reason = if never_sent.is_empty() {
+                "no message of the gateway has this type and content".to_string()
+            } else {
+                tracing::warn!(source = %crate::text::for_log(&e.source), event = %crate::text::for_log(&e.verdict.event_id),
+                    messages = ?never_sent, "A D365 event names the content of messages the gateway never sent; kept as unmatched, not applied.");
+                format!(
+                    "the message(s) with this type and content ({}) were never sent to D365",
+                    never_sent
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            };
             let kept = UnmatchedEvent {
                 received_at: now,
                 source: e.source.to_string(),

@@ -483,7 +483,7 @@ impl Engine {
         }
         match context {
             Some(ctx) => {
-                tracing::info!(%line, order = %ctx.order, item = ?ctx.item, %by, "Order context set by an operator.");
+                tracing::info!(%line, order = %crate::text::for_log(&ctx.order), item = ?ctx.item, %by, "Order context set by an operator.");
                 self.warned_unassigned.remove(line);
                 self.state.contexts.insert(line.to_string(), ctx);
             }
@@ -523,11 +523,11 @@ impl Engine {
             Some(Ok(r)) => {
                 let list = self.state.released.entry(line.to_string()).or_default();
                 list.retain(|o| o.order != r.order);
-                tracing::info!(%line, order = %r.order, item = ?r.item, rule = %rule.name, "Order released for the line.");
+                tracing::info!(%line, order = %crate::text::for_log(&r.order), item = ?r.item, rule = %rule.name, "Order released for the line.");
                 list.push(r);
                 if list.len() > MAX_RELEASED_PER_LINE {
                     let dropped = list.remove(0);
-                    tracing::warn!(%line, order = %dropped.order, kept = MAX_RELEASED_PER_LINE, "Too many released orders for one line; the oldest is no longer listed (withdraw finished orders with a rule).");
+                    tracing::warn!(%line, order = %crate::text::for_log(&dropped.order), kept = MAX_RELEASED_PER_LINE, "Too many released orders for one line; the oldest is no longer listed (withdraw finished orders with a rule).");
                 }
                 self.dirty = true;
             }
@@ -540,7 +540,7 @@ impl Engine {
                     let before = list.len();
                     list.retain(|o| o.order != order);
                     if list.len() != before {
-                        tracing::info!(%line, %order, rule = %rule.name, "Order withdrawn from the line's released list.");
+                        tracing::info!(%line, order = %crate::text::for_log(&order), rule = %rule.name, "Order withdrawn from the line's released list.");
                         self.dirty = true;
                     }
                     if list.is_empty() {
@@ -634,7 +634,7 @@ impl Engine {
                         self.flush_line(line, trigger.at, out);
                     }
                     if current.as_ref().is_none_or(|c| c.order != ctx.order) {
-                        tracing::info!(%line, order = %ctx.order, item = ?ctx.item, rule = %rule.name, "Order context set.");
+                        tracing::info!(%line, order = %crate::text::for_log(&ctx.order), item = ?ctx.item, rule = %rule.name, "Order context set.");
                     }
                     self.warned_unassigned.remove(line);
                     self.state.contexts.insert(line.clone(), ctx);
@@ -647,7 +647,7 @@ impl Engine {
             if let Some(line) = &line {
                 self.flush_line(line, trigger.at, out);
                 if let Some(old) = self.state.contexts.remove(line) {
-                    tracing::info!(%line, order = %old.order, rule = %rule.name, "Order context cleared.");
+                    tracing::info!(%line, order = %crate::text::for_log(&old.order), rule = %rule.name, "Order context cleared.");
                     self.dirty = true;
                 }
             }

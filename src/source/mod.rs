@@ -266,15 +266,7 @@ pub fn spawn(
 
 /// A printable excerpt of a payload for logs: at most 80 characters, control bytes escaped.
 pub fn excerpt(payload: &[u8]) -> String {
-    let s: String = String::from_utf8_lossy(&payload[..payload.len().min(80)])
-        .chars()
-        .flat_map(char::escape_default)
-        .collect();
-    if payload.len() > 80 {
-        format!("{s}…")
-    } else {
-        s
-    }
+    crate::text::excerpt(payload, 80)
 }
 
 #[cfg(test)]

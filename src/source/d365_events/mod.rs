@@ -286,14 +286,14 @@ impl D365EventsSource {
                             Err(reason) => {
                                 // Still stored and given to the rules; only not reconciled.
                                 self.health.decode_error();
-                                tracing::warn!(source = %source, event_id = %event.id, %reason, "D365 verdict event cannot be matched to a message.");
+                                tracing::warn!(source = %source, event_id = %crate::text::for_log(&event.id), reason = %crate::text::for_log(&reason), "D365 verdict event cannot be matched to a message.");
                                 None
                             }
                         }
                     } else {
                         None
                     };
-                    tracing::debug!(source = %source, %point, event_id = %event.id, "D365 business event received.");
+                    tracing::debug!(source = %source, point = %crate::text::for_log(&point), event_id = %crate::text::for_log(&event.id), "D365 business event received.");
                     ready.push_back(SourceEvent {
                         event: Event {
                             source: source.clone(),

@@ -323,10 +323,10 @@ impl Receiver {
             }
             Some(Outcome::Refused(reason)) => {
                 if deliveries >= self.config.max_deliveries {
-                    tracing::error!(source = %self.source, %message_id, deliveries, %reason,
+                    tracing::error!(source = %self.source, message_id = %crate::text::for_log(&message_id), deliveries, reason = %crate::text::for_log(&reason),
                         "Poison D365 event given up: it cannot be read after max_deliveries deliveries. Service Bus dead-letters it at the entity's MaxDeliveryCount; inspect it in the dead-letter queue.");
                 } else {
-                    tracing::warn!(source = %self.source, %message_id, deliveries, %reason,
+                    tracing::warn!(source = %self.source, message_id = %crate::text::for_log(&message_id), deliveries, reason = %crate::text::for_log(&reason),
                         "D365 event cannot be read; given back to Service Bus (it comes again).");
                 }
                 self.abandon(&locked.location, &message_id).await;
@@ -347,20 +347,20 @@ impl Receiver {
                 // The lock is gone (expired while the disk was slow): Service Bus
                 // delivers it again, and the stored event id makes that produce nothing.
                 Ok(404 | 410) => {
-                    tracing::info!(source = %self.source, %message_id,
+                    tracing::info!(source = %self.source, message_id = %crate::text::for_log(message_id),
                         "Service Bus lock lost before completion; the event comes again and is recognised.");
                     return;
                 }
                 Ok(status) => {
-                    tracing::warn!(source = %self.source, %message_id, status, attempt, "Service Bus refused to complete an event.")
+                    tracing::warn!(source = %self.source, message_id = %crate::text::for_log(message_id), status, attempt, "Service Bus refused to complete an event.")
                 }
                 Err(e) => {
-                    tracing::warn!(source = %self.source, %message_id, error = %e, attempt, "Cannot complete an event in Service Bus.")
+                    tracing::warn!(source = %self.source, message_id = %crate::text::for_log(message_id), error = %e, attempt, "Cannot complete an event in Service Bus.")
                 }
             }
             tokio::time::sleep(RETRY_MIN * attempt).await;
         }
-        tracing::warn!(source = %self.source, %message_id,
+        tracing::warn!(source = %self.source, message_id = %crate::text::for_log(message_id),
             "Event stored but not completed in Service Bus; it comes again when its lock expires and is recognised.");
     }
 
@@ -368,10 +368,10 @@ impl Receiver {
         match self.settle(reqwest::Method::PUT, location).await {
             Ok(200..=299 | 404 | 410) => {}
             Ok(status) => {
-                tracing::debug!(source = %self.source, %message_id, status, "Service Bus refused to unlock an event; its lock expires.")
+                tracing::debug!(source = %self.source, message_id = %crate::text::for_log(message_id), status, "Service Bus refused to unlock an event; its lock expires.")
             }
             Err(e) => {
-                tracing::debug!(source = %self.source, %message_id, error = %e, "Cannot unlock an event; its lock expires.")
+                tracing::debug!(source = %self.source, message_id = %crate::text::for_log(message_id), error = %e, "Cannot unlock an event; its lock expires.")
             }
         }
     }

@@ -268,8 +268,8 @@ impl MqttSource {
                             // Not taken: not acked, the broker sends it again after the restart.
                             continue;
                         }
-                        tracing::trace!(source = %id, topic = %publish.topic, pkid = publish.pkid, dup = publish.dup,
-                            payload = %String::from_utf8_lossy(&publish.payload[..publish.payload.len().min(32)]), "Publish received.");
+                        tracing::trace!(source = %id, topic = %crate::text::for_log(&publish.topic), pkid = publish.pkid, dup = publish.dup,
+                            payload = %crate::text::excerpt(&publish.payload, 32), "Publish received.");
                         if let Some(tx) = &acks_tx {
                             events.extend(self.accept(&id, publish, &mut acks, tx));
                         }
@@ -352,7 +352,7 @@ impl MqttSource {
             }
             Err(reason) => {
                 self.health.decode_error();
-                tracing::warn!(source = %id, topic = %publish.topic, %reason, payload = %excerpt(&publish.payload),
+                tracing::warn!(source = %id, topic = %crate::text::for_log(&publish.topic), reason = %crate::text::for_log(&reason.to_string()), payload = %excerpt(&publish.payload),
                     "Undecodable MQTT payload; skipped (and acknowledged, so it does not come back forever).");
                 if acknowledged {
                     let (ticket, _) = acks.received(&publish, None);
