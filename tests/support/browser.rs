@@ -189,6 +189,16 @@ impl Browser {
         waited.unwrap_or_else(|_| panic!("{css} on {url} never showed what was expected"))
     }
 
+    /// Runs `script` (a function body; `return` gives its value) in the page.
+    pub async fn execute(&self, script: &str) -> Value {
+        self.command(
+            reqwest::Method::POST,
+            "/execute/sync",
+            Some(json!({ "script": script, "args": [] })),
+        )
+        .await
+    }
+
     /// Saves a PNG of the page.
     pub async fn screenshot(&self, path: &Path) {
         use base64::Engine as _;
