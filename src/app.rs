@@ -35,6 +35,10 @@ pub struct RunOptions {
     pub dry_run: bool,
 }
 
+/// File descriptors kept for everything but the operator service's connections:
+/// sources, D365 connections, the store, logs.
+const OPEN_FILES_RESERVE: u64 = 128;
+
 /// Opens the outbox off the async threads.
 pub async fn open_outbox(config: &Config) -> anyhow::Result<Outbox> {
     let dir = config.storage.data_dir.clone();
@@ -111,20 +115,33 @@ pub async fn run(
         Some(files) => Some(crate::api::tls::server_config(files).with_context(|| "api.tls")?),
         None => None,
     });
+    // Both doors' caps must fit in the process's file descriptors with room for the
+    // sources, D365 and the store (the unit sets LimitNOFILE=4096).
+    let mut api_config = config.api.clone();
+    if let Some(open_files) = crate::api::config::open_files_limit() {
+        let fitted = api_config
+            .limits
+            .within_open_files(open_files, OPEN_FILES_RESERVE);
+        if fitted.max_connections < api_config.limits.max_connections {
+            tracing::warn!(open_files, configured = api_config.limits.max_connections, used = fitted.max_connections,
+                "api.max_connections lowered to fit the open-file limit (raise LimitNOFILE to serve more).");
+        }
+        api_config.limits = fitted;
+    }
     let api = ApiState::new(operator.clone(), live.clone(), alerts.clone())
-        .configured(&config.api, tls.clone());
+        .configured(&api_config, tls.clone());
     if let Some(addr) = config.api.listen {
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
             format!("api.listen {addr}: cannot listen (another process on that port?)")
         })?;
         let scheme = if tls.is_on() { "https" } else { "http" };
-        tracing::info!(%addr, scheme, token = config.api.token.is_some(), max_connections = config.api.limits.max_connections,
+        tracing::info!(%addr, scheme, token = config.api.token.is_some(), max_connections = api.limits.max_connections,
             "Operator API listening: /health, /ready, /metrics, /api/v1, /console.");
         tokio::spawn(crate::api::serve::serve_tcp(
             listener,
             crate::api::http_router(api.clone()),
             tls.clone(),
-            config.api.limits,
+            api.limits,
             api.listeners.clone(),
             watchdog_cancel.clone(),
         ));
@@ -135,7 +152,7 @@ pub async fn run(
     match crate::api::serve_socket(
         &socket,
         crate::api::socket_router(api.clone()),
-        config.api.limits,
+        api.limits,
         api.listeners.clone(),
         watchdog_cancel.clone(),
     )

@@ -475,7 +475,10 @@ async fn a_read_forwarded_by_a_proxy_needs_the_token_and_every_answer_carries_th
     );
     // A `limit` beyond the cap is served at the cap.
     let page: Value = http
-        .get(format!("{}/api/v1/d365/unmatched?limit=100000000", plant.base()))
+        .get(format!(
+            "{}/api/v1/d365/unmatched?limit=100000000",
+            plant.base()
+        ))
         .send()
         .await
         .unwrap()

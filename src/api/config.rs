@@ -54,6 +54,28 @@ impl Default for Limits {
     }
 }
 
+impl Limits {
+    /// These limits with the connection cap lowered, if need be, so that both doors
+    /// full together still leave `reserve` file descriptors of `open_files` (the
+    /// process's limit) to the data path: a flood hits the cap, never `EMFILE` in a
+    /// source, the store or the CLI's socket. The cap as configured when it fits.
+    pub fn within_open_files(self, open_files: u64, reserve: u64) -> Limits {
+        let room = open_files.saturating_sub(reserve) / 2;
+        let cap = (self.max_connections as u64).min(room.max(1)) as usize;
+        Limits {
+            max_connections: cap,
+            ..self
+        }
+    }
+}
+
+/// The soft limit on open files of this process (`/proc/self/limits`), if it says.
+pub fn open_files_limit() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
 /// How long a console login lasts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SessionTimes {
@@ -102,6 +124,19 @@ impl ApiConfig {
     /// request — needs it too: see `api::Caller`.)
     pub fn token_for_reading(&self) -> bool {
         self.listen.is_some_and(|a| !a.ip().is_loopback())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_connection_cap_leaves_descriptors_for_the_data_path() {
+        let limits = Limits::default();
+        assert_eq!(limits.within_open_files(4096, 128).max_connections, 256);
+        assert_eq!(limits.within_open_files(64, 32).max_connections, 16);
+        assert_eq!(limits.within_open_files(16, 128).max_connections, 1);
     }
 }
 

@@ -35,7 +35,8 @@
 //!   becomes `delivered` (leaving its lane), and its history says why.
 //! - A verdict only changes a message that could have reached D365 (sent at least
 //!   once); an event naming only never-sent messages is kept as unmatched, with a warning.
-//! - The unmatched list keeps at most [`MAX_UNMATCHED`] events, the newest.
+//! - The unmatched list keeps at most [`MAX_UNMATCHED`] events, the newest, each with at
+//!   most [`MAX_KEPT_PAYLOAD`] bytes of its payload.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -188,6 +189,28 @@ pub(super) struct Plan {
 /// flood of forged or foreign events must not fill the disk. The oldest go first.
 pub const MAX_UNMATCHED: u64 = 10_000;
 
+/// The most bytes of an unmatched event's payload kept: enough to see what it was, and
+/// with [`MAX_UNMATCHED`] a bound on the list's disk (about 160 MiB at worst).
+pub const MAX_KEPT_PAYLOAD: usize = 16 * 1024;
+
+/// An unmatched event's payload as kept: its JSON when small enough, else its beginning
+/// as text with how much was left out.
+fn kept_payload(payload: &str) -> serde_json::Value {
+    if payload.len() <= MAX_KEPT_PAYLOAD {
+        return serde_json::from_str(payload)
+            .unwrap_or_else(|_| serde_json::Value::String(payload.to_string()));
+    }
+    let mut cut = MAX_KEPT_PAYLOAD;
+    while !payload.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    serde_json::Value::String(format!(
+        "{}… ({} more bytes not kept)",
+        &payload[..cut],
+        payload.len() - cut
+    ))
+}
+
 /// Who D365 is in a message's history.
 pub const D365: &str = "d365";
 
@@ -283,8 +306,7 @@ pub(super) fn plan(store: &Store, events: &[ProcessedEvent]) -> Result<Plan, Out
                 queue: e.queue.clone(),
                 message_type: e.message_type.clone(),
                 state: e.verdict.state.clone(),
-                payload: serde_json::from_str(&e.payload)
-                    .unwrap_or(serde_json::Value::String(e.payload.clone())),
+                payload: kept_payload(&e.payload),
             };
             let bytes = serde_json::to_vec(&kept).map_err(storage)?;
             plan.unmatched
@@ -343,6 +365,21 @@ pub(super) fn plan(store: &Store, events: &[ProcessedEvent]) -> Result<Plan, Out
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_large_unmatched_payload_is_kept_cut_and_says_so() {
+        let small = r#"{"EventId":"E1"}"#;
+        assert_eq!(kept_payload(small)["EventId"], "E1");
+        let big = format!("{{\"x\":\"{}\"}}", "é".repeat(MAX_KEPT_PAYLOAD));
+        let kept = kept_payload(&big);
+        let text = kept.as_str().unwrap();
+        assert!(text.len() < MAX_KEPT_PAYLOAD + 100, "{}", text.len());
+        assert!(
+            text.ends_with("more bytes not kept)"),
+            "{}",
+            &text[text.len() - 40..]
+        );
+    }
 
     #[test]
     fn digest_is_pinned_and_separates_type_from_content() {
