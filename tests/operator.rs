@@ -474,17 +474,19 @@ async fn the_http_api_wants_its_token_and_answers_400_404_409_as_documented() {
     assert_eq!(lines["lines"]["line1"]["order"], "P000777");
     assert_eq!(gw.terminate().await, 0);
 
-    // The same service on a listener other hosts could reach: reading needs the token too.
+    // The same service on a listener other hosts could reach (plain HTTP by explicit
+    // choice, warned about): reading needs the token too.
     let api_port = free_port();
     let yaml = std::fs::read_to_string(dir.join("gateway.yaml"))
         .unwrap()
         .replace(
             "listen: 127.0.0.1:",
-            &format!("listen: 0.0.0.0:{api_port}\n  # was "),
+            &format!("insecure_plain_http: true\n  listen: 0.0.0.0:{api_port}\n  # was "),
         );
     std::fs::write(dir.join("gateway.yaml"), yaml).unwrap();
     let gw = process::start(&["run", "-c", path_str(dir)], &out);
     out.wait_for_count("Operator socket listening.", 2).await;
+    out.wait_for("serves plain HTTP to other hosts").await;
     let base = format!("http://127.0.0.1:{api_port}/api/v1");
     let (status, _) = get(format!("{base}/status")).await;
     assert_eq!(status, 401);
