@@ -3,6 +3,8 @@
 
 mod support;
 
+use tokio::io::AsyncReadExt as _;
+
 use support::device::{PtyPair, Running};
 
 use std::future::{ready, Ready};
@@ -358,4 +360,106 @@ async fn close_between_polls_opens_a_connection_per_round_and_still_sees_changes
     );
     src.cancel.cancel();
     server.abort();
+}
+
+/// A PLC that does not answer behind a live adapter (the pty opens fine): the source is
+/// never called connected, says "port open, device silent since …", waits longer after
+/// each silent attempt, and is healthy as soon as the device answers. A stop interrupts
+/// a request in flight instead of waiting for its timeout.
+#[tokio::test]
+async fn a_silent_device_behind_an_open_port_is_down_with_growing_delays_until_it_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let pty = PtyPair::start(dir.path(), "plc", "gateway").await;
+    let serial = SerialPort {
+        device: dir.path().join("gateway"),
+        baud: 19200,
+        parity: Parity::None,
+        data_bits: 8,
+        stop_bits: 1,
+    };
+    let mut src = start(
+        ModbusTransport::Rtu(serial.clone()),
+        vec![point("running", 2, PointKind::Coil, 0, PointType::Bool)],
+        Duration::from_millis(300),
+    );
+    // Three silent attempts, timed by the health changes they cause.
+    let mut rx = src.health.subscribe();
+    let mut failures = Vec::new();
+    let watched = tokio::time::timeout(Duration::from_secs(20), async {
+        while failures.len() < 4 {
+            rx.changed().await.unwrap();
+            assert!(
+                !src.health.is_connected(),
+                "called connected while the device never answered"
+            );
+            failures.push(std::time::Instant::now());
+        }
+    })
+    .await;
+    assert!(watched.is_ok(), "no repeated attempts");
+    let gaps: Vec<Duration> = failures.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(
+        gaps[2] > gaps[1] && gaps[1] > gaps[0],
+        "the delay grows: {gaps:?}"
+    );
+    let error = src.health.last_error().unwrap_or_default();
+    assert!(
+        error.starts_with("port open, device silent since ") && error.contains("no answer within"),
+        "{error}"
+    );
+    assert_eq!(
+        src.health
+            .reconnects
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    // The device starts answering: healthy, and its value comes.
+    let plc = Plc::default();
+    plc.set_coil(2, 0, true);
+    let server = serve_rtu(&dir.path().join("plc"), plc.clone());
+    src.wait_health(
+        "connected once the device answers",
+        SourceHealth::is_connected,
+    )
+    .await;
+    assert_eq!(src.next().await, ("running".into(), Value::Bool(true)));
+    src.cancel.cancel();
+    server.abort();
+
+    // A stop while a request waits for a silent device returns at once.
+    let config = ModbusConfig {
+        id: "slow".into(),
+        transport: ModbusTransport::Rtu(serial),
+        timeout: Duration::from_secs(30),
+        close_between_polls: false,
+        points: vec![point("running", 2, PointKind::Coil, 0, PointType::Bool)],
+    };
+    let (tx, _rx) = mpsc::channel(64);
+    let health = Arc::new(SourceHealth::default());
+    let cancel = CancellationToken::new();
+    // The device's end of the line, to see the request arrive.
+    let mut device = tokio::fs::File::open(dir.path().join("plc")).await.unwrap();
+    let task = tokio::spawn(
+        ModbusSource::new(
+            config,
+            Heartbeats::default().register("slow"),
+            health.clone(),
+        )
+        .run(tx, cancel.clone()),
+    );
+    let mut request = [0u8; 8];
+    tokio::time::timeout(Duration::from_secs(5), device.read_exact(&mut request))
+        .await
+        .expect("the request reached the device")
+        .unwrap();
+    assert_eq!(request[0], 2, "addressed to unit 2");
+    let stopped = std::time::Instant::now();
+    cancel.cancel();
+    tokio::time::timeout(Duration::from_secs(2), task)
+        .await
+        .expect("stops without waiting out the 30 s timeout")
+        .unwrap()
+        .unwrap();
+    assert!(stopped.elapsed() < Duration::from_secs(2));
+    pty.stop().await;
 }

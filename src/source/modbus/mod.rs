@@ -11,6 +11,10 @@
 //!   and counted, and the connection stays.
 //! - `close_between_polls` closes the TCP connection after each round, for devices that
 //!   accept a single master connection.
+//! - Healthy means the *device* answered (a value or an exception), not that the port
+//!   or adapter opened: a silent PLC behind a live RS-485 adapter or gateway is "port
+//!   open, device silent since …", and the reconnect delay keeps growing until the
+//!   device answers. A stop interrupts a request in flight.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -54,6 +58,17 @@ impl Read {
     /// One past the last address read.
     fn end(&self) -> u32 {
         u32::from(self.start) + u32::from(self.count)
+    }
+}
+
+/// A transport error in words: a connection the device closed surfaces from the socket
+/// as errno 0, which the OS words as "Success (os error 0)".
+fn transport_error(e: &tokio_modbus::Error) -> String {
+    let text = e.to_string();
+    if text.contains("os error 0") {
+        "the device closed the connection".to_string()
+    } else {
+        text
     }
 }
 
@@ -188,6 +203,8 @@ impl ModbusSource {
         let mut last: Vec<Option<Value>> = vec![None; self.config.points.len()];
         let mut due: Vec<Instant> = vec![Instant::now(); reads.len()];
         let mut ctx: Option<Context> = None;
+        // Since when the device has been silent behind an open port.
+        let mut silent_since: Option<jiff::Timestamp> = None;
         loop {
             self.heartbeat.beat();
             tokio::select! {
@@ -195,14 +212,15 @@ impl ModbusSource {
                 _ = ticks.tick() => {}
             }
             if ctx.is_none() {
-                match self.connect().await {
+                let connected = tokio::select! {
+                    _ = cancel.cancelled() => return Ok(()),
+                    c = self.connect() => c,
+                };
+                match connected {
                     Ok(c) => {
                         ctx = Some(c);
-                        backoff = RECONNECT_MIN;
-                        // With close_between_polls this repeats every round; the health
-                        // logs only changes.
-                        self.health.set_connected(&id, true, None);
-                        // Emit every value again after a (re)connect.
+                        // Not healthy yet, nor the backoff reset: the port opened, the
+                        // device has not answered. Emit every value again once it does.
                         last.iter_mut().for_each(|v| *v = None);
                     }
                     Err(e) => {
@@ -225,7 +243,18 @@ impl ModbusSource {
                     continue;
                 }
                 due[r] = now + read.poll;
-                match self.read(context, read).await {
+                let answer = tokio::select! {
+                    _ = cancel.cancelled() => return Ok(()),
+                    a = self.read(context, read) => a,
+                };
+                if answer.is_ok() {
+                    // The device answered: healthy (logged on change only), and the
+                    // next failure starts from the shortest delay again.
+                    self.health.set_connected(&id, true, None);
+                    silent_since = None;
+                    backoff = RECONNECT_MIN;
+                }
+                match answer {
                     Ok(Some(values)) => {
                         for (i, v) in values {
                             if last[i].as_ref() != Some(&v) {
@@ -249,7 +278,13 @@ impl ModbusSource {
                 }
             }
             if let Some(e) = broken {
-                self.health.set_connected(&id, false, Some(&e));
+                // The port opened but the device did not answer: say so, with since when.
+                let since = *silent_since.get_or_insert_with(jiff::Timestamp::now);
+                let detail = format!(
+                    "port open, device silent since {}: {e}",
+                    since.strftime("%Y-%m-%d %H:%M:%S UTC")
+                );
+                self.health.set_connected(&id, false, Some(&detail));
                 ctx = None;
                 if !super::pause(&cancel, backoff).await {
                     return Ok(());
@@ -309,7 +344,7 @@ impl ModbusSource {
         };
         let raw = match result {
             Err(_) => return Err(format!("{}: no answer within {:?}", what(), timeout)),
-            Ok(Err(e)) => return Err(format!("{}: {e}", what())),
+            Ok(Err(e)) => return Err(format!("{}: {}", what(), transport_error(&e))),
             Ok(Ok(Err(exception))) => {
                 self.health.decode_error();
                 tracing::warn!(source = %self.config.id, read = %what(), exception = ?exception, "The device answered with an exception; the connection stays.");
