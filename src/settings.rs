@@ -206,6 +206,15 @@ fn validate(
         }
     }
     let storage = storage.unwrap_or_else(|| read_storage(&mut cx));
+    // An OPC UA source keeps its certificates with the gateway's other state, unless
+    // told otherwise.
+    for source in sources.iter_mut() {
+        if let crate::source::config::SourceConfig::Opcua(o) = source {
+            if o.pki_dir.is_none() {
+                o.pki_dir = Some(storage.data_dir.join("opcua-pki"));
+            }
+        }
+    }
     // D365 posts its business events to the webhook on the API listener; a Service Bus
     // pull with an Entra token uses the d365 section's app registration.
     for (i, source) in sources.iter_mut().enumerate() {

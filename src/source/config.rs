@@ -8,6 +8,7 @@ use crate::config::{FileCheck, Node, Problems, Shape};
 use super::d365_events::config::D365EventsConfig;
 use super::modbus::config::ModbusConfig;
 use super::mqtt::config::MqttConfig;
+use super::opcua::config::OpcuaConfig;
 use super::serial::config::SerialConfig;
 use super::simulator::config::SimulatorConfig;
 
@@ -17,6 +18,7 @@ pub enum SourceConfig {
     Mqtt(MqttConfig),
     Modbus(ModbusConfig),
     Serial(SerialConfig),
+    Opcua(OpcuaConfig),
     D365Events(D365EventsConfig),
 }
 
@@ -27,6 +29,7 @@ impl SourceConfig {
             SourceConfig::Mqtt(s) => &s.id,
             SourceConfig::Modbus(s) => &s.id,
             SourceConfig::Serial(s) => &s.id,
+            SourceConfig::Opcua(s) => &s.id,
             SourceConfig::D365Events(s) => &s.id,
         }
     }
@@ -39,6 +42,7 @@ impl SourceConfig {
             SourceConfig::Mqtt(_) => None,
             SourceConfig::Modbus(m) => Some(m.points.iter().map(|p| p.name.clone()).collect()),
             SourceConfig::Serial(s) => Some(vec![s.point.clone()]),
+            SourceConfig::Opcua(o) => Some(o.nodes.iter().map(|n| n.name.clone()).collect()),
             // Any business event id may come; the configured names are the usual ones.
             SourceConfig::D365Events(_) => None,
         }
@@ -50,7 +54,14 @@ impl SourceConfig {
     }
 }
 
-const SOURCE_TYPES: [&str; 5] = ["simulator", "mqtt", "modbus", "serial", "d365_events"];
+const SOURCE_TYPES: [&str; 6] = [
+    "simulator",
+    "mqtt",
+    "modbus",
+    "serial",
+    "opcua",
+    "d365_events",
+];
 
 /// Checks the `sources` list.
 pub fn read_sources(cx: &mut FileCheck<'_>, path: &str) -> Vec<SourceConfig> {
@@ -92,6 +103,7 @@ pub fn read_sources(cx: &mut FileCheck<'_>, path: &str) -> Vec<SourceConfig> {
                 .parse(&path)
                 .and_then(|raw| checked(cx, &path, |p| super::serial::config::serial(raw, p)))
                 .map(SourceConfig::Serial),
+            "opcua" => super::opcua::config::read(cx, &path).map(SourceConfig::Opcua),
             "d365_events" => {
                 super::d365_events::config::read(cx, &path).map(SourceConfig::D365Events)
             }

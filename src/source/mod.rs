@@ -7,6 +7,7 @@ pub mod config;
 pub mod d365_events;
 pub mod modbus;
 pub mod mqtt;
+pub mod opcua;
 pub mod serial;
 pub mod simulator;
 
@@ -93,6 +94,9 @@ pub struct SourceHealth {
     pub events: AtomicU64,
     pub decode_errors: AtomicU64,
     pub reconnects: AtomicU64,
+    /// Answers the device sent without being asked for data (OPC UA publish responses,
+    /// keep-alives included): proof of life between values.
+    pub publishes: AtomicU64,
     last_error: Mutex<Option<String>>,
     /// Bumped on every change of state, for whoever watches (operator surface, tests).
     changes: tokio::sync::watch::Sender<u64>,
@@ -107,6 +111,7 @@ impl Default for SourceHealth {
             events: AtomicU64::new(0),
             decode_errors: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
+            publishes: AtomicU64::new(0),
             last_error: Mutex::default(),
             changes: tokio::sync::watch::channel(0).0,
         }
@@ -243,6 +248,7 @@ pub fn spawn(
             SourceConfig::Serial(c) => {
                 Box::pin(serial::SerialSource::new(c, hb, h).run(out, cancel))
             }
+            SourceConfig::Opcua(c) => Box::pin(opcua::OpcuaSource::new(c, hb, h).run(out, cancel)),
             SourceConfig::Mqtt(c) => Box::pin(
                 mqtt::MqttSource::new(c, hb, h)
                     .with_outbox(outbox.clone())

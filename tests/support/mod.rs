@@ -740,6 +740,7 @@ pub mod browser;
 pub mod device;
 pub mod disk;
 pub mod mqtt;
+pub mod opcua;
 pub mod plant;
 pub mod plc;
 pub mod process;
