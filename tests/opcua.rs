@@ -410,3 +410,94 @@ async fn sign_and_encrypt_connects_only_once_the_servers_certificate_is_moved_to
     src.cancel.cancel();
     plc.stop().await;
 }
+
+/// Waits until the running gateway's OPC UA source has had a value.
+async fn seen_by_gateway(cfg: &str) {
+    let seen = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let (_, status, _) = support::process::run(&["status", "-c", cfg, "--json"]).await;
+            let v: serde_json::Value = serde_json::from_str(&status).unwrap_or_default();
+            if v["sources"][0]["events"].as_u64().unwrap_or(0) >= 1 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(seen.is_ok(), "the gateway never had a value from the PLC");
+}
+
+/// The whole path, OPC UA → rules (`count: delta`) → outbox → a fake D365, with the
+/// gateway killed (SIGKILL) while the PLC's counter runs: every piece the PLC counted is
+/// reported once — lost 0, doubled 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_counter_through_the_gateway_with_a_kill_9_in_the_middle_is_reported_exactly() {
+    use support::process::{self, Output};
+    const PIECES: u32 = 3_000;
+    let dir = tempfile::tempdir().unwrap();
+    let plc = UaPlc::start(&dir.path().join("server"), 0).await;
+    let fake = support::FakeD365::start().await;
+    let etc = dir.path().join("etc");
+    support::write_config(
+        &etc,
+        &format!(
+            "{}storage:\n  data_dir: data\nsources:\n  - type: opcua\n    id: plc\n    endpoint: {}\n    trust_any_server: true\n    publishing_interval: 20ms\n    nodes:\n      - name: good\n        node_id: \"{}\"\n        queue_size: 5000\n",
+            support::d365_yaml(&fake),
+            plc.endpoint(),
+            plc.node_id("GoodCount"),
+        ),
+    );
+    std::fs::create_dir_all(etc.join("rules.d")).unwrap();
+    std::fs::write(
+        etc.join("rules.d/count.yaml"),
+        "rules:\n  - name: parts\n    line: line1\n    when: { source: plc, point: good }\n    count: delta\n    aggregate: { every: 25, interval: 1h }\n    emit:\n      type: ProdProductionOrderReportFinished\n      fields: { ProductionOrderNumber: P000500, ItemNumber: A0001, ReportedGoodQuantity: \"{quantity}\" }\n",
+    )
+    .unwrap();
+    let cfg = process::path_str(&etc).to_string();
+    let out = Output::new();
+    let gw = process::start_logging(&["run", "-c", &cfg], &out, "info");
+    out.wait_for("OPC UA subscription created.").await;
+    // The first reading is the counter's base (`count: delta`): count only once the
+    // gateway has it.
+    seen_by_gateway(&cfg).await;
+    // The PLC counts in bursts while the gateway runs; the gateway dies in the middle.
+    let mut count = 0u32;
+    while count < PIECES / 2 {
+        count += 1;
+        plc.set("GoodCount", count);
+        if count % 100 == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    fake.wait_until("some reports", |r| {
+        r.iter().filter(|r| r.status == Some(200)).count() >= 10
+    })
+    .await;
+    gw.kill9().await;
+    support::settle_interrupted(&fake, &etc).await;
+    // The line goes on counting while the gateway is down.
+    while count < PIECES * 3 / 4 {
+        count += 1;
+        plc.set("GoodCount", count);
+    }
+    let again = Output::new();
+    let gw = process::start_logging(&["run", "-c", &cfg], &again, "info");
+    again.wait_for("OPC UA subscription created.").await;
+    seen_by_gateway(&cfg).await;
+    while count < PIECES {
+        count += 1;
+        plc.set("GoodCount", count);
+        if count % 100 == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    fake.wait_until("every piece", |r| support::pieces(r, "P000500") >= PIECES)
+        .await;
+    assert_eq!(gw.terminate().await, 0);
+    assert_eq!(
+        support::pieces(&fake.received(), "P000500"),
+        PIECES,
+        "lost 0, doubled 0"
+    );
+    plc.stop().await;
+}
