@@ -465,7 +465,7 @@ async fn a_counter_through_the_gateway_with_a_kill_9_in_the_middle_is_reported_e
     while count < PIECES / 2 {
         count += 1;
         plc.set("GoodCount", count);
-        if count % 100 == 0 {
+        if count.is_multiple_of(100) {
             tokio::task::yield_now().await;
         }
     }
@@ -487,7 +487,7 @@ async fn a_counter_through_the_gateway_with_a_kill_9_in_the_middle_is_reported_e
     while count < PIECES {
         count += 1;
         plc.set("GoodCount", count);
-        if count % 100 == 0 {
+        if count.is_multiple_of(100) {
             tokio::task::yield_now().await;
         }
     }
