@@ -330,6 +330,36 @@ async fn a_network_cut_loses_and_doubles_no_value_of_the_counter() {
     plc.stop().await;
 }
 
+/// A node named by its browse path is found by the server's translation and monitored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_named_by_its_browse_path_is_monitored() {
+    let dir = tempfile::tempdir().unwrap();
+    let plc = UaPlc::start(&dir.path().join("server"), 0).await;
+    let mut by_path = node(&plc, "GoodCount");
+    by_path.node = NodeRef::BrowsePath(vec![(0, "Line1".into()), (0, "GoodCount".into())]);
+    let mut missing = node(&plc, "Nothing");
+    missing.node = NodeRef::BrowsePath(vec![(0, "Line1".into()), (0, "Nothing".into())]);
+    let mut src = start(config(
+        &plc,
+        &dir.path().join("client"),
+        vec![by_path, missing],
+    ));
+    src.wait_health("connected", SourceHealth::is_connected)
+        .await;
+    until(&mut src, "GoodCount", Value::Number(0.0)).await;
+    plc.set("GoodCount", 3u32);
+    until(&mut src, "GoodCount", Value::Number(3.0)).await;
+    // The path that leads nowhere is reported (counted), the rest works.
+    assert!(
+        src.health
+            .decode_errors
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+    src.cancel.cancel();
+    plc.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_password_is_refused_clearly_and_the_right_one_connects() {
     let dir = tempfile::tempdir().unwrap();
@@ -499,5 +529,65 @@ async fn a_counter_through_the_gateway_with_a_kill_9_in_the_middle_is_reported_e
         PIECES,
         "lost 0, doubled 0"
     );
+    plc.stop().await;
+}
+
+/// `mes-gateway opcua browse` lists what the `nodes` list needs, with the source's own
+/// connection; `check` names every mistake in an opcua source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browse_lists_node_ids_types_and_values_and_check_names_each_mistake() {
+    use support::process;
+    let dir = tempfile::tempdir().unwrap();
+    let plc = UaPlc::start(&dir.path().join("server"), 0).await;
+    plc.set("GoodCount", 42u32);
+    let fake = support::FakeD365::start().await;
+    let etc = dir.path().join("etc");
+    support::write_config(
+        &etc,
+        &format!(
+            "{}storage:\n  data_dir: data\nsources:\n  - type: opcua\n    id: plc\n    endpoint: {}\n    trust_any_server: true\n    nodes:\n      - name: good\n        browse_path: \"Line1/GoodCount\"\n",
+            support::d365_yaml(&fake),
+            plc.endpoint(),
+        ),
+    );
+    let cfg = process::path_str(&etc);
+    let (code, stdout, stderr) =
+        process::run(&["opcua", "browse", "plc", "-c", cfg, "--depth", "2"]).await;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let row = stdout
+        .lines()
+        .find(|l| l.contains(&plc.node_id("GoodCount")))
+        .unwrap_or_else(|| panic!("no GoodCount row in:\n{stdout}"));
+    assert!(
+        row.contains("UInt32") && row.contains("42") && row.contains("Variable"),
+        "{row}"
+    );
+    assert!(stdout.contains(":Line1"), "{stdout}");
+    let (code, stdout, _) = process::run(&["opcua", "browse", "nope", "-c", cfg]).await;
+    assert_eq!(code, 64);
+    let _ = stdout;
+
+    // Every mistake, each at its place.
+    support::write_config(
+        &etc,
+        &format!(
+            "{}storage:\n  data_dir: data\nsources:\n  - type: opcua\n    id: plc\n    endpoint: http://plc:4840\n    security_policy: Basic128Rsa15\n    user: line\n    password_file: missing-password\n    nodes:\n      - name: good\n        node_id: \"ns=3;x=Oops\"\n      - name: good\n        browse_path: \"3:Line1//x\"\n        queue_size: 0\n",
+            support::d365_yaml(&fake),
+        ),
+    );
+    let (code, stdout, stderr) = process::run(&["check", "-c", cfg]).await;
+    assert_eq!(code, 78, "{stdout}{stderr}");
+    let errors = format!("{stdout}{stderr}");
+    for expected in [
+        "sources[0].endpoint: \"http://plc:4840\": expected opc.tcp://host:port[/path]",
+        "sources[0].security_policy: unknown security policy \"Basic128Rsa15\", expected one of None, Basic256Sha256, Aes128_Sha256_RsaOaep, Aes256_Sha256_RsaPss",
+        "sources[0].password_file: cannot read",
+        "sources[0].nodes[0].node_id: \"ns=3;x=Oops\" is not a NodeId",
+        "sources[0].nodes[1].name: duplicate node name `good`",
+        "sources[0].nodes[1].browse_path: \"3:Line1//x\": an empty step",
+        "sources[0].nodes[1].queue_size: must be 1..=100000",
+    ] {
+        assert!(errors.contains(expected), "missing {expected:?} in:\n{errors}");
+    }
     plc.stop().await;
 }

@@ -33,11 +33,13 @@ pub struct Cli {
 #[derive(Debug, Args)]
 pub struct ConfigDir {
     /// Configuration directory holding gateway.yaml and rules.d/.
+    /// (Global: before or after a subcommand, `outbox list -c DIR` as `outbox -c DIR list`.)
     #[arg(
         short = 'c',
         long = "config",
         env = "MES_GATEWAY_CONFIG",
-        default_value = "/etc/mes-gateway"
+        default_value = "/etc/mes-gateway",
+        global = true
     )]
     pub dir: PathBuf,
 }
@@ -57,6 +59,24 @@ impl By {
             .or_else(|| std::env::var("USER").ok())
             .unwrap_or_else(|| "unknown".into())
     }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OpcuaCommand {
+    /// List the nodes below a node (default: the Objects folder).
+    Browse {
+        /// The `id` of the `type: opcua` source whose endpoint and security to use.
+        source: String,
+        /// Start here (a NodeId, e.g. ns=3;s="DB_Line1").
+        #[arg(long)]
+        node: Option<String>,
+        /// Levels to descend.
+        #[arg(long, default_value_t = 3)]
+        depth: usize,
+        /// One JSON object per node.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -113,6 +133,14 @@ pub enum Command {
         config: ConfigDir,
         #[command(flatten)]
         by: By,
+    },
+    /// Browse an OPC UA server with a configured `opcua` source's connection: NodeIds,
+    /// browse names, data types and current values, to write the source's `nodes`.
+    Opcua {
+        #[command(flatten)]
+        config: ConfigDir,
+        #[command(subcommand)]
+        action: OpcuaCommand,
     },
     /// Inspect and act on the outbox.
     Outbox {
@@ -290,6 +318,16 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
                 Ok(())
             })
         }
+        Command::Opcua {
+            config,
+            action:
+                OpcuaCommand::Browse {
+                    source,
+                    node,
+                    depth,
+                    json,
+                },
+        } => opcua_browse(&config.dir, &source, node.as_deref(), depth, json),
         Command::Status { config, json } => {
             on_service(&config, &By { by: None }, |service| async move {
                 let status = service.status().await?;
@@ -387,6 +425,82 @@ where
         let service = Service::connect(&settings, &by.name()).await?;
         f(service).await
     })
+}
+
+fn opcua_browse(
+    dir: &Path,
+    source: &str,
+    node: Option<&str>,
+    depth: usize,
+    json: bool,
+) -> Result<(), CliError> {
+    use crate::source::config::SourceConfig;
+    let config = settings::load(dir)?;
+    let Some(opcua) = config.sources.iter().find_map(|s| match s {
+        SourceConfig::Opcua(o) if o.id == source => Some(o.clone()),
+        _ => None,
+    }) else {
+        let ids: Vec<&str> = config
+            .sources
+            .iter()
+            .filter_map(|s| match s {
+                SourceConfig::Opcua(o) => Some(o.id.as_str()),
+                _ => None,
+            })
+            .collect();
+        return Err(CliError::Usage(format!(
+            "no opcua source `{source}` in {} (opcua sources: {})",
+            dir.display(),
+            if ids.is_empty() {
+                "none".to_string()
+            } else {
+                ids.join(", ")
+            }
+        )));
+    };
+    let start = match node {
+        None => None,
+        Some(text) => Some(text.parse().map_err(|_| {
+            CliError::Usage(format!(
+                "{text:?} is not a NodeId (e.g. ns=3;s=\"DB_Line1\")"
+            ))
+        })?),
+    };
+    crate::install_crypto_provider();
+    let found = runtime()?
+        .block_on(crate::source::opcua::browse::browse(
+            &opcua,
+            start,
+            depth.max(1),
+        ))
+        .map_err(|e| CliError::Unavailable(format!("{}: {e}", opcua.endpoint)))?;
+    if json {
+        for f in &found {
+            println!("{}", serde_json::to_string(f).context("cannot print JSON")?);
+        }
+        return Ok(());
+    }
+    println!(
+        "{:<48} {:<32} {:<9} {:<10} VALUE",
+        "NODE ID", "BROWSE NAME", "CLASS", "TYPE"
+    );
+    for f in &found {
+        println!(
+            "{:<48} {:<32} {:<9} {:<10} {}",
+            format!("{}{}", "  ".repeat(f.depth), f.node_id),
+            f.browse_name,
+            f.class,
+            f.data_type.as_deref().unwrap_or(""),
+            f.value.as_deref().unwrap_or("")
+        );
+    }
+    if found.len() >= crate::source::opcua::browse::MAX_NODES {
+        println!(
+            "(stopped at {} nodes: browse from a deeper --node)",
+            found.len()
+        );
+    }
+    Ok(())
 }
 
 fn print_json(value: &impl serde::Serialize) -> Result<(), CliError> {

@@ -23,6 +23,7 @@
 //!   [`PENDING_MAX`] wait for the pipeline; beyond it the session is not polled, publish
 //!   requests stop, and the server keeps the values in its queues.
 
+pub mod browse;
 pub mod config;
 
 use std::collections::{HashMap, VecDeque};
@@ -305,7 +306,7 @@ impl OpcuaSource {
     /// policy and mode (never a weaker one), and opens a session to it at the configured
     /// address: a PLC behind NAT or a port forward advertises an address the gateway
     /// cannot reach, so the advertised one is only used for its security settings.
-    async fn open_session(
+    pub(crate) async fn open_session(
         &self,
         client: &mut Client,
         identity: &IdentityToken,
@@ -356,7 +357,7 @@ impl OpcuaSource {
     }
 
     /// A status code in words, with what to do where the operator can act.
-    fn explain(&self, status: StatusCode, text: &str) -> String {
+    pub(crate) fn explain(&self, status: StatusCode, text: &str) -> String {
         let pki = self.config.pki();
         if status == StatusCode::BadCertificateUntrusted
             || status == StatusCode::BadSecurityChecksFailed && newest_rejected(&pki).is_some()
