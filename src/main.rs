@@ -32,7 +32,13 @@ fn main() -> ExitCode {
 /// timestamps itself, so ours are left out.
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MES_GATEWAY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        // The OPC UA library logs every connection step at info; its warnings are
+        // enough (the source says what matters in its own words).
+        .unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new(
+                "info,opcua_client=warn,opcua_core=warn,opcua_crypto=warn,opcua_types=warn",
+            )
+        });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

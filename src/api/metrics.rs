@@ -113,8 +113,13 @@ pub fn render(state: &ApiState) -> String {
         ),
         (
             "mes_gateway_source_decode_errors",
-            "Undecodable inputs and device exceptions per source",
+            "Undecodable inputs, device exceptions and OPC UA values of bad or uncertain quality per source",
             |h| &h.decode_errors,
+        ),
+        (
+            "mes_gateway_source_publishes",
+            "OPC UA publish responses (keep-alives included) per source: the server is alive between values",
+            |h| &h.publishes,
         ),
         (
             "mes_gateway_source_reconnects",

@@ -155,6 +155,29 @@ impl UaPlc {
             .expect("set the value");
     }
 
+    /// Adds `n` UInt32 counters `C000`, `C001`, … under `Line1` (the benchmark's 200
+    /// monitored items).
+    pub fn add_counters(&self, n: usize) -> Vec<String> {
+        let folder = NodeId::new(self.ns, "Line1");
+        let names: Vec<String> = (0..n).map(|i| format!("C{i:03}")).collect();
+        let mut space = self.nodes.address_space().write();
+        space.add_variables(
+            names
+                .iter()
+                .map(|name| {
+                    opcua::nodes::Variable::new(
+                        &NodeId::new(self.ns, name.as_str()),
+                        name.as_str(),
+                        name.as_str(),
+                        0u32,
+                    )
+                })
+                .collect(),
+            &folder,
+        );
+        names
+    }
+
     /// The server's own certificate file.
     pub fn certificate(&self) -> PathBuf {
         self.pki.join("own/cert.der")
