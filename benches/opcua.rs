@@ -51,7 +51,12 @@ async fn run(seconds: u64) {
     let etc = dir.path().join("etc");
     let nodes: String = names
         .iter()
-        .map(|n| format!("      - name: {n}\n        node_id: \"ns={};s={n}\"\n", plc.ns))
+        .map(|n| {
+            format!(
+                "      - name: {n}\n        node_id: \"ns={};s={n}\"\n",
+                plc.ns
+            )
+        })
         .collect();
     support::write_config(
         &etc,
@@ -66,7 +71,11 @@ async fn run(seconds: u64) {
         .iter()
         .map(|n| format!("  - name: count-{n}\n    line: line1\n    when: {{ source: plc, point: {n} }}\n    count: delta\n    aggregate: {{ every: 50, interval: 1h }}\n    emit:\n      type: ProdProductionOrderReportFinished\n      fields: {{ ProductionOrderNumber: P{n}, ItemNumber: A0001, ReportedGoodQuantity: \"{{quantity}}\" }}\n"))
         .collect();
-    std::fs::write(etc.join("rules.d/counters.yaml"), format!("rules:\n{rules}")).unwrap();
+    std::fs::write(
+        etc.join("rules.d/counters.yaml"),
+        format!("rules:\n{rules}"),
+    )
+    .unwrap();
     let cfg = path_str(&etc).to_string();
     let out = Output::new();
     let gw = process::start_logging(&["run", "-c", &cfg], &out, "warn,mes_gateway=info");

@@ -1,4 +1,4 @@
-//! The seven worked examples in config/examples, driven through the gateway: events
+//! The eight worked examples in config/examples, driven through the gateway: events
 //! injected into the pipeline → rules → outbox → dispatcher → fake D365. The messages
 //! D365 receives are compared exactly.
 
@@ -369,4 +369,51 @@ async fn g_a_release_from_d365_runs_on_line1_goes_to_the_hmi_and_impulses_report
     let state = mes_gateway::pipeline::load_engine_state(&outbox);
     assert!(state.released.is_empty(), "withdrawn when it ended");
     assert!(state.contexts.is_empty(), "line1 is free");
+}
+
+#[tokio::test]
+async fn h_an_s7_line_over_opcua_starts_counts_by_delta_and_ends_the_order() {
+    let s = Scenario::start("h-opcua-s7-line").await;
+    s.send("plc", "order", Value::Text("P000801".into()), 0)
+        .await;
+    s.send("plc", "order_running", Value::Bool(true), 1000)
+        .await;
+    // The first reading is the base; then +30, +30 (a reconnect reading the same value
+    // again adds nothing).
+    for (i, v) in [1000.0, 1030.0, 1030.0, 1060.0].into_iter().enumerate() {
+        s.send(
+            "plc",
+            "good_count",
+            Value::Number(v),
+            2000 + i as i64 * 1000,
+        )
+        .await;
+    }
+    s.send("plc", "order_running", Value::Bool(false), 3_600_000)
+        .await;
+    let (today, end) = (
+        s.today(1000),
+        s.at(3_600_000).strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
+    );
+    let sent = s.finish().await;
+    assert_eq!(sent.len(), 3, "{sent:?}");
+    assert_eq!(
+        sent[0],
+        (
+            "ProdProductionOrderStart".into(),
+            json!({"ProductionOrderNumber":"P000801","StartedDate":today})
+        )
+    );
+    assert_eq!(sent[1].0, "ProdProductionOrderReportFinished");
+    assert_eq!(
+        sent[1].1["ReportFinishedLines"][0]["ReportedGoodQuantity"], 60,
+        "{sent:?}"
+    );
+    assert_eq!(
+        sent[2],
+        (
+            "ProdProductionOrderEnd".into(),
+            json!({"ProductionOrderNumber":"P000801","ExecutedDateTime":end})
+        )
+    );
 }
