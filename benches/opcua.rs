@@ -13,7 +13,7 @@
 #[path = "measure.rs"]
 mod measure;
 #[path = "../tests/support/mod.rs"]
-#[allow(unused_imports, dead_code)]
+#[allow(unused_imports)]
 mod support;
 
 use std::time::{Duration, Instant};
