@@ -360,6 +360,36 @@ async fn a_node_named_by_its_browse_path_is_monitored() {
     plc.stop().await;
 }
 
+/// A policy the server does not offer is refused with what it does offer: never a
+/// weaker endpoint instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_the_server_does_not_offer_is_never_downgraded() {
+    let dir = tempfile::tempdir().unwrap();
+    let plc = UaPlc::start(&dir.path().join("server"), 0).await;
+    let mut strict = config(
+        &plc,
+        &dir.path().join("client"),
+        vec![node(&plc, "GoodCount")],
+    );
+    strict.policy = SecurityPolicy::Aes256Sha256RsaPss;
+    strict.mode = SecurityMode::SignAndEncrypt;
+    let src = start(strict);
+    src.wait_health("refused", |h| {
+        h.last_error().is_some_and(|e| {
+            e.contains("offers no endpoint with Aes256Sha256RsaPss/SignAndEncrypt")
+        })
+    })
+    .await;
+    let error = src.health.last_error().unwrap();
+    assert!(
+        error.contains("Basic256Sha256/SignAndEncrypt") && error.contains("never downgraded"),
+        "{error}"
+    );
+    assert!(!src.health.is_connected());
+    src.cancel.cancel();
+    plc.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_password_is_refused_clearly_and_the_right_one_connects() {
     let dir = tempfile::tempdir().unwrap();
