@@ -478,6 +478,17 @@ async fn seen_by_gateway(cfg: &str) {
             let (_, status, _) = support::process::run(&["status", "-c", cfg, "--json"]).await;
             let v: serde_json::Value = serde_json::from_str(&status).unwrap_or_default();
             if v["sources"][0]["events"].as_u64().unwrap_or(0) >= 1 {
+                // `status` says which session and which certificate.
+                let detail = v["sources"][0]["detail"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                assert!(
+                    detail.starts_with("session ns=")
+                        && detail.contains("opcua-pki/own/cert.der")
+                        && detail.contains("valid until"),
+                    "{detail}"
+                );
                 return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;

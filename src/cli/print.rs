@@ -161,6 +161,9 @@ pub fn status(s: &Status) {
                 "  {:<16} {:<10} since {since}  {last}  {} events{error}",
                 src.id, state, src.events
             );
+            if let Some(detail) = &src.detail {
+                println!("  {:<16} {detail}", "");
+            }
         }
     }
     println!("\nOUTBOX");

@@ -66,6 +66,10 @@ pub struct SourceStatus {
     pub events: u64,
     pub decode_errors: u64,
     pub last_error: Option<String>,
+    /// What the source says about itself beyond up/down (OPC UA: its session and since
+    /// when, its application certificate and how long it is valid).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -170,6 +174,7 @@ pub(super) fn status(
                     events: h.events.load(std::sync::atomic::Ordering::Relaxed),
                     decode_errors: h.decode_errors.load(std::sync::atomic::Ordering::Relaxed),
                     last_error: h.last_error(),
+                    detail: h.detail(),
                 })
                 .collect();
             (sources, live.dispatch.as_ref().and_then(|d| d.last_error()))

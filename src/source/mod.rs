@@ -98,6 +98,9 @@ pub struct SourceHealth {
     /// keep-alives included): proof of life between values.
     pub publishes: AtomicU64,
     last_error: Mutex<Option<String>>,
+    /// What the source says about itself beyond up/down, for `status` (OPC UA: session,
+    /// certificate).
+    detail: Mutex<Option<String>>,
     /// Bumped on every change of state, for whoever watches (operator surface, tests).
     changes: tokio::sync::watch::Sender<u64>,
 }
@@ -113,6 +116,7 @@ impl Default for SourceHealth {
             reconnects: AtomicU64::new(0),
             publishes: AtomicU64::new(0),
             last_error: Mutex::default(),
+            detail: Mutex::default(),
             changes: tokio::sync::watch::channel(0).0,
         }
     }
@@ -158,6 +162,17 @@ impl SourceHealth {
         }
         self.changes.send_modify(|n| *n += 1);
         changed
+    }
+
+    pub fn set_detail(&self, detail: String) {
+        *self.detail.lock().unwrap_or_else(|p| p.into_inner()) = Some(detail);
+    }
+
+    pub fn detail(&self) -> Option<String> {
+        self.detail
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn event(&self) {

@@ -481,6 +481,11 @@ impl OpcuaSource {
                             self.health.set_connected(id, true, None);
                             if let Some(session_id) = &new_session {
                                 tracing::info!(source = %id, session = %session_id, "OPC UA session created.");
+                                self.health.set_detail(format!(
+                                    "session {session_id} since {}; certificate {}",
+                                    jiff::Timestamp::now().strftime("%Y-%m-%d %H:%M:%S UTC"),
+                                    Self::describe_certificate(&self.config.pki())
+                                ));
                             }
                             match &subscribed {
                                 Some((subscription, seen)) if new_session.is_none() => {
