@@ -417,3 +417,28 @@ async fn h_an_s7_line_over_opcua_starts_counts_by_delta_and_ends_the_order() {
         )
     );
 }
+
+/// The finding that made rules all-or-nothing: a "released" event without `ItemNumber`
+/// cannot set line1's context (its item is missing), so nothing of the rule happens — no
+/// Start for an order the line does not run, no stale order on the HMI's topic, nothing
+/// listed.
+#[tokio::test]
+async fn g_a_release_without_an_item_does_nothing_at_all() {
+    let s = Scenario::start("g-d365-order-events").await;
+    let released = json!({
+        "BusinessEventId": "ProductionOrderReleasedBusinessEvent",
+        "EventId": "E-1",
+        "ProductionOrderNumber": "P000556"
+    });
+    s.send("d365", "released", Value::Json(released), 0).await;
+    let outbox = s.outbox.clone();
+    let received = s.finish().await;
+    assert!(received.is_empty(), "no message: {received:?}");
+    assert!(outbox
+        .pending_publications("plant", None, 10)
+        .unwrap()
+        .is_empty());
+    let state = mes_gateway::pipeline::load_engine_state(&outbox);
+    assert!(state.released.is_empty(), "{:?}", state.released);
+    assert!(state.contexts.is_empty(), "{:?}", state.contexts);
+}

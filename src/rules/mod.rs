@@ -209,6 +209,18 @@ fn as_bool(v: &Json) -> Option<bool> {
 
 /// A value as a number. Text like "nan" or "inf" parses as a float but is no number to
 /// count with: a counter based on it would report garbage and could not be saved.
+/// A rule's actions for one trigger, built before any is applied (see `Engine::fire`).
+#[derive(Debug, Default)]
+struct Plan {
+    context: Option<OrderContext>,
+    released: Option<ReleasedOrder>,
+    withdrawn: Option<String>,
+    publication: Option<Publication>,
+    quantity: Option<f64>,
+    /// The message, when it goes out now (not aggregated).
+    message: Option<BuiltMessage>,
+}
+
 fn as_f64(v: &Json) -> Option<f64> {
     match v {
         Json::Number(n) => n.as_f64(),
@@ -499,101 +511,47 @@ impl Engine {
     }
 
     /// `release` and `withdraw`: the line's list of released orders.
-    fn release_and_withdraw(&mut self, rule: &Rule, trigger: &Trigger, line: &str) {
-        if rule.release.is_none() && rule.withdraw.is_none() {
-            return;
+    /// `publish`: the topic and payload rendered in `scope`; the pipeline stores the
+    /// message with the batch and the publisher sends it.
+    fn publication(
+        rule: &Rule,
+        publish: &Publish,
+        scope: &Scope<'_>,
+    ) -> Result<Publication, Missing> {
+        let topic = publish.topic.render_text(scope)?;
+        if topic.is_empty() || topic.contains(['+', '#']) {
+            return Err(Missing::Other(format!(
+                "publish.topic rendered {topic:?}, not a topic to publish to"
+            )));
         }
-        let context = self.state.contexts.get(line).cloned();
-        let scope = self.scope(rule, trigger, context.as_ref(), Some(line));
-        let released = rule.release.as_ref().map(|r| {
-            Ok::<_, Missing>(ReleasedOrder {
-                order: r.order.render_text(&scope)?,
-                item: r.item.as_ref().map(|t| t.render_text(&scope)).transpose()?,
-                at: trigger.at,
-                rule: rule.name.clone(),
-            })
-        });
-        let withdrawn = rule.withdraw.as_ref().map(|t| t.render_text(&scope));
-        match released {
-            Some(Ok(r)) if r.order.trim().is_empty() => self.build_error(
-                rule,
-                trigger,
-                &Missing::Other("release.order rendered empty".into()),
-            ),
-            Some(Ok(r)) => {
-                let list = self.state.released.entry(line.to_string()).or_default();
-                list.retain(|o| o.order != r.order);
-                tracing::info!(%line, order = %crate::text::for_log(&r.order), item = ?r.item, rule = %rule.name, "Order released for the line.");
-                list.push(r);
-                if list.len() > MAX_RELEASED_PER_LINE {
-                    let dropped = list.remove(0);
-                    tracing::warn!(%line, order = %crate::text::for_log(&dropped.order), kept = MAX_RELEASED_PER_LINE, "Too many released orders for one line; the oldest is no longer listed (withdraw finished orders with a rule).");
+        let payload = match &publish.payload {
+            PublishPayload::Text(t) => t.render_text(scope)?,
+            PublishPayload::Fields(fields) => {
+                let mut object = serde_json::Map::new();
+                for (name, t) in fields {
+                    object.insert(name.clone(), t.render(scope)?);
                 }
-                self.dirty = true;
+                Json::Object(object).to_string()
             }
-            Some(Err(m)) => self.build_error(rule, trigger, &m),
-            None => {}
-        }
-        match withdrawn {
-            Some(Ok(order)) => {
-                if let Some(list) = self.state.released.get_mut(line) {
-                    let before = list.len();
-                    list.retain(|o| o.order != order);
-                    if list.len() != before {
-                        tracing::info!(%line, order = %crate::text::for_log(&order), rule = %rule.name, "Order withdrawn from the line's released list.");
-                        self.dirty = true;
-                    }
-                    if list.is_empty() {
-                        self.state.released.remove(line);
-                    }
-                }
-            }
-            Some(Err(m)) => self.build_error(rule, trigger, &m),
-            None => {}
-        }
-    }
-
-    /// `publish`: renders the topic and payload; the pipeline stores the message with the
-    /// batch and the publisher sends it.
-    fn publish(&mut self, rule: &Rule, publish: &Publish, trigger: &Trigger, line: Option<&str>) {
-        let context = line.and_then(|l| self.state.contexts.get(l)).cloned();
-        let scope = self.scope(rule, trigger, context.as_ref(), line);
-        let built = (|| -> Result<Publication, Missing> {
-            let topic = publish.topic.render_text(&scope)?;
-            if topic.is_empty() || topic.contains(['+', '#']) {
-                return Err(Missing::Other(format!(
-                    "publish.topic rendered {topic:?}, not a topic to publish to"
-                )));
-            }
-            let payload = match &publish.payload {
-                PublishPayload::Text(t) => t.render_text(&scope)?,
-                PublishPayload::Fields(fields) => {
-                    let mut object = serde_json::Map::new();
-                    for (name, t) in fields {
-                        object.insert(name.clone(), t.render(&scope)?);
-                    }
-                    Json::Object(object).to_string()
-                }
-            };
-            Ok(Publication {
-                via: publish.via.clone(),
-                topic,
-                payload,
-                retain: publish.retain,
-                rule: rule.name.clone(),
-            })
-        })();
-        match built {
-            Ok(p) => self.publications.push(p),
-            Err(m) => self.build_error(rule, trigger, &m),
-        }
+        };
+        Ok(Publication {
+            via: publish.via.clone(),
+            topic,
+            payload,
+            retain: publish.retain,
+            rule: rule.name.clone(),
+        })
     }
 
     fn rule_index(&self, name: &str) -> Option<usize> {
         self.rules.iter().position(|r| r.name == name)
     }
 
-    /// Runs a rule's actions for one trigger: context, counting, emit.
+    /// Runs a rule's actions for one trigger: context, releases, publication, counting,
+    /// emit — all or nothing. Every action is built first, against the context the rule
+    /// itself sets; if any cannot be built, none runs, and the log says which part failed
+    /// and why. (A line without an order is not a failure: the event is counted as
+    /// unassigned, as before.)
     fn fire(&mut self, i: usize, trigger: Trigger, out: &mut Vec<BuiltMessage>) {
         let rule = self.rules[i].clone();
         let line = match &rule.line {
@@ -601,47 +559,33 @@ impl Engine {
             Some(t) => match t.render_text(&self.scope(&rule, &trigger, None, None)) {
                 Ok(l) => Some(l),
                 Err(m) => {
-                    self.build_error(&rule, &trigger, &m);
+                    self.refuse(&rule, &trigger, "line", &m);
                     return;
                 }
             },
         };
-        if let (Some(set), Some(line)) = (&rule.set_context, &line) {
-            let current = self.state.contexts.get(line).cloned();
-            let scope = self.scope(&rule, &trigger, current.as_ref(), Some(line));
-            let render =
-                |t: &Option<Template>| t.as_ref().map(|t| t.render_text(&scope)).transpose();
-            let new = (|| -> Result<OrderContext, Missing> {
-                Ok(OrderContext {
-                    order: set.order.render_text(&scope)?,
-                    item: render(&set.item)?,
-                    operation: render(&set.operation)?,
-                    resource: render(&set.resource)?,
-                    since: Some(trigger.at),
-                })
-            })();
-            match new {
-                Ok(ctx) if ctx.order.trim().is_empty() => self.build_error(
-                    &rule,
-                    &trigger,
-                    &Missing::Other("set_context.order rendered empty".into()),
-                ),
-                Ok(ctx) => {
-                    if current
-                        .as_ref()
-                        .is_some_and(|c| c.order != ctx.order || c.item != ctx.item)
-                    {
-                        self.flush_line(line, trigger.at, out);
-                    }
-                    if current.as_ref().is_none_or(|c| c.order != ctx.order) {
-                        tracing::info!(%line, order = %crate::text::for_log(&ctx.order), item = ?ctx.item, rule = %rule.name, "Order context set.");
-                    }
-                    self.warned_unassigned.remove(line);
-                    self.state.contexts.insert(line.clone(), ctx);
-                    self.dirty = true;
-                }
-                Err(m) => self.build_error(&rule, &trigger, &m),
+        let plan = match self.plan(&rule, &trigger, line.as_deref()) {
+            Ok(plan) => plan,
+            Err((part, m)) => {
+                self.refuse(&rule, &trigger, part, &m);
+                return;
             }
+        };
+
+        if let (Some(ctx), Some(line)) = (plan.context, &line) {
+            let current = self.state.contexts.get(line).cloned();
+            if current
+                .as_ref()
+                .is_some_and(|c| c.order != ctx.order || c.item != ctx.item)
+            {
+                self.flush_line(line, trigger.at, out);
+            }
+            if current.as_ref().is_none_or(|c| c.order != ctx.order) {
+                tracing::info!(%line, order = %crate::text::for_log(&ctx.order), item = ?ctx.item, rule = %rule.name, "Order context set.");
+            }
+            self.warned_unassigned.remove(line);
+            self.state.contexts.insert(line.clone(), ctx);
+            self.dirty = true;
         }
         if rule.clear_context {
             if let Some(line) = &line {
@@ -653,38 +597,26 @@ impl Engine {
             }
         }
         if let Some(line) = &line {
-            self.release_and_withdraw(&rule, &trigger, line);
+            self.apply_release(&rule, line, plan.released, plan.withdrawn);
         }
-        if let Some(publish) = &rule.publish {
-            self.publish(&rule, publish, &trigger, line.as_deref());
+        if let Some(p) = plan.publication {
+            self.publications.push(p);
         }
 
         let quantity = match &rule.count {
             None => None,
             Some(counting) => {
-                let q = match counting.mode {
-                    CountMode::Impulse => counting.quantity,
-                    CountMode::Value => {
-                        as_f64(&trigger.value).map_or(0.0, |v| v * counting.quantity)
-                    }
-                    CountMode::Delta => {
-                        let Some(v) = as_f64(&trigger.value) else {
-                            return;
-                        };
-                        let key = rule.key(&trigger.point);
-                        let last = self.state.counters.insert(key, v);
+                if counting.mode == CountMode::Delta {
+                    // The plan read the counter; now it is stored.
+                    if let Some(v) = as_f64(&trigger.value) {
+                        self.state.counters.insert(rule.key(&trigger.point), v);
                         self.dirty = true;
-                        // The first reading only sets the base: what the counter showed
-                        // before the gateway watched it was not counted by us.
-                        last.map_or(0.0, |last| {
-                            counter_delta(last, v, counting.counter_max) * counting.quantity
-                        })
                     }
-                };
-                if q <= 0.0 || !q.is_finite() {
-                    return;
                 }
-                Some(q)
+                match plan.quantity {
+                    Some(q) if q > 0.0 && q.is_finite() => Some(q),
+                    _ => return,
+                }
             }
         };
         let Some(emit) = &rule.emit else { return };
@@ -723,13 +655,156 @@ impl Engine {
                 }
             }
             _ => {
-                if let Some(b) =
-                    self.build(&rule, emit, &trigger, context.as_ref(), &line, quantity)
-                {
+                if let Some(b) = plan.message {
                     out.push(b);
                 }
             }
         }
+    }
+
+    /// Builds every action of `rule` for `trigger` without changing anything: the
+    /// context it sets, its release and withdrawal, its publication, the quantity it
+    /// counts, and (when not aggregated) its message. The first part that cannot be built
+    /// is the error, named.
+    fn plan(
+        &self,
+        rule: &Rule,
+        trigger: &Trigger,
+        line: Option<&str>,
+    ) -> Result<Plan, (&'static str, Missing)> {
+        let mut plan = Plan::default();
+        let current = line.and_then(|l| self.state.contexts.get(l)).cloned();
+        if let (Some(set), Some(line)) = (&rule.set_context, line) {
+            let scope = self.scope(rule, trigger, current.as_ref(), Some(line));
+            let render =
+                |t: &Option<Template>| t.as_ref().map(|t| t.render_text(&scope)).transpose();
+            let part = |m| ("set_context", m);
+            let ctx = OrderContext {
+                order: set.order.render_text(&scope).map_err(part)?,
+                item: render(&set.item).map_err(part)?,
+                operation: render(&set.operation).map_err(part)?,
+                resource: render(&set.resource).map_err(part)?,
+                since: Some(trigger.at),
+            };
+            if ctx.order.trim().is_empty() {
+                return Err(part(Missing::Other(
+                    "set_context.order rendered empty".into(),
+                )));
+            }
+            plan.context = Some(ctx);
+        }
+        // What the other actions see: the context this rule sets, else the line's.
+        let context = if rule.clear_context {
+            None
+        } else {
+            plan.context.clone().or(current)
+        };
+        let scope = self.scope(rule, trigger, context.as_ref(), line);
+        if line.is_some() {
+            if let Some(r) = &rule.release {
+                let part = |m| ("release", m);
+                let released = ReleasedOrder {
+                    order: r.order.render_text(&scope).map_err(part)?,
+                    item: r
+                        .item
+                        .as_ref()
+                        .map(|t| t.render_text(&scope))
+                        .transpose()
+                        .map_err(part)?,
+                    at: trigger.at,
+                    rule: rule.name.clone(),
+                };
+                if released.order.trim().is_empty() {
+                    return Err(part(Missing::Other("release.order rendered empty".into())));
+                }
+                plan.released = Some(released);
+            }
+            if let Some(w) = &rule.withdraw {
+                plan.withdrawn = Some(w.render_text(&scope).map_err(|m| ("withdraw", m))?);
+            }
+        }
+        if let Some(publish) = &rule.publish {
+            plan.publication =
+                Some(Self::publication(rule, publish, &scope).map_err(|m| ("publish", m))?);
+        }
+        if let Some(counting) = &rule.count {
+            plan.quantity = Some(match counting.mode {
+                CountMode::Impulse => counting.quantity,
+                CountMode::Value => as_f64(&trigger.value).map_or(0.0, |v| v * counting.quantity),
+                CountMode::Delta => match as_f64(&trigger.value) {
+                    // Not a number: nothing counted, nothing else done (as before).
+                    None => {
+                        return Err(("count", Missing::Other("the value is not a number".into())))
+                    }
+                    // The first reading only sets the base: what the counter showed
+                    // before the gateway watched it was not counted by us.
+                    Some(v) => self
+                        .state
+                        .counters
+                        .get(&rule.key(&trigger.point))
+                        .map_or(0.0, |last| {
+                            counter_delta(*last, v, counting.counter_max) * counting.quantity
+                        }),
+                },
+            });
+        }
+        if let (Some(emit), Some(line)) = (&rule.emit, line) {
+            let counted_nothing =
+                rule.count.is_some() && !plan.quantity.is_some_and(|q| q > 0.0 && q.is_finite());
+            let unassigned = context.is_none() && self.needs_context(emit);
+            if !counted_nothing && !unassigned {
+                // Aggregated messages are built when their window closes; their
+                // templates are checked now all the same.
+                let built = self
+                    .build_message(rule, emit, trigger, context.as_ref(), line, plan.quantity)
+                    .map_err(|m| ("emit", m))?;
+                if rule.aggregate.is_none() {
+                    plan.message = Some(built);
+                }
+            }
+        }
+        Ok(plan)
+    }
+
+    /// Stores a planned release and withdrawal for `line`.
+    fn apply_release(
+        &mut self,
+        rule: &Rule,
+        line: &str,
+        released: Option<ReleasedOrder>,
+        withdrawn: Option<String>,
+    ) {
+        if let Some(r) = released {
+            let list = self.state.released.entry(line.to_string()).or_default();
+            list.retain(|o| o.order != r.order);
+            tracing::info!(%line, order = %crate::text::for_log(&r.order), item = ?r.item, rule = %rule.name, "Order released for the line.");
+            list.push(r);
+            if list.len() > MAX_RELEASED_PER_LINE {
+                let dropped = list.remove(0);
+                tracing::warn!(%line, order = %crate::text::for_log(&dropped.order), kept = MAX_RELEASED_PER_LINE, "Too many released orders for one line; the oldest is no longer listed (withdraw finished orders with a rule).");
+            }
+            self.dirty = true;
+        }
+        if let Some(order) = withdrawn {
+            if let Some(list) = self.state.released.get_mut(line) {
+                let before = list.len();
+                list.retain(|o| o.order != order);
+                if list.len() != before {
+                    tracing::info!(%line, order = %crate::text::for_log(&order), rule = %rule.name, "Order withdrawn from the line's released list.");
+                    self.dirty = true;
+                }
+                if list.is_empty() {
+                    self.state.released.remove(line);
+                }
+            }
+        }
+    }
+
+    /// A rule's action that could not be built: none of its actions ran.
+    fn refuse(&self, rule: &Rule, trigger: &Trigger, part: &str, missing: &Missing) {
+        self.stats.build_errors.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(rule = %rule.name, origin = %rule.origin, source = %trigger.source, point = %crate::text::for_log(&trigger.point), part, problem = ?missing,
+            "Rule not applied: its {part} could not be built, so none of its actions ran (no context change, release, publication, count or message).");
     }
 
     fn needs_context(&self, emit: &Emit) -> bool {
@@ -819,6 +894,8 @@ impl Engine {
         }
     }
 
+    /// The message of `emit`, logged and counted when it cannot be built (a window that
+    /// closes later: its context may have lost a field since).
     fn build(
         &self,
         rule: &Rule,
@@ -828,48 +905,52 @@ impl Engine {
         line: &str,
         quantity: Option<f64>,
     ) -> Option<BuiltMessage> {
-        let mut scope = self.scope(rule, trigger, context, Some(line));
-        scope.quantity = quantity;
-        let result = (|| -> Result<Json, Missing> {
-            let mut header = serde_json::Map::new();
-            for (name, t) in &emit.header {
-                header.insert(name.clone(), t.render(&scope)?);
-            }
-            if !header.contains_key("ProductionOrderNumber") {
-                let order = context
-                    .map(|c| c.order.clone())
-                    .ok_or(Missing::Context("order"))?;
-                header.insert("ProductionOrderNumber".into(), Json::String(order));
-            }
-            if let Some(key) = emit.lines_key {
-                let mut l = serde_json::Map::new();
-                for (name, t) in &emit.line {
-                    l.insert(name.clone(), t.render(&scope)?);
-                }
-                header.insert(key.into(), Json::Array(vec![Json::Object(l)]));
-            }
-            Ok(Json::Object(header))
-        })();
-        let content = match result {
-            Ok(c) => c,
+        match self.build_message(rule, emit, trigger, context, line, quantity) {
+            Ok(b) => Some(b),
             Err(m) => {
                 self.build_error(rule, trigger, &m);
-                return None;
-            }
-        };
-        match Message::from_json(&emit.message_type, content).and_then(|m| m.validate().map(|()| m))
-        {
-            Ok(message) => Some(BuiltMessage {
-                message,
-                rule: rule.name.clone(),
-                line: line.to_string(),
-            }),
-            Err(e) => {
-                self.stats.build_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(rule = %rule.name, origin = %rule.origin, error = %e, "Rule built an invalid message; not stored.");
                 None
             }
         }
+    }
+
+    /// The message of `emit` for `trigger` in `context`, checked as D365 will check it.
+    fn build_message(
+        &self,
+        rule: &Rule,
+        emit: &Emit,
+        trigger: &Trigger,
+        context: Option<&OrderContext>,
+        line: &str,
+        quantity: Option<f64>,
+    ) -> Result<BuiltMessage, Missing> {
+        let mut scope = self.scope(rule, trigger, context, Some(line));
+        scope.quantity = quantity;
+        let mut header = serde_json::Map::new();
+        for (name, t) in &emit.header {
+            header.insert(name.clone(), t.render(&scope)?);
+        }
+        if !header.contains_key("ProductionOrderNumber") {
+            let order = context
+                .map(|c| c.order.clone())
+                .ok_or(Missing::Context("order"))?;
+            header.insert("ProductionOrderNumber".into(), Json::String(order));
+        }
+        if let Some(key) = emit.lines_key {
+            let mut l = serde_json::Map::new();
+            for (name, t) in &emit.line {
+                l.insert(name.clone(), t.render(&scope)?);
+            }
+            header.insert(key.into(), Json::Array(vec![Json::Object(l)]));
+        }
+        let message = Message::from_json(&emit.message_type, Json::Object(header))
+            .and_then(|m| m.validate().map(|()| m))
+            .map_err(|e| Missing::Other(format!("the message is not valid: {e}")))?;
+        Ok(BuiltMessage {
+            message,
+            rule: rule.name.clone(),
+            line: line.to_string(),
+        })
     }
 }
 

@@ -656,3 +656,122 @@ fn a_publication_whose_template_has_nothing_is_a_build_error_not_a_message() {
     assert!(e.take_publications().is_empty());
     assert_eq!(e.stats.build_errors.load(Ordering::Relaxed), 1);
 }
+
+/// A rule with every action (context, release, publication, count, emit): when any one
+/// part cannot be built, none of them runs — no context change, no release, no
+/// publication, no count, no message — and the failure is counted.
+const ALL_ACTIONS: &str = r#"
+- name: all
+  line: line1
+  when: { source: hmi, point: order }
+  set_context: { order: "{payload.order}", item: "{payload.item}" }
+  release: { order: "{payload.order}", item: "{payload.release_item}" }
+  publish: { via: broker, topic: "hmi/line1/{payload.topic}", payload: "x" }
+  count: impulse
+  emit:
+    type: ProdProductionOrderReportFinished
+    fields: { ItemNumber: "{payload.emit_item}", ReportedGoodQuantity: "{quantity}" }
+"#;
+
+fn all_actions() -> Engine {
+    Engine::new(
+        compile_with_broker(ALL_ACTIONS).unwrap(),
+        jiff::tz::TimeZone::UTC,
+        EngineState::default(),
+    )
+}
+
+fn everything_but(missing: &str) -> Value {
+    let mut fields = serde_json::Map::new();
+    for (k, v) in [
+        ("order", "P9"),
+        ("item", "A9"),
+        ("release_item", "A9"),
+        ("topic", "order"),
+        ("emit_item", "A9"),
+    ] {
+        if k != missing {
+            fields.insert(k.into(), json!(v));
+        }
+    }
+    Value::Json(serde_json::Value::Object(fields))
+}
+
+#[test]
+fn a_rule_applies_all_its_actions_or_none() {
+    // Everything there: every action runs.
+    let mut e = all_actions();
+    let built = e.process(&ev("hmi", "order", everything_but(""), 0));
+    assert_eq!(built.len(), 1);
+    assert_eq!(e.state().contexts["line1"].order, "P9");
+    assert_eq!(e.state().released["line1"][0].order, "P9");
+    assert_eq!(e.take_publications().len(), 1);
+    assert_eq!(e.stats.build_errors.load(Ordering::Relaxed), 0);
+
+    // One part missing at a time: set_context (item), release (its item), publish (its
+    // topic), emit (its item). The others could be built; none runs.
+    for missing in ["item", "release_item", "topic", "emit_item"] {
+        let mut e = all_actions();
+        let built = e.process(&ev("hmi", "order", everything_but(missing), 0));
+        assert!(built.is_empty(), "{missing}: a message went out");
+        assert!(
+            e.state().contexts.is_empty(),
+            "{missing}: the context changed"
+        );
+        assert!(
+            e.state().released.is_empty(),
+            "{missing}: the order was released"
+        );
+        assert!(
+            e.take_publications().is_empty(),
+            "{missing}: a publication went out"
+        );
+        assert_eq!(
+            e.stats.build_errors.load(Ordering::Relaxed),
+            1,
+            "{missing}: counted"
+        );
+    }
+}
+
+#[test]
+fn a_delta_rule_that_cannot_be_applied_keeps_its_counter_so_nothing_is_lost() {
+    let mut e = engine(
+        r#"
+- name: order-with-item
+  line: line1
+  when: { source: hmi, point: order }
+  set_context: { order: "{value}", item: A1 }
+- name: order-without-item
+  line: line1
+  when: { source: scale, point: weight }
+  set_context: { order: P1 }
+- name: counted
+  line: line1
+  when: { source: plc, point: counter }
+  count: delta
+  emit:
+    type: ProdProductionOrderReportFinished
+    fields: { ItemNumber: "{context.item}", ReportedGoodQuantity: "{quantity}" }
+"#,
+    );
+    e.process(&ev("hmi", "order", Value::Text("P1".into()), 0));
+    // The base.
+    assert!(e
+        .process(&ev("plc", "counter", Value::Number(100.0), 1))
+        .is_empty());
+    // The context loses its item: +5 cannot be reported, and is not forgotten either.
+    e.process(&ev("scale", "weight", Value::Number(1.0), 2));
+    assert!(e
+        .process(&ev("plc", "counter", Value::Number(105.0), 3))
+        .is_empty());
+    assert_eq!(e.stats.build_errors.load(Ordering::Relaxed), 1);
+    // The item is back: the next reading reports all 8 since the base.
+    e.process(&ev("hmi", "order", Value::Text("P1".into()), 4));
+    let built = e.process(&ev("plc", "counter", Value::Number(108.0), 5));
+    assert_eq!(built.len(), 1);
+    assert_eq!(
+        content(&built[0])["ReportFinishedLines"][0]["ReportedGoodQuantity"],
+        8.0
+    );
+}
