@@ -752,15 +752,14 @@ impl Engine {
             let counted_nothing =
                 rule.count.is_some() && !plan.quantity.is_some_and(|q| q > 0.0 && q.is_finite());
             let unassigned = context.is_none() && self.needs_context(emit);
-            if !counted_nothing && !unassigned {
-                // Aggregated messages are built when their window closes; their
-                // templates are checked now all the same.
-                let built = self
-                    .build_message(rule, emit, trigger, context.as_ref(), line, plan.quantity)
-                    .map_err(|m| ("emit", m))?;
-                if rule.aggregate.is_none() {
-                    plan.message = Some(built);
-                }
+            // An aggregated message is built when its window closes (from the window's
+            // context and last event); building it for every event here as well would
+            // double the hot path's cost, so it is not checked now.
+            if !counted_nothing && !unassigned && rule.aggregate.is_none() {
+                plan.message = Some(
+                    self.build_message(rule, emit, trigger, context.as_ref(), line, plan.quantity)
+                        .map_err(|m| ("emit", m))?,
+                );
             }
         }
         Ok(plan)
