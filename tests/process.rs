@@ -572,3 +572,23 @@ async fn a_wrong_secret_fixed_and_reloaded_delivers_at_once() {
     assert_eq!(received.len(), 1, "sent once: nothing lost, nothing twice");
     assert_eq!(received[0].order, "P7");
 }
+
+/// `mes-gateway … | head` closes the pipe early: the command ends quietly (exit 0, no
+/// panic, no backtrace), as Unix tools do.
+#[tokio::test]
+async fn a_closed_output_pipe_ends_a_command_quietly() {
+    let demo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/demo");
+    let mut child = tokio::process::Command::new(process::BIN)
+        .args(["check", "-c", path_str(&demo)])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The reader goes away before the command writes a byte.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -9,6 +9,17 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
+/// `println!` for command output: a closed pipe (`outbox list --json | head`) ends the
+/// command quietly, as it ends any Unix tool, instead of a panic with a backtrace.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if writeln!(std::io::stdout(), $($arg)*).is_err() {
+            std::process::exit(0);
+        }
+    }};
+}
+
 mod print;
 pub mod remote;
 
@@ -310,7 +321,7 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
             let outbox = Outbox::open(&settings.storage.data_dir)?;
             runtime()?.block_on(async {
                 let (before, after) = outbox.compact().await?;
-                println!(
+                outln!(
                     "outbox compacted: {:.1} MiB on disk before, {:.1} MiB after",
                     mib(before),
                     mib(after)
@@ -350,9 +361,11 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
                 .map_err(|e| CliError::Usage(format!("input is not JSON: {e}")))?;
             on_service(&config, &by, |service| async move {
                 let r = service.send(value, message_type.as_deref()).await?;
-                println!(
+                outln!(
                     "queued message {} ({}, order {})",
-                    r.id, r.message_type, r.production_order
+                    r.id,
+                    r.message_type,
+                    r.production_order
                 );
                 Ok(())
             })
@@ -387,7 +400,7 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
                         since: None,
                     };
                     let previous = service.set_line(&line, Some(context.clone())).await?;
-                    println!(
+                    outln!(
                         "{line}: order {} (was {})",
                         context.order,
                         previous.map_or("none".to_string(), |p| p.order)
@@ -395,7 +408,7 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
                 }
                 Some(LinesCommand::Clear { line }) => {
                     let previous = service.set_line(&line, None).await?;
-                    println!(
+                    outln!(
                         "{line}: no order (was {})",
                         previous.map_or("none".to_string(), |p| p.order)
                     );
@@ -405,7 +418,7 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
         }),
         Command::Reload { config, by } => on_service(&config, &by, |service| async move {
             let summary = service.reload().await?;
-            println!("configuration reloaded: {summary}");
+            outln!("configuration reloaded: {summary}");
             Ok(())
         }),
         Command::Outbox { config, action, by } => on_service(&config, &by, |service| async move {
@@ -476,16 +489,19 @@ fn opcua_browse(
         .map_err(|e| CliError::Unavailable(format!("{}: {e}", opcua.endpoint)))?;
     if json {
         for f in &found {
-            println!("{}", serde_json::to_string(f).context("cannot print JSON")?);
+            outln!("{}", serde_json::to_string(f).context("cannot print JSON")?);
         }
         return Ok(());
     }
-    println!(
+    outln!(
         "{:<48} {:<32} {:<9} {:<10} VALUE",
-        "NODE ID", "BROWSE NAME", "CLASS", "TYPE"
+        "NODE ID",
+        "BROWSE NAME",
+        "CLASS",
+        "TYPE"
     );
     for f in &found {
-        println!(
+        outln!(
             "{:<48} {:<32} {:<9} {:<10} {}",
             format!("{}{}", "  ".repeat(f.depth), f.node_id),
             f.browse_name,
@@ -495,7 +511,7 @@ fn opcua_browse(
         );
     }
     if found.len() >= crate::source::opcua::browse::MAX_NODES {
-        println!(
+        outln!(
             "(stopped at {} nodes: browse from a deeper --node)",
             found.len()
         );
@@ -504,7 +520,7 @@ fn opcua_browse(
 }
 
 fn print_json(value: &impl serde::Serialize) -> Result<(), CliError> {
-    println!(
+    outln!(
         "{}",
         serde_json::to_string_pretty(value).context("cannot print JSON")?
     );
@@ -527,13 +543,13 @@ fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
 
 fn check(dir: &Path) -> Result<(), CliError> {
     let config = settings::load(dir)?;
-    println!("{}: configuration is valid", dir.display());
+    outln!("{}: configuration is valid", dir.display());
     for s in &config.sources {
-        println!("  source {}", s.id());
+        outln!("  source {}", s.id());
     }
-    println!("  {} rule(s)", config.rules.len());
+    outln!("  {} rule(s)", config.rules.len());
     match &config.d365 {
-        Some(d) => println!(
+        Some(d) => outln!(
             "  D365 {} company {} queue {}; token from {} ({:?}); secret from {}",
             d.send_message_url(),
             d.company,
@@ -542,11 +558,11 @@ fn check(dir: &Path) -> Result<(), CliError> {
             d.token_api,
             d.secret_origin
         ),
-        None => println!("  no d365 section: only `run --dry-run` will run"),
+        None => outln!("  no d365 section: only `run --dry-run` will run"),
     }
-    println!("  outbox in {}", config.storage.data_dir.display());
+    outln!("  outbox in {}", config.storage.data_dir.display());
     for w in &config.warnings {
-        println!("warning: {w}");
+        outln!("warning: {w}");
     }
     Ok(())
 }
@@ -597,7 +613,7 @@ async fn outbox_command(service: &Service, action: OutboxCommand) -> Result<(), 
             let page = service.list(filter, after, limit, newest).await?;
             if json {
                 for r in &page.messages {
-                    println!(
+                    outln!(
                         "{}",
                         serde_json::to_string(r).context("cannot print a record")?
                     );
@@ -618,20 +634,22 @@ async fn outbox_command(service: &Service, action: OutboxCommand) -> Result<(), 
                 }
             };
             let r = service.retry(id, content).await?;
-            println!(
+            outln!(
                 "message {} queued again (order {})",
-                r.id, r.production_order
+                r.id,
+                r.production_order
             );
         }
         OutboxCommand::Cancel { id } => {
             let r = service.cancel(id).await?;
-            println!("message {} cancelled (order {})", r.id, r.production_order);
+            outln!("message {} cancelled (order {})", r.id, r.production_order);
         }
         OutboxCommand::Resolve { id } => {
             let r = service.resolve(id).await?;
-            println!(
+            outln!(
                 "message {} resolved as delivered (order {})",
-                r.id, r.production_order
+                r.id,
+                r.production_order
             );
         }
         OutboxCommand::Unmatched { limit, json } => {

@@ -25,12 +25,17 @@ fn shorten(text: &str, max: usize) -> String {
 }
 
 pub fn page(page: &MessagePage) {
-    println!(
+    outln!(
         "{:>8}  {:<10} {:<34} {:<14} {:>8}  {:<20} LAST ERROR",
-        "ID", "STATE", "TYPE", "ORDER", "ATTEMPTS", "CREATED"
+        "ID",
+        "STATE",
+        "TYPE",
+        "ORDER",
+        "ATTEMPTS",
+        "CREATED"
     );
     for r in &page.messages {
-        println!(
+        outln!(
             "{:>8}  {:<10} {:<34} {:<14} {:>8}  {:<20} {}",
             r.id,
             r.state,
@@ -47,7 +52,7 @@ pub fn page(page: &MessagePage) {
         .filter(|(_, n)| **n > 0)
         .map(|(s, n)| format!("{n} {s}"))
         .collect();
-    println!(
+    outln!(
         "{} message(s) listed; outbox: {}",
         page.messages.len(),
         if summary.is_empty() {
@@ -57,7 +62,7 @@ pub fn page(page: &MessagePage) {
         }
     );
     if let Some(next) = page.next {
-        println!("more: add --after {next}");
+        outln!("more: add --after {next}");
     }
 }
 
@@ -66,7 +71,7 @@ pub fn record(r: &Record) -> Result<(), CliError> {
     if let Ok(content) = serde_json::from_str::<serde_json::Value>(&r.content) {
         value["content"] = content;
     }
-    println!(
+    outln!(
         "{}",
         serde_json::to_string_pretty(&value).context("cannot print a record")?
     );
@@ -75,14 +80,14 @@ pub fn record(r: &Record) -> Result<(), CliError> {
 
 pub fn lines(view: &LinesView) {
     if view.lines.is_empty() {
-        println!("no line has a production order");
+        outln!("no line has a production order");
     }
     for (line, c) in &view.lines {
         let since = c
             .since
             .map(|t| t.strftime("%Y-%m-%d %H:%M:%S UTC").to_string())
             .unwrap_or_default();
-        println!(
+        outln!(
             "{line}: order {} item {} operation {} resource {} since {since}",
             c.order,
             c.item.as_deref().unwrap_or("-"),
@@ -91,9 +96,9 @@ pub fn lines(view: &LinesView) {
         );
     }
     for (line, orders) in &view.released {
-        println!("{line}: released orders (oldest first):");
+        outln!("{line}: released orders (oldest first):");
         for r in orders {
-            println!(
+            outln!(
                 "  {} item {} released {}{}",
                 r.order,
                 r.item.as_deref().unwrap_or("-"),
@@ -107,7 +112,7 @@ pub fn lines(view: &LinesView) {
         }
     }
     for acc in &view.open_aggregates {
-        println!(
+        outln!(
             "  open aggregate: rule {} line {} order {} quantity {}",
             acc.rule,
             acc.line,
@@ -136,16 +141,16 @@ fn writes(kind: &str, w: &crate::outbox::WriteSummary) -> String {
 
 pub fn status(s: &Status) {
     match (s.running, s.uptime_seconds) {
-        (true, Some(up)) => println!("mes-gateway {} running for {}", s.version, age(up)),
-        _ => println!(
+        (true, Some(up)) => outln!("mes-gateway {} running for {}", s.version, age(up)),
+        _ => outln!(
             "mes-gateway {}: not running (read from the data directory)",
             s.version
         ),
     }
     if s.running {
-        println!("\nSOURCES");
+        outln!("\nSOURCES");
         if s.sources.is_empty() {
-            println!("  none configured");
+            outln!("  none configured");
         }
         for src in &s.sources {
             let state = if src.connected { "connected" } else { "DOWN" };
@@ -157,20 +162,22 @@ pub fn status(s: &Status) {
                 (Some(e), false) => format!("  ({})", shorten(e, 60)),
                 _ => String::new(),
             };
-            println!(
+            outln!(
                 "  {:<16} {:<10} since {since}  {last}  {} events{error}",
-                src.id, state, src.events
+                src.id,
+                state,
+                src.events
             );
             if let Some(detail) = &src.detail {
-                println!("  {:<16} {detail}", "");
+                outln!("  {:<16} {detail}", "");
             }
         }
     }
-    println!("\nOUTBOX");
+    outln!("\nOUTBOX");
     let depth: Vec<String> = s.outbox.iter().map(|(k, n)| format!("{n} {k}")).collect();
-    println!("  {}", depth.join(", "));
+    outln!("  {}", depth.join(", "));
     match &s.oldest_queued {
-        Some(o) => println!(
+        Some(o) => outln!(
             "  oldest waiting: message {} ({}, order {}, {}) created {} ago",
             o.id,
             o.message_type,
@@ -178,24 +185,24 @@ pub fn status(s: &Status) {
             o.state,
             age(o.age_seconds)
         ),
-        None => println!("  nothing waiting for delivery"),
+        None => outln!("  nothing waiting for delivery"),
     }
     if let Some(w) = &s.outbox_writes {
-        println!(
+        outln!(
             "  durable writes (transaction and fsync): {}; {}",
             writes("delivery", &w.delivery),
             writes("ingest", &w.ingest)
         );
         if w.delivery.writes > 0 && w.delivery.recent_ms >= SLOW_DELIVERY_WRITE_MS {
-            println!(
+            outln!(
                 "  the disk is slow to flush: an order's backlog drains at most about {:.0} messages/s (one delivery write each); put the data directory on a faster disk (an SSD)",
                 1000.0 / w.delivery.recent_ms
             );
         }
     }
     if s.running {
-        println!("\nD365");
-        println!(
+        outln!("\nD365");
+        outln!(
             "  {}",
             s.last_d365_error
                 .as_deref()
@@ -205,35 +212,35 @@ pub fn status(s: &Status) {
         );
         let v = &s.d365_verdicts;
         if v.failed_in_d365 > 0 {
-            println!(
+            outln!(
                 "  {} message(s) FAILED IN D365: D365 holds their orders' later messages (see the alerts, or: outbox list --state delivered)",
                 v.failed_in_d365
             );
         }
         if v.unmatched > 0 {
-            println!(
+            outln!(
                 "  {} D365 verdict(s) matched no message: mes-gateway outbox unmatched",
                 v.unmatched
             );
         }
-        println!("\nALERTS");
+        outln!("\nALERTS");
         if s.alerts.is_empty() {
-            println!("  none open");
+            outln!("  none open");
         }
         for a in &s.alerts {
-            println!("  {}  {}  {}", time(a.since), a.key, a.text);
+            outln!("  {}  {}  {}", time(a.since), a.key, a.text);
         }
     }
-    println!("\nLINES");
+    outln!("\nLINES");
     if s.lines.is_empty() {
-        println!("  no line has a production order");
+        outln!("  no line has a production order");
     }
     for (line, orders) in &s.released {
         let list: Vec<&str> = orders.iter().map(|o| o.order.as_str()).collect();
-        println!("  {line}: released {}", list.join(", "));
+        outln!("  {line}: released {}", list.join(", "));
     }
     for (line, c) in &s.lines {
-        println!(
+        outln!(
             "  {line}: order {}{}",
             c.order,
             c.item
@@ -247,7 +254,7 @@ pub fn status(s: &Status) {
 pub fn unmatched(view: &UnmatchedView, json: bool) -> Result<(), CliError> {
     if json {
         for e in &view.events {
-            println!(
+            outln!(
                 "{}",
                 serde_json::to_string(e).context("cannot print an event")?
             );
@@ -255,15 +262,18 @@ pub fn unmatched(view: &UnmatchedView, json: bool) -> Result<(), CliError> {
         return Ok(());
     }
     if view.events.is_empty() {
-        println!("no D365 verdict is unmatched");
+        outln!("no D365 verdict is unmatched");
         return Ok(());
     }
-    println!(
+    outln!(
         "{:<20}  {:<12}  {:<34}  {:<10}  EVENT",
-        "RECEIVED", "SOURCE", "MESSAGE TYPE", "D365 STATE"
+        "RECEIVED",
+        "SOURCE",
+        "MESSAGE TYPE",
+        "D365 STATE"
     );
     for e in &view.events {
-        println!(
+        outln!(
             "{:<20}  {:<12}  {:<34}  {:<10}  {}  ({})",
             time(e.received_at),
             shorten(&e.source, 12),
@@ -274,7 +284,7 @@ pub fn unmatched(view: &UnmatchedView, json: bool) -> Result<(), CliError> {
         );
     }
     if view.total > view.events.len() {
-        println!(
+        outln!(
             "{} more: add --limit {}",
             view.total - view.events.len(),
             view.total
