@@ -268,7 +268,9 @@ impl Pipeline {
                 }
                 in_batch.insert(&d.id);
             }
-            built.extend(self.engine.process(&e.event));
+            // A D365 verdict is applied to its message by the outbox whether or not a
+            // rule also takes the event: no rule taking it is not "dropped".
+            built.extend(self.engine.process_event(&e.event, e.processed.is_some()));
         }
         Batch {
             built,

@@ -131,11 +131,19 @@ fn writes(kind: &str, w: &crate::outbox::WriteSummary) -> String {
     if w.writes == 0 {
         return format!("{kind} none yet");
     }
+    let carried = if w.messages == 0 {
+        // Writes of rules state, event receipts or D365 verdicts alone carry no message.
+        "none carrying a message".to_string()
+    } else {
+        let average = format!("{:.1}", w.messages as f64 / w.writes as f64);
+        format!(
+            "{} messages each on average",
+            average.strip_suffix(".0").unwrap_or(&average)
+        )
+    };
     format!(
-        "{kind} {:.1} ms each lately ({} so far, {:.0} messages each on average)",
-        w.recent_ms,
-        w.writes,
-        w.messages as f64 / w.writes as f64
+        "{kind} {:.1} ms each lately ({} so far, {carried})",
+        w.recent_ms, w.writes
     )
 }
 
@@ -291,4 +299,31 @@ pub fn unmatched(view: &UnmatchedView, json: bool) -> Result<(), CliError> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_figures_say_what_the_writes_carried() {
+        let summary = |writes, messages| crate::outbox::WriteSummary {
+            writes,
+            messages,
+            recent_ms: 2.5,
+        };
+        assert_eq!(
+            writes("ingest", &summary(16, 0)),
+            "ingest 2.5 ms each lately (16 so far, none carrying a message)"
+        );
+        assert_eq!(
+            writes("delivery", &summary(4, 10)),
+            "delivery 2.5 ms each lately (4 so far, 2.5 messages each on average)"
+        );
+        assert_eq!(
+            writes("delivery", &summary(2, 2)),
+            "delivery 2.5 ms each lately (2 so far, 1 messages each on average)"
+        );
+        assert_eq!(writes("ingest", &summary(0, 0)), "ingest none yet");
+    }
 }

@@ -274,6 +274,13 @@ impl Engine {
 
     /// Applies one event to every rule, in order.
     pub fn process(&mut self, event: &Event) -> Vec<BuiltMessage> {
+        self.process_event(event, false)
+    }
+
+    /// [`Engine::process`] for an event that is used elsewhere too (`used_elsewhere`: a
+    /// D365 verdict the outbox applies): when no rule takes it, it is not counted or
+    /// logged as dropped.
+    pub fn process_event(&mut self, event: &Event, used_elsewhere: bool) -> Vec<BuiltMessage> {
         let mut out = Vec::new();
         let mut taken = false;
         for i in 0..self.rules.len() {
@@ -378,7 +385,7 @@ impl Engine {
                 }
             }
         }
-        if !taken {
+        if !taken && !used_elsewhere {
             self.stats.unmatched.fetch_add(1, Ordering::Relaxed);
             if self
                 .reported_unmatched

@@ -775,3 +775,23 @@ fn a_delta_rule_that_cannot_be_applied_keeps_its_counter_so_nothing_is_lost() {
         8.0
     );
 }
+
+#[test]
+fn an_event_used_elsewhere_is_not_counted_as_dropped_when_no_rule_takes_it() {
+    let mut e = engine(
+        r#"
+- name: counted
+  line: line1
+  when: { source: barrier, point: impulse }
+  count: impulse
+  emit:
+    type: ProdProductionOrderReportFinished
+    fields: { ProductionOrderNumber: P1, ItemNumber: A1, ReportedGoodQuantity: "{quantity}" }
+"#,
+    );
+    let verdict = ev("hmi", "order", Value::Text("processed".into()), 0);
+    e.process_event(&verdict, true);
+    assert_eq!(e.stats.unmatched.load(Ordering::Relaxed), 0);
+    e.process(&verdict);
+    assert_eq!(e.stats.unmatched.load(Ordering::Relaxed), 1);
+}
