@@ -65,18 +65,57 @@ const CONNECT_MAX: Duration = Duration::from_secs(30);
 /// Integers beyond this are not exact as the rules' numbers (f64).
 const EXACT_INTEGER: f64 = 9_007_199_254_740_992.0;
 
-/// What the session's notifications put down for the source's task.
+/// Values taken from the session (notifications, republished ones, reads) waiting for
+/// the source's task, in order; the one hand-off between the session and the task.
 #[derive(Debug, Default)]
 struct Inbox {
-    values: VecDeque<(usize, DataValue)>,
+    values: Mutex<VecDeque<(usize, DataValue)>>,
+    /// Values were put.
+    arrived: Notify,
+    /// Values were taken: the session's poller may go on.
+    drained: Notify,
+}
+
+impl Inbox {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(usize, DataValue)>> {
+        // Plain data; a panic elsewhere cannot leave it half-written.
+        self.values.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn put(&self, values: impl IntoIterator<Item = (usize, DataValue)>) {
+        let mut queue = self.lock();
+        let before = queue.len();
+        queue.extend(values);
+        let added = queue.len() > before;
+        drop(queue);
+        if added {
+            self.arrived.notify_one();
+        }
+    }
+
+    /// Up to `max` values, the oldest first.
+    fn take(&self, max: usize) -> Vec<(usize, DataValue)> {
+        let mut queue = self.lock();
+        let n = queue.len().min(max);
+        let taken = queue.drain(..n).collect();
+        drop(queue);
+        self.drained.notify_one();
+        taken
+    }
+
+    /// Returns once fewer than `max` values wait.
+    async fn room(&self, max: usize) {
+        while self.lock().len() >= max {
+            self.drained.notified().await;
+        }
+    }
 }
 
 /// The subscription's callback: maps each value to its node and queues it, and keeps
 /// the last notification's sequence number and each client handle's node (for
 /// republishing what a reconnect missed).
 struct Collector {
-    inbox: Arc<Mutex<Inbox>>,
-    arrived: Arc<Notify>,
+    inbox: Arc<Inbox>,
     by_node: Arc<HashMap<NodeId, usize>>,
     seen: Arc<Seen>,
 }
@@ -86,20 +125,6 @@ struct Collector {
 struct Seen {
     last_sequence: std::sync::atomic::AtomicU32,
     by_handle: Mutex<HashMap<u32, usize>>,
-}
-
-impl Collector {
-    fn queue(&self, values: Vec<(usize, DataValue)>) {
-        if values.is_empty() {
-            return;
-        }
-        self.inbox
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values
-            .extend(values);
-        self.arrived.notify_one();
-    }
 }
 
 /// The data values of a notification message, by client handle.
@@ -147,7 +172,7 @@ impl OnSubscriptionNotificationCore for Collector {
             }
         }
         drop(by_handle);
-        self.queue(values);
+        self.inbox.put(values);
     }
 }
 
@@ -407,25 +432,16 @@ impl OpcuaSource {
         out: &mpsc::Sender<SourceEvent>,
         cancel: &CancellationToken,
     ) -> Result<Served, SourceError> {
-        let inbox = Arc::new(Mutex::new(Inbox::default()));
-        let arrived = Arc::new(Notify::new());
-        let drained = Arc::new(Notify::new());
+        let inbox = Arc::new(Inbox::default());
         let (news_tx, mut news) = mpsc::channel::<SessionNews>(64);
         // The event loop, polled only while the inbox has room (back-pressure).
         let poller = {
             let inbox = inbox.clone();
-            let drained = drained.clone();
             tokio::spawn(async move {
                 let stream = event_loop.enter();
                 tokio::pin!(stream);
                 loop {
-                    loop {
-                        let waiting = inbox.lock().unwrap_or_else(|p| p.into_inner()).values.len();
-                        if waiting < PENDING_MAX {
-                            break;
-                        }
-                        drained.notified().await;
-                    }
+                    inbox.room(PENDING_MAX).await;
                     let polled = stream.next().await;
                     tracing::trace!(result = ?polled, "OPC UA session event.");
                     let said = match polled {
@@ -493,19 +509,19 @@ impl OpcuaSource {
                                     // what it published while the line was down waits in
                                     // its retransmission queue. Fetch it, in order, before
                                     // anything newer.
-                                    self.republish(id, &session, *subscription, seen, &inbox, &arrived).await;
+                                    self.republish(id, &session, *subscription, seen, &inbox).await;
                                     // A server that did not keep what it sent (some do
                                     // not) still has the current values: read them, so
                                     // a counter's gap is counted by delta all the same.
-                                    self.read_current(id, &session, &by_node_ref, &inbox, &arrived).await;
+                                    self.read_current(id, &session, &by_node_ref, &inbox).await;
                                 }
-                                _ => match self.subscribe(id, &session, &inbox, &arrived).await {
+                                _ => match self.subscribe(id, &session, &inbox).await {
                                     Ok((map, subscription, seen)) => {
                                         by_node_ref = map;
                                         subscribed = Some((subscription, seen));
                                         // A new session: what happened during the gap is
                                         // only in the current values. Read them first.
-                                        self.read_current(id, &session, &by_node_ref, &inbox, &arrived).await;
+                                        self.read_current(id, &session, &by_node_ref, &inbox).await;
                                     }
                                     Err(e) => return Ok(Served::Ended(e)),
                                 },
@@ -525,24 +541,18 @@ impl OpcuaSource {
                         }
                     }
                 }
-                _ = arrived.notified() => {
+                _ = inbox.arrived.notified() => {
                     loop {
-                        let batch: Vec<(usize, DataValue)> = {
-                            let mut inbox = inbox.lock().unwrap_or_else(|p| p.into_inner());
-                            let n = inbox.values.len().min(256);
-                            inbox.values.drain(..n).collect()
-                        };
+                        let batch = inbox.take(256);
                         if batch.is_empty() {
                             break;
                         }
-                        drained.notify_one();
                         for (index, value) in batch {
                             if let Some(event) = self.to_event(id, points, nodes, index, value) {
                                 self.health.event();
                                 super::forward(out, event.into(), &self.heartbeat, id).await?;
                             }
                         }
-                        drained.notify_one();
                     }
                 }
             }
@@ -555,8 +565,7 @@ impl OpcuaSource {
         &self,
         id: &Arc<str>,
         session: &Arc<Session>,
-        inbox: &Arc<Mutex<Inbox>>,
-        arrived: &Arc<Notify>,
+        inbox: &Arc<Inbox>,
     ) -> Result<(Arc<HashMap<NodeId, usize>>, u32, Arc<Seen>), String> {
         let resolved = self.resolve(session).await?;
         let mut map = HashMap::new();
@@ -577,7 +586,6 @@ impl OpcuaSource {
         let seen = Arc::new(Seen::default());
         let collector = Collector {
             inbox: inbox.clone(),
-            arrived: arrived.clone(),
             by_node: map.clone(),
             seen: seen.clone(),
         };
@@ -681,8 +689,7 @@ impl OpcuaSource {
         session: &Arc<Session>,
         subscription: u32,
         seen: &Arc<Seen>,
-        inbox: &Arc<Mutex<Inbox>>,
-        arrived: &Arc<Notify>,
+        inbox: &Arc<Inbox>,
     ) {
         let mut next = seen
             .last_sequence
@@ -702,14 +709,7 @@ impl OpcuaSource {
                     fetched += values.len();
                     seen.last_sequence
                         .fetch_max(next, std::sync::atomic::Ordering::Relaxed);
-                    if !values.is_empty() {
-                        inbox
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .values
-                            .extend(values);
-                        arrived.notify_one();
-                    }
+                    inbox.put(values);
                     next += 1;
                 }
                 Err(e) => {
@@ -729,8 +729,7 @@ impl OpcuaSource {
         id: &Arc<str>,
         session: &Arc<Session>,
         by_node: &HashMap<NodeId, usize>,
-        inbox: &Arc<Mutex<Inbox>>,
-        arrived: &Arc<Notify>,
+        inbox: &Arc<Inbox>,
     ) {
         let mut order: Vec<(&NodeId, usize)> = by_node.iter().map(|(n, i)| (n, *i)).collect();
         order.sort_by_key(|(_, i)| *i);
@@ -746,11 +745,7 @@ impl OpcuaSource {
         match session.read(&reads, TimestampsToReturn::Both, 0.0).await {
             Ok(values) => {
                 tracing::debug!(source = %id, values = ?values, "Current values read.");
-                let mut inbox = inbox.lock().unwrap_or_else(|p| p.into_inner());
-                for ((_, i), v) in order.iter().zip(values) {
-                    inbox.values.push_back((*i, v));
-                }
-                arrived.notify_one();
+                inbox.put(order.iter().map(|(_, i)| *i).zip(values));
             }
             Err(e) => {
                 tracing::warn!(source = %id, error = %e, "Cannot read the current values after a new session; the subscription's first values will do.");
