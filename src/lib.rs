@@ -65,6 +65,7 @@ pub fn install_crypto_provider() {
 pub mod alert;
 pub mod api;
 pub mod app;
+pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod d365;

@@ -38,9 +38,6 @@ use crate::systemd::Heartbeat;
 
 /// Most events handled in one batch (one outbox commit).
 const MAX_BATCH_EVENTS: usize = 256;
-/// Waits between attempts to store a batch the disk refused.
-const STORE_RETRY_MIN: Duration = Duration::from_millis(500);
-const STORE_RETRY_MAX: Duration = Duration::from_secs(30);
 /// The outbox key of the rules engine's state.
 pub const RULES_STATE: &str = "rules";
 
@@ -203,7 +200,7 @@ impl Pipeline {
     /// guessing "not stored" would report a piece twice, and nothing can be stored
     /// meanwhile anyway.
     async fn redeliveries_stored<'a>(&self, batch: &'a [SourceEvent]) -> Stored<'a> {
-        let mut wait = STORE_RETRY_MIN;
+        let mut wait = crate::backoff::STORE_WRITE.start();
         'ask: loop {
             let mut stored = Stored::default();
             for e in batch {
@@ -224,10 +221,10 @@ impl Pipeline {
                 };
                 if let Err(e) = held {
                     self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(error = %e, retry_in_ms = wait.as_millis() as u64,
+                    tracing::error!(error = %e, retry_in_ms = wait.next_wait().as_millis() as u64,
                         "Cannot check the outbox for a redelivered message; waiting for it. Sources wait meanwhile.");
-                    self.heartbeat.sleep_beating(wait).await;
-                    wait = (wait * 2).min(STORE_RETRY_MAX);
+                    self.heartbeat.sleep_beating(wait.fail()).await;
+
                     continue 'ask;
                 }
             }
@@ -401,7 +398,7 @@ impl Pipeline {
     }
 
     async fn store(&self, ingest: Ingest) -> Vec<Record> {
-        let mut wait = STORE_RETRY_MIN;
+        let mut wait = crate::backoff::STORE_WRITE.start();
         let ingest = Arc::new(ingest);
         loop {
             match self.outbox.commit_reconciling(ingest.clone()).await {
@@ -411,12 +408,11 @@ impl Pipeline {
                 }
                 Err(e) => {
                     self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(error = %e, messages = ingest.messages.len(), retry_in_ms = wait.as_millis() as u64,
+                    tracing::error!(error = %e, messages = ingest.messages.len(), retry_in_ms = wait.next_wait().as_millis() as u64,
                         "Cannot store messages in the outbox; keeping them in memory and retrying. Sources wait meanwhile.");
                     // Waiting for the disk is progress of a kind: keep the watchdog fed
                     // (a restart would not free space, and would feed the uncertain path).
-                    self.heartbeat.sleep_beating(wait).await;
-                    wait = (wait * 2).min(STORE_RETRY_MAX);
+                    self.heartbeat.sleep_beating(wait.fail()).await;
                 }
             }
         }

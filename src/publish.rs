@@ -16,6 +16,7 @@
 //!   behind the gateway's back, so every PUBACK is matched to the publication it answers.
 //! - At most `WINDOW` publications are in flight per broker; the rest wait on disk.
 
+use crate::backoff::Backoff;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -30,8 +31,7 @@ use crate::source::mqtt::config::MqttConfig;
 
 /// Publications handed to the broker and not yet acknowledged, per broker.
 const WINDOW: usize = 32;
-const RETRY_MIN: Duration = Duration::from_millis(500);
-const RETRY_MAX: Duration = Duration::from_secs(30);
+const RETRY: Backoff = Backoff::doubling(Duration::from_millis(500), Duration::from_secs(30));
 /// How long a clean stop waits for the broker to take the DISCONNECT.
 const DISCONNECT_WAIT: Duration = Duration::from_secs(2);
 
@@ -59,7 +59,7 @@ enum Ended {
 impl Publisher {
     pub async fn run(self, cancel: CancellationToken) {
         let broker = format!("{}:{}", self.config.host, self.config.port);
-        let mut wait = RETRY_MIN;
+        let mut wait = RETRY.start();
         let mut down_logged = false;
         loop {
             match self.connection(&cancel, &mut wait).await {
@@ -71,15 +71,18 @@ impl Publisher {
                     }
                 }
             }
-            if !crate::source::pause(&cancel, wait).await {
+            if !crate::source::pause(&cancel, wait.fail()).await {
                 return;
             }
-            wait = (wait * 2).min(RETRY_MAX);
         }
     }
 
     /// One connection: from a fresh client until it breaks or the gateway stops.
-    async fn connection(&self, cancel: &CancellationToken, wait: &mut Duration) -> Ended {
+    async fn connection(
+        &self,
+        cancel: &CancellationToken,
+        wait: &mut crate::backoff::Retries,
+    ) -> Ended {
         let via = self.config.id.as_str();
         let client_id = format!("{}-publish", self.config.client_id);
         let options = match crate::source::mqtt::connect_options(&self.config, &client_id) {
@@ -151,7 +154,7 @@ impl Publisher {
                 event = eventloop.poll() => match event {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         connected = true;
-                        *wait = RETRY_MIN;
+                        wait.reset();
                         self.stats.connected.store(true, Ordering::Relaxed);
                         tracing::info!(via, broker = %format!("{}:{}", self.config.host, self.config.port), "Publisher connected to the MQTT broker.");
                     }

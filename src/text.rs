@@ -28,6 +28,12 @@ pub fn bounded(text: &str, max_chars: usize) -> String {
     out
 }
 
+/// How much of a device's payload a log line shows.
+pub const PAYLOAD_EXCERPT: usize = 80;
+/// How much of a server's answer (D365, Entra, Service Bus) a log line or a message's
+/// history shows.
+pub const BODY_EXCERPT: usize = 300;
+
 /// Bytes from outside (a payload) for a log line: lossy UTF-8, then [`bounded`].
 pub fn excerpt(bytes: &[u8], max_chars: usize) -> String {
     // Decoding more than 4 bytes a character could use is never needed for the bound.

@@ -2,6 +2,7 @@
 //! notifier has its own bounded queue and task, so a slow webhook never delays the MQTT
 //! publish nor the evaluation.
 
+use crate::backoff::Backoff;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -13,8 +14,7 @@ use super::{Board, Notice};
 
 /// Notices waiting per notifier; beyond it the oldest is dropped.
 const QUEUE_CAPACITY: usize = 256;
-const RETRY_MIN: Duration = Duration::from_secs(1);
-const RETRY_MAX: Duration = Duration::from_secs(300);
+const RETRY: Backoff = Backoff::doubling(Duration::from_secs(1), Duration::from_secs(300));
 
 /// A bounded FIFO of notices that drops its oldest when full.
 #[derive(Debug, Default)]
@@ -119,7 +119,7 @@ async fn mqtt_notifier(config: AlertMqtt, queue: Arc<Queue>, cancel: Cancellatio
                         if !std::mem::replace(&mut down_logged, true) {
                             tracing::warn!(%broker, error = %e, "Alert publisher cannot reach the MQTT broker; alerts wait.");
                         }
-                        if !crate::source::pause(&loop_cancel, RETRY_MIN).await {
+                        if !crate::source::pause(&loop_cancel, RETRY.initial()).await {
                             return;
                         }
                     }
@@ -161,7 +161,7 @@ async fn webhook_notifier(config: AlertWebhook, queue: Arc<Queue>, cancel: Cance
             return;
         }
     };
-    let mut wait = RETRY_MIN;
+    let mut wait = RETRY.start();
     loop {
         let notice = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -179,15 +179,14 @@ async fn webhook_notifier(config: AlertWebhook, queue: Arc<Queue>, cancel: Cance
             Err(e) => Some(crate::d365::token::error_chain(&e.without_url())),
         };
         match failure {
-            None => wait = RETRY_MIN,
+            None => wait.reset(),
             Some(why) => {
-                tracing::warn!(url = %crate::text::url_origin(config.url.as_str()), error = %why, retry_in_s = wait.as_secs(), alert = %notice.alert,
+                tracing::warn!(url = %crate::text::url_origin(config.url.as_str()), error = %why, retry_in_s = wait.next_wait().as_secs(), alert = %notice.alert,
                     "Alert webhook did not take the notice; retrying.");
                 queue.put_back(notice);
-                if !crate::source::pause(&cancel, wait).await {
+                if !crate::source::pause(&cancel, wait.fail()).await {
                     return;
                 }
-                wait = (wait * 2).min(RETRY_MAX);
             }
         }
     }

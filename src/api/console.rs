@@ -230,8 +230,8 @@ impl LoginThrottle {
         f.count += 1;
         f.last = now;
         if f.count >= LOGIN_FREE_FAILURES {
-            let doublings = (f.count - LOGIN_FREE_FAILURES).min(16);
-            let pause = (LOGIN_FIRST_PAUSE * 2u32.pow(doublings)).min(LOGIN_MAX_PAUSE);
+            let pause = crate::backoff::Backoff::doubling(LOGIN_FIRST_PAUSE, LOGIN_MAX_PAUSE)
+                .ceiling(f.count - LOGIN_FREE_FAILURES);
             f.until = Some(now + pause);
             f.logged = false;
         }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use super::config::D365Config;
 use crate::d365::retry::{self, Outcome};
-use crate::d365::token::{error_chain, excerpt, redirect_detail, Token, TokenSource};
+use crate::d365::token::{error_chain, redirect_detail, Token, TokenSource};
 use crate::message::Envelope;
 use crate::outbox::Record;
 
@@ -87,7 +87,7 @@ impl D365Client {
                 Outcome::Http {
                     status,
                     retry_after,
-                    body: excerpt(&body),
+                    body: crate::text::excerpt(body.as_bytes(), crate::text::BODY_EXCERPT),
                 }
             }
             // A connect error (refused, DNS, TLS handshake, connect timeout) means no byte

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::retry::{Backoff, RetryPolicy};
+use super::retry::{AmbiguousPolicy, RetryPolicy};
+use crate::backoff::Backoff;
 use crate::config::value::YamlValue;
 use crate::config::{FileCheck, Secret};
 use crate::message::{ContentSchema, CustomType, FieldNames, MessageTypes, KNOWN_TYPES};
@@ -118,17 +119,6 @@ pub struct RawAmbiguous {
     pub default: Option<AmbiguousPolicy>,
     #[serde(default)]
     pub per_type: BTreeMap<String, AmbiguousPolicy>,
-}
-
-/// What to do when a request may or may not have reached D365 (timeout or reset after
-/// the request was written).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AmbiguousPolicy {
-    /// Mark the message `uncertain`, hold its order, alert: an operator decides.
-    Hold,
-    /// Send it again (accepting a possible duplicate in D365).
-    Resend,
 }
 
 /// Checks the `d365` section.

@@ -48,7 +48,8 @@ use tokio_util::sync::CancellationToken;
 use crate::outbox::{MessageId, OpenTurn, Outbox, OutboxError, Record, Settle, Settlement, State};
 use crate::systemd::Heartbeat;
 use client::D365Client;
-use config::{AmbiguousPolicy, DispatcherConfig};
+use config::DispatcherConfig;
+use retry::AmbiguousPolicy;
 use retry::{Decision, Outcome, RetryPolicy, SendHistory};
 use token::Token;
 
@@ -74,9 +75,6 @@ fn wall_clock_after(wait: Duration) -> Option<jiff::Timestamp> {
 
 /// The longest a finished request waits for others to share its write (see the run loop).
 const LINGER_MAX: Duration = Duration::from_millis(5);
-/// Waits between attempts to write outcomes the disk refused.
-const STORE_RETRY_MIN: Duration = Duration::from_millis(500);
-const STORE_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Counters the dispatcher keeps for the operator surface and for the watchdog.
 #[derive(Debug)]
@@ -351,7 +349,10 @@ impl Dispatcher {
                         if !std::mem::replace(&mut lanes.unreadable, true) {
                             tracing::error!(error = %e, "Cannot read the outbox; nothing is sent until it can be read again.");
                         }
-                        (Vec::new(), now.checked_add(STORE_RETRY_MIN))
+                        (
+                            Vec::new(),
+                            now.checked_add(crate::backoff::STORE_WRITE.initial()),
+                        )
                     }
                 };
                 next_wake = wake_at;
@@ -476,7 +477,7 @@ impl Dispatcher {
                 }
                 Ok(()) = outbox_changes.changed() => self.recheck_held(&mut lanes),
                 _ = heartbeat_ticks.tick() => self.recheck_held(&mut lanes),
-                _ = sleep_until(next_wake), if next_wake.is_some() => {}
+                _ = crate::backoff::sleep_until(next_wake), if next_wake.is_some() => {}
             }
         }
 
@@ -596,26 +597,25 @@ impl Dispatcher {
         };
         // Rolled back or never opened: every outcome, the ordinary way.
         let settlements = in_turn.all_with(settlements);
-        let mut wait = STORE_RETRY_MIN;
+        let mut wait = crate::backoff::STORE_WRITE.start();
         let mut marks = &marks[..];
         loop {
             match self.outbox.settle_and_mark(&settlements, marks).await {
                 Ok((_, marked)) => return Some(marked),
                 Err(e) => {
-                    tracing::error!(error = %e, outcomes = settlements.len(), retry_in_ms = wait.as_millis() as u64,
+                    tracing::error!(error = %e, outcomes = settlements.len(), retry_in_ms = wait.next_wait().as_millis() as u64,
                         "Cannot record delivery outcomes in the outbox; keeping them and retrying. Nothing is sent meanwhile.");
                     marks = &[];
                     let pause = async {
                         match &self.heartbeat {
-                            Some(hb) => hb.sleep_beating(wait).await,
-                            None => tokio::time::sleep(wait).await,
+                            Some(hb) => hb.sleep_beating(wait.fail()).await,
+                            None => tokio::time::sleep(wait.fail()).await,
                         }
                     };
                     tokio::select! {
                         _ = pause => {}
                         _ = cancel.cancelled() => return None,
                     }
-                    wait = (wait * 2).min(STORE_RETRY_MAX);
                 }
             }
         }
@@ -1059,13 +1059,6 @@ impl PauseGate {
                 _ => return,
             }
         }
-    }
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
     }
 }
 

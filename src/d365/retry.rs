@@ -18,7 +18,18 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use super::config::AmbiguousPolicy;
+use crate::backoff::Backoff;
+
+/// What to do when a request may or may not have reached D365 (timeout or reset after
+/// the request was written).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AmbiguousPolicy {
+    /// Mark the message `uncertain`, hold its order, alert: an operator decides.
+    Hold,
+    /// Send it again (accepting a possible duplicate in D365).
+    Resend,
+}
 
 /// How the dispatcher answers outcomes: the `dispatcher` settings, read once and shared
 /// by the loop and every send task. The only copy of these values.
@@ -49,10 +60,7 @@ impl RetryPolicy {
 impl Default for RetryPolicy {
     fn default() -> Self {
         RetryPolicy {
-            backoff: Backoff {
-                initial: Duration::from_secs(1),
-                max: Duration::from_secs(300),
-            },
+            backoff: Backoff::doubling(Duration::from_secs(1), Duration::from_secs(300)),
             max_attempts: 3,
             throttle_fallback: Duration::from_secs(30),
             auth_pause: Duration::from_secs(300),
@@ -189,60 +197,6 @@ pub fn decide(outcome: &Outcome, history: &SendHistory<'_>, policy: &RetryPolicy
 /// gives `None`, and the caller uses its fallback.
 pub fn parse_retry_after(value: &str) -> Option<Duration> {
     value.trim().parse::<u64>().ok().map(Duration::from_secs)
-}
-
-/// Capped exponential backoff with full jitter: attempt `n` waits a uniformly random time
-/// in `[0, min(max, initial * 2^n)]`. Full jitter spreads retries of many lanes after a
-/// shared outage instead of having them hammer D365 in step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Backoff {
-    initial: Duration,
-    max: Duration,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum InvalidBackoff {
-    #[error("the initial backoff must be greater than zero")]
-    ZeroInitial,
-    #[error(
-        "the maximum backoff ({max:?}) must not be less than the initial backoff ({initial:?})"
-    )]
-    MaxBelowInitial { initial: Duration, max: Duration },
-}
-
-impl Backoff {
-    pub fn try_new(initial: Duration, max: Duration) -> Result<Backoff, InvalidBackoff> {
-        if initial.is_zero() {
-            return Err(InvalidBackoff::ZeroInitial);
-        }
-        if max < initial {
-            return Err(InvalidBackoff::MaxBelowInitial { initial, max });
-        }
-        Ok(Backoff { initial, max })
-    }
-
-    /// The upper bound of the wait before retry number `attempt` (0-based).
-    pub fn ceiling(&self, attempt: u32) -> Duration {
-        let factor = 2u32.saturating_pow(attempt.min(31));
-        self.initial.saturating_mul(factor).min(self.max)
-    }
-
-    /// The wait for `attempt`, with `unit` a random number in `[0, 1)`.
-    pub fn delay_with(&self, attempt: u32, unit: f64) -> Duration {
-        self.ceiling(attempt).mul_f64(unit.clamp(0.0, 1.0))
-    }
-
-    pub fn initial(&self) -> Duration {
-        self.initial
-    }
-
-    pub fn max(&self) -> Duration {
-        self.max
-    }
-
-    pub fn delay(&self, attempt: u32) -> Duration {
-        self.delay_with(attempt, fastrand::f64())
-    }
 }
 
 #[cfg(test)]
@@ -443,31 +397,5 @@ mod tests {
         assert_eq!(parse_retry_after(" 2 "), Some(Duration::from_secs(2)));
         assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
         assert_eq!(parse_retry_after("-1"), None);
-    }
-
-    #[test]
-    fn backoff_is_capped_exponential_with_full_jitter() {
-        let b = Backoff::try_new(Duration::from_secs(1), Duration::from_secs(60)).unwrap();
-        assert_eq!(b.ceiling(0), Duration::from_secs(1));
-        assert_eq!(b.ceiling(3), Duration::from_secs(8));
-        assert_eq!(b.ceiling(6), Duration::from_secs(60));
-        assert_eq!(b.ceiling(u32::MAX), Duration::from_secs(60));
-        assert_eq!(b.delay_with(3, 0.0), Duration::ZERO);
-        assert_eq!(b.delay_with(3, 0.5), Duration::from_secs(4));
-        for attempt in 0..40 {
-            assert!(b.delay(attempt) <= b.ceiling(attempt));
-        }
-    }
-
-    #[test]
-    fn invalid_backoffs_are_refused() {
-        assert_eq!(
-            Backoff::try_new(Duration::ZERO, Duration::from_secs(1)),
-            Err(InvalidBackoff::ZeroInitial)
-        );
-        assert!(matches!(
-            Backoff::try_new(Duration::from_secs(2), Duration::from_secs(1)),
-            Err(InvalidBackoff::MaxBelowInitial { .. })
-        ));
     }
 }

@@ -249,7 +249,7 @@ impl TokenSource {
             .unwrap_or_default()
             .to_string();
         let error = match (parsed.error.is_empty(), description.is_empty()) {
-            (true, _) => excerpt(&body),
+            (true, _) => crate::text::excerpt(body.as_bytes(), crate::text::BODY_EXCERPT),
             (false, true) => parsed.error,
             (false, false) => format!("{}: {description}", parsed.error),
         };
@@ -288,19 +288,4 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     out
-}
-
-/// A printable, bounded excerpt of a response body for logs and history.
-pub fn excerpt(body: &str) -> String {
-    const MAX: usize = 300;
-    let flat: String = body
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
-    let flat = flat.trim();
-    if flat.chars().count() > MAX {
-        format!("{}…", flat.chars().take(MAX).collect::<String>())
-    } else {
-        flat.to_string()
-    }
 }

@@ -285,11 +285,6 @@ pub fn spawn(
     (health, intake)
 }
 
-/// A printable excerpt of a payload for logs: at most 80 characters, control bytes escaped.
-pub fn excerpt(payload: &[u8]) -> String {
-    crate::text::excerpt(payload, 80)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

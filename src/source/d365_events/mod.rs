@@ -271,7 +271,7 @@ impl D365EventsSource {
                         Ok(e) => e,
                         Err(reason) => {
                             self.health.decode_error();
-                            tracing::warn!(source = %source, %reason, body = %super::excerpt(&delivery.body), "Unreadable D365 business event refused.");
+                            tracing::warn!(source = %source, %reason, body = %crate::text::excerpt(&delivery.body, crate::text::PAYLOAD_EXCERPT), "Unreadable D365 business event refused.");
                             let _ = delivery.answer.send(Outcome::Refused(reason));
                             continue;
                         }

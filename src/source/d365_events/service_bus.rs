@@ -24,6 +24,7 @@
 //! access signature (`SharedAccessSignature sr=…&sig=…&se=…&skn=…`) or an Entra token for
 //! `https://servicebus.azure.net/.default`.
 
+use crate::backoff::Backoff;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,8 +39,7 @@ use crate::config::Secret;
 use crate::d365::token::TokenSource;
 use crate::source::SourceHealth;
 
-const RETRY_MIN: Duration = Duration::from_secs(1);
-const RETRY_MAX: Duration = Duration::from_secs(60);
+const RETRY: Backoff = Backoff::doubling(Duration::from_secs(1), Duration::from_secs(60));
 /// A shared access signature is made for this long, and remade well before.
 const SAS_LIFETIME: Duration = Duration::from_secs(3600);
 /// Attempts to complete an event before leaving it to its lock's expiry.
@@ -189,7 +189,7 @@ impl Receiver {
     }
 
     async fn receive_loop(self: Arc<Self>, cancel: CancellationToken) {
-        let mut wait = RETRY_MIN;
+        let mut wait = RETRY.start();
         loop {
             let received = tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -197,7 +197,7 @@ impl Receiver {
             };
             match received {
                 Ok(locked) => {
-                    wait = RETRY_MIN;
+                    wait.reset();
                     if self.health.set_connected(&self.source, true, None) {
                         tracing::info!(source = %self.source, "Service Bus reachable; receiving events.");
                     }
@@ -209,13 +209,12 @@ impl Receiver {
                 }
                 Err(e) => {
                     if self.health.set_connected(&self.source, false, Some(&e)) {
-                        tracing::warn!(source = %self.source, error = %e, retry_in_s = wait.as_secs(),
+                        tracing::warn!(source = %self.source, error = %e, retry_in_s = wait.next_wait().as_secs(),
                             "Cannot receive D365 events from Service Bus; retrying with backoff. Events wait in Service Bus.");
                     }
-                    if !crate::source::pause(&cancel, wait).await {
+                    if !crate::source::pause(&cancel, wait.fail()).await {
                         return;
                     }
-                    wait = (wait * 2).min(RETRY_MAX);
                 }
             }
         }
@@ -250,7 +249,7 @@ impl Receiver {
                 }
                 return Err(format!(
                     "Service Bus refuses the credentials (HTTP {status}): {}",
-                    crate::d365::token::excerpt(&body)
+                    crate::text::excerpt(body.as_bytes(), crate::text::BODY_EXCERPT)
                 ));
             }
             404 => {
@@ -263,7 +262,7 @@ impl Receiver {
                 let body = response.text().await.unwrap_or_default();
                 return Err(format!(
                     "Service Bus answered HTTP {status}: {}",
-                    crate::d365::token::excerpt(&body)
+                    crate::text::excerpt(body.as_bytes(), crate::text::BODY_EXCERPT)
                 ));
             }
         }
@@ -358,7 +357,7 @@ impl Receiver {
                     tracing::warn!(source = %self.source, message_id = %crate::text::for_log(message_id), error = %e, attempt, "Cannot complete an event in Service Bus.")
                 }
             }
-            tokio::time::sleep(RETRY_MIN * attempt).await;
+            tokio::time::sleep(RETRY.initial() * attempt).await;
         }
         tracing::warn!(source = %self.source, message_id = %crate::text::for_log(message_id),
             "Event stored but not completed in Service Bus; it comes again when its lock expires and is recognised.");

@@ -16,6 +16,7 @@
 //!   open, device silent since …", and the reconnect delay keeps growing until the
 //!   device answers. A stop interrupts a request in flight.
 
+use crate::backoff::Backoff;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,8 +34,7 @@ use crate::event::{Event, Value};
 use crate::systemd::Heartbeat;
 use config::{ModbusConfig, ModbusTransport, PointKind, PointType, WordOrder};
 
-const RECONNECT_MIN: Duration = Duration::from_millis(200);
-const RECONNECT_MAX: Duration = Duration::from_secs(30);
+const RECONNECT: Backoff = Backoff::doubling(Duration::from_millis(200), Duration::from_secs(30));
 /// Largest read the protocol allows, in registers and in bits.
 const MAX_REGISTERS: u16 = 125;
 const MAX_BITS: u16 = 2000;
@@ -191,7 +191,7 @@ impl ModbusSource {
         let id: Arc<str> = self.config.id.as_str().into();
         let reads = plan(&self.config);
         tracing::info!(source = %id, endpoint = %self.config.transport, points = self.config.points.len(), reads = reads.len(), "Modbus source starting.");
-        let mut backoff = RECONNECT_MIN;
+        let mut backoff = RECONNECT.start();
         let tick = reads
             .iter()
             .map(|r| r.poll)
@@ -225,10 +225,10 @@ impl ModbusSource {
                     }
                     Err(e) => {
                         self.health.set_connected(&id, false, Some(&e));
-                        if !super::pause(&cancel, backoff).await {
+                        if !super::pause(&cancel, backoff.fail()).await {
                             return Ok(());
                         }
-                        backoff = (backoff * 2).min(RECONNECT_MAX);
+
                         continue;
                     }
                 }
@@ -252,7 +252,7 @@ impl ModbusSource {
                     // next failure starts from the shortest delay again.
                     self.health.set_connected(&id, true, None);
                     silent_since = None;
-                    backoff = RECONNECT_MIN;
+                    backoff.reset();
                 }
                 match answer {
                     Ok(Some(values)) => {
@@ -286,10 +286,9 @@ impl ModbusSource {
                 );
                 self.health.set_connected(&id, false, Some(&detail));
                 ctx = None;
-                if !super::pause(&cancel, backoff).await {
+                if !super::pause(&cancel, backoff.fail()).await {
                     return Ok(());
                 }
-                backoff = (backoff * 2).min(RECONNECT_MAX);
             } else if self.config.close_between_polls {
                 if let Some(mut c) = ctx.take() {
                     let _ = c.disconnect().await;

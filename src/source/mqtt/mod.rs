@@ -39,6 +39,7 @@
 //!   every ack, writes them, and sends DISCONNECT, so the broker neither redelivers what
 //!   was stored nor publishes the will message.
 
+use crate::backoff::Backoff;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,7 +56,6 @@ use super::{Ack, AckTicket, SourceError, SourceEvent, SourceHealth};
 pub mod config;
 pub mod topic;
 
-use super::excerpt;
 use crate::event::{Event, Value};
 use crate::outbox::{Delivery, DeliveryId, Outbox};
 use crate::systemd::Heartbeat;
@@ -80,8 +80,7 @@ const BARRIER_INTERVAL: Duration = Duration::from_millis(100);
 const CONFIRMED_KEEP: Duration = Duration::from_secs(2);
 /// Longest wait at shutdown for the pipeline's last acks and the DISCONNECT.
 const STOP_DEADLINE: Duration = Duration::from_secs(10);
-const RECONNECT_MIN: Duration = Duration::from_millis(200);
-const RECONNECT_MAX: Duration = Duration::from_secs(30);
+const RECONNECT: Backoff = Backoff::doubling(Duration::from_millis(200), Duration::from_secs(30));
 
 #[derive(Debug)]
 pub struct MqttSource {
@@ -103,8 +102,14 @@ pub fn decode(format: PayloadFormat, payload: &[u8]) -> Result<Value, String> {
                 Ok(n) if n.is_finite() => Ok(Value::Number(n)),
                 // "nan" and "inf" parse as floats but count nothing: a counter based on
                 // them would report garbage and could not be saved.
-                Ok(_) => Err(format!("not a finite number: {:?}", excerpt(payload))),
-                Err(_) => Err(format!("not a number: {:?}", excerpt(payload))),
+                Ok(_) => Err(format!(
+                    "not a finite number: {:?}",
+                    crate::text::excerpt(payload, crate::text::PAYLOAD_EXCERPT)
+                )),
+                Err(_) => Err(format!(
+                    "not a number: {:?}",
+                    crate::text::excerpt(payload, crate::text::PAYLOAD_EXCERPT)
+                )),
             }
         }
         PayloadFormat::Json => serde_json::from_slice(payload)
@@ -115,7 +120,12 @@ pub fn decode(format: PayloadFormat, payload: &[u8]) -> Result<Value, String> {
             let trimmed = t.trim();
             match trimmed.parse::<f64>() {
                 Ok(n) if n.is_finite() => return Ok(Value::Number(n)),
-                Ok(_) => return Err(format!("not a finite number: {:?}", excerpt(payload))),
+                Ok(_) => {
+                    return Err(format!(
+                        "not a finite number: {:?}",
+                        crate::text::excerpt(payload, crate::text::PAYLOAD_EXCERPT)
+                    ))
+                }
                 Err(_) => {}
             }
             match trimmed {
@@ -171,7 +181,7 @@ impl MqttSource {
         let mut events: VecDeque<SourceEvent> = VecDeque::new();
         let mut out = Some(out);
         let mut acks_tx = Some(acks_tx);
-        let mut backoff = RECONNECT_MIN;
+        let mut backoff = RECONNECT.start();
         let mut reconnect_at: Option<Instant> = None;
         let mut subscribed_once = false;
         let mut stop_by: Option<Instant> = None;
@@ -193,8 +203,7 @@ impl MqttSource {
                 if self.health.set_connected(&id, false, Some(&e)) {
                     tracing::warn!(source = %id, error = %e, "MQTT connection lost while writing acks; reconnecting with backoff.");
                 }
-                reconnect_at = Some(Instant::now() + backoff);
-                backoff = (backoff * 2).min(RECONNECT_MAX);
+                reconnect_at = Some(Instant::now() + backoff.fail());
             }
             if stop_by.is_some() && !disconnecting && acks_closed && acks.all_written() {
                 // Every ack the pipeline will ever hand back is written.
@@ -214,7 +223,7 @@ impl MqttSource {
                     // and come back after the restart.
                     stop_by = Some(Instant::now() + STOP_DEADLINE);
                 }
-                _ = sleep_until(stop_by), if stop_by.is_some() => {
+                _ = crate::backoff::sleep_until(stop_by), if stop_by.is_some() => {
                     tracing::warn!(source = %id, unwritten = acks.unwritten(), "MQTT source stopped before every ack was written; the broker will redeliver those messages (recognised as duplicates).");
                     return Ok(());
                 }
@@ -231,12 +240,12 @@ impl MqttSource {
                     }
                     None => return Err(SourceError::Closed { id: id.to_string() }),
                 },
-                _ = sleep_until(reconnect_at), if reconnect_at.is_some() => reconnect_at = None,
-                _ = sleep_until(barrier_due), if barrier_due.is_some() => {}
+                _ = crate::backoff::sleep_until(reconnect_at), if reconnect_at.is_some() => reconnect_at = None,
+                _ = crate::backoff::sleep_until(barrier_due), if barrier_due.is_some() => {}
                 _ = heartbeat_ticks.tick() => {}
                 polled = eventloop.poll(), if reading && reconnect_at.is_none() => match polled {
                     Ok(MqttEvent::Incoming(Packet::ConnAck(ack))) => {
-                        backoff = RECONNECT_MIN;
+                        backoff.reset();
                         self.health.set_connected(&id, true, None);
                         acks.connected(ack.session_present, self.outbox.as_ref());
                         // Subscribe when the broker has no session for us, and always on the
@@ -292,8 +301,8 @@ impl MqttSource {
                         if first {
                             tracing::warn!(source = %id, error = %e, "MQTT connection lost; reconnecting with backoff.");
                         }
-                        reconnect_at = Some(Instant::now() + backoff);
-                        backoff = (backoff * 2).min(RECONNECT_MAX);
+                        reconnect_at = Some(Instant::now() + backoff.fail());
+
                     }
                 },
             }
@@ -352,7 +361,7 @@ impl MqttSource {
             }
             Err(reason) => {
                 self.health.decode_error();
-                tracing::warn!(source = %id, topic = %crate::text::for_log(&publish.topic), reason = %crate::text::for_log(&reason.to_string()), payload = %excerpt(&publish.payload),
+                tracing::warn!(source = %id, topic = %crate::text::for_log(&publish.topic), reason = %crate::text::for_log(&reason.to_string()), payload = %crate::text::excerpt(&publish.payload, crate::text::PAYLOAD_EXCERPT),
                     "Undecodable MQTT payload; skipped (and acknowledged, so it does not come back forever).");
                 if acknowledged {
                     let (ticket, _) = acks.received(&publish, None);
@@ -592,13 +601,6 @@ async fn reserve(out: Option<&mpsc::Sender<SourceEvent>>) -> Option<mpsc::Permit
     out?.reserve().await.ok()
 }
 
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
-    }
-}
-
 /// QoS from the configuration's 0/1/2.
 /// The broker connection of an `mqtt` source (address, keep-alive, credentials, TLS) under
 /// `client_id`; session and ack settings are the caller's.
@@ -726,6 +728,9 @@ mod tests {
         assert!(decode(PayloadFormat::Auto, &[0xff, 0xfe])
             .unwrap_err()
             .contains("not UTF-8"));
-        assert_eq!(excerpt(b"a\nb"), "a\\nb");
+        assert_eq!(
+            crate::text::excerpt(b"a\nb", crate::text::PAYLOAD_EXCERPT),
+            "a\\nb"
+        );
     }
 }

@@ -26,6 +26,7 @@
 pub mod browse;
 pub mod config;
 
+use crate::backoff::Backoff;
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -60,8 +61,7 @@ const SUBSCRIPTION_LIFETIME: Duration = Duration::from_secs(600);
 /// Values in one publish response: bounds a response's size; the rest follow in the next.
 const MAX_NOTIFICATIONS_PER_PUBLISH: u32 = 10_000;
 /// The delay between attempts to reach the server before any session existed.
-const CONNECT_MIN: Duration = Duration::from_millis(500);
-const CONNECT_MAX: Duration = Duration::from_secs(30);
+const CONNECT: Backoff = Backoff::doubling(Duration::from_millis(500), Duration::from_secs(30));
 /// Integers beyond this are not exact as the rules' numbers (f64).
 const EXACT_INTEGER: f64 = 9_007_199_254_740_992.0;
 
@@ -223,7 +223,7 @@ impl OpcuaSource {
             .verify_server_certs(true)
             .session_retry_limit(-1)
             .session_retry_initial(Duration::from_millis(500))
-            .session_retry_max(CONNECT_MAX)
+            .session_retry_max(CONNECT.max())
             .request_timeout(config.request_timeout)
             // A publish after a burst carries thousands of values (the default limit of
             // 1,000 array elements dropped the connection on the 1,001st).
@@ -286,7 +286,7 @@ impl OpcuaSource {
             nodes = self.config.nodes.len(), certificate = %Self::describe_certificate(&self.config.pki()),
             application_uri = %self.config.application_uri, "OPC UA source starting.");
         let identity = self.identity().map_err(setup)?;
-        let mut backoff = CONNECT_MIN;
+        let mut backoff = CONNECT.start();
         let points: Vec<Arc<str>> = self
             .config
             .nodes
@@ -304,10 +304,10 @@ impl OpcuaSource {
                 Ok(s) => s,
                 Err(detail) => {
                     self.health.set_connected(&id, false, Some(&detail));
-                    if !super::pause(&cancel, backoff).await {
+                    if !super::pause(&cancel, backoff.fail()).await {
                         return Ok(());
                     }
-                    backoff = (backoff * 2).min(CONNECT_MAX);
+
                     continue;
                 }
             };
@@ -318,10 +318,9 @@ impl OpcuaSource {
                 Served::Cancelled => return Ok(()),
                 Served::Ended(why) => {
                     self.health.set_connected(&id, false, Some(&why));
-                    if !super::pause(&cancel, backoff).await {
+                    if !super::pause(&cancel, backoff.fail()).await {
                         return Ok(());
                     }
-                    backoff = (backoff * 2).min(CONNECT_MAX);
                 }
             }
         }

@@ -8,6 +8,7 @@
 //! Frames that are not UTF-8 or longer than `max_frame` are counted and logged with a
 //! printable excerpt; the source keeps running.
 
+use crate::backoff::Backoff;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,13 +19,11 @@ use tokio_util::sync::CancellationToken;
 use super::{SourceError, SourceEvent, SourceHealth};
 pub mod config;
 
-use super::excerpt;
 use crate::event::{Event, Value};
 use crate::systemd::Heartbeat;
 use config::{Framer, SerialConfig, SerialMode};
 
-const REOPEN_MIN: Duration = Duration::from_millis(200);
-const REOPEN_MAX: Duration = Duration::from_secs(30);
+const REOPEN: Backoff = Backoff::doubling(Duration::from_millis(200), Duration::from_secs(30));
 
 /// Takes complete frames out of `buf`, leaving an incomplete tail.
 pub fn take_frames(framer: &Framer, buf: &mut Vec<u8>) -> Vec<Vec<u8>> {
@@ -90,12 +89,12 @@ impl SerialSource {
         let point: Arc<str> = self.config.point.as_str().into();
         let device = self.config.port.device.display().to_string();
         tracing::info!(source = %id, %device, baud = self.config.port.baud, "Serial source starting.");
-        let mut backoff = REOPEN_MIN;
+        let mut backoff = REOPEN.start();
         let mut heartbeat_ticks = tokio::time::interval(self.heartbeat.period());
         loop {
             let mut port = match self.config.port.open() {
                 Ok(p) => {
-                    backoff = REOPEN_MIN;
+                    backoff.reset();
                     self.health.set_connected(&id, true, None);
                     p
                 }
@@ -103,10 +102,10 @@ impl SerialSource {
                     self.health
                         .set_connected(&id, false, Some(&format!("open {device}: {e}")));
                     self.heartbeat.beat();
-                    if !super::pause(&cancel, backoff).await {
+                    if !super::pause(&cancel, backoff.fail()).await {
                         return Ok(());
                     }
-                    backoff = (backoff * 2).min(REOPEN_MAX);
+
                     continue;
                 }
             };
@@ -129,16 +128,15 @@ impl SerialSource {
                 }
                 if buf.len() > self.config.max_frame {
                     self.health.decode_error();
-                    tracing::warn!(source = %id, bytes = buf.len(), excerpt = %excerpt(&buf), "No frame end within max_frame bytes; discarded.");
+                    tracing::warn!(source = %id, bytes = buf.len(), excerpt = %crate::text::excerpt(&buf, crate::text::PAYLOAD_EXCERPT), "No frame end within max_frame bytes; discarded.");
                     buf.clear();
                 }
             };
             drop(port);
             self.health.set_connected(&id, false, Some(&reason));
-            if !super::pause(&cancel, backoff).await {
+            if !super::pause(&cancel, backoff.fail()).await {
                 return Ok(());
             }
-            backoff = (backoff * 2).min(REOPEN_MAX);
         }
     }
 
@@ -155,7 +153,7 @@ impl SerialSource {
                 Ok(text) => vec![Value::Text(text.trim().to_string())],
                 Err(_) => {
                     self.health.decode_error();
-                    tracing::warn!(source = %id, point = %point, excerpt = %excerpt(frame), "Serial frame is not UTF-8 text; skipped.");
+                    tracing::warn!(source = %id, point = %point, excerpt = %crate::text::excerpt(frame, crate::text::PAYLOAD_EXCERPT), "Serial frame is not UTF-8 text; skipped.");
                     return Ok(());
                 }
             },
