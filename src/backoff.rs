@@ -107,6 +107,15 @@ impl Retries {
 pub const STORE_WRITE: Backoff =
     Backoff::doubling(Duration::from_millis(500), Duration::from_secs(30));
 
+/// Waits `delay` unless `cancel` fires first; returns false when cancelled. The pause
+/// between attempts of every reconnecting task.
+pub async fn pause(cancel: &tokio_util::sync::CancellationToken, delay: Duration) -> bool {
+    tokio::select! {
+        _ = cancel.cancelled() => false,
+        _ = tokio::time::sleep(delay) => true,
+    }
+}
+
 /// Sleeps until `deadline`; forever when there is none (a `select!` arm that stays quiet
 /// until something schedules a wake-up).
 pub async fn sleep_until(deadline: Option<tokio::time::Instant>) {

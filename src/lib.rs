@@ -23,7 +23,7 @@
 //! | D365's verdicts on messages, events matching none | [`outbox`] (written by [`pipeline`]) | yes, with the event's id |
 //! | rules' MQTT publications until the broker acknowledges them | [`outbox`], sent by [`publish`] | yes, with the batch that built them |
 //! | requests in flight, backoff deadlines, the 429/credentials pause | [`d365::Dispatcher`] | deadlines and pause yes, in-flight no (found `sending` → uncertain) |
-//! | the access token | [`d365::token`] | no |
+//! | the access token | [`entra`] | no |
 //! | a source's connection and unacknowledged receipts | each [`source`] | no: the broker keeps what was not acknowledged |
 //! | the configuration | [`settings::Config`], replaced on reload by [`app`] | files |
 //!
@@ -69,9 +69,11 @@ pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod d365;
+pub mod entra;
 pub mod event;
 pub mod live;
 pub mod message;
+pub mod mqtt;
 pub mod operator;
 pub mod outbox;
 pub mod pipeline;

@@ -58,7 +58,7 @@ enum Ended {
 
 impl Publisher {
     pub async fn run(self, cancel: CancellationToken) {
-        let broker = format!("{}:{}", self.config.host, self.config.port);
+        let broker = self.config.broker.address();
         let mut wait = RETRY.start();
         let mut down_logged = false;
         loop {
@@ -71,7 +71,7 @@ impl Publisher {
                     }
                 }
             }
-            if !crate::source::pause(&cancel, wait.fail()).await {
+            if !crate::backoff::pause(&cancel, wait.fail()).await {
                 return;
             }
         }
@@ -85,12 +85,12 @@ impl Publisher {
     ) -> Ended {
         let via = self.config.id.as_str();
         let client_id = format!("{}-publish", self.config.client_id);
-        let options = match crate::source::mqtt::connect_options(&self.config, &client_id) {
+        let options = match self.config.broker.options(&client_id) {
             Ok(mut o) => {
                 o.set_clean_session(true);
                 o
             }
-            Err(e) => return Ended::Lost(e.to_string()),
+            Err(e) => return Ended::Lost(e),
         };
         let (client, mut eventloop) = AsyncClient::new(options, WINDOW * 2);
         let mut changes = self.outbox.subscribe();
@@ -156,7 +156,7 @@ impl Publisher {
                         connected = true;
                         wait.reset();
                         self.stats.connected.store(true, Ordering::Relaxed);
-                        tracing::info!(via, broker = %format!("{}:{}", self.config.host, self.config.port), "Publisher connected to the MQTT broker.");
+                        tracing::info!(via, broker = %self.config.broker.address(), "Publisher connected to the MQTT broker.");
                     }
                     Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
                         if let Some(seq) = handed.pop_front() {

@@ -444,8 +444,11 @@ mod tests {
         .unwrap();
         let config = load(dir.path()).unwrap();
         let mqtt = config.alerts.mqtt.expect("an MQTT alert publisher");
-        assert!(mqtt.tls);
-        assert_eq!(mqtt.tls_files.ca_file, Some(dir.path().join("ca.pem")));
+        assert!(mqtt.broker.tls);
+        assert_eq!(
+            mqtt.broker.tls_files.ca_file,
+            Some(dir.path().join("ca.pem"))
+        );
     }
 
     #[test]

@@ -42,14 +42,9 @@ impl Default for AlertConfig {
 /// subscribes later sees what is open; a cleared alert's retained message says so.
 #[derive(Debug, Clone)]
 pub struct AlertMqtt {
-    pub host: String,
-    pub port: u16,
-    pub tls: bool,
+    pub broker: crate::mqtt::Broker,
     pub client_id: String,
     pub topic: String,
-    pub username: Option<String>,
-    pub password: Option<Secret>,
-    pub tls_files: crate::source::mqtt::config::TlsFiles,
 }
 
 /// Each alert is POSTed as JSON (`text` holds a line Teams and Slack incoming webhooks
@@ -101,41 +96,31 @@ pub fn read(cx: &mut FileCheck<'_>) -> AlertConfig {
         return defaults;
     };
     let mqtt = raw.mqtt.and_then(|m| {
-        let broker = crate::source::mqtt::config::broker_url(cx, "alerts.mqtt.url", &m.url);
-        let tls_files = crate::source::mqtt::config::tls_files(
-            cx,
-            "alerts.mqtt",
-            broker.as_ref().map(|(tls, _, _)| *tls),
-            m.ca_file.as_deref(),
-            m.client_cert_file.as_deref(),
-            m.client_key_file.as_deref(),
-        );
-        let (tls, host, port) = broker?;
         if m.topic.is_empty() || m.topic.contains(['+', '#']) {
             cx.error(
                 "alerts.mqtt.topic",
                 format!("{:?}: a topic prefix without wildcards", m.topic),
             );
         }
-        let password = m
-            .password_file
-            .as_deref()
-            .and_then(|f| cx.secret_file("alerts.mqtt.password_file", f))
-            .map(|(s, _)| s);
-        if password.is_some() != m.username.is_some() {
-            cx.error("alerts.mqtt", "username and password_file go together");
-        }
+        let broker = crate::mqtt::read_broker(
+            cx,
+            "alerts.mqtt",
+            crate::mqtt::BrokerFields {
+                url: &m.url,
+                username: m.username.as_deref(),
+                password_file: m.password_file.as_deref(),
+                ca_file: m.ca_file.as_deref(),
+                client_cert_file: m.client_cert_file.as_deref(),
+                client_key_file: m.client_key_file.as_deref(),
+                keep_alive: Duration::from_secs(30),
+            },
+        )?;
         Some(AlertMqtt {
-            host,
-            port,
-            tls,
+            broker,
             client_id: m
                 .client_id
                 .unwrap_or_else(|| "mes-gateway-alerts".to_string()),
             topic: m.topic.trim_end_matches('/').to_string(),
-            username: m.username,
-            password,
-            tls_files,
         })
     });
     let webhook = raw.webhook.and_then(|w| {

@@ -82,28 +82,19 @@ pub fn start(
 }
 
 async fn mqtt_notifier(config: AlertMqtt, queue: Arc<Queue>, cancel: CancellationToken) {
-    let mut options = rumqttc::MqttOptions::new(&config.client_id, &config.host, config.port);
-    options.set_keep_alive(Duration::from_secs(30));
-    if let (Some(user), Some(password)) = (&config.username, &config.password) {
-        options.set_credentials(user, password.expose());
-    }
-    if config.tls {
-        match crate::source::mqtt::tls_transport(&config.tls_files) {
-            Ok(transport) => {
-                options.set_transport(transport);
-            }
-            Err(e) => {
-                // Checked at load (the files existed); gone or unreadable since.
-                tracing::error!(error = %e, "Alert publisher cannot set up TLS; alerts are not published over MQTT until the configuration is reloaded.");
-                return;
-            }
+    let options = match config.broker.options(&config.client_id) {
+        Ok(options) => options,
+        Err(e) => {
+            // Checked at load (the files existed); gone or unreadable since.
+            tracing::error!(error = %e, "Alert publisher cannot set up TLS; alerts are not published over MQTT until the configuration is reloaded.");
+            return;
         }
-    }
+    };
     let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 64);
     // The event loop is what talks to the broker (and reconnects): it runs on its own so
     // a publish waiting for room in its queue never stops it.
     let loop_cancel = cancel.clone();
-    let broker = format!("{}:{}", config.host, config.port);
+    let broker = config.broker.address();
     tokio::spawn(async move {
         let mut down_logged = false;
         loop {
@@ -119,7 +110,7 @@ async fn mqtt_notifier(config: AlertMqtt, queue: Arc<Queue>, cancel: Cancellatio
                         if !std::mem::replace(&mut down_logged, true) {
                             tracing::warn!(%broker, error = %e, "Alert publisher cannot reach the MQTT broker; alerts wait.");
                         }
-                        if !crate::source::pause(&loop_cancel, RETRY.initial()).await {
+                        if !crate::backoff::pause(&loop_cancel, RETRY.initial()).await {
                             return;
                         }
                     }
@@ -176,7 +167,7 @@ async fn webhook_notifier(config: AlertWebhook, queue: Arc<Queue>, cancel: Cance
             Ok(r) => Some(format!("HTTP {}", r.status())),
             // reqwest names the URL in its errors; for Teams or Slack the URL is the
             // credential, so it never reaches the log.
-            Err(e) => Some(crate::d365::token::error_chain(&e.without_url())),
+            Err(e) => Some(crate::entra::error_chain(&e.without_url())),
         };
         match failure {
             None => wait.reset(),
@@ -184,7 +175,7 @@ async fn webhook_notifier(config: AlertWebhook, queue: Arc<Queue>, cancel: Cance
                 tracing::warn!(url = %crate::text::url_origin(config.url.as_str()), error = %why, retry_in_s = wait.next_wait().as_secs(), alert = %notice.alert,
                     "Alert webhook did not take the notice; retrying.");
                 queue.put_back(notice);
-                if !crate::source::pause(&cancel, wait.fail()).await {
+                if !crate::backoff::pause(&cancel, wait.fail()).await {
                     return;
                 }
             }

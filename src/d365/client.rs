@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use super::config::D365Config;
 use crate::d365::retry::{self, Outcome};
-use crate::d365::token::{error_chain, redirect_detail, Token, TokenSource};
+use crate::entra::{error_chain, redirect_detail, Token, TokenSource};
 use crate::message::Envelope;
 use crate::outbox::Record;
 
@@ -37,7 +37,7 @@ impl D365Client {
             .user_agent(concat!("mes-gateway/", env!("CARGO_PKG_VERSION")))
             .build()?;
         Ok(D365Client {
-            tokens: TokenSource::new(http.clone(), &config),
+            tokens: TokenSource::new(http.clone(), &config.app(), &config.resource()),
             url: config.send_message_url(),
             http,
             config,

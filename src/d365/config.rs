@@ -10,6 +10,7 @@ use super::retry::{AmbiguousPolicy, RetryPolicy};
 use crate::backoff::Backoff;
 use crate::config::value::YamlValue;
 use crate::config::{FileCheck, Secret};
+use crate::entra::{AppCredentials, TokenApi};
 use crate::message::{ContentSchema, CustomType, FieldNames, MessageTypes, KNOWN_TYPES};
 
 /// D365's per-user concurrency limit: more requests in flight than this get 429s.
@@ -44,6 +45,16 @@ impl D365Config {
     /// The D365 resource identifier: the base URL without a trailing slash.
     pub fn resource(&self) -> String {
         self.base_url.as_str().trim_end_matches('/').to_string()
+    }
+
+    /// The app registration the gateway signs in as (D365 and Service Bus alike).
+    pub fn app(&self) -> AppCredentials {
+        AppCredentials {
+            token_url: self.token_url.clone(),
+            client_id: self.client_id.clone(),
+            client_secret: self.client_secret.clone(),
+            api: self.token_api,
+        }
     }
 }
 
@@ -90,15 +101,6 @@ pub struct RawCustomType {
     pub name: String,
     /// The shape of its content (a small part of JSON Schema); none: any content.
     pub schema: Option<YamlValue>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TokenApi {
-    /// Microsoft identity platform v2: `scope=<base url>/.default`.
-    V2,
-    /// Legacy v1 (ADAL-style): `resource=<base url>`.
-    V1,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -34,7 +34,6 @@
 pub mod client;
 pub mod config;
 pub mod retry;
-pub mod token;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,13 +44,13 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::entra::Token;
 use crate::outbox::{MessageId, OpenTurn, Outbox, OutboxError, Record, Settle, Settlement, State};
 use crate::systemd::Heartbeat;
 use client::D365Client;
 use config::DispatcherConfig;
 use retry::AmbiguousPolicy;
 use retry::{Decision, Outcome, RetryPolicy, SendHistory};
-use token::Token;
 
 /// The outbox key of the dispatcher's saved pause.
 const DISPATCHER_STATE: &str = "dispatcher";
@@ -710,7 +709,10 @@ impl Dispatcher {
     }
 
     /// A token for the next requests; `None` when cancelled while waiting for it.
-    async fn token(&self, cancel: &CancellationToken) -> Option<Result<Token, token::TokenError>> {
+    async fn token(
+        &self,
+        cancel: &CancellationToken,
+    ) -> Option<Result<Token, crate::entra::TokenError>> {
         let fetch = self.client.tokens.get();
         tokio::pin!(fetch);
         let mut ticks = tokio::time::interval(

@@ -8,7 +8,7 @@ use crate::config::value::ScalarValue;
 use crate::message::{
     Message, KNOWN_TYPES, TYPE_PICKING_LIST, TYPE_REPORT_FINISHED, TYPE_ROUTE_CARD,
 };
-use crate::source::mqtt::topic::TopicFilter;
+use crate::mqtt::topic::TopicFilter;
 use crate::source::SourceConfig;
 
 use super::config::{CountMode, RawPayload, RawRule};

@@ -1,5 +1,5 @@
 //! The pure pieces of matching: edge detection with debounce, and counter registers read
-//! as deltas. (MQTT topic filters with captures are `source::mqtt::topic`.)
+//! as deltas. (MQTT topic filters with captures are `mqtt::topic`.)
 
 use std::time::Duration;
 

@@ -34,8 +34,8 @@ use serde_json::Value as Json;
 
 use crate::event::{Event, Value};
 use crate::message::Message;
+use crate::mqtt::topic::TopicFilter;
 use crate::outbox::Publication;
-use crate::source::mqtt::topic::TopicFilter;
 pub use compile::RuleError;
 pub use config::{CountMode, Edge};
 use matcher::counter_delta;

@@ -504,14 +504,16 @@ fn with_broker(mut sources: Vec<SourceConfig>) -> Vec<SourceConfig> {
     sources.push(SourceConfig::Mqtt(
         crate::source::mqtt::config::MqttConfig {
             id: "broker".into(),
-            host: "127.0.0.1".into(),
-            port: 1883,
-            tls: false,
+            broker: crate::mqtt::Broker {
+                host: "127.0.0.1".into(),
+                port: 1883,
+                tls: false,
+                username: None,
+                password: None,
+                tls_files: Default::default(),
+                keep_alive: Duration::from_secs(30),
+            },
             client_id: "gw".into(),
-            username: None,
-            password: None,
-            tls_files: Default::default(),
-            keep_alive: Duration::from_secs(30),
             payload: Default::default(),
             subscriptions: Vec::new(),
         },

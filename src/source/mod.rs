@@ -229,15 +229,6 @@ pub async fn forward(
     }
 }
 
-/// Waits `delay` unless `cancel` fires first; returns false when cancelled. The pause
-/// between reconnect attempts of every source.
-pub async fn pause(cancel: &CancellationToken, delay: std::time::Duration) -> bool {
-    tokio::select! {
-        _ = cancel.cancelled() => false,
-        _ = tokio::time::sleep(delay) => true,
-    }
-}
-
 /// Starts the task for one source; returns its health and, for a `d365_events` source,
 /// the webhook's way into it.
 pub fn spawn(

@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 use super::config::{ServiceBusAuth, ServiceBusConfig};
 use super::{Delivery, Outcome};
 use crate::config::Secret;
-use crate::d365::token::TokenSource;
+use crate::entra::TokenSource;
 use crate::source::SourceHealth;
 
 const RETRY: Backoff = Backoff::doubling(Duration::from_secs(1), Duration::from_secs(60));
@@ -129,9 +129,9 @@ impl Receiver {
                 key_name: key_name.clone(),
                 key: key.clone(),
             },
-            ServiceBusAuth::Entra(Some(d365)) => Auth::Entra(Box::new(TokenSource::for_resource(
+            ServiceBusAuth::Entra(Some(d365)) => Auth::Entra(Box::new(TokenSource::new(
                 http.clone(),
-                d365,
+                &d365.app(),
                 SERVICE_BUS_RESOURCE,
             ))),
             ServiceBusAuth::Entra(None) => {
@@ -212,7 +212,7 @@ impl Receiver {
                         tracing::warn!(source = %self.source, error = %e, retry_in_s = wait.next_wait().as_secs(),
                             "Cannot receive D365 events from Service Bus; retrying with backoff. Events wait in Service Bus.");
                     }
-                    if !crate::source::pause(&cancel, wait.fail()).await {
+                    if !crate::backoff::pause(&cancel, wait.fail()).await {
                         return;
                     }
                 }
@@ -234,7 +234,7 @@ impl Receiver {
             .header(reqwest::header::CONTENT_LENGTH, "0")
             .send()
             .await
-            .map_err(|e| format!("{url}: {}", crate::d365::token::error_chain(&e)))?;
+            .map_err(|e| format!("{url}: {}", crate::entra::error_chain(&e)))?;
         let status = response.status().as_u16();
         match status {
             201 | 200 => {}
@@ -387,7 +387,7 @@ impl Receiver {
             .header(reqwest::header::CONTENT_LENGTH, "0")
             .send()
             .await
-            .map_err(|e| crate::d365::token::error_chain(&e))?;
+            .map_err(|e| crate::entra::error_chain(&e))?;
         Ok(response.status().as_u16())
     }
 }

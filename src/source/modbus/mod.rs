@@ -225,7 +225,7 @@ impl ModbusSource {
                     }
                     Err(e) => {
                         self.health.set_connected(&id, false, Some(&e));
-                        if !super::pause(&cancel, backoff.fail()).await {
+                        if !crate::backoff::pause(&cancel, backoff.fail()).await {
                             return Ok(());
                         }
 
@@ -286,7 +286,7 @@ impl ModbusSource {
                 );
                 self.health.set_connected(&id, false, Some(&detail));
                 ctx = None;
-                if !super::pause(&cancel, backoff.fail()).await {
+                if !crate::backoff::pause(&cancel, backoff.fail()).await {
                     return Ok(());
                 }
             } else if self.config.close_between_polls {

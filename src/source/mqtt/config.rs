@@ -1,73 +1,23 @@
 //! The MQTT source's configuration (`type: mqtt`): broker URL, session, TLS files,
 //! credentials, subscriptions and payload format.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::config::{FileCheck, Secret};
-use crate::source::mqtt::topic::TopicFilter;
+use crate::config::FileCheck;
+use crate::mqtt::topic::TopicFilter;
+use crate::mqtt::{Broker, BrokerFields};
 
 #[derive(Debug, Clone)]
 pub struct MqttConfig {
     pub id: String,
-    pub host: String,
-    pub port: u16,
-    pub tls: bool,
+    pub broker: Broker,
     /// Stable across restarts: the broker keeps the session (and unacknowledged
     /// messages) under this id.
     pub client_id: String,
-    pub username: Option<String>,
-    pub password: Option<Secret>,
-    pub tls_files: TlsFiles,
-    pub keep_alive: Duration,
     pub payload: PayloadFormat,
     pub subscriptions: Vec<Subscription>,
-}
-
-/// Certificates of a connection over TLS (`mqtts://`): the CA that signed the broker's
-/// certificate (the system's roots when absent), and a client certificate with its key
-/// for brokers that authenticate clients by certificate.
-#[derive(Debug, Clone, Default)]
-pub struct TlsFiles {
-    pub ca_file: Option<PathBuf>,
-    pub client_cert_file: Option<PathBuf>,
-    pub client_key_file: Option<PathBuf>,
-}
-
-/// The certificate files of a broker connection at `path` (a source, or the alert
-/// publisher): each must exist, the client certificate and key go together, and any of
-/// them needs an mqtts:// URL (`tls`: what the URL said, `None` when it was unreadable).
-pub fn tls_files(
-    cx: &mut FileCheck<'_>,
-    path: &str,
-    tls: Option<bool>,
-    ca_file: Option<&str>,
-    client_cert_file: Option<&str>,
-    client_key_file: Option<&str>,
-) -> TlsFiles {
-    let mut file = |key: &str, written: Option<&str>| -> Option<PathBuf> {
-        let field = format!("{path}.{key}");
-        let p = cx.file_path(&field, written?)?;
-        if !p.is_file() {
-            cx.error(&field, format!("{} not found", p.display()));
-        }
-        Some(p)
-    };
-    let files = TlsFiles {
-        ca_file: file("ca_file", ca_file),
-        client_cert_file: file("client_cert_file", client_cert_file),
-        client_key_file: file("client_key_file", client_key_file),
-    };
-    if files.client_cert_file.is_some() != files.client_key_file.is_some() {
-        cx.error(path, "client_cert_file and client_key_file go together");
-    }
-    let any = files.ca_file.is_some() || files.client_cert_file.is_some();
-    if tls == Some(false) && any {
-        cx.error(&format!("{path}.url"), "certificates need an mqtts:// URL");
-    }
-    files
 }
 
 #[derive(Debug, Clone)]
@@ -115,59 +65,11 @@ pub enum PayloadFormat {
     Number,
 }
 
-/// Reads a broker URL (`mqtt://host[:port]`, `mqtts://host[:port]`) into (TLS, host, port).
-pub fn broker_url(cx: &mut FileCheck<'_>, field: &str, url: &str) -> Option<(bool, String, u16)> {
-    let (tls, default_port, rest) = if let Some(r) = url.strip_prefix("mqtts://") {
-        (true, 8883, r)
-    } else if let Some(r) = url.strip_prefix("mqtt://") {
-        (false, 1883, r)
-    } else {
-        cx.error(
-            field,
-            format!("{url:?}: expected mqtt://host[:port] or mqtts://host[:port]"),
-        );
-        return None;
-    };
-    let rest = rest.trim_end_matches('/');
-    let (host, port) = match rest.rsplit_once(':') {
-        Some((h, p)) => match p.parse::<u16>() {
-            Ok(p) => (h.to_string(), p),
-            Err(_) => {
-                cx.error(field, format!("{url:?}: invalid port {p:?}"));
-                return None;
-            }
-        },
-        None => (rest.to_string(), default_port),
-    };
-    if host.is_empty() {
-        cx.error(field, format!("{url:?}: no host"));
-        return None;
-    }
-    Some((tls, host, port))
-}
-
 /// Checks the MQTT source at `path` (`sources[i]`).
 pub fn read(cx: &mut FileCheck<'_>, path: &str) -> Option<MqttConfig> {
     let raw: RawMqtt = cx.parse(path)?;
     let before = cx.error_count();
     // Not returned yet: the rest of the source is checked too.
-    let broker = broker_url(cx, &format!("{path}.url"), &raw.url);
-    let password = raw
-        .password_file
-        .as_deref()
-        .and_then(|f| cx.secret_file(&format!("{path}.password_file"), f))
-        .map(|(secret, _origin)| secret);
-    if password.is_some() != raw.username.is_some() {
-        cx.error(path, "username and password_file go together");
-    }
-    let tls_files = tls_files(
-        cx,
-        path,
-        broker.as_ref().map(|(tls, _, _)| *tls),
-        raw.ca_file.as_deref(),
-        raw.client_cert_file.as_deref(),
-        raw.client_key_file.as_deref(),
-    );
     if raw.subscriptions.is_empty() {
         cx.error(
             &format!("{path}.subscriptions"),
@@ -177,7 +79,7 @@ pub fn read(cx: &mut FileCheck<'_>, path: &str) -> Option<MqttConfig> {
     let mut subscriptions = Vec::new();
     for (i, s) in raw.subscriptions.iter().enumerate() {
         let qos = s.qos.unwrap_or(1);
-        match super::qos(qos) {
+        match crate::mqtt::qos(qos) {
             Some(q) => subscriptions.push(Subscription {
                 topic: s.topic.clone(),
                 qos: q,
@@ -208,7 +110,20 @@ pub fn read(cx: &mut FileCheck<'_>, path: &str) -> Option<MqttConfig> {
     } else {
         keep_alive
     };
-    let (tls, host, port) = broker?;
+    let broker = crate::mqtt::read_broker(
+        cx,
+        path,
+        BrokerFields {
+            url: &raw.url,
+            username: raw.username.as_deref(),
+            password_file: raw.password_file.as_deref(),
+            ca_file: raw.ca_file.as_deref(),
+            client_cert_file: raw.client_cert_file.as_deref(),
+            client_key_file: raw.client_key_file.as_deref(),
+            keep_alive,
+        },
+    );
+    let broker = broker?;
     if cx.error_count() > before {
         return None;
     }
@@ -217,13 +132,7 @@ pub fn read(cx: &mut FileCheck<'_>, path: &str) -> Option<MqttConfig> {
             .client_id
             .unwrap_or_else(|| format!("mes-gateway-{}", raw.id)),
         id: raw.id,
-        host,
-        port,
-        tls,
-        username: raw.username,
-        password,
-        tls_files,
-        keep_alive,
+        broker,
         payload: raw.payload.unwrap_or_default(),
         subscriptions,
     })

@@ -44,17 +44,13 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::{
-    AsyncClient, Event as MqttEvent, MqttOptions, Outgoing, Packet, Publish, QoS, TlsConfiguration,
-    Transport,
-};
+use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Outgoing, Packet, Publish, QoS};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{Ack, AckTicket, SourceError, SourceEvent, SourceHealth};
 pub mod config;
-pub mod topic;
 
 use crate::event::{Event, Value};
 use crate::outbox::{Delivery, DeliveryId, Outbox};
@@ -160,7 +156,14 @@ impl MqttSource {
     }
 
     fn options(&self) -> Result<MqttOptions, SourceError> {
-        let mut options = connect_options(&self.config, &self.config.client_id)?;
+        let mut options = self
+            .config
+            .broker
+            .options(&self.config.client_id)
+            .map_err(|detail| SourceError::Setup {
+                id: self.config.id.clone(),
+                detail,
+            })?;
         // A persistent session and manual acks: unacknowledged publishes come back.
         options.set_clean_session(false);
         options.set_manual_acks(true);
@@ -188,7 +191,7 @@ impl MqttSource {
         let mut disconnecting = false;
         let mut acks_closed = false;
         let mut heartbeat_ticks = tokio::time::interval(self.heartbeat.period());
-        tracing::info!(source = %id, broker = %format!("{}:{}", self.config.host, self.config.port), client_id = %self.config.client_id,
+        tracing::info!(source = %id, broker = %self.config.broker.address(), client_id = %self.config.client_id,
             subscriptions = self.config.subscriptions.len(), "MQTT source starting.");
         loop {
             self.heartbeat.beat();
@@ -599,58 +602,6 @@ impl AckBook {
 
 async fn reserve(out: Option<&mpsc::Sender<SourceEvent>>) -> Option<mpsc::Permit<'_, SourceEvent>> {
     out?.reserve().await.ok()
-}
-
-/// QoS from the configuration's 0/1/2.
-/// The broker connection of an `mqtt` source (address, keep-alive, credentials, TLS) under
-/// `client_id`; session and ack settings are the caller's.
-pub fn connect_options(c: &MqttConfig, client_id: &str) -> Result<MqttOptions, SourceError> {
-    let mut options = MqttOptions::new(client_id, &c.host, c.port);
-    options.set_keep_alive(c.keep_alive);
-    if let (Some(user), Some(password)) = (&c.username, &c.password) {
-        options.set_credentials(user, password.expose());
-    }
-    if c.tls {
-        options.set_transport(tls_transport(&c.tls_files).map_err(|detail| {
-            SourceError::Setup {
-                id: c.id.clone(),
-                detail,
-            }
-        })?);
-    }
-    Ok(options)
-}
-
-/// A TLS transport with these certificates (read now: a renewed file is used at the next
-/// connect after a reload). No CA file means the system's roots.
-pub fn tls_transport(files: &config::TlsFiles) -> Result<Transport, String> {
-    let read = |what: &str, p: &std::path::Path| {
-        std::fs::read(p).map_err(|e| format!("cannot read {what} {}: {e}", p.display()))
-    };
-    let ca = match &files.ca_file {
-        Some(path) => read("CA file", path)?,
-        None => Vec::new(),
-    };
-    let client_auth = match (&files.client_cert_file, &files.client_key_file) {
-        (Some(cert), Some(key)) => {
-            Some((read("client certificate", cert)?, read("client key", key)?))
-        }
-        _ => None,
-    };
-    Ok(Transport::Tls(TlsConfiguration::Simple {
-        ca,
-        alpn: None,
-        client_auth,
-    }))
-}
-
-pub fn qos(n: u8) -> Option<QoS> {
-    match n {
-        0 => Some(QoS::AtMostOnce),
-        1 => Some(QoS::AtLeastOnce),
-        2 => Some(QoS::ExactlyOnce),
-        _ => None,
-    }
 }
 
 #[cfg(test)]

@@ -304,7 +304,7 @@ impl OpcuaSource {
                 Ok(s) => s,
                 Err(detail) => {
                     self.health.set_connected(&id, false, Some(&detail));
-                    if !super::pause(&cancel, backoff.fail()).await {
+                    if !crate::backoff::pause(&cancel, backoff.fail()).await {
                         return Ok(());
                     }
 
@@ -318,7 +318,7 @@ impl OpcuaSource {
                 Served::Cancelled => return Ok(()),
                 Served::Ended(why) => {
                     self.health.set_connected(&id, false, Some(&why));
-                    if !super::pause(&cancel, backoff.fail()).await {
+                    if !crate::backoff::pause(&cancel, backoff.fail()).await {
                         return Ok(());
                     }
                 }

@@ -102,7 +102,7 @@ impl SerialSource {
                     self.health
                         .set_connected(&id, false, Some(&format!("open {device}: {e}")));
                     self.heartbeat.beat();
-                    if !super::pause(&cancel, backoff.fail()).await {
+                    if !crate::backoff::pause(&cancel, backoff.fail()).await {
                         return Ok(());
                     }
 
@@ -134,7 +134,7 @@ impl SerialSource {
             };
             drop(port);
             self.health.set_connected(&id, false, Some(&reason));
-            if !super::pause(&cancel, backoff.fail()).await {
+            if !crate::backoff::pause(&cancel, backoff.fail()).await {
                 return Ok(());
             }
         }

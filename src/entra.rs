@@ -1,5 +1,7 @@
-//! Entra ID access tokens by the client-credentials flow, cached until shortly before
-//! they expire.
+//! Entra ID (Azure AD) for every client of Microsoft's cloud in the gateway: access tokens
+//! by the client-credentials flow of one app registration, cached until shortly before
+//! they expire, for any resource (D365 for the dispatcher, Service Bus for the business
+//! events source), and the error chains of reqwest's errors as log lines say them.
 //!
 //! However many requests need a token at once, only one fetch runs: the cache sits behind
 //! an async mutex that is held during the fetch, so the others wait and then find the new
@@ -14,7 +16,6 @@ use serde::Deserialize;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-use super::config::{D365Config, TokenApi};
 use crate::config::Secret;
 
 /// Refresh this long before the token expires (tokens live 60–90 minutes).
@@ -71,6 +72,25 @@ struct Cached {
     refresh_at: Instant,
 }
 
+/// Which token endpoint protocol the tenant's URL speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenApi {
+    /// Microsoft identity platform v2: `scope=<resource>/.default`.
+    V2,
+    /// Legacy v1 (ADAL-style): `resource=<resource>`.
+    V1,
+}
+
+/// One app registration's client credentials at its token endpoint.
+#[derive(Debug, Clone)]
+pub struct AppCredentials {
+    pub token_url: reqwest::Url,
+    pub client_id: String,
+    pub client_secret: Secret,
+    pub api: TokenApi,
+}
+
 pub struct TokenSource {
     http: reqwest::Client,
     url: reqwest::Url,
@@ -113,25 +133,18 @@ struct TokenErrorBody {
 }
 
 impl TokenSource {
-    pub fn new(http: reqwest::Client, config: &D365Config) -> TokenSource {
+    /// Tokens of the app `app` for `resource` (a D365 environment's URL, or Azure Service
+    /// Bus: `https://servicebus.azure.net`).
+    pub fn new(http: reqwest::Client, app: &AppCredentials, resource: &str) -> TokenSource {
         TokenSource {
             http,
-            url: config.token_url.clone(),
-            client_id: config.client_id.clone(),
-            secret: config.client_secret.clone(),
-            api: config.token_api,
-            resource: config.resource(),
+            url: app.token_url.clone(),
+            client_id: app.client_id.clone(),
+            secret: app.client_secret.clone(),
+            api: app.api,
+            resource: resource.trim_end_matches('/').to_string(),
             cache: Mutex::new(None),
             generation: AtomicU64::new(0),
-        }
-    }
-
-    /// Tokens of the same app registration for another resource (Azure Service Bus:
-    /// `https://servicebus.azure.net`).
-    pub fn for_resource(http: reqwest::Client, config: &D365Config, resource: &str) -> TokenSource {
-        TokenSource {
-            resource: resource.trim_end_matches('/').to_string(),
-            ..TokenSource::new(http, config)
         }
     }
 
