@@ -20,7 +20,7 @@ use crate::d365::config::{
 use crate::message::{FieldNames, MessageTypes};
 use crate::outbox::config::{read_storage, StorageConfig};
 use crate::rules::config::read_rule_file;
-use crate::source::config::{read_sources, SourceConfig};
+use crate::source::config::{read_sources, BrokenSource, SourceConfig};
 
 /// The validated configuration.
 #[derive(Debug, Clone)]
@@ -163,6 +163,7 @@ fn validate(
     let mut dispatcher = DispatcherConfig::default();
     let mut storage = None;
     let mut sources = Vec::new();
+    let mut broken_sources: Vec<BrokenSource> = Vec::new();
     let mut shutdown_grace = Duration::from_secs(10);
     let mut time_zone = jiff::tz::TimeZone::system();
     let mut api = ApiConfig::default();
@@ -178,7 +179,7 @@ fn validate(
             "d365" => d365 = read_d365(&mut cx),
             "dispatcher" => dispatcher = read_dispatcher(&mut cx),
             "storage" => storage = Some(read_storage(&mut cx)),
-            "sources" => sources = read_sources(&mut cx, "sources"),
+            "sources" => sources = read_sources(&mut cx, "sources", &mut broken_sources),
             "api" => api = crate::api::config::read(&mut cx),
             "alerts" => alerts = crate::alert::config::read(&mut cx),
             "plant" => {
@@ -273,7 +274,7 @@ fn validate(
 
     let mut rules: Vec<crate::rules::Rule> = Vec::new();
     for file in rule_files {
-        let compiled = read_rule_file(&mut file.check(errors), &sources);
+        let compiled = read_rule_file(&mut file.check(errors), &sources, &broken_sources);
         for rule in compiled {
             if let Some(first) = rules.iter().find(|r| r.name == rule.name) {
                 errors.0.push(ConfigError {
@@ -387,6 +388,37 @@ mod tests {
                 format!("{}:9:14: rules[0].aggregate.every: invalid value \"many\": expected a number", file.display()),
             ]
         );
+    }
+
+    /// A source whose own section has an error (its password file is missing) is not
+    /// "unknown" to the rules that name it: their errors say they follow from it.
+    #[test]
+    fn an_error_that_follows_from_a_broken_source_says_so() {
+        let dir = config_dir(
+            "rules:\n  - name: count\n    line: line1\n    when: { source: broker, topic: plant/count }\n    count: impulse\n    emit: { type: ProdProductionOrderEnd }\n",
+        );
+        let main = dir.path().join(crate::config::MAIN_FILE);
+        let base = std::fs::read_to_string(&main).unwrap();
+        std::fs::write(
+            &main,
+            base.replace(
+                "sources:\n",
+                "sources:\n  - type: mqtt\n    id: broker\n    url: mqtt://127.0.0.1:1883\n    username: gw\n    password_file: missing-password\n    subscriptions: [{ topic: plant/# }]\n",
+            ),
+        )
+        .unwrap();
+        let errors = load(dir.path()).unwrap_err().to_string();
+        assert!(
+            errors.contains("sources[0].password_file: cannot read"),
+            "{errors}"
+        );
+        assert!(
+            errors.contains(
+                "rules[0].when.source: source `broker` did not load (follows from the errors at sources[0] above)"
+            ),
+            "{errors}"
+        );
+        assert!(!errors.contains("unknown source"), "{errors}");
     }
 
     #[test]

@@ -9,6 +9,7 @@ use crate::message::{
     Message, KNOWN_TYPES, TYPE_PICKING_LIST, TYPE_REPORT_FINISHED, TYPE_ROUTE_CARD,
 };
 use crate::mqtt::topic::TopicFilter;
+use crate::source::config::BrokenSource;
 use crate::source::SourceConfig;
 
 use super::config::{CountMode, RawPayload, RawRule};
@@ -60,6 +61,7 @@ impl Rule {
         raw: RawRule,
         origin: String,
         sources: &[SourceConfig],
+        broken: &[BrokenSource],
     ) -> Result<Rule, Vec<RuleError>> {
         // A RefCell so the helper closures below can all report errors.
         let errors: std::cell::RefCell<Vec<RuleError>> = Default::default();
@@ -69,7 +71,19 @@ impl Rule {
         }
         let when = raw.when;
         let source = sources.iter().find(|s| s.id() == when.source);
+        // A source whose own section has errors is not "unknown": say this error is theirs.
+        let follows = |id: &str| {
+            broken.iter().find(|b| b.id == id).map(|b| {
+                format!(
+                    "source `{id}` did not load (follows from the errors at {} above)",
+                    b.at
+                )
+            })
+        };
         match source {
+            None if follows(&when.source).is_some() => {
+                err("when.source", follows(&when.source).unwrap_or_default())
+            }
             None => err(
                 "when.source",
                 format!(
@@ -278,6 +292,9 @@ impl Rule {
             .and_then(|t| template("withdraw", t));
         let publish = raw.publish.as_ref().and_then(|p| {
             match sources.iter().find(|s| s.id() == p.via) {
+                None if follows(&p.via).is_some() => {
+                    err("publish.via", follows(&p.via).unwrap_or_default())
+                }
                 None => err(
                     "publish.via",
                     format!(

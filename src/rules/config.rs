@@ -8,6 +8,7 @@ use serde::Deserialize;
 
 use crate::config::value::ScalarValue;
 use crate::config::{join_path, FileCheck, Node, Shape};
+use crate::source::config::BrokenSource;
 use crate::source::SourceConfig;
 
 use super::Rule;
@@ -128,7 +129,12 @@ pub struct RawEmit {
 
 /// Compiles the rules of one rule file; `sources` are the configured sources they may
 /// refer to.
-pub fn read_rule_file(cx: &mut FileCheck<'_>, sources: &[SourceConfig]) -> Vec<Rule> {
+/// `broken` are the sources whose own section has errors (see [`BrokenSource`]).
+pub fn read_rule_file(
+    cx: &mut FileCheck<'_>,
+    sources: &[SourceConfig],
+    broken: &[BrokenSource],
+) -> Vec<Rule> {
     let Some(entries) = cx.node("").and_then(Node::entries) else {
         cx.error("", "a rule file must be a mapping with a `rules` list");
         return Vec::new();
@@ -153,7 +159,7 @@ pub fn read_rule_file(cx: &mut FileCheck<'_>, sources: &[SourceConfig]) -> Vec<R
                 continue;
             };
             let origin = format!("{}:{}", cx.path().display(), item.mark.line);
-            match Rule::compile(raw, origin, sources) {
+            match Rule::compile(raw, origin, sources, broken) {
                 Ok(rule) => out.push(rule),
                 Err(problems) => {
                     for (sub, message) in problems {

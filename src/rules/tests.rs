@@ -43,7 +43,7 @@ fn compile_for(yaml: &str, sources: &[SourceConfig]) -> Result<Vec<Rule>, Vec<Ru
     let mut out = Vec::new();
     let mut errors = Vec::new();
     for raw in raws {
-        match Rule::compile(raw, "test".into(), sources) {
+        match Rule::compile(raw, "test".into(), sources, &[]) {
             Ok(r) => out.push(r),
             Err(e) => errors.extend(e),
         }

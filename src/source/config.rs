@@ -63,8 +63,20 @@ const SOURCE_TYPES: [&str; 6] = [
     "d365_events",
 ];
 
-/// Checks the `sources` list.
-pub fn read_sources(cx: &mut FileCheck<'_>, path: &str) -> Vec<SourceConfig> {
+/// A source whose own section has errors: its id and where it is written. A rule that
+/// names it reports that its error follows from those, instead of "unknown source".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokenSource {
+    pub id: String,
+    pub at: String,
+}
+
+/// Checks the `sources` list; the sources that failed their own check go to `broken`.
+pub fn read_sources(
+    cx: &mut FileCheck<'_>,
+    path: &str,
+    broken: &mut Vec<BrokenSource>,
+) -> Vec<SourceConfig> {
     let Some(node) = cx.node(path) else {
         return Vec::new();
     };
@@ -118,6 +130,14 @@ pub fn read_sources(cx: &mut FileCheck<'_>, path: &str) -> Vec<SourceConfig> {
                 None
             }
         };
+        if source.is_none() {
+            if let Some(id) = item.get("id").and_then(Node::as_str) {
+                broken.push(BrokenSource {
+                    id: id.to_string(),
+                    at: path.clone(),
+                });
+            }
+        }
         if let Some(source) = source {
             if source.id().trim().is_empty() {
                 cx.error(&format!("{path}.id"), "must not be empty");
