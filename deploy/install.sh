@@ -17,6 +17,9 @@ install -D -m 0644 systemd/mes-gateway.service "$D/usr/lib/systemd/system/mes-ga
 install -D -m 0644 deploy/sysusers.d/mes-gateway.conf "$D/usr/lib/sysusers.d/mes-gateway.conf"
 install -D -m 0644 deploy/tmpfiles.d/mes-gateway.conf "$D/usr/lib/tmpfiles.d/mes-gateway.conf"
 install -D -m 0644 README.md "$D/usr/share/doc/mes-gateway/README.md"
+for doc in docs/operating.md docs/security.md docs/d365-api.md docs/opcua.md config/RULES.md; do
+    install -D -m 0644 "$doc" "$D/usr/share/doc/mes-gateway/$doc"
+done
 keep() { # keep SRC DEST MODE: install unless DEST exists
     if [ -e "$2" ]; then echo "keeping existing $2"; else install -D -m "$3" "$1" "$2"; fi
 }

@@ -51,20 +51,16 @@ fn init_tracing() {
     }
 }
 
-/// jemalloc instead of glibc's malloc: the burst benchmark's gateway spent 15.8 % of its
-/// CPU in glibc's malloc and free (a record, a request and its JSON per message), 5.9 %
-/// in jemalloc. A/B on the 100k burst (`cargo bench --bench burst -- "100k, broker"`,
-/// binaries swapped, alternated 4 times): 51–60 µs of CPU per message and 14,109–16,218
-/// msg/s, against 59–85 µs and 10,519–14,756 with glibc limited to two arenas.
+/// jemalloc instead of glibc's malloc: less CPU per message in the burst benchmark, with
+/// the RSS bounded by the options below (docs/performance.md, "The allocator").
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// Two arenas (jemalloc's default is four per core) and freed pages handed back to the
 /// system after a second (the default is ten, the muzzy ones ten more): every arena keeps
-/// its own high-water mark, and the daemon's bound is on RSS. Peak RSS of the 200k burst:
-/// 51 MiB with these, 60 MiB with only the arenas limited (glibc with two arenas: 41), at
-/// the same CPU per message. jemalloc reads this before `main` (and `_RJEM_MALLOC_CONF`
-/// after it, for a trial).
+/// its own high-water mark, and the daemon's bound is on RSS (measured in
+/// docs/performance.md, "The allocator"). jemalloc reads this before `main` (and
+/// `_RJEM_MALLOC_CONF` after it, for a trial).
 #[unsafe(export_name = "_rjem_malloc_conf")]
 static ALLOCATOR_OPTIONS: Option<&std::ffi::c_char> = Some(
     // SAFETY: a pointer to the first byte of a NUL-terminated static string, as C expects.

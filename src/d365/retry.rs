@@ -1,4 +1,4 @@
-//! What to do after one POST: the outcome table of DESIGN.md as data plus one pure
+//! What to do after one POST: the outcome table (README, "How it works") as data plus one pure
 //! function, and the backoff between attempts.
 //!
 //! | outcome                                         | decision                               |

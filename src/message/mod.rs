@@ -1,6 +1,6 @@
 //! The production-order messages D365 accepts on queue `JmgMES3P`, and their envelope.
 //!
-//! Every field of the official tables in `d365-mes-api.md` is here, PascalCase on the
+//! Every documented field of every type (docs/d365-api.md) is here, PascalCase on the
 //! wire, omitted when unset. Enums are sent as their symbol strings (`Yes`,
 //! `FlushingPrincip`). Fields that only a third-party source lists are marked
 //! *unverified* in their doc comment. D365's extensible enums (`ErrorCause`,

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use crate::config::{FileCheck, Secret};
 
 /// The business event ids the gateway knows, and the point each becomes. The
-/// status-change id is unverified (d365-mes-api.md §3.2): `events` overrides any of them.
+/// status-change id is unverified (docs/d365-api.md, "Business events"): `events` overrides any of them.
 pub const DEFAULT_EVENTS: [(&str, &str); 3] = [
     ("ProductionOrderReleasedBusinessEvent", "released"),
     (
