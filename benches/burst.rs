@@ -229,7 +229,10 @@ async fn backlog(name: &str, per_order: u32) {
                     })
                 })
                 .collect();
-            outbox.append(batch).await.unwrap();
+            outbox
+                .commit(mes_gateway::outbox::Ingest::of(batch))
+                .await
+                .unwrap();
             first = last + 1;
         }
     }

@@ -548,8 +548,12 @@ async fn prune_loop(
             let before = jiff::Timestamp::now()
                 .checked_sub(window)
                 .unwrap_or(jiff::Timestamp::MIN);
-            if let Err(e) = outbox.forget_events(before) {
+            if let Err(e) = outbox.store().receipts().forget_events(before).await {
                 tracing::warn!(error = %e, "Forgetting old D365 event ids failed; will try again.");
+            }
+            // Unmatched verdicts are kept as long as their ids are remembered.
+            if let Err(e) = outbox.forget_unmatched(before).await {
+                tracing::warn!(error = %e, "Forgetting old unmatched D365 verdicts failed; will try again.");
             }
         }
         match outbox.compact_if_worthwhile().await {

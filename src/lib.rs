@@ -82,5 +82,6 @@ pub mod rules;
 pub mod settings;
 pub mod signal;
 pub mod source;
+pub mod store;
 pub mod systemd;
 pub mod text;

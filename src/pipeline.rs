@@ -29,7 +29,7 @@ use tokio::sync::mpsc;
 use crate::message::FieldNames;
 
 use crate::outbox::{
-    Delivery, DeliveryId, Ingest, NewMessage, Outbox, ProcessedEvent, Reconciled, Record, SeenEvent,
+    Ingest, NewMessage, Outbox, ProcessedEvent, Receipt, ReceiptId, Reconciled, Record, SeenEvent,
 };
 use crate::rules::state::{EngineState, OrderContext};
 use crate::rules::{BuiltMessage, Engine};
@@ -64,7 +64,7 @@ pub struct PipelineStats {
 #[derive(Default)]
 struct Batch {
     built: Vec<BuiltMessage>,
-    deliveries: Vec<Delivery>,
+    deliveries: Vec<Receipt>,
     seen: Vec<SeenEvent>,
     processed: Vec<ProcessedEvent>,
 }
@@ -81,14 +81,14 @@ impl Batch {
 /// What a batch's redeliveries already have in the outbox.
 #[derive(Default)]
 struct Stored<'a> {
-    deliveries: HashSet<&'a DeliveryId>,
+    deliveries: HashSet<&'a ReceiptId>,
     events: HashSet<&'a SeenEvent>,
 }
 
 /// Loads the rules engine's saved state; a state that cannot be read is reported and
 /// replaced by an empty one (the outbox's messages are not affected).
 pub fn load_engine_state(outbox: &Outbox) -> EngineState {
-    match outbox.load_state(RULES_STATE) {
+    match outbox.store().owners().load(RULES_STATE) {
         Ok(None) => EngineState::default(),
         Ok(Some(bytes)) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
             tracing::error!(error = %e, "Saved rules state (counters, accumulators, order contexts) cannot be read; starting empty.");
@@ -206,17 +206,23 @@ impl Pipeline {
             for e in batch {
                 let held = match (&e.delivery, &e.seen) {
                     (Some(d), _) if d.redelivered => {
-                        self.outbox.holds_delivery(&d.id).map(|held| {
+                        self.outbox.store().receipts().holds(&d.id).map(|held| {
                             if held {
                                 stored.deliveries.insert(&d.id);
                             }
                         })
                     }
-                    (_, Some(seen)) => self.outbox.holds_event(seen).map(|held| {
-                        if held {
-                            stored.events.insert(seen);
-                        }
-                    }),
+                    (_, Some(seen)) => {
+                        self.outbox
+                            .store()
+                            .receipts()
+                            .holds_event(seen)
+                            .map(|held| {
+                                if held {
+                                    stored.events.insert(seen);
+                                }
+                            })
+                    }
                     _ => Ok(()),
                 };
                 if let Err(e) = held {
@@ -240,7 +246,7 @@ impl Pipeline {
         let mut deliveries = Vec::new();
         let mut seen = Vec::new();
         let mut processed = Vec::new();
-        let mut in_batch: HashSet<&DeliveryId> = HashSet::new();
+        let mut in_batch: HashSet<&ReceiptId> = HashSet::new();
         let mut events_in_batch: HashSet<&SeenEvent> = HashSet::new();
         for e in batch {
             if let Some(s) = &e.seen {
@@ -401,7 +407,7 @@ impl Pipeline {
         let mut wait = crate::backoff::STORE_WRITE.start();
         let ingest = Arc::new(ingest);
         loop {
-            match self.outbox.commit_reconciling(ingest.clone()).await {
+            match self.outbox.commit(ingest.clone()).await {
                 Ok(committed) => {
                     self.report_reconciled(&ingest, &committed.reconciled);
                     return committed.records;

@@ -103,15 +103,15 @@ impl Publisher {
         loop {
             let busy = handed.len() + in_flight.len();
             if connected && busy < WINDOW {
-                let outbox = self.outbox.clone();
-                let via_owned = via.to_string();
                 let room = WINDOW - busy;
-                let pending = tokio::task::spawn_blocking(move || {
-                    outbox.pending_publications(&via_owned, last_loaded, room)
-                })
-                .await;
+                let pending = self
+                    .outbox
+                    .store()
+                    .publications()
+                    .pending(via, last_loaded, room)
+                    .await;
                 match pending {
-                    Ok(Ok(list)) => {
+                    Ok(list) => {
                         for (seq, p) in list {
                             // Room for WINDOW * 2 requests and at most WINDOW handed: the
                             // channel cannot be full here.
@@ -124,10 +124,9 @@ impl Publisher {
                             last_loaded = Some(seq);
                         }
                     }
-                    Ok(Err(e)) => {
+                    Err(e) => {
                         tracing::warn!(via, error = %e, "Cannot read publications from the outbox; trying again.")
                     }
-                    Err(_) => {}
                 }
             }
             let room = connected && handed.len() + in_flight.len() < WINDOW;
@@ -165,7 +164,7 @@ impl Publisher {
                     }
                     Ok(Event::Incoming(Packet::PubAck(ack))) => {
                         if let Some(seq) = in_flight.remove(&ack.pkid) {
-                            if let Err(e) = self.outbox.forget_publication(via, seq) {
+                            if let Err(e) = self.outbox.store().publications().forget(via, seq).await {
                                 // Kept: published again later (at least once).
                                 tracing::warn!(via, error = %e, "Cannot remove a published message from the outbox; it will be published again.");
                             }

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
-use mes_gateway::outbox::{MessageId, NewMessage, Outbox, Record, Settlement, State};
+use mes_gateway::outbox::{Ingest, MessageId, NewMessage, Outbox, Record, Settlement, State};
 use support::process::{self, path_str, Output};
 use support::{d365_yaml, write_config, FakeD365};
 
@@ -33,9 +33,10 @@ async fn drained_store(data: &Path, total: u32, live: u32) {
     while n < total {
         let batch = 2000.min(total - n);
         let recs = outbox
-            .append((n..n + batch).map(message).collect())
+            .commit(Ingest::of((n..n + batch).map(message).collect()))
             .await
-            .unwrap();
+            .unwrap()
+            .records;
         let done: Vec<MessageId> = recs
             .iter()
             .zip(n..)

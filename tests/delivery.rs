@@ -1,5 +1,5 @@
 //! Delivery to D365 against a fake over real HTTP on 127.0.0.1:0: the outcome table of
-//! DESIGN.md, end to end through the outbox and the dispatcher. Backoff and pauses run
+//! `src/d365/retry.rs` (README, "How it works"), end to end through the outbox and the dispatcher. Backoff and pauses run
 //! on paused tokio time.
 
 mod support;
@@ -51,7 +51,7 @@ async fn content_arrives_in_field_table_order_with_its_milliseconds() {
 async fn each_message_type_arrives_with_the_official_envelope_and_content() {
     let fake = FakeD365::start().await;
     let gw = Gateway::start(&fake, FAST).await;
-    // The official examples of d365-mes-api.md, one per type, with enums, dates and lines.
+    // The official examples of each type (docs/d365-api.md), one per type, with enums, dates and lines.
     let examples = [
         (
             TYPE_START,
@@ -433,7 +433,10 @@ async fn lanes_are_served_round_robin_so_a_long_backlog_does_not_starve_an_order
     let mut batch: Vec<_> = (1..=20).map(|n| new_report("A", n)).collect();
     batch.push(new_report("B", 1));
     batch.push(new_report("C", 1));
-    gw.outbox.append(batch).await.unwrap();
+    gw.outbox
+        .commit(mes_gateway::outbox::Ingest::of(batch))
+        .await
+        .unwrap();
     fake.wait_until("all 22", |r| r.len() == 22).await;
     gw.stop().await;
     let orders: Vec<String> = fake.received().iter().map(|r| r.order.clone()).collect();

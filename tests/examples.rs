@@ -359,7 +359,12 @@ async fn g_a_release_from_d365_runs_on_line1_goes_to_the_hmi_and_impulses_report
         ]
     );
     // The HMI's message waits for the broker in the outbox (no publisher runs here).
-    let published = outbox.pending_publications("plant", None, 10).unwrap();
+    let published = outbox
+        .store()
+        .publications()
+        .pending("plant", None, 10)
+        .await
+        .unwrap();
     assert_eq!(published.len(), 1);
     assert_eq!(published[0].1.topic, "hmi/line1/order");
     assert!(published[0].1.retain);
@@ -435,7 +440,10 @@ async fn g_a_release_without_an_item_does_nothing_at_all() {
     let received = s.finish().await;
     assert!(received.is_empty(), "no message: {received:?}");
     assert!(outbox
-        .pending_publications("plant", None, 10)
+        .store()
+        .publications()
+        .pending("plant", None, 10)
+        .await
         .unwrap()
         .is_empty());
     let state = mes_gateway::pipeline::load_engine_state(&outbox);

@@ -25,9 +25,10 @@ pub mod remote;
 
 use crate::config::ConfigErrors;
 use crate::operator::OpError;
-use crate::outbox::{ListFilter, MessageId, Outbox, OutboxError, State};
+use crate::outbox::{ListFilter, MessageId, Outbox, State};
 use crate::rules::state::OrderContext;
 use crate::settings;
+use crate::store::StoreError;
 use remote::Service;
 
 #[derive(Debug, Parser)]
@@ -277,10 +278,10 @@ impl From<OpError> for CliError {
     }
 }
 
-impl From<OutboxError> for CliError {
-    fn from(e: OutboxError) -> Self {
+impl From<StoreError> for CliError {
+    fn from(e: StoreError) -> Self {
         match e {
-            OutboxError::NotFound(_) | OutboxError::WrongState { .. } => {
+            StoreError::NotFound(_) | StoreError::WrongState { .. } => {
                 CliError::Usage(e.to_string())
             }
             other => CliError::Other(other.into()),

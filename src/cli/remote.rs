@@ -11,9 +11,10 @@ use serde::de::DeserializeOwned;
 use crate::operator::{
     ContentChecks, LinesView, MessagePage, OpError, Operator, Status, UnmatchedView,
 };
-use crate::outbox::{ListFilter, MessageId, Outbox, OutboxError, Record};
+use crate::outbox::{ListFilter, MessageId, Outbox, Record};
 use crate::rules::state::OrderContext;
 use crate::settings::OutboxSettings;
+use crate::store::StoreError;
 
 /// Where the commands go.
 #[derive(Debug)]
@@ -50,7 +51,7 @@ impl Service {
             .map_err(|e| OpError::Internal(e.to_string()))?;
         let outbox = match opened {
             Ok(o) => o,
-            Err(OutboxError::Locked { .. }) => {
+            Err(StoreError::Locked { .. }) => {
                 return Err(OpError::Unavailable(format!(
                     "the gateway runs (its outbox is in use) but does not answer on {}: check `api.socket` in its configuration and its log",
                     path.display()

@@ -31,10 +31,11 @@ use tokio::sync::{mpsc, oneshot};
 use crate::alert::Board;
 use crate::live::Live;
 use crate::message::{FieldNames, Message, MessageTypes};
-use crate::outbox::{ListFilter, MessageId, NewMessage, Outbox, OutboxError, Record, Sending};
+use crate::outbox::{Ingest, ListFilter, MessageId, NewMessage, Outbox, Record, Sending};
 use crate::pipeline::LineCommand;
 use crate::rules::state::OrderContext;
 use crate::signal::Control;
+use crate::store::StoreError;
 
 /// Most records one page lists.
 pub const MAX_PAGE: usize = 1000;
@@ -82,12 +83,12 @@ impl OpError {
     }
 }
 
-impl From<OutboxError> for OpError {
-    fn from(e: OutboxError) -> Self {
+impl From<StoreError> for OpError {
+    fn from(e: StoreError) -> Self {
         match e {
-            OutboxError::NotFound(_) => OpError::NotFound(e.to_string()),
-            OutboxError::WrongState { .. } => OpError::Conflict(e.to_string()),
-            OutboxError::Locked { .. } => OpError::Unavailable(e.to_string()),
+            StoreError::NotFound(_) => OpError::NotFound(e.to_string()),
+            StoreError::WrongState { .. } => OpError::Conflict(e.to_string()),
+            StoreError::Locked { .. } => OpError::Unavailable(e.to_string()),
             other => OpError::Internal(other.to_string()),
         }
     }
@@ -310,7 +311,7 @@ impl Operator {
             origin: by.to_string(),
             line: None,
         };
-        let mut records = self.outbox.append(vec![new]).await?;
+        let mut records = self.outbox.commit(Ingest::of(vec![new])).await?.records;
         records
             .pop()
             .ok_or_else(|| OpError::Internal("the outbox stored nothing".into()))
@@ -409,7 +410,9 @@ impl Operator {
                 let bytes =
                     serde_json::to_vec(&state).map_err(|e| OpError::Internal(e.to_string()))?;
                 self.outbox
-                    .save_state(crate::pipeline::RULES_STATE, bytes)
+                    .store()
+                    .owners()
+                    .save(crate::pipeline::RULES_STATE, bytes)
                     .await?;
                 tracing::info!(%line, %by, "Order context changed while the gateway is stopped.");
                 Ok(previous)

@@ -21,8 +21,9 @@
 //! `prev` mirrors `next`. The table "lanes" holds the old layout; [`convert_legacy`] moves
 //! it once.
 
-use super::kv::{Rx, Span, Tx, T};
-use super::{storage, MessageId, OutboxError};
+use super::MessageId;
+use crate::store::kv::{Rx, Span, Tx, T};
+use crate::store::{storage, StoreError};
 
 const NONE: MessageId = 0;
 
@@ -39,12 +40,12 @@ fn unpair(v: &[u8]) -> Option<(MessageId, MessageId)> {
     (v.len() == 16).then_some((a, b))
 }
 
-fn broken(what: String) -> OutboxError {
+fn broken(what: String) -> StoreError {
     storage(format!("lane index is damaged: {what}"))
 }
 
 /// (head, tail) of an order's lane, `None` when it is empty.
-fn ends_in(tx: &mut Tx<'_>, order: &str) -> Result<Option<(MessageId, MessageId)>, OutboxError> {
+fn ends_in(tx: &mut Tx<'_>, order: &str) -> Result<Option<(MessageId, MessageId)>, StoreError> {
     match tx.get(T::LaneEnds, order.as_bytes())? {
         None => Ok(None),
         Some(v) => unpair(&v)
@@ -54,7 +55,7 @@ fn ends_in(tx: &mut Tx<'_>, order: &str) -> Result<Option<(MessageId, MessageId)
 }
 
 /// (previous, next) of a lane member, `None` when `id` is in no lane.
-fn link_in(tx: &mut Tx<'_>, id: MessageId) -> Result<Option<(MessageId, MessageId)>, OutboxError> {
+fn link_in(tx: &mut Tx<'_>, id: MessageId) -> Result<Option<(MessageId, MessageId)>, StoreError> {
     match tx.get(T::LaneLinks, &id.to_be_bytes())? {
         None => Ok(None),
         Some(v) => unpair(&v)
@@ -68,7 +69,7 @@ fn linked(
     tx: &mut Tx<'_>,
     order: &str,
     id: MessageId,
-) -> Result<(MessageId, MessageId), OutboxError> {
+) -> Result<(MessageId, MessageId), StoreError> {
     link_in(tx, id)?.ok_or_else(|| broken(format!("message {id} of order {order:?} has no links")))
 }
 
@@ -77,7 +78,7 @@ fn set_next(
     order: &str,
     id: MessageId,
     next: MessageId,
-) -> Result<(), OutboxError> {
+) -> Result<(), StoreError> {
     let (prev, _) = linked(tx, order, id)?;
     set_link(tx, id, prev, next)
 }
@@ -87,7 +88,7 @@ fn set_prev(
     order: &str,
     id: MessageId,
     prev: MessageId,
-) -> Result<(), OutboxError> {
+) -> Result<(), StoreError> {
     let (_, next) = linked(tx, order, id)?;
     set_link(tx, id, prev, next)
 }
@@ -97,7 +98,7 @@ fn set_link(
     id: MessageId,
     prev: MessageId,
     next: MessageId,
-) -> Result<(), OutboxError> {
+) -> Result<(), StoreError> {
     tx.insert(T::LaneLinks, &id.to_be_bytes(), &pair(prev, next))
 }
 
@@ -106,7 +107,7 @@ fn set_ends(
     order: &str,
     head: MessageId,
     tail: MessageId,
-) -> Result<(), OutboxError> {
+) -> Result<(), StoreError> {
     tx.insert(T::LaneEnds, order.as_bytes(), &pair(head, tail))
 }
 
@@ -114,7 +115,7 @@ fn set_ends(
 /// out in append order, and a batch that took its ids earlier than one committed before it
 /// lands a few places from the end (the walk back is that short). Adding a member twice
 /// changes nothing.
-pub(super) fn append(tx: &mut Tx<'_>, order: &str, id: MessageId) -> Result<(), OutboxError> {
+pub(super) fn append(tx: &mut Tx<'_>, order: &str, id: MessageId) -> Result<(), StoreError> {
     if id == NONE {
         return Err(storage("message id 0 cannot join a lane"));
     }
@@ -155,7 +156,7 @@ pub(super) fn append(tx: &mut Tx<'_>, order: &str, id: MessageId) -> Result<(), 
 pub(super) fn append_all<'o>(
     tx: &mut Tx<'_>,
     members: impl IntoIterator<Item = (&'o str, MessageId)>,
-) -> Result<(), OutboxError> {
+) -> Result<(), StoreError> {
     let mut by_order: std::collections::BTreeMap<&str, Vec<MessageId>> = Default::default();
     for (order, id) in members {
         by_order.entry(order).or_default().push(id);
@@ -196,7 +197,7 @@ pub(super) fn append_all<'o>(
 }
 
 /// Takes `id` out of `order`'s lane, wherever it is; whether it was there.
-pub(super) fn remove(tx: &mut Tx<'_>, order: &str, id: MessageId) -> Result<bool, OutboxError> {
+pub(super) fn remove(tx: &mut Tx<'_>, order: &str, id: MessageId) -> Result<bool, StoreError> {
     let Some((prev, next)) = link_in(tx, id)? else {
         return Ok(false);
     };
@@ -232,7 +233,7 @@ pub(super) fn heads(
     after: Option<&str>,
     limit: usize,
     skip: impl Fn(&str) -> bool,
-) -> Result<Vec<(String, MessageId)>, OutboxError> {
+) -> Result<Vec<(String, MessageId)>, StoreError> {
     let mut out: Vec<(String, MessageId)> = Vec::new();
     // The first key after `after`'s: `after` followed by a zero byte.
     let start = after
@@ -262,12 +263,12 @@ pub(super) fn heads(
 }
 
 /// The first id of `order`'s lane, as `tx` sees it.
-pub(super) fn head(tx: &mut Tx<'_>, order: &str) -> Result<Option<MessageId>, OutboxError> {
+pub(super) fn head(tx: &mut Tx<'_>, order: &str) -> Result<Option<MessageId>, StoreError> {
     Ok(ends_in(tx, order)?.map(|(head, _)| head))
 }
 
 /// The id after `id` in its lane.
-pub(super) fn after(rx: &Rx, id: MessageId) -> Result<Option<MessageId>, OutboxError> {
+pub(super) fn after(rx: &Rx, id: MessageId) -> Result<Option<MessageId>, StoreError> {
     Ok(rx
         .get(T::LaneLinks, &id.to_be_bytes())?
         .as_deref()
@@ -277,7 +278,7 @@ pub(super) fn after(rx: &Rx, id: MessageId) -> Result<Option<MessageId>, OutboxE
 }
 
 /// The ids of one order's lane, in FIFO order.
-pub(super) fn lane(rx: &Rx, order: &str) -> Result<Vec<MessageId>, OutboxError> {
+pub(super) fn lane(rx: &Rx, order: &str) -> Result<Vec<MessageId>, StoreError> {
     let Some(v) = rx.get(T::LaneEnds, order.as_bytes())? else {
         return Ok(Vec::new());
     };
@@ -303,12 +304,12 @@ pub(super) fn lane(rx: &Rx, order: &str) -> Result<Vec<MessageId>, OutboxError> 
 }
 
 /// (lanes, members of all lanes): what the counts at open need, without walking a lane.
-pub(super) fn sizes(rx: &Rx) -> Result<(u64, u64), OutboxError> {
+pub(super) fn sizes(rx: &Rx) -> Result<(u64, u64), StoreError> {
     Ok((rx.len(T::LaneEnds)?, rx.len(T::LaneLinks)?))
 }
 
 /// The head of every lane, for the counts at open.
-pub(super) fn all_heads(rx: &Rx) -> Result<Vec<MessageId>, OutboxError> {
+pub(super) fn all_heads(rx: &Rx) -> Result<Vec<MessageId>, StoreError> {
     Ok(heads(rx, None, usize::MAX, |_| false)?
         .into_iter()
         .map(|(_, id)| id)
@@ -321,7 +322,7 @@ pub(super) fn all_heads(rx: &Rx) -> Result<Vec<MessageId>, OutboxError> {
 /// (a member joins its list at its place by id whatever was moved before), so a crash
 /// between slices leaves a store the next open finishes converting; and memory stays
 /// bounded by the slice, not by the backlog.
-pub(super) fn convert_legacy(tx: &mut Tx<'_>, limit: usize) -> Result<usize, OutboxError> {
+pub(super) fn convert_legacy(tx: &mut Tx<'_>, limit: usize) -> Result<usize, StoreError> {
     let old = tx.collect(T::Lanes, Span::all(), limit)?;
     for (k, _) in &old {
         match split_legacy(k) {
@@ -359,9 +360,9 @@ pub(super) fn legacy_key(order: &str, id: MessageId) -> Vec<u8> {
 mod tests {
     use super::*;
 
-    fn store() -> (tempfile::TempDir, super::super::Kv) {
+    fn store() -> (tempfile::TempDir, crate::store::kv::Kv) {
         let dir = tempfile::tempdir().unwrap();
-        let Ok(kv) = super::super::Kv::open(&dir.path().join("test.redb"), 1 << 20) else {
+        let Ok(kv) = crate::store::kv::Kv::open(&dir.path().join("test.redb"), 1 << 20) else {
             panic!("cannot open a store in a temporary directory");
         };
         (dir, kv)

@@ -5,7 +5,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use super::OutboxError;
+use crate::store::StoreError;
 
 pub type MessageId = u64;
 
@@ -202,13 +202,13 @@ impl Record {
         &self,
         action: &'static str,
         allowed: &[State],
-    ) -> Result<(), OutboxError> {
+    ) -> Result<(), StoreError> {
         if allowed.contains(&self.state) {
             return Ok(());
         }
-        Err(OutboxError::WrongState {
+        Err(StoreError::WrongState {
             id: self.id,
-            state: self.state,
+            state: self.state.to_string(),
             action,
             allowed: allowed
                 .iter()
@@ -219,10 +219,10 @@ impl Record {
     }
 }
 
-pub(super) fn encode(r: &Record) -> Result<Vec<u8>, OutboxError> {
+pub(super) fn encode(r: &Record) -> Result<Vec<u8>, StoreError> {
     let mut v = Vec::with_capacity(512);
     v.push(FORMAT_VERSION);
-    serde_json::to_writer(&mut v, r).map_err(super::storage)?;
+    serde_json::to_writer(&mut v, r).map_err(crate::store::storage)?;
     Ok(v)
 }
 

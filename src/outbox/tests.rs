@@ -30,9 +30,10 @@ async fn lanes_are_fifo_per_order_and_survive_reopen() {
     let appended = {
         let outbox = Outbox::open(dir.path()).unwrap();
         let recs = outbox
-            .append(vec![msg("A", 1), msg("B", 1), msg("A", 2)])
+            .commit(Ingest::of(vec![msg("A", 1), msg("B", 1), msg("A", 2)]))
             .await
-            .unwrap();
+            .unwrap()
+            .records;
         ids(&recs)
     };
     assert!(appended[0] < appended[1] && appended[1] < appended[2]);
@@ -63,7 +64,12 @@ async fn lane_heads_go_round_robin_from_the_order_after_the_last_served() {
     let dir = tempfile::tempdir().unwrap();
     let outbox = Outbox::open(dir.path()).unwrap();
     outbox
-        .append(vec![msg("A", 1), msg("B", 1), msg("C", 1), msg("A", 2)])
+        .commit(Ingest::of(vec![
+            msg("A", 1),
+            msg("B", 1),
+            msg("C", 1),
+            msg("A", 2),
+        ]))
         .await
         .unwrap();
     let orders = |rs: Vec<Record>| {
@@ -79,7 +85,12 @@ async fn lane_heads_go_round_robin_from_the_order_after_the_last_served() {
 async fn transitions_are_checked_against_the_state_machine() {
     let dir = tempfile::tempdir().unwrap();
     let outbox = Outbox::open(dir.path()).unwrap();
-    let r = outbox.append(vec![msg("A", 1)]).await.unwrap().remove(0);
+    let r = outbox
+        .commit(Ingest::of(vec![msg("A", 1)]))
+        .await
+        .unwrap()
+        .records
+        .remove(0);
     assert!(
         outbox
             .settle(vec![settled(r.id, Settle::Delivered)])
@@ -100,7 +111,7 @@ async fn transitions_are_checked_against_the_state_machine() {
         "not written again"
     );
     let err = outbox.cancel(r.id, "op").await.unwrap_err();
-    assert!(matches!(err, OutboxError::WrongState { .. }), "{err}");
+    assert!(matches!(err, StoreError::WrongState { .. }), "{err}");
     let s = outbox
         .settle(vec![Settlement {
             id: r.id,
@@ -125,7 +136,12 @@ async fn transitions_are_checked_against_the_state_machine() {
 async fn a_message_on_the_wire_is_left_to_the_dispatcher_while_the_gateway_runs() {
     let dir = tempfile::tempdir().unwrap();
     let outbox = Outbox::open(dir.path()).unwrap();
-    let r = outbox.append(vec![msg("A", 1)]).await.unwrap().remove(0);
+    let r = outbox
+        .commit(Ingest::of(vec![msg("A", 1)]))
+        .await
+        .unwrap()
+        .records
+        .remove(0);
     outbox.mark_sending(&[r.id]).await.unwrap();
     for refused in [
         outbox.retry(r.id, "op", None, Sending::InFlight).await,
@@ -154,23 +170,28 @@ async fn a_second_open_is_refused_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let _first = Outbox::open(dir.path()).unwrap();
     let err = Outbox::open(dir.path()).unwrap_err();
-    assert!(matches!(err, OutboxError::Locked { .. }), "{err}");
+    assert!(matches!(err, StoreError::Locked { .. }), "{err}");
 }
 
 #[tokio::test]
 async fn operator_actions_check_state_and_record_history() {
     let dir = tempfile::tempdir().unwrap();
     let outbox = Outbox::open(dir.path()).unwrap();
-    let r = outbox.append(vec![msg("A", 1)]).await.unwrap().remove(0);
+    let r = outbox
+        .commit(Ingest::of(vec![msg("A", 1)]))
+        .await
+        .unwrap()
+        .records
+        .remove(0);
     assert!(matches!(
         outbox
             .resolve_delivered(r.id, "op", Sending::InFlight)
             .await,
-        Err(OutboxError::WrongState { .. })
+        Err(StoreError::WrongState { .. })
     ));
     assert!(matches!(
         outbox.retry(r.id, "op", None, Sending::InFlight).await,
-        Err(OutboxError::WrongState { .. })
+        Err(StoreError::WrongState { .. })
     ));
 
     outbox.mark_sending(&[r.id]).await.unwrap();
@@ -210,7 +231,11 @@ async fn operator_actions_check_state_and_record_history() {
 async fn interrupted_sends_are_recovered_by_the_callers_decision() {
     let dir = tempfile::tempdir().unwrap();
     let outbox = Outbox::open(dir.path()).unwrap();
-    let recs = outbox.append(vec![msg("A", 1), msg("B", 1)]).await.unwrap();
+    let recs = outbox
+        .commit(Ingest::of(vec![msg("A", 1), msg("B", 1)]))
+        .await
+        .unwrap()
+        .records;
     outbox.mark_sending(&ids(&recs)).await.unwrap();
     let recovered = outbox
         .recover_interrupted(|r| {
@@ -238,7 +263,11 @@ async fn a_sending_mark_shows_in_every_read_survives_reopen_and_goes_with_the_ou
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = {
         let outbox = Outbox::open(dir.path()).unwrap();
-        let recs = outbox.append(vec![msg("A", 1), msg("B", 1)]).await.unwrap();
+        let recs = outbox
+            .commit(Ingest::of(vec![msg("A", 1), msg("B", 1)]))
+            .await
+            .unwrap()
+            .records;
         let before = jiff::Timestamp::now();
         let marked = outbox.mark_sending(&[recs[0].id]).await.unwrap();
         assert_eq!(ids(&marked), [recs[0].id]);
@@ -280,9 +309,9 @@ async fn a_sending_mark_shows_in_every_read_survives_reopen_and_goes_with_the_ou
         .unwrap();
     let delivered = outbox.get(a.id).unwrap();
     assert_eq!(delivered.state, State::Delivered);
-    let store = outbox.store().unwrap();
+    let store = outbox.store().kv().unwrap();
     assert_eq!(
-        store.kv.read().unwrap().len(kv::T::Sending).unwrap(),
+        store.read().unwrap().len(kv::T::Sending).unwrap(),
         0,
         "the outcome's write removed the mark"
     );
@@ -312,9 +341,10 @@ async fn a_delivery_kept_apart_reads_as_the_record_it_made_until_written_or_prun
     let dir = tempfile::tempdir().unwrap();
     let outbox = indexing(dir.path());
     let recs = outbox
-        .append(vec![msg("A", 1), msg("A", 2), msg("B", 1)])
+        .commit(Ingest::of(vec![msg("A", 1), msg("A", 2), msg("B", 1)]))
         .await
-        .unwrap();
+        .unwrap()
+        .records;
     outbox
         .mark_sending(&[recs[0].id, recs[2].id])
         .await
@@ -347,15 +377,7 @@ async fn a_delivery_kept_apart_reads_as_the_record_it_made_until_written_or_prun
         [recs[1].id],
         "its successor went out in the same write"
     );
-    let delivered_keys = |o: &Outbox| {
-        o.store()
-            .unwrap()
-            .kv
-            .read()
-            .unwrap()
-            .len(kv::T::Delivered)
-            .unwrap()
-    };
+    let delivered_keys = |o: &Outbox| o.store().read().unwrap().len(kv::T::Delivered).unwrap();
     assert_eq!(
         delivered_keys(&outbox),
         1,
@@ -406,7 +428,7 @@ async fn a_delivery_kept_apart_reads_as_the_record_it_made_until_written_or_prun
     assert_eq!(delivered_keys(&outbox), 0);
     assert!(matches!(
         outbox.get(recs[1].id),
-        Err(OutboxError::NotFound(_))
+        Err(StoreError::NotFound(_))
     ));
 }
 
@@ -414,7 +436,11 @@ async fn a_delivery_kept_apart_reads_as_the_record_it_made_until_written_or_prun
 async fn prune_removes_only_old_terminal_messages() {
     let dir = tempfile::tempdir().unwrap();
     let outbox = Outbox::open(dir.path()).unwrap();
-    let recs = outbox.append(vec![msg("A", 1), msg("A", 2)]).await.unwrap();
+    let recs = outbox
+        .commit(Ingest::of(vec![msg("A", 1), msg("A", 2)]))
+        .await
+        .unwrap()
+        .records;
     outbox.mark_sending(&[recs[0].id]).await.unwrap();
     outbox
         .settle(vec![settled(recs[0].id, Settle::Delivered)])
@@ -424,7 +450,7 @@ async fn prune_removes_only_old_terminal_messages() {
     assert_eq!(outbox.prune(future).await.unwrap(), 1);
     assert!(matches!(
         outbox.get(recs[0].id),
-        Err(OutboxError::NotFound(_))
+        Err(StoreError::NotFound(_))
     ));
     assert_eq!(outbox.get(recs[1].id).unwrap().state, State::Queued);
 }
@@ -433,14 +459,14 @@ async fn prune_removes_only_old_terminal_messages() {
 async fn deliveries_are_recorded_with_their_messages_and_forgotten_by_receipt() {
     let dir = tempfile::tempdir().unwrap();
     let source: std::sync::Arc<str> = "plc".into();
-    let first = Delivery {
-        id: DeliveryId::of_publish(source.clone(), 7, "line1/count", b"1"),
+    let first = Receipt {
+        id: ReceiptId::of_publish(source.clone(), 7, "line1/count", b"1"),
         redelivered: false,
         receipt: 1,
     };
     {
         let outbox = Outbox::open(dir.path()).unwrap();
-        assert!(!outbox.holds_delivery(&first.id).unwrap());
+        assert!(!outbox.store().receipts().holds(&first.id).unwrap());
         outbox
             .commit(Ingest::new(
                 vec![msg("A", 1)],
@@ -451,39 +477,58 @@ async fn deliveries_are_recorded_with_their_messages_and_forgotten_by_receipt() 
             .unwrap();
     }
     let outbox = Outbox::open(dir.path()).unwrap();
-    assert!(outbox.holds_delivery(&first.id).unwrap(), "survives reopen");
-    let other_payload = DeliveryId::of_publish(source.clone(), 7, "line1/count", b"2");
-    assert!(!outbox.holds_delivery(&other_payload).unwrap());
+    assert!(
+        outbox.store().receipts().holds(&first.id).unwrap(),
+        "survives reopen"
+    );
+    let other_payload = ReceiptId::of_publish(source.clone(), 7, "line1/count", b"2");
+    assert!(!outbox.store().receipts().holds(&other_payload).unwrap());
 
     // The packet id is reused for a new publish (receipt 2): forgetting receipt 1 must
     // not remove the newer recording.
-    let second = Delivery {
+    let second = Receipt {
         receipt: 2,
         ..first.clone()
     };
     outbox
         .commit(Ingest {
-            deliveries: vec![second.clone()],
+            receipts: vec![second.clone()],
             ..Ingest::default()
         })
         .await
         .unwrap();
     outbox
-        .forget_deliveries(std::slice::from_ref(&first))
+        .store()
+        .receipts()
+        .forget(vec![first.clone()])
+        .await
         .unwrap();
-    assert!(outbox.holds_delivery(&first.id).unwrap());
-    outbox.forget_deliveries(&[second]).unwrap();
-    assert!(!outbox.holds_delivery(&first.id).unwrap());
+    assert!(outbox.store().receipts().holds(&first.id).unwrap());
+    outbox
+        .store()
+        .receipts()
+        .forget(vec![second])
+        .await
+        .unwrap();
+    assert!(!outbox.store().receipts().holds(&first.id).unwrap());
 
     outbox
         .commit(Ingest {
-            deliveries: vec![first.clone()],
+            receipts: vec![first.clone()],
             ..Ingest::default()
         })
         .await
         .unwrap();
-    assert_eq!(outbox.forget_source("plc").unwrap(), 1);
-    assert!(!outbox.holds_delivery(&first.id).unwrap());
+    assert_eq!(
+        outbox
+            .store()
+            .receipts()
+            .forget_source("plc")
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(!outbox.store().receipts().holds(&first.id).unwrap());
 }
 
 #[tokio::test]
@@ -492,9 +537,15 @@ async fn counts_and_pruning_come_from_the_indexes_and_survive_reopen() {
     let recs = {
         let outbox = Outbox::open(dir.path()).unwrap();
         let recs = outbox
-            .append(vec![msg("A", 1), msg("A", 2), msg("A", 3), msg("B", 1)])
+            .commit(Ingest::of(vec![
+                msg("A", 1),
+                msg("A", 2),
+                msg("A", 3),
+                msg("B", 1),
+            ]))
             .await
-            .unwrap();
+            .unwrap()
+            .records;
         outbox
             .mark_sending(&[recs[0].id, recs[3].id])
             .await
@@ -535,11 +586,11 @@ async fn counts_and_pruning_come_from_the_indexes_and_survive_reopen() {
     assert_eq!(outbox.counts().get(&State::Delivered).copied(), Some(0));
     assert!(matches!(
         outbox.get(recs[0].id),
-        Err(OutboxError::NotFound(_))
+        Err(StoreError::NotFound(_))
     ));
     assert!(matches!(
         outbox.get(recs[2].id),
-        Err(OutboxError::NotFound(_))
+        Err(StoreError::NotFound(_))
     ));
     assert_eq!(
         outbox.prune(future).await.unwrap(),
@@ -554,16 +605,19 @@ async fn a_store_without_indexes_gets_them_built_at_the_first_open() {
     let dir = tempfile::tempdir().unwrap();
     let appended = {
         let outbox = Outbox::open(dir.path()).unwrap();
-        let recs = outbox.append(vec![msg("A", 1), msg("A", 2)]).await.unwrap();
+        let recs = outbox
+            .commit(Ingest::of(vec![msg("A", 1), msg("A", 2)]))
+            .await
+            .unwrap()
+            .records;
         outbox.mark_sending(&[recs[0].id]).await.unwrap();
         outbox
             .settle(vec![settled(recs[0].id, Settle::Delivered)])
             .await
             .unwrap();
         // As version 0.1 left a store: records only, no lane or done keys.
-        let store = outbox.store().unwrap();
+        let store = outbox.store().kv().unwrap();
         store
-            .kv
             .write(true, |tx| {
                 for table in [kv::T::LaneEnds, kv::T::LaneLinks, kv::T::Done] {
                     for (k, _) in tx.collect(table, kv::Span::all(), usize::MAX)? {
@@ -618,18 +672,19 @@ fn snapshot(outbox: &Outbox) -> Snapshot {
 /// A store with a drained backlog behind it: `n` messages over three orders, the first
 /// two thirds delivered and pruned, a few left queued, one failed, rules state and an
 /// upstream delivery recorded.
-async fn drained_store(outbox: &Outbox, n: u32) -> Delivery {
+async fn drained_store(outbox: &Outbox, n: u32) -> Receipt {
     let orders = ["A", "B", "C"];
     for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
         let recs = outbox
-            .append(
+            .commit(Ingest::of(
                 chunk
                     .iter()
                     .map(|&i| msg(orders[i as usize % 3], i))
                     .collect(),
-            )
+            ))
             .await
-            .unwrap();
+            .unwrap()
+            .records;
         let deliver: Vec<MessageId> = recs
             .iter()
             .filter(|r| (r.id as u32) < n * 2 / 3)
@@ -661,8 +716,8 @@ async fn drained_store(outbox: &Outbox, n: u32) -> Delivery {
         )])
         .await
         .unwrap();
-    let delivery = Delivery {
-        id: DeliveryId::of_publish("mqtt:plc".into(), 9, "line1/count", b"1"),
+    let delivery = Receipt {
+        id: ReceiptId::of_publish("mqtt:plc".into(), 9, "line1/count", b"1"),
         redelivered: false,
         receipt: 1,
     };
@@ -691,12 +746,16 @@ async fn compaction_keeps_every_record_lane_state_and_delivery_and_gives_back_di
         "{bytes_before} bytes before, {bytes_after} after"
     );
     assert_same(&snapshot(&outbox), &before, "after compaction");
-    assert!(outbox.holds_delivery(&delivery.id).unwrap());
+    assert!(outbox.store().receipts().holds(&delivery.id).unwrap());
     assert_eq!(
-        outbox.load_state("rules").unwrap().as_deref(),
+        outbox.store().owners().load("rules").unwrap().as_deref(),
         Some(&b"{\"counters\":1}"[..])
     );
-    let new = outbox.append(vec![msg("B", 1)]).await.unwrap();
+    let new = outbox
+        .commit(Ingest::of(vec![msg("B", 1)]))
+        .await
+        .unwrap()
+        .records;
     assert!(
         new[0].id > max_id,
         "ids keep growing: {} after {max_id}",
@@ -711,7 +770,11 @@ async fn compaction_keeps_every_record_lane_state_and_delivery_and_gives_back_di
         reopened.list(None, None).unwrap() == expected,
         "after a reopen"
     );
-    let later = reopened.append(vec![msg("C", 2)]).await.unwrap();
+    let later = reopened
+        .commit(Ingest::of(vec![msg("C", 2)]))
+        .await
+        .unwrap()
+        .records;
     assert!(
         later[0].id > expected.last().unwrap().id,
         "after a reopen too"
@@ -734,8 +797,8 @@ async fn an_interrupted_compaction_is_finished_or_undone_at_open() {
     let compacting = data.join("outbox.compact");
     let retired = data.join("outbox.old");
     let build_copy = || {
-        let store = Store::open(&live, &mut Vec::new()).unwrap();
-        compact::build_copy(&store, data).unwrap();
+        let store = crate::store::Store::open(data).unwrap();
+        crate::store::compact::build_copy(&store.kv().unwrap(), data, &[]).unwrap();
     };
     let reopen_and_check = |step: &str| {
         let outbox = Outbox::open(data).unwrap();
@@ -772,11 +835,22 @@ async fn ids_are_consecutive_across_restarts_pruning_and_compaction() {
     let dir = tempfile::tempdir().unwrap();
     let first = {
         let outbox = Outbox::open(dir.path()).unwrap();
-        ids(&outbox.append(vec![msg("A", 1), msg("A", 2)]).await.unwrap())
+        ids(&outbox
+            .commit(Ingest::of(vec![msg("A", 1), msg("A", 2)]))
+            .await
+            .unwrap()
+            .records)
     };
     assert_eq!(first, [1, 2]);
     let outbox = Outbox::open(dir.path()).unwrap();
-    assert_eq!(ids(&outbox.append(vec![msg("A", 3)]).await.unwrap()), [3]);
+    assert_eq!(
+        ids(&outbox
+            .commit(Ingest::of(vec![msg("A", 3)]))
+            .await
+            .unwrap()
+            .records),
+        [3]
+    );
     // Deliver and prune everything: no message is left to say where the ids were.
     outbox.mark_sending(&[1]).await.unwrap();
     outbox
@@ -794,12 +868,23 @@ async fn ids_are_consecutive_across_restarts_pruning_and_compaction() {
     assert_eq!(outbox.prune(future).await.unwrap(), 3);
     drop(outbox);
     let outbox = Outbox::open(dir.path()).unwrap();
-    assert_eq!(ids(&outbox.append(vec![msg("B", 1)]).await.unwrap()), [4]);
+    assert_eq!(
+        ids(&outbox
+            .commit(Ingest::of(vec![msg("B", 1)]))
+            .await
+            .unwrap()
+            .records),
+        [4]
+    );
     outbox.compact().await.unwrap();
     drop(outbox);
     let outbox = Outbox::open(dir.path()).unwrap();
     assert_eq!(
-        ids(&outbox.append(vec![msg("B", 2), msg("C", 1)]).await.unwrap()),
+        ids(&outbox
+            .commit(Ingest::of(vec![msg("B", 2), msg("C", 1)]))
+            .await
+            .unwrap()
+            .records),
         [5, 6]
     );
 }
@@ -811,7 +896,7 @@ async fn pages_walk_the_outbox_both_ways_with_a_filter() {
     let all: Vec<NewMessage> = (0..10)
         .map(|i| msg(if i % 2 == 0 { "A" } else { "B" }, i))
         .collect();
-    let appended = ids(&outbox.append(all).await.unwrap());
+    let appended = ids(&outbox.commit(Ingest::of(all)).await.unwrap().records);
     let only_a = ListFilter {
         order: Some("A".into()),
         ..ListFilter::default()
@@ -838,7 +923,7 @@ async fn event_ids_are_remembered_with_what_they_produced_and_forgotten_after_th
         source: "d365".into(),
         id: "E-1".into(),
     };
-    assert!(!outbox.holds_event(&seen).unwrap());
+    assert!(!outbox.store().receipts().holds_event(&seen).unwrap());
     outbox
         .commit(Ingest::new(vec![msg("A", 1)], None, Vec::new()).with_seen(vec![seen.clone()]))
         .await
@@ -846,27 +931,37 @@ async fn event_ids_are_remembered_with_what_they_produced_and_forgotten_after_th
     drop(outbox);
     let outbox = Outbox::open(dir.path()).unwrap();
     assert!(
-        outbox.holds_event(&seen).unwrap(),
+        outbox.store().receipts().holds_event(&seen).unwrap(),
         "durable across a reopen"
     );
     let other_source = SeenEvent {
         source: "d365-b".into(),
         id: "E-1".into(),
     };
-    assert!(!outbox.holds_event(&other_source).unwrap());
+    assert!(!outbox
+        .store()
+        .receipts()
+        .holds_event(&other_source)
+        .unwrap());
     assert_eq!(
         outbox
+            .store()
+            .receipts()
             .forget_events(jiff::Timestamp::now() - jiff::SignedDuration::from_secs(60))
+            .await
             .unwrap(),
         0
     );
     assert_eq!(
         outbox
+            .store()
+            .receipts()
             .forget_events(jiff::Timestamp::now() + jiff::SignedDuration::from_secs(60))
+            .await
             .unwrap(),
         1
     );
-    assert!(!outbox.holds_event(&seen).unwrap());
+    assert!(!outbox.store().receipts().holds_event(&seen).unwrap());
 }
 
 fn processed(content: &str, state: &str, failed: bool, event_id: &str) -> ProcessedEvent {
@@ -908,7 +1003,7 @@ fn indexing(dir: &std::path::Path) -> Outbox {
 
 async fn reconcile(outbox: &Outbox, events: Vec<ProcessedEvent>) -> Vec<Reconciled> {
     outbox
-        .commit_reconciling(Arc::new(Ingest::default().with_processed(events)))
+        .commit(Arc::new(Ingest::default().with_processed(events)))
         .await
         .unwrap()
         .reconciled
@@ -918,7 +1013,11 @@ async fn reconcile(outbox: &Outbox, events: Vec<ProcessedEvent>) -> Vec<Reconcil
 async fn a_verdict_is_recorded_on_the_message_whose_content_d365_reports() {
     let dir = tempfile::tempdir().unwrap();
     let outbox = indexing(dir.path());
-    let recs = outbox.append(vec![msg("A", 1), msg("A", 2)]).await.unwrap();
+    let recs = outbox
+        .commit(Ingest::of(vec![msg("A", 1), msg("A", 2)]))
+        .await
+        .unwrap()
+        .records;
     send_and_settle(&outbox, recs[0].id, Settle::Delivered).await;
     // D365 reformats the JSON: spacing and key order do not matter.
     let reported = "{ \"n\": 1, \"ProductionOrderNumber\": \"A\" }";
@@ -972,7 +1071,11 @@ async fn a_verdict_is_recorded_on_the_message_whose_content_d365_reports() {
 async fn an_uncertain_message_d365_received_is_resolved_and_leaves_its_lane() {
     let dir = tempfile::tempdir().unwrap();
     let outbox = indexing(dir.path());
-    let recs = outbox.append(vec![msg("A", 1), msg("A", 2)]).await.unwrap();
+    let recs = outbox
+        .commit(Ingest::of(vec![msg("A", 1), msg("A", 2)]))
+        .await
+        .unwrap()
+        .records;
     send_and_settle(
         &outbox,
         recs[0].id,
@@ -1036,7 +1139,11 @@ async fn an_uncertain_message_d365_received_is_resolved_and_leaves_its_lane() {
 async fn a_verdict_never_changes_a_message_that_was_never_sent() {
     let dir = tempfile::tempdir().unwrap();
     let outbox = indexing(dir.path());
-    let recs = outbox.append(vec![msg("A", 1)]).await.unwrap();
+    let recs = outbox
+        .commit(Ingest::of(vec![msg("A", 1)]))
+        .await
+        .unwrap()
+        .records;
     let result = reconcile(
         &outbox,
         vec![processed(&recs[0].content, "Failed", true, "FORGED")],
@@ -1102,9 +1209,10 @@ async fn identical_messages_take_verdicts_in_order_and_unmatched_events_are_kept
     let outbox = indexing(dir.path());
     // The same content three times (three identical reports), on two orders' lanes.
     let recs = outbox
-        .append(vec![msg("A", 1), msg("A", 1), msg("A", 1)])
+        .commit(Ingest::of(vec![msg("A", 1), msg("A", 1), msg("A", 1)]))
         .await
-        .unwrap();
+        .unwrap()
+        .records;
     let content = recs[0].content.clone();
     // The first two went out; the third never did.
     send_and_settle(&outbox, recs[0].id, Settle::Delivered).await;
@@ -1140,7 +1248,8 @@ async fn identical_messages_take_verdicts_in_order_and_unmatched_events_are_kept
     assert_eq!(kept[0].payload["EventId"], "E4");
     // Forgotten with the event ids.
     outbox
-        .forget_events(jiff::Timestamp::now() + jiff::SignedDuration::from_secs(5))
+        .forget_unmatched(jiff::Timestamp::now() + jiff::SignedDuration::from_secs(5))
+        .await
         .unwrap();
     assert_eq!(outbox.unmatched_verdicts(10).unwrap().1, 0);
 }
@@ -1149,7 +1258,11 @@ async fn identical_messages_take_verdicts_in_order_and_unmatched_events_are_kept
 async fn an_edited_retry_is_matched_by_its_new_content() {
     let dir = tempfile::tempdir().unwrap();
     let outbox = indexing(dir.path());
-    let recs = outbox.append(vec![msg("A", 1)]).await.unwrap();
+    let recs = outbox
+        .commit(Ingest::of(vec![msg("A", 1)]))
+        .await
+        .unwrap()
+        .records;
     send_and_settle(
         &outbox,
         recs[0].id,
@@ -1183,7 +1296,11 @@ async fn an_edited_retry_is_matched_by_its_new_content() {
 async fn a_verdict_that_comes_before_a_lost_answer_makes_the_message_delivered_not_uncertain() {
     let dir = tempfile::tempdir().unwrap();
     let outbox = indexing(dir.path());
-    let recs = outbox.append(vec![msg("A", 1)]).await.unwrap();
+    let recs = outbox
+        .commit(Ingest::of(vec![msg("A", 1)]))
+        .await
+        .unwrap()
+        .records;
     outbox.mark_sending(&[recs[0].id]).await.unwrap();
     let result = reconcile(
         &outbox,
@@ -1238,10 +1355,15 @@ async fn publications_are_stored_with_their_batch_in_order_per_broker_until_ackn
             )
             .await
             .unwrap();
-        assert_eq!(outbox.publications_waiting(), 3);
+        assert_eq!(outbox.store().publications().waiting(), 3);
     }
     let outbox = indexing(dir.path());
-    let b1 = outbox.pending_publications("b1", None, 10).unwrap();
+    let b1 = outbox
+        .store()
+        .publications()
+        .pending("b1", None, 10)
+        .await
+        .unwrap();
     let payloads: Vec<&str> = b1.iter().map(|(_, p)| p.payload.as_str()).collect();
     assert_eq!(
         payloads,
@@ -1249,29 +1371,52 @@ async fn publications_are_stored_with_their_batch_in_order_per_broker_until_ackn
         "durable, in order, only this broker's"
     );
     let after_first = outbox
-        .pending_publications("b1", Some(b1[0].0), 10)
+        .store()
+        .publications()
+        .pending("b1", Some(b1[0].0), 10)
+        .await
         .unwrap();
     assert_eq!(after_first.len(), 1);
     assert_eq!(after_first[0].1.payload, "3");
-    outbox.forget_publication("b1", b1[0].0).unwrap();
+    outbox
+        .store()
+        .publications()
+        .forget("b1", b1[0].0)
+        .await
+        .unwrap();
     // New ones are numbered after what is stored, also after a reopen.
     outbox
         .commit(Ingest::default().with_publications(vec![publication("b1", 4)]))
         .await
         .unwrap();
     let b1: Vec<String> = outbox
-        .pending_publications("b1", None, 10)
+        .store()
+        .publications()
+        .pending("b1", None, 10)
+        .await
         .unwrap()
         .into_iter()
         .map(|(_, p)| p.payload)
         .collect();
     assert_eq!(b1, ["3", "4"]);
     assert_eq!(
-        outbox.pending_publications("b2", None, 10).unwrap().len(),
+        outbox
+            .store()
+            .publications()
+            .pending("b2", None, 10)
+            .await
+            .unwrap()
+            .len(),
         1
     );
     assert_eq!(
-        outbox.pending_publications("b", None, 10).unwrap().len(),
+        outbox
+            .store()
+            .publications()
+            .pending("b", None, 10)
+            .await
+            .unwrap()
+            .len(),
         0,
         "no prefix mix-up"
     );
@@ -1281,7 +1426,11 @@ async fn publications_are_stored_with_their_batch_in_order_per_broker_until_ackn
 async fn without_the_index_nothing_is_matched_and_no_index_is_written() {
     let dir = tempfile::tempdir().unwrap();
     let outbox = Outbox::open(dir.path()).unwrap();
-    let recs = outbox.append(vec![msg("A", 1)]).await.unwrap();
+    let recs = outbox
+        .commit(Ingest::of(vec![msg("A", 1)]))
+        .await
+        .unwrap()
+        .records;
     assert_eq!(recs[0].content_digest, None);
     send_and_settle(&outbox, recs[0].id, Settle::Delivered).await;
     let result = reconcile(
@@ -1295,7 +1444,11 @@ async fn without_the_index_nothing_is_matched_and_no_index_is_written() {
     );
     // Turned on: later messages are found.
     outbox.index_contents(true);
-    let later = outbox.append(vec![msg("A", 2)]).await.unwrap();
+    let later = outbox
+        .commit(Ingest::of(vec![msg("A", 2)]))
+        .await
+        .unwrap()
+        .records;
     send_and_settle(&outbox, later[0].id, Settle::Delivered).await;
     let result = reconcile(
         &outbox,
@@ -1317,14 +1470,19 @@ async fn a_store_of_the_old_format_is_migrated_whole_at_the_first_open() {
     let outbox = Outbox::open(written.path()).unwrap();
     let delivery = drained_store(&outbox, 3_000).await;
     let before = snapshot(&outbox);
-    let next_before = outbox.append(vec![msg("C", 1)]).await.unwrap()[0].id;
+    let next_before = outbox
+        .commit(Ingest::of(vec![msg("C", 1)]))
+        .await
+        .unwrap()
+        .records[0]
+        .id;
     let before_last = snapshot(&outbox);
     // The same trees, keys and values in a sled store, as earlier builds left them.
     let old = tempfile::tempdir().unwrap();
     let old_dir = old.path().join("outbox");
     {
         let sled_db = sled::Config::new().path(&old_dir).open().unwrap();
-        let rx = outbox.store().unwrap().kv.read().unwrap();
+        let rx = outbox.store().read().unwrap();
         // Their lane index had one key per member (order ++ id); the lists came later.
         let legacy_lanes = sled_db.open_tree(kv::T::Lanes.name()).unwrap();
         for order in ["A", "B", "C"] {
@@ -1353,12 +1511,17 @@ async fn a_store_of_the_old_format_is_migrated_whole_at_the_first_open() {
 
     let migrated = Outbox::open(old.path()).unwrap();
     assert_same(&snapshot(&migrated), &before_last, "after migration");
-    assert!(migrated.holds_delivery(&delivery.id).unwrap());
+    assert!(migrated.store().receipts().holds(&delivery.id).unwrap());
     assert_eq!(
-        migrated.load_state("rules").unwrap().as_deref(),
+        migrated.store().owners().load("rules").unwrap().as_deref(),
         Some(&b"{\"counters\":1}"[..])
     );
-    let next = migrated.append(vec![msg("B", 2)]).await.unwrap()[0].id;
+    let next = migrated
+        .commit(Ingest::of(vec![msg("B", 2)]))
+        .await
+        .unwrap()
+        .records[0]
+        .id;
     assert_eq!(
         next,
         next_before + 1,
@@ -1369,7 +1532,7 @@ async fn a_store_of_the_old_format_is_migrated_whole_at_the_first_open() {
         .unwrap()
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n != STORE_FILE)
+        .filter(|n| n != "outbox.redb")
         .collect();
     assert!(
         leftovers.is_empty(),
@@ -1448,7 +1611,11 @@ async fn an_outcome_carrying_its_record_as_sent_is_settled_from_it_only_while_it
 ) {
     let dir = tempfile::tempdir().unwrap();
     let outbox = Outbox::open(dir.path()).unwrap();
-    let recs = outbox.append(vec![msg("A", 1)]).await.unwrap();
+    let recs = outbox
+        .commit(Ingest::of(vec![msg("A", 1)]))
+        .await
+        .unwrap()
+        .records;
     let id = recs[0].id;
     let first = outbox.mark_sending(&[id]).await.unwrap().remove(0);
     let retry = |as_sent: Record| Settlement {
@@ -1500,7 +1667,7 @@ async fn three_lanes_sending(outbox: &Outbox) -> Vec<Record> {
     let batch = (1..=3)
         .flat_map(|n| ["A", "B", "C"].map(|order| msg(order, n)))
         .collect();
-    outbox.append(batch).await.unwrap();
+    outbox.commit(Ingest::of(batch)).await.unwrap();
     let heads: Vec<MessageId> = outbox
         .lane_head_ids(None, 10, |_| false, |_| false)
         .unwrap()
@@ -1629,7 +1796,12 @@ async fn an_open_turn_is_invisible_until_it_commits_and_other_writes_wait_for_it
     assert_eq!(outbox.counts().get(&State::Delivered), None);
     let ingest = tokio::spawn({
         let outbox = outbox.clone();
-        async move { outbox.append(vec![msg("D", 1)]).await }
+        async move {
+            outbox
+                .commit(Ingest::of(vec![msg("D", 1)]))
+                .await
+                .map(|c| c.records)
+        }
     });
     let operator = tokio::spawn({
         let outbox = outbox.clone();
@@ -1677,11 +1849,15 @@ async fn a_turn_its_owner_forgets_is_rolled_back_and_frees_the_store() {
     turn.opened().await;
     // The owner breaks the rule (another write while its turn is open): the write waits
     // for the idle limit, then goes through, instead of hanging for good.
-    let appended = outbox.append(vec![msg("D", 1)]).await.unwrap();
+    let appended = outbox
+        .commit(Ingest::of(vec![msg("D", 1)]))
+        .await
+        .unwrap()
+        .records;
     assert_eq!(ids(&appended), [10]);
     assert!(matches!(
         turn.finish(Arc::new(Vec::new()), vec![4]).await,
-        Err(OutboxError::TurnAbandoned)
+        Err(StoreError::TurnAbandoned)
     ));
     assert_eq!(outbox.get(1).unwrap().state, State::Sending, "rolled back");
     assert_eq!(outbox.get(4).unwrap().state, State::Queued);

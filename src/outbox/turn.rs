@@ -8,7 +8,7 @@
 //! commit. Written after the group's last answer, the whole write (reading the records,
 //! about ten B-tree changes per message, the commit) stood between that answer and the
 //! next requests; filled while the group's other answers are still on their way, only the
-//! marks and the commit do (README → Performance, "The delivery cycle, timed").
+//! marks and the commit do (docs/performance.md, "The delivery cycle, timed").
 //!
 //! Durability is unchanged: nothing of a turn is on disk, or visible to any reader, before
 //! its commit, and `finish` returns only after the commit's fsync, so a `sending` mark is
@@ -28,14 +28,13 @@ use std::time::Duration;
 
 use std::collections::HashMap;
 
-use super::kv::{Reading, Tx};
-use super::{
-    apply_changes, lanes, plan_marks, plan_settlements, record_in, MessageId, Outbox, OutboxError,
-    Record, Settlement, State, WriteKind,
-};
+use super::settle::{apply_changes, plan_marks, plan_settlements};
+use super::{lanes, record_in, MessageId, Outbox, Record, Settlement, State, WriteKind};
+use crate::store::kv::{Reading, Tx};
+use crate::store::StoreError;
 
 /// How long an open turn waits for its owner's next step before it rolls back.
-pub const TURN_IDLE_MAX: Duration = Duration::from_secs(2);
+pub const TURN_IDLE_MAX: Duration = Duration::from_secs(crate::store::TURN_IDLE_MAX_SECS);
 
 /// What the owner of a turn sends to its writer.
 #[derive(Debug)]
@@ -52,7 +51,7 @@ enum Step {
 pub struct OpenTurn {
     outbox: Outbox,
     steps: mpsc::Sender<Step>,
-    written: tokio::task::JoinHandle<Result<Written, OutboxError>>,
+    written: tokio::task::JoinHandle<Result<Written, StoreError>>,
     /// Fires once the turn holds the store's write transaction.
     opened: tokio::sync::oneshot::Receiver<()>,
 }
@@ -69,10 +68,11 @@ impl Outbox {
         let (steps, received) = mpsc::channel();
         let (open, opened) = tokio::sync::oneshot::channel();
         let this = self.clone();
-        // Straight on a blocking thread, awaited by the owner: one hand-off at the end.
-        let written = tokio::task::spawn_blocking(move || {
+        // On the blocking pool like every write (crate::store), awaited by the owner: one
+        // hand-off at the end.
+        let written = self.store.spawn_write(move |kv| {
             let _transition = transition;
-            this.write_open_turn(received, open)
+            this.write_open_turn(kv, received, open)
         });
         Some(OpenTurn {
             outbox: self.clone(),
@@ -84,23 +84,24 @@ impl Outbox {
 
     fn write_open_turn(
         &self,
+        kv: &crate::store::kv::Kv,
         steps: mpsc::Receiver<Step>,
         open: tokio::sync::oneshot::Sender<()>,
-    ) -> Result<Written, OutboxError> {
+    ) -> Result<Written, StoreError> {
         let writes = self.writes.clone();
         let mut open = Some(open);
-        self.write_here(move |store| {
+        {
             let mut changed: Vec<(Record, State)> = Vec::new();
             let mut already_marked = Vec::new();
             let mut read_ahead = HashMap::new();
             let mut last_step = std::time::Instant::now();
-            store.kv.write(true, |tx| loop {
+            kv.write(true, |tx| loop {
                 if let Some(open) = open.take() {
                     let _ = open.send(());
                 }
                 let step = steps
                     .recv_timeout(TURN_IDLE_MAX)
-                    .map_err(|_| OutboxError::TurnAbandoned)?;
+                    .map_err(|_| StoreError::TurnAbandoned)?;
                 last_step = std::time::Instant::now();
                 let (outcomes, mark) = match step {
                     Step::Settle(outcomes) => (outcomes, None),
@@ -133,7 +134,7 @@ impl Outbox {
             // What the lanes waited for: the last step and the commit.
             writes.record(WriteKind::Delivery, changed.len(), last_step.elapsed());
             Ok((changed, already_marked))
-        })
+        }
     }
 }
 
@@ -146,7 +147,7 @@ fn read_next_heads(
     tx: &mut Tx<'_>,
     changed: &[(Record, State)],
     read_ahead: &mut HashMap<MessageId, Record>,
-) -> Result<(), OutboxError> {
+) -> Result<(), StoreError> {
     for (r, _) in changed {
         read_ahead.remove(&r.id);
     }
@@ -180,13 +181,13 @@ impl OpenTurn {
         self,
         outcomes: Arc<Vec<Settlement>>,
         mark: Vec<MessageId>,
-    ) -> Result<(Vec<Record>, Vec<Record>), OutboxError> {
+    ) -> Result<(Vec<Record>, Vec<Record>), StoreError> {
         let _ = self.steps.send(Step::Finish { outcomes, mark });
         drop(self.steps);
         let (changed, already_marked) = self
             .written
             .await
-            .map_err(|e| OutboxError::Storage(format!("turn writer failed: {e}")))??;
+            .map_err(|e| StoreError::Storage(format!("turn writer failed: {e}")))??;
         Ok(self.outbox.written(changed, already_marked))
     }
 }

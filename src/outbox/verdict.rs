@@ -1,7 +1,7 @@
 //! What D365 did with the messages it received: its "message processor message
 //! processed" business events, matched to the messages the gateway sent (reconciliation).
 //!
-//! A 200 from SendMessage only means "queued" (d365-mes-api.md §1.2); D365 processes the
+//! A 200 from SendMessage only means "queued" (docs/d365-api.md, "Sending a message"); D365 processes the
 //! message later and may mark it Failed, which holds every later message of its order
 //! inside D365. The event that says so carries the queue, the message type and the exact
 //! content D365 received, and nothing else that names the message: so the outbox keeps a
@@ -43,7 +43,10 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::{storage, Change, MessageId, OutboxError, Record, State, Store};
+use super::id_after_stamp;
+use super::{record_in, Change, MessageId, Record, State};
+use crate::store::kv::{Kv, Prefix, T};
+use crate::store::{storage, time_key, StoreError};
 
 /// D365's verdict on one message, as recorded on it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -149,7 +152,7 @@ pub(super) fn same_content(stored: &str, reported: &str) -> bool {
 }
 
 pub(super) fn unmatched_key(at: jiff::Timestamp, source: &str, event_id: &str) -> Vec<u8> {
-    let mut k = super::time_key(at).to_vec();
+    let mut k = time_key(at).to_vec();
     k.extend_from_slice(source.as_bytes());
     k.push(0);
     k.extend_from_slice(event_id.as_bytes());
@@ -223,7 +226,7 @@ fn could_have_reached_d365(record: &Record) -> bool {
         || matches!(record.state, State::Sending | State::Uncertain)
 }
 
-pub(super) fn plan(store: &Store, events: &[ProcessedEvent]) -> Result<Plan, OutboxError> {
+pub(super) fn plan(kv: &Kv, events: &[ProcessedEvent]) -> Result<Plan, StoreError> {
     let mut plan = Plan::default();
     // Records already changed by an earlier event of this batch, by id.
     let mut working: BTreeMap<MessageId, (Record, State)> = BTreeMap::new();
@@ -234,23 +237,19 @@ pub(super) fn plan(store: &Store, events: &[ProcessedEvent]) -> Result<Plan, Out
         let mut candidates: Vec<MessageId> = Vec::new();
         // Same content, but never sent: D365 cannot be speaking of these.
         let mut never_sent: Vec<MessageId> = Vec::new();
-        let under_digest = super::kv::Prefix::new(&digest.to_be_bytes());
+        let under_digest = Prefix::new(&digest.to_be_bytes());
         let mut indexed = Vec::new();
-        store.kv.read()?.scan(
-            super::kv::T::Contents,
-            under_digest.span(),
-            false,
-            |k, _| {
-                indexed.extend(super::id_after_stamp(k));
+        kv.read()?
+            .scan(T::Contents, under_digest.span(), false, |k, _| {
+                indexed.extend(id_after_stamp(k));
                 Ok(true)
-            },
-        )?;
+            })?;
         for id in indexed {
             let record = match working.get(&id) {
                 Some((r, _)) => r.clone(),
-                None => match store.get(id) {
+                None => match record_in(&kv.read()?, id) {
                     Ok(r) => r,
-                    Err(OutboxError::NotFound(_)) => {
+                    Err(StoreError::NotFound(_)) => {
                         plan.stale.push(content_key(digest, id));
                         continue;
                     }

@@ -1,7 +1,7 @@
 //! How long the outbox's durable writes take, and how many messages each carries, for
 //! `/metrics` and `status`. Every write is one transaction and one fsync, so the disk's flush latency
-//! bounds how fast a lane can move (one write per message and lane, README →
-//! Performance): on a plant PC with slow storage (an SD card, a worn eMMC) delivery is
+//! bounds how fast a lane can move (one write per message and lane, docs/performance.md):
+//! on a plant PC with slow storage (an SD card, a worn eMMC) delivery is
 //! slower, and these figures say why.
 //!
 //! Two kinds, the two writes every message goes through: `ingest` (new messages with the

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::event::Event;
-use crate::outbox::{Delivery, Outbox, SeenEvent};
+use crate::outbox::{Outbox, Receipt, SeenEvent};
 use crate::systemd::Heartbeat;
 pub use config::SourceConfig;
 
@@ -64,7 +64,7 @@ impl Ack {
 pub struct SourceEvent {
     pub event: Event,
     pub ack: Option<Ack>,
-    pub delivery: Option<Delivery>,
+    pub delivery: Option<Receipt>,
     /// The event's own id at its source, for sources that redeliver by id (D365
     /// business events): a second delivery of a stored one produces nothing.
     pub seen: Option<SeenEvent>,

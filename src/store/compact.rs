@@ -17,13 +17,13 @@
 //! every open) makes the live one: before step 2 the old store is intact and the copy is
 //! thrown away; between 2 and 3 the copy is complete and is moved into place; after 3 the
 //! old one is removed. Nothing is written to the live store while it is copied (the outbox
-//! holds every other operation back), and message ids keep growing across the swap: the
-//! new store's ids start above the old store's (`ID_FLOOR`).
+//! holds every other operation back). What the copy must carry beyond the live tables (the
+//! outbox's floor for new message ids) is written by the copy's one durable commit.
 
 use std::path::{Path, PathBuf};
 
-use super::kv::{Span, T};
-use super::{storage, OutboxError, Store};
+use super::kv::{Kv, Span, T};
+use super::{storage, StoreError};
 
 /// The store being built.
 const COMPACTING: &str = "outbox.compact";
@@ -31,8 +31,6 @@ const COMPACTING: &str = "outbox.compact";
 const RETIRED: &str = "outbox.old";
 /// Written into the store being built once it is complete and on disk.
 const COMPLETE: &str = "COMPLETE";
-/// State-tree key: every id of this store is above this number.
-pub(super) const ID_FLOOR: &[u8] = b"outbox.id_floor";
 
 /// Entries per write batch while copying.
 const COPY_BATCH: usize = 10_000;
@@ -46,7 +44,7 @@ fn paths(data_dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
 }
 
 /// Brings the directories back to one live store after a compaction was interrupted.
-pub(super) fn finish_interrupted(data_dir: &Path) -> std::io::Result<()> {
+pub fn finish_interrupted(data_dir: &Path) -> std::io::Result<()> {
     let (live, compacting, retired) = paths(data_dir);
     if compacting.exists() {
         if live.exists() {
@@ -77,28 +75,36 @@ pub(super) fn finish_interrupted(data_dir: &Path) -> std::io::Result<()> {
 
 /// Step 1: copies every tree of `live` into a new store and marks it complete. Nothing
 /// may write to `live` meanwhile. On error the partial copy is removed.
-pub(super) fn build_copy(live: &Store, data_dir: &Path) -> Result<(), OutboxError> {
+pub(crate) fn build_copy(
+    live: &Kv,
+    data_dir: &Path,
+    finally: &[(T, Vec<u8>, Vec<u8>)],
+) -> Result<(), StoreError> {
     let (_, compacting, _) = paths(data_dir);
-    let result = copy_into(live, &compacting);
+    let result = copy_into(live, &compacting, finally);
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&compacting);
     }
     result
 }
 
-fn copy_into(live: &Store, compacting: &Path) -> Result<(), OutboxError> {
+fn copy_into(
+    live: &Kv,
+    compacting: &Path,
+    finally: &[(T, Vec<u8>, Vec<u8>)],
+) -> Result<(), StoreError> {
     let io = |e: std::io::Error| storage(format!("{}: {e}", compacting.display()));
     if compacting.exists() {
         std::fs::remove_dir_all(compacting).map_err(io)?;
     }
     std::fs::create_dir_all(compacting).map_err(io)?;
     {
-        let copy = Store::open(compacting, &mut Vec::new())?;
-        let from = live.kv.read()?;
+        let copy = super::open_kv(compacting)?;
+        let from = live.read()?;
         for table in T::ALL {
             let mut batch: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity(COPY_BATCH);
             let write = |batch: &mut Vec<(Vec<u8>, Vec<u8>)>| {
-                copy.kv.write(false, |tx| {
+                copy.write(false, |tx| {
                     for (k, v) in batch.drain(..) {
                         tx.insert(table, &k, &v)?;
                     }
@@ -114,14 +120,12 @@ fn copy_into(live: &Store, compacting: &Path) -> Result<(), OutboxError> {
             })?;
             write(&mut batch)?;
         }
-        // Ids of the new store start above every id handed out by the live one.
-        let floor = live
-            .next_id
-            .load(std::sync::atomic::Ordering::Relaxed)
-            .saturating_sub(1);
         // The one durable commit: it makes every batch before it durable too.
-        copy.kv.write(true, |tx| {
-            tx.insert(T::State, ID_FLOOR, &floor.to_be_bytes())
+        copy.write(true, |tx| {
+            for (table, k, v) in finally {
+                tx.insert(*table, k, v)?;
+            }
+            Ok(())
         })?;
     }
     sync_dir(compacting).map_err(io)?;
@@ -155,7 +159,7 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 }
 
 /// Bytes under a directory (what compaction gives back is measured with it).
-pub(super) fn dir_bytes(dir: &Path) -> u64 {
+pub fn dir_bytes(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
         .map(|entries| {
             entries

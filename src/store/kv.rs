@@ -18,11 +18,11 @@ use std::path::Path;
 
 use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
-use super::{storage, OutboxError};
+use super::{storage, StoreError};
 
 /// The tables. Their names are the file format; never rename one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum T {
+pub(crate) enum T {
     Messages,
     /// The lane index before December 2026; emptied at the first open (lanes.rs).
     Lanes,
@@ -40,7 +40,7 @@ pub(super) enum T {
 }
 
 impl T {
-    pub(super) const ALL: [T; 13] = [
+    pub(crate) const ALL: [T; 13] = [
         T::Messages,
         T::Lanes,
         T::Ingress,
@@ -56,7 +56,7 @@ impl T {
         T::Delivered,
     ];
 
-    pub(super) fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             T::Messages => "messages",
             T::Lanes => "lanes",
@@ -81,7 +81,7 @@ impl T {
 
 /// Keys from `from` (inclusive) to `to` (exclusive); `None` is open-ended.
 #[derive(Debug, Clone, Copy, Default)]
-pub(super) struct Span<'k> {
+pub(crate) struct Span<'k> {
     pub from: Option<&'k [u8]>,
     pub to: Option<&'k [u8]>,
 }
@@ -114,7 +114,7 @@ impl<'k> Span<'k> {
 }
 
 /// Every key that starts with a prefix: owns the bounds a [`Span`] borrows.
-pub(super) struct Prefix {
+pub(crate) struct Prefix {
     start: Vec<u8>,
     end: Option<Vec<u8>>,
 }
@@ -152,7 +152,7 @@ fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
 fn copy_of<Tbl: ReadableTable<&'static [u8], &'static [u8]>>(
     table: &Tbl,
     key: &[u8],
-) -> Result<Option<Vec<u8>>, OutboxError> {
+) -> Result<Option<Vec<u8>>, StoreError> {
     Ok(table.get(key).map_err(storage)?.map(|v| v.value().to_vec()))
 }
 
@@ -162,8 +162,8 @@ fn walk<Tbl: ReadableTable<&'static [u8], &'static [u8]>>(
     table: &Tbl,
     span: Span<'_>,
     rev: bool,
-    mut visit: impl FnMut(&[u8], &[u8]) -> Result<bool, OutboxError>,
-) -> Result<(), OutboxError> {
+    mut visit: impl FnMut(&[u8], &[u8]) -> Result<bool, StoreError>,
+) -> Result<(), StoreError> {
     let range = table.range::<&[u8]>(span.bounds()).map_err(storage)?;
     type Item<'a> = Result<
         (
@@ -172,7 +172,7 @@ fn walk<Tbl: ReadableTable<&'static [u8], &'static [u8]>>(
         ),
         redb::StorageError,
     >;
-    let mut step = |item: Item<'_>| -> Result<bool, OutboxError> {
+    let mut step = |item: Item<'_>| -> Result<bool, StoreError> {
         let (k, v) = item.map_err(storage)?;
         visit(k.value(), v.value())
     };
@@ -193,15 +193,15 @@ fn walk<Tbl: ReadableTable<&'static [u8], &'static [u8]>>(
 }
 
 /// A key and its value, copied out of the store.
-pub(super) type Entry = (Vec<u8>, Vec<u8>);
+pub(crate) type Entry = (Vec<u8>, Vec<u8>);
 
 /// The open store file.
-pub(super) struct Kv {
+pub(crate) struct Kv {
     db: redb::Database,
 }
 
 /// Why a store could not be opened.
-pub(super) enum OpenError {
+pub(crate) enum OpenError {
     /// Another process (or handle) has it open.
     Locked,
     Io(std::io::Error),
@@ -210,16 +210,16 @@ pub(super) enum OpenError {
 
 impl OpenError {
     /// The outbox's error for the store file `file` in the outbox directory `dir`.
-    pub(super) fn at(self, dir: &Path, file: &Path) -> OutboxError {
+    pub(crate) fn at(self, dir: &Path, file: &Path) -> StoreError {
         match self {
-            OpenError::Locked => OutboxError::Locked {
+            OpenError::Locked => StoreError::Locked {
                 path: dir.to_path_buf(),
             },
-            OpenError::Io(cause) => OutboxError::Open {
+            OpenError::Io(cause) => StoreError::Open {
                 path: file.to_path_buf(),
                 cause,
             },
-            OpenError::Other(why) => OutboxError::Open {
+            OpenError::Other(why) => StoreError::Open {
                 path: file.to_path_buf(),
                 cause: std::io::Error::other(why),
             },
@@ -230,7 +230,7 @@ impl OpenError {
 impl Kv {
     /// Opens (or creates) the store file. A store a crash interrupted is repaired first
     /// (redb checks the last commit's checksums and falls back to the one before).
-    pub(super) fn open(file: &Path, cache_bytes: usize) -> Result<Kv, OpenError> {
+    pub(crate) fn open(file: &Path, cache_bytes: usize) -> Result<Kv, OpenError> {
         let db = redb::Builder::new()
             .set_cache_size(cache_bytes)
             .set_repair_callback(|session| {
@@ -260,25 +260,20 @@ impl Kv {
     }
 
     /// A consistent view of the last commit (any number at once, alongside a write).
-    pub(super) fn read(&self) -> Result<Rx, OutboxError> {
+    pub(crate) fn read(&self) -> Result<Rx, StoreError> {
         Ok(Rx {
             txn: self.db.begin_read().map_err(storage)?,
             open: Default::default(),
         })
     }
 
-    /// One value, read on its own.
-    pub(super) fn get(&self, t: T, key: &[u8]) -> Result<Option<Vec<u8>>, OutboxError> {
-        self.read()?.get(t, key)
-    }
-
     /// Runs `f` in one write transaction (writes wait for each other) and commits it when
     /// `f` succeeds; `durable`: on disk when this returns (one fsync).
-    pub(super) fn write<R>(
+    pub(crate) fn write<R>(
         &self,
         durable: bool,
-        f: impl FnOnce(&mut Tx<'_>) -> Result<R, OutboxError>,
-    ) -> Result<R, OutboxError> {
+        f: impl FnOnce(&mut Tx<'_>) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
         let mut txn = self.db.begin_write().map_err(storage)?;
         if !durable {
             txn.set_durability(redb::Durability::None)
@@ -307,27 +302,27 @@ impl Kv {
 /// Point reads, wherever they come from: a read transaction ([`Rx`]) or a write
 /// transaction that sees its own writes ([`Reading`]). What reads a record and what lies
 /// over it is written once against this.
-pub(super) trait Get {
-    fn get(&self, t: T, key: &[u8]) -> Result<Option<Vec<u8>>, OutboxError>;
+pub(crate) trait Get {
+    fn get(&self, t: T, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
 }
 
 impl Get for Rx {
-    fn get(&self, t: T, key: &[u8]) -> Result<Option<Vec<u8>>, OutboxError> {
+    fn get(&self, t: T, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         Rx::get(self, t, key)
     }
 }
 
 /// A write transaction lent for reading through a shared reference (see [`Get`]).
-pub(super) struct Reading<'a, 'txn>(std::cell::RefCell<&'a mut Tx<'txn>>);
+pub(crate) struct Reading<'a, 'txn>(std::cell::RefCell<&'a mut Tx<'txn>>);
 
 impl<'a, 'txn> Reading<'a, 'txn> {
-    pub(super) fn new(tx: &'a mut Tx<'txn>) -> Self {
+    pub(crate) fn new(tx: &'a mut Tx<'txn>) -> Self {
         Reading(std::cell::RefCell::new(tx))
     }
 }
 
 impl Get for Reading<'_, '_> {
-    fn get(&self, t: T, key: &[u8]) -> Result<Option<Vec<u8>>, OutboxError> {
+    fn get(&self, t: T, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         // A point read borrows only for its own duration and calls nothing back, so the
         // borrow can never be taken twice.
         self.0.borrow_mut().get(t, key)
@@ -336,7 +331,7 @@ impl Get for Reading<'_, '_> {
 
 /// A read transaction, and its tables, each opened at its first use and kept open: a
 /// dispatcher turn reads three tables per record, and opening one is a search of its own.
-pub(super) struct Rx {
+pub(crate) struct Rx {
     txn: redb::ReadTransaction,
     open: [std::cell::OnceCell<ReadTable>; T::ALL.len()],
 }
@@ -344,7 +339,7 @@ pub(super) struct Rx {
 type ReadTable = redb::ReadOnlyTable<&'static [u8], &'static [u8]>;
 
 impl Rx {
-    fn table(&self, t: T) -> Result<&ReadTable, OutboxError> {
+    fn table(&self, t: T) -> Result<&ReadTable, StoreError> {
         let slot = &self.open[t as usize];
         if let Some(table) = slot.get() {
             return Ok(table);
@@ -353,27 +348,27 @@ impl Rx {
         Ok(slot.get_or_init(|| table))
     }
 
-    pub(super) fn get(&self, t: T, key: &[u8]) -> Result<Option<Vec<u8>>, OutboxError> {
+    pub(crate) fn get(&self, t: T, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         copy_of(self.table(t)?, key)
     }
 
-    pub(super) fn scan(
+    pub(crate) fn scan(
         &self,
         t: T,
         span: Span<'_>,
         rev: bool,
-        visit: impl FnMut(&[u8], &[u8]) -> Result<bool, OutboxError>,
-    ) -> Result<(), OutboxError> {
+        visit: impl FnMut(&[u8], &[u8]) -> Result<bool, StoreError>,
+    ) -> Result<(), StoreError> {
         walk(self.table(t)?, span, rev, visit)
     }
 
     /// The first entry in `span` (the last when `rev`).
-    pub(super) fn first(
+    pub(crate) fn first(
         &self,
         t: T,
         span: Span<'_>,
         rev: bool,
-    ) -> Result<Option<Entry>, OutboxError> {
+    ) -> Result<Option<Entry>, StoreError> {
         let mut found = None;
         self.scan(t, span, rev, |k, v| {
             found = Some((k.to_vec(), v.to_vec()));
@@ -382,7 +377,7 @@ impl Rx {
         Ok(found)
     }
 
-    pub(super) fn len(&self, t: T) -> Result<u64, OutboxError> {
+    pub(crate) fn len(&self, t: T) -> Result<u64, StoreError> {
         self.table(t)?.len().map_err(storage)
     }
 }
@@ -390,13 +385,13 @@ impl Rx {
 type Table<'txn> = redb::Table<'txn, &'static [u8], &'static [u8]>;
 
 /// A write transaction's tables, each opened at its first use and kept open.
-pub(super) struct Tx<'txn> {
+pub(crate) struct Tx<'txn> {
     txn: &'txn redb::WriteTransaction,
     open: [Option<Table<'txn>>; T::ALL.len()],
 }
 
 impl<'txn> Tx<'txn> {
-    fn table(&mut self, t: T) -> Result<&mut Table<'txn>, OutboxError> {
+    fn table(&mut self, t: T) -> Result<&mut Table<'txn>, StoreError> {
         let slot = &mut self.open[t as usize];
         match slot {
             Some(table) => Ok(table),
@@ -404,43 +399,43 @@ impl<'txn> Tx<'txn> {
         }
     }
 
-    pub(super) fn insert(&mut self, t: T, key: &[u8], value: &[u8]) -> Result<(), OutboxError> {
+    pub(crate) fn insert(&mut self, t: T, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
         self.table(t)?.insert(key, value).map_err(storage)?;
         Ok(())
     }
 
     /// Removes a key; whether it was there.
-    pub(super) fn remove(&mut self, t: T, key: &[u8]) -> Result<bool, OutboxError> {
+    pub(crate) fn remove(&mut self, t: T, key: &[u8]) -> Result<bool, StoreError> {
         Ok(self.table(t)?.remove(key).map_err(storage)?.is_some())
     }
 
-    pub(super) fn get(&mut self, t: T, key: &[u8]) -> Result<Option<Vec<u8>>, OutboxError> {
+    pub(crate) fn get(&mut self, t: T, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         copy_of(&*self.table(t)?, key)
     }
 
     /// How many keys the table holds, this transaction's writes included.
-    pub(super) fn len(&mut self, t: T) -> Result<u64, OutboxError> {
+    pub(crate) fn len(&mut self, t: T) -> Result<u64, StoreError> {
         self.table(t)?.len().map_err(storage)
     }
 
     /// Walks keys as [`Rx::scan`] does, seeing this transaction's own writes.
-    pub(super) fn scan(
+    pub(crate) fn scan(
         &mut self,
         t: T,
         span: Span<'_>,
         rev: bool,
-        visit: impl FnMut(&[u8], &[u8]) -> Result<bool, OutboxError>,
-    ) -> Result<(), OutboxError> {
+        visit: impl FnMut(&[u8], &[u8]) -> Result<bool, StoreError>,
+    ) -> Result<(), StoreError> {
         walk(&*self.table(t)?, span, rev, visit)
     }
 
     /// Copies up to `limit` keys (and values) in `span`, for a caller that removes them.
-    pub(super) fn collect(
+    pub(crate) fn collect(
         &mut self,
         t: T,
         span: Span<'_>,
         limit: usize,
-    ) -> Result<Vec<Entry>, OutboxError> {
+    ) -> Result<Vec<Entry>, StoreError> {
         let mut out = Vec::new();
         self.scan(t, span, false, |k, v| {
             out.push((k.to_vec(), v.to_vec()));

@@ -16,7 +16,7 @@
 use std::path::Path;
 
 use super::kv::{Kv, T};
-use super::{storage, OutboxError, STORE_FILE};
+use super::{storage, StoreError, STORE_FILE};
 
 /// What is being built, next to the store file.
 const MIGRATING: &str = "outbox.redb.migrating";
@@ -39,8 +39,8 @@ fn sled_files(dir: &Path) -> Vec<std::path::PathBuf> {
 }
 
 /// Migrates a sled store in `dir` into the redb store file, when there is one to migrate.
-pub(super) fn from_sled(dir: &Path, cache_bytes: usize) -> Result<(), OutboxError> {
-    let open_error = |cause: std::io::Error| OutboxError::Open {
+pub(super) fn from_sled(dir: &Path, cache_bytes: usize) -> Result<(), StoreError> {
+    let open_error = |cause: std::io::Error| StoreError::Open {
         path: dir.to_path_buf(),
         cause,
     };
@@ -73,8 +73,8 @@ pub(super) fn from_sled(dir: &Path, cache_bytes: usize) -> Result<(), OutboxErro
     Ok(())
 }
 
-fn copy(dir: &Path, into: &Path, cache_bytes: usize) -> Result<u64, OutboxError> {
-    let unreadable = |why: String| OutboxError::Open {
+fn copy(dir: &Path, into: &Path, cache_bytes: usize) -> Result<u64, StoreError> {
+    let unreadable = |why: String| StoreError::Open {
         path: dir.to_path_buf(),
         cause: std::io::Error::other(format!(
             "the outbox in the old format (sled) cannot be read: {why}; it is left as it is"
@@ -96,7 +96,7 @@ fn copy(dir: &Path, into: &Path, cache_bytes: usize) -> Result<u64, OutboxError>
         },
     )?;
     let old = opened.map_err(|e| match e {
-        sled::Error::Io(io) if io.to_string().contains("lock") => OutboxError::Locked {
+        sled::Error::Io(io) if io.to_string().contains("lock") => StoreError::Locked {
             path: dir.to_path_buf(),
         },
         // Its Display adds an empty "backtrace ()"; an operator needs what and where.

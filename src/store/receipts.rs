@@ -1,7 +1,8 @@
-//! Upstream deliveries the outbox already holds the result of, so a redelivered one
-//! produces nothing (exactly-once ingress for sources that acknowledge, such as MQTT QoS 1).
+//! Receipts: the upstream deliveries (MQTT publishes, D365 event ids) the store already
+//! holds the result of, so a redelivered one produces nothing (exactly-once ingress for
+//! sources that acknowledge, such as MQTT QoS 1). Table "ingress".
 //!
-//! # Identity of a delivery
+//! # Identity of a receipt
 //!
 //! `(source id, packet id, digest of topic and payload)`. MQTT reuses a packet id only
 //! once the broker has our PUBACK for the previous holder, and a redelivery carries the
@@ -32,6 +33,9 @@
 
 use std::sync::Arc;
 
+use super::kv::{Prefix, Tx, T};
+use super::{name_prefix, Store, StoreError};
+
 /// An event a source knows by its own id (a D365 business event's `EventId`), remembered
 /// for a window so a redelivery produces nothing. Kept in the same tree as the MQTT
 /// identities, under its own prefix:
@@ -46,12 +50,12 @@ pub struct SeenEvent {
     pub id: String,
 }
 
-pub(super) const SEEN_PREFIX: &[u8] = b"event\0";
+const SEEN_PREFIX: &[u8] = b"event\0";
 
 impl SeenEvent {
-    pub(super) fn key(&self) -> Vec<u8> {
+    fn key(&self) -> Vec<u8> {
         let mut k = SEEN_PREFIX.to_vec();
-        k.extend_from_slice(&source_prefix(&self.source));
+        k.extend_from_slice(&name_prefix(&self.source));
         k.extend_from_slice(self.id.as_bytes());
         k
     }
@@ -59,7 +63,7 @@ impl SeenEvent {
 
 /// What identifies one upstream delivery.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct DeliveryId {
+pub struct ReceiptId {
     pub source: Arc<str>,
     pub packet_id: u16,
     pub digest: u64,
@@ -68,13 +72,13 @@ pub struct DeliveryId {
 /// One delivery as the source saw it: identity, whether the broker marked it as a
 /// redelivery, and a receipt number unique within the source.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Delivery {
-    pub id: DeliveryId,
+pub struct Receipt {
+    pub id: ReceiptId,
     pub redelivered: bool,
     pub receipt: u64,
 }
 
-impl DeliveryId {
+impl ReceiptId {
     /// The identity of a publish: a stable 64-bit FNV-1a digest of topic and payload
     /// (stable across builds and versions, unlike std's hasher, so a redelivery after an
     /// upgrade is still recognised).
@@ -84,36 +88,139 @@ impl DeliveryId {
             h ^= u64::from(b);
             h = h.wrapping_mul(0x0000_0100_0000_01b3);
         }
-        DeliveryId {
+        ReceiptId {
             source,
             packet_id,
             digest: h,
         }
     }
 
-    pub(super) fn key(&self) -> Vec<u8> {
-        let mut k = source_prefix(&self.source);
+    fn key(&self) -> Vec<u8> {
+        let mut k = name_prefix(&self.source);
         k.extend_from_slice(&self.packet_id.to_be_bytes());
         k
     }
 }
 
-pub(super) fn source_prefix(source: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(4 + source.len() + 2);
-    k.extend_from_slice(&(source.len() as u32).to_be_bytes());
-    k.extend_from_slice(source.as_bytes());
-    k
-}
-
-pub(super) fn value(digest: u64, receipt: u64) -> [u8; 16] {
+fn value(digest: u64, receipt: u64) -> [u8; 16] {
     let mut v = [0u8; 16];
     v[..8].copy_from_slice(&digest.to_be_bytes());
     v[8..].copy_from_slice(&receipt.to_be_bytes());
     v
 }
 
-pub(super) fn digest_of(value: &[u8]) -> Option<u64> {
+fn digest_of(value: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(value.get(..8)?.try_into().ok()?))
+}
+
+/// The receipts table (module doc).
+#[derive(Debug, Clone)]
+pub struct Receipts {
+    store: Store,
+}
+
+impl Store {
+    pub fn receipts(&self) -> Receipts {
+        Receipts {
+            store: self.clone(),
+        }
+    }
+}
+
+impl Receipts {
+    /// Whether the store holds the result of this upstream delivery.
+    pub fn holds(&self, id: &ReceiptId) -> Result<bool, StoreError> {
+        Ok(self
+            .store
+            .read()?
+            .get(T::Ingress, &id.key())?
+            .and_then(|v| digest_of(&v))
+            == Some(id.digest))
+    }
+
+    /// Forgets receipts the broker will never redeliver (it confirmed our PUBACK). Only
+    /// the recording made by that receipt is removed, never a newer one of the same packet
+    /// id. Not flushed: forgetting is made durable by the next flush; until then a crash
+    /// merely keeps them a little longer.
+    pub async fn forget(&self, receipts: Vec<Receipt>) -> Result<(), StoreError> {
+        self.store
+            .write(move |kv| {
+                kv.write(false, |tx| {
+                    for r in &receipts {
+                        let k = r.id.key();
+                        // A different value is a newer recording of the same packet id: keep it.
+                        let expected = value(r.id.digest, r.receipt);
+                        if tx.get(T::Ingress, &k)?.as_deref() == Some(&expected[..]) {
+                            tx.remove(T::Ingress, &k)?;
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .await
+    }
+
+    /// Forgets every receipt of a source whose broker lost the session: nothing of it
+    /// will be redelivered. Not flushed (see [`Receipts::forget`]).
+    pub async fn forget_source(&self, source: &str) -> Result<usize, StoreError> {
+        let of_source = Prefix::new(&name_prefix(source));
+        self.store
+            .write(move |kv| {
+                kv.write(false, |tx| {
+                    let keys = tx.collect(T::Ingress, of_source.span(), usize::MAX)?;
+                    for (k, _) in &keys {
+                        tx.remove(T::Ingress, k)?;
+                    }
+                    Ok(keys.len())
+                })
+            })
+            .await
+    }
+
+    /// Whether the store holds the result of this event (see [`SeenEvent`]).
+    pub fn holds_event(&self, event: &SeenEvent) -> Result<bool, StoreError> {
+        Ok(self.store.read()?.get(T::Ingress, &event.key())?.is_some())
+    }
+
+    /// Forgets event ids recorded before `before` (their redelivery window is over).
+    /// Returns how many. Not flushed, like [`Receipts::forget`].
+    pub async fn forget_events(&self, before: jiff::Timestamp) -> Result<usize, StoreError> {
+        let seen = Prefix::new(SEEN_PREFIX);
+        self.store
+            .write(move |kv| {
+                kv.write(false, |tx| {
+                    let mut old = Vec::new();
+                    tx.scan(T::Ingress, seen.span(), false, |k, v| {
+                        let at = v.try_into().ok().map_or(i64::MIN, i64::from_be_bytes);
+                        if at < before.as_second() {
+                            old.push(k.to_vec());
+                        }
+                        Ok(true)
+                    })?;
+                    for k in &old {
+                        tx.remove(T::Ingress, k)?;
+                    }
+                    Ok(old.len())
+                })
+            })
+            .await
+    }
+}
+
+/// Records `receipts` and `seen` in the transaction that stores what they produced.
+pub(crate) fn put(
+    tx: &mut Tx<'_>,
+    receipts: &[Receipt],
+    seen: &[SeenEvent],
+) -> Result<(), StoreError> {
+    for r in receipts {
+        tx.insert(T::Ingress, &r.id.key(), &value(r.id.digest, r.receipt))?;
+    }
+    let now = jiff::Timestamp::now().as_second().to_be_bytes();
+    for e in seen {
+        tx.insert(T::Ingress, &e.key(), &now)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -123,11 +230,11 @@ mod tests {
     #[test]
     fn digest_is_stable_and_separates_topic_from_payload() {
         let s: Arc<str> = "plc".into();
-        let a = DeliveryId::of_publish(s.clone(), 1, "line1/count", b"1");
+        let a = ReceiptId::of_publish(s.clone(), 1, "line1/count", b"1");
         // Pinned: the digest is stored on disk and must not change between versions.
         assert_eq!(a.digest, 0x55f7_1712_e989_c6e1);
-        let b = DeliveryId::of_publish(s.clone(), 1, "line1/coun", b"t1");
+        let b = ReceiptId::of_publish(s.clone(), 1, "line1/coun", b"t1");
         assert_ne!(a.digest, b.digest);
-        assert_eq!(a.key(), DeliveryId::of_publish(s, 1, "x", b"y").key());
+        assert_eq!(a.key(), ReceiptId::of_publish(s, 1, "x", b"y").key());
     }
 }

@@ -560,7 +560,7 @@ pub fn write_config(dir: &std::path::Path, gateway_yaml: &str) {
 use mes_gateway::d365::client::D365Client;
 use mes_gateway::d365::Dispatcher;
 use mes_gateway::message::{FieldNames, Message};
-use mes_gateway::outbox::{NewMessage, Outbox, Record, State};
+use mes_gateway::outbox::{Ingest, NewMessage, Outbox, Record, State};
 use mes_gateway::settings::{self, Config};
 use tokio_util::sync::CancellationToken;
 
@@ -621,7 +621,13 @@ impl Gateway {
             origin: "test".into(),
             line: None,
         };
-        let id = self.outbox.append(vec![new]).await.unwrap()[0].id;
+        let id = self
+            .outbox
+            .commit(Ingest::of(vec![new]))
+            .await
+            .unwrap()
+            .records[0]
+            .id;
         id
     }
 

@@ -53,7 +53,7 @@ use super::{Ack, AckTicket, SourceError, SourceEvent, SourceHealth};
 pub mod config;
 
 use crate::event::{Event, Value};
-use crate::outbox::{Delivery, DeliveryId, Outbox};
+use crate::outbox::{Outbox, Receipt, ReceiptId};
 use crate::systemd::Heartbeat;
 use config::{MqttConfig, PayloadFormat};
 
@@ -250,7 +250,7 @@ impl MqttSource {
                     Ok(MqttEvent::Incoming(Packet::ConnAck(ack))) => {
                         backoff.reset();
                         self.health.set_connected(&id, true, None);
-                        acks.connected(ack.session_present, self.outbox.as_ref());
+                        acks.connected(ack.session_present, self.outbox.as_ref()).await;
                         // Subscribe when the broker has no session for us, and always on the
                         // first connection of this process: a previous run may have died
                         // between CONNACK and SUBACK, leaving a session without subscriptions.
@@ -286,7 +286,7 @@ impl MqttSource {
                             events.extend(self.accept(&id, publish, &mut acks, tx));
                         }
                     }
-                    Ok(MqttEvent::Incoming(Packet::UnsubAck(ack))) => acks.barrier_answered(ack.pkid, self.outbox.as_ref()),
+                    Ok(MqttEvent::Incoming(Packet::UnsubAck(ack))) => acks.barrier_answered(ack.pkid, self.outbox.as_ref()).await,
                     Ok(MqttEvent::Outgoing(Outgoing::Unsubscribe(pkid))) => acks.barrier_written(pkid),
                     Ok(MqttEvent::Outgoing(Outgoing::Disconnect)) => {
                         // Wait (briefly) for the broker to close the connection, so closing
@@ -333,8 +333,8 @@ impl MqttSource {
             Ok(value) => {
                 self.health.event();
                 let (ticket, delivery) = if acknowledged {
-                    let delivery = Delivery {
-                        id: DeliveryId::of_publish(
+                    let delivery = Receipt {
+                        id: ReceiptId::of_publish(
                             id.clone(),
                             publish.pkid,
                             &publish.topic,
@@ -383,7 +383,7 @@ struct Pending {
     epoch: u64,
     pkid: u16,
     qos: QoS,
-    delivery: Option<Delivery>,
+    delivery: Option<Receipt>,
     /// The pipeline handed its ack back (what it produced is durable).
     ready: bool,
 }
@@ -400,19 +400,19 @@ struct AckBook {
     /// In arrival order.
     pending: BTreeMap<u64, Pending>,
     /// Released in order, waiting for room in rumqttc's request channel.
-    to_write: VecDeque<(u16, QoS, Option<Delivery>)>,
+    to_write: VecDeque<(u16, QoS, Option<Receipt>)>,
     /// Written on this connection, not yet covered by a barrier: the latest delivery of
     /// each packet id, so at most 65,535. A barrier's answer waits behind every publish the
     /// broker has queued for us (4 s of a 200k burst, measured), and a list of every ack
     /// grew with the burst (194,560 entries then); only the latest recording of a packet id
     /// can be forgotten anyway (an earlier one was replaced in the store when the id came
     /// again, see `outbox::ingress`).
-    written: HashMap<u16, Delivery>,
+    written: HashMap<u16, Receipt>,
     /// The barrier in flight: its packet id once written, and the acks it covers.
-    barrier: Option<(Option<u16>, Vec<Delivery>)>,
+    barrier: Option<(Option<u16>, Vec<Receipt>)>,
     last_barrier: Option<Instant>,
     /// Acks the broker confirmed, and when: forgotten once older than `CONFIRMED_KEEP`.
-    confirmed: VecDeque<(Instant, Vec<Delivery>)>,
+    confirmed: VecDeque<(Instant, Vec<Receipt>)>,
 }
 
 impl AckBook {
@@ -434,11 +434,11 @@ impl AckBook {
     fn received(
         &mut self,
         publish: &Publish,
-        delivery: Option<Delivery>,
-    ) -> (AckTicket, Option<Delivery>) {
+        delivery: Option<Receipt>,
+    ) -> (AckTicket, Option<Receipt>) {
         self.next_receipt = self.next_receipt.wrapping_add(1);
         let receipt = self.next_receipt;
-        let delivery = delivery.map(|d| Delivery { receipt, ..d });
+        let delivery = delivery.map(|d| Receipt { receipt, ..d });
         self.pending.insert(
             receipt,
             Pending {
@@ -502,7 +502,7 @@ impl AckBook {
     }
 
     /// The ack of packet id `pkid` is written; its delivery waits for a barrier.
-    fn wrote(&mut self, pkid: u16, delivery: Option<Delivery>) {
+    fn wrote(&mut self, pkid: u16, delivery: Option<Receipt>) {
         if let Some(d) = delivery {
             self.written.insert(pkid, d);
         }
@@ -535,7 +535,7 @@ impl AckBook {
     }
 
     /// The broker answered the barrier: it has every ack the barrier covers.
-    fn barrier_answered(&mut self, pkid: u16, outbox: Option<&Outbox>) {
+    async fn barrier_answered(&mut self, pkid: u16, outbox: Option<&Outbox>) {
         if !matches!(&self.barrier, Some((Some(p), _)) if *p == pkid) {
             return;
         }
@@ -552,21 +552,21 @@ impl AckBook {
                 }
             }
             if let (Some(outbox), false) = (outbox, old.is_empty()) {
-                if let Err(e) = outbox.forget_deliveries(&old) {
+                if let Err(e) = outbox.store().receipts().forget(old).await {
                     tracing::warn!(source = %self.source, error = %e, "Cannot forget acknowledged deliveries; they are kept a little longer.");
                 }
             }
         }
     }
 
-    fn connected(&mut self, session_present: bool, outbox: Option<&Outbox>) {
+    async fn connected(&mut self, session_present: bool, outbox: Option<&Outbox>) {
         self.epoch += 1;
         self.connected = true;
         if !session_present {
             // The broker has no session: nothing of the old one will come back.
             self.confirmed.clear();
             if let Some(outbox) = outbox {
-                if let Err(e) = outbox.forget_source(&self.source) {
+                if let Err(e) = outbox.store().receipts().forget_source(&self.source).await {
                     tracing::warn!(source = %self.source, error = %e, "Cannot forget the deliveries of a lost MQTT session.");
                 }
             }
@@ -606,14 +606,14 @@ async fn reserve(out: Option<&mpsc::Sender<SourceEvent>>) -> Option<mpsc::Permit
 
 #[cfg(test)]
 mod tests {
-    use crate::outbox::DeliveryId;
+    use crate::store::receipts::ReceiptId;
 
     #[test]
     fn acks_awaiting_a_barrier_keep_the_latest_delivery_of_each_packet_id() {
         let source: Arc<str> = "broker".into();
         let mut book = AckBook::new(source.clone());
-        let delivery = |pkid: u16, receipt: u64| Delivery {
-            id: DeliveryId {
+        let delivery = |pkid: u16, receipt: u64| Receipt {
+            id: ReceiptId {
                 source: source.clone(),
                 packet_id: pkid,
                 digest: receipt,

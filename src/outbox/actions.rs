@@ -1,0 +1,109 @@
+//! Operators' transitions: retry (optionally with edited content), cancel, and resolve an
+//! uncertain message as delivered. Each reads the record, checks the state machine allows
+//! the action from its state, and writes it back under the transition lock, so an action
+//! never overwrites what the dispatcher wrote meanwhile.
+
+use super::{verdict, MessageId, Outbox, Record, State};
+use crate::store::{storage, StoreError};
+
+impl Outbox {
+    async fn write_one(&self, r: Record, old: State) -> Result<Record, StoreError> {
+        let mut written = self.write(vec![(r, old)]).await?;
+        written.pop().ok_or_else(|| storage("nothing written"))
+    }
+
+    /// Operator: send a `failed` or `uncertain` message again, optionally with new content.
+    /// A `sending` message is retried only when `sending` is [`Sending::Interrupted`].
+    pub async fn retry(
+        &self,
+        id: MessageId,
+        by: &str,
+        new_content: Option<String>,
+        sending: Sending,
+    ) -> Result<Record, StoreError> {
+        let allowed = sending.allowing(&[State::Failed, State::Uncertain]);
+        self.transition(id, "retry", &allowed, |r| {
+            let detail = match new_content {
+                Some(content) if content != r.content => {
+                    let detail = format!("content edited; previous content: {}", r.content);
+                    r.content_digest = Some(verdict::content_digest(&r.message_type, &content));
+                    r.content = content;
+                    Some(detail)
+                }
+                _ => None,
+            };
+            r.server_errors = 0;
+            r.last_error = None;
+            r.retry_at = None;
+            let action = if detail.is_some() {
+                "edited and retried"
+            } else {
+                "retried"
+            };
+            r.change(State::Queued, by, action, detail);
+        })
+        .await
+    }
+
+    /// Operator: never send this message. Releases the order's lane.
+    pub async fn cancel(&self, id: MessageId, by: &str) -> Result<Record, StoreError> {
+        let allowed = &[State::Queued, State::Failed, State::Uncertain];
+        self.transition(id, "cancel", allowed, |r| {
+            r.change(State::Cancelled, by, "cancelled", None)
+        })
+        .await
+    }
+
+    /// Operator: an `uncertain` message (or one left `sending` by a crash, when `sending`
+    /// is [`Sending::Interrupted`]) did reach D365 (checked on the MES page).
+    pub async fn resolve_delivered(
+        &self,
+        id: MessageId,
+        by: &str,
+        sending: Sending,
+    ) -> Result<Record, StoreError> {
+        let allowed = sending.allowing(&[State::Uncertain]);
+        self.transition(id, "resolve", &allowed, |r| {
+            r.change(State::Delivered, by, "resolved as delivered", None)
+        })
+        .await
+    }
+
+    /// Reads a record, checks the state machine allows `action` from its state, applies
+    /// `change` and writes it: all under the transition lock.
+    async fn transition(
+        &self,
+        id: MessageId,
+        action: &'static str,
+        allowed: &[State],
+        change: impl FnOnce(&mut Record),
+    ) -> Result<Record, StoreError> {
+        let _transition = self.transitions.lock().await;
+        let mut r = self.get(id)?;
+        r.require(action, allowed)?;
+        let old = r.state;
+        change(&mut r);
+        self.write_one(r, old).await
+    }
+}
+
+/// What a message found `sending` is, for an operator action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sending {
+    /// The gateway runs: its request is on the wire; only the dispatcher settles it.
+    InFlight,
+    /// The gateway is stopped: a crash interrupted its request, it is as uncertain as an
+    /// `uncertain` message.
+    Interrupted,
+}
+
+impl Sending {
+    /// `states`, plus `sending` when it means interrupted.
+    pub(super) fn allowing(self, states: &[State]) -> Vec<State> {
+        let mut allowed = states.to_vec();
+        if self == Sending::Interrupted {
+            allowed.push(State::Sending);
+        }
+        allowed
+    }
+}
