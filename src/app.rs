@@ -94,6 +94,7 @@ pub async fn run(
 
     let live = Live::default();
     let alerts = Arc::new(Board::default());
+    alerts.restore(Board::saved(&outbox));
     let lines = Arc::new(std::sync::Mutex::new(None));
     // The operator service's requests (reload) join the signals' on their own channel.
     let (operator_tx, mut operator_rx) = mpsc::channel(4);

@@ -8,7 +8,12 @@
 //! - An alert is an *incident* with a key (`message/17`, `source_down/plc1`, …): it fires
 //!   once when its condition starts and clears once when it ends — never once per impulse
 //!   or per evaluation. The [`Board`] holds the open ones; it outlives reloads, so a
-//!   reload does not fire everything again.
+//!   reload does not fire everything again, and it is saved in the store whenever it
+//!   changes (owner `alerts`), so an incident still open after a restart is not announced
+//!   again: a restored alert whose condition holds stays open silently; one whose
+//!   condition no longer holds clears (announced), though not before `RESTORE_GRACE`,
+//!   during which conditions that need time to judge (a source down for
+//!   `source_down_after`) are given it.
 //! - Conditions are evaluated every `alerts.check_interval` from what the components
 //!   publish ([`crate::live`]) and the outbox's counts; the outbox is read only where its
 //!   counts say there is something (failed, uncertain).
@@ -32,6 +37,14 @@ use tokio_util::sync::CancellationToken;
 use crate::live::Live;
 use crate::outbox::{ListFilter, Outbox, State};
 use config::AlertConfig;
+
+/// The owner name of the open alerts in the store.
+pub const ALERTS_STATE: &str = "alerts";
+
+/// How long after a restart an alert restored from the store that its condition does not
+/// (yet) show is kept open without a word: long enough for a restarted source to connect
+/// and for the slowest thresholds to be judged again.
+const RESTORE_GRACE: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// Most failed or uncertain messages each raised as its own alert; beyond it they are
 /// summed up in one (a plant with thousands held has one problem, not thousands).
@@ -66,6 +79,8 @@ pub struct Notice {
 #[derive(Debug, Default)]
 pub struct Board {
     open: Mutex<BTreeMap<String, Alert>>,
+    /// Keys restored from the store at start, and until when their silence lasts.
+    restored: Mutex<(Vec<String>, Option<tokio::time::Instant>)>,
     pub fired: AtomicU64,
     pub cleared: AtomicU64,
     /// Notifications lost because a notifier could not keep up.
@@ -74,6 +89,46 @@ pub struct Board {
 }
 
 impl Board {
+    /// Takes back the alerts open when the gateway stopped (see the module doc); none
+    /// fires again for this.
+    pub fn restore(&self, alerts: Vec<Alert>) {
+        let mut open = self.lock();
+        let keys: Vec<String> = alerts.iter().map(|a| a.key.clone()).collect();
+        if !keys.is_empty() {
+            tracing::info!(open = keys.len(), alerts = %keys.join(", "), "Alerts still open from before the restart; not announced again.");
+        }
+        for a in alerts {
+            open.insert(a.key.clone(), a);
+        }
+        drop(open);
+        *self.restored.lock().unwrap_or_else(|p| p.into_inner()) =
+            (keys, Some(tokio::time::Instant::now() + RESTORE_GRACE));
+    }
+
+    /// The alerts saved in the store by an earlier run (none when it cannot be read).
+    pub fn saved(outbox: &Outbox) -> Vec<Alert> {
+        match outbox.store().owners().load(ALERTS_STATE) {
+            Ok(Some(bytes)) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "The saved open alerts cannot be read; open incidents are announced again.");
+                Vec::new()
+            }),
+            Ok(None) => Vec::new(),
+            Err(e) => {
+                tracing::warn!(error = %e, "Cannot read the saved open alerts; open incidents are announced again.");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Whether `key` was restored and its grace has not ended.
+    fn in_grace(&self, key: &str) -> bool {
+        let restored = self.restored.lock().unwrap_or_else(|p| p.into_inner());
+        restored
+            .1
+            .is_some_and(|until| tokio::time::Instant::now() < until)
+            && restored.0.iter().any(|k| k == key)
+    }
+
     pub fn open_alerts(&self) -> Vec<Alert> {
         self.lock().values().cloned().collect()
     }
@@ -107,6 +162,7 @@ impl Board {
             .iter()
             .filter(|(k, a)| evaluated.contains(&a.kind.as_str()) && !wanted.contains_key(*k))
             .map(|(k, _)| k.clone())
+            .filter(|k| !self.in_grace(k))
             .collect();
         for key in gone {
             if let Some(a) = open.remove(&key) {
@@ -196,11 +252,29 @@ impl AlertWatch {
                 _ = ticks.tick() => {}
             }
             let notices = self.evaluate(&mut memory).await;
+            if !notices.is_empty() {
+                self.save().await;
+            }
             for n in notices {
                 for tx in &notifiers {
                     send_dropping_oldest(tx, n.clone(), &self.board);
                 }
             }
+        }
+    }
+
+    /// Saves the open alerts, so a restart does not announce them again. Not needed for
+    /// correctness: a failed save only means they are announced again after a restart.
+    async fn save(&self) {
+        let bytes = match serde_json::to_vec(&self.board.open_alerts()) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                tracing::warn!(error = %e, "Cannot encode the open alerts to save them.");
+                return;
+            }
+        };
+        if let Err(e) = self.outbox.store().owners().save(ALERTS_STATE, bytes).await {
+            tracing::warn!(error = %e, "Cannot save the open alerts; after a restart they are announced again.");
         }
     }
 

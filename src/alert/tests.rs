@@ -2,6 +2,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::live::ComponentStats;
+use crate::outbox::Ingest;
 use crate::outbox::{NewMessage, Settle, Settlement};
 use crate::rules::RuleStats;
 use crate::source::SourceHealth;
@@ -49,6 +50,55 @@ fn kinds_not_evaluated_stay_as_they_are() {
     assert_eq!(board.open_alerts().len(), 1);
 }
 
+/// An incident open when the gateway stopped is not announced again after the restart
+/// while it lasts; one that ended meanwhile clears once its grace is over.
+#[tokio::test(start_paused = true)]
+async fn alerts_open_before_a_restart_are_not_announced_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(dir.path()).unwrap();
+    let before = watch(outbox.clone(), Live::default(), AlertConfig::default());
+    let kinds = ["message_uncertain", "source_down"];
+    let fired = before.board.reconcile(
+        &kinds,
+        vec![
+            open("message/7", "message_uncertain"),
+            open("source_down/plc", "source_down"),
+        ],
+    );
+    assert_eq!(fired.len(), 2);
+    before.save().await;
+
+    // The restart: a new board from what the store kept.
+    let saved = Board::saved(&outbox);
+    assert_eq!(saved.len(), 2);
+    let board = Board::default();
+    board.restore(saved);
+    // Message 7 is still uncertain, the PLC not yet judged: nothing is said.
+    assert!(board
+        .reconcile(&kinds, vec![open("message/7", "message_uncertain")])
+        .is_empty());
+    assert_eq!(board.open_alerts().len(), 2);
+    assert_eq!(board.fired.load(Ordering::Relaxed), 0);
+    // After the grace, the PLC's alert (its condition gone) clears, once.
+    tokio::time::advance(RESTORE_GRACE + Duration::from_secs(1)).await;
+    let cleared = board.reconcile(&kinds, vec![open("message/7", "message_uncertain")]);
+    assert_eq!(cleared.len(), 1);
+    assert_eq!(
+        (cleared[0].alert.as_str(), cleared[0].state.as_str()),
+        ("source_down/plc", "cleared")
+    );
+    // A new incident after the restart is announced as usual.
+    let new = board.reconcile(
+        &kinds,
+        vec![
+            open("message/7", "message_uncertain"),
+            open("message/8", "message_uncertain"),
+        ],
+    );
+    assert_eq!(new.len(), 1);
+    assert_eq!(new[0].alert, "message/8");
+}
+
 fn watch(outbox: Outbox, live: Live, config: AlertConfig) -> AlertWatch {
     AlertWatch {
         config,
@@ -66,7 +116,7 @@ async fn failed_messages_down_sources_and_an_old_queue_are_alerts_with_what_to_k
     let outbox = Outbox::open(dir.path()).unwrap();
     outbox.index_contents(true);
     let records = outbox
-        .append(
+        .commit(Ingest::of(
             ["P1", "P2"]
                 .iter()
                 .map(|order| NewMessage {
@@ -77,9 +127,10 @@ async fn failed_messages_down_sources_and_an_old_queue_are_alerts_with_what_to_k
                     line: None,
                 })
                 .collect(),
-        )
+        ))
         .await
-        .unwrap();
+        .unwrap()
+        .records;
     outbox.mark_sending(&[records[0].id]).await.unwrap();
     outbox
         .settle(vec![Settlement {
@@ -112,7 +163,7 @@ async fn failed_messages_down_sources_and_an_old_queue_are_alerts_with_what_to_k
         payload: "{}".into(),
     };
     outbox
-        .commit_reconciling(Arc::new(
+        .commit(Arc::new(
             crate::outbox::Ingest::default().with_processed(vec![verdict]),
         ))
         .await
