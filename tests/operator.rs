@@ -74,7 +74,7 @@ async fn a_failed_message_is_alerted_fixed_through_the_socket_and_drains_while_s
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let api_port = free_port();
-    plant::write_config(
+    plant::write_plant_config(
         dir,
         &fake,
         &broker,

@@ -7,7 +7,6 @@
 
 mod support;
 
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,22 +55,6 @@ async fn wait_health(
     );
 }
 
-fn write_config(
-    dir: &Path,
-    fake: &FakeD365,
-    broker: &Mosquitto,
-    plc: std::net::SocketAddr,
-    api_port: u16,
-) {
-    plant::write_config(
-        dir,
-        fake,
-        broker,
-        plc,
-        &format!("api:\n  listen: 127.0.0.1:{api_port}\n"),
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plc_and_serial_adapter_restarts_under_mqtt_load_lose_nothing() {
     restarts_under_load(false).await;
@@ -93,7 +76,13 @@ async fn restarts_under_load(restart_broker: bool) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let api_port = free_port();
-    write_config(dir, &fake, &broker, plc_addr, api_port);
+    plant::write_plant_config(
+        dir,
+        &fake,
+        &broker,
+        plc_addr,
+        &format!("api:\n  listen: 127.0.0.1:{api_port}\n"),
+    );
     let device = dir.join(plant::DEVICE_END);
     let pty = PtyPair::start(dir, plant::DEVICE_END, plant::GATEWAY_END).await;
 

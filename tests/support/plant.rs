@@ -16,7 +16,7 @@ pub const DEVICE_END: &str = "device-end";
 
 /// Writes the configuration for the three sources; `extra` is appended to gateway.yaml
 /// (after the `sources` list: start it with a section name).
-pub fn write_config(
+pub fn write_plant_config(
     dir: &Path,
     fake: &FakeD365,
     broker: &Mosquitto,
