@@ -1,7 +1,7 @@
 //! MQTT topic filters with named captures: `plant/{line}/count` is `plant/+/count` to the
 //! broker, and a match hands the rules engine `line`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Level {
@@ -103,9 +103,120 @@ impl TopicFilter {
     }
 }
 
+/// Topic filters looked up by topic: a tree of their levels, so finding the filters that
+/// match a topic costs the topic's levels (and the wildcards met on the way), not the
+/// number of filters. Matches exactly what [`TopicFilter::matches`] matches.
+#[derive(Debug, Clone)]
+pub struct TopicIndex<T> {
+    exact: HashMap<String, TopicIndex<T>>,
+    /// `+` and `{name}` at this level.
+    one: Option<Box<TopicIndex<T>>>,
+    /// Filters ending in `#` here: they match the rest, however long (or nothing).
+    rest: Vec<T>,
+    /// Filters ending here.
+    end: Vec<T>,
+}
+
+impl<T> Default for TopicIndex<T> {
+    fn default() -> Self {
+        TopicIndex {
+            exact: HashMap::new(),
+            one: None,
+            rest: Vec::new(),
+            end: Vec::new(),
+        }
+    }
+}
+
+impl<T: Clone> TopicIndex<T> {
+    pub fn insert(&mut self, filter: &TopicFilter, value: T) {
+        let mut node = self;
+        for level in &filter.levels {
+            node = match level {
+                Level::Exact(s) => node.exact.entry(s.clone()).or_default(),
+                Level::One(_) => node.one.get_or_insert_with(Box::default),
+                Level::Rest => {
+                    node.rest.push(value);
+                    return;
+                }
+            };
+        }
+        node.end.push(value);
+    }
+
+    /// Every value whose filter matches `topic`, in no particular order.
+    pub fn matching(&self, topic: &str, out: &mut Vec<T>) {
+        let levels: Vec<&str> = topic.split('/').collect();
+        self.collect(&levels, out);
+    }
+
+    fn collect(&self, levels: &[&str], out: &mut Vec<T>) {
+        out.extend(self.rest.iter().cloned());
+        match levels.split_first() {
+            None => out.extend(self.end.iter().cloned()),
+            Some((first, more)) => {
+                if let Some(next) = self.exact.get(*first) {
+                    next.collect(more, out);
+                }
+                if let Some(next) = &self.one {
+                    next.collect(more, out);
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The index finds exactly the filters that match, checked against `matches` for
+    /// every filter and topic of a small universe.
+    #[test]
+    fn the_index_finds_exactly_the_matching_filters() {
+        let filters = [
+            "plant/#",
+            "#",
+            "plant/+/count",
+            "plant/{line}/count",
+            "plant/l1/count",
+            "plant/l1/+",
+            "plant/l1",
+            "other/+",
+            "+/+",
+            "plant/l1/count/#",
+            "+",
+        ];
+        let topics = [
+            "plant",
+            "plant/l1",
+            "plant/l1/count",
+            "plant/l2/count",
+            "plant/l1/count/x",
+            "other/a",
+            "other",
+            "a/b/c",
+            "",
+            "plant//count",
+        ];
+        let mut index = TopicIndex::default();
+        let parsed: Vec<TopicFilter> = filters
+            .iter()
+            .map(|f| TopicFilter::parse(f).unwrap())
+            .collect();
+        for (i, f) in parsed.iter().enumerate() {
+            index.insert(f, i);
+        }
+        for topic in topics {
+            let mut found = Vec::new();
+            index.matching(topic, &mut found);
+            found.sort_unstable();
+            let expected: Vec<usize> = (0..parsed.len())
+                .filter(|&i| parsed[i].matches(topic).is_some())
+                .collect();
+            assert_eq!(found, expected, "topic {topic:?}");
+        }
+    }
 
     #[test]
     fn topic_filters_match_and_capture() {

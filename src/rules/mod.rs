@@ -21,6 +21,7 @@
 
 mod compile;
 pub mod config;
+mod index;
 pub mod matcher;
 pub mod state;
 pub mod template;
@@ -162,6 +163,10 @@ pub struct RuleStats {
 #[derive(Debug)]
 pub struct Engine {
     rules: Vec<Arc<Rule>>,
+    /// The rules by what they match first (index.rs).
+    index: index::RuleIndex,
+    /// The candidates of the event being processed (kept to spare an allocation per event).
+    candidates: Vec<usize>,
     state: EngineState,
     dirty: bool,
     time_zone: jiff::tz::TimeZone,
@@ -242,8 +247,11 @@ fn equal(a: &Json, b: &Json) -> bool {
 
 impl Engine {
     pub fn new(rules: Vec<Rule>, time_zone: jiff::tz::TimeZone, state: EngineState) -> Engine {
+        let index = index::RuleIndex::new(&rules);
         Engine {
             rules: rules.into_iter().map(Arc::new).collect(),
+            index,
+            candidates: Vec::new(),
             state,
             dirty: false,
             time_zone,
@@ -283,7 +291,10 @@ impl Engine {
     pub fn process_event(&mut self, event: &Event, used_elsewhere: bool) -> Vec<BuiltMessage> {
         let mut out = Vec::new();
         let mut taken = false;
-        for i in 0..self.rules.len() {
+        let mut candidates = std::mem::take(&mut self.candidates);
+        self.index
+            .candidates(&event.source, &event.point, &mut candidates);
+        for &i in &candidates {
             let rule = self.rules[i].clone();
             if *rule.source != *event.source
                 || rule.point.as_deref().is_some_and(|p| p != &*event.point)
@@ -385,6 +396,7 @@ impl Engine {
                 }
             }
         }
+        self.candidates = candidates;
         if !taken && !used_elsewhere {
             self.stats.unmatched.fetch_add(1, Ordering::Relaxed);
             if self

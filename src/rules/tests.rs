@@ -797,3 +797,54 @@ fn an_event_used_elsewhere_is_not_counted_as_dropped_when_no_rule_takes_it() {
     e.process(&verdict);
     assert_eq!(e.stats.unmatched.load(Ordering::Relaxed), 1);
 }
+
+/// With a thousand station rules looked up by topic, an event is taken by exactly the
+/// rules that match it — by point, by topic filter (with its captures) and by neither —
+/// in the order written; an event no rule matches is counted once as unmatched.
+#[test]
+fn rules_are_looked_up_by_source_point_and_topic_in_written_order() {
+    let mut yaml = String::new();
+    for i in 0..1000 {
+        yaml.push_str(&format!(
+            "- name: station-{i}\n  line: line{i}\n  when: {{ source: broker, topic: \"plant/station{i}/{{kind}}\" }}\n  emit: {{ type: ProdProductionOrderEnd }}\n"
+        ));
+    }
+    yaml.push_str(concat!(
+        "- name: any-station\n  line: all\n  when: { source: broker, topic: \"plant/+/good\" }\n  emit: { type: ProdProductionOrderEnd }\n",
+        "- name: barrier\n  line: line7\n  when: { source: barrier, point: impulse }\n  emit: { type: ProdProductionOrderEnd }\n",
+        "- name: everything-on-the-scale\n  line: scale\n  when: { source: scale }\n  emit: { type: ProdProductionOrderEnd }\n",
+    ));
+    let rules = compile_with_broker(&yaml).unwrap();
+    let mut e = Engine::new(rules, jiff::tz::TimeZone::UTC, EngineState::default());
+    for line in ["line7", "line999", "all", "scale"] {
+        e.state.contexts.insert(
+            line.into(),
+            OrderContext {
+                order: "P1".into(),
+                ..OrderContext::default()
+            },
+        );
+    }
+    let fired = |e: &mut Engine, source: &str, point: &str| -> Vec<String> {
+        e.process(&ev(source, point, Value::Number(1.0), 0))
+            .into_iter()
+            .map(|b| b.rule)
+            .collect()
+    };
+    assert_eq!(
+        fired(&mut e, "broker", "plant/station7/good"),
+        ["station-7", "any-station"]
+    );
+    assert_eq!(
+        fired(&mut e, "broker", "plant/station999/bad"),
+        ["station-999"]
+    );
+    assert_eq!(fired(&mut e, "barrier", "impulse"), ["barrier"]);
+    assert_eq!(
+        fired(&mut e, "scale", "weight"),
+        ["everything-on-the-scale"]
+    );
+    assert!(fired(&mut e, "broker", "plant/station1000/good/x").is_empty());
+    assert!(fired(&mut e, "barrier", "other").is_empty());
+    assert_eq!(e.stats.unmatched.load(Ordering::Relaxed), 2);
+}
