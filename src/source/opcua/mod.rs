@@ -25,25 +25,29 @@
 
 pub mod browse;
 pub mod config;
+mod inbox;
+mod values;
+
+use inbox::{data_changes, Collector, Inbox, Seen};
+use values::newest_rejected;
+pub use values::{convert, translate};
 
 use crate::backoff::Backoff;
-use std::collections::{HashMap, VecDeque};
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
 use opcua::client::{
-    Client, ClientBuilder, IdentityToken, MonitoredItemMap, OnSubscriptionNotificationCore,
-    Session, SessionConnectMode, SessionPollResult,
+    Client, ClientBuilder, IdentityToken, Session, SessionConnectMode, SessionPollResult,
 };
 use opcua::types::{
-    AttributeId, DataChangeFilter, DataChangeNotification, DataChangeTrigger, DataValue,
-    DeadbandType, ExtensionObject, MonitoredItemCreateRequest, MonitoringMode,
-    MonitoringParameters, NodeId, NotificationMessage, ReadValueId, StatusCode, TimestampsToReturn,
-    Variant,
+    AttributeId, DataChangeFilter, DataChangeTrigger, DataValue, DeadbandType, ExtensionObject,
+    MonitoredItemCreateRequest, MonitoringMode, MonitoringParameters, NodeId, ReadValueId,
+    StatusCode, TimestampsToReturn,
 };
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{SourceError, SourceEvent, SourceHealth};
@@ -64,117 +68,6 @@ const MAX_NOTIFICATIONS_PER_PUBLISH: u32 = 10_000;
 const CONNECT: Backoff = Backoff::doubling(Duration::from_millis(500), Duration::from_secs(30));
 /// Integers beyond this are not exact as the rules' numbers (f64).
 const EXACT_INTEGER: f64 = 9_007_199_254_740_992.0;
-
-/// Values taken from the session (notifications, republished ones, reads) waiting for
-/// the source's task, in order; the one hand-off between the session and the task.
-#[derive(Debug, Default)]
-struct Inbox {
-    values: Mutex<VecDeque<(usize, DataValue)>>,
-    /// Values were put.
-    arrived: Notify,
-    /// Values were taken: the session's poller may go on.
-    drained: Notify,
-}
-
-impl Inbox {
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(usize, DataValue)>> {
-        // Plain data; a panic elsewhere cannot leave it half-written.
-        self.values.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn put(&self, values: impl IntoIterator<Item = (usize, DataValue)>) {
-        let mut queue = self.lock();
-        let before = queue.len();
-        queue.extend(values);
-        let added = queue.len() > before;
-        drop(queue);
-        if added {
-            self.arrived.notify_one();
-        }
-    }
-
-    /// Up to `max` values, the oldest first.
-    fn take(&self, max: usize) -> Vec<(usize, DataValue)> {
-        let mut queue = self.lock();
-        let n = queue.len().min(max);
-        let taken = queue.drain(..n).collect();
-        drop(queue);
-        self.drained.notify_one();
-        taken
-    }
-
-    /// Returns once fewer than `max` values wait.
-    async fn room(&self, max: usize) {
-        while self.lock().len() >= max {
-            self.drained.notified().await;
-        }
-    }
-}
-
-/// The subscription's callback: maps each value to its node and queues it, and keeps
-/// the last notification's sequence number and each client handle's node (for
-/// republishing what a reconnect missed).
-struct Collector {
-    inbox: Arc<Inbox>,
-    by_node: Arc<HashMap<NodeId, usize>>,
-    seen: Arc<Seen>,
-}
-
-/// What the callback learnt that republishing needs.
-#[derive(Debug, Default)]
-struct Seen {
-    last_sequence: std::sync::atomic::AtomicU32,
-    by_handle: Mutex<HashMap<u32, usize>>,
-}
-
-/// The data values of a notification message, by client handle.
-fn data_changes(message: &NotificationMessage) -> Vec<(u32, DataValue)> {
-    let mut out = Vec::new();
-    for object in message.notification_data.iter().flatten() {
-        if let Some(change) = object.inner_as::<DataChangeNotification>() {
-            for item in change.monitored_items.iter().flatten() {
-                out.push((item.client_handle, item.value.clone()));
-            }
-        }
-    }
-    out
-}
-
-impl OnSubscriptionNotificationCore for Collector {
-    fn on_subscription_notification(
-        &mut self,
-        message: NotificationMessage,
-        items: MonitoredItemMap<'_>,
-    ) {
-        if message
-            .notification_data
-            .as_ref()
-            .is_some_and(|d| !d.is_empty())
-        {
-            self.seen.last_sequence.fetch_max(
-                message.sequence_number,
-                std::sync::atomic::Ordering::Relaxed,
-            );
-        }
-        let mut values = Vec::new();
-        let mut by_handle = self
-            .seen
-            .by_handle
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        for (handle, value) in data_changes(&message) {
-            let index = items
-                .get(handle)
-                .and_then(|item| self.by_node.get(&item.item_to_monitor().node_id).copied());
-            if let Some(index) = index {
-                by_handle.insert(handle, index);
-                values.push((index, value));
-            }
-        }
-        drop(by_handle);
-        self.inbox.put(values);
-    }
-}
 
 /// What the session's event loop reports to the source's task.
 #[derive(Debug)]
@@ -830,84 +723,4 @@ impl OpcuaSource {
 enum Served {
     Cancelled,
     Ended(String),
-}
-
-/// A variant as the rules' value: numbers exactly (integers up to 2^53), booleans,
-/// text.
-pub fn convert(v: &Variant) -> Result<Value, String> {
-    let int = |n: f64| -> Result<Value, String> {
-        if n.abs() > EXACT_INTEGER {
-            Err(format!("{n} is beyond 2^53 and would not count exactly"))
-        } else {
-            Ok(Value::Number(n))
-        }
-    };
-    Ok(match v {
-        Variant::Boolean(b) => Value::Bool(*b),
-        Variant::SByte(n) => Value::Number(f64::from(*n)),
-        Variant::Byte(n) => Value::Number(f64::from(*n)),
-        Variant::Int16(n) => Value::Number(f64::from(*n)),
-        Variant::UInt16(n) => Value::Number(f64::from(*n)),
-        Variant::Int32(n) => Value::Number(f64::from(*n)),
-        Variant::UInt32(n) => Value::Number(f64::from(*n)),
-        Variant::Int64(n) => int(*n as f64)?,
-        Variant::UInt64(n) => int(*n as f64)?,
-        Variant::Float(n) if n.is_finite() => Value::Number(f64::from(*n)),
-        Variant::Double(n) if n.is_finite() => Value::Number(*n),
-        Variant::String(s) => Value::Text(s.as_ref().to_string()),
-        Variant::LocalizedText(t) => Value::Text(t.text.as_ref().to_string()),
-        Variant::Empty => return Err("an empty value".into()),
-        other => {
-            return Err(format!(
-                "type {:?} is not a number, boolean or text",
-                other.type_id()
-            ))
-        }
-    })
-}
-
-/// The newest file in `pki/rejected`: the certificate the server just showed.
-fn newest_rejected(pki: &Path) -> Option<PathBuf> {
-    std::fs::read_dir(pki.join("rejected"))
-        .ok()?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
-        .max_by_key(|(t, _)| *t)
-        .map(|(_, p)| p)
-}
-
-/// Translates a browse path (from the Objects folder) to its NodeId.
-pub async fn translate(session: &Session, steps: &[(u16, String)]) -> Result<NodeId, String> {
-    use opcua::types::{
-        BrowsePath, ObjectId, QualifiedName, ReferenceTypeId, RelativePath, RelativePathElement,
-    };
-    let path = BrowsePath {
-        starting_node: ObjectId::ObjectsFolder.into(),
-        relative_path: RelativePath {
-            elements: Some(
-                steps
-                    .iter()
-                    .map(|(ns, name)| RelativePathElement {
-                        reference_type_id: ReferenceTypeId::HierarchicalReferences.into(),
-                        is_inverse: false,
-                        include_subtypes: true,
-                        target_name: QualifiedName::new(*ns, name.as_str()),
-                    })
-                    .collect(),
-            ),
-        },
-    };
-    let results = session
-        .translate_browse_paths_to_node_ids(&[path])
-        .await
-        .map_err(|e| e.to_string())?;
-    let first = results.into_iter().next().ok_or("no answer")?;
-    if first.status_code.is_bad() {
-        return Err(first.status_code.to_string());
-    }
-    first
-        .targets
-        .and_then(|t| t.into_iter().next())
-        .map(|t| t.target_id.node_id)
-        .ok_or_else(|| "no target".to_string())
 }
