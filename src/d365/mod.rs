@@ -20,7 +20,7 @@
 //!   may have been written).
 //!
 //! - A retry's deadline is written with its outcome (`Record::retry_at`) and a pause of
-//!   every lane in the outbox's state tree: a restart keeps waiting where the last run
+//!   every lane in the outbox's state table: a restart keeps waiting where the last run
 //!   was waiting. When the disk refuses a write, the outcomes stay in memory and the
 //!   write is retried; nothing is sent meanwhile.
 //!

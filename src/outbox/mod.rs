@@ -13,36 +13,36 @@
 //!
 //! ```text
 //! tables of the store (crate::store) this module owns:
-//!   tree "messages":  key = message id (u64, big-endian)
+//!   table "messages":  key = message id (u64, big-endian)
 //!                     value = format version (1 byte) ++ JSON of Record
-//!   tree "lane_ends", "lane_links": the messages that are not terminal, per order a
-//!                     linked list in id order (see lanes.rs; tree "lanes" held the
+//!   table "lane_ends", "lane_links": the messages that are not terminal, per order a
+//!                     linked list in id order (see lanes.rs; table "lanes" held the
 //!                     layout before December 2026 and is converted at the first open)
-//!   tree "sending":   key = id of a message marked `sending`, value = when (i128 BE,
+//!   table "sending":   key = id of a message marked `sending`, value = when (i128 BE,
 //!                     nanoseconds since 1970): the mark lives here, not in the record
 //!                     (see "Marks and deliveries" below)
-//!   tree "delivered": key = id of a message the dispatcher delivered, value = when (i128
+//!   table "delivered": key = id of a message the dispatcher delivered, value = when (i128
 //!                     BE, nanoseconds since 1970) ++ the attempt's outcome (UTF-8): the
 //!                     delivery lives here, not in the record, until the record is
 //!                     written again or pruned (see "Marks and deliveries" below)
-//!   tree "done":      one key per delivered or cancelled message:
+//!   table "done":      one key per delivered or cancelled message:
 //!                     key = last change as whole seconds since 1970 (i64 BE, sign bit
 //!                     flipped) ++ id (u64 BE), value = the state (1 byte) ++ the
 //!                     content digest (u64 BE, when the record has one)
 //!                     — what pruning and the counts at open read, without decoding records
-//!   tree "contents", "rejected", "unmatched": D365's verdicts (see verdict.rs)
-//!   tree "state":     key "outbox.next_id": the id the next new message gets
+//!   table "contents", "rejected", "unmatched": D365's verdicts (see verdict.rs)
+//!   table "state":     key "outbox.next_id": the id the next new message gets
 //! ```
 //!
 //! Ids are consecutive (1, 2, 3, … across restarts: operators type and read them aloud).
-//! The next id is kept in the state tree and written in the same transaction as the
+//! The next id is kept in the state table and written in the same transaction as the
 //! messages that took the ids before it, so id order is append order and no id is given
 //! twice, even after the newest messages were pruned. Per production order the outbox is a FIFO queue: the *lane* of an order is
 //! its non-terminal messages in id order, and only the head of a lane may be sent.
 //!
 //! # Marks and deliveries
 //!
-//! Marking a message `sending` writes one small key in the "sending" tree instead of
+//! Marking a message `sending` writes one small key in the "sending" table instead of
 //! rewriting its record: the record stays `queued` on disk, and every read of a record
 //! (`record_in`, the scans) lays the mark over it (state `sending`, `updated_at` the
 //! mark's time). Any later write of the record (its outcome) removes the mark in the same
@@ -52,7 +52,7 @@
 //! docs/performance.md.
 //!
 //! A delivery by the dispatcher (an answer 2xx, not counted as a server error) is kept the
-//! same way: the "delivered" tree holds its time and outcome, and a read replays it over
+//! same way: the "delivered" table holds its time and outcome, and a read replays it over
 //! the record with `deliver_at`, the very function that computed the record the
 //! dispatcher was given. A later full write of the record (D365's verdict) includes it and
 //! removes the key; pruning removes both. Its keys are small and lie in a few leaves,
@@ -91,7 +91,7 @@
 //!   over a record that is not terminal).
 //! - A message is in its order's lane exactly while it is not terminal. A terminal
 //!   record and its removal from the lane are one transaction; a store written by the
-//!   engine before (sled, not atomic across trees) may hold a stale lane member, which
+//!   engine before (sled, not atomic across tables) may hold a stale lane member, which
 //!   [`Outbox::lane_heads`] removes when it meets it.
 //! - A message's done key exists exactly while the message is terminal (written with the
 //!   record in the same write, removed with it by pruning). A store written before this
@@ -286,7 +286,7 @@ pub const GATEWAY: &str = "gateway";
 
 /// Keys of the old lane index converted per transaction at the first open.
 const CONVERT_SLICE: usize = 50_000;
-/// Set in the state tree once the lane and done indexes cover every record.
+/// Set in the state table once the lane and done indexes cover every record.
 const INDEXED: &[u8] = b"outbox.indexed";
 /// The id the next new message gets (u64 BE), written with every commit.
 const NEXT_ID: &[u8] = b"outbox.next_id";
@@ -314,7 +314,7 @@ pub struct Outbox {
     /// `sending` mark the dispatcher wrote meanwhile (nor the other way round).
     transitions: Arc<tokio::sync::Mutex<()>>,
     /// Whether new messages get a content index entry (see verdict.rs). Only D365's
-    /// verdicts use it, and the index costs a tree write per message (about 15 % of the
+    /// verdicts use it, and the index costs a table write per message (about 15 % of the
     /// CPU per message and 15 MiB of cache in the burst benchmark, measured on sled), so it is kept
     /// only while a `d365_events` source can deliver verdicts.
     index_contents: Arc<AtomicBool>,

@@ -27,7 +27,7 @@ impl Outbox {
     }
 
     /// [`Outbox::write`], where the records in `deliveries` are written as their delivered
-    /// tree value (module doc) instead.
+    /// table value (module doc) instead.
     async fn write_turn(
         &self,
         changed: Vec<(Record, State)>,
@@ -276,7 +276,7 @@ fn still_as_marked(rx: &impl kv::Get, sent: &Record) -> Result<bool, StoreError>
 }
 
 /// Lays a record's delivery or sending mark (module doc) over it as read from the messages
-/// tree.
+/// table.
 pub(super) fn lay_over(rx: &impl kv::Get, r: &mut Record) -> Result<(), StoreError> {
     if let Some(delivery) = rx.get(T::Delivered, &key(r.id))? {
         lay_delivery(r, &delivery);
@@ -286,7 +286,7 @@ pub(super) fn lay_over(rx: &impl kv::Get, r: &mut Record) -> Result<(), StoreErr
     Ok(())
 }
 
-/// A time in the sending and delivered trees: nanoseconds since 1970, i128 BE.
+/// A time in the sending and delivered tables: nanoseconds since 1970, i128 BE.
 fn stamp(at: jiff::Timestamp) -> [u8; 16] {
     at.as_nanosecond().to_be_bytes()
 }
@@ -297,7 +297,7 @@ fn unstamp(v: &[u8]) -> Option<jiff::Timestamp> {
     jiff::Timestamp::from_nanosecond(ns).ok()
 }
 
-/// The delivered tree's value: when, and the attempt's outcome.
+/// The delivered table's value: when, and the attempt's outcome.
 fn delivery_value(at: jiff::Timestamp, outcome: &str) -> Vec<u8> {
     let mut v = stamp(at).to_vec();
     v.extend_from_slice(outcome.as_bytes());
@@ -320,7 +320,7 @@ pub(super) fn lay_delivery(r: &mut Record, v: &[u8]) {
 }
 
 /// The dispatcher's delivery of `r` at `at` with this attempt outcome: computed once when
-/// it is recorded and again at each read (the delivered tree), so it must depend on
+/// it is recorded and again at each read (the delivered table), so it must depend on
 /// nothing else.
 fn deliver_at(r: &mut Record, outcome: &str, at: jiff::Timestamp) {
     r.record_attempt_at(outcome, at);
@@ -342,7 +342,7 @@ fn lay_mark(r: &mut Record, mark: &[u8]) {
     }
 }
 
-/// A record met in a scan over the messages tree, with what is laid over it.
+/// A record met in a scan over the messages table, with what is laid over it.
 pub(super) fn scanned(rx: &kv::Rx, v: &[u8]) -> Result<Option<Record>, StoreError> {
     let Ok(mut r) = decode(v) else {
         return Ok(None);

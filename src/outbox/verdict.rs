@@ -10,12 +10,12 @@
 //! # On disk
 //!
 //! ```text
-//! tree "contents":   key = digest(type, canonical content) as u64 BE ++ message id (u64 BE), no value
+//! table "contents":   key = digest(type, canonical content) as u64 BE ++ message id (u64 BE), no value
 //!                    — written with the message (commit) and after an edit; a key whose
 //!                    record is gone or whose content differs is stale and removed when met
-//! tree "rejected":   key = message id: messages whose latest verdict is Failed in D365
+//! table "rejected":   key = message id: messages whose latest verdict is Failed in D365
 //!                    (what the failed-message alert reads without scanning)
-//! tree "unmatched":  key = time key ++ source ++ "\0" ++ event id
+//! table "unmatched":  key = time key ++ source ++ "\0" ++ event id
 //!                    value = the event's JSON — events that match no message, kept for
 //!                    inspection and forgotten with the event ids (`remember`)
 //! ```
@@ -181,7 +181,7 @@ pub struct UnmatchedEvent {
 pub(super) struct Plan {
     /// Changed records and their state before.
     pub updated: Vec<(Record, State)>,
-    /// Keys and values for the unmatched tree.
+    /// Keys and values for the unmatched table.
     pub unmatched: Vec<(Vec<u8>, Vec<u8>)>,
     /// Content keys whose record is gone or holds another content now.
     pub stale: Vec<[u8; 16]>,

@@ -73,7 +73,7 @@ pub fn finish_interrupted(data_dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Step 1: copies every tree of `live` into a new store and marks it complete. Nothing
+/// Step 1: copies every table of `live` into a new store and marks it complete. Nothing
 /// may write to `live` meanwhile. On error the partial copy is removed.
 pub(crate) fn build_copy(
     live: &Kv,

@@ -37,7 +37,7 @@ use super::kv::{Prefix, Tx, T};
 use super::{name_prefix, Store, StoreError};
 
 /// An event a source knows by its own id (a D365 business event's `EventId`), remembered
-/// for a window so a redelivery produces nothing. Kept in the same tree as the MQTT
+/// for a window so a redelivery produces nothing. Kept in the same table as the MQTT
 /// identities, under its own prefix:
 ///
 /// ```text
