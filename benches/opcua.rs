@@ -12,9 +12,7 @@
 
 #[path = "measure.rs"]
 mod measure;
-#[path = "../tests/support/mod.rs"]
-#[allow(unused_imports)]
-mod support;
+use mes_gateway_testkit as support;
 
 use std::time::{Duration, Instant};
 

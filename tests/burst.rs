@@ -5,7 +5,7 @@
 //!
 //! `BURST_PER_ORDER` sets the impulses per order (default 400: 20,000 in all).
 
-mod support;
+use mes_gateway_testkit as support;
 
 use std::path::Path;
 

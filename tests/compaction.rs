@@ -3,7 +3,7 @@
 //! with every record, lane and count it had, and a compaction that finished gave back
 //! the disk.
 
-mod support;
+use mes_gateway_testkit as support;
 
 use std::collections::BTreeMap;
 use std::path::Path;

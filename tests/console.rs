@@ -4,7 +4,7 @@
 //! message; see the sources. Screenshots of the three pages go to
 //! `target/console/`. Cross-site request forgery and a wrong token are refused.
 
-mod support;
+use mes_gateway_testkit as support;
 
 use std::path::PathBuf;
 

@@ -5,7 +5,7 @@
 //! answered 200 and produces nothing; a caller without the secret gets 401, an
 //! unreadable event 400.
 
-mod support;
+use mes_gateway_testkit as support;
 
 use serde_json::{json, Value};
 use support::mqtt::free_port;

@@ -2,7 +2,7 @@
 //! `src/d365/retry.rs` (README, "How it works"), end to end through the outbox and the dispatcher. Backoff and pauses run
 //! on paused tokio time.
 
-mod support;
+use mes_gateway_testkit as support;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! where the unit expects it. (The .deb itself is built and checked by
 //! `deploy/check-deb.sh`, which `.ci/run` runs.)
 
-mod support;
+use mes_gateway_testkit as support;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -32,7 +32,7 @@ fn the_unit_passes_systemd_analyze_verify() {
     // verify checks that commands exist: point them at the binary under test.
     let tmp = tempfile::tempdir().unwrap();
     let unit = tmp.path().join("mes-gateway.service");
-    std::fs::write(&unit, unit_text().replace("/usr/bin/mes-gateway", BIN)).unwrap();
+    std::fs::write(&unit, unit_text().replace("/usr/bin/mes-gateway", &BIN)).unwrap();
     let out = Command::new("systemd-analyze")
         .args(["verify", path_str(&unit)])
         .output()
@@ -81,7 +81,7 @@ fn a_staged_install_puts_files_where_the_unit_expects_them() {
     let root = tmp.path().join("root");
     let out = Command::new("sh")
         .arg(repo().join("deploy/install.sh"))
-        .arg(BIN)
+        .arg(&*BIN)
         .env("DESTDIR", &root)
         .output()
         .unwrap();
@@ -126,7 +126,7 @@ fn a_staged_install_puts_files_where_the_unit_expects_them() {
     // The installed config checks out once the secret is in place, reading it the way
     // the unit hands it over ($CREDENTIALS_DIRECTORY).
     let check = |creds: &Path| {
-        Command::new(BIN)
+        Command::new(&*BIN)
             .args(["check", "-c", path_str(&at(&config_dir))])
             .env("CREDENTIALS_DIRECTORY", creds)
             .output()
@@ -147,7 +147,7 @@ fn a_staged_install_puts_files_where_the_unit_expects_them() {
     std::fs::write(at(&config_dir).join("gateway.yaml"), "# edited\n").unwrap();
     let again = Command::new("sh")
         .arg(repo().join("deploy/install.sh"))
-        .arg(BIN)
+        .arg(&*BIN)
         .env("DESTDIR", &root)
         .output()
         .unwrap();

@@ -1,7 +1,7 @@
 //! Disk full, on a real small file system (a tmpfs): a clear error, nothing stored twice,
 //! nothing acknowledged lost, and the gateway writes again by itself once space is freed.
 
-mod support;
+use mes_gateway_testkit as support;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -2,7 +2,7 @@
 //! injected into the pipeline → rules → outbox → dispatcher → fake D365. The messages
 //! D365 receives are compared exactly.
 
-mod support;
+use mes_gateway_testkit as support;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -1,7 +1,7 @@
 //! The Modbus source against a fake PLC built on tokio-modbus's server: TCP on
 //! 127.0.0.1:0, and RTU over a pseudo-terminal pair made by socat.
 
-mod support;
+use mes_gateway_testkit as support;
 
 use tokio::io::AsyncReadExt as _;
 

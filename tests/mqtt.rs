@@ -1,7 +1,7 @@
 //! The MQTT source against a real mosquitto broker on a loopback port, with the real
 //! gateway binary and the fake D365.
 
-mod support;
+use mes_gateway_testkit as support;
 
 use std::path::Path;
 use std::time::Duration;

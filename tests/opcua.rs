@@ -4,7 +4,7 @@
 //! SignAndEncrypt with the trust-folder flow, a wrong password, a server that goes away
 //! and comes back; and through the whole gateway to a fake D365 with a kill -9.
 
-mod support;
+use mes_gateway_testkit as support;
 
 use std::path::Path;
 use std::sync::Arc;

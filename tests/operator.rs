@@ -2,7 +2,7 @@
 //! API with its token, reload through the API, and alerts on MQTT and a webhook — all
 //! against the real binary while its sources keep delivering.
 
-mod support;
+use mes_gateway_testkit as support;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};

@@ -22,7 +22,7 @@
 //! Measured: `POWER_CUTS=20 cargo test --release --test power_cut -- --nocapture`:
 //! 20 cuts, 60,000 impulses, lost 0, duplicates 0, out of order 0.
 
-mod support;
+use mes_gateway_testkit as support;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! The real binary: crash safety under SIGKILL, the CLI, configuration errors, the demo,
 //! and that the D365 secret never appears in anything the gateway prints.
 
-mod support;
+use mes_gateway_testkit as support;
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
@@ -303,7 +303,7 @@ async fn every_shipped_config_directory_validates() {
         std::fs::write(dir.join("d365-webhook-secret"), TEST_SECRET).unwrap();
         std::fs::write(dir.join("servicebus-key"), TEST_SECRET).unwrap();
         // The example reads ${CREDENTIALS_DIRECTORY:-/etc/mes-gateway}/d365-client-secret.
-        let out = tokio::process::Command::new(process::BIN)
+        let out = tokio::process::Command::new(&*process::BIN)
             .args(["check", "-c", path_str(&dir)])
             .env("CREDENTIALS_DIRECTORY", &dir)
             .output()
@@ -578,7 +578,7 @@ async fn a_wrong_secret_fixed_and_reloaded_delivers_at_once() {
 #[tokio::test]
 async fn a_closed_output_pipe_ends_a_command_quietly() {
     let demo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/demo");
-    let mut child = tokio::process::Command::new(process::BIN)
+    let mut child = tokio::process::Command::new(&*process::BIN)
         .args(["check", "-c", path_str(&demo)])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())

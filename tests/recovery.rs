@@ -5,7 +5,7 @@
 //! has every MQTT impulse once and in order, exactly the pieces the PLC counted, and one
 //! piece per serial frame the sensor sent while its adapter was plugged in.
 
-mod support;
+use mes_gateway_testkit as support;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;

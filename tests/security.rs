@@ -5,7 +5,7 @@
 //! rotated token, hostile login names and a password-guessing loop, and the console in a
 //! real headless Chromium with a forged D365 link.
 
-mod support;
+use mes_gateway_testkit as support;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -714,7 +714,7 @@ async fn secrets_come_from_the_credentials_directory_and_readable_ones_are_named
             free_port()
         ),
     );
-    let out = tokio::process::Command::new(process::BIN)
+    let out = tokio::process::Command::new(&*process::BIN)
         .args(["check", "-c", process::path_str(dir.path())])
         .env("CREDENTIALS_DIRECTORY", creds.path())
         .output()
@@ -740,7 +740,7 @@ async fn secrets_come_from_the_credentials_directory_and_readable_ones_are_named
             .contains("environment variable CREDENTIALS_DIRECTORY is not set"),
         "{stdout}{stderr}"
     );
-    let out = tokio::process::Command::new(process::BIN)
+    let out = tokio::process::Command::new(&*process::BIN)
         .args(["check", "-c", process::path_str(dir.path())])
         .env("CREDENTIALS_DIRECTORY", creds.path())
         .output()

@@ -1,7 +1,7 @@
 //! The serial source over a pseudo-terminal pair made by socat: the test writes the
 //! device side (a barcode reader, a presence sensor).
 
-mod support;
+use mes_gateway_testkit as support;
 
 use std::path::Path;
 use std::sync::Arc;

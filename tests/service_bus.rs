@@ -4,7 +4,7 @@
 //! event given up after its deliveries, kill -9 between storing and completing, and
 //! credentials Service Bus refuses.
 
-mod support;
+use mes_gateway_testkit as support;
 
 use std::time::Duration;
 

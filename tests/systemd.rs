@@ -1,7 +1,7 @@
 //! systemd integration: sd_notify (READY, WATCHDOG, STOPPING) seen on a socket the test
 //! owns, the watchdog withholding pings when the dispatcher stalls, and SIGHUP reloads.
 
-mod support;
+use mes_gateway_testkit as support;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,7 +47,7 @@ async fn notifies_ready_then_watchdog_pings_then_stopping() {
     let socket = UnixDatagram::bind(&socket_path).unwrap();
 
     let out = Output::new();
-    let mut cmd = tokio::process::Command::new(process::BIN);
+    let mut cmd = tokio::process::Command::new(&*process::BIN);
     cmd.args(["run", "-c", path_str(&dir)])
         .env("NOTIFY_SOCKET", &socket_path)
         .env("WATCHDOG_USEC", "400000")

@@ -10,7 +10,7 @@
 //! `TORTURE_KILLS` sets the number of kills (default 5, the CI's short version):
 //! `TORTURE_KILLS=50 cargo test --release --test torture -- --nocapture`.
 
-mod support;
+use mes_gateway_testkit as support;
 
 use std::time::Duration;
 

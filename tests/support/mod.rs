@@ -4,7 +4,6 @@
 //! The fake checks what a real D365 would: the bearer token must be one it issued and not
 //! revoked (else 401), the body must be the four-field envelope with `_messageContent` a
 //! JSON *string* (else 400).
-#![allow(dead_code)]
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;

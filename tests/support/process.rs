@@ -9,7 +9,24 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_mes-gateway");
+/// The gateway binary Cargo built for the tests and benchmarks: next to the `deps`
+/// directory that holds the running test binary (`target/<profile>/mes-gateway`). Cargo
+/// builds it whenever an integration test or benchmark is built. (`CARGO_BIN_EXE_…` is
+/// only given to the package's own tests, not to this crate they share.)
+pub static BIN: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let exe = std::env::current_exe().expect("the running test's path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("a test binary lives in target/<profile>/deps");
+    let bin = profile_dir.join("mes-gateway");
+    assert!(
+        bin.exists(),
+        "{} not found: build the tests with cargo, which builds the gateway for them",
+        bin.display()
+    );
+    bin.to_string_lossy().into_owned()
+});
 
 /// Everything the gateway printed, across all runs of one test.
 #[derive(Clone, Default)]
@@ -139,7 +156,7 @@ pub fn start_logging(args: &[&str], output: &Output, log: &str) -> Running {
 
 /// [`start_logging`] with extra environment variables (e.g. systemd's `NOTIFY_SOCKET`).
 pub fn start_with_env(args: &[&str], output: &Output, log: &str, env: &[(&str, &str)]) -> Running {
-    let mut child = Command::new(BIN)
+    let mut child = Command::new(&*BIN)
         .args(args)
         .envs(env.iter().copied())
         .env("MES_GATEWAY_LOG", log)
@@ -169,7 +186,7 @@ pub fn start_with_env(args: &[&str], output: &Output, log: &str, env: &[(&str, &
 
 /// Runs `mes-gateway ARGS` to completion: (exit code, stdout, stderr).
 pub async fn run(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(BIN)
+    let out = Command::new(&*BIN)
         .args(args)
         .stdin(Stdio::null())
         .output()
