@@ -502,12 +502,13 @@ async fn a_token_announced_to_live_for_ever_does_not_overflow_the_clock() {
 #[tokio::test(start_paused = true)]
 async fn a_restart_keeps_the_backoff_of_a_message_waiting_for_a_retry() {
     let fake = FakeD365::start().await;
-    fake.script([Reply::Status(503)]);
+    // A 500 belongs to the message (a 503 is D365's outage, shared by every lane).
+    fake.script([Reply::Status(500)]);
     let gw = Gateway::start(&fake, "  backoff_initial: 1h\n  backoff_max: 1h\n").await;
     let id = gw
         .enqueue(TYPE_START, json!({"ProductionOrderNumber":"P1"}))
         .await;
-    gw.wait_until("the 503 recorded", |o| {
+    gw.wait_until("the 500 recorded", |o| {
         o.get(id).unwrap().attempt_count == 1
     })
     .await;
@@ -529,5 +530,58 @@ async fn a_restart_keeps_the_backoff_of_a_message_waiting_for_a_retry() {
     })
     .await;
     assert_eq!(gw.record(id).retry_at, None);
+    gw.stop().await;
+}
+
+/// D365 down is D365's state, not each message's: after the first round fails, one
+/// request at a time probes it (never two at the same instant), and the first answer
+/// releases every order at once — the backlog goes out together, not each order after a
+/// backoff of its own (which spread it over up to `backoff_max`).
+#[tokio::test(start_paused = true)]
+async fn an_outage_is_probed_one_request_at_a_time_and_its_end_releases_every_order() {
+    const ORDERS: usize = 20;
+    let fake = FakeD365::start().await;
+    fake.unavailable(true);
+    let gw = Gateway::start(&fake, FAST).await;
+    for n in 0..ORDERS {
+        gw.enqueue(TYPE_REPORT_FINISHED, report(&format!("P{n:03}"), 1))
+            .await;
+    }
+    // The first round (one per order), then five probes.
+    fake.wait_until("five probes after the first round", |r| {
+        r.len() >= ORDERS + 5
+    })
+    .await;
+    let probes: Vec<_> = fake.received()[ORDERS..].to_vec();
+    assert!(probes.iter().all(|r| r.status == Some(503)));
+    for pair in probes.windows(2) {
+        assert!(
+            pair[1].at > pair[0].at,
+            "one probe at a time: {:?} and {:?} went out together",
+            pair[0].message_id,
+            pair[1].message_id
+        );
+    }
+
+    fake.unavailable(false);
+    gw.wait_until("every order delivered", |o| {
+        o.counts().get(&State::Delivered) == Some(&ORDERS)
+    })
+    .await;
+    let received = fake.received();
+    let accepted: Vec<_> = received.iter().filter(|r| r.status == Some(200)).collect();
+    assert_eq!(accepted.len(), ORDERS, "each message once");
+    let first = accepted.first().unwrap().at;
+    let last = accepted.last().unwrap().at;
+    assert!(
+        last.duration_since(first) < Duration::from_millis(100),
+        "released at once: {:?} between the first and the last delivery",
+        last.duration_since(first)
+    );
+    assert_eq!(
+        received.iter().filter(|r| r.status == Some(503)).count(),
+        received.len() - ORDERS,
+        "no request failed after D365 came back"
+    );
     gw.stop().await;
 }

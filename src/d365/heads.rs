@@ -102,7 +102,22 @@ impl Dispatcher {
         delivered: &HashSet<MessageId>,
         settling: &HashSet<MessageId>,
     ) -> Result<(Vec<LaneHead>, Option<Instant>), StoreError> {
-        let free = self.max_in_flight.saturating_sub(state.in_flight.len());
+        let mut free = self.max_in_flight.saturating_sub(state.in_flight.len());
+        if let Some(outage) = &mut state.outage {
+            // A probe that never went out (its message was settled another way) is over.
+            if let Some(probe) = outage.probe {
+                if !state.in_flight.values().any(|(id, _)| *id == probe) {
+                    outage.probe = None;
+                }
+            }
+            if outage.probe.is_some() {
+                return Ok((Vec::new(), None));
+            }
+            if outage.next_probe > now {
+                return Ok((Vec::new(), Some(outage.next_probe)));
+            }
+            free = free.min(1);
+        }
         let mut next_wake: Option<Instant> = None;
         let mut picked = Vec::new();
         if free == 0 {
@@ -140,6 +155,9 @@ impl Dispatcher {
             }
             state.last_served = Some(order.clone());
             picked.push((order, id));
+        }
+        if let (Some(outage), Some((_, probe))) = (&mut state.outage, picked.first()) {
+            outage.probe = Some(*probe);
         }
         Ok((picked, next_wake))
     }

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::client::D365Client;
 use super::retry::{self, Decision, Outcome, RetryPolicy, SendHistory};
-use super::state::{DispatchState, InTurn, Joined, Judged, SendResult, TURN_STEP};
+use super::state::{DispatchState, InTurn, Joined, Judged, Outage, SendResult, TURN_STEP};
 use super::{wall_clock_after, Dispatcher};
 use crate::entra::Token;
 use crate::outbox::{MessageId, OpenTurn, Record, Settle, Settlement};
@@ -194,6 +194,18 @@ impl Dispatcher {
             state.held.remove(&record.id);
             let id = record.id;
             let order = &record.production_order;
+            // Any answer from D365 ends an outage; no answer keeps it (or starts it).
+            if matches!(outcome, Outcome::Http { .. })
+                && !matches!(decision, Decision::Unavailable { .. })
+            {
+                if let Some(outage) = state.outage.take() {
+                    tracing::info!(
+                        down_s = outage.since.elapsed().as_secs_f64(),
+                        probes = outage.failed_probes + 1,
+                        "D365 answers again: every order's messages go out now."
+                    );
+                }
+            }
             let next = match decision {
                 Decision::Delivered => {
                     state.not_before.remove(&id);
@@ -217,6 +229,33 @@ impl Dispatcher {
                         reason,
                         at: wall_clock_after(wait),
                     }
+                }
+                Decision::Unavailable { reason } => {
+                    self.stats.retried.fetch_add(1, Ordering::Relaxed);
+                    let now = Instant::now();
+                    match &mut state.outage {
+                        None => {
+                            tracing::warn!(message_id = id, %reason,
+                                "D365 is unavailable: one request at a time tries it until it answers; every message waits in the outbox.");
+                            state.outage = Some(Outage {
+                                since: now,
+                                failed_probes: 0,
+                                next_probe: now + self.policy.backoff.delay(0),
+                                probe: None,
+                            });
+                        }
+                        Some(outage) if outage.probe == Some(id) => {
+                            outage.probe = None;
+                            outage.failed_probes = outage.failed_probes.saturating_add(1);
+                            outage.next_probe =
+                                now + self.policy.backoff.delay(outage.failed_probes);
+                            tracing::debug!(message_id = id, %reason, probes = outage.failed_probes, "D365 still unavailable.");
+                        }
+                        // Sent before the outage showed: its failure says nothing new.
+                        Some(_) => {}
+                    }
+                    // No backoff of its own: it goes out when D365 answers a probe.
+                    Settle::Retry { reason, at: None }
                 }
                 Decision::Throttle { pause: p } => {
                     tracing::warn!(

@@ -4,15 +4,20 @@
 //! | outcome                                         | decision                               |
 //! |-------------------------------------------------|----------------------------------------|
 //! | 2xx                                             | delivered                              |
-//! | nothing sent (connect, DNS, TLS error)          | retry with backoff, forever            |
+//! | nothing sent (connect, DNS, TLS error)          | D365 unavailable: one probe at a time  |
 //! | 429                                             | pause all lanes for Retry-After (or fallback) |
-//! | 408, 502, 503, 504                              | retry with backoff, forever            |
+//! | 408, 502, 503, 504                              | D365 unavailable: one probe at a time  |
 //! | 401, first time                                 | new token, retry at once               |
 //! | 401 again                                       | pause all lanes, alert (credentials)   |
 //! | 500                                             | retry up to `max_attempts`, then failed |
 //! | other 4xx (and other statuses)                  | failed at once                          |
 //! | timeout / reset after the request was written   | per type: uncertain (hold) or resend   |
 //! | token endpoint unreachable                      | retry with backoff (nothing sent)      |
+//!
+//! "D365 unavailable" is D365's state, not the message's: while it lasts the dispatcher
+//! sends one request at a time (a probe, with backoff between probes) instead of every
+//! lane sitting out a backoff of its own, and the first answer releases every lane at
+//! once (`heads.rs`).
 //! | token endpoint refuses the credentials          | pause all lanes, alert                 |
 
 use std::collections::BTreeMap;
@@ -120,6 +125,11 @@ pub enum Decision {
     Retry {
         reason: String,
     },
+    /// D365 (or the way to it) is down, not this message: keep it queued; every lane waits
+    /// for D365 to answer a probe.
+    Unavailable {
+        reason: String,
+    },
     /// Keep the message queued; no request on any lane for `pause` (D365 limits are per user).
     Throttle {
         pause: Duration,
@@ -155,7 +165,7 @@ pub fn decide(outcome: &Outcome, history: &SendHistory<'_>, policy: &RetryPolicy
                 .unwrap_or(policy.throttle_fallback)
                 .min(policy.throttle_fallback.saturating_mul(MAX_THROTTLE_FACTOR)),
         },
-        Outcome::Http { status: 408 | 502 | 503 | 504, .. } | Outcome::NotSent { .. } => Decision::Retry {
+        Outcome::Http { status: 408 | 502 | 503 | 504, .. } | Outcome::NotSent { .. } => Decision::Unavailable {
             reason: outcome.to_string(),
         },
         Outcome::Token { rejected: false, .. } => Decision::Retry {
@@ -229,6 +239,7 @@ mod tests {
         match d {
             Decision::Delivered => "delivered",
             Decision::Retry { .. } => "retry",
+            Decision::Unavailable { .. } => "unavailable",
             Decision::Throttle { .. } => "throttle",
             Decision::RefreshToken => "refresh",
             Decision::AuthPause { .. } => "auth-pause",
@@ -252,13 +263,13 @@ mod tests {
                 },
                 first(),
                 policy(),
-                "retry",
+                "unavailable",
             ),
             (http(429), first(), policy(), "throttle"),
-            (http(408), first(), policy(), "retry"),
-            (http(502), first(), policy(), "retry"),
-            (http(503), first(), policy(), "retry"),
-            (http(504), first(), policy(), "retry"),
+            (http(408), first(), policy(), "unavailable"),
+            (http(502), first(), policy(), "unavailable"),
+            (http(503), first(), policy(), "unavailable"),
+            (http(504), first(), policy(), "unavailable"),
             (http(401), first(), policy(), "refresh"),
             (
                 http(401),

@@ -57,6 +57,8 @@ pub(super) struct Choice {
 /// the outbox's lanes).
 #[derive(Default)]
 pub(super) struct DispatchState {
+    /// D365 does not answer (module doc of `retry.rs`): one probe at a time until it does.
+    pub(super) outage: Option<Outage>,
     /// Orders with a request in flight, by the task that sends it.
     pub(super) in_flight: HashMap<tokio::task::Id, (MessageId, String)>,
     pub(super) busy_orders: HashSet<String>,
@@ -192,4 +194,18 @@ impl InTurn {
         all.extend(more);
         all
     }
+}
+
+/// D365 unavailable (connections refused, 502/503/504, nothing sent): D365's state, not a
+/// message's. While it lasts one request at a time goes out, a probe, with backoff
+/// between probes; the first answer releases every lane at once.
+#[derive(Debug)]
+pub(super) struct Outage {
+    pub(super) since: Instant,
+    /// Probes that failed since it began (the backoff between probes follows them).
+    pub(super) failed_probes: u32,
+    /// No probe before this instant.
+    pub(super) next_probe: Instant,
+    /// The message of the probe in flight.
+    pub(super) probe: Option<MessageId>,
 }
