@@ -59,7 +59,7 @@ async fn run(seconds: u64) {
     support::write_config(
         &etc,
         &format!(
-            "{}storage:\n  data_dir: data\nsources:\n  - type: opcua\n    id: plc\n    endpoint: {}\n    trust_any_server: true\n    publishing_interval: 50ms\n    queue_size: 100\n    nodes:\n{nodes}",
+            "{}dispatcher:\n  request_budget: off\nstorage:\n  data_dir: data\nsources:\n  - type: opcua\n    id: plc\n    endpoint: {}\n    trust_any_server: true\n    publishing_interval: 50ms\n    queue_size: 100\n    nodes:\n{nodes}",
             support::d365_yaml(&fake),
             plc.endpoint(),
         ),

@@ -585,3 +585,62 @@ async fn an_outage_is_probed_one_request_at_a_time_and_its_end_releases_every_or
     );
     gw.stop().await;
 }
+
+/// D365's request budget is shared by every order and never exceeded: 50 orders with 20
+/// messages each against a D365 that enforces 100 requests per 10 s (and answers 429 past
+/// it), with the gateway's budget set to that: every message delivered once, in order per
+/// order, no 429, and never more than 100 requests in any 10 s.
+#[tokio::test(start_paused = true)]
+async fn the_request_budget_is_shared_by_every_order_and_never_exceeded() {
+    const ORDERS: usize = 50;
+    const EACH: u32 = 20;
+    let per = Duration::from_secs(10);
+    let fake = FakeD365::start().await;
+    fake.limit(100, per);
+    let gw = Gateway::start(
+        &fake,
+        "  max_in_flight: 50\n  request_budget: 100/10s\n  backoff_initial: 1s\n  backoff_max: 10s\n",
+    )
+    .await;
+    for n in 1..=EACH {
+        for o in 0..ORDERS {
+            gw.enqueue(TYPE_REPORT_FINISHED, report(&format!("P{o:03}"), n))
+                .await;
+        }
+    }
+    gw.wait_until("every message delivered", |o| {
+        o.counts().get(&State::Delivered) == Some(&(ORDERS * EACH as usize))
+    })
+    .await;
+    let received = fake.received();
+    assert!(
+        received.iter().all(|r| r.status == Some(200)),
+        "no request over D365's limit"
+    );
+    assert_eq!(received.len(), ORDERS * EACH as usize, "each message once");
+    for (i, r) in received.iter().enumerate() {
+        let in_window = received[i..]
+            .iter()
+            .take_while(|later| later.at.duration_since(r.at) < per)
+            .count();
+        assert!(in_window <= 100, "{in_window} requests within 10 s");
+    }
+    for o in 0..ORDERS {
+        let order = format!("P{o:03}");
+        let quantities: Vec<u64> = received
+            .iter()
+            .filter(|r| r.order == order)
+            .map(|r| {
+                r.content["ReportFinishedLines"][0]["ReportedGoodQuantity"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(
+            quantities,
+            (1..=u64::from(EACH)).collect::<Vec<_>>(),
+            "order {order} in order"
+        );
+    }
+    gw.stop().await;
+}

@@ -248,6 +248,14 @@ async fn health_and_metrics_show_the_sources_and_the_outbox() {
     ] {
         assert!(metrics.contains(expected), "{expected}: {metrics}");
     }
+    // D365's request budget (the default, 3000 per 5 minutes): the one request spent.
+    for expected in [
+        "mes_gateway_d365_budget_requests{kind=\"used\"} 1\n",
+        "mes_gateway_d365_budget_requests{kind=\"limit\"} 3000\n",
+        "mes_gateway_d365_backlog_seconds{budget=\"3000/300s\"} 0\n",
+    ] {
+        assert!(metrics.contains(expected), "{expected}: {metrics}");
+    }
     let ingest_writes: u64 = metrics
         .lines()
         .find_map(|l| l.strip_prefix("mes_gateway_outbox_write_seconds_count{kind=\"ingest\"} "))
@@ -270,11 +278,22 @@ async fn health_and_metrics_show_the_sources_and_the_outbox() {
         "{status}"
     );
     assert_eq!(status["outbox_writes"]["ingest"]["messages"], 1, "{status}");
+    assert_eq!(
+        status["d365_budget"],
+        serde_json::json!({"used": 1, "limit": 3000, "window_seconds": 300, "backlog_seconds": 0}),
+        "{status}"
+    );
     let (code, text, err) = process::run(&["status", "-c", cfg]).await;
     assert_eq!(code, 0, "{err}");
     assert!(
         text.contains("durable writes (transaction and fsync): delivery ")
             && text.contains("(2 so far, 1 messages each on average)"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "request budget: 1 of 3000 per 5 min used; what waits needs about 0 s at that rate"
+        ),
         "{text}"
     );
     assert!(metrics.ends_with("# EOF\n"), "OpenMetrics text: {metrics}");

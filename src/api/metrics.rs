@@ -152,6 +152,39 @@ pub fn render(state: &ApiState) -> String {
             ]
             .map(|(k, v)| (k.to_string(), v.load(Ordering::Relaxed))),
         );
+        if let Some((used, limit, window)) = d.budget() {
+            gauges(
+                &mut registry,
+                "mes_gateway_d365_budget_requests",
+                "D365's request budget: requests spent in the current window (used) and the budget (limit)",
+                "kind",
+                [("used", used), ("limit", limit)]
+                    .map(|(k, v)| (k.to_string(), i64::try_from(v).unwrap_or(i64::MAX))),
+            );
+            let waiting: usize = state
+                .outbox
+                .counts()
+                .iter()
+                .filter(|(s, _)| {
+                    matches!(
+                        s,
+                        crate::outbox::State::Queued | crate::outbox::State::Sending
+                    )
+                })
+                .map(|(_, n)| *n)
+                .sum();
+            gauges(
+                &mut registry,
+                "mes_gateway_d365_backlog_seconds",
+                "Seconds the messages waiting now need at the request budget's rate",
+                "budget",
+                [(
+                    format!("{limit}/{window}s"),
+                    i64::try_from((waiting as u64).saturating_mul(window) / limit.max(1))
+                        .unwrap_or(i64::MAX),
+                )],
+            );
+        }
         registry.register(
             "mes_gateway_delivery_latency_seconds",
             "From a message's creation to D365's acceptance",

@@ -15,6 +15,15 @@ fn age(seconds: i64) -> String {
     crate::config::format_duration(std::time::Duration::from_secs(seconds.max(0) as u64))
 }
 
+/// A span for a person: seconds, minutes, or hours and minutes.
+fn span(seconds: u64) -> String {
+    match seconds {
+        0..60 => format!("{seconds} s"),
+        60..3600 => format!("{} min", seconds.div_ceil(60)),
+        _ => format!("{} h {} min", seconds / 3600, (seconds % 3600) / 60),
+    }
+}
+
 fn shorten(text: &str, max: usize) -> String {
     if text.chars().count() <= max {
         return text.to_string();
@@ -218,6 +227,15 @@ pub fn status(s: &Status) {
                     "last error: {e}"
                 ))
         );
+        if let Some(b) = &s.d365_budget {
+            outln!(
+                "  request budget: {} of {} per {} used; what waits needs about {} at that rate",
+                b.used,
+                b.limit,
+                span(b.window_seconds),
+                span(b.backlog_seconds)
+            );
+        }
         let v = &s.d365_verdicts;
         if v.failed_in_d365 > 0 {
             outln!(

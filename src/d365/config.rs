@@ -62,6 +62,8 @@ impl D365Config {
 pub struct DispatcherConfig {
     /// Requests in flight across all orders (one per order at most).
     pub max_in_flight: usize,
+    /// Requests per window, shared by every order (`None`: off).
+    pub budget: Option<super::budget::BudgetConfig>,
     /// How each outcome is answered.
     pub retry: RetryPolicy,
 }
@@ -70,6 +72,7 @@ impl Default for DispatcherConfig {
     fn default() -> Self {
         DispatcherConfig {
             max_in_flight: 4,
+            budget: Some(super::budget::BudgetConfig::DEFAULT),
             retry: RetryPolicy::default(),
         }
     }
@@ -107,6 +110,7 @@ pub struct RawCustomType {
 #[serde(deny_unknown_fields)]
 pub struct RawDispatcher {
     pub max_in_flight: Option<u32>,
+    pub request_budget: Option<String>,
     pub backoff_initial: Option<String>,
     pub backoff_max: Option<String>,
     pub max_attempts: Option<u32>,
@@ -219,6 +223,16 @@ pub fn read_dispatcher(cx: &mut FileCheck<'_>) -> DispatcherConfig {
             format!("{max_in_flight} is out of range: 1 to {D365_CONCURRENCY_LIMIT} (D365 answers 429 above {D365_CONCURRENCY_LIMIT} concurrent requests per user)"),
         );
     }
+    let budget = match raw.request_budget.as_deref() {
+        None => d.budget,
+        Some(text) => match super::budget::BudgetConfig::parse(text) {
+            Ok(budget) => budget,
+            Err(e) => {
+                cx.error("dispatcher.request_budget", e);
+                d.budget
+            }
+        },
+    };
     let r = d.retry;
     let backoff_initial = cx.duration(
         "dispatcher.backoff_initial",
@@ -240,6 +254,7 @@ pub fn read_dispatcher(cx: &mut FileCheck<'_>) -> DispatcherConfig {
     let ambiguous = raw.on_ambiguous.unwrap_or_default();
     DispatcherConfig {
         max_in_flight: max_in_flight as usize,
+        budget,
         retry: RetryPolicy {
             backoff,
             max_attempts,

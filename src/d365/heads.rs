@@ -103,6 +103,17 @@ impl Dispatcher {
         settling: &HashSet<MessageId>,
     ) -> Result<(Vec<LaneHead>, Option<Instant>), StoreError> {
         let mut free = self.max_in_flight.saturating_sub(state.in_flight.len());
+        if let Some(budget) = &mut state.budget {
+            // Spent when the marked requests go out (send_marked), in this same turn.
+            free = free.min(budget.available(now));
+            self.stats.budget_used.store(
+                budget.used(now) as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            if free == 0 && state.in_flight.len() < self.max_in_flight {
+                return Ok((Vec::new(), budget.next_free(now)));
+            }
+        }
         if let Some(outage) = &mut state.outage {
             // A probe that never went out (its message was settled another way) is over.
             if let Some(probe) = outage.probe {

@@ -31,6 +31,7 @@
 //! Memory: the in-flight set (≤ `max_in_flight`), one backoff deadline per lane head that
 //! is waiting for a retry, and the held heads.
 
+pub mod budget;
 pub mod client;
 pub mod config;
 mod heads;
@@ -89,6 +90,11 @@ pub struct DispatchStats {
     pub failed: AtomicU64,
     pub uncertain: AtomicU64,
     pub throttled: AtomicU64,
+    /// D365's request budget: requests spent in the current window, the budget and its
+    /// window in seconds (the last two 0 when the budget is off).
+    pub budget_used: AtomicU64,
+    pub budget_limit: AtomicU64,
+    pub budget_window_s: AtomicU64,
     /// The last problem that stopped every lane (token endpoint, credentials), for the
     /// operator surface: such problems belong to no single message.
     last_error: std::sync::Mutex<Option<String>>,
@@ -105,6 +111,9 @@ impl Default for DispatchStats {
             failed: AtomicU64::default(),
             uncertain: AtomicU64::default(),
             throttled: AtomicU64::default(),
+            budget_used: AtomicU64::default(),
+            budget_limit: AtomicU64::default(),
+            budget_window_s: AtomicU64::default(),
             last_error: std::sync::Mutex::default(),
             // 10 ms … about 3 days.
             delivery_latency: prometheus_client::metrics::histogram::Histogram::new(
@@ -115,6 +124,18 @@ impl Default for DispatchStats {
 }
 
 impl DispatchStats {
+    /// The budget's use and size as requests (used, limit) and its window, when it is on.
+    pub fn budget(&self) -> Option<(u64, u64, u64)> {
+        let limit = self.budget_limit.load(Ordering::Relaxed);
+        (limit > 0).then(|| {
+            (
+                self.budget_used.load(Ordering::Relaxed),
+                limit,
+                self.budget_window_s.load(Ordering::Relaxed),
+            )
+        })
+    }
+
     pub fn last_error(&self) -> Option<String> {
         self.last_error
             .lock()
@@ -132,6 +153,8 @@ pub struct Dispatcher {
     outbox: Outbox,
     client: Arc<D365Client>,
     max_in_flight: usize,
+    /// D365's request budget shared by every lane (budget.rs); `None`: off.
+    budget: Option<budget::BudgetConfig>,
     /// Shared with every send task: the one copy of the `dispatcher` retry settings.
     policy: Arc<RetryPolicy>,
     /// Shared with every send task: no request is written while it is closed.
@@ -154,6 +177,7 @@ impl Dispatcher {
             outbox,
             client,
             max_in_flight: config.max_in_flight,
+            budget: config.budget,
             policy: Arc::new(config.retry),
             gate: Arc::default(),
             stats: Arc::default(),
@@ -210,6 +234,15 @@ impl Dispatcher {
     pub async fn run(self, cancel: CancellationToken) -> Result<(), StoreError> {
         self.recover_interrupted().await?;
         let mut cycle = Cycle::default();
+        cycle.state.budget = self.budget.map(budget::Budget::new);
+        if let Some(b) = self.budget {
+            self.stats
+                .budget_limit
+                .store(u64::from(b.requests), Ordering::Relaxed);
+            self.stats
+                .budget_window_s
+                .store(b.per.as_secs(), Ordering::Relaxed);
+        }
         self.restore_deadlines(&mut cycle.state)?;
         let mut wakes = Wakes {
             outbox_changes: self.outbox.subscribe(),
@@ -398,6 +431,12 @@ impl Dispatcher {
             }
         }
         if let Some(token) = token {
+            if let Some(budget) = &mut cycle.state.budget {
+                budget.spend(now, marked.len());
+                self.stats
+                    .budget_used
+                    .store(budget.used(now) as u64, Ordering::Relaxed);
+            }
             let started = self.start(&mut cycle.state, &mut cycle.tasks, marked, token);
             cycle.state.batches.started(started);
         }

@@ -190,7 +190,11 @@ impl Dispatcher {
                 record,
                 outcome,
                 decision,
+                resent,
             } = finished;
+            if let (true, Some(budget)) = (resent, &mut state.budget) {
+                budget.spend(Instant::now(), 1);
+            }
             state.held.remove(&record.id);
             let id = record.id;
             let order = &record.production_order;
@@ -380,6 +384,7 @@ pub(super) async fn send_one(
                         record,
                         outcome,
                         decision,
+                        resent: false,
                     };
                 }
             }
@@ -388,6 +393,7 @@ pub(super) async fn send_one(
             record,
             outcome,
             decision,
+            resent: token_refreshed,
         };
     }
 }

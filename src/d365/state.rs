@@ -20,6 +20,9 @@ pub(super) struct SendResult {
     pub(super) record: Record,
     pub(super) outcome: Outcome,
     pub(super) decision: Decision,
+    /// The request went out twice (again with a fresh token after a 401): one more
+    /// request spent from the budget.
+    pub(super) resent: bool,
 }
 
 /// The working data of the delivery cycle ([`Dispatcher::run`]): what it remembers, the
@@ -57,6 +60,8 @@ pub(super) struct Choice {
 /// the outbox's lanes).
 #[derive(Default)]
 pub(super) struct DispatchState {
+    /// D365's request budget (budget.rs); `None` when configured `off`.
+    pub(super) budget: Option<super::budget::Budget>,
     /// D365 does not answer (module doc of `retry.rs`): one probe at a time until it does.
     pub(super) outage: Option<Outage>,
     /// Orders with a request in flight, by the task that sends it.

@@ -104,6 +104,20 @@ pub struct Status {
     /// The outbox's durable writes since the start (a running gateway only).
     #[serde(default)]
     pub outbox_writes: Option<OutboxWrites>,
+    /// D365's request budget (a running gateway with a budget only).
+    #[serde(default)]
+    pub d365_budget: Option<BudgetStatus>,
+}
+
+/// D365's request budget: its use in the current window, and what the backlog needs at
+/// its rate.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct BudgetStatus {
+    pub used: u64,
+    pub limit: u64,
+    pub window_seconds: u64,
+    /// Seconds the messages waiting now need at the budget's rate (one request each).
+    pub backlog_seconds: u64,
 }
 
 /// The outbox's two kinds of durable writes (see `outbox/writes.rs`).
@@ -194,6 +208,21 @@ pub(super) fn status(
         lines: lines.lines,
         released: lines.released,
         d365_verdicts,
+        d365_budget: running.and_then(|r| {
+            let (used, limit, window_seconds) = r.live.get().dispatch.as_ref()?.budget()?;
+            let waiting: usize = counts(outbox)
+                .iter()
+                .filter(|(s, _)| s.as_str() == "queued" || s.as_str() == "sending")
+                .map(|(_, n)| *n)
+                .sum();
+            let backlog_seconds = (waiting as u64).saturating_mul(window_seconds) / limit.max(1);
+            Some(BudgetStatus {
+                used,
+                limit,
+                window_seconds,
+                backlog_seconds,
+            })
+        }),
         outbox_writes: running.map(|_| {
             let stats = outbox.write_stats();
             OutboxWrites {

@@ -70,6 +70,11 @@ struct FakeState {
     unavailable: bool,
     /// Going unreachable: answer 503 and close the connection.
     refusing: bool,
+    /// D365's service protection: at most this many requests in any window of this length
+    /// (every request counts, answered or refused); past it, 429 with Retry-After.
+    limit: Option<(usize, Duration)>,
+    /// When each request of the current window arrived.
+    window: VecDeque<Instant>,
 }
 
 #[derive(Clone)]
@@ -141,6 +146,12 @@ impl FakeD365 {
             .await
             .expect("bind the fake D365 again on its address");
         self.listen(listener);
+    }
+
+    /// Enforces a sliding window as D365 does: more than `requests` requests in any
+    /// `per` are answered 429 (with `Retry-After` in whole seconds).
+    pub fn limit(&self, requests: usize, per: Duration) {
+        self.state().limit = Some((requests, per));
     }
 
     /// While on, every SendMessage is answered 503 (D365 down for maintenance).
@@ -361,8 +372,25 @@ impl FakeD365 {
             let token_ok = authorization
                 .strip_prefix("Bearer ")
                 .is_some_and(|t| st.valid_tokens.contains(t));
+            let now = Instant::now();
+            let over_limit = match st.limit {
+                Some((requests, per)) => {
+                    while st
+                        .window
+                        .front()
+                        .is_some_and(|t| now.duration_since(*t) >= per)
+                    {
+                        st.window.pop_front();
+                    }
+                    st.window.push_back(now);
+                    st.window.len() > requests
+                }
+                None => false,
+            };
             let reply = if !token_ok {
                 Reply::Status(401)
+            } else if over_limit {
+                Reply::Throttle(1)
             } else if st.unavailable || st.refusing {
                 Reply::Status(503)
             } else if !well_formed {

@@ -400,7 +400,7 @@ pub fn write_burst_config(
     super::write_config(
         dir,
         &format!(
-            "{}dispatcher:\n  max_in_flight: 50\n  backoff_initial: 100ms\n  backoff_max: 1s\nstorage:\n  data_dir: data\nsources:\n  - type: mqtt\n    id: broker\n    url: {broker_url}\n    client_id: gw-burst\n    subscriptions:\n      - topic: plant/+/count\n        qos: 1\n{extra}",
+            "{}dispatcher:\n  max_in_flight: 50\n  request_budget: off\n  backoff_initial: 100ms\n  backoff_max: 1s\nstorage:\n  data_dir: data\nsources:\n  - type: mqtt\n    id: broker\n    url: {broker_url}\n    client_id: gw-burst\n    subscriptions:\n      - topic: plant/+/count\n        qos: 1\n{extra}",
             super::d365_yaml(fake),
         ),
     );
