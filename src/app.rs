@@ -406,7 +406,24 @@ impl Components {
                 config.shutdown_grace,
             )
             .with_heartbeat(hb);
-            live.dispatch = Some(dispatcher.stats());
+            let stats = dispatcher.stats();
+            live.dispatch = Some(stats.clone());
+            // Uncertain messages settled by D365's own events: only where they arrive.
+            let events_arrive = config
+                .sources
+                .iter()
+                .any(|s| matches!(s, source::config::SourceConfig::D365Events(_)));
+            if let (Some(policy), true) = (config.dispatcher.evidence, events_arrive) {
+                tracker.spawn(
+                    crate::d365::evidence::EvidenceWatch {
+                        outbox: outbox.clone(),
+                        policy,
+                        request_timeout: d365.request_timeout,
+                        board: stats.evidence.clone(),
+                    }
+                    .run(core_cancel.clone()),
+                );
+            }
             let cancel = core_cancel.clone();
             let fatal = fatal.clone();
             tracker.spawn(async move {

@@ -211,9 +211,10 @@ impl Board {
 }
 
 /// The kinds of alert, as they appear in keys, metrics and notices.
-pub const KINDS: [&str; 7] = [
+pub const KINDS: [&str; 8] = [
     "message_failed",
     "message_uncertain",
+    "message_duplicate",
     "d365_token",
     "source_down",
     "oldest_queued",
@@ -420,6 +421,27 @@ impl AlertWatch {
                     format!("{} more messages are {state}", n - records.len()),
                 ));
             }
+        }
+        // Sent again on the evidence of D365's events, then reported twice: D365 may have
+        // it twice (d365/evidence.rs).
+        let outbox = self.outbox.clone();
+        match tokio::task::spawn_blocking(move || outbox.duplicates(MAX_MESSAGE_ALERTS)).await {
+            Ok(Ok((records, _))) => {
+                for r in &records {
+                    open.push((
+                        format!("message/{}/duplicate", r.id),
+                        "message_duplicate".to_string(),
+                        format!(
+                            "message {} ({}, order {}) may be in D365 twice: the gateway sent it again because D365's events showed it never arrived, and D365 then reported the first copy; reverse the second report in D365",
+                            r.id, r.message_type, r.production_order
+                        ),
+                    ));
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "Cannot read the outbox for alerts; trying again.")
+            }
+            Err(_) => {}
         }
         // Delivered, then failed in D365's processing (its "message processed" event).
         let outbox = self.outbox.clone();

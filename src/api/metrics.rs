@@ -137,6 +137,15 @@ pub fn render(state: &ApiState) -> String {
                 .map(|(id, h)| (id.clone(), pick(h).load(Ordering::Relaxed))),
         );
     }
+    if let Ok((_, duplicates)) = state.outbox.duplicates(0) {
+        let g = Gauge::<i64>::default();
+        g.set(i64::try_from(duplicates).unwrap_or(i64::MAX));
+        registry.register(
+            "mes_gateway_d365_duplicates",
+            "Messages D365 may have twice: sent again on the evidence of its events, then reported received twice",
+            g,
+        );
+    }
     if let Some(d) = &live.dispatch {
         counters(
             &mut registry,

@@ -204,6 +204,14 @@ pub fn status(s: &Status) {
         ),
         None => outln!("  nothing waiting for delivery"),
     }
+    for e in &s.uncertain_evidence {
+        outln!(
+            "  message {} is uncertain: waiting for D365 to process messages sent after it: {} of {} seen",
+            e.id,
+            e.seen,
+            e.needed
+        );
+    }
     if let Some(w) = &s.outbox_writes {
         outln!(
             "  durable writes (transaction and fsync): {}; {}",

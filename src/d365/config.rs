@@ -64,6 +64,8 @@ pub struct DispatcherConfig {
     pub max_in_flight: usize,
     /// Requests per window, shared by every order (`None`: off).
     pub budget: Option<super::budget::BudgetConfig>,
+    /// Settling uncertain messages by D365's events (`None`: off).
+    pub evidence: Option<super::evidence::EvidencePolicy>,
     /// How each outcome is answered.
     pub retry: RetryPolicy,
 }
@@ -73,6 +75,7 @@ impl Default for DispatcherConfig {
         DispatcherConfig {
             max_in_flight: 4,
             budget: Some(super::budget::BudgetConfig::DEFAULT),
+            evidence: Some(super::evidence::EvidencePolicy::default()),
             retry: RetryPolicy::default(),
         }
     }
@@ -111,6 +114,10 @@ pub struct RawCustomType {
 pub struct RawDispatcher {
     pub max_in_flight: Option<u32>,
     pub request_budget: Option<String>,
+    pub resend_unreceived: Option<bool>,
+    pub unreceived_after: Option<String>,
+    pub unreceived_witnesses: Option<u32>,
+    pub unreceived_grace: Option<String>,
     pub backoff_initial: Option<String>,
     pub backoff_max: Option<String>,
     pub max_attempts: Option<u32>,
@@ -233,6 +240,21 @@ pub fn read_dispatcher(cx: &mut FileCheck<'_>) -> DispatcherConfig {
             }
         },
     };
+    let evidence = match raw.resend_unreceived {
+        Some(false) => None,
+        _ => {
+            let e = super::evidence::EvidencePolicy::default();
+            let witnesses = raw.unreceived_witnesses.unwrap_or(e.witnesses as u32);
+            if witnesses == 0 {
+                cx.error("dispatcher.unreceived_witnesses", "must be at least 1");
+            }
+            Some(super::evidence::EvidencePolicy {
+                after: cx.duration("dispatcher.unreceived_after", raw.unreceived_after, e.after),
+                witnesses: witnesses.max(1) as usize,
+                grace: cx.duration("dispatcher.unreceived_grace", raw.unreceived_grace, e.grace),
+            })
+        }
+    };
     let r = d.retry;
     let backoff_initial = cx.duration(
         "dispatcher.backoff_initial",
@@ -255,6 +277,7 @@ pub fn read_dispatcher(cx: &mut FileCheck<'_>) -> DispatcherConfig {
     DispatcherConfig {
         max_in_flight: max_in_flight as usize,
         budget,
+        evidence,
         retry: RetryPolicy {
             backoff,
             max_attempts,

@@ -34,6 +34,7 @@
 pub mod budget;
 pub mod client;
 pub mod config;
+pub mod evidence;
 mod heads;
 mod outcomes;
 pub mod retry;
@@ -95,6 +96,8 @@ pub struct DispatchStats {
     pub budget_used: AtomicU64,
     pub budget_limit: AtomicU64,
     pub budget_window_s: AtomicU64,
+    /// Where each uncertain message's evidence stands (evidence.rs), for `status`.
+    pub evidence: evidence::EvidenceBoard,
     /// The last problem that stopped every lane (token endpoint, credentials), for the
     /// operator surface: such problems belong to no single message.
     last_error: std::sync::Mutex<Option<String>>,
@@ -114,6 +117,7 @@ impl Default for DispatchStats {
             budget_used: AtomicU64::default(),
             budget_limit: AtomicU64::default(),
             budget_window_s: AtomicU64::default(),
+            evidence: evidence::EvidenceBoard::default(),
             last_error: std::sync::Mutex::default(),
             // 10 ms … about 3 days.
             delivery_latency: prometheus_client::metrics::histogram::Histogram::new(

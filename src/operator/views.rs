@@ -107,6 +107,17 @@ pub struct Status {
     /// D365's request budget (a running gateway with a budget only).
     #[serde(default)]
     pub d365_budget: Option<BudgetStatus>,
+    /// Where each uncertain message's evidence stands (d365/evidence.rs): D365 has
+    /// processed `seen` of the `needed` later messages of other orders.
+    #[serde(default)]
+    pub uncertain_evidence: Vec<EvidenceLine>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EvidenceLine {
+    pub id: u64,
+    pub seen: usize,
+    pub needed: usize,
 }
 
 /// D365's request budget: its use in the current window, and what the backlog needs at
@@ -208,6 +219,22 @@ pub(super) fn status(
         lines: lines.lines,
         released: lines.released,
         d365_verdicts,
+        uncertain_evidence: running
+            .and_then(|r| {
+                let board = r.live.get().dispatch.as_ref()?.evidence.clone();
+                let lines = board
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .iter()
+                    .map(|(id, (seen, needed))| EvidenceLine {
+                        id: *id,
+                        seen: *seen,
+                        needed: *needed,
+                    })
+                    .collect();
+                Some(lines)
+            })
+            .unwrap_or_default(),
         d365_budget: running.and_then(|r| {
             let (used, limit, window_seconds) = r.live.get().dispatch.as_ref()?.budget()?;
             let waiting: usize = counts(outbox)

@@ -45,6 +45,28 @@ impl Outbox {
         .await
     }
 
+    /// The gateway: D365's events show it never received this `uncertain` message
+    /// (`evidence` says which events, d365/evidence.rs): queued to be sent again.
+    pub async fn resend_unreceived(
+        &self,
+        id: MessageId,
+        evidence: String,
+    ) -> Result<Record, StoreError> {
+        self.transition(id, "resend", &[State::Uncertain], |r| {
+            r.last_error = None;
+            r.retry_at = None;
+            r.resent_unreceived = Some(jiff::Timestamp::now());
+            r.verdicts_since_resend = 0;
+            r.change(
+                State::Queued,
+                super::GATEWAY,
+                "resent: D365 never received it",
+                Some(evidence),
+            );
+        })
+        .await
+    }
+
     /// Operator: never send this message. Releases the order's lane.
     pub async fn cancel(&self, id: MessageId, by: &str) -> Result<Record, StoreError> {
         let allowed = &[State::Queued, State::Failed, State::Uncertain];

@@ -36,6 +36,7 @@ impl Outbox {
                             tx.remove(T::Delivered, &key(id))?;
                             tx.remove(T::Done, k)?;
                             tx.remove(T::Rejected, &key(id))?;
+                            tx.remove(T::Duplicates, &key(id))?;
                             if let Some(digest) = v
                                 .get(1..9)
                                 .and_then(|b| b.try_into().ok())

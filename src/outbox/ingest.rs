@@ -99,6 +99,9 @@ impl Outbox {
                             tx.insert(T::Done, &done_key(r), &done_value(r))?;
                             lanes::remove(tx, &r.production_order, r.id)?;
                         }
+                        if r.duplicate {
+                            tx.insert(T::Duplicates, &key(r.id), &[])?;
+                        }
                         if r.d365.as_ref().is_some_and(|v| v.failed) {
                             tx.insert(T::Rejected, &key(r.id), &[])?;
                         } else {

@@ -127,7 +127,7 @@ pub use actions::Sending;
 pub use query::ListFilter;
 pub use record::{Attempt, Change, MessageId, NewMessage, Record, State};
 pub use turn::{OpenTurn, TURN_IDLE_MAX};
-pub use verdict::{D365Verdict, ProcessedEvent, Reconciled, UnmatchedEvent};
+pub use verdict::{D365Verdict, ProcessedEvent, Reconciled, UnmatchedEvent, D365};
 pub use writes::{WriteKind, WriteStats, WriteSummary};
 
 use std::collections::BTreeMap;

@@ -25,6 +25,24 @@ impl Outbox {
             .await
     }
 
+    /// Messages D365 may have twice (sent again on the evidence of D365's events, then
+    /// reported received twice): up to `limit`, oldest first, and how many there are.
+    pub fn duplicates(&self, limit: usize) -> Result<(Vec<Record>, usize), StoreError> {
+        let rx = self.store.read()?;
+        let mut records = Vec::new();
+        rx.scan(T::Duplicates, Span::all(), false, |k, _| {
+            if let Some(id) = k.try_into().ok().map(u64::from_be_bytes) {
+                match record_in(&rx, id) {
+                    Ok(r) => records.push(r),
+                    Err(StoreError::NotFound(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(records.len() < limit)
+        })?;
+        Ok((records, rx.len(T::Duplicates)? as usize))
+    }
+
     /// Messages whose latest verdict from D365 is Failed (D365 holds their order's later
     /// messages): up to `limit` of them, oldest first, and how many there are.
     pub fn rejected_in_d365(&self, limit: usize) -> Result<(Vec<Record>, usize), StoreError> {

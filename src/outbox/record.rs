@@ -132,6 +132,25 @@ pub struct Record {
     /// What D365 did with it, once its "message processed" event came back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub d365: Option<super::verdict::D365Verdict>,
+    /// When the request that left it `uncertain` may have left (that attempt's `sending`
+    /// mark): what D365's later events are weighed against (d365/evidence.rs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub left_at: Option<jiff::Timestamp>,
+    /// When the gateway judged, from D365's events, that D365 never received it, and
+    /// queued it again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resent_unreceived: Option<jiff::Timestamp>,
+    /// D365's verdicts on its content since then: a second one means D365 has it twice.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub verdicts_since_resend: u32,
+    /// D365 may have it twice (the judgement was wrong): an operator should reverse the
+    /// second report in D365.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub duplicate: bool,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl Record {
@@ -153,6 +172,10 @@ impl Record {
             retry_at: None,
             content_digest: None,
             d365: None,
+            left_at: None,
+            resent_unreceived: None,
+            verdicts_since_resend: 0,
+            duplicate: false,
         };
         r.change(State::Queued, &m.origin, "created", None);
         r

@@ -389,6 +389,8 @@ fn apply_settlement(r: &mut Record, s: &Settlement) {
             );
         }
         Settle::Uncertain { reason } => {
+            // As read for this settlement, the record carries its `sending` mark's time.
+            r.left_at = Some(r.updated_at);
             r.last_error = Some(reason.clone());
             r.change(State::Uncertain, GATEWAY, "uncertain", Some(reason.clone()));
         }

@@ -323,8 +323,40 @@ pub(super) fn plan(kv: &Kv, events: &[ProcessedEvent]) -> Result<Plan, StoreErro
             (None, Some(result)) => Some(format!("{} (event {}): {result}", v.state, v.event_id)),
             (None, None) => Some(format!("{} (event {})", v.state, v.event_id)),
         };
+        // Sent again because D365's events showed it never arrived (d365/evidence.rs):
+        // a verdict before the second copy left means the first did arrive after all (the
+        // second is not sent); one while it is on the wire, or a second verdict after it,
+        // means D365 may have it twice.
+        if r.resent_unreceived.is_some() {
+            r.verdicts_since_resend += 1;
+            let twice = r.state == State::Sending || r.verdicts_since_resend >= 2;
+            if twice && !r.duplicate {
+                r.duplicate = true;
+                tracing::error!(message_id = id, order = %crate::text::for_log(&r.production_order), event = %crate::text::for_log(&v.event_id),
+                    "D365 reported a message processed that the gateway had judged never received and sent again: D365 may have it twice. Reverse the second report in D365.");
+                r.history.push(Change {
+                    at: now,
+                    by: D365.to_string(),
+                    action: "DUPLICATE in D365: the first copy arrived after all".into(),
+                    detail: Some(format!(
+                        "event {} for the content sent again on {}: reverse the second report in D365",
+                        v.event_id,
+                        r.resent_unreceived.map(|t| t.to_string()).unwrap_or_default()
+                    )),
+                });
+            }
+        }
+        let first_copy_after_all = r.resent_unreceived.is_some() && r.state == State::Queued;
         let resolved = r.state == State::Uncertain;
-        if resolved {
+        if first_copy_after_all {
+            r.retry_at = None;
+            r.change(
+                State::Delivered,
+                D365,
+                "delivered: D365 had the first copy after all; not sent again",
+                detail,
+            );
+        } else if resolved {
             r.last_error = None;
             r.change(
                 State::Delivered,

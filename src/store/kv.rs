@@ -37,10 +37,12 @@ pub(crate) enum T {
     LaneLinks,
     Sending,
     Delivered,
+    /// Messages D365 may have twice (outbox/verdict.rs).
+    Duplicates,
 }
 
 impl T {
-    pub(crate) const ALL: [T; 13] = [
+    pub(crate) const ALL: [T; 14] = [
         T::Messages,
         T::Lanes,
         T::Ingress,
@@ -54,6 +56,7 @@ impl T {
         T::LaneLinks,
         T::Sending,
         T::Delivered,
+        T::Duplicates,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -71,6 +74,7 @@ impl T {
             T::LaneLinks => "lane_links",
             T::Sending => "sending",
             T::Delivered => "delivered",
+            T::Duplicates => "duplicates",
         }
     }
 
