@@ -43,6 +43,23 @@ async fn post(port: u16, secret: Option<&str>, body: &Value) -> (u16, Value) {
     )
 }
 
+/// The burst configuration (an MQTT source, one ReportFinished per impulse) with D365's
+/// events arriving on the webhook of a `d365_events` source `d365` on `api_port`.
+fn burst_with_webhook(
+    dir: &std::path::Path,
+    fake: &FakeD365,
+    broker: &support::mqtt::Mosquitto,
+    api_port: u16,
+) {
+    support::mqtt::write_burst_config(
+        dir,
+        fake,
+        &broker.url(),
+        &format!("  - type: d365_events\n    id: d365\n    webhook_secret_file: webhook-secret\napi:\n  listen: 127.0.0.1:{api_port}\n"),
+    );
+    std::fs::write(dir.join("webhook-secret"), SECRET).unwrap();
+}
+
 /// Posts `events` to the webhook 32 at a time (D365 posts several at once, not hundreds)
 /// with one client (as D365 keeps its connections); how many were answered 200 (a request
 /// a kill cuts off is not).
@@ -214,21 +231,13 @@ async fn business_events_drive_the_line_once_each_and_redeliveries_change_nothin
 /// one Start; every impulse one report, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_events_and_redeliveries_with_a_kill_in_the_middle_is_stored_once_each() {
-    use support::mqtt::{
-        burst_orders, count_burst, publish_burst, write_burst_config, Mosquitto, EXACT,
-    };
+    use support::mqtt::{burst_orders, count_burst, publish_burst, Mosquitto, EXACT};
     let broker = Mosquitto::start_durable().await;
     let fake = FakeD365::start().await;
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let api_port = free_port();
-    write_burst_config(
-        dir,
-        &fake,
-        &broker.url(),
-        &format!("  - type: d365_events\n    id: d365\n    webhook_secret_file: webhook-secret\napi:\n  listen: 127.0.0.1:{api_port}\n"),
-    );
-    std::fs::write(dir.join("webhook-secret"), SECRET).unwrap();
+    burst_with_webhook(dir, &fake, &broker, api_port);
     std::fs::write(
         dir.join("rules.d/orders.yaml"),
         "rules:\n  - name: released\n    line: \"{payload.ProductionOrderNumber}\"\n    when: { source: d365, point: released }\n    emit:\n      type: ProdProductionOrderStart\n      fields: { ProductionOrderNumber: \"{payload.ProductionOrderNumber}\" }\n",
@@ -659,19 +668,13 @@ async fn a_release_sets_the_line_publishes_it_to_mqtt_and_impulses_report_agains
 /// is unmatched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_verdicts_with_redeliveries_and_a_kill_records_each_once() {
-    use support::mqtt::{burst_orders, publish_burst, write_burst_config, Mosquitto};
+    use support::mqtt::{burst_orders, publish_burst, Mosquitto};
     let broker = Mosquitto::start_durable().await;
     let fake = FakeD365::start().await;
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let api_port = free_port();
-    write_burst_config(
-        dir,
-        &fake,
-        &broker.url(),
-        &format!("  - type: d365_events\n    id: d365\n    webhook_secret_file: webhook-secret\napi:\n  listen: 127.0.0.1:{api_port}\n"),
-    );
-    std::fs::write(dir.join("webhook-secret"), SECRET).unwrap();
+    burst_with_webhook(dir, &fake, &broker, api_port);
     let cfg = path_str(dir).to_string();
     let out = Output::new();
     let gw = process::start(&["run", "-c", &cfg], &out);
@@ -807,7 +810,7 @@ async fn emit_processed_events(
 /// order add up exactly), and no message flagged as a possible duplicate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kill_loop_with_events_configured_leaves_nothing_uncertain_and_nothing_doubled() {
-    use support::mqtt::{burst_orders, publish_burst, write_burst_config, Mosquitto};
+    use support::mqtt::{burst_orders, publish_burst, Mosquitto};
     const ROUNDS: u32 = 4;
     const PER_ROUND: u32 = 40;
     let broker = Mosquitto::start_durable().await;
@@ -815,12 +818,7 @@ async fn a_kill_loop_with_events_configured_leaves_nothing_uncertain_and_nothing
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let api_port = free_port();
-    write_burst_config(
-        dir,
-        &fake,
-        &broker.url(),
-        &format!("  - type: d365_events\n    id: d365\n    webhook_secret_file: webhook-secret\napi:\n  listen: 127.0.0.1:{api_port}\n"),
-    );
+    burst_with_webhook(dir, &fake, &broker, api_port);
     let main = dir.join("gateway.yaml");
     // A witness counts from its answer minus the request timeout (the earliest it can
     // have left): a short timeout, so the evidence comes within the test.
@@ -832,7 +830,6 @@ async fn a_kill_loop_with_events_configured_leaves_nothing_uncertain_and_nothing
         )
         .replace("request_timeout: 30s", "request_timeout: 1s");
     std::fs::write(&main, yaml).unwrap();
-    std::fs::write(dir.join("webhook-secret"), SECRET).unwrap();
     let cfg = path_str(dir).to_string();
     let stop = tokio_util::sync::CancellationToken::new();
     let emitter = tokio::spawn(emit_processed_events(fake.clone(), api_port, stop.clone()));

@@ -370,6 +370,25 @@ impl AlertWatch {
         self.board.reconcile(&evaluated, open)
     }
 
+    /// A listing of the outbox read off the async threads; `None` (logged) when it
+    /// cannot be read now.
+    async fn listed(
+        &self,
+        list: impl FnOnce(&Outbox) -> Result<(Vec<crate::outbox::Record>, usize), crate::store::StoreError>
+            + Send
+            + 'static,
+    ) -> Option<(Vec<crate::outbox::Record>, usize)> {
+        let outbox = self.outbox.clone();
+        match tokio::task::spawn_blocking(move || list(&outbox)).await {
+            Ok(Ok(listed)) => Some(listed),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "Cannot read the outbox for alerts; trying again.");
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
     /// Failed and uncertain messages, one alert each (up to `MAX_MESSAGE_ALERTS`).
     async fn held_messages(&self, open: &mut Vec<(String, String, String)>) {
         let counts = self.outbox.counts();
@@ -424,59 +443,47 @@ impl AlertWatch {
         }
         // Sent again on the evidence of D365's events, then reported twice: D365 may have
         // it twice (d365/evidence.rs).
-        let outbox = self.outbox.clone();
-        match tokio::task::spawn_blocking(move || outbox.duplicates(MAX_MESSAGE_ALERTS)).await {
-            Ok(Ok((records, _))) => {
-                for r in &records {
-                    open.push((
-                        format!("message/{}/duplicate", r.id),
-                        "message_duplicate".to_string(),
-                        format!(
-                            "message {} ({}, order {}) may be in D365 twice: the gateway sent it again because D365's events showed it never arrived, and D365 then reported the first copy; reverse the second report in D365",
-                            r.id, r.message_type, r.production_order
-                        ),
-                    ));
-                }
+        if let Some((records, _)) = self.listed(|o| o.duplicates(MAX_MESSAGE_ALERTS)).await {
+            for r in &records {
+                open.push((
+                    format!("message/{}/duplicate", r.id),
+                    "message_duplicate".to_string(),
+                    format!(
+                        "message {} ({}, order {}) may be in D365 twice: the gateway sent it again because D365's events showed it never arrived, and D365 then reported the first copy; reverse the second report in D365",
+                        r.id, r.message_type, r.production_order
+                    ),
+                ));
             }
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "Cannot read the outbox for alerts; trying again.")
-            }
-            Err(_) => {}
         }
         // Delivered, then failed in D365's processing (its "message processed" event).
-        let outbox = self.outbox.clone();
-        match tokio::task::spawn_blocking(move || outbox.rejected_in_d365(MAX_MESSAGE_ALERTS)).await
+        if let Some((records, n)) = self
+            .listed(|o| o.rejected_in_d365(MAX_MESSAGE_ALERTS))
+            .await
         {
-            Ok(Ok((records, n))) => {
-                for r in &records {
-                    let infolog = r
-                        .d365
-                        .as_ref()
-                        .and_then(|v| v.infolog.as_deref().or(v.result.as_deref()))
-                        .unwrap_or("no infolog");
-                    open.push((
-                        // Its own key: a message the gateway holds as failed may also
-                        // carry a Failed verdict, and one key would show only one alert.
-                        format!("message/{}/d365", r.id),
-                        "message_failed".to_string(),
-                        format!(
-                            "message {} ({}, order {}) failed in D365: {infolog}; D365 holds the order's later messages until it is fixed or cancelled there",
-                            r.id, r.message_type, r.production_order
-                        ),
-                    ));
-                }
-                if n > records.len() {
-                    open.push((
-                        "message_failed/d365-more".into(),
-                        "message_failed".into(),
-                        format!("{} more messages failed in D365", n - records.len()),
-                    ));
-                }
+            for r in &records {
+                let infolog = r
+                    .d365
+                    .as_ref()
+                    .and_then(|v| v.infolog.as_deref().or(v.result.as_deref()))
+                    .unwrap_or("no infolog");
+                open.push((
+                    // Its own key: a message the gateway holds as failed may also
+                    // carry a Failed verdict, and one key would show only one alert.
+                    format!("message/{}/d365", r.id),
+                    "message_failed".to_string(),
+                    format!(
+                        "message {} ({}, order {}) failed in D365: {infolog}; D365 holds the order's later messages until it is fixed or cancelled there",
+                        r.id, r.message_type, r.production_order
+                    ),
+                ));
             }
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "Cannot read the outbox for alerts; trying again.")
+            if n > records.len() {
+                open.push((
+                    "message_failed/d365-more".into(),
+                    "message_failed".into(),
+                    format!("{} more messages failed in D365", n - records.len()),
+                ));
             }
-            Err(_) => {}
         }
     }
 }

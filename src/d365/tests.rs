@@ -149,10 +149,9 @@ async fn a_request_prepared_before_a_429_is_read_waits_for_the_pause() {
     }
 }
 
-/// An order held before a restart (its head uncertain) is known to the dispatcher from
-/// its first turn: said once at start, not announced again as if it were new.
-#[tokio::test]
-async fn an_order_held_before_a_restart_is_known_from_the_start() {
+/// A dispatcher on a fresh outbox whose D365 is never reached (nothing is sent in these
+/// tests); the directory lives as long as the first element.
+fn dispatcher_without_d365() -> (tempfile::TempDir, Outbox, Dispatcher) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("gateway.yaml"),
@@ -169,6 +168,14 @@ async fn an_order_held_before_a_restart_is_known_from_the_start() {
         config.dispatcher.clone(),
         Duration::from_secs(1),
     );
+    (dir, outbox, dispatcher)
+}
+
+/// An order held before a restart (its head uncertain) is known to the dispatcher from
+/// its first turn: said once at start, not announced again as if it were new.
+#[tokio::test]
+async fn an_order_held_before_a_restart_is_known_from_the_start() {
+    let (_dir, outbox, dispatcher) = dispatcher_without_d365();
     let new = |order: &str| NewMessage {
         production_order: order.into(),
         message_type: "ProdProductionOrderStart".into(),
@@ -200,22 +207,7 @@ async fn an_order_held_before_a_restart_is_known_from_the_start() {
 
 #[tokio::test]
 async fn a_send_task_that_panics_frees_its_lane_and_leaves_the_message_uncertain() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("gateway.yaml"),
-        "d365:\n  base_url: http://127.0.0.1:9\n  company: USMF\n  client_id: x\n  token_url: http://127.0.0.1:9/token\n  client_secret_file: secret\nstorage:\n  data_dir: data\n",
-    )
-    .unwrap();
-    std::fs::write(dir.path().join("secret"), "s\n").unwrap();
-    let config = crate::settings::load(dir.path()).unwrap();
-    let outbox = Outbox::open(&config.storage.data_dir).unwrap();
-    let client = Arc::new(D365Client::new(Arc::new(config.d365.clone().unwrap())).unwrap());
-    let dispatcher = Dispatcher::new(
-        outbox.clone(),
-        client,
-        config.dispatcher.clone(),
-        Duration::from_secs(1),
-    );
+    let (_dir, outbox, dispatcher) = dispatcher_without_d365();
     let r = outbox
         .commit(Ingest::of(vec![NewMessage {
             production_order: "P1".into(),
