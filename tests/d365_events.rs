@@ -764,25 +764,38 @@ async fn a_flood_of_verdicts_with_redeliveries_and_a_kill_records_each_once() {
     );
 }
 
-/// Posts a "message processed" event for every request D365 (the fake) accepted, a
-/// moment after it accepted it, until `stop`: D365's batch job and its business events.
-/// At least once, as D365 does: a post the gateway did not answer (it was being killed)
-/// is posted again.
+/// Posts a "message processed" event for every request D365 (the fake) accepted, until
+/// `stop`: D365's batch job and its business events. Most come 200 ms after, every fifth
+/// late (1.5 s), and each batch in reverse order (events of different orders are not
+/// delivered in the order processed). At least once, as D365 does: a post the gateway did
+/// not answer (it was being killed) is posted again.
 async fn emit_processed_events(
     fake: FakeD365,
     port: u16,
     stop: tokio_util::sync::CancellationToken,
 ) -> usize {
+    use std::time::Duration;
     let http = reqwest::Client::new();
     let mut emitted = 0;
-    let mut pending: std::collections::VecDeque<Value> = Default::default();
+    let mut pending: Vec<(tokio::time::Instant, Value)> = Vec::new();
     loop {
+        let now = tokio::time::Instant::now();
         let accepted = fake.accepted();
         for (n, sent) in accepted.iter().enumerate().skip(emitted) {
-            pending.push_back(processed(&format!("P-{n}"), sent, "Processed", ""));
+            let lag = if n % 5 == 0 {
+                Duration::from_millis(1_500)
+            } else {
+                Duration::from_millis(200)
+            };
+            pending.push((
+                now + lag,
+                processed(&format!("P-{n}"), sent, "Processed", ""),
+            ));
         }
         emitted = accepted.len();
-        while let Some(event) = pending.pop_front() {
+        let (due, later): (Vec<_>, Vec<_>) = pending.drain(..).partition(|(at, _)| *at <= now);
+        pending = later;
+        for (at, event) in due.into_iter().rev() {
             let posted = http
                 .post(format!("http://127.0.0.1:{port}/events/d365/d365"))
                 .header("X-Webhook-Secret", SECRET)
@@ -790,14 +803,13 @@ async fn emit_processed_events(
                 .send()
                 .await;
             if !posted.is_ok_and(|r| r.status() == 200) {
-                pending.push_front(event);
-                break;
+                pending.push((at, event));
             }
         }
         tokio::select! {
             _ = stop.cancelled() => return emitted,
-            // D365's event delivery lag (and the pace of a retry after a failed post).
-            _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
+            // The pace of D365's event delivery (and of a retry after a failed post).
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
         }
     }
 }
@@ -826,7 +838,7 @@ async fn a_kill_loop_with_events_configured_leaves_nothing_uncertain_and_nothing
         .unwrap()
         .replace(
             "dispatcher:\n",
-            "dispatcher:\n  unreceived_after: 200ms\n  unreceived_witnesses: 3\n  unreceived_grace: 1s\n",
+            "dispatcher:\n  unreceived_after: 200ms\n  unreceived_witnesses: 3\n  unreceived_grace: 3s\n",
         )
         .replace("request_timeout: 30s", "request_timeout: 1s");
     std::fs::write(&main, yaml).unwrap();

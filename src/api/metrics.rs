@@ -161,6 +161,32 @@ pub fn render(state: &ApiState) -> String {
             ]
             .map(|(k, v)| (k.to_string(), v.load(Ordering::Relaxed))),
         );
+        let evidence: Vec<(u64, (usize, usize))> = d
+            .evidence
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(id, e)| (*id, *e))
+            .collect();
+        if !evidence.is_empty() {
+            // Uncertain messages are few (at most one per order): one sample each.
+            let family = Family::<Labels, Gauge>::default();
+            for (id, (seen, needed)) in evidence {
+                for (kind, n) in [("seen", seen), ("needed", needed)] {
+                    family
+                        .get_or_create(&vec![
+                            ("message", id.to_string()),
+                            ("witnesses", kind.to_string()),
+                        ])
+                        .set(i64::try_from(n).unwrap_or(i64::MAX));
+                }
+            }
+            registry.register(
+                "mes_gateway_uncertain_evidence",
+                "Uncertain messages: D365's later messages of other orders reported processed (seen) and how many settle it (needed)",
+                family,
+            );
+        }
         if let Some((used, limit, window)) = d.budget() {
             gauges(
                 &mut registry,
@@ -359,4 +385,56 @@ pub fn render(state: &ApiState) -> String {
     // Writing into a String cannot fail.
     let _ = encode(&mut out, &registry);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use crate::live::{ComponentStats, Live};
+    use crate::operator::{ContentChecks, Operator, Running};
+
+    /// Where each uncertain message's evidence stands reaches the operator: `status`
+    /// (its lines and JSON) and `/metrics`.
+    #[tokio::test]
+    async fn the_evidence_of_uncertain_messages_shows_in_status_and_metrics() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = crate::outbox::Outbox::open(dir.path()).unwrap();
+        let stats = Arc::new(crate::d365::DispatchStats::default());
+        stats.evidence.lock().unwrap().insert(17, (3, 5));
+        let live = Live::default();
+        live.replace(ComponentStats {
+            dispatch: Some(stats),
+            ..ComponentStats::default()
+        });
+        let alerts = Arc::new(crate::alert::Board::default());
+        let (control, _keep) = tokio::sync::mpsc::channel(1);
+        let operator = Operator::running(
+            outbox,
+            ContentChecks::default(),
+            Running {
+                started: jiff::Timestamp::now(),
+                live: live.clone(),
+                alerts: alerts.clone(),
+                lines: Arc::default(),
+                control,
+            },
+        );
+        let status = operator.status().await.unwrap();
+        assert_eq!(
+            status.uncertain_evidence,
+            [crate::operator::EvidenceLine {
+                id: 17,
+                seen: 3,
+                needed: 5
+            }]
+        );
+        let metrics = super::render(&crate::api::ApiState::new(operator, live, alerts));
+        for expected in [
+            "mes_gateway_uncertain_evidence{message=\"17\",witnesses=\"seen\"} 3\n",
+            "mes_gateway_uncertain_evidence{message=\"17\",witnesses=\"needed\"} 5\n",
+        ] {
+            assert!(metrics.contains(expected), "{expected}: {metrics}");
+        }
+    }
 }

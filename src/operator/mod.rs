@@ -21,7 +21,10 @@
 
 mod views;
 
-pub use views::{LinesView, MessagePage, SourceStatus, Status, UnmatchedView, VerdictCounts};
+pub use views::{
+    BudgetStatus, EvidenceLine, LinesView, MessagePage, SourceStatus, Status, UnmatchedView,
+    VerdictCounts,
+};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, RwLock};

@@ -143,7 +143,24 @@ pub(super) async fn messages_page(
     let detail = match q.id {
         None => "<p>Select a message to see its content, attempts and history.</p>".to_string(),
         Some(id) => match state.operator.show(id).await {
-            Ok(r) => detail_pane(&r, session, &link_query(id)),
+            Ok(r) => {
+                // Where an uncertain message's evidence stands (d365/evidence.rs).
+                let evidence = state.live.get().dispatch.as_ref().and_then(|d| {
+                    d.evidence
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get(&r.id)
+                        .copied()
+                });
+                let mut pane = detail_pane(&r, session, &link_query(id));
+                if let (Some((seen, needed)), MessageState::Uncertain) = (evidence, r.state) {
+                    let _ = write!(
+                        pane,
+                        "<p id=\"evidence\">Waiting for D365 to process messages sent after it: {seen} of {needed} seen. Then it is sent again on that evidence, or resolved by D365's event for it.</p>"
+                    );
+                }
+                pane
+            }
             Err(e) => format!("<div class=\"error\">{}</div>", esc(&e.to_string())),
         },
     };
