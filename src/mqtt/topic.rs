@@ -146,20 +146,20 @@ impl<T: Clone> TopicIndex<T> {
 
     /// Every value whose filter matches `topic`, in no particular order.
     pub fn matching(&self, topic: &str, out: &mut Vec<T>) {
-        let levels: Vec<&str> = topic.split('/').collect();
-        self.collect(&levels, out);
+        // Walked lazily: no allocation per lookup (one per event on the ingest path).
+        self.collect(topic.split('/'), out);
     }
 
-    fn collect(&self, levels: &[&str], out: &mut Vec<T>) {
+    fn collect(&self, mut levels: std::str::Split<'_, char>, out: &mut Vec<T>) {
         out.extend(self.rest.iter().cloned());
-        match levels.split_first() {
+        match levels.next() {
             None => out.extend(self.end.iter().cloned()),
-            Some((first, more)) => {
-                if let Some(next) = self.exact.get(*first) {
-                    next.collect(more, out);
+            Some(first) => {
+                if let Some(next) = self.exact.get(first) {
+                    next.collect(levels.clone(), out);
                 }
                 if let Some(next) = &self.one {
-                    next.collect(more, out);
+                    next.collect(levels, out);
                 }
             }
         }

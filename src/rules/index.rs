@@ -50,7 +50,9 @@ impl RuleIndex {
         }
         of_source.by_topic.matching(point, out);
         out.extend_from_slice(&of_source.any);
-        out.sort_unstable();
-        out.dedup();
+        if out.len() > 1 {
+            out.sort_unstable();
+            out.dedup();
+        }
     }
 }
