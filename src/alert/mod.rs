@@ -370,17 +370,14 @@ impl AlertWatch {
         self.board.reconcile(&evaluated, open)
     }
 
-    /// A listing of the outbox read off the async threads; `None` (logged) when it
-    /// cannot be read now.
-    async fn listed(
+    /// Reads the outbox off the async threads; `None` (logged) when it cannot be read now.
+    async fn read<T: Send + 'static>(
         &self,
-        list: impl FnOnce(&Outbox) -> Result<(Vec<crate::outbox::Record>, usize), crate::store::StoreError>
-            + Send
-            + 'static,
-    ) -> Option<(Vec<crate::outbox::Record>, usize)> {
+        read: impl FnOnce(&Outbox) -> Result<T, crate::store::StoreError> + Send + 'static,
+    ) -> Option<T> {
         let outbox = self.outbox.clone();
-        match tokio::task::spawn_blocking(move || list(&outbox)).await {
-            Ok(Ok(listed)) => Some(listed),
+        match tokio::task::spawn_blocking(move || read(&outbox)).await {
+            Ok(Ok(read)) => Some(read),
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "Cannot read the outbox for alerts; trying again.");
                 None
@@ -404,19 +401,13 @@ impl AlertWatch {
                 state: Some(state),
                 ..ListFilter::default()
             };
-            let outbox = self.outbox.clone();
-            let page = tokio::task::spawn_blocking(move || {
-                outbox.page(&filter, None, MAX_MESSAGE_ALERTS, false)
-            })
-            .await;
-            let (records, more) = match page {
-                Ok(Ok((records, next))) => (records, next.is_some()),
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "Cannot read the outbox for alerts; trying again.");
-                    continue;
-                }
-                Err(_) => continue,
+            let Some((records, next)) = self
+                .read(move |o| o.page(&filter, None, MAX_MESSAGE_ALERTS, false))
+                .await
+            else {
+                continue;
             };
+            let more = next.is_some();
             for r in &records {
                 open.push((
                     format!("message/{}", r.id),
@@ -443,7 +434,7 @@ impl AlertWatch {
         }
         // Sent again on the evidence of D365's events, then reported twice: D365 may have
         // it twice (d365/evidence.rs).
-        if let Some((records, _)) = self.listed(|o| o.duplicates(MAX_MESSAGE_ALERTS)).await {
+        if let Some((records, _)) = self.read(|o| o.duplicates(MAX_MESSAGE_ALERTS)).await {
             for r in &records {
                 open.push((
                     format!("message/{}/duplicate", r.id),
@@ -456,10 +447,7 @@ impl AlertWatch {
             }
         }
         // Delivered, then failed in D365's processing (its "message processed" event).
-        if let Some((records, n)) = self
-            .listed(|o| o.rejected_in_d365(MAX_MESSAGE_ALERTS))
-            .await
-        {
+        if let Some((records, n)) = self.read(|o| o.rejected_in_d365(MAX_MESSAGE_ALERTS)).await {
             for r in &records {
                 let infolog = r
                     .d365
