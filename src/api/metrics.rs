@@ -196,18 +196,6 @@ pub fn render(state: &ApiState) -> String {
                 [("used", used), ("limit", limit)]
                     .map(|(k, v)| (k.to_string(), i64::try_from(v).unwrap_or(i64::MAX))),
             );
-            let waiting: usize = state
-                .outbox
-                .counts()
-                .iter()
-                .filter(|(s, _)| {
-                    matches!(
-                        s,
-                        crate::outbox::State::Queued | crate::outbox::State::Sending
-                    )
-                })
-                .map(|(_, n)| *n)
-                .sum();
             gauges(
                 &mut registry,
                 "mes_gateway_d365_backlog_seconds",
@@ -215,8 +203,12 @@ pub fn render(state: &ApiState) -> String {
                 "budget",
                 [(
                     format!("{limit}/{window}s"),
-                    i64::try_from((waiting as u64).saturating_mul(window) / limit.max(1))
-                        .unwrap_or(i64::MAX),
+                    i64::try_from(crate::d365::budget::backlog_seconds(
+                        state.outbox.waiting(),
+                        limit,
+                        window,
+                    ))
+                    .unwrap_or(i64::MAX),
                 )],
             );
         }

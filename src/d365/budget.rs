@@ -52,6 +52,12 @@ impl BudgetConfig {
     }
 }
 
+/// Seconds `waiting` messages need at a budget of `limit` requests per `window_s` seconds
+/// (one request each): what `status` and `/metrics` say of the backlog.
+pub fn backlog_seconds(waiting: usize, limit: u64, window_s: u64) -> u64 {
+    (waiting as u64).saturating_mul(window_s) / limit.max(1)
+}
+
 /// The requests spent in the current window (module doc).
 #[derive(Debug)]
 pub struct Budget {

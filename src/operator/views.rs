@@ -237,12 +237,8 @@ pub(super) fn status(
             .unwrap_or_default(),
         d365_budget: running.and_then(|r| {
             let (used, limit, window_seconds) = r.live.get().dispatch.as_ref()?.budget()?;
-            let waiting: usize = counts(outbox)
-                .iter()
-                .filter(|(s, _)| s.as_str() == "queued" || s.as_str() == "sending")
-                .map(|(_, n)| *n)
-                .sum();
-            let backlog_seconds = (waiting as u64).saturating_mul(window_seconds) / limit.max(1);
+            let backlog_seconds =
+                crate::d365::budget::backlog_seconds(outbox.waiting(), limit, window_seconds);
             Some(BudgetStatus {
                 used,
                 limit,

@@ -448,6 +448,15 @@ impl Outbox {
         }
     }
 
+    /// Messages still to be delivered (queued or on the wire).
+    pub fn waiting(&self) -> usize {
+        let counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        [State::Queued, State::Sending]
+            .iter()
+            .filter_map(|s| counts.get(s))
+            .sum()
+    }
+
     /// Whether messages stored from now on get a content index entry, so D365's verdicts
     /// can find them (on while a `d365_events` source is configured).
     pub fn index_contents(&self, on: bool) {
