@@ -60,6 +60,16 @@ fn burst_with_webhook(
     std::fs::write(dir.join("webhook-secret"), SECRET).unwrap();
 }
 
+/// Posts one event to the gateway's webhook; whether it was taken (200).
+async fn post_event(http: &reqwest::Client, port: u16, event: &Value) -> bool {
+    http.post(format!("http://127.0.0.1:{port}/events/d365/d365"))
+        .header("X-Webhook-Secret", SECRET)
+        .json(event)
+        .send()
+        .await
+        .is_ok_and(|r| r.status() == 200)
+}
+
 /// Posts `events` to the webhook 32 at a time (D365 posts several at once, not hundreds)
 /// with one client (as D365 keeps its connections); how many were answered 200 (a request
 /// a kill cuts off is not).
@@ -70,13 +80,7 @@ async fn post_events(http: reqwest::Client, port: u16, events: Vec<Value>) -> us
         let (in_flight, http) = (in_flight.clone(), http.clone());
         posts.spawn(async move {
             let _slot = in_flight.acquire().await.unwrap();
-            let sent = http
-                .post(format!("http://127.0.0.1:{port}/events/d365/d365"))
-                .header("X-Webhook-Secret", SECRET)
-                .json(&event)
-                .send()
-                .await;
-            sent.is_ok_and(|r| r.status() == 200)
+            post_event(&http, port, &event).await
         });
     }
     let mut stored = 0;
@@ -778,6 +782,7 @@ async fn emit_processed_events(
     let http = reqwest::Client::new();
     let mut emitted = 0;
     let mut pending: Vec<(tokio::time::Instant, Value)> = Vec::new();
+    let mut accepted_more = fake.changes();
     loop {
         let now = tokio::time::Instant::now();
         let accepted = fake.accepted();
@@ -795,21 +800,18 @@ async fn emit_processed_events(
         emitted = accepted.len();
         let (due, later): (Vec<_>, Vec<_>) = pending.drain(..).partition(|(at, _)| *at <= now);
         pending = later;
-        for (at, event) in due.into_iter().rev() {
-            let posted = http
-                .post(format!("http://127.0.0.1:{port}/events/d365/d365"))
-                .header("X-Webhook-Secret", SECRET)
-                .json(&event)
-                .send()
-                .await;
-            if !posted.is_ok_and(|r| r.status() == 200) {
-                pending.push((at, event));
+        for (_, event) in due.into_iter().rev() {
+            if !post_event(&http, port, &event).await {
+                // The gateway is being killed: posted again a moment later, as D365 does.
+                pending.push((now + Duration::from_millis(200), event));
             }
         }
+        let next_due = pending.iter().map(|(at, _)| *at).min();
         tokio::select! {
             _ = stop.cancelled() => return emitted,
-            // The pace of D365's event delivery (and of a retry after a failed post).
-            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            // More requests accepted: their events to schedule.
+            Ok(()) = accepted_more.changed() => {}
+            _ = tokio::time::sleep_until(next_due.unwrap_or(now)), if next_due.is_some() => {}
         }
     }
 }

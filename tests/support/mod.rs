@@ -237,6 +237,11 @@ impl FakeD365 {
         );
     }
 
+    /// A receiver that sees a new value whenever the fake received or answered something.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
     /// Waits until no connection is open (after a client was killed: everything it
     /// wrote has been read and recorded).
     pub async fn wait_idle(&self) {
