@@ -311,52 +311,16 @@ mod tests {
         ));
     }
 
-    use crate::outbox::{D365Verdict, Ingest, NewMessage, ProcessedEvent, Settle, Settlement};
+    use crate::outbox::tests::{indexing, msg, processed, reconcile, settled};
+    use crate::outbox::{Ingest, Settle, Settlement};
 
-    fn start(order: &str) -> NewMessage {
-        NewMessage {
-            production_order: order.into(),
-            message_type: "ProdProductionOrderStart".into(),
-            content: format!("{{\"ProductionOrderNumber\":\"{order}\"}}"),
-            origin: "test".into(),
-            line: None,
-        }
-    }
-
-    fn processed(content: &str, event_id: &str) -> ProcessedEvent {
-        ProcessedEvent {
-            source: "d365".into(),
-            queue: "JmgMES3P".into(),
-            message_type: "ProdProductionOrderStart".into(),
-            content: content.into(),
-            verdict: D365Verdict {
-                at: jiff::Timestamp::now(),
-                state: "Processed".into(),
-                failed: false,
-                result: None,
-                infolog: None,
-                event_id: event_id.into(),
-                page_url: None,
-            },
-            payload: format!("{{\"EventId\":\"{event_id}\"}}"),
-        }
-    }
-
+    /// D365 reports the message of this content processed.
     async fn report(outbox: &Outbox, content: &str, event_id: &str) {
-        outbox
-            .commit(Ingest::default().with_processed(vec![processed(content, event_id)]))
-            .await
-            .unwrap();
-    }
-
-    fn settled(id: MessageId, next: Settle) -> Settlement {
-        Settlement {
-            id,
-            attempt: Some("test".into()),
-            server_error: false,
-            next,
-            as_sent: None,
-        }
+        reconcile(
+            outbox,
+            vec![processed(content, "Processed", false, event_id)],
+        )
+        .await;
     }
 
     /// The whole path on a real outbox: an uncertain message waits while D365 reports
@@ -367,11 +331,10 @@ mod tests {
     #[tokio::test]
     async fn an_uncertain_message_d365_never_received_is_sent_again_on_evidence() {
         let dir = tempfile::tempdir().unwrap();
-        let outbox = Outbox::open(dir.path()).unwrap();
-        outbox.index_contents(true);
+        let outbox = indexing(dir.path());
         let orders = ["P0", "P1", "P2", "P3", "P4", "P5"];
         let records = outbox
-            .commit(Ingest::of(orders.iter().map(|o| start(o)).collect()))
+            .commit(Ingest::of(orders.iter().map(|o| msg(o, 1)).collect()))
             .await
             .unwrap()
             .records;
@@ -435,10 +398,9 @@ mod tests {
     #[tokio::test]
     async fn a_second_report_after_the_resend_flags_a_duplicate() {
         let dir = tempfile::tempdir().unwrap();
-        let outbox = Outbox::open(dir.path()).unwrap();
-        outbox.index_contents(true);
+        let outbox = indexing(dir.path());
         let r = outbox
-            .commit(Ingest::of(vec![start("P7")]))
+            .commit(Ingest::of(vec![msg("P7", 1)]))
             .await
             .unwrap()
             .records

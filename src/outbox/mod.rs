@@ -631,4 +631,4 @@ fn prepare(kv: &Kv, corrupt: &mut Vec<MessageId>) -> Result<u64, StoreError> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

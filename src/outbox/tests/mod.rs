@@ -1,6 +1,6 @@
 use super::*;
 
-fn msg(order: &str, n: u32) -> NewMessage {
+pub(crate) fn msg(order: &str, n: u32) -> NewMessage {
     NewMessage {
         production_order: order.into(),
         message_type: "ProdProductionOrderStart".into(),
@@ -14,7 +14,7 @@ fn ids(records: &[Record]) -> Vec<MessageId> {
     records.iter().map(|r| r.id).collect()
 }
 
-fn settled(id: MessageId, next: Settle) -> Settlement {
+pub(crate) fn settled(id: MessageId, next: Settle) -> Settlement {
     Settlement {
         id,
         attempt: Some("HTTP 200".into()),
@@ -691,7 +691,12 @@ async fn drained_store(outbox: &Outbox, n: u32) -> Receipt {
     delivery
 }
 
-fn processed(content: &str, state: &str, failed: bool, event_id: &str) -> ProcessedEvent {
+pub(crate) fn processed(
+    content: &str,
+    state: &str,
+    failed: bool,
+    event_id: &str,
+) -> ProcessedEvent {
     ProcessedEvent {
         source: "d365".into(),
         queue: "JmgMES3P".into(),
@@ -722,13 +727,13 @@ async fn send_and_settle(outbox: &Outbox, id: MessageId, next: Settle) -> Record
 }
 
 /// An outbox that indexes contents, as with a d365_events source configured.
-fn indexing(dir: &std::path::Path) -> Outbox {
+pub(crate) fn indexing(dir: &std::path::Path) -> Outbox {
     let outbox = Outbox::open(dir).unwrap();
     outbox.index_contents(true);
     outbox
 }
 
-async fn reconcile(outbox: &Outbox, events: Vec<ProcessedEvent>) -> Vec<Reconciled> {
+pub(crate) async fn reconcile(outbox: &Outbox, events: Vec<ProcessedEvent>) -> Vec<Reconciled> {
     outbox
         .commit(Arc::new(Ingest::default().with_processed(events)))
         .await
