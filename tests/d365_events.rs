@@ -873,7 +873,8 @@ async fn a_kill_loop_with_events_configured_leaves_nothing_uncertain_and_nothing
     }
     // The plant goes on producing, an impulse per order at a time: D365's events for
     // these later messages are the evidence for what the last kill left uncertain. Until
-    // nothing is left for an operator (at most 30 more impulses per order).
+    // nothing is left for an operator (at most 300 more impulses per order: the watch
+    // weighs the evidence every 5 s, and a round takes a fraction of a second).
     let mut last = ROUNDS * PER_ROUND;
     let status = loop {
         last += 1;
@@ -887,7 +888,7 @@ async fn a_kill_loop_with_events_configured_leaves_nothing_uncertain_and_nothing
         let reported = orders
             .iter()
             .all(|o| support::pieces(&fake.received(), o) == per_order);
-        if (held == 0 && reported) || last >= ROUNDS * PER_ROUND + 30 {
+        if (held == 0 && reported) || last >= ROUNDS * PER_ROUND + 300 {
             break status;
         }
         fake.wait_until("the impulse reported on every order not held", |r| {
