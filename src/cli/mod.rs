@@ -281,7 +281,7 @@ impl From<OpError> for CliError {
 impl From<StoreError> for CliError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::NotFound(_) | StoreError::WrongState { .. } => {
+            StoreError::NotFound(_) | StoreError::WrongState { .. } | StoreError::Joined { .. } => {
                 CliError::Usage(e.to_string())
             }
             other => CliError::Other(other.into()),

@@ -14,6 +14,10 @@ use crate::outbox::Record;
 /// with the outbox message. D365 ignores unknown headers.
 pub const MESSAGE_ID_HEADER: &str = "x-mes-gateway-message-id";
 
+/// Sent with a joined request (outbox join.rs): the other messages whose lines it carries,
+/// comma-separated, in order.
+pub const JOINED_IDS_HEADER: &str = "x-mes-gateway-joined-ids";
+
 #[derive(Debug)]
 pub struct D365Client {
     http: reqwest::Client,
@@ -55,20 +59,22 @@ impl D365Client {
             company_id: self.config.company.clone(),
             message_queue: self.config.message_queue.clone(),
             message_type: record.message_type.clone(),
-            message_content: record.content.clone(),
+            message_content: record.request_content().to_string(),
         }
     }
 
     /// Posts the message once with `token`.
     pub async fn send(&self, record: &Record, token: &Token) -> Outcome {
-        let result = self
+        let mut request = self
             .http
             .post(self.url.clone())
             .header(reqwest::header::AUTHORIZATION, token.bearer())
-            .header(MESSAGE_ID_HEADER, record.id.to_string())
-            .json(&self.envelope(record))
-            .send()
-            .await;
+            .header(MESSAGE_ID_HEADER, record.id.to_string());
+        if !record.members().is_empty() {
+            let ids: Vec<String> = record.members().iter().map(ToString::to_string).collect();
+            request = request.header(JOINED_IDS_HEADER, ids.join(","));
+        }
+        let result = request.json(&self.envelope(record)).send().await;
         let outcome = match result {
             Ok(response) if response.status().is_redirection() => Outcome::Http {
                 status: response.status().as_u16(),

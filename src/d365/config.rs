@@ -12,6 +12,7 @@ use crate::config::value::YamlValue;
 use crate::config::{FileCheck, Secret};
 use crate::entra::{AppCredentials, TokenApi};
 use crate::message::{ContentSchema, CustomType, FieldNames, MessageTypes, KNOWN_TYPES};
+use crate::outbox::JoinPolicy;
 
 /// D365's per-user concurrency limit: more requests in flight than this get 429s.
 pub const D365_CONCURRENCY_LIMIT: u32 = 52;
@@ -66,6 +67,8 @@ pub struct DispatcherConfig {
     pub budget: Option<super::budget::BudgetConfig>,
     /// Settling uncertain messages by D365's events (`None`: off).
     pub evidence: Option<super::evidence::EvidencePolicy>,
+    /// Which queued messages of an order go out joined in one request (outbox join.rs).
+    pub join: JoinPolicy,
     /// How each outcome is answered.
     pub retry: RetryPolicy,
 }
@@ -76,6 +79,7 @@ impl Default for DispatcherConfig {
             max_in_flight: 4,
             budget: Some(super::budget::BudgetConfig::DEFAULT),
             evidence: Some(super::evidence::EvidencePolicy::default()),
+            join: JoinPolicy::default(),
             retry: RetryPolicy::default(),
         }
     }
@@ -124,7 +128,21 @@ pub struct RawDispatcher {
     pub throttle_fallback: Option<String>,
     pub auth_pause: Option<String>,
     pub on_ambiguous: Option<RawAmbiguous>,
+    pub join: Option<RawJoin>,
 }
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawJoin {
+    pub max_lines: Option<u32>,
+    #[serde(default)]
+    pub per_type: BTreeMap<String, bool>,
+}
+
+/// The most lines `dispatcher.join.max_lines` accepts: D365 posts a message in one
+/// transaction, and a request of thousands of lines would hold a plant's reports back
+/// together on the first bad one.
+const MAX_JOINED_LINES: u32 = 1_000;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -255,6 +273,7 @@ pub fn read_dispatcher(cx: &mut FileCheck<'_>) -> DispatcherConfig {
             })
         }
     };
+    let join = read_join(cx, raw.join, d.join);
     let r = d.retry;
     let backoff_initial = cx.duration(
         "dispatcher.backoff_initial",
@@ -278,6 +297,7 @@ pub fn read_dispatcher(cx: &mut FileCheck<'_>) -> DispatcherConfig {
         max_in_flight: max_in_flight as usize,
         budget,
         evidence,
+        join,
         retry: RetryPolicy {
             backoff,
             max_attempts,
@@ -291,6 +311,40 @@ pub fn read_dispatcher(cx: &mut FileCheck<'_>) -> DispatcherConfig {
             ambiguous_per_type: ambiguous.per_type,
         },
     }
+}
+
+/// Checks `dispatcher.join`: the defaults (`default`) changed per type and the cap.
+fn read_join(cx: &mut FileCheck<'_>, raw: Option<RawJoin>, default: JoinPolicy) -> JoinPolicy {
+    let Some(raw) = raw else {
+        return default;
+    };
+    let max_lines = raw.max_lines.unwrap_or(default.max_lines() as u32);
+    if !(1..=MAX_JOINED_LINES).contains(&max_lines) {
+        cx.error(
+            "dispatcher.join.max_lines",
+            format!("{max_lines} is out of range: 1 (nothing joined) to {MAX_JOINED_LINES}"),
+        );
+    }
+    let mut types: Vec<String> = default.types().to_vec();
+    for (message_type, on) in raw.per_type {
+        if crate::message::lines_field(&message_type).is_none() {
+            cx.error(
+                &format!("dispatcher.join.per_type.{message_type}"),
+                format!(
+                    "only messages with lines can be joined: {}, {}, {}",
+                    crate::message::TYPE_REPORT_FINISHED,
+                    crate::message::TYPE_PICKING_LIST,
+                    crate::message::TYPE_ROUTE_CARD
+                ),
+            );
+            continue;
+        }
+        types.retain(|t| *t != message_type);
+        if on {
+            types.push(message_type);
+        }
+    }
+    JoinPolicy::new(types, max_lines.clamp(1, MAX_JOINED_LINES) as usize)
 }
 
 /// Reads `d365.custom_message_types`: the types a plant added to the queue in D365.

@@ -128,6 +128,10 @@ pub fn judge(
 
 /// A delivered record with a verdict from D365, as a witness.
 fn witness(r: &Record, request_timeout: Duration) -> Option<Witness> {
+    // A joined request is one witness: its lead stands for its members.
+    if r.is_member() {
+        return None;
+    }
     let verdict = r.d365.as_ref()?;
     let answered = r.attempts.last()?.at;
     let timeout = jiff::SignedDuration::try_from(request_timeout).ok()?;

@@ -177,6 +177,7 @@ impl Dispatcher {
         config: DispatcherConfig,
         drain_grace: Duration,
     ) -> Dispatcher {
+        outbox.join_with(config.join.clone());
         Dispatcher {
             outbox,
             client,

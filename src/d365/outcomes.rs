@@ -214,7 +214,11 @@ impl Dispatcher {
                 Decision::Delivered => {
                     state.not_before.remove(&id);
                     delivered.insert(id);
-                    self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+                    // A joined request delivers its members with it (outbox join.rs).
+                    delivered.extend(record.members());
+                    self.stats
+                        .delivered
+                        .fetch_add(1 + record.members().len() as u64, Ordering::Relaxed);
                     self.stats.delivery_latency.observe(
                         jiff::Timestamp::now()
                             .duration_since(record.created_at)

@@ -34,6 +34,16 @@ pub const TYPE_PICKING_LIST: &str = "ProdProductionOrderPickingList";
 pub const TYPE_ROUTE_CARD: &str = "ProdProductionOrderRouteCard";
 pub const TYPE_END: &str = "ProdProductionOrderEnd";
 
+/// The field holding the lines of a message type that has them.
+pub fn lines_field(message_type: &str) -> Option<&'static str> {
+    match message_type {
+        TYPE_REPORT_FINISHED => Some("ReportFinishedLines"),
+        TYPE_PICKING_LIST => Some("PickingListLines"),
+        TYPE_ROUTE_CARD => Some("RouteCardLines"),
+        _ => None,
+    }
+}
+
 /// The five documented message types.
 pub const KNOWN_TYPES: [&str; 5] = [
     TYPE_START,

@@ -90,7 +90,9 @@ impl From<StoreError> for OpError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::NotFound(_) => OpError::NotFound(e.to_string()),
-            StoreError::WrongState { .. } => OpError::Conflict(e.to_string()),
+            StoreError::WrongState { .. } | StoreError::Joined { .. } => {
+                OpError::Conflict(e.to_string())
+            }
             StoreError::Locked { .. } => OpError::Unavailable(e.to_string()),
             other => OpError::Internal(other.to_string()),
         }

@@ -1,17 +1,13 @@
 //! Operators' transitions: retry (optionally with edited content), cancel, and resolve an
 //! uncertain message as delivered. Each reads the record, checks the state machine allows
 //! the action from its state, and writes it back under the transition lock, so an action
-//! never overwrites what the dispatcher wrote meanwhile.
+//! never overwrites what the dispatcher wrote meanwhile. An action on any message of a
+//! joined request acts on the whole group, in one write (join.rs).
 
 use super::{verdict, MessageId, Outbox, Record, State};
 use crate::store::{storage, StoreError};
 
 impl Outbox {
-    async fn write_one(&self, r: Record, old: State) -> Result<Record, StoreError> {
-        let mut written = self.write(vec![(r, old)]).await?;
-        written.pop().ok_or_else(|| storage("nothing written"))
-    }
-
     /// Operator: send a `failed` or `uncertain` message again, optionally with new content.
     /// A `sending` message is retried only when `sending` is [`Sending::Interrupted`].
     pub async fn retry(
@@ -22,12 +18,24 @@ impl Outbox {
         sending: Sending,
     ) -> Result<Record, StoreError> {
         let allowed = sending.allowing(&[State::Failed, State::Uncertain]);
+        // A joined request is sent again as it was (join.rs): its content is the group's.
+        let new_content = match new_content {
+            Some(content) => {
+                let r = self.get(id)?;
+                match (&r.group, content == r.content) {
+                    (None, _) => Some(content),
+                    (Some(_), true) => None,
+                    (Some(_), false) => return Err(StoreError::Joined { id, lead: r.lead() }),
+                }
+            }
+            None => None,
+        };
         self.transition(id, "retry", &allowed, |r| {
-            let detail = match new_content {
-                Some(content) if content != r.content => {
+            let detail = match &new_content {
+                Some(content) if *content != r.content => {
                     let detail = format!("content edited; previous content: {}", r.content);
-                    r.content_digest = Some(verdict::content_digest(&r.message_type, &content));
-                    r.content = content;
+                    r.content_digest = Some(verdict::content_digest(&r.message_type, content));
+                    r.content = content.clone();
                     Some(detail)
                 }
                 _ => None,
@@ -52,16 +60,17 @@ impl Outbox {
         id: MessageId,
         evidence: String,
     ) -> Result<Record, StoreError> {
+        let now = jiff::Timestamp::now();
         self.transition(id, "resend", &[State::Uncertain], |r| {
             r.last_error = None;
             r.retry_at = None;
-            r.resent_unreceived = Some(jiff::Timestamp::now());
+            r.resent_unreceived = Some(now);
             r.verdicts_since_resend = 0;
             r.change(
                 State::Queued,
                 super::GATEWAY,
                 "resent: D365 never received it",
-                Some(evidence),
+                Some(evidence.clone()),
             );
         })
         .await
@@ -92,20 +101,43 @@ impl Outbox {
     }
 
     /// Reads a record, checks the state machine allows `action` from its state, applies
-    /// `change` and writes it: all under the transition lock.
+    /// `change` and writes it: all under the transition lock. A message of a joined
+    /// request stands for its group: the change is applied to the lead and every member
+    /// in the lead's state, in one write; the lead is returned.
     async fn transition(
         &self,
         id: MessageId,
         action: &'static str,
         allowed: &[State],
-        change: impl FnOnce(&mut Record),
+        change: impl Fn(&mut Record),
     ) -> Result<Record, StoreError> {
         let _transition = self.transitions.lock().await;
         let mut r = self.get(id)?;
+        if r.is_member() {
+            r = self.get(r.lead())?;
+        }
         r.require(action, allowed)?;
-        let old = r.state;
-        change(&mut r);
-        self.write_one(r, old).await
+        let mut group = Vec::with_capacity(1 + r.members().len());
+        for m in r.members() {
+            let m = self.get(*m)?;
+            if m.state == r.state && m.lead() == r.id {
+                group.push(m);
+            }
+        }
+        group.insert(0, r);
+        let changed = group
+            .into_iter()
+            .map(|mut m| {
+                let old = m.state;
+                change(&mut m);
+                (m, old)
+            })
+            .collect();
+        let mut written = self.write(changed).await?;
+        if written.is_empty() {
+            return Err(storage("nothing written"));
+        }
+        Ok(written.swap_remove(0))
     }
 }
 

@@ -37,12 +37,15 @@ impl Outbox {
                             tx.remove(T::Done, k)?;
                             tx.remove(T::Rejected, &key(id))?;
                             tx.remove(T::Duplicates, &key(id))?;
-                            if let Some(digest) = v
-                                .get(1..9)
-                                .and_then(|b| b.try_into().ok())
-                                .map(u64::from_be_bytes)
-                            {
-                                tx.remove(T::Contents, &verdict::content_key(digest, id))?;
+                            // Its content's digest, and a joined request's (done_value).
+                            for at in [1..9, 9..17] {
+                                if let Some(digest) = v
+                                    .get(at)
+                                    .and_then(|b| b.try_into().ok())
+                                    .map(u64::from_be_bytes)
+                                {
+                                    tx.remove(T::Contents, &verdict::content_key(digest, id))?;
+                                }
                             }
                             removed.push(state_from_byte(v.first().copied()));
                         }

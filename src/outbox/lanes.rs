@@ -22,7 +22,7 @@
 //! it once.
 
 use super::MessageId;
-use crate::store::kv::{Rx, Span, Tx, T};
+use crate::store::kv::{Get, Rx, Span, Tx, T};
 use crate::store::{storage, StoreError};
 
 const NONE: MessageId = 0;
@@ -268,7 +268,7 @@ pub(super) fn head(tx: &mut Tx<'_>, order: &str) -> Result<Option<MessageId>, St
 }
 
 /// The id after `id` in its lane.
-pub(super) fn after(rx: &Rx, id: MessageId) -> Result<Option<MessageId>, StoreError> {
+pub(super) fn after(rx: &impl Get, id: MessageId) -> Result<Option<MessageId>, StoreError> {
     Ok(rx
         .get(T::LaneLinks, &id.to_be_bytes())?
         .as_deref()

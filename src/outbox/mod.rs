@@ -28,7 +28,8 @@
 //!   table "done":      one key per delivered or cancelled message:
 //!                     key = last change as whole seconds since 1970 (i64 BE, sign bit
 //!                     flipped) ++ id (u64 BE), value = the state (1 byte) ++ the
-//!                     content digest (u64 BE, when the record has one)
+//!                     content digest (u64 BE, when the record has one) ++ a joined
+//!                     request's content digest (u64 BE, a group's lead, join.rs)
 //!                     — what pruning and the counts at open read, without decoding records
 //!   table "contents", "rejected", "unmatched": D365's verdicts (see verdict.rs)
 //!   table "state":     key "outbox.next_id": the id the next new message gets
@@ -103,8 +104,8 @@
 //!
 //! # Files
 //!
-//! `ingest.rs` the one commit of new messages; `settle.rs` the dispatcher's marks and
-//! outcomes (`turn.rs` the same, written while a turn's answers come in); `actions.rs`
+//! `ingest.rs` the one commit of new messages; `join.rs` joining an order's queued messages
+//! into one request; `settle.rs` the dispatcher's marks and outcomes (`turn.rs` the same, written while a turn's answers come in); `actions.rs`
 //! operators' transitions; `query.rs` listings; `index.rs` the done index, counts and
 //! pruning; `lanes.rs` the per-order lists; `verdict.rs` D365's verdicts; `record.rs` the
 //! record and its states.
@@ -113,6 +114,7 @@ mod actions;
 pub mod config;
 mod index;
 mod ingest;
+mod join;
 mod lanes;
 mod query;
 mod record;
@@ -124,8 +126,9 @@ mod writes;
 pub use crate::store::publications::Publication;
 pub use crate::store::receipts::{Receipt, ReceiptId, SeenEvent};
 pub use actions::Sending;
+pub use join::JoinPolicy;
 pub use query::ListFilter;
-pub use record::{Attempt, Change, MessageId, NewMessage, Record, State};
+pub use record::{Attempt, Change, Group, MessageId, NewMessage, Record, State};
 pub use turn::{OpenTurn, TURN_IDLE_MAX};
 pub use verdict::{D365Verdict, ProcessedEvent, Reconciled, UnmatchedEvent, D365};
 pub use writes::{WriteKind, WriteStats, WriteSummary};
@@ -320,6 +323,9 @@ pub struct Outbox {
     index_contents: Arc<AtomicBool>,
     /// How long the durable writes take (for /metrics; see writes.rs).
     writes: Arc<WriteStats>,
+    /// Which messages the dispatcher's marks join into one request (join.rs); nothing
+    /// until the dispatcher says.
+    joining: Arc<std::sync::RwLock<Arc<JoinPolicy>>>,
 }
 
 impl std::fmt::Debug for Outbox {
@@ -372,6 +378,7 @@ impl Outbox {
             transitions: Arc::default(),
             index_contents: Arc::default(),
             writes: Arc::default(),
+            joining: Arc::new(std::sync::RwLock::new(Arc::new(JoinPolicy::off()))),
         })
     }
 
@@ -463,6 +470,18 @@ impl Outbox {
         self.index_contents.store(on, Ordering::Release);
     }
 
+    /// Which messages the dispatcher's marks join into one request from now on (join.rs).
+    pub fn join_with(&self, policy: JoinPolicy) {
+        *self.joining.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policy);
+    }
+
+    fn joining(&self) -> Arc<JoinPolicy> {
+        self.joining
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     pub fn get(&self, id: MessageId) -> Result<Record, StoreError> {
         record_in(&self.store.read()?, id)
     }
@@ -471,7 +490,8 @@ impl Outbox {
     /// order after `after`, without reading the records: what a dispatcher needs each turn.
     /// Lanes for which `skip(order)` holds (busy ones) are passed over and not counted.
     /// A head for which `moved_on(id)` holds (its delivery is being recorded) stands for
-    /// the message after it, and its lane is left out when there is none; all in one read.
+    /// the first message after it for which it does not, and its lane is left out when
+    /// there is none; all in one read.
     pub fn lane_head_ids(
         &self,
         after: Option<&str>,
@@ -481,12 +501,15 @@ impl Outbox {
     ) -> Result<Vec<(String, MessageId)>, StoreError> {
         let rx = self.store.read()?;
         let mut out = Vec::new();
-        for (order, id) in lanes::heads(&rx, after, limit, skip)? {
-            if !moved_on(id) {
-                out.push((order, id));
-            } else if let Some(next) = lanes::after(&rx, id)? {
-                out.push((order, next));
+        'lanes: for (order, mut id) in lanes::heads(&rx, after, limit, skip)? {
+            // A joined request's members are delivered with its lead.
+            while moved_on(id) {
+                match lanes::after(&rx, id)? {
+                    Some(next) => id = next,
+                    None => continue 'lanes,
+                }
             }
+            out.push((order, id));
         }
         Ok(out)
     }
@@ -554,6 +577,14 @@ fn done_value(r: &Record) -> Vec<u8> {
     let mut v = vec![state_byte(r.state)];
     if let Some(digest) = r.content_digest {
         v.extend_from_slice(&digest.to_be_bytes());
+        // A joined request's lead is also indexed under the request's content (join.rs).
+        if let Some(Group::Lead {
+            digest: Some(joined),
+            ..
+        }) = &r.group
+        {
+            v.extend_from_slice(&joined.to_be_bytes());
+        }
     }
     v
 }

@@ -147,6 +147,30 @@ pub struct Record {
     /// second report in D365.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub duplicate: bool,
+    /// Sent in one request with other messages of its order (join.rs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<Group>,
+}
+
+/// A message's part in a joined request (join.rs): the lead's request carries its own
+/// lines and then every member's, in lane order. Fixed once formed: the group is sent,
+/// settled, retried, resolved and cancelled as one, whatever happens to it later.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Group {
+    /// The first message: its request is `content`, its lines followed by the members'.
+    Lead {
+        members: Vec<MessageId>,
+        /// The `_messageContent` of the joined request, exactly as posted.
+        content: String,
+        /// Lines in the request.
+        lines: u32,
+        /// The content index's digest of `content` (verdict.rs), when indexed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        digest: Option<u64>,
+    },
+    /// A later message whose lines went out in the request of message `lead`.
+    Member { lead: MessageId },
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -176,6 +200,7 @@ impl Record {
             resent_unreceived: None,
             verdicts_since_resend: 0,
             duplicate: false,
+            group: None,
         };
         r.change(State::Queued, &m.origin, "created", None);
         r
@@ -218,6 +243,46 @@ impl Record {
             action: action.to_string(),
             detail,
         });
+    }
+
+    /// What its request posts as `_messageContent`: the joined content of a group's lead,
+    /// else its own.
+    pub fn request_content(&self) -> &str {
+        match &self.group {
+            Some(Group::Lead { content, .. }) => content,
+            _ => &self.content,
+        }
+    }
+
+    /// The message whose request carries it: itself, or its group's lead.
+    pub fn lead(&self) -> MessageId {
+        match self.group {
+            Some(Group::Member { lead }) => lead,
+            _ => self.id,
+        }
+    }
+
+    /// The other messages its request carries (a group's lead), in order.
+    pub fn members(&self) -> &[MessageId] {
+        match &self.group {
+            Some(Group::Lead { members, .. }) => members,
+            _ => &[],
+        }
+    }
+
+    /// Whether its lines went out in another message's request.
+    pub fn is_member(&self) -> bool {
+        matches!(self.group, Some(Group::Member { .. }))
+    }
+
+    /// The content index's digest of what its requests posted: the group's content for a
+    /// lead, none for a member (never posted on its own), else its own content's.
+    pub(super) fn sent_digest(&self) -> Option<u64> {
+        match &self.group {
+            Some(Group::Lead { digest, .. }) => *digest,
+            Some(Group::Member { .. }) => None,
+            None => self.content_digest,
+        }
     }
 
     /// Refuses a transition the state machine does not allow from the current state.

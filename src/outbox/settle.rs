@@ -6,11 +6,13 @@
 
 use std::collections::HashMap;
 
+use super::record::Group;
 use super::record::{decode, encode};
 use super::MessageId;
 use super::{done_key, done_value};
 use super::{
-    key, lanes, record_in, verdict, Outbox, Record, Settle, Settlement, State, WriteKind, GATEWAY,
+    join, key, lanes, record_in, verdict, JoinPolicy, Outbox, Record, Settle, Settlement, State,
+    WriteKind, GATEWAY,
 };
 use crate::store::kv::{self, T};
 use crate::store::StoreError;
@@ -75,6 +77,8 @@ impl Outbox {
         let mut written = self.counted(changed);
         let mut marked = written.split_off(settled);
         marked.append(&mut already_marked);
+        // A joined request's members go out in their lead's request (join.rs).
+        marked.retain(|r| !r.is_member());
         (written, marked)
     }
 
@@ -111,6 +115,7 @@ impl Outbox {
             plan_marks(
                 &rx,
                 mark,
+                &self.joining(),
                 &mut HashMap::new(),
                 &mut changed,
                 &mut already_marked,
@@ -157,7 +162,7 @@ pub(super) fn plan_settlements(
             Some(sent) if sent.id == s.id && still_as_marked(rx, sent)? => Ok(Record::clone(sent)),
             _ => record_in(rx, s.id),
         };
-        let mut r = match found {
+        let r = match found {
             Ok(r) if r.state == State::Sending => r,
             // Someone else settled it meanwhile (an operator, or a retried write that
             // did reach the disk): the record says what happened; keep it.
@@ -174,29 +179,58 @@ pub(super) fn plan_settlements(
             }
             Err(e) => return Err(e),
         };
-        match (&s.next, &s.attempt) {
-            // The common case, kept as a small key (module doc).
-            (Settle::Delivered, Some(outcome)) if !s.server_error => {
-                deliver_at(&mut r, outcome, now);
-                deliveries.insert(r.id, delivery_value(now, outcome));
+        let members = r.members().to_vec();
+        settle_one(r, s, now, changed, deliveries);
+        // A joined request's outcome is every member's (join.rs).
+        for id in members {
+            match record_in(rx, id) {
+                Ok(m) if m.state == State::Sending && m.lead() == s.id => {
+                    settle_one(m, s, now, changed, deliveries)
+                }
+                Ok(m) => {
+                    tracing::warn!(message_id = m.id, lead = s.id, state = %m.state, "A member of a joined request is no longer sending with it; its outcome is not recorded on it.");
+                }
+                Err(e) => {
+                    tracing::warn!(message_id = id, lead = s.id, error = %e, "A member of a joined request cannot be read; its outcome is not recorded on it.");
+                }
             }
-            _ => apply_settlement(&mut r, s),
         }
-        changed.push((r, State::Sending));
     }
     Ok(())
 }
 
-/// What marking `mark` `sending` changes: each record still queued, into `changed`;
-/// heads found already marked go to `already_marked`.
+/// Records settlement `s` on `r`, a message of the request it settles.
+fn settle_one(
+    mut r: Record,
+    s: &Settlement,
+    now: jiff::Timestamp,
+    changed: &mut Vec<(Record, State)>,
+    deliveries: &mut HashMap<MessageId, Vec<u8>>,
+) {
+    match (&s.next, &s.attempt) {
+        // The common case, kept as a small key (module doc).
+        (Settle::Delivered, Some(outcome)) if !s.server_error => {
+            deliver_at(&mut r, outcome, now);
+            deliveries.insert(r.id, delivery_value(now, outcome));
+        }
+        _ => apply_settlement(&mut r, s),
+    }
+    changed.push((r, State::Sending));
+}
+
+/// What marking `mark` `sending` changes: each record still queued, into `changed`, with
+/// the messages joined into its request (join.rs: formed now as `joining` allows, or
+/// formed before); heads found already marked go to `already_marked`.
 /// `read_ahead` holds records already read in this transaction (see turn.rs).
 pub(super) fn plan_marks(
     rx: &impl kv::Get,
     mark: &[MessageId],
+    joining: &JoinPolicy,
     read_ahead: &mut HashMap<MessageId, Record>,
     changed: &mut Vec<(Record, State)>,
     already_marked: &mut Vec<Record>,
 ) -> Result<(), StoreError> {
+    let now = jiff::Timestamp::now();
     for &id in mark {
         let mut r = match read_ahead.remove(&id) {
             Some(r) => r,
@@ -213,9 +247,30 @@ pub(super) fn plan_marks(
             }
             _ => continue,
         }
-        r.state = State::Sending;
-        r.updated_at = jiff::Timestamp::now();
-        changed.push((r, State::Queued));
+        let members = match &r.group {
+            None => join::plan(rx, &mut r, joining, now)?,
+            Some(Group::Lead { members, .. }) => {
+                let mut found = Vec::with_capacity(members.len());
+                for &m in members {
+                    let m = record_in(rx, m)?;
+                    if m.state == State::Queued && m.lead() == r.id {
+                        found.push(m);
+                    }
+                }
+                found
+            }
+            // Its lead is gone from the lane before it: cannot be, since a group is
+            // settled in one write. Never sent on its own.
+            Some(Group::Member { lead }) => {
+                tracing::error!(message_id = r.id, lead, "A member of a joined request heads its order's lane without its lead; not sent. Check it with `outbox show`.");
+                continue;
+            }
+        };
+        for mut m in std::iter::once(r).chain(members) {
+            m.state = State::Sending;
+            m.updated_at = now;
+            changed.push((m, State::Queued));
+        }
     }
     Ok(())
 }
@@ -229,6 +284,20 @@ pub(super) fn apply_changes(
 ) -> Result<(), StoreError> {
     for (r, old) in changed {
         if *old == State::Queued && r.state == State::Sending {
+            if r.group.is_some() {
+                // A joined request's records carry their group (join.rs): stored queued,
+                // with the mark laid over them like any other.
+                let mut stored = r.clone();
+                stored.state = State::Queued;
+                tx.insert(T::Messages, &key(r.id), &encode(&stored)?)?;
+                if let Some(Group::Lead {
+                    digest: Some(digest),
+                    ..
+                }) = &r.group
+                {
+                    tx.insert(T::Contents, &verdict::content_key(*digest, r.id), &[])?;
+                }
+            }
             // The mark alone (see the module doc).
             tx.insert(T::Sending, &key(r.id), &stamp(r.updated_at))?;
             continue;

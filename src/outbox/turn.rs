@@ -68,11 +68,12 @@ impl Outbox {
         let (steps, received) = mpsc::channel();
         let (open, opened) = tokio::sync::oneshot::channel();
         let this = self.clone();
+        let joining = self.joining();
         // On the blocking pool like every write (crate::store), awaited by the owner: one
         // hand-off at the end.
         let written = self.store.spawn_write(move |kv| {
             let _transition = transition;
-            this.write_open_turn(kv, received, open)
+            this.write_open_turn(kv, received, open, &joining)
         });
         Some(OpenTurn {
             outbox: self.clone(),
@@ -87,6 +88,7 @@ impl Outbox {
         kv: &crate::store::kv::Kv,
         steps: mpsc::Receiver<Step>,
         open: tokio::sync::oneshot::Sender<()>,
+        joining: &super::JoinPolicy,
     ) -> Result<Written, StoreError> {
         let writes = self.writes.clone();
         let mut open = Some(open);
@@ -116,6 +118,7 @@ impl Outbox {
                         plan_marks(
                             &reading,
                             mark,
+                            joining,
                             &mut read_ahead,
                             &mut step_changes,
                             &mut already_marked,

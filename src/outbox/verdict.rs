@@ -259,11 +259,15 @@ pub(super) fn plan(kv: &Kv, events: &[ProcessedEvent]) -> Result<Plan, StoreErro
                     }
                 },
             };
-            if record.content_digest != Some(digest) {
+            // A key of content its message never posted (a joined request's lead's or
+            // member's own, join.rs) is stale too.
+            if record.sent_digest() != Some(digest) {
                 plan.stale.push(content_key(digest, id));
                 continue;
             }
-            if record.message_type == e.message_type && same_content(&record.content, &e.content) {
+            if record.message_type == e.message_type
+                && same_content(record.request_content(), &e.content)
+            {
                 if !could_have_reached_d365(&record) {
                     never_sent.push(id);
                     continue;
@@ -318,68 +322,29 @@ pub(super) fn plan(kv: &Kv, events: &[ProcessedEvent]) -> Result<Plan, StoreErro
             continue;
         };
         let v = &e.verdict;
-        let detail = match (&v.infolog, &v.result) {
-            (Some(log), _) => Some(format!("{} (event {}): {log}", v.state, v.event_id)),
-            (None, Some(result)) => Some(format!("{} (event {}): {result}", v.state, v.event_id)),
-            (None, None) => Some(format!("{} (event {})", v.state, v.event_id)),
-        };
-        // Sent again because D365's events showed it never arrived (d365/evidence.rs):
-        // a verdict before the second copy left means the first did arrive after all (the
-        // second is not sent); one while it is on the wire, or a second verdict after it,
-        // means D365 may have it twice.
-        if r.resent_unreceived.is_some() {
-            r.verdicts_since_resend += 1;
-            let twice = r.state == State::Sending || r.verdicts_since_resend >= 2;
-            if twice && !r.duplicate {
-                r.duplicate = true;
-                tracing::error!(message_id = id, order = %crate::text::for_log(&r.production_order), event = %crate::text::for_log(&v.event_id),
-                    "D365 reported a message processed that the gateway had judged never received and sent again: D365 may have it twice. Reverse the second report in D365.");
-                r.history.push(Change {
-                    at: now,
-                    by: D365.to_string(),
-                    action: "DUPLICATE in D365: the first copy arrived after all".into(),
-                    detail: Some(format!(
-                        "event {} for the content sent again on {}: reverse the second report in D365",
-                        v.event_id,
-                        r.resent_unreceived.map(|t| t.to_string()).unwrap_or_default()
-                    )),
-                });
+        let members = r.members().to_vec();
+        let resolved = apply_verdict(r, v, now);
+        touched.insert(id);
+        // A joined request's verdict is every member's (join.rs).
+        for m in members {
+            let member = match working.get_mut(&m) {
+                Some((member, _)) => member,
+                None => match record_in(&kv.read()?, m) {
+                    Ok(member) => {
+                        let old = member.state;
+                        &mut working.entry(m).or_insert((member, old)).0
+                    }
+                    Err(e) => {
+                        tracing::warn!(message_id = m, lead = id, error = %e, "A member of a joined request cannot be read; D365's verdict is not recorded on it.");
+                        continue;
+                    }
+                },
+            };
+            if member.lead() == id {
+                apply_verdict(member, v, now);
+                touched.insert(m);
             }
         }
-        let first_copy_after_all = r.resent_unreceived.is_some() && r.state == State::Queued;
-        let resolved = r.state == State::Uncertain;
-        if first_copy_after_all {
-            r.retry_at = None;
-            r.change(
-                State::Delivered,
-                D365,
-                "delivered: D365 had the first copy after all; not sent again",
-                detail,
-            );
-        } else if resolved {
-            r.last_error = None;
-            r.change(
-                State::Delivered,
-                D365,
-                "resolved as delivered: D365 reports it received",
-                detail,
-            );
-        } else {
-            // The state stays; `updated_at` too (a delivered record's done key holds it).
-            let action = if v.failed {
-                "failed in D365"
-            } else {
-                "processed in D365"
-            };
-            r.history.push(Change {
-                at: now,
-                by: D365.to_string(),
-                action: action.to_string(),
-                detail,
-            });
-        }
-        r.d365 = Some(v.clone());
-        touched.insert(id);
         plan.reconciled.push(Reconciled::Matched {
             id,
             failed: v.failed,
@@ -391,6 +356,75 @@ pub(super) fn plan(kv: &Kv, events: &[ProcessedEvent]) -> Result<Plan, StoreErro
         .filter(|(r, _)| touched.contains(&r.id))
         .collect();
     Ok(plan)
+}
+
+/// Records D365's verdict `v` on `r`; whether it resolved an uncertain message.
+fn apply_verdict(r: &mut Record, v: &D365Verdict, now: jiff::Timestamp) -> bool {
+    let id = r.id;
+    let detail = match (&v.infolog, &v.result) {
+        (Some(log), _) => Some(format!("{} (event {}): {log}", v.state, v.event_id)),
+        (None, Some(result)) => Some(format!("{} (event {}): {result}", v.state, v.event_id)),
+        (None, None) => Some(format!("{} (event {})", v.state, v.event_id)),
+    };
+    // Sent again because D365's events showed it never arrived (d365/evidence.rs):
+    // a verdict before the second copy left means the first did arrive after all (the
+    // second is not sent); one while it is on the wire, or a second verdict after it,
+    // means D365 may have it twice.
+    if r.resent_unreceived.is_some() {
+        r.verdicts_since_resend += 1;
+        let twice = r.state == State::Sending || r.verdicts_since_resend >= 2;
+        if twice && !r.duplicate {
+            r.duplicate = true;
+            tracing::error!(message_id = id, order = %crate::text::for_log(&r.production_order), event = %crate::text::for_log(&v.event_id),
+                "D365 reported a message processed that the gateway had judged never received and sent again: D365 may have it twice. Reverse the second report in D365.");
+            r.history.push(Change {
+                at: now,
+                by: D365.to_string(),
+                action: "DUPLICATE in D365: the first copy arrived after all".into(),
+                detail: Some(format!(
+                    "event {} for the content sent again on {}: reverse the second report in D365",
+                    v.event_id,
+                    r.resent_unreceived
+                        .map(|t| t.to_string())
+                        .unwrap_or_default()
+                )),
+            });
+        }
+    }
+    let first_copy_after_all = r.resent_unreceived.is_some() && r.state == State::Queued;
+    let resolved = r.state == State::Uncertain;
+    if first_copy_after_all {
+        r.retry_at = None;
+        r.change(
+            State::Delivered,
+            D365,
+            "delivered: D365 had the first copy after all; not sent again",
+            detail,
+        );
+    } else if resolved {
+        r.last_error = None;
+        r.change(
+            State::Delivered,
+            D365,
+            "resolved as delivered: D365 reports it received",
+            detail,
+        );
+    } else {
+        // The state stays; `updated_at` too (a delivered record's done key holds it).
+        let action = if v.failed {
+            "failed in D365"
+        } else {
+            "processed in D365"
+        };
+        r.history.push(Change {
+            at: now,
+            by: D365.to_string(),
+            action: action.to_string(),
+            detail,
+        });
+    }
+    r.d365 = Some(v.clone());
+    resolved
 }
 
 #[cfg(test)]

@@ -21,15 +21,6 @@ use super::{
 /// A compile error: a field path inside the rule, and the message.
 pub type RuleError = (String, String);
 
-fn lines_key(message_type: &str) -> Option<&'static str> {
-    match message_type {
-        TYPE_REPORT_FINISHED => Some("ReportFinishedLines"),
-        TYPE_PICKING_LIST => Some("PickingListLines"),
-        TYPE_ROUTE_CARD => Some("RouteCardLines"),
-        _ => None,
-    }
-}
-
 fn header_fields(message_type: &str) -> &'static [&'static str] {
     match message_type {
         TYPE_REPORT_FINISHED => &["ProductionOrderNumber", "PrintLabel"],
@@ -41,7 +32,7 @@ fn header_fields(message_type: &str) -> &'static [&'static str] {
 /// Whether `field` is a field of `message_type` (header or line), by asking the message
 /// model itself: every optional field accepts `null`, an unknown one is refused by name.
 fn check_field(message_type: &str, field: &str, in_line: bool) -> Result<(), String> {
-    let probe = match (in_line, lines_key(message_type)) {
+    let probe = match (in_line, crate::message::lines_field(message_type)) {
         (true, Some(key)) => {
             serde_json::json!({ "ProductionOrderNumber": "x", key: [{ field: null }] })
         }
@@ -352,7 +343,7 @@ impl Rule {
                     ),
                 );
             }
-            let key = lines_key(&e.message_type);
+            let key = crate::message::lines_field(&e.message_type);
             for (name, value) in &e.fields {
                 let path = format!("emit.fields.{name}");
                 let in_line =

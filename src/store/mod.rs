@@ -62,6 +62,8 @@ pub enum StoreError {
         action: &'static str,
         allowed: String,
     },
+    #[error("message {id} went out in one request with other messages of its order (lead: message {lead}); its content cannot be edited on its own: retry it unchanged, or cancel the group and queue a corrected message")]
+    Joined { id: u64, lead: u64 },
     #[error(
         "the dispatcher's open turn got no step for {}s and was rolled back",
         TURN_IDLE_MAX_SECS

@@ -37,6 +37,8 @@ pub enum Reply {
 pub struct Received {
     pub at: Instant,
     pub message_id: Option<u64>,
+    /// The other messages a joined request carries (the gateway's joined-ids header).
+    pub joined: Vec<u64>,
     pub authorization: String,
     pub envelope: serde_json::Value,
     /// `_messageContent` decoded.
@@ -350,6 +352,14 @@ impl FakeD365 {
         let message_id = headers
             .get("x-mes-gateway-message-id")
             .and_then(|v| v.parse().ok());
+        let joined: Vec<u64> = headers
+            .get("x-mes-gateway-joined-ids")
+            .map(|v| {
+                v.split(',')
+                    .filter_map(|id| id.trim().parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
         let envelope: serde_json::Value =
             serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
         let content = envelope
@@ -417,6 +427,7 @@ impl FakeD365 {
             st.received.push(Received {
                 at: Instant::now(),
                 message_id,
+                joined,
                 authorization: authorization.clone(),
                 envelope,
                 content,
@@ -741,11 +752,7 @@ pub async fn settle_interrupted_in(
     data_dir: &std::path::Path,
 ) -> (usize, usize) {
     fake.wait_idle().await;
-    let accepted: HashSet<u64> = fake
-        .accepted()
-        .iter()
-        .filter_map(|r| r.message_id)
-        .collect();
+    let accepted: HashSet<u64> = fake.accepted().iter().flat_map(Received::ids).collect();
     let outbox = Outbox::open(data_dir).unwrap();
     // Left `sending` by a kill, or already marked `uncertain` by a gateway that started
     // after it: both are settled against what the fake received.
@@ -755,18 +762,34 @@ pub async fn settle_interrupted_in(
     process::settle_doubtful(&accepted, process::path_str(config_dir), &sending).await
 }
 
-/// Pieces D365 accepted for `order` (the ReportedGoodQuantity of its ReportFinished
-/// messages, summed).
+/// Pieces D365 accepted for `order` (the ReportedGoodQuantity of every line of its
+/// ReportFinished messages, summed).
 pub fn pieces(received: &[Received], order: &str) -> u32 {
     received
         .iter()
         .filter(|r| r.order == order && r.status.is_some_and(|s| (200..300).contains(&s)))
-        .map(|r| {
-            r.content["ReportFinishedLines"][0]["ReportedGoodQuantity"]
-                .as_f64()
-                .expect("a quantity") as u32
-        })
+        .flat_map(|r| r.lines("ReportFinishedLines"))
+        .map(|line| line["ReportedGoodQuantity"].as_f64().expect("a quantity") as u32)
         .sum()
+}
+
+impl Received {
+    /// Every message this request carried: the one it was sent for, then the joined ones.
+    pub fn ids(&self) -> Vec<u64> {
+        self.message_id
+            .into_iter()
+            .chain(self.joined.iter().copied())
+            .collect()
+    }
+
+    /// The lines under `field` of its content, in order.
+    pub fn lines(&self, field: &str) -> Vec<serde_json::Value> {
+        self.content
+            .get(field)
+            .and_then(|l| l.as_array())
+            .cloned()
+            .unwrap_or_default()
+    }
 }
 
 /// A ReportFinished message for `order` whose quantity identifies it.

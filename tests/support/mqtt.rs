@@ -438,10 +438,11 @@ pub fn count_burst(fake: &super::FakeD365, last: u64) -> BurstCount {
         .into_iter()
         .filter(|r| burst.contains(&r.order))
     {
-        let q = r.content["ReportFinishedLines"][0]["ReportedGoodQuantity"]
-            .as_u64()
-            .expect("a quantity");
-        per_order.entry(r.order).or_default().push(q);
+        // Every line of a joined request (the gateway's join.rs), in order.
+        for line in r.lines("ReportFinishedLines") {
+            let q = line["ReportedGoodQuantity"].as_u64().expect("a quantity");
+            per_order.entry(r.order.clone()).or_default().push(q);
+        }
     }
     let mut count = BurstCount {
         lost: 0,

@@ -213,6 +213,15 @@ pub async fn settle_doubtful<'a>(
 ) -> (usize, usize) {
     let (mut resolved, mut retried) = (0, 0);
     for r in records {
+        // A joined request's members are settled with their lead (the gateway's join.rs).
+        if r.is_member() {
+            if accepted.contains(&r.id) {
+                resolved += 1;
+            } else {
+                retried += 1;
+            }
+            continue;
+        }
         let action = if accepted.contains(&r.id) {
             resolved += 1;
             "resolve"

@@ -808,6 +808,7 @@ struct Visible {
     counts: String,
 }
 
+mod joins;
 mod migrate;
 mod store;
 mod turns;
