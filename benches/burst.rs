@@ -210,30 +210,7 @@ async fn backlog(name: &str, per_order: u32) {
     let data = tmp.path().join("data");
     let total = ORDERS * per_order as usize;
     let filled = Instant::now();
-    {
-        let outbox = mes_gateway::outbox::Outbox::open(&data).unwrap();
-        let orders = orders();
-        let mut first = 1;
-        while first <= per_order {
-            let last = (first + 19).min(per_order);
-            let batch = (first..=last)
-                .flat_map(|q| {
-                    orders.iter().map(move |o| mes_gateway::outbox::NewMessage {
-                        production_order: o.clone(),
-                        message_type: "ProdProductionOrderReportFinished".into(),
-                        content: support::report(o, q).to_string(),
-                        origin: "bench".into(),
-                        line: None,
-                    })
-                })
-                .collect();
-            outbox
-                .commit(mes_gateway::outbox::Ingest::of(batch))
-                .await
-                .unwrap();
-            first = last + 1;
-        }
-    }
+    fill(&data, per_order).await;
     let fill_rate = total as f64 / filled.elapsed().as_secs_f64();
     let disk_full_backlog = dir_mib(&data.join("outbox"));
 
@@ -270,6 +247,110 @@ async fn backlog(name: &str, per_order: u32) {
         count.duplicates,
         count.out_of_order.len(),
         cpu * 1e6 / total as f64,
+    );
+}
+
+/// Queues `per_order` ReportFinished messages for each of the 50 orders straight into the
+/// outbox in `data` (the gateway not running), quantities 1, 2, … per order.
+async fn fill(data: &Path, per_order: u32) {
+    let outbox = mes_gateway::outbox::Outbox::open(data).unwrap();
+    let orders = orders();
+    let mut first = 1;
+    while first <= per_order {
+        let last = (first + 19).min(per_order);
+        let batch = (first..=last)
+            .flat_map(|q| {
+                orders.iter().map(move |o| mes_gateway::outbox::NewMessage {
+                    production_order: o.clone(),
+                    message_type: "ProdProductionOrderReportFinished".into(),
+                    content: support::report(o, q).to_string(),
+                    origin: "bench".into(),
+                    line: None,
+                })
+            })
+            .collect();
+        outbox
+            .commit(mes_gateway::outbox::Ingest::of(batch))
+            .await
+            .unwrap();
+        first = last + 1;
+    }
+}
+
+/// A backlog queued during an outage, drained with D365 back behind a request budget
+/// scaled down for the bench (`budget`; the fake enforces the same sliding window and
+/// answers 429 past it): the requests used and the time to drain, with joining
+/// (`max_lines` lines per request; 1 joins nothing). Without joining the drain takes
+/// hours at any budget D365 allows, so `limit` stops it and the rest is projected at the
+/// rate reached. Every line must arrive once, in order.
+async fn budgeted(
+    name: &str,
+    per_order: u32,
+    max_lines: u32,
+    budget: (usize, Duration),
+    limit: Option<Duration>,
+) {
+    let broker = Mosquitto::start_durable().await;
+    let fake = FakeD365::start().await;
+    fake.limit(budget.0, budget.1);
+    let tmp = tempfile::tempdir().unwrap();
+    write_burst_config(tmp.path(), &fake, &broker.url(), "");
+    let main = tmp.path().join("gateway.yaml");
+    let yaml = std::fs::read_to_string(&main).unwrap().replace(
+        "  request_budget: off\n",
+        &format!(
+            "  request_budget: {}/{}s\n  join:\n    max_lines: {max_lines}\n",
+            budget.0,
+            budget.1.as_secs()
+        ),
+    );
+    std::fs::write(&main, yaml).unwrap();
+    let data = tmp.path().join("data");
+    let total = ORDERS * per_order as usize;
+    fill(&data, per_order).await;
+    let out = Output::new();
+    let gw = process::start_logging(&["run", "-c", path_str(tmp.path())], &out, "info");
+    out.wait_for("Outbox open.").await;
+    let pid = gw.pid();
+    let cpu0 = measure::cpu_seconds(pid);
+    let started = Instant::now();
+    let drained = match limit {
+        None => {
+            fake.wait_accepted_count(total).await;
+            true
+        }
+        Some(limit) => tokio::time::timeout(limit, fake.wait_accepted_count(total))
+            .await
+            .is_ok(),
+    };
+    let took = started.elapsed().as_secs_f64();
+    let cpu = measure::cpu_seconds(pid) - cpu0;
+    let exit = gw.terminate().await;
+    let requests = fake.accepted().len();
+    let messages = fake.accepted_messages();
+    let throttled = fake
+        .received()
+        .iter()
+        .filter(|r| r.status == Some(429))
+        .count();
+    let outcome = if drained {
+        let count = count_burst(&fake, u64::from(per_order));
+        assert_eq!(count, EXACT, "{name}: lost, duplicated or reordered lines");
+        format!(
+            "drained in {took:.1} s; lost {} dup {} disorder {}",
+            count.lost,
+            count.duplicates,
+            count.out_of_order.len()
+        )
+    } else {
+        format!(
+            "{messages} delivered in {took:.0} s: the whole backlog would take {:.0} s at that rate",
+            total as f64 * took / messages.max(1) as f64
+        )
+    };
+    println!(
+        "{name:<44} {total:>7} msgs  {requests} requests ({:.1} msgs each), {throttled} answered 429  {outcome}  cpu {cpu:.1} s  exit {exit}",
+        messages as f64 / requests.max(1) as f64,
     );
 }
 
@@ -380,6 +461,17 @@ fn main() {
     let name = "100k during a D365 outage (503, then refused)";
     if only.as_deref().is_none_or(|o| name.contains(o)) {
         rt.block_on(outage(name, size(2000)));
+    }
+    // D365's budget (6,000 requests per 5 minutes) scaled down: 600 per 30 s, 20 a second.
+    let budget = (600, Duration::from_secs(30));
+    let name = "100k backlog at 600 req/30 s, joining on";
+    if only.as_deref().is_none_or(|o| name.contains(o)) {
+        rt.block_on(budgeted(name, size(2000), 100, budget, None));
+    }
+    let name = "100k backlog at 600 req/30 s, joining off";
+    if only.as_deref().is_none_or(|o| name.contains(o)) {
+        let limit = full.then_some(Duration::from_secs(65));
+        rt.block_on(budgeted(name, size(2000), 1, budget, limit));
     }
     let name = "1M backlog (a week's outage), D365 back";
     if only.as_deref().is_none_or(|o| name.contains(o)) {

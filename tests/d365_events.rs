@@ -604,13 +604,9 @@ async fn a_release_sets_the_line_publishes_it_to_mqtt_and_impulses_report_agains
         ],
     )
     .await;
-    fake.wait_until("three reports", |r| {
-        r.iter()
-            .filter(|r| r.order == "P000555" && r.status == Some(200))
-            .count()
-            == 3
-    })
-    .await;
+    // Three reports, in one request or several (joined, outbox join.rs).
+    fake.wait_until("three reports", |r| support::pieces(r, "P000555") == 3)
+        .await;
     assert_eq!(support::pieces(&fake.accepted(), "P000555"), 3);
 
     // The status change withdraws it from the list; a redelivered release changes nothing.
@@ -679,6 +675,14 @@ async fn a_flood_of_verdicts_with_redeliveries_and_a_kill_records_each_once() {
     let dir = tmp.path();
     let api_port = free_port();
     burst_with_webhook(dir, &fake, &broker, api_port);
+    // One request, hence one event, per message: the flood is 5,000 events.
+    let main = dir.join("gateway.yaml");
+    let yaml = std::fs::read_to_string(&main).unwrap().replace(
+        "  request_budget: off\n",
+        "  request_budget: off\n  join:\n    max_lines: 1\n",
+    );
+    assert!(yaml.contains("max_lines: 1"), "{yaml}");
+    std::fs::write(&main, yaml).unwrap();
     let cfg = path_str(dir).to_string();
     let out = Output::new();
     let gw = process::start(&["run", "-c", &cfg], &out);
@@ -690,7 +694,9 @@ async fn a_flood_of_verdicts_with_redeliveries_and_a_kill_records_each_once() {
     // What D365 received, in the order it received it (it processes each order's
     // messages in that order).
     let accepted = std::sync::Arc::new(fake.accepted());
-    assert_eq!(accepted.len(), total);
+    // One event per request: a joined request's event settles every message it carried.
+    let requests = accepted.len();
+    assert_eq!(accepted.iter().map(|r| r.ids().len()).sum::<usize>(), total);
 
     let http = reqwest::Client::new();
     let post_all = |copies: usize| {
@@ -702,19 +708,19 @@ async fn a_flood_of_verdicts_with_redeliveries_and_a_kill_records_each_once() {
     };
     let first_round = tokio::spawn(post_all(2));
     // Half-way through (the kill is the fault injected; this waits on the log for it).
-    out.wait_for_count("D365 business event received.", total / 2)
+    out.wait_for_count("D365 business event received.", requests / 2)
         .await;
     gw.kill9().await;
     let answered = first_round.await.unwrap();
     assert!(
-        answered < 2 * total,
+        answered < 2 * requests,
         "the kill cut some requests off ({answered} answered)"
     );
     let gw = process::start(&["run", "-c", &cfg], &out);
     out.wait_for_count("Gateway running.", 2).await;
     assert_eq!(
         post_all(1).await,
-        total,
+        requests,
         "every event answered after the restart"
     );
     assert_eq!(gw.terminate().await, 0);
@@ -860,9 +866,9 @@ async fn a_kill_loop_with_events_configured_leaves_nothing_uncertain_and_nothing
         });
         // Killed while D365 accepts this round's messages (a moment chosen by progress,
         // not by time).
-        let before = fake.accepted().len();
+        let before = support::accepted_lines(&fake.received());
         fake.wait_until("part of the round delivered", |r| {
-            r.iter().filter(|r| r.status == Some(200)).count() >= before + orders.len()
+            support::accepted_lines(r) >= before + orders.len()
         })
         .await;
         gw.kill9().await;
@@ -924,6 +930,125 @@ async fn a_kill_loop_with_events_configured_leaves_nothing_uncertain_and_nothing
         "kills: {ROUNDS}; messages left uncertain by the kills: {}, of which D365 never received (sent again on evidence): {}",
         text.matches("Marked uncertain").count(),
         text.matches("D365 never received an uncertain message").count()
+    );
+    assert_eq!(gw.terminate().await, 0);
+}
+
+/// Joining (issue 31, outbox join.rs) through the real binary: reports queued behind an
+/// order's message while D365 is down go out as one request when it is back; a kill -9
+/// while that request is on the wire leaves every message of it uncertain together, and
+/// D365's "message processed" event for the joined content resolves them all at once.
+/// Each member's history names the request that carried it; `outbox show` shows the group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joined_request_cut_by_a_kill_is_uncertain_as_one_and_resolved_by_its_event() {
+    let fake = FakeD365::start().await;
+    fake.unavailable(true);
+    // Once D365 is back: the order's first message is accepted, the joined request hangs.
+    fake.script_order("P-J", [support::Reply::Status(200), support::Reply::Hang]);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let api_port = free_port();
+    write_config(
+        dir,
+        &format!(
+            "{}storage:\n  data_dir: data\ndispatcher:\n  backoff_initial: 50ms\n  backoff_max: 200ms\n  join:\n    max_lines: 10\nsources:\n  - type: d365_events\n    id: d365\n    webhook_secret_file: webhook-secret\napi:\n  listen: 127.0.0.1:{api_port}\n  token_file: api-token\n",
+            d365_yaml(&fake),
+        ),
+    );
+    std::fs::write(dir.join("webhook-secret"), SECRET).unwrap();
+    std::fs::write(dir.join("api-token"), "api-token-0123456789abcdef").unwrap();
+    let cfg = path_str(dir).to_string();
+    let out = Output::new();
+    let gw = process::start(&["run", "-c", &cfg], &out);
+    out.wait_for("Gateway running.").await;
+    let http = reqwest::Client::new();
+    let mut ids = Vec::new();
+    for quantity in 1..=5 {
+        let answer: Value = http
+            .post(format!(
+                "http://127.0.0.1:{api_port}/api/v1/messages?type=ProdProductionOrderReportFinished"
+            ))
+            .bearer_auth("api-token-0123456789abcdef")
+            .json(&support::report("P-J", quantity))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        ids.push(answer["id"].as_u64().expect("queued"));
+        if quantity == 1 {
+            // The first one has been tried (503): it goes alone, the rest may join.
+            fake.wait_until("the first report tried", |r| {
+                r.iter().any(|r| r.order == "P-J")
+            })
+            .await;
+        }
+    }
+    fake.unavailable(false);
+    fake.wait_until("the joined request", |r| {
+        r.iter().any(|r| !r.joined.is_empty())
+    })
+    .await;
+    let joined = fake
+        .received()
+        .into_iter()
+        .find(|r| !r.joined.is_empty())
+        .unwrap();
+    assert_eq!(joined.message_id, Some(ids[1]));
+    assert_eq!(joined.joined, ids[2..].to_vec());
+    let quantities: Vec<u64> = joined
+        .lines("ReportFinishedLines")
+        .iter()
+        .map(|l| l["ReportedGoodQuantity"].as_u64().unwrap())
+        .collect();
+    assert_eq!(quantities, vec![2, 3, 4, 5], "every line once, in order");
+    gw.kill9().await;
+
+    let out = Output::new();
+    let gw = process::start(&["run", "-c", &cfg], &out);
+    out.wait_for("Gateway running.").await;
+    out.wait_for("Message was being sent when the gateway stopped")
+        .await;
+    for &id in &ids[1..] {
+        let r = get(api_port, &format!("/api/v1/messages/{id}")).await;
+        assert_eq!(r["state"], "uncertain", "message {id}: {r}");
+    }
+    let (code, shown, err) =
+        process::run(&["outbox", "-c", &cfg, "show", &ids[3].to_string()]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        shown.contains(&format!("sent in the request of message {}", ids[1])),
+        "{shown}"
+    );
+
+    let (status, _) = post(
+        api_port,
+        Some(SECRET),
+        &processed("J-1", &joined, "Processed", ""),
+    )
+    .await;
+    assert_eq!(status, 200);
+    for &id in &ids[1..] {
+        let r = get(api_port, &format!("/api/v1/messages/{id}")).await;
+        assert_eq!(r["state"], "delivered", "message {id}: {r}");
+        assert_eq!(r["d365"]["event_id"], "J-1", "{r}");
+        if id != ids[1] {
+            let history = r["history"].as_array().unwrap();
+            assert!(
+                history.iter().any(|c| c["action"]
+                    == format!("joined into the request of message {}", ids[1]).as_str()),
+                "{r}"
+            );
+        }
+    }
+    assert_eq!(
+        fake.received()
+            .iter()
+            .filter(|r| r.message_id == Some(ids[1]))
+            .count(),
+        1,
+        "resolved by the event, never sent again"
     );
     assert_eq!(gw.terminate().await, 0);
 }

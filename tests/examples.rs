@@ -77,10 +77,15 @@ impl Scenario {
         // No operator here: the command channel is closed from the start.
         let pipeline = tokio::spawn(pipeline.run(rx, mpsc::channel(1).1));
         let client = Arc::new(D365Client::new(Arc::new(config.d365.clone().unwrap())).unwrap());
+        // One request per message: these tests read what the rules built, message by
+        // message (joining is tested in the outbox's and the delivery tests).
         let dispatcher = Dispatcher::new(
             outbox.clone(),
             client,
-            config.dispatcher.clone(),
+            mes_gateway::d365::config::DispatcherConfig {
+                join: mes_gateway::outbox::JoinPolicy::off(),
+                ..config.dispatcher.clone()
+            },
             Duration::from_secs(1),
         );
         let cancel = CancellationToken::new();

@@ -31,17 +31,26 @@ fn config_for(dir: &Path, fake: &FakeD365, url: &str) {
     .unwrap();
 }
 
+/// Every line D365 accepted, in order (a joined request's lines one by one).
 fn reported(fake: &FakeD365) -> Vec<(String, f64)> {
     fake.accepted()
         .iter()
-        .map(|r| {
-            let line = &r.content["ReportFinishedLines"][0];
+        .flat_map(|r| r.lines("ReportFinishedLines"))
+        .map(|line| {
             (
                 line["ItemNumber"].as_str().unwrap().to_string(),
                 line["ReportedGoodQuantity"].as_f64().unwrap(),
             )
         })
         .collect()
+}
+
+/// Report lines the fake received, joined into one request or not (outbox join.rs).
+fn lines(received: &[support::Received]) -> usize {
+    received
+        .iter()
+        .map(|r| r.lines("ReportFinishedLines").len())
+        .sum()
 }
 
 /// A broker, a fake D365 and a configuration directory for a gateway between them.
@@ -74,7 +83,7 @@ async fn qos1_messages_become_d365_messages_and_bad_payloads_do_not_stop_the_sou
         ],
     )
     .await;
-    fake.wait_until("three reports", |r| r.len() == 3).await;
+    fake.wait_until("three reports", |r| lines(r) == 3).await;
     assert_eq!(
         reported(&fake),
         vec![("l1".into(), 5.0), ("l2".into(), 7.0), ("l1".into(), 9.0)]
@@ -103,7 +112,7 @@ async fn the_source_reconnects_after_a_broker_restart_and_loses_nothing_acknowle
         ],
     )
     .await;
-    fake.wait_until("first three", |r| r.len() == 3).await;
+    fake.wait_until("first three", |r| lines(r) == 3).await;
 
     broker.stop().await;
     out.wait_for("MQTT connection lost").await;
@@ -111,7 +120,7 @@ async fn the_source_reconnects_after_a_broker_restart_and_loses_nothing_acknowle
     // The restarted broker has no session: the source must subscribe again by itself.
     out.wait_for_count("Subscribed.", 2).await;
     publish(port, &[("plant/a/count", b"4"), ("plant/a/count", b"5")]).await;
-    fake.wait_until("all five", |r| r.len() == 5).await;
+    fake.wait_until("all five", |r| lines(r) == 5).await;
     let quantities: Vec<f64> = reported(&fake).into_iter().map(|(_, q)| q).collect();
     assert_eq!(quantities, vec![1.0, 2.0, 3.0, 4.0, 5.0]);
     assert_eq!(gw.terminate().await, 0);
@@ -131,7 +140,7 @@ async fn a_message_not_yet_acknowledged_when_the_gateway_dies_comes_again() {
     assert!(fake.received().is_empty());
 
     let gw = process::start(&["run", "-c", path_str(tmp.path())], &out);
-    fake.wait_until("the redelivered message", |r| r.len() == 1)
+    fake.wait_until("the redelivered message", |r| lines(r) == 1)
         .await;
     assert_eq!(reported(&fake), vec![("z".into(), 42.0)]);
     assert_eq!(gw.terminate().await, 0);
@@ -167,7 +176,7 @@ async fn health_and_metrics_show_the_sources_and_the_outbox() {
         ],
     )
     .await;
-    fake.wait_until("one report", |r| r.len() == 1).await;
+    fake.wait_until("one report", |r| lines(r) == 1).await;
 
     let http = reqwest::Client::new();
     let health: serde_json::Value = http
@@ -357,20 +366,21 @@ async fn a_publish_redelivered_after_its_ack_was_lost_produces_nothing_and_is_ac
     // the connection drops. The broker delivers the publish again (DUP = 1).
     proxy.lose_client_bytes(true);
     publish(broker.port, &[("plant/l1/count", b"5")]).await;
-    fake.wait_until("the first report", |r| r.len() == 1).await;
+    fake.wait_until("the first report", |r| lines(r) == 1).await;
     proxy.lose_client_bytes(false);
     proxy.cut();
     out.wait_for("Redelivered message already stored").await;
 
     publish(broker.port, &[("plant/l1/count", b"7")]).await;
-    fake.wait_until("the second report", |r| r.len() == 2).await;
+    fake.wait_until("the second report", |r| lines(r) == 2)
+        .await;
     assert_eq!(gw.terminate().await, 0);
 
     // The redelivery was acknowledged: started again, the broker has nothing left for us.
     let gw = process::start(&["run", "-c", path_str(tmp.path())], &out);
     out.wait_for_count("Subscribed.", 2).await;
     publish(broker.port, &[("plant/l1/count", b"9")]).await;
-    fake.wait_until("the third report", |r| r.len() == 3).await;
+    fake.wait_until("the third report", |r| lines(r) == 3).await;
     assert_eq!(gw.terminate().await, 0);
     assert_eq!(
         reported(&fake),

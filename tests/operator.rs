@@ -176,11 +176,8 @@ async fn a_failed_message_is_alerted_fixed_through_the_socket_and_drains_while_s
         .accepted()
         .iter()
         .filter(|r| r.order == BAD_ORDER)
-        .map(|r| {
-            r.content["ReportFinishedLines"][0]["ReportedGoodQuantity"]
-                .as_u64()
-                .unwrap()
-        })
+        .flat_map(|r| r.lines("ReportFinishedLines"))
+        .map(|line| line["ReportedGoodQuantity"].as_u64().unwrap())
         .collect();
     assert_eq!(
         bad_order,
@@ -580,7 +577,7 @@ async fn reload_through_the_api_refuses_a_broken_rule_and_a_good_one_loses_nothi
     {
         panic!(
             "not drained: {} of {total}: {:?}",
-            fake.accepted().len(),
+            fake.accepted_messages(),
             count_burst(&fake, u64::from(rounds * per_round)),
         );
     }
@@ -609,12 +606,8 @@ async fn reload_through_the_api_refuses_a_broken_rule_and_a_good_one_loses_nothi
     let items: std::collections::BTreeSet<String> = fake
         .accepted()
         .iter()
-        .map(|r| {
-            r.content["ReportFinishedLines"][0]["ItemNumber"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
+        .flat_map(|r| r.lines("ReportFinishedLines"))
+        .map(|line| line["ItemNumber"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(
         items,

@@ -94,7 +94,7 @@ async fn power_cuts_under_load_lose_nothing_acknowledged_and_send_nothing_twice(
     let count = count_burst(&fake, u64::from(rounds * per_round));
     println!(
         "power cuts: {cuts} cuts, {total} MQTT impulses, {} messages delivered, {resolved} interrupted requests resolved, {retried} sent again; lost {}, duplicates {}, out of order {}",
-        fake.accepted().len(),
+        fake.accepted_messages(),
         count.lost,
         count.duplicates,
         count.out_of_order.len()

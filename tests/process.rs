@@ -33,10 +33,12 @@ fn write_flow_config(dir: &Path, fake: &FakeD365, with_source: bool) {
     write_config(dir, &yaml);
 }
 
+/// The messages D365 accepted, in order (a joined request's one by one).
 fn accepted_ids(fake: &FakeD365) -> Vec<u64> {
     fake.accepted()
         .iter()
-        .map(|r| r.message_id.expect("message id header"))
+        .inspect(|r| assert!(r.message_id.is_some(), "message id header"))
+        .flat_map(|r| r.ids())
         .collect()
 }
 
@@ -76,10 +78,14 @@ async fn sigkill_while_messages_flow_loses_nothing_and_sends_nothing_twice() {
 
     write_flow_config(&dir, &fake, true);
     for round in 0..2 {
-        let before = fake.accepted().len();
+        let before = fake.accepted_messages();
         let gw = process::start(&["run", "-c", &cfg], &out);
         fake.wait_until("40 more accepted", |r| {
-            r.iter().filter(|r| r.status == Some(200)).count() >= before + 40
+            r.iter()
+                .filter(|r| r.status == Some(200))
+                .map(|r| r.ids().len())
+                .sum::<usize>()
+                >= before + 40
         })
         .await;
         gw.kill9().await;
@@ -142,7 +148,7 @@ async fn sigkill_while_messages_flow_loses_nothing_and_sends_nothing_twice() {
         per_order
             .entry(r.order.clone())
             .or_default()
-            .push(r.message_id.unwrap());
+            .extend(r.ids());
     }
     for (order, ids) in &per_order {
         assert!(
@@ -354,14 +360,12 @@ fn write_counter_config(dir: &Path, fake: &FakeD365, start_at: jiff::Timestamp) 
     .unwrap();
 }
 
+/// Every quantity D365 accepted, line by line (joined requests included).
 fn reported(fake: &FakeD365) -> Vec<f64> {
     fake.accepted()
         .iter()
-        .map(|r| {
-            r.content["ReportFinishedLines"][0]["ReportedGoodQuantity"]
-                .as_f64()
-                .unwrap()
-        })
+        .flat_map(|r| r.lines("ReportFinishedLines"))
+        .map(|line| line["ReportedGoodQuantity"].as_f64().unwrap())
         .collect()
 }
 
@@ -379,10 +383,8 @@ async fn count_to_300(kill_after: Option<usize>) -> Vec<f64> {
     let out = Output::new();
     if let Some(n) = kill_after {
         let gw = process::start(&["run", "-c", &cfg], &out);
-        fake.wait_until("first reports", |r| {
-            r.iter().filter(|r| r.status == Some(200)).count() >= n
-        })
-        .await;
+        fake.wait_until("first reports", |r| support::accepted_lines(r) >= n)
+            .await;
         gw.kill9().await;
         // Resolve what the kill left on the wire, as an operator would.
         settle(

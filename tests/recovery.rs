@@ -214,7 +214,8 @@ async fn restarts_under_load(restart_broker: bool) {
             .accepted()
             .iter()
             .filter(|r| r.order == "P000")
-            .filter_map(|r| r.content["ReportFinishedLines"][0]["ReportedGoodQuantity"].as_u64())
+            .flat_map(|r| r.lines("ReportFinishedLines"))
+            .filter_map(|line| line["ReportedGoodQuantity"].as_u64())
             .collect();
         let missing: Vec<u32> = (1..=rounds * per_round)
             .filter(|n| !got.contains(&u64::from(*n)))

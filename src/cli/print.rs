@@ -52,7 +52,7 @@ pub fn page(page: &MessagePage) {
             r.production_order,
             r.attempt_count,
             time(r.created_at),
-            shorten(r.last_error.as_deref().unwrap_or(""), 60)
+            shorten(&list_note(r), 60)
         );
     }
     let summary: Vec<String> = page
@@ -75,10 +75,31 @@ pub fn page(page: &MessagePage) {
     }
 }
 
+/// The last column of a listing: the last error, and a joined request's part (join.rs).
+fn list_note(r: &Record) -> String {
+    let group = match &r.group {
+        Some(crate::outbox::Group::Lead { members, .. }) => {
+            format!("[request +{} joined] ", members.len())
+        }
+        Some(crate::outbox::Group::Member { lead }) => format!("[in request of {lead}] "),
+        None => String::new(),
+    };
+    format!("{group}{}", r.last_error.as_deref().unwrap_or(""))
+}
+
 pub fn record(r: &Record) -> Result<(), CliError> {
     let mut value = serde_json::to_value(r).context("cannot print a record")?;
     if let Ok(content) = serde_json::from_str::<serde_json::Value>(&r.content) {
         value["content"] = content;
+    }
+    // A joined request's content, readable like the message's own.
+    if let Some(crate::outbox::Group::Lead { content, .. }) = &r.group {
+        if let Ok(content) = serde_json::from_str::<serde_json::Value>(content) {
+            value["group"]["lead"]["content"] = content;
+        }
+    }
+    if let Some(summary) = r.group_summary() {
+        value["joined"] = summary.into();
     }
     outln!(
         "{}",

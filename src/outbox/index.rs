@@ -116,17 +116,19 @@ pub(super) fn build_indexes(
 }
 
 /// Messages per state from the indexes: every lane member behind its head is queued (only
-/// heads are ever sent), so only heads are read; terminal ones come from the done index.
+/// heads are ever sent) but a joined request's members, which are in their lead's state
+/// (join.rs); so only heads are read; terminal ones come from the done index.
 pub(super) fn count_states(rx: &kv::Rx) -> Result<BTreeMap<State, usize>, StoreError> {
     let mut counts = BTreeMap::new();
     let (lanes, members) = lanes::sizes(rx)?;
-    let behind_heads = members.saturating_sub(lanes) as usize;
-    if behind_heads > 0 {
-        counts.insert(State::Queued, behind_heads);
-    }
+    let mut behind_heads = members.saturating_sub(lanes) as usize;
     for id in lanes::all_heads(rx)? {
         match record_in(rx, id) {
-            Ok(r) => *counts.entry(r.state).or_default() += 1,
+            Ok(r) => {
+                let joined = r.members().len().min(behind_heads);
+                behind_heads -= joined;
+                *counts.entry(r.state).or_default() += 1 + joined;
+            }
             Err(StoreError::NotFound(_)) => {}
             Err(e) => {
                 tracing::error!(message_id = id, error = %e, "Outbox record cannot be decoded; its order is held until it is cancelled.");
@@ -139,5 +141,8 @@ pub(super) fn count_states(rx: &kv::Rx) -> Result<BTreeMap<State, usize>, StoreE
         }
         Ok(true)
     })?;
+    if behind_heads > 0 {
+        *counts.entry(State::Queued).or_default() += behind_heads;
+    }
     Ok(counts)
 }

@@ -270,6 +270,26 @@ impl Record {
         }
     }
 
+    /// Its part in a joined request, for an operator; `None` when it is sent on its own.
+    pub fn group_summary(&self) -> Option<String> {
+        let listed = |ids: &[MessageId]| {
+            ids.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match &self.group {
+            None => None,
+            Some(Group::Lead { members, lines, .. }) => Some(format!(
+                "its request also carries messages {} ({lines} lines in all)",
+                listed(members)
+            )),
+            Some(Group::Member { lead }) => Some(format!(
+                "sent in the request of message {lead} (acting on it acts on that request)"
+            )),
+        }
+    }
+
     /// Whether its lines went out in another message's request.
     pub fn is_member(&self) -> bool {
         matches!(self.group, Some(Group::Member { .. }))

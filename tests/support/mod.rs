@@ -66,7 +66,7 @@ struct FakeState {
     connections: u64,
     /// Connections open right now.
     open_connections: u64,
-    /// Requests answered with 2xx so far.
+    /// Messages answered with 2xx so far (a joined request counts each one it carries).
     accepted: usize,
     /// Every SendMessage answered 503.
     unavailable: bool,
@@ -224,6 +224,13 @@ impl FakeD365 {
 
     /// Waits until `n` requests have been answered with 2xx (cheap: no copy of what was
     /// received, so a burst of 100,000 is not slowed down by the waiting).
+    /// Messages D365 accepted so far (a joined request counts every message it carries).
+    pub fn accepted_messages(&self) -> usize {
+        self.state().accepted
+    }
+
+    /// Waits until D365 accepted `n` messages (a joined request counts every message it
+    /// carries).
     pub async fn wait_accepted_count(&self, n: usize) {
         let mut rx = self.changes.subscribe();
         let result = tokio::time::timeout(Duration::from_secs(600), async {
@@ -234,7 +241,7 @@ impl FakeD365 {
         .await;
         assert!(
             result.is_ok(),
-            "timed out waiting for {n} accepted requests; {} so far",
+            "timed out waiting for {n} accepted messages; {} so far",
             self.state().accepted
         );
     }
@@ -422,7 +429,7 @@ impl FakeD365 {
                 Reply::Hang | Reply::Drop => None,
             };
             if status.is_some_and(|s| (200..300).contains(&s)) {
-                st.accepted += 1;
+                st.accepted += 1 + joined.len();
             }
             st.received.push(Received {
                 at: Instant::now(),
@@ -770,6 +777,16 @@ pub fn pieces(received: &[Received], order: &str) -> u32 {
         .filter(|r| r.order == order && r.status.is_some_and(|s| (200..300).contains(&s)))
         .flat_map(|r| r.lines("ReportFinishedLines"))
         .map(|line| line["ReportedGoodQuantity"].as_f64().expect("a quantity") as u32)
+        .sum()
+}
+
+/// Report-as-finished lines D365 accepted, joined into one request or not (the gateway's
+/// join.rs).
+pub fn accepted_lines(received: &[Received]) -> usize {
+    received
+        .iter()
+        .filter(|r| r.status.is_some_and(|s| (200..300).contains(&s)))
+        .map(|r| r.lines("ReportFinishedLines").len())
         .sum()
 }
 

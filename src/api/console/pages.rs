@@ -113,6 +113,14 @@ pub(super) async fn messages_page(
     let mut grid = String::from(
         "<table id=\"messages\"><thead><tr><th>Message ID</th><th>Production order</th><th>Message type</th><th>Line</th><th>State</th><th>D365</th><th>Created</th><th>Attempts</th><th>Last error</th></tr></thead><tbody>",
     );
+    // Where each uncertain message's evidence stands (d365/evidence.rs), once for the grid.
+    let evidence: std::collections::BTreeMap<MessageId, (usize, usize)> = state
+        .live
+        .get()
+        .dispatch
+        .as_ref()
+        .map(|d| d.evidence.lock().unwrap_or_else(|p| p.into_inner()).clone())
+        .unwrap_or_default();
     for r in &page_data.messages {
         let selected = if q.id == Some(r.id) {
             " class=\"selected\""
@@ -121,7 +129,7 @@ pub(super) async fn messages_page(
         };
         let _ = write!(
             grid,
-            "<tr{selected} data-id=\"{id}\"><td><a href=\"/console/messages?{link}\" id=\"open-{id}\">{id}</a></td><td>{order}</td><td title=\"{ty}\">{short_ty}</td><td>{line}</td><td class=\"state-{st}\">{st}</td>{verdict}<td>{created}</td><td>{attempts}</td><td>{error}</td></tr>",
+            "<tr{selected} data-id=\"{id}\"><td><a href=\"/console/messages?{link}\" id=\"open-{id}\">{id}</a></td><td>{order}</td><td title=\"{ty}\">{short_ty}</td><td>{line}</td><td class=\"state-{st}\">{st}{group}</td>{verdict}<td>{created}</td><td>{attempts}</td><td>{error}</td></tr>",
             id = r.id,
             verdict = verdict_cell(r),
             link = esc(&link_query(r.id)),
@@ -131,6 +139,7 @@ pub(super) async fn messages_page(
             short_ty = esc(r.message_type.strip_prefix("ProdProductionOrder").unwrap_or(&r.message_type)),
             line = esc(r.line.as_deref().unwrap_or("")),
             st = r.state,
+            group = group_mark(r) + &evidence_mark(r, &evidence),
             created = time(r.created_at),
             attempts = r.attempt_count,
             error = esc(r.last_error.as_deref().unwrap_or("")),
@@ -177,6 +186,36 @@ pub(super) async fn messages_page(
     .into_response()
 }
 
+/// An uncertain message's evidence (d365/evidence.rs), beside the state in the grid.
+fn evidence_mark(
+    r: &Record,
+    board: &std::collections::BTreeMap<MessageId, (usize, usize)>,
+) -> String {
+    match (r.state, board.get(&r.id)) {
+        (MessageState::Uncertain, Some((seen, needed))) => format!(
+            " <span class=\"evidence\" title=\"waiting for D365 to process messages sent after it: {seen} of {needed} seen\">(evidence {seen}/{needed})</span>"
+        ),
+        _ => String::new(),
+    }
+}
+
+/// A joined request's part (outbox join.rs), beside the state in the grid.
+fn group_mark(r: &Record) -> String {
+    let Some(summary) = r.group_summary() else {
+        return String::new();
+    };
+    let mark = match &r.group {
+        Some(crate::outbox::Group::Lead { members, .. }) => format!("+{}", members.len()),
+        Some(crate::outbox::Group::Member { lead }) => format!("in {lead}"),
+        None => String::new(),
+    };
+    format!(
+        " <span class=\"group\" title=\"{}\">({})</span>",
+        esc(&summary),
+        esc(&mark)
+    )
+}
+
 /// D365's verdict on a message as a table cell: what D365's processing made of it.
 pub(super) fn verdict_cell(r: &Record) -> String {
     match &r.d365 {
@@ -205,6 +244,24 @@ pub(super) fn detail_pane(r: &Record, session: &Session, back: &str) -> String {
         created = time(r.created_at),
         error = esc(r.last_error.as_deref().unwrap_or("")),
     );
+    if let Some(summary) = r.group_summary() {
+        let _ = write!(
+            out,
+            "<h2>Joined request</h2><p id=\"group\">{}</p>",
+            esc(&summary)
+        );
+        if let Some(crate::outbox::Group::Lead { content, .. }) = &r.group {
+            let posted = serde_json::from_str::<serde_json::Value>(content)
+                .ok()
+                .and_then(|v| serde_json::to_string_pretty(&v).ok())
+                .unwrap_or_else(|| content.clone());
+            let _ = write!(
+                out,
+                "<h3>Content of the request</h3><pre id=\"request-content\">{}</pre>",
+                esc(&posted)
+            );
+        }
+    }
     if let Some(v) = &r.d365 {
         let _ = write!(
             out,
@@ -241,7 +298,8 @@ pub(super) fn detail_pane(r: &Record, session: &Session, back: &str) -> String {
         actions.push_str(&form("resolve", "Resolve (found in D365)", "secondary"));
     }
     let _ = write!(out, "<div class=\"actions\">{actions}</div>");
-    if held {
+    // A joined request is sent again as it was: its messages are not edited one by one.
+    if held && r.group.is_none() {
         let _ = write!(
             out,
             "<h2>Edit and retry</h2><form method=\"post\" action=\"/console/messages/{id}/retry?{back}\">{csrf}\

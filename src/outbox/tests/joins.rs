@@ -349,6 +349,9 @@ async fn a_crash_during_a_joined_request_leaves_all_its_messages_uncertain_toget
         ids
     };
     let outbox = Outbox::open(dir.path()).unwrap();
+    // Counted at open from the lanes: the members are in their lead's state, not queued.
+    assert_eq!(outbox.counts().get(&State::Sending), Some(&3));
+    assert_eq!(outbox.counts().get(&State::Queued), None);
     let recovered = outbox
         .recover_interrupted(|_| Settle::Uncertain {
             reason: "interrupted".into(),
@@ -365,6 +368,10 @@ async fn a_crash_during_a_joined_request_leaves_all_its_messages_uncertain_toget
         assert_eq!(r.state, State::Uncertain);
         assert!(r.left_at.is_some());
     }
+    assert_eq!(outbox.counts().get(&State::Uncertain), Some(&3));
+    drop(outbox);
+    let outbox = Outbox::open(dir.path()).unwrap();
+    assert_eq!(outbox.counts().get(&State::Uncertain), Some(&3));
 }
 
 #[tokio::test]
