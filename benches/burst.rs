@@ -343,14 +343,167 @@ async fn budgeted(
             count.out_of_order.len()
         )
     } else {
+        // One message a request from here on, at the budget's rate.
+        let per_second = budget.0 as f64 / budget.1.as_secs_f64();
         format!(
-            "{messages} delivered in {took:.0} s: the whole backlog would take {:.0} s at that rate",
-            total as f64 * took / messages.max(1) as f64
+            "{messages} delivered in {took:.0} s: the whole backlog takes {:.0} s at the budget's {per_second:.0} requests/s",
+            took + (total - messages.min(total)) as f64 / per_second
         )
     };
     println!(
         "{name:<44} {total:>7} msgs  {requests} requests ({:.1} msgs each), {throttled} answered 429  {outcome}  cpu {cpu:.1} s  exit {exit}",
         messages as f64 / requests.max(1) as f64,
+    );
+}
+
+/// Publishes `rate` impulses a second for `secs` seconds on one QoS 1 connection, spread
+/// over the burst orders (each order's quantities 1, 2, …), and returns when each was
+/// published: `[order][quantity - 1]`. `on_tick(elapsed)` runs before every 10 ms tick.
+async fn publish_steadily(
+    port: u16,
+    rate: u32,
+    secs: u32,
+    mut on_tick: impl FnMut(Duration),
+) -> Vec<Vec<Instant>> {
+    use rumqttc::{AsyncClient, MqttOptions, QoS};
+    let orders = orders();
+    let mut options = MqttOptions::new("steady-publisher", "127.0.0.1", port);
+    options.set_keep_alive(Duration::from_secs(30));
+    options.set_inflight(1000);
+    let (client, mut eventloop) = AsyncClient::new(options, 4096);
+    let per_tick = (rate / 100).max(1) as usize;
+    let ticks = secs * 100;
+    let expected = per_tick * ticks as usize;
+    // Until the broker has acknowledged every impulse: a publish only queues it here.
+    let polling = tokio::spawn(async move {
+        let mut acked = 0;
+        while acked < expected {
+            match eventloop.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => acked += 1,
+                Ok(_) => {}
+                Err(e) => panic!("steady publisher: {e}"),
+            }
+        }
+    });
+    let mut published: Vec<Vec<Instant>> = vec![Vec::new(); orders.len()];
+    let mut next_order = 0;
+    let started = Instant::now();
+    let mut every = tokio::time::interval(Duration::from_millis(10));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    for _ in 0..ticks {
+        every.tick().await;
+        on_tick(started.elapsed());
+        for _ in 0..per_tick {
+            let o = next_order % orders.len();
+            next_order += 1;
+            let quantity = published[o].len() + 1;
+            published[o].push(Instant::now());
+            client
+                .publish(
+                    format!("plant/{}/count", orders[o]),
+                    QoS::AtLeastOnce,
+                    false,
+                    quantity.to_string(),
+                )
+                .await
+                .unwrap();
+        }
+    }
+    polling.await.expect("every impulse acknowledged");
+    drop(client);
+    published
+}
+
+/// Steady load: `rate` impulses a second over 50 orders for `secs` seconds, as a plant
+/// produces, not a burst. Prints the gateway's CPU per impulse and the latency from each
+/// impulse's publish to its line's arrival at D365 (p50, p99, p99.9). With `outage`
+/// (from, length), D365 answers 503 for that while, and the time from its return until
+/// everything published before it has arrived is printed as well.
+async fn steady(name: &str, rate: u32, secs: u32, outage: Option<(Duration, Duration)>) {
+    let broker = Mosquitto::start_with_extra(&format!(
+        "{}max_inflight_messages 1000\n",
+        support::mqtt::DURABLE
+    ))
+    .await;
+    let fake = FakeD365::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let api_port = support::mqtt::free_port();
+    config(tmp.path(), &fake, &broker, api_port);
+    let out = Output::new();
+    let gw = process::start_logging(&["run", "-c", path_str(tmp.path())], &out, "info");
+    out.wait_for("Subscribed.").await;
+    let pid = gw.pid();
+    let cpu0 = measure::cpu_seconds(pid);
+    let mut back_at: Option<Instant> = None;
+    let mut down = false;
+    let published = {
+        let fake = fake.clone();
+        let back_at = &mut back_at;
+        publish_steadily(broker.port, rate, secs, |elapsed| {
+            let Some((from, length)) = outage else {
+                return;
+            };
+            if !down && back_at.is_none() && elapsed >= from {
+                fake.unavailable(true);
+                down = true;
+            } else if down && elapsed >= from + length {
+                fake.unavailable(false);
+                down = false;
+                *back_at = Some(Instant::now());
+            }
+        })
+        .await
+    };
+    let per_order = published[0].len() as u64;
+    let total: usize = published.iter().map(Vec::len).sum();
+    fake.wait_accepted_count(total).await;
+    let cpu = measure::cpu_seconds(pid) - cpu0;
+    let exit = gw.terminate().await;
+    let count = count_burst(&fake, per_order);
+    assert_eq!(
+        count, EXACT,
+        "{name}: lost, duplicated or reordered impulses"
+    );
+    // Each line's latency, and when the last line published before D365's return arrived.
+    let orders = orders();
+    let mut latencies: Vec<Duration> = Vec::with_capacity(total);
+    let mut caught_up: Option<Instant> = None;
+    for r in fake.accepted() {
+        let Some(o) = orders.iter().position(|o| *o == r.order) else {
+            continue;
+        };
+        let at = r.at.into_std();
+        for line in r.lines("ReportFinishedLines") {
+            let q = line["ReportedGoodQuantity"].as_u64().expect("a quantity") as usize;
+            let sent = published[o][q - 1];
+            latencies.push(at.saturating_duration_since(sent));
+            if back_at.is_some_and(|b| sent < b) {
+                caught_up = Some(caught_up.map_or(at, |c| c.max(at)));
+            }
+        }
+    }
+    latencies.sort();
+    let pct = |p: f64| {
+        let i = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1;
+        latencies[i].as_secs_f64() * 1e3
+    };
+    let recovery = match (back_at, caught_up) {
+        (Some(b), Some(c)) => format!(
+            "  backlog delivered {:.2} s after D365's return",
+            c.saturating_duration_since(b).as_secs_f64()
+        ),
+        _ => String::new(),
+    };
+    println!(
+        "{name:<44} {total:>7} msgs  {} requests  cpu {cpu:.1} s ({:.0} µs/msg)  latency p50 {:.1} ms p99 {:.1} ms p99.9 {:.1} ms{recovery}  lost {} dup {} disorder {}  exit {exit}",
+        fake.accepted().len(),
+        cpu * 1e6 / total as f64,
+        pct(0.5),
+        pct(0.99),
+        pct(0.999),
+        count.lost,
+        count.duplicates,
+        count.out_of_order.len(),
     );
 }
 
@@ -461,6 +614,34 @@ fn main() {
     let name = "100k during a D365 outage (503, then refused)";
     if only.as_deref().is_none_or(|o| name.contains(o)) {
         rt.block_on(outage(name, size(2000)));
+    }
+    let seconds = if full { 20 } else { 1 };
+    for (name, outage) in [
+        ("steady 1,000/s", None),
+        (
+            "steady 1,000/s, D365 down 5 s",
+            Some((Duration::from_secs(2), Duration::from_secs(5))),
+        ),
+        (
+            "steady 1,000/s, D365 down 20 s",
+            Some((Duration::from_secs(2), Duration::from_secs(20))),
+        ),
+    ] {
+        if only.as_deref().is_none_or(|o| name.contains(o)) {
+            // The outage must fit in the run: a smoke run keeps it short.
+            let outage = outage.map(|(from, length)| {
+                if full {
+                    (from, length)
+                } else {
+                    (Duration::from_millis(200), Duration::from_millis(300))
+                }
+            });
+            let secs = match outage {
+                Some((from, length)) if full => seconds.max((from + length).as_secs() as u32 + 5),
+                _ => seconds,
+            };
+            rt.block_on(steady(name, 1000, secs, outage));
+        }
     }
     // D365's budget (6,000 requests per 5 minutes) scaled down: 600 per 30 s, 20 a second.
     let budget = (600, Duration::from_secs(30));
