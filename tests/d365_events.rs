@@ -1052,3 +1052,167 @@ async fn a_joined_request_cut_by_a_kill_is_uncertain_as_one_and_resolved_by_its_
     );
     assert_eq!(gw.terminate().await, 0);
 }
+
+/// The wrong inference (issue 32), through the real binary: D365 did receive an order's
+/// message (the fake read it, then dropped the connection: uncertain), but its event is
+/// late. D365's events for later messages of other orders are evidence that it never
+/// arrived, so the gateway sends it again; then D365 reports both copies. The second
+/// report flags the message at once: its history, the API, `status`, an alert and
+/// `/metrics` say D365 may have it twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_after_a_resend_on_evidence_flags_the_duplicate_with_an_alert_and_a_metric() {
+    let fake = FakeD365::start().await;
+    fake.script_order("P-DUP", [support::Reply::Drop]);
+    let webhook = support::alerts::Webhook::start(0).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let api_port = free_port();
+    let d365 = d365_yaml(&fake).replace("request_timeout: 30s", "request_timeout: 1s");
+    assert!(d365.contains("request_timeout: 1s"), "{d365}");
+    write_config(
+        dir,
+        &format!(
+            "{d365}storage:\n  data_dir: data\ndispatcher:\n  unreceived_after: 100ms\n  unreceived_witnesses: 3\n  unreceived_grace: 1s\nsources:\n  - type: d365_events\n    id: d365\n    webhook_secret_file: webhook-secret\napi:\n  listen: 127.0.0.1:{api_port}\n  token_file: api-token\nalerts:\n  check_interval: 200ms\n  webhook:\n    url: {}\n",
+            webhook.url
+        ),
+    );
+    std::fs::write(dir.join("webhook-secret"), SECRET).unwrap();
+    std::fs::write(dir.join("api-token"), "api-token-0123456789abcdef").unwrap();
+    let cfg = path_str(dir).to_string();
+    let out = Output::new();
+    let gw = process::start(&["run", "-c", &cfg], &out);
+    out.wait_for("Gateway running.").await;
+    let http = reqwest::Client::new();
+    let send = |order: String, quantity: u32| {
+        let http = http.clone();
+        async move {
+            let answer: Value = http
+                .post(format!(
+                    "http://127.0.0.1:{api_port}/api/v1/messages?type=ProdProductionOrderReportFinished"
+                ))
+                .bearer_auth("api-token-0123456789abcdef")
+                .json(&support::report(&order, quantity))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            answer["id"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("queued: {answer}"))
+        }
+    };
+
+    let lost = send("P-DUP".into(), 7).await;
+    fake.wait_until("P-DUP's first request", |r| {
+        r.iter().any(|r| r.message_id == Some(lost))
+    })
+    .await;
+    let first_copy = fake
+        .received()
+        .into_iter()
+        .find(|r| r.message_id == Some(lost))
+        .unwrap();
+    assert_eq!(first_copy.status, None, "read, then the connection dropped");
+
+    // The plant goes on: other orders' messages are delivered and D365 reports them at
+    // once; P-DUP's event is late. Until the gateway sends P-DUP's message again.
+    let mut n = 0;
+    let resent = loop {
+        n += 1;
+        assert!(n <= 200, "never sent again on the evidence");
+        let order = format!("P-W{}", n % 5);
+        let id = send(order, n).await;
+        fake.wait_until("the witness accepted", |r| {
+            r.iter()
+                .any(|r| r.message_id == Some(id) && r.status == Some(200))
+        })
+        .await;
+        let sent = fake
+            .received()
+            .into_iter()
+            .find(|r| r.message_id == Some(id))
+            .unwrap();
+        let (status, _) = post(
+            api_port,
+            Some(SECRET),
+            &processed(&format!("W-{n}"), &sent, "Processed", ""),
+        )
+        .await;
+        assert_eq!(status, 200);
+        let again = tokio::time::timeout(
+            std::time::Duration::from_millis(200),
+            fake.wait_until("P-DUP sent again", |r| {
+                r.iter()
+                    .filter(|r| r.message_id == Some(lost) && r.status == Some(200))
+                    .count()
+                    == 1
+            }),
+        )
+        .await;
+        if again.is_ok() {
+            break fake
+                .received()
+                .into_iter()
+                .find(|r| r.message_id == Some(lost) && r.status == Some(200))
+                .unwrap();
+        }
+    };
+    let record = get(api_port, &format!("/api/v1/messages/{lost}")).await;
+    assert_eq!(record["state"], "delivered", "{record}");
+    assert!(
+        record["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["action"] == "resent: D365 never received it"
+                && c["detail"].as_str().is_some_and(|d| d.contains("W-"))),
+        "the resend names its evidence: {record}"
+    );
+
+    // D365 reports the first copy, late, then the second.
+    for (event, copy) in [("DUP-1", &first_copy), ("DUP-2", &resent)] {
+        let (status, _) = post(
+            api_port,
+            Some(SECRET),
+            &processed(event, copy, "Processed", ""),
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+    let record = get(api_port, &format!("/api/v1/messages/{lost}")).await;
+    assert_eq!(record["duplicate"], true, "{record}");
+    assert!(
+        record["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["action"]
+                .as_str()
+                .is_some_and(|a| a.starts_with("DUPLICATE in D365"))),
+        "{record}"
+    );
+    let alert = webhook
+        .received
+        .wait_for(&format!("message/{lost}/duplicate"), "firing")
+        .await;
+    assert_eq!(alert["kind"], "message_duplicate");
+    let metrics = reqwest::get(format!("http://127.0.0.1:{api_port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("mes_gateway_d365_duplicates 1"),
+        "{metrics}"
+    );
+    let (code, status, err) = process::run(&["status", "-c", &cfg]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        status.contains("1 message(s) may be in D365 TWICE"),
+        "{status}"
+    );
+    assert_eq!(gw.terminate().await, 0);
+}

@@ -272,6 +272,12 @@ pub fn status(s: &Status) {
                 v.failed_in_d365
             );
         }
+        if v.twice_in_d365 > 0 {
+            outln!(
+                "  {} message(s) may be in D365 TWICE: sent again on the evidence of D365's events, then reported twice; reverse the second report in D365 (see the alerts)",
+                v.twice_in_d365
+            );
+        }
         if v.unmatched > 0 {
             outln!(
                 "  {} D365 verdict(s) matched no message: mes-gateway outbox unmatched",

@@ -458,6 +458,7 @@ impl Operator {
             let verdicts = VerdictCounts {
                 failed_in_d365: outbox.rejected_in_d365(0)?.1,
                 unmatched: outbox.unmatched_verdicts(0)?.1,
+                twice_in_d365: outbox.duplicates(0)?.1,
             };
             Ok((views::oldest_queued(&outbox), verdicts))
         })

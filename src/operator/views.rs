@@ -138,11 +138,15 @@ pub struct OutboxWrites {
     pub delivery: WriteSummary,
 }
 
-/// D365's verdicts that need someone: messages D365 failed, events that matched nothing.
+/// D365's verdicts that need someone: messages D365 failed, events that matched nothing,
+/// messages D365 may have twice.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VerdictCounts {
     pub failed_in_d365: usize,
     pub unmatched: usize,
+    /// Messages sent again on the evidence of D365's events, then reported twice by it.
+    #[serde(default)]
+    pub twice_in_d365: usize,
 }
 
 /// D365's verdicts that matched no message, newest first, as kept.
