@@ -78,6 +78,8 @@ struct Run {
     answer_delay: Duration,
     d365_down: bool,
     broker_inflight: Option<u32>,
+    /// Every message in a request of its own (`dispatcher.join.max_lines: 1`).
+    not_joined: bool,
 }
 
 async fn scenario(name: &str, run: Run) {
@@ -96,6 +98,14 @@ async fn scenario(name: &str, run: Run) {
     let tmp = tempfile::tempdir().unwrap();
     let api_port = support::mqtt::free_port();
     config(tmp.path(), &fake, &broker, api_port);
+    if run.not_joined {
+        let main = tmp.path().join("gateway.yaml");
+        let yaml = std::fs::read_to_string(&main).unwrap().replace(
+            "  request_budget: off\n",
+            "  request_budget: off\n  join:\n    max_lines: 1\n",
+        );
+        std::fs::write(&main, yaml).unwrap();
+    }
     if run.d365_down {
         // Nothing listens there: every request is refused before a byte is sent.
         let dead = support::mqtt::free_port();
@@ -458,6 +468,11 @@ async fn steady(name: &str, rate: u32, secs: u32, outage: Option<(Duration, Dura
     let total: usize = published.iter().map(Vec::len).sum();
     fake.wait_accepted_count(total).await;
     let cpu = measure::cpu_seconds(pid) - cpu0;
+    let commits = format!(
+        "{}; {}",
+        writes(api_port, "ingest").await,
+        writes(api_port, "delivery").await
+    );
     let exit = gw.terminate().await;
     let count = count_burst(&fake, per_order);
     assert_eq!(
@@ -495,7 +510,7 @@ async fn steady(name: &str, rate: u32, secs: u32, outage: Option<(Duration, Dura
         _ => String::new(),
     };
     println!(
-        "{name:<44} {total:>7} msgs  {} requests  cpu {cpu:.1} s ({:.0} µs/msg)  latency p50 {:.1} ms p99 {:.1} ms p99.9 {:.1} ms{recovery}  lost {} dup {} disorder {}  exit {exit}",
+        "{name:<44} {total:>7} msgs  {} requests  cpu {cpu:.1} s ({:.0} µs/msg)  latency p50 {:.1} ms p99 {:.1} ms p99.9 {:.1} ms{recovery}  {commits}  lost {} dup {} disorder {}  exit {exit}",
         fake.accepted().len(),
         cpu * 1e6 / total as f64,
         pct(0.5),
@@ -578,6 +593,7 @@ fn main() {
         answer_delay: Duration::from_millis(delay_ms),
         d365_down,
         broker_inflight: window,
+        not_joined: false,
     };
     let scenarios: Vec<(&str, Run)> = vec![
         (
@@ -585,6 +601,14 @@ fn main() {
             run(400, 0, false, None),
         ),
         ("20k, broker window 1000", run(400, 0, false, Some(1000))),
+        // One request per message, as before joining: the cost of a message sent alone.
+        (
+            "20k, broker window 1000, not joined",
+            Run {
+                not_joined: true,
+                ..run(400, 0, false, Some(1000))
+            },
+        ),
         ("100k, broker window 1000", run(2000, 0, false, Some(1000))),
         // Twice and four times the 100k burst: RSS must stay where 100k left it (bounded,
         // not growing; 400k found the acks' list that grew with the burst).
