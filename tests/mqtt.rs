@@ -301,7 +301,7 @@ async fn health_and_metrics_show_the_sources_and_the_outbox() {
     );
     assert!(
         text.contains(
-            "request budget: 1 of 3000 per 5 min used; what waits needs about 0 s at that rate"
+            "request budget: 1 of 3000 per 5 min used; what waits needs at most 0 s at that rate"
         ),
         "{text}"
     );

@@ -199,7 +199,7 @@ pub fn render(state: &ApiState) -> String {
             gauges(
                 &mut registry,
                 "mes_gateway_d365_backlog_seconds",
-                "Seconds the messages waiting now need at the request budget's rate",
+                "Seconds the messages waiting now need at the request budget's rate, one message a request (an upper bound: joined requests carry many)",
                 "budget",
                 [(
                     format!("{limit}/{window}s"),

@@ -258,7 +258,7 @@ pub fn status(s: &Status) {
         );
         if let Some(b) = &s.d365_budget {
             outln!(
-                "  request budget: {} of {} per {} used; what waits needs about {} at that rate",
+                "  request budget: {} of {} per {} used; what waits needs at most {} at that rate (one message a request; joined ones need fewer)",
                 b.used,
                 b.limit,
                 span(b.window_seconds),
