@@ -60,6 +60,56 @@ fn burst_with_webhook(
     std::fs::write(dir.join("webhook-secret"), SECRET).unwrap();
 }
 
+/// The API token [`events_gateway`] writes.
+const API_TOKEN: &str = "api-token-0123456789abcdef";
+
+/// A configuration with a `d365_events` source `d365` (webhook secret [`SECRET`]), the API
+/// on `api_port` (token [`API_TOKEN`]), `d365` (the fake's section, maybe changed), a
+/// `dispatcher` section's lines (or nothing) and alerts to `alerts_url` when given.
+fn events_gateway(
+    dir: &std::path::Path,
+    d365: &str,
+    dispatcher: &str,
+    api_port: u16,
+    alerts_url: Option<&str>,
+) {
+    let dispatcher = if dispatcher.is_empty() {
+        String::new()
+    } else {
+        format!("dispatcher:\n{dispatcher}")
+    };
+    let alerts = alerts_url.map_or(String::new(), |url| {
+        format!("alerts:\n  check_interval: 200ms\n  webhook:\n    url: {url}\n")
+    });
+    write_config(
+        dir,
+        &format!(
+            "{d365}storage:\n  data_dir: data\n{dispatcher}sources:\n  - type: d365_events\n    id: d365\n    webhook_secret_file: webhook-secret\napi:\n  listen: 127.0.0.1:{api_port}\n  token_file: api-token\n{alerts}"
+        ),
+    );
+    std::fs::write(dir.join("webhook-secret"), SECRET).unwrap();
+    std::fs::write(dir.join("api-token"), API_TOKEN).unwrap();
+}
+
+/// Queues a ReportFinished of `quantity` for `order` through the API; its message id.
+async fn queue_report(http: &reqwest::Client, api_port: u16, order: &str, quantity: u32) -> u64 {
+    let answer: Value = http
+        .post(format!(
+            "http://127.0.0.1:{api_port}/api/v1/messages?type=ProdProductionOrderReportFinished"
+        ))
+        .bearer_auth(API_TOKEN)
+        .json(&support::report(order, quantity))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    answer["id"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("queued: {answer}"))
+}
+
 /// Posts one event to the gateway's webhook; whether it was taken (200).
 async fn post_event(http: &reqwest::Client, port: u16, event: &Value) -> bool {
     http.post(format!("http://127.0.0.1:{port}/events/d365/d365"))
@@ -346,41 +396,13 @@ async fn d365_verdicts_show_on_their_messages_raise_the_alert_and_resolve_uncert
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let api_port = free_port();
-    write_config(
-        dir,
-        &format!(
-            "{}storage:\n  data_dir: data\nsources:\n  - type: d365_events\n    id: d365\n    webhook_secret_file: webhook-secret\napi:\n  listen: 127.0.0.1:{api_port}\n  token_file: api-token\nalerts:\n  check_interval: 200ms\n  webhook:\n    url: {}\n",
-            d365_yaml(&fake),
-            webhook.url
-        ),
-    );
-    std::fs::write(dir.join("webhook-secret"), SECRET).unwrap();
-    std::fs::write(dir.join("api-token"), "api-token-0123456789abcdef").unwrap();
+    events_gateway(dir, &d365_yaml(&fake), "", api_port, Some(&webhook.url));
     let cfg = path_str(dir).to_string();
     let out = Output::new();
     let gw = process::start(&["run", "-c", &cfg], &out);
     out.wait_for("Gateway running.").await;
     let http = reqwest::Client::new();
-    let send = |order: &'static str, quantity: u32| {
-        let http = http.clone();
-        async move {
-            let answer: Value = http
-                .post(format!(
-                    "http://127.0.0.1:{api_port}/api/v1/messages?type=ProdProductionOrderReportFinished"
-                ))
-                .bearer_auth("api-token-0123456789abcdef")
-                .json(&support::report(order, quantity))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            answer["id"]
-                .as_u64()
-                .unwrap_or_else(|| panic!("queued: {answer}"))
-        }
-    };
+    let send = |order: &'static str, quantity: u32| queue_report(&http, api_port, order, quantity);
 
     // Accepted by D365 (HTTP 200), then failed in its batch job.
     let failing = send("P-BAD", 3).await;
@@ -948,15 +970,13 @@ async fn a_joined_request_cut_by_a_kill_is_uncertain_as_one_and_resolved_by_its_
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let api_port = free_port();
-    write_config(
+    events_gateway(
         dir,
-        &format!(
-            "{}storage:\n  data_dir: data\ndispatcher:\n  backoff_initial: 50ms\n  backoff_max: 200ms\n  join:\n    max_lines: 10\nsources:\n  - type: d365_events\n    id: d365\n    webhook_secret_file: webhook-secret\napi:\n  listen: 127.0.0.1:{api_port}\n  token_file: api-token\n",
-            d365_yaml(&fake),
-        ),
+        &d365_yaml(&fake),
+        "  backoff_initial: 50ms\n  backoff_max: 200ms\n  join:\n    max_lines: 10\n",
+        api_port,
+        None,
     );
-    std::fs::write(dir.join("webhook-secret"), SECRET).unwrap();
-    std::fs::write(dir.join("api-token"), "api-token-0123456789abcdef").unwrap();
     let cfg = path_str(dir).to_string();
     let out = Output::new();
     let gw = process::start(&["run", "-c", &cfg], &out);
@@ -964,19 +984,7 @@ async fn a_joined_request_cut_by_a_kill_is_uncertain_as_one_and_resolved_by_its_
     let http = reqwest::Client::new();
     let mut ids = Vec::new();
     for quantity in 1..=5 {
-        let answer: Value = http
-            .post(format!(
-                "http://127.0.0.1:{api_port}/api/v1/messages?type=ProdProductionOrderReportFinished"
-            ))
-            .bearer_auth("api-token-0123456789abcdef")
-            .json(&support::report("P-J", quantity))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        ids.push(answer["id"].as_u64().expect("queued"));
+        ids.push(queue_report(&http, api_port, "P-J", quantity).await);
         if quantity == 1 {
             // The first one has been tried (503): it goes alone, the rest may join.
             fake.wait_until("the first report tried", |r| {
@@ -1069,42 +1077,19 @@ async fn an_event_after_a_resend_on_evidence_flags_the_duplicate_with_an_alert_a
     let api_port = free_port();
     let d365 = d365_yaml(&fake).replace("request_timeout: 30s", "request_timeout: 1s");
     assert!(d365.contains("request_timeout: 1s"), "{d365}");
-    write_config(
+    events_gateway(
         dir,
-        &format!(
-            "{d365}storage:\n  data_dir: data\ndispatcher:\n  unreceived_after: 100ms\n  unreceived_witnesses: 3\n  unreceived_grace: 1s\nsources:\n  - type: d365_events\n    id: d365\n    webhook_secret_file: webhook-secret\napi:\n  listen: 127.0.0.1:{api_port}\n  token_file: api-token\nalerts:\n  check_interval: 200ms\n  webhook:\n    url: {}\n",
-            webhook.url
-        ),
+        &d365,
+        "  unreceived_after: 100ms\n  unreceived_witnesses: 3\n  unreceived_grace: 1s\n",
+        api_port,
+        Some(&webhook.url),
     );
-    std::fs::write(dir.join("webhook-secret"), SECRET).unwrap();
-    std::fs::write(dir.join("api-token"), "api-token-0123456789abcdef").unwrap();
     let cfg = path_str(dir).to_string();
     let out = Output::new();
     let gw = process::start(&["run", "-c", &cfg], &out);
     out.wait_for("Gateway running.").await;
     let http = reqwest::Client::new();
-    let send = |order: String, quantity: u32| {
-        let http = http.clone();
-        async move {
-            let answer: Value = http
-                .post(format!(
-                    "http://127.0.0.1:{api_port}/api/v1/messages?type=ProdProductionOrderReportFinished"
-                ))
-                .bearer_auth("api-token-0123456789abcdef")
-                .json(&support::report(&order, quantity))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            answer["id"]
-                .as_u64()
-                .unwrap_or_else(|| panic!("queued: {answer}"))
-        }
-    };
-
-    let lost = send("P-DUP".into(), 7).await;
+    let lost = queue_report(&http, api_port, "P-DUP", 7).await;
     fake.wait_until("P-DUP's first request", |r| {
         r.iter().any(|r| r.message_id == Some(lost))
     })
@@ -1122,8 +1107,7 @@ async fn an_event_after_a_resend_on_evidence_flags_the_duplicate_with_an_alert_a
     let resent = loop {
         n += 1;
         assert!(n <= 200, "never sent again on the evidence");
-        let order = format!("P-W{}", n % 5);
-        let id = send(order, n).await;
+        let id = queue_report(&http, api_port, &format!("P-W{}", n % 5), n).await;
         fake.wait_until("the witness accepted", |r| {
             r.iter()
                 .any(|r| r.message_id == Some(id) && r.status == Some(200))

@@ -60,6 +60,23 @@ fn joining(dir: &std::path::Path, max_lines: usize) -> Outbox {
     outbox
 }
 
+/// Records the outcome of message `id`'s request, as the dispatcher does; what it changed.
+async fn answer(outbox: &Outbox, id: MessageId, next: Settle) -> Vec<Record> {
+    outbox.settle(vec![settled(id, next)]).await.unwrap()
+}
+
+fn rejected() -> Settle {
+    Settle::Failed {
+        reason: "HTTP 400".into(),
+    }
+}
+
+fn timed_out() -> Settle {
+    Settle::Uncertain {
+        reason: "timeout".into(),
+    }
+}
+
 /// Marks the head of each order, as the dispatcher does; returns what goes out.
 async fn mark_heads(outbox: &Outbox) -> Vec<Record> {
     let heads: Vec<MessageId> = outbox
@@ -101,10 +118,7 @@ async fn consecutive_reports_of_one_order_go_out_as_one_request_with_every_line_
         );
     }
 
-    outbox
-        .settle(vec![settled(ids[0], Settle::Delivered)])
-        .await
-        .unwrap();
+    answer(&outbox, ids[0], Settle::Delivered).await;
     for &id in &ids {
         let r = outbox.get(id).unwrap();
         assert_eq!(r.state, State::Delivered, "message {id}");
@@ -138,10 +152,7 @@ async fn a_start_between_reports_is_never_joined_across() {
         let sent = mark_heads(&outbox).await;
         let Some(r) = sent.first() else { break };
         sent_order.push((r.id, r.members().to_vec()));
-        outbox
-            .settle(vec![settled(r.id, Settle::Delivered)])
-            .await
-            .unwrap();
+        answer(&outbox, r.id, Settle::Delivered).await;
     }
     assert_eq!(
         sent_order,
@@ -166,17 +177,11 @@ async fn reports_whose_headers_differ_are_never_joined() {
     .await;
     let sent = mark_heads(&outbox).await;
     assert!(sent[0].group.is_none(), "{:?}", sent[0].group);
-    outbox
-        .settle(vec![settled(ids[0], Settle::Delivered)])
-        .await
-        .unwrap();
+    answer(&outbox, ids[0], Settle::Delivered).await;
     let sent = mark_heads(&outbox).await;
     assert_eq!(sent[0].id, ids[1]);
     assert!(sent[0].group.is_none(), "PrintLabel No vs none: not joined");
-    outbox
-        .settle(vec![settled(ids[1], Settle::Delivered)])
-        .await
-        .unwrap();
+    answer(&outbox, ids[1], Settle::Delivered).await;
     let sent = mark_heads(&outbox).await;
     assert_eq!(sent[0].members(), &[ids[3]]);
 }
@@ -190,16 +195,15 @@ async fn a_message_once_sent_or_edited_is_never_joined() {
     outbox.join_with(JoinPolicy::off());
     let sent = mark_heads(&outbox).await;
     assert!(sent[0].group.is_none());
-    outbox
-        .settle(vec![settled(
-            ids[0],
-            Settle::Retry {
-                reason: "HTTP 503".into(),
-                at: None,
-            },
-        )])
-        .await
-        .unwrap();
+    answer(
+        &outbox,
+        ids[0],
+        Settle::Retry {
+            reason: "HTTP 503".into(),
+            at: None,
+        },
+    )
+    .await;
     outbox.join_with(JoinPolicy::new([TYPE_REPORT_FINISHED.to_string()], 100));
     let sent = mark_heads(&outbox).await;
     assert_eq!(sent[0].id, ids[0]);
@@ -209,15 +213,7 @@ async fn a_message_once_sent_or_edited_is_never_joined() {
     );
 
     // Rejected, then edited and retried by an operator: alone again.
-    outbox
-        .settle(vec![settled(
-            ids[0],
-            Settle::Failed {
-                reason: "HTTP 400".into(),
-            },
-        )])
-        .await
-        .unwrap();
+    answer(&outbox, ids[0], rejected()).await;
     let edited = report("P1", 10).content;
     outbox
         .retry(ids[0], "op", Some(edited), Sending::InFlight)
@@ -248,10 +244,7 @@ async fn the_line_cap_splits_a_long_run_into_requests_of_at_most_that_many_lines
         let sent = mark_heads(&outbox).await;
         let Some(r) = sent.first() else { break };
         requests.push(quantities(r.request_content()));
-        outbox
-            .settle(vec![settled(r.id, Settle::Delivered)])
-            .await
-            .unwrap();
+        answer(&outbox, r.id, Settle::Delivered).await;
     }
     assert_eq!(requests, vec![vec![1, 2, 3], vec![4, 5], vec![6, 7]]);
 }
@@ -262,15 +255,7 @@ async fn an_ambiguous_answer_holds_the_whole_group_and_operators_act_on_the_grou
     let outbox = joining(dir.path(), 100);
     let ids = queued(&outbox, (1..=3).map(|q| report("P1", q)).collect()).await;
     let first = mark_heads(&outbox).await.remove(0);
-    let uncertain = outbox
-        .settle(vec![settled(
-            ids[0],
-            Settle::Uncertain {
-                reason: "timeout".into(),
-            },
-        )])
-        .await
-        .unwrap();
+    let uncertain = answer(&outbox, ids[0], timed_out()).await;
     assert_eq!(uncertain.len(), 3, "every member is settled with its lead");
     for &id in &ids {
         assert_eq!(outbox.get(id).unwrap().state, State::Uncertain, "{id}");
@@ -300,15 +285,7 @@ async fn an_ambiguous_answer_holds_the_whole_group_and_operators_act_on_the_grou
     let again = mark_heads(&outbox).await.remove(0);
     assert_eq!(again.request_content(), first.request_content());
     assert_eq!(again.members(), &ids[1..]);
-    outbox
-        .settle(vec![settled(
-            ids[0],
-            Settle::Uncertain {
-                reason: "timeout".into(),
-            },
-        )])
-        .await
-        .unwrap();
+    answer(&outbox, ids[0], timed_out()).await;
     // Resolving a member resolves the group.
     outbox
         .resolve_delivered(ids[1], "op", Sending::InFlight)
@@ -324,15 +301,7 @@ async fn an_ambiguous_answer_holds_the_whole_group_and_operators_act_on_the_grou
     // Cancelling a failed member cancels its group.
     let ids = queued(&outbox, (1..=2).map(|q| report("P2", q)).collect()).await;
     mark_heads(&outbox).await;
-    outbox
-        .settle(vec![settled(
-            ids[0],
-            Settle::Failed {
-                reason: "HTTP 400".into(),
-            },
-        )])
-        .await
-        .unwrap();
+    answer(&outbox, ids[0], rejected()).await;
     outbox.cancel(ids[1], "op").await.unwrap();
     assert_eq!(outbox.get(ids[0]).unwrap().state, State::Cancelled);
     assert_eq!(outbox.get(ids[1]).unwrap().state, State::Cancelled);
@@ -380,15 +349,7 @@ async fn d365s_verdict_on_the_joined_content_resolves_the_whole_group() {
     let outbox = joining(dir.path(), 100);
     let ids = queued(&outbox, (1..=3).map(|q| report("P1", q)).collect()).await;
     let lead = mark_heads(&outbox).await.remove(0);
-    outbox
-        .settle(vec![settled(
-            ids[0],
-            Settle::Uncertain {
-                reason: "timeout".into(),
-            },
-        )])
-        .await
-        .unwrap();
+    answer(&outbox, ids[0], timed_out()).await;
     let event = |content: &str, id: &str| {
         let mut e = processed(content, "Processed", false, id);
         e.message_type = TYPE_REPORT_FINISHED.into();
