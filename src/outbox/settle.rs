@@ -251,10 +251,15 @@ pub(super) fn plan_marks(
             None => join::plan(rx, &mut r, joining, now)?,
             Some(Group::Lead { members, .. }) => {
                 let mut found = Vec::with_capacity(members.len());
-                for &m in members {
-                    let m = record_in(rx, m)?;
-                    if m.state == State::Queued && m.lead() == r.id {
-                        found.push(m);
+                for &id in members {
+                    // One unreadable member must not stop every turn: its lines go out
+                    // in the group's content all the same, and reading it says why.
+                    match record_in(rx, id) {
+                        Ok(m) if m.state == State::Queued && m.lead() == r.id => found.push(m),
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(message_id = id, lead = r.id, error = %e, "A member of a joined request cannot be read; its lead's request goes out without marking it.");
+                        }
                     }
                 }
                 found
