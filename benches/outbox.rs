@@ -5,7 +5,7 @@
 //! the CPU they take per message.
 //!
 //!     cargo bench --bench outbox            # full run, prints a table
-//!     cargo bench --bench outbox -- turns   # only the sections named so (appends, reopen, turns)
+//!     cargo bench --bench outbox -- turns   # only the sections named so (appends, reopen, turns, hop, evidence)
 //!
 //! Under `cargo test --all-targets` (no `--bench` argument) it runs a few records only,
 //! so CI checks that the benchmark still works without spending minutes on it.
@@ -212,4 +212,123 @@ fn main() {
             "store write hop: {hop:.1} µs to the blocking pool and back; a write not flushed {unflushed:.1} µs through it; a durable write {durable:.0} µs through it"
         );
     }
+    if section("evidence") {
+        evidence(&rt, full);
+    }
+}
+
+/// What the evidence watch (d365/evidence.rs) costs at each look while a message is
+/// uncertain: it reads the newest delivered records (up to 5,000) for D365's verdicts and
+/// weighs every uncertain message against them, every 5 s.
+fn evidence(rt: &tokio::runtime::Runtime, full: bool) {
+    use mes_gateway::d365::evidence::{EvidencePolicy, EvidenceWatch};
+    use mes_gateway::outbox::{D365Verdict, ProcessedEvent, Settle};
+    let delivered = if full { 20_000 } else { 50 };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let outbox = Outbox::open(dir.path()).expect("open");
+    outbox.index_contents(true);
+    queue(rt, &outbox, delivered, message);
+    rt.block_on(async {
+        // Delivered in order, one turn per order's head, each with D365's verdict.
+        loop {
+            let heads: Vec<u64> = outbox
+                .lane_head_ids(None, usize::MAX, |_| false, |_| false)
+                .expect("heads")
+                .into_iter()
+                .map(|(_, id)| id)
+                .collect();
+            if heads.is_empty() {
+                break;
+            }
+            let sent = outbox.mark_sending(&heads).await.expect("mark");
+            outbox
+                .settle(
+                    heads
+                        .iter()
+                        .map(|id| Settlement::delivered(*id, "HTTP 200"))
+                        .collect(),
+                )
+                .await
+                .expect("settle");
+            let events = sent
+                .iter()
+                .map(|r| ProcessedEvent {
+                    source: "d365".into(),
+                    queue: "JmgMES3P".into(),
+                    message_type: r.message_type.clone(),
+                    content: r.content.clone(),
+                    verdict: D365Verdict {
+                        at: jiff::Timestamp::now(),
+                        state: "Processed".into(),
+                        failed: false,
+                        result: None,
+                        infolog: None,
+                        event_id: format!("E{}", r.id),
+                        page_url: None,
+                    },
+                    payload: "{}".into(),
+                })
+                .collect();
+            outbox
+                .commit(Ingest::default().with_processed(events))
+                .await
+                .expect("verdicts");
+        }
+        // Ten orders held by an uncertain message each.
+        let uncertain: Vec<u64> = outbox
+            .commit(Ingest::of(
+                (0..10)
+                    .map(|i| NewMessage {
+                        production_order: format!("U{i}"),
+                        ..message(i)
+                    })
+                    .collect(),
+            ))
+            .await
+            .expect("append")
+            .records
+            .iter()
+            .map(|r| r.id)
+            .collect();
+        outbox.mark_sending(&uncertain).await.expect("mark");
+        outbox
+            .settle(
+                uncertain
+                    .iter()
+                    .map(|id| Settlement {
+                        next: Settle::Uncertain {
+                            reason: "bench".into(),
+                        },
+                        ..Settlement::delivered(*id, "timeout")
+                    })
+                    .collect(),
+            )
+            .await
+            .expect("uncertain");
+    });
+    let watch = EvidenceWatch {
+        outbox: outbox.clone(),
+        // Never enough evidence: every look weighs all ten and resends none.
+        policy: EvidencePolicy {
+            witnesses: usize::MAX,
+            ..EvidencePolicy::default()
+        },
+        request_timeout: std::time::Duration::from_secs(60),
+        board: Default::default(),
+    };
+    let looks = if full { 50 } else { 2 };
+    let cpu0 = measure::cpu_seconds(std::process::id() as i32);
+    let start = Instant::now();
+    for _ in 0..looks {
+        rt.block_on(watch.look(jiff::Timestamp::now()))
+            .expect("look");
+    }
+    let wall = start.elapsed().as_secs_f64() / f64::from(looks);
+    let cpu = (measure::cpu_seconds(std::process::id() as i32) - cpu0) / f64::from(looks);
+    println!(
+        "evidence watch: one look at 10 uncertain messages against the newest of {delivered} delivered ones with verdicts: {:.1} ms wall, {:.1} ms CPU (every 5 s while anything is uncertain: {:.1} % of a core)",
+        wall * 1e3,
+        cpu * 1e3,
+        cpu / 5.0 * 100.0
+    );
 }

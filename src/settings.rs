@@ -377,6 +377,36 @@ mod tests {
     }
 
     #[test]
+    fn joining_is_switched_per_type_over_its_defaults() {
+        let dir = config_dir("rules: []\n");
+        let main = dir.path().join(crate::config::MAIN_FILE);
+        let mut yaml = std::fs::read_to_string(&main).unwrap();
+        yaml.push_str("dispatcher:\n  join:\n    max_lines: 50\n    per_type:\n      ProdProductionOrderPickingList: true\n      ProdProductionOrderRouteCard: false\n");
+        std::fs::write(&main, yaml).unwrap();
+        let join = load(dir.path())
+            .unwrap_or_else(|e| panic!("{e}"))
+            .dispatcher
+            .join;
+        assert!(
+            join.joins(crate::message::TYPE_REPORT_FINISHED),
+            "default kept"
+        );
+        assert!(join.joins(crate::message::TYPE_PICKING_LIST), "switched on");
+        assert!(!join.joins(crate::message::TYPE_ROUTE_CARD), "switched off");
+        assert!(!join.joins(crate::message::TYPE_START));
+        assert_eq!(join.max_lines(), 50);
+        // Unwritten: report as finished and route cards, 100 lines.
+        let dir = config_dir("rules: []\n");
+        let join = load(dir.path())
+            .unwrap_or_else(|e| panic!("{e}"))
+            .dispatcher
+            .join;
+        assert_eq!(join, crate::outbox::JoinPolicy::default());
+        assert!(join.joins(crate::message::TYPE_ROUTE_CARD));
+        assert!(!join.joins(crate::message::TYPE_PICKING_LIST));
+    }
+
+    #[test]
     fn three_mistakes_in_one_rule_are_all_reported_in_file_order() {
         let dir = config_dir(
             "rules:\n  - name: r\n    line: l1\n    when:\n      source: sim\n      edge: rissing\n    cuont: impulse\n    aggregate:\n      every: many\n    emit:\n      type: ProdProductionOrderStart\n",
