@@ -111,7 +111,8 @@ async fn fifty_kills_under_load_lose_nothing_and_send_nothing_twice() {
             .accepted()
             .iter()
             .filter(|r| r.order == PLC_ORDER)
-            .count();
+            .map(|r| r.ids().len())
+            .sum::<usize>();
         fake.wait_accepted_count(total + plc_messages).await;
     })
     .await;
