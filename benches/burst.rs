@@ -82,15 +82,18 @@ struct Run {
     not_joined: bool,
 }
 
+/// A durable mosquitto that lets `n` QoS 1 messages be in flight per client.
+async fn broker_window(n: u32) -> Mosquitto {
+    Mosquitto::start_with_extra(&format!(
+        "{}max_inflight_messages {n}\n",
+        support::mqtt::DURABLE
+    ))
+    .await
+}
+
 async fn scenario(name: &str, run: Run) {
     let broker = match run.broker_inflight {
-        Some(n) => {
-            Mosquitto::start_with_extra(&format!(
-                "{}max_inflight_messages {n}\n",
-                support::mqtt::DURABLE
-            ))
-            .await
-        }
+        Some(n) => broker_window(n).await,
         None => Mosquitto::start_durable().await,
     };
     let fake = FakeD365::start().await;
@@ -99,12 +102,7 @@ async fn scenario(name: &str, run: Run) {
     let api_port = support::mqtt::free_port();
     config(tmp.path(), &fake, &broker, api_port);
     if run.not_joined {
-        let main = tmp.path().join("gateway.yaml");
-        let yaml = std::fs::read_to_string(&main).unwrap().replace(
-            "  request_budget: off\n",
-            "  request_budget: off\n  join:\n    max_lines: 1\n",
-        );
-        std::fs::write(&main, yaml).unwrap();
+        support::mqtt::join_at_most(tmp.path(), 1);
     }
     if run.d365_down {
         // Nothing listens there: every request is refused before a byte is sent.
@@ -305,14 +303,11 @@ async fn budgeted(
     fake.limit(budget.0, budget.1);
     let tmp = tempfile::tempdir().unwrap();
     write_burst_config(tmp.path(), &fake, &broker.url(), "");
+    support::mqtt::join_at_most(tmp.path(), max_lines);
     let main = tmp.path().join("gateway.yaml");
     let yaml = std::fs::read_to_string(&main).unwrap().replace(
         "  request_budget: off\n",
-        &format!(
-            "  request_budget: {}/{}s\n  join:\n    max_lines: {max_lines}\n",
-            budget.0,
-            budget.1.as_secs()
-        ),
+        &format!("  request_budget: {}/{}s\n", budget.0, budget.1.as_secs()),
     );
     std::fs::write(&main, yaml).unwrap();
     let data = tmp.path().join("data");
@@ -430,11 +425,7 @@ async fn publish_steadily(
 /// (from, length), D365 answers 503 for that while, and the time from its return until
 /// everything published before it has arrived is printed as well.
 async fn steady(name: &str, rate: u32, secs: u32, outage: Option<(Duration, Duration)>) {
-    let broker = Mosquitto::start_with_extra(&format!(
-        "{}max_inflight_messages 1000\n",
-        support::mqtt::DURABLE
-    ))
-    .await;
+    let broker = broker_window(1000).await;
     let fake = FakeD365::start().await;
     let tmp = tempfile::tempdir().unwrap();
     let api_port = support::mqtt::free_port();
@@ -527,11 +518,7 @@ async fn steady(name: &str, rate: u32, secs: u32, outage: Option<(Duration, Dura
 /// the gateway's RSS at the end of the outage (everything queued) and its peak, and the
 /// drain; every impulse must arrive once, in order.
 async fn outage(name: &str, per_order: u32) {
-    let broker = Mosquitto::start_with_extra(&format!(
-        "{}max_inflight_messages 1000\n",
-        support::mqtt::DURABLE
-    ))
-    .await;
+    let broker = broker_window(1000).await;
     let fake = FakeD365::start().await;
     let tmp = tempfile::tempdir().unwrap();
     let api_port = support::mqtt::free_port();

@@ -698,13 +698,7 @@ async fn a_flood_of_verdicts_with_redeliveries_and_a_kill_records_each_once() {
     let api_port = free_port();
     burst_with_webhook(dir, &fake, &broker, api_port);
     // One request, hence one event, per message: the flood is 5,000 events.
-    let main = dir.join("gateway.yaml");
-    let yaml = std::fs::read_to_string(&main).unwrap().replace(
-        "  request_budget: off\n",
-        "  request_budget: off\n  join:\n    max_lines: 1\n",
-    );
-    assert!(yaml.contains("max_lines: 1"), "{yaml}");
-    std::fs::write(&main, yaml).unwrap();
+    support::mqtt::join_at_most(dir, 1);
     let cfg = path_str(dir).to_string();
     let out = Output::new();
     let gw = process::start(&["run", "-c", &cfg], &out);

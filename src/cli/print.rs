@@ -77,13 +77,9 @@ pub fn page(page: &MessagePage) {
 
 /// The last column of a listing: the last error, and a joined request's part (join.rs).
 fn list_note(r: &Record) -> String {
-    let group = match &r.group {
-        Some(crate::outbox::Group::Lead { members, .. }) => {
-            format!("[request +{} joined] ", members.len())
-        }
-        Some(crate::outbox::Group::Member { lead }) => format!("[in request of {lead}] "),
-        None => String::new(),
-    };
+    let group = r
+        .group_tag()
+        .map_or(String::new(), |tag| format!("[{tag}] "));
     format!("{group}{}", r.last_error.as_deref().unwrap_or(""))
 }
 

@@ -290,6 +290,16 @@ impl Record {
         }
     }
 
+    /// Its part in a joined request in a few words, for a listing's row: `request +N
+    /// joined` on the lead, `in request of ID` on a member.
+    pub fn group_tag(&self) -> Option<String> {
+        match &self.group {
+            None => None,
+            Some(Group::Lead { members, .. }) => Some(format!("request +{} joined", members.len())),
+            Some(Group::Member { lead }) => Some(format!("in request of {lead}")),
+        }
+    }
+
     /// Whether its lines went out in another message's request.
     pub fn is_member(&self) -> bool {
         matches!(self.group, Some(Group::Member { .. }))

@@ -475,6 +475,19 @@ pub fn resend_when_ambiguous(dir: &std::path::Path) {
     std::fs::write(&main, yaml).unwrap();
 }
 
+/// Makes a burst configuration join at most `max_lines` lines a request (the dispatcher's
+/// `join`; 1: every message in a request of its own).
+pub fn join_at_most(dir: &std::path::Path, max_lines: u32) {
+    let main = dir.join("gateway.yaml");
+    let yaml = std::fs::read_to_string(&main).unwrap();
+    assert!(yaml.contains("dispatcher:\n"), "{yaml}");
+    let yaml = yaml.replace(
+        "dispatcher:\n",
+        &format!("dispatcher:\n  join:\n    max_lines: {max_lines}\n"),
+    );
+    std::fs::write(&main, yaml).unwrap();
+}
+
 /// Steady load for fault tests: a burst of `per_round` impulses on every burst order
 /// every 100 ms, `rounds` times (impulses `1..=rounds * per_round` per order). The broker
 /// queues what arrives while the gateway is down.

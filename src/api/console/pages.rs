@@ -201,18 +201,13 @@ fn evidence_mark(
 
 /// A joined request's part (outbox join.rs), beside the state in the grid.
 fn group_mark(r: &Record) -> String {
-    let Some(summary) = r.group_summary() else {
+    let (Some(summary), Some(tag)) = (r.group_summary(), r.group_tag()) else {
         return String::new();
-    };
-    let mark = match &r.group {
-        Some(crate::outbox::Group::Lead { members, .. }) => format!("+{}", members.len()),
-        Some(crate::outbox::Group::Member { lead }) => format!("in {lead}"),
-        None => String::new(),
     };
     format!(
         " <span class=\"group\" title=\"{}\">({})</span>",
         esc(&summary),
-        esc(&mark)
+        esc(&tag)
     )
 }
 
