@@ -13,9 +13,12 @@ use mes_gateway::outbox::{Sending, State};
 use serde_json::json;
 use support::{report, FakeD365, Gateway, Reply};
 
-const FAST: &str = "  backoff_initial: 1s\n  backoff_max: 10s\n";
-/// Every message in a request of its own (the dispatcher's `join`, outbox join.rs): for
-/// tests that count requests against messages.
+/// Short backoffs, and every message in a request of its own: these tests are about what
+/// becomes of one message's request (a message queued behind another of its order would
+/// otherwise join its request or not depending on when the dispatcher marked the first;
+/// joining has its own tests, outbox/tests/joins.rs and tests/d365_events.rs).
+const FAST: &str = "  backoff_initial: 1s\n  backoff_max: 10s\n  join:\n    max_lines: 1\n";
+/// Every message in a request of its own (the dispatcher's `join`, outbox join.rs).
 const NOT_JOINED: &str = "  join:\n    max_lines: 1\n";
 
 /// What D365's MES page shows is the `_messageContent` string as sent: fields in the
@@ -120,8 +123,7 @@ async fn service_unavailable_twice_then_ok_delivers_once_in_order() {
     })
     .await;
 
-    // Per message, the answers to the requests that carried it (the two queued behind
-    // the first may go out joined in one request: outbox join.rs).
+    // Per message, the answers to the requests that carried it.
     let answers = |id: u64| -> Vec<u16> {
         fake.received()
             .iter()
@@ -424,8 +426,8 @@ async fn a_redirect_is_never_followed_and_fails_with_its_location() {
 #[tokio::test]
 async fn lanes_are_served_round_robin_so_a_long_backlog_does_not_starve_an_order() {
     let fake = FakeD365::start().await;
-    // Joining off: A's backlog would go out as one request (outbox join.rs).
-    let gw = Gateway::start(&fake, &format!("{FAST}  max_in_flight: 1\n{NOT_JOINED}")).await;
+    // Joining off (FAST): A's backlog would go out as one request (outbox join.rs).
+    let gw = Gateway::start(&fake, &format!("{FAST}  max_in_flight: 1\n")).await;
     // One commit: A's backlog of 20, then B's and C's single messages.
     let mut batch: Vec<_> = (1..=20).map(|n| new_report("A", n)).collect();
     batch.push(new_report("B", 1));
