@@ -61,10 +61,14 @@ fn main() {
 
     if section("appends") {
         println!("durable appends (one flush per batch), {per_size} records per batch size:");
-        println!("{:>10} {:>14}", "batch", "records/s");
+        println!(
+            "{:>10} {:>14} {:>16} {:>16}",
+            "batch", "records/s", "CPU µs/commit", "CPU µs/record"
+        );
         for batch in [1u64, 10, 100, 1000] {
             let dir = tempfile::tempdir().expect("tempdir");
             let outbox = Outbox::open(dir.path()).expect("open");
+            let cpu0 = measure::cpu_seconds(std::process::id() as i32);
             let start = Instant::now();
             let mut i = 0;
             rt.block_on(async {
@@ -78,7 +82,13 @@ fn main() {
                 }
             });
             let rate = per_size as f64 / start.elapsed().as_secs_f64();
-            println!("{batch:>10} {rate:>14.0}");
+            let cpu = measure::cpu_seconds(std::process::id() as i32) - cpu0;
+            let commits = per_size.div_ceil(batch) as f64;
+            println!(
+                "{batch:>10} {rate:>14.0} {:>16.0} {:>16.1}",
+                cpu * 1e6 / commits,
+                cpu * 1e6 / per_size as f64
+            );
         }
     }
     if section("reopen") {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use mes_gateway::message::{
     TYPE_END, TYPE_PICKING_LIST, TYPE_REPORT_FINISHED, TYPE_ROUTE_CARD, TYPE_START,
 };
-use mes_gateway::outbox::{Sending, State};
+use mes_gateway::outbox::{Sending, State, WriteKind};
 use serde_json::json;
 use support::{report, FakeD365, Gateway, Reply};
 
@@ -20,6 +20,41 @@ use support::{report, FakeD365, Gateway, Reply};
 const FAST: &str = "  backoff_initial: 1s\n  backoff_max: 10s\n  join:\n    max_lines: 1\n";
 /// Every message in a request of its own (the dispatcher's `join`, outbox join.rs).
 const NOT_JOINED: &str = "  join:\n    max_lines: 1\n";
+
+/// A message that arrives while the dispatcher is idle is marked `sending` in the commit
+/// that stores it (outbox admit.rs): its only delivery write is its outcome, and its
+/// request goes out once.
+#[tokio::test]
+async fn a_lone_message_is_marked_in_the_commit_that_stores_it() {
+    let fake = FakeD365::start().await;
+    let gw = Gateway::start(&fake, FAST).await;
+    // The first one fetches the token: admission opens only with one in hand.
+    let first = gw.enqueue(TYPE_REPORT_FINISHED, report("A", 1)).await;
+    gw.wait_until("the first delivered and the dispatcher idle", |o| {
+        o.get(first).unwrap().state == State::Delivered && o.admits()
+    })
+    .await;
+    let delivery_writes = || gw.outbox.write_stats().summary(WriteKind::Delivery).writes;
+    let before = delivery_writes();
+    let lone = gw.enqueue(TYPE_REPORT_FINISHED, report("B", 1)).await;
+    gw.wait_until("the lone one delivered", |o| {
+        o.get(lone).unwrap().state == State::Delivered
+    })
+    .await;
+    assert_eq!(
+        delivery_writes() - before,
+        1,
+        "marked when stored: only its outcome is written by the dispatcher"
+    );
+    assert_eq!(
+        fake.received()
+            .iter()
+            .filter(|r| r.message_id == Some(lone))
+            .count(),
+        1
+    );
+    gw.stop().await;
+}
 
 /// What D365's MES page shows is the `_messageContent` string as sent: fields in the
 /// order of the field tables (whatever order they were given in), date-times in UTC with

@@ -102,7 +102,11 @@ impl Dispatcher {
         delivered: &HashSet<MessageId>,
         settling: &HashSet<MessageId>,
     ) -> Result<(Vec<LaneHead>, Option<Instant>), StoreError> {
-        let mut free = self.max_in_flight.saturating_sub(state.in_flight.len());
+        // Heads an ingest commit is marking count as in flight (outbox admit.rs).
+        let mut free = self
+            .max_in_flight
+            .saturating_sub(state.in_flight.len() + self.admission.pending());
+        state.heads_left = true;
         if let Some(budget) = &mut state.budget {
             // Spent when the marked requests go out (send_marked), in this same turn.
             free = free.min(budget.available(now));
@@ -139,14 +143,18 @@ impl Dispatcher {
         // sendable ones.
         let scan = free + state.not_before.len() + state.held.len();
         let busy = &state.busy_orders;
+        let admission = &self.admission;
         // A head whose delivery this turn records comes back as the message after it,
         // which may go out in the same write.
         let heads = self.outbox.lane_head_ids(
             state.last_served.as_deref(),
             scan,
-            |order| busy.contains(order),
+            // A head an ingest commit marked is the dispatcher's already: picked again it
+            // would go out twice.
+            |order| busy.contains(order) || admission.is_reserved(order),
             |id| delivered.contains(&id),
         )?;
+        let read = heads.len();
         for (order, id) in heads {
             if picked.len() >= free {
                 break;
@@ -167,6 +175,7 @@ impl Dispatcher {
             state.last_served = Some(order.clone());
             picked.push((order, id));
         }
+        state.heads_left = picked.len() >= free || read >= scan;
         if let (Some(outage), Some((_, probe))) = (&mut state.outage, picked.first()) {
             outage.probe = Some(*probe);
         }

@@ -31,6 +31,7 @@
 //! Memory: the in-flight set (≤ `max_in_flight`), one backoff deadline per lane head that
 //! is waiting for a retry, and the held heads.
 
+mod admitted;
 pub mod budget;
 pub mod client;
 pub mod config;
@@ -49,7 +50,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::entra::Token;
-use crate::outbox::{MessageId, Outbox, Record, Settle, Settlement, State};
+use crate::outbox::{Admission, MessageId, Outbox, Record, Settle, Settlement, State};
 use crate::store::StoreError;
 use crate::systemd::Heartbeat;
 use client::D365Client;
@@ -168,6 +169,8 @@ pub struct Dispatcher {
     drain_grace: Duration,
     /// Beaten on every turn of the loop, for the systemd watchdog.
     heartbeat: Option<Heartbeat>,
+    /// What ingest commits may mark `sending` for this dispatcher (outbox admit.rs).
+    admission: Arc<Admission>,
 }
 
 impl Dispatcher {
@@ -178,6 +181,8 @@ impl Dispatcher {
         drain_grace: Duration,
     ) -> Dispatcher {
         outbox.join_with(config.join.clone());
+        let admission = Arc::new(Admission::default());
+        outbox.admit_with(Some(admission.clone()));
         Dispatcher {
             outbox,
             client,
@@ -188,6 +193,7 @@ impl Dispatcher {
             stats: Arc::default(),
             drain_grace,
             heartbeat: None,
+            admission,
         }
     }
 
@@ -259,6 +265,7 @@ impl Dispatcher {
         };
         loop {
             self.beat();
+            self.take_admitted(&mut cycle, &cancel).await;
             let judged = self.judge_answers(&mut cycle).await;
             let Some(choice) = self.choose(&mut cycle, &judged, &cancel).await else {
                 // Cancelled while waiting for a token: what was judged is still written.
@@ -279,6 +286,7 @@ impl Dispatcher {
                 break;
             };
             self.send_marked(&mut cycle, retries, marked, choice.token);
+            self.open_admission(&mut cycle.state, &cancel);
             if !self
                 .wait(&mut cycle, &mut wakes, choice.next_wake, &cancel)
                 .await
@@ -286,6 +294,7 @@ impl Dispatcher {
                 break;
             }
         }
+        self.end_admission().await;
         self.drain(cycle).await
     }
 

@@ -79,6 +79,9 @@ pub(super) struct DispatchState {
     pub(super) token_failures: u32,
     /// The last attempt to read the lanes failed (reported once per incident).
     pub(super) unreadable: bool,
+    /// The last pick stopped at its limit (in flight, budget): sendable heads may be
+    /// waiting, so ingest commits do not mark new ones (admitted.rs).
+    pub(super) heads_left: bool,
     /// Which requests went out together (see the run loop's group commit).
     pub(super) batches: SendBatches,
 }

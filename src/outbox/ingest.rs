@@ -9,8 +9,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::record::encode;
+use super::{
+    admit, key, lanes, verdict, Committed, Ingest, Outbox, Record, State, WriteKind, NEXT_ID,
+};
 use super::{done_key, done_value};
-use super::{key, lanes, verdict, Committed, Ingest, Outbox, Record, State, WriteKind, NEXT_ID};
 use crate::store::kv::{Span, T};
 use crate::store::{owner, publications, receipts, StoreError};
 
@@ -37,7 +39,11 @@ impl Outbox {
         let store = self.store.clone();
         let indexing = self.index_contents.load(Ordering::Acquire);
         let writes = self.writes.clone();
-        let (records, plan) = self
+        // Batches with D365's verdicts change records the dispatcher may hold: they never
+        // mark (admit.rs).
+        let admission = self.admission().filter(|_| ingest.processed.is_empty());
+        let joining = self.joining();
+        let (records, plan, marked) = self
             .store
             .write(move |kv| {
                 let records = match ingest.prepared.get() {
@@ -75,7 +81,8 @@ impl Outbox {
                     .collect::<Result<Vec<_>, _>>()?;
                 let publications = publications::stage(&store, &ingest.publications)?;
                 let started = std::time::Instant::now();
-                kv.write(true, |tx| {
+                let mut reserved = Vec::new();
+                let written = kv.write(true, |tx| {
                     lanes::append_all(
                         tx,
                         records.iter().map(|r| (r.production_order.as_str(), r.id)),
@@ -137,14 +144,42 @@ impl Outbox {
                         let next = saved.max(last.id + 1);
                         tx.insert(T::State, NEXT_ID, &next.to_be_bytes())?;
                     }
-                    Ok(())
-                })?;
+                    match &admission {
+                        Some(admission) => {
+                            admit::mark_new_heads(tx, records, admission, &joining, &mut reserved)
+                        }
+                        None => Ok(Vec::new()),
+                    }
+                });
+                let marked = match written {
+                    Ok(marked) => marked,
+                    Err(e) => {
+                        if let Some(admission) = &admission {
+                            admission.release(&reserved);
+                        }
+                        return Err(e);
+                    }
+                };
                 writes.record(WriteKind::Ingest, records.len(), started.elapsed());
-                Ok((records.clone(), plan))
+                if let Some(admission) = &admission {
+                    // On disk: the requests are the dispatcher's to send (members go out
+                    // in their lead's request).
+                    admission.hand_over(
+                        marked
+                            .iter()
+                            .filter(|(r, _)| !r.is_member())
+                            .map(|(r, _)| r.clone())
+                            .collect(),
+                    );
+                }
+                Ok((records.clone(), plan, marked))
             })
             .await?;
         for _ in &records {
             self.count(None, Some(State::Queued));
+        }
+        for (r, old) in &marked {
+            self.count(Some(*old), Some(r.state));
         }
         for (r, old) in &plan.updated {
             if r.state != *old {

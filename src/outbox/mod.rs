@@ -111,6 +111,7 @@
 //! record and its states.
 
 mod actions;
+mod admit;
 pub mod config;
 mod index;
 mod ingest;
@@ -126,6 +127,7 @@ mod writes;
 pub use crate::store::publications::Publication;
 pub use crate::store::receipts::{Receipt, ReceiptId, SeenEvent};
 pub use actions::Sending;
+pub use admit::Admission;
 pub use join::JoinPolicy;
 pub use query::ListFilter;
 pub use record::{Attempt, Change, Group, MessageId, NewMessage, Record, State};
@@ -326,6 +328,8 @@ pub struct Outbox {
     /// Which messages the dispatcher's marks join into one request (join.rs); nothing
     /// until the dispatcher says.
     joining: Arc<std::sync::RwLock<Arc<JoinPolicy>>>,
+    /// The dispatcher's leave for ingest commits to mark new lane heads (admit.rs).
+    admission: Arc<std::sync::RwLock<Option<Arc<Admission>>>>,
 }
 
 impl std::fmt::Debug for Outbox {
@@ -379,6 +383,7 @@ impl Outbox {
             index_contents: Arc::default(),
             writes: Arc::default(),
             joining: Arc::new(std::sync::RwLock::new(Arc::new(JoinPolicy::off()))),
+            admission: Arc::default(),
         })
     }
 
@@ -473,6 +478,32 @@ impl Outbox {
     /// Which messages the dispatcher's marks join into one request from now on (join.rs).
     pub fn join_with(&self, policy: JoinPolicy) {
         *self.joining.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policy);
+    }
+
+    /// Lets ingest commits mark new lane heads as `admission` allows (admit.rs); `None`:
+    /// they never do. Set by the dispatcher that sends what they mark.
+    pub fn admit_with(&self, admission: Option<Arc<Admission>>) {
+        *self.admission.write().unwrap_or_else(|p| p.into_inner()) = admission;
+    }
+
+    /// Whether an ingest commit would mark a new lane head now (admit.rs).
+    pub fn admits(&self) -> bool {
+        self.admission().is_some_and(|a| a.room() > 0)
+    }
+
+    /// Ends admission by `admission` if it is still the one in force.
+    pub fn withdraw_admission(&self, admission: &Arc<Admission>) {
+        let mut current = self.admission.write().unwrap_or_else(|p| p.into_inner());
+        if current.as_ref().is_some_and(|a| Arc::ptr_eq(a, admission)) {
+            *current = None;
+        }
+    }
+
+    fn admission(&self) -> Option<Arc<Admission>> {
+        self.admission
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn joining(&self) -> Arc<JoinPolicy> {

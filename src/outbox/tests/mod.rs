@@ -808,6 +808,7 @@ struct Visible {
     counts: String,
 }
 
+mod admits;
 mod joins;
 mod migrate;
 mod store;
