@@ -78,8 +78,11 @@ async fn a_burst_is_reported_once_and_a_restart_reports_nothing_again() {
         "burst: {} impulses, {requests} requests over {connections} connections",
         ORDERS * (n as usize + 1)
     );
+    // Two runs, each with at most 50 requests at once (max_in_flight) on connections it
+    // keeps open, and its token request. (Not a ratio to the requests: joined requests
+    // carry up to 100 messages, so their number depends on how the burst queued up.)
     assert!(
-        connections * 20 < requests,
+        connections <= 2 * (50 + 1) && requests > connections,
         "HTTP connections are reused: {connections} connections for {requests} requests"
     );
     assert!(

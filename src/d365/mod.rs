@@ -9,7 +9,9 @@
 //!   flush, after the access token is in hand (so a slow token endpoint never leaves
 //!   messages `sending` that were not sent); the outcomes of all requests that finished
 //!   are recorded in one write and one flush; a lane's next message goes out once its
-//!   predecessor's outcome is on disk.
+//!   predecessor's outcome is on disk. While the dispatcher is idle with room to send,
+//!   an ingest commit marks the new head of an empty lane in the same write that stores
+//!   it and hands it over (admitted.rs, outbox admit.rs): one write instead of two.
 //! - What follows each outcome is decided by [`retry::decide`]; a 429 or a credentials
 //!   problem pauses every lane, since D365's limits and credentials are per user.
 //! - A 429 stops every request at once: the send task that reads it closes the
@@ -171,6 +173,15 @@ pub struct Dispatcher {
     heartbeat: Option<Heartbeat>,
     /// What ingest commits may mark `sending` for this dispatcher (outbox admit.rs).
     admission: Arc<Admission>,
+}
+
+impl Drop for Dispatcher {
+    /// However the dispatcher ends (an error, a panic), ingest commits stop marking heads
+    /// nobody would send (outbox admit.rs).
+    fn drop(&mut self) {
+        self.admission.close();
+        self.outbox.withdraw_admission(&self.admission);
+    }
 }
 
 impl Dispatcher {

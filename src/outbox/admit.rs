@@ -170,11 +170,17 @@ pub(super) fn mark_new_heads(
     }
     let mut changed = Vec::with_capacity(heads.len());
     let mut already_marked = Vec::new();
+    // The heads as this transaction wrote them: not read back.
+    let mut written: HashMap<_, _> = records
+        .iter()
+        .filter(|r| heads.contains(&r.id))
+        .map(|r| (r.id, r.clone()))
+        .collect();
     plan_marks(
         &Reading::new(tx),
         &heads,
         joining,
-        &mut HashMap::new(),
+        &mut written,
         &mut changed,
         &mut already_marked,
     )?;
