@@ -32,20 +32,16 @@ impl Dispatcher {
             Some(t) => Some(t),
             None => {
                 // Expired since admission opened: fetching may take long, and no write of
-                // this turn may stay open meanwhile.
+                // this turn may stay open meanwhile (nor while requeueing below).
                 drop(cycle.turn.take());
-                match self.token(cancel).await {
-                    Some(Ok(t)) => Some(t),
-                    _ => None,
-                }
+                self.token(cancel).await.and_then(Result::ok)
             }
         };
         match token {
             Some(token) => self.send_marked(cycle, Vec::new(), marked, Some(token)),
             None => {
-                drop(cycle.turn.take());
                 self.requeue_unsent(marked, "no access token to send it with")
-                    .await;
+                    .await
             }
         }
     }
@@ -87,14 +83,9 @@ impl Dispatcher {
         let n = marked.len();
         let back: Vec<Settlement> = marked
             .into_iter()
-            .map(|r| Settlement {
-                id: r.id,
-                attempt: None,
-                server_error: false,
-                next: Settle::Requeue {
-                    reason: format!("not sent: {why}"),
-                },
-                as_sent: None,
+            .map(|r| {
+                let reason = format!("not sent: {why}");
+                Settlement::unattempted(r.id, Settle::Requeue { reason })
             })
             .collect();
         if let Err(e) = self.outbox.settle(back).await {

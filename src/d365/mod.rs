@@ -193,7 +193,7 @@ impl Dispatcher {
     ) -> Dispatcher {
         outbox.join_with(config.join.clone());
         let admission = Arc::new(Admission::default());
-        outbox.admit_with(Some(admission.clone()));
+        outbox.admit_with(admission.clone());
         Dispatcher {
             outbox,
             client,

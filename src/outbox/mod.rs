@@ -271,6 +271,18 @@ impl Settlement {
         }
     }
 
+    /// `next` for a message whose request was never attempted by this run (interrupted by
+    /// a stop, or never sent): nothing goes into its attempt list.
+    pub fn unattempted(id: MessageId, next: Settle) -> Settlement {
+        Settlement {
+            id,
+            attempt: None,
+            server_error: false,
+            next,
+            as_sent: None,
+        }
+    }
+
     /// The same, with the record as it was marked and sent (see [`Settlement::as_sent`]).
     pub fn with_record_as_sent(mut self, record: Record) -> Settlement {
         self.as_sent = Some(Box::new(record));
@@ -480,10 +492,10 @@ impl Outbox {
         *self.joining.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policy);
     }
 
-    /// Lets ingest commits mark new lane heads as `admission` allows (admit.rs); `None`:
-    /// they never do. Set by the dispatcher that sends what they mark.
-    pub fn admit_with(&self, admission: Option<Arc<Admission>>) {
-        *self.admission.write().unwrap_or_else(|p| p.into_inner()) = admission;
+    /// Lets ingest commits mark new lane heads as `admission` allows (admit.rs), until
+    /// [`Outbox::withdraw_admission`]. Set by the dispatcher that sends what they mark.
+    pub fn admit_with(&self, admission: Arc<Admission>) {
+        *self.admission.write().unwrap_or_else(|p| p.into_inner()) = Some(admission);
     }
 
     /// Whether an ingest commit would mark a new lane head now (admit.rs).

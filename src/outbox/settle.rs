@@ -136,13 +136,7 @@ impl Outbox {
             .lane_heads(None, usize::MAX)?
             .into_iter()
             .filter(|r| r.state == State::Sending)
-            .map(|r| Settlement {
-                id: r.id,
-                attempt: None,
-                server_error: false,
-                next: decide(&r),
-                as_sent: None,
-            })
+            .map(|r| Settlement::unattempted(r.id, decide(&r)))
             .collect();
         self.settle(sending).await
     }

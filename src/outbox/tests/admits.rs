@@ -23,7 +23,7 @@ fn admitting(dir: &std::path::Path) -> (Outbox, Arc<Admission>) {
     let outbox = Outbox::open(dir).unwrap();
     outbox.join_with(JoinPolicy::new([TYPE_REPORT_FINISHED.to_string()], 100));
     let admission = Arc::new(Admission::default());
-    outbox.admit_with(Some(admission.clone()));
+    outbox.admit_with(admission.clone());
     (outbox, admission)
 }
 
